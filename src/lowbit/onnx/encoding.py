@@ -1,0 +1,242 @@
+"""The compressed-weight encoding (format version 1): write a compressed weight into a graph, read one back.
+
+Writers take a kernel's arrays (canonical layout) and put them into the graph as a decode node over small constants.
+Readers recognize decode nodes (``lowbit.*`` functions and ``DequantizeLinear`` on constants), describe them for
+reports, and decode them with the numpy reference of :mod:`lowbit.kernels.decode`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from lowbit.kernels.decode import dequantize_linear, lut_decode, mx_decode, sparse_decode
+from lowbit.kernels.packing import unpack_bits
+from lowbit.onnx import functions as fn
+
+__all__ = [
+    "Decoder",
+    "decoder_for",
+    "moved_axis_perms",
+    "write_lut",
+    "write_mx",
+    "write_sparse",
+]
+
+
+def moved_axis_perms(rank: int, axis: int, to_front: bool = True) -> tuple[list[int], list[int]]:
+    """(perm into canonical layout, perm back to the original) when ``axis`` moves to the front (or the end)."""
+    others = [a for a in range(rank) if a != axis]
+    forward = [axis, *others] if to_front else [*others, axis]
+    return forward, [int(i) for i in np.argsort(forward)]
+
+
+# ----------------------------------------------------------------------------------------------------- writers
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=_unique_name(graph, name), const_value=ir.tensor(np.ascontiguousarray(array)))
+    graph.register_initializer(value)
+    return value
+
+
+def _unique_name(graph: ir.Graph, name: str) -> str:
+    taken = graph.initializers
+    candidate, i = name, 1
+    while candidate in taken:
+        candidate, i = f"{name}_{i}", i + 1
+    return candidate
+
+
+def _emit(model: ir.Model, weight: ir.Value, node: ir.Node, replace: bool) -> ir.Value:
+    """Insert ``node``; when ``replace``, its output takes the place (and the name) of ``weight``."""
+    graph, out = model.graph, node.outputs[0]
+    out.type, out.shape = weight.type, weight.shape
+    if weight.const_value is not None:
+        out.dtype, out.shape = weight.const_value.dtype, ir.Shape(weight.const_value.shape)
+    if not replace:  # an inner link of a chain: its inputs are constants, so the front is always valid
+        _insert_first(graph, node)
+        return out
+    _insert_before_uses(graph, weight, node)
+    name = weight.name
+    weight.replace_all_uses_with(out, replace_graph_outputs=True)
+    if weight.is_initializer() and name is not None:
+        graph.initializers.pop(name)
+    out.name = name
+    return out
+
+
+def _insert_first(graph: ir.Graph, node: ir.Node) -> None:
+    if len(graph):
+        graph.insert_before(graph.node(0), node)
+    else:
+        graph.append(node)
+
+
+def _insert_before_uses(graph: ir.Graph, weight: ir.Value, node: ir.Node) -> None:
+    """Insert ``node`` before the first user of ``weight`` in graph order (after its own producers)."""
+    users = {id(user) for user, _ in weight.uses()}
+    for existing in graph:
+        if id(existing) in users:
+            graph.insert_before(existing, node)
+            return
+    graph.append(node)
+
+
+def write_lut(
+    model: ir.Model,
+    weight: ir.Value,
+    *,
+    packed: np.ndarray,
+    lut: np.ndarray | ir.Value,
+    scale: np.ndarray | None,
+    n_bits: int,
+    canonical_shape: Sequence[int],
+    perm: Sequence[int],
+    replace: bool = True,
+) -> ir.Value:
+    """Encode ``weight`` as ``lowbit.LutToDense``; returns the node's output (named like the weight when replaced).
+
+    ``lut`` is ``[G, K, cluster_dim]`` in the weight dtype, or a value computing it (a LUT-quantization chain).
+    ``scale`` is the per-channel factor ``[C]`` (``None``: a shared one-element 1.0).
+    """
+    fn.use_function(model, fn.LUT_TO_DENSE)
+    graph, base = model.graph, weight.name or "weight"
+    lut_value = lut if isinstance(lut, ir.Value) else _initializer(graph, f"{base}.lut", lut)
+    dtype = lut_value.const_value.dtype.numpy() if lut_value.const_value is not None else np.float32
+    scale_array = np.ones((1, 1), dtype) if scale is None else np.asarray(scale, dtype).reshape(-1, 1)
+    node = ir.node(
+        fn.LUT_TO_DENSE,
+        [_initializer(graph, f"{base}.indices", packed), lut_value, _initializer(graph, f"{base}.scale", scale_array)],
+        attributes={"n_bits": int(n_bits), "shape": [int(d) for d in canonical_shape], "perm": list(perm)},
+        domain=fn.DOMAIN,
+        name=f"{base}.LutToDense",
+    )
+    return _emit(model, weight, node, replace)
+
+
+def write_sparse(
+    model: ir.Model, weight: ir.Value, *, packed_mask: np.ndarray, values: np.ndarray | ir.Value,
+    shape: Sequence[int], replace: bool = True,
+) -> ir.Value:
+    """Encode ``weight`` as ``lowbit.SparseToDense(mask, values)``; ``values`` may be a decode node's output."""
+    fn.use_function(model, fn.SPARSE_TO_DENSE)
+    graph, base = model.graph, weight.name or "weight"
+    values_value = values if isinstance(values, ir.Value) else _initializer(graph, f"{base}.values", values)
+    node = ir.node(
+        fn.SPARSE_TO_DENSE,
+        [_initializer(graph, f"{base}.mask", packed_mask), values_value],
+        attributes={"shape": [int(d) for d in shape]},
+        domain=fn.DOMAIN,
+        name=f"{base}.SparseToDense",
+    )
+    return _emit(model, weight, node, replace)
+
+
+def write_mx(
+    model: ir.Model, weight: ir.Value, *, packed_codes: np.ndarray, exponents: np.ndarray,
+    canonical_shape: Sequence[int], perm: Sequence[int], block_size: int, dtype: ir.DataType,
+    replace: bool = True,
+) -> ir.Value:
+    """Encode ``weight`` as ``lowbit.MxDequantize(codes, exponents)`` (FP4 E2M1 codes, uint8 E8M0 exponents)."""
+    fn.use_function(model, fn.MX_DEQUANTIZE)
+    graph, base = model.graph, weight.name or "weight"
+    node = ir.node(
+        fn.MX_DEQUANTIZE,
+        [_initializer(graph, f"{base}.codes", packed_codes),
+         _initializer(graph, f"{base}.exponents", exponents.astype(np.uint8))],
+        attributes={"shape": [int(d) for d in canonical_shape], "perm": list(perm), "block_size": int(block_size),
+                    "to": int(dtype)},
+        domain=fn.DOMAIN,
+        name=f"{base}.MxDequantize",
+    )
+    return _emit(model, weight, node, replace)
+
+
+# ----------------------------------------------------------------------------------------------------- readers
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """How one kind of decode node is described and evaluated."""
+
+    kind: str
+    describe: Callable[[ir.Node], str]
+    decode: Callable[[ir.Node, list[np.ndarray | None]], np.ndarray]
+
+
+def _ints(node: ir.Node, name: str) -> list[int]:
+    return list(node.attributes[name].as_ints())
+
+
+def _int(node: ir.Node, name: str, default: int = 0) -> int:
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.as_int()
+
+
+def _finish(canonical: np.ndarray, node: ir.Node) -> np.ndarray:
+    return np.ascontiguousarray(canonical.reshape(_ints(node, "shape")).transpose(_ints(node, "perm")))
+
+
+def _decode_lut(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray:
+    packed, lut, scale = inputs
+    assert packed is not None and lut is not None
+    shape = _ints(node, "shape")
+    cd = lut.shape[-1]
+    count = int(np.prod(shape)) // cd
+    codes = unpack_bits(packed, _int(node, "n_bits"), count).reshape(shape[0] // cd, -1)
+    return _finish(lut_decode(codes, lut, scale), node)
+
+
+def _decode_sparse(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray:
+    mask, values = inputs
+    assert mask is not None and values is not None
+    shape = _ints(node, "shape")
+    return sparse_decode(unpack_bits(mask, 1, int(np.prod(shape))), values.reshape(-1)).reshape(shape)
+
+
+def _decode_mx(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray:
+    codes, exponents = inputs
+    assert codes is not None and exponents is not None
+    numel = int(np.prod(_ints(node, "shape")))
+    unpacked = unpack_bits(codes, 4, numel).reshape(-1, _int(node, "block_size"))
+    dtype = ir.DataType(_int(node, "to")).numpy()
+    return _finish(mx_decode(unpacked, exponents.reshape(-1), dtype), node)
+
+
+def _decode_dq(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray:
+    q, scale, zero_point = (list(inputs) + [None, None])[:3]
+    assert q is not None and scale is not None
+    return dequantize_linear(q, scale, zero_point, axis=_int(node, "axis", 1), block_size=_int(node, "block_size"))
+
+
+def _describe_lut(node: ir.Node) -> str:
+    lut = node.inputs[1]
+    groups = lut.shape[0] if lut is not None and lut.shape is not None else "?"
+    return f"palettized {_int(node, 'n_bits')}-bit, {groups} LUT(s)"
+
+
+def _describe_dq(node: ir.Node) -> str:
+    q = node.inputs[0]
+    dtype = q.dtype.name.lower() if q is not None and q.dtype is not None else "?"
+    block = _int(node, "block_size")
+    return f"linear {dtype}" + (f", block {block}" if block else "")
+
+
+_DECODERS = {
+    (fn.DOMAIN, fn.LUT_TO_DENSE): Decoder("palettized", _describe_lut, _decode_lut),
+    (fn.DOMAIN, fn.SPARSE_TO_DENSE): Decoder("sparse", lambda node: "sparse", _decode_sparse),
+    (fn.DOMAIN, fn.MX_DEQUANTIZE): Decoder(
+        "mx", lambda node: f"mxfp4, block {_int(node, 'block_size')}", _decode_mx
+    ),
+    ("", "DequantizeLinear"): Decoder("linear", _describe_dq, _decode_dq),
+}
+
+
+def decoder_for(node: ir.Node) -> Decoder | None:
+    """The decoder of a decode node, or None when ``node`` is not one."""
+    domain = "" if node.domain == "ai.onnx" else node.domain
+    return _DECODERS.get((domain, node.op_type))

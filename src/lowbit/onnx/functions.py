@@ -1,0 +1,251 @@
+"""The ``lowbit`` ONNX function library: decode bodies written in standard opset-13 ops.
+
+Each function is emitted into ``ModelProto.functions`` only when a node uses it, once per model, together with the
+functions it calls. The bodies read their static parameters from the calling node's attributes (``ref_attr_name``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import TensorProto, helper, numpy_helper
+
+from lowbit.kernels.decode import FP4_E2M1_VALUES
+
+__all__ = ["DOMAIN", "FUNCTION_OPSET", "LUT_TO_DENSE", "MX_DEQUANTIZE", "SPARSE_TO_DENSE", "use_function"]
+
+DOMAIN = "lowbit"
+DOMAIN_VERSION = 1
+FUNCTION_OPSET = 13
+MIN_IR_VERSION = 8  # model-local functions
+
+UNPACK_BITS = "UnpackBits"
+LUT_TO_DENSE = "LutToDense"
+SPARSE_TO_DENSE = "SparseToDense"
+MX_DEQUANTIZE = "MxDequantize"
+
+
+def _const(name: str, array: np.ndarray) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(array), name))
+
+
+def _const_ref(name: str, attr: str, attr_type: int, as_attr: str) -> onnx.NodeProto:
+    """Constant whose value is the calling node's attribute ``attr``."""
+    node = helper.make_node("Constant", [], [name])
+    node.attribute.append(helper.make_attribute_ref(as_attr, attr_type))
+    node.attribute[0].ref_attr_name = attr
+    return node
+
+
+def _with_ref(node: onnx.NodeProto, name: str, attr_type: int) -> onnx.NodeProto:
+    ref = helper.make_attribute_ref(name, attr_type)
+    node.attribute.append(ref)
+    return node
+
+
+def _function(name: str, inputs: list[str], outputs: list[str], nodes: list, attributes: list[str]):
+    return helper.make_function(
+        DOMAIN,
+        name,
+        inputs,
+        outputs,
+        nodes,
+        opset_imports=[helper.make_opsetid("", FUNCTION_OPSET), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)],
+        attributes=attributes,
+    )
+
+
+def _unpack_bits() -> onnx.FunctionProto:
+    """codes[int32, count] = UnpackBits(packed[uint8], count[int64 scalar]) <n_bits>."""
+    n = helper.make_node
+    return _function(
+        UNPACK_BITS,
+        ["packed", "count"],
+        ["codes"],
+        [
+            _const("shifts", np.arange(8, dtype=np.uint8)),
+            _const("two", np.array(2, np.uint8)),
+            _const("axis1", np.array([1], np.int64)),
+            _const("axis0", np.array([0], np.int64)),
+            _const("minus1", np.array([-1], np.int64)),
+            _const("zero", np.array([0], np.int64)),
+            _const("one_u32", np.array(1, np.uint32)),
+            _const("zero_scalar", np.array(0, np.int64)),
+            _const("one_scalar", np.array(1, np.int64)),
+            _const_ref("nbits", "n_bits", onnx.AttributeProto.INT, "value_int"),
+            n("Unsqueeze", ["packed", "axis1"], ["column"]),
+            n("BitShift", ["column", "shifts"], ["shifted"], direction="RIGHT"),
+            n("Mod", ["shifted", "two"], ["bits8"]),
+            n("Reshape", ["bits8", "minus1"], ["bits"]),
+            n("Mul", ["nbits", "count"], ["nused"]),
+            n("Unsqueeze", ["nused", "axis0"], ["nused1"]),
+            n("Slice", ["bits", "zero", "nused1"], ["used"]),
+            n("Unsqueeze", ["nbits", "axis0"], ["nbits1"]),
+            n("Concat", ["minus1", "nbits1"], ["grid_shape"], axis=0),
+            n("Reshape", ["used", "grid_shape"], ["grid8"]),
+            n("Cast", ["grid8"], ["grid"], to=TensorProto.INT32),
+            n("Range", ["zero_scalar", "nbits", "one_scalar"], ["positions"]),
+            n("Cast", ["positions"], ["positions_u32"], to=TensorProto.UINT32),
+            n("BitShift", ["one_u32", "positions_u32"], ["powers_u32"], direction="LEFT"),
+            n("Cast", ["powers_u32"], ["powers"], to=TensorProto.INT32),
+            n("Mul", ["grid", "powers"], ["weighted"]),
+            n("ReduceSum", ["weighted", "axis1"], ["codes"], keepdims=0),
+        ],
+        ["n_bits"],
+    )
+
+
+def _lut_to_dense() -> onnx.FunctionProto:
+    """dense = LutToDense(indices, lut[G, K, cd], scale) <n_bits, shape (channel-first), perm>."""
+    n = helper.make_node
+    return _function(
+        LUT_TO_DENSE,
+        ["indices", "lut", "scale"],
+        ["dense"],
+        [
+            _const_ref("shape", "shape", onnx.AttributeProto.INTS, "value_ints"),
+            _const("idx0", np.array([0], np.int64)),
+            _const("idx1", np.array([1], np.int64)),
+            _const("idx2", np.array([2], np.int64)),
+            _const("minus1", np.array([-1], np.int64)),
+            _const("zero_scalar", np.array(0, np.int64)),
+            _const("one_scalar", np.array(1, np.int64)),
+            n("ReduceProd", ["shape"], ["numel"], keepdims=0),
+            n("Shape", ["lut"], ["lut_shape"]),
+            n("Gather", ["lut_shape", "idx0"], ["groups1"]),
+            n("Gather", ["lut_shape", "idx1"], ["k1"]),
+            n("Gather", ["lut_shape", "idx2"], ["cd1"]),
+            n("Squeeze", ["cd1", "idx0"], ["cd"]),
+            n("Div", ["numel", "cd"], ["count"]),
+            _with_ref(n(f"{UNPACK_BITS}", ["indices", "count"], ["codes"], domain=DOMAIN), "n_bits",
+                      onnx.AttributeProto.INT),
+            n("Concat", ["groups1", "minus1"], ["by_group"], axis=0),
+            n("Reshape", ["codes", "by_group"], ["grouped"]),
+            n("Squeeze", ["groups1", "idx0"], ["groups"]),
+            n("Range", ["zero_scalar", "groups", "one_scalar"], ["group_ids"]),
+            n("Mul", ["group_ids", "k1"], ["offsets64"]),
+            n("Cast", ["offsets64"], ["offsets_flat"], to=TensorProto.INT32),
+            n("Unsqueeze", ["offsets_flat", "idx1"], ["offsets"]),
+            n("Add", ["grouped", "offsets"], ["global_codes"]),
+            n("Reshape", ["global_codes", "minus1"], ["flat_codes"]),
+            n("Concat", ["minus1", "cd1"], ["table_shape"], axis=0),
+            n("Reshape", ["lut", "table_shape"], ["table"]),
+            n("Gather", ["table", "flat_codes"], ["vectors"], axis=0),
+            n("Gather", ["shape", "idx0"], ["channels1"]),
+            n("Div", ["channels1", "cd1"], ["rows1"]),
+            n("Div", ["numel", "channels1"], ["r1"]),
+            n("Concat", ["rows1", "r1", "cd1"], ["v3_shape"], axis=0),
+            n("Reshape", ["vectors", "v3_shape"], ["v3"]),
+            n("Transpose", ["v3"], ["v3t"], perm=[0, 2, 1]),
+            n("Concat", ["channels1", "r1"], ["dense2_shape"], axis=0),
+            n("Reshape", ["v3t", "dense2_shape"], ["dense2"]),
+            n("Mul", ["dense2", "scale"], ["scaled"]),
+            n("Reshape", ["scaled", "shape"], ["canonical"]),
+            _with_ref(n("Transpose", ["canonical"], ["dense"]), "perm", onnx.AttributeProto.INTS),
+        ],
+        ["n_bits", "shape", "perm"],
+    )
+
+
+def _sparse_to_dense() -> onnx.FunctionProto:
+    """dense = SparseToDense(mask, values) <shape>: ``values`` scattered at the set bits of the 1-bit ``mask``."""
+    n = helper.make_node
+    unpack = n(UNPACK_BITS, ["mask", "numel"], ["bits"], domain=DOMAIN)
+    unpack.attribute.append(helper.make_attribute("n_bits", 1))
+    return _function(
+        SPARSE_TO_DENSE,
+        ["mask", "values"],
+        ["dense"],
+        [
+            _const_ref("shape", "shape", onnx.AttributeProto.INTS, "value_ints"),
+            _const("axis0", np.array(0, np.int64)),
+            _const("pads", np.array([1, 0], np.int64)),
+            n("ReduceProd", ["shape"], ["numel"], keepdims=0),
+            unpack,
+            n("CumSum", ["bits", "axis0"], ["slots"]),
+            n("Mul", ["slots", "bits"], ["gather_ids"]),
+            n("Pad", ["values", "pads"], ["padded"]),
+            n("Gather", ["padded", "gather_ids"], ["flat"], axis=0),
+            n("Reshape", ["flat", "shape"], ["dense"]),
+        ],
+        ["shape"],
+    )
+
+
+def _mx_dequantize() -> onnx.FunctionProto:
+    """dense = MxDequantize(codes, exponents) <shape (blocks-last), perm, block_size, to>: FP4 x 2^(e - 127)."""
+    n = helper.make_node
+    unpack = n(UNPACK_BITS, ["codes", "numel"], ["fp4_codes"], domain=DOMAIN)
+    unpack.attribute.append(helper.make_attribute("n_bits", 4))
+    return _function(
+        MX_DEQUANTIZE,
+        ["codes", "exponents"],
+        ["dense"],
+        [
+            _const_ref("shape", "shape", onnx.AttributeProto.INTS, "value_ints"),
+            _const_ref("block", "block_size", onnx.AttributeProto.INT, "value_int"),
+            _const("fp4_table", FP4_E2M1_VALUES),
+            _const("two", np.array(2.0, np.float32)),
+            _const("bias", np.array(127.0, np.float32)),
+            _const("axis0", np.array([0], np.int64)),
+            _const("axis1", np.array([1], np.int64)),
+            _const("minus1", np.array([-1], np.int64)),
+            n("ReduceProd", ["shape"], ["numel"], keepdims=0),
+            unpack,
+            n("Gather", ["fp4_table", "fp4_codes"], ["values"], axis=0),
+            n("Unsqueeze", ["block", "axis0"], ["block1"]),
+            n("Concat", ["minus1", "block1"], ["blocks_shape"], axis=0),
+            n("Reshape", ["values", "blocks_shape"], ["blocks"]),
+            n("Cast", ["exponents"], ["e"], to=TensorProto.FLOAT),
+            n("Sub", ["e", "bias"], ["unbiased"]),
+            n("Pow", ["two", "unbiased"], ["scale1"]),
+            n("Unsqueeze", ["scale1", "axis1"], ["scale"]),
+            n("Mul", ["blocks", "scale"], ["scaled"]),
+            _with_ref(n("Cast", ["scaled"], ["typed"]), "to", onnx.AttributeProto.INT),
+            n("Reshape", ["typed", "shape"], ["canonical"]),
+            _with_ref(n("Transpose", ["canonical"], ["dense"]), "perm", onnx.AttributeProto.INTS),
+        ],
+        ["shape", "perm", "block_size", "to"],
+    )
+
+
+_BUILDERS = {
+    UNPACK_BITS: (_unpack_bits, ()),
+    LUT_TO_DENSE: (_lut_to_dense, (UNPACK_BITS,)),
+    SPARSE_TO_DENSE: (_sparse_to_dense, (UNPACK_BITS,)),
+    MX_DEQUANTIZE: (_mx_dequantize, (UNPACK_BITS,)),
+}
+
+
+def use_function(model: ir.Model, name: str) -> None:
+    """Make sure ``model`` defines function ``lowbit.<name>`` (and what it calls) and imports the domain.
+
+    Raises ``ValueError`` when the model's default opset is older than 13, the oldest the bodies are written for.
+    """
+    opset = model.graph.opset_imports.get("", 1)
+    if opset < FUNCTION_OPSET:
+        raise ValueError(
+            f"the model imports opset {opset}; lowbit's decode functions need opset >= {FUNCTION_OPSET}: "
+            "upgrade it first (onnx.version_converter.convert_version)"
+        )
+    builder, calls = _BUILDERS[name]
+    for dependency in calls:
+        use_function(model, dependency)
+    model.graph.opset_imports.setdefault(DOMAIN, DOMAIN_VERSION)
+    model.ir_version = max(model.ir_version, MIN_IR_VERSION)
+    key = (DOMAIN, name, "")
+    if key not in model.functions:
+        model.functions[key] = ir.serde.deserialize_function(builder())
+    sync_function_opsets(model)
+
+
+def sync_function_opsets(model: ir.Model) -> None:
+    """Make lowbit function bodies import the model's default opset, as the ONNX checker requires.
+
+    The bodies only use ops whose meaning is unchanged from opset 13 to the newest, so any version >= 13 works.
+    """
+    opset = model.graph.opset_imports.get("", FUNCTION_OPSET)
+    for (domain, _, _), function in model.functions.items():
+        if domain == DOMAIN:
+            function.opset_imports[""] = opset
