@@ -1,0 +1,21 @@
+"""lowbit: make neural-network weights small (palettization, quantization, sparsification) for ONNX and PyTorch."""
+
+from lowbit.errors import LowbitError, ModelLoadError
+from lowbit.onnx.decompress import decompress_weights
+from lowbit.onnx.discovery import WeightRef
+from lowbit.onnx.program import Program, load
+from lowbit.types import CompressionGranularity, DType, QScheme
+
+__all__ = [
+    "CompressionGranularity",
+    "DType",
+    "LowbitError",
+    "ModelLoadError",
+    "Program",
+    "QScheme",
+    "WeightRef",
+    "decompress_weights",
+    "load",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,59 @@
+"""decompress_weights: turn every compressed weight back into a dense initializer."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from lowbit.onnx.encoding import decoder_for
+from lowbit.onnx.program import Program
+
+__all__ = ["decompress_weights"]
+
+
+def _constant_array(value: ir.Value | None) -> np.ndarray | None:
+    if value is None:
+        return None
+    if value.const_value is None or value.is_graph_input():
+        raise LookupError
+    return value.const_value.numpy()
+
+
+def decompress_weights(program: Program, in_place: bool = False) -> Program:
+    """Replace each decode node whose inputs are constants (``lowbit.LutToDense``, ``lowbit.SparseToDense``,
+    ``lowbit.MxDequantize``, ``DequantizeLinear``; chains included) by the dense initializer it computes.
+
+    The values are computed by the numpy reference decoders, bit for bit what ONNX Runtime computes for the same
+    nodes. Unused constants and functions are removed afterwards.
+
+    Parameters
+    ----------
+    program : the program to decompress.
+    in_place : ``False`` (default) returns a new Program and leaves ``program`` untouched; ``True`` rewrites it.
+    """
+    target = program if in_place else program.copy()
+    graph = target.graph
+    for node in list(graph):
+        decoder = decoder_for(node)
+        if decoder is None:
+            continue
+        try:
+            inputs = [_constant_array(v) for v in node.inputs]
+        except LookupError:
+            continue  # runs on activations: a real quantized layer, not a stored weight
+        out = node.outputs[0]
+        name = out.name
+        dense = ir.Value(const_value=ir.tensor(np.ascontiguousarray(decoder.decode(node, inputs))))
+        out.replace_all_uses_with(dense, replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        dense.name = name
+        graph.register_initializer(dense)
+    ir.passes.PassManager(
+        [
+            common_passes.RemoveUnusedNodesPass(),
+            common_passes.RemoveUnusedFunctionsPass(),
+            common_passes.RemoveUnusedOpsetsPass(),
+        ]
+    )(target.model)
+    return target

@@ -1,0 +1,204 @@
+"""Weight discovery: which constants are weights, which op consumes each, and its channel axes.
+
+A weight is a constant fed (directly or through ``Cast`` / ``Identity`` / ``Transpose``) to a weight input of an op
+in :data:`OP_TABLE`. A weight already compressed is found as the output of its decode node (``lowbit.*`` function or
+``DequantizeLinear`` on constants) and reported with its encoding.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from lowbit.onnx.encoding import decoder_for
+
+__all__ = ["OP_TABLE", "WeightRef", "find_weights"]
+
+
+@dataclass(frozen=True)
+class WeightInput:
+    """One weight input of an op: its index and the (output, input) channel axes for a weight of a given rank."""
+
+    index: int
+    axes: Callable[[ir.Node, int], tuple[int, int] | None]
+
+
+def _fixed(out_axis: int, in_axis: int) -> Callable[[ir.Node, int], tuple[int, int] | None]:
+    return lambda node, rank: (out_axis % rank, in_axis % rank) if rank >= 2 else None
+
+
+def _gemm_axes(node: ir.Node, rank: int) -> tuple[int, int] | None:
+    attr = node.attributes.get("transB")
+    trans_b = attr.as_int() if attr is not None else 0
+    return ((0, 1) if trans_b else (1, 0)) if rank == 2 else None
+
+
+def _gather_axes(node: ir.Node, rank: int) -> tuple[int, int] | None:
+    attr = node.attributes.get("axis")
+    return (0, 1) if rank == 2 and (attr is None or attr.as_int() == 0) else None
+
+
+def _recurrent_axes(node: ir.Node, rank: int) -> tuple[int, int] | None:
+    return (1, 2) if rank == 3 else None
+
+
+# op type (default domain) -> weight inputs. Axes are (output-channel axis, input-channel axis).
+OP_TABLE: dict[str, tuple[WeightInput, ...]] = {
+    "Conv": (WeightInput(1, _fixed(0, 1)),),
+    "ConvTranspose": (WeightInput(1, _fixed(1, 0)),),
+    "Gemm": (WeightInput(1, _gemm_axes),),
+    "MatMul": (WeightInput(1, _fixed(-1, -2)),),
+    "Gather": (WeightInput(0, _gather_axes),),
+    "LSTM": (WeightInput(1, _recurrent_axes), WeightInput(2, _recurrent_axes)),
+    "GRU": (WeightInput(1, _recurrent_axes), WeightInput(2, _recurrent_axes)),
+    "RNN": (WeightInput(1, _recurrent_axes), WeightInput(2, _recurrent_axes)),
+}
+
+_PASS_THROUGH = {"Cast", "Identity", "Transpose"}
+
+
+@dataclass(frozen=True)
+class WeightRef:
+    """A weight of the program.
+
+    ``name`` is the constant's name (for a compressed weight: the decode node's output). ``op`` is the consumer's
+    op type (several consumers: joined with ``+``). ``compression`` is ``None`` for a dense weight, else a short
+    description of its encoding; ``nbytes`` is what the weight occupies in the file.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: ir.DataType
+    op: str
+    output_axis: int
+    input_axis: int
+    numel: int
+    nbytes: int
+    compression: str | None = None
+    value: ir.Value | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes / self.numel if self.numel else 0.0
+
+
+def _is_constant(value: ir.Value) -> bool:
+    return value.is_initializer() and not value.is_graph_input() and value.const_value is not None
+
+
+def _is_default_domain(node: ir.Node) -> bool:
+    return node.domain in ("", "ai.onnx")
+
+
+def _trace(value: ir.Value, axes: tuple[int, int]) -> tuple[ir.Value, tuple[int, int]] | None:
+    """Follow ``value`` up through pass-through ops to a constant or a decode node's output."""
+    while True:
+        if _is_constant(value):
+            return value, axes
+        producer = value.producer()
+        if producer is None:
+            return None
+        if decoder_for(producer) is not None and _inputs_constant(producer):
+            return value, axes
+        if not (_is_default_domain(producer) and producer.op_type in _PASS_THROUGH) or producer.inputs[0] is None:
+            return None
+        if producer.op_type == "Transpose":
+            perm_attr = producer.attributes.get("perm")
+            rank = len(producer.inputs[0].shape) if producer.inputs[0].shape is not None else len(axes)
+            perm = list(perm_attr.as_ints()) if perm_attr is not None else list(range(rank))[::-1]
+            axes = (perm[axes[0]], perm[axes[1]])
+        value = producer.inputs[0]
+
+
+def _inputs_constant(node: ir.Node) -> bool:
+    """All inputs of ``node`` are constants, or outputs of decode nodes over constants (chains)."""
+    for value in node.inputs:
+        if value is None or _is_constant(value):
+            continue
+        producer = value.producer()
+        if producer is None or decoder_for(producer) is None or not _inputs_constant(producer):
+            return False
+    return True
+
+
+def _stored_bytes(value: ir.Value) -> int:
+    """Bytes of the constants a (possibly compressed) weight is stored in."""
+    if value.const_value is not None:
+        return value.const_value.nbytes
+    producer = value.producer()
+    assert producer is not None
+    return sum(_stored_bytes(v) for v in producer.inputs if v is not None)
+
+
+def _describe(value: ir.Value) -> str | None:
+    producer = value.producer()
+    if value.const_value is not None or producer is None:
+        return None
+    decoder = decoder_for(producer)
+    assert decoder is not None
+    inner = [_describe(v) for v in producer.inputs if v is not None and v.producer() is not None]
+    return " + ".join([decoder.describe(producer), *[d for d in inner if d]])
+
+
+def _candidates(graph: ir.Graph) -> Iterator[tuple[ir.Node, ir.Value, tuple[int, int]]]:
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        if not _is_default_domain(node) or node.op_type not in OP_TABLE:
+            continue
+        for slot in OP_TABLE[node.op_type]:
+            if slot.index >= len(node.inputs) or node.inputs[slot.index] is None:
+                continue
+            value = node.inputs[slot.index]
+            assert value is not None
+            rank = len(value.shape) if value.shape is not None else 0
+            axes = slot.axes(node, rank) if rank else None
+            if axes is None:
+                continue
+            traced = _trace(value, axes)
+            if traced is not None:
+                yield node, traced[0], traced[1]
+
+
+def find_weights(program) -> list[WeightRef]:
+    """All weights of ``program`` (a :class:`~lowbit.onnx.program.Program`), in graph order.
+
+    A constant used by several consumers that disagree on its channel axes is left out, with a ``UserWarning``.
+    """
+    found: dict[int, tuple[ir.Value, list[str], set[tuple[int, int]]]] = {}
+    for node, value, axes in _candidates(program.graph):
+        entry = found.setdefault(id(value), (value, [], set()))
+        if node.op_type not in entry[1]:
+            entry[1].append(node.op_type)
+        entry[2].add(axes)
+    refs = []
+    for value, ops, axes_seen in found.values():
+        name = value.name or "<unnamed>"
+        if len(axes_seen) > 1:
+            warnings.warn(
+                f"weight {name!r} skipped: its consumers ({'+'.join(ops)}) disagree on the channel axes "
+                f"{sorted(axes_seen)}",
+                UserWarning,
+                stacklevel=2,
+            )
+            continue
+        (out_axis, in_axis), = axes_seen
+        shape = tuple(int(d) for d in value.shape) if value.shape is not None else ()
+        dtype = value.const_value.dtype if value.const_value is not None else value.dtype
+        refs.append(
+            WeightRef(
+                name=name,
+                shape=shape,
+                dtype=dtype if dtype is not None else ir.DataType.UNDEFINED,
+                op="+".join(ops),
+                output_axis=out_axis,
+                input_axis=in_axis,
+                numel=int(np.prod(shape)) if shape else 1,
+                nbytes=_stored_bytes(value),
+                compression=_describe(value),
+                value=value,
+            )
+        )
+    return refs

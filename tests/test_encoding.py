@@ -1,0 +1,179 @@
+"""Round trips of the encoding: numpy decode == ONNX Runtime decode == decompress_weights, bit for bit."""
+
+import math
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+import pytest
+from conftest import check_model, make_model, ort_session
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import lowbit
+from lowbit.kernels.packing import pack_bits
+from lowbit.onnx import encoding
+from lowbit.onnx.functions import DOMAIN
+
+
+def _single_weight(shape, dtype) -> tuple[ir.Model, ir.Value]:
+    model = make_model({"w": np.zeros(shape, dtype)})
+    return model, model.graph.initializers["w"]
+
+
+def _reference(value: ir.Value) -> np.ndarray:
+    node = value.producer()
+    decoder = encoding.decoder_for(node)
+    return decoder.decode(node, [None if v is None else v.const_value.numpy() for v in node.inputs])
+
+
+def _assert_three_way(model: ir.Model, value: ir.Value, shape, dtype) -> None:
+    reference = _reference(value)
+    assert reference.shape == tuple(shape) and reference.dtype == dtype
+    check_model(model)
+    for level in ("disable", "basic"):
+        got = ort_session(model, level).run(None, {})[0]
+        assert got.dtype == reference.dtype
+        assert got.tobytes() == reference.tobytes(), level
+    dense = lowbit.decompress_weights(lowbit.Program(model)).graph.outputs[0]
+    producer = dense.producer()
+    constant = producer.inputs[0] if producer is not None else dense
+    assert constant.const_value.numpy().tobytes() == reference.tobytes()
+
+
+shapes = st.lists(st.integers(1, 6), min_size=2, max_size=4)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n_bits=st.integers(1, 8),
+    shape=shapes,
+    axis_seed=st.integers(0, 3),
+    cluster_dim=st.sampled_from([1, 2]),
+    groups_seed=st.integers(0, 5),
+    scaled=st.booleans(),
+    dtype=st.sampled_from([np.float32, np.float16]),
+    seed=st.integers(0, 1000),
+)
+def test_lut_to_dense_round_trip(n_bits, shape, axis_seed, cluster_dim, groups_seed, scaled, dtype, seed):
+    rng = np.random.default_rng(seed)
+    axis = axis_seed % len(shape)
+    shape[axis] *= cluster_dim
+    forward, back = encoding.moved_axis_perms(len(shape), axis)
+    canonical = [shape[a] for a in forward]
+    channels, rest = canonical[0], math.prod(canonical[1:])
+    divisors = [g for g in range(1, channels // cluster_dim + 1) if (channels // cluster_dim) % g == 0]
+    groups = divisors[groups_seed % len(divisors)]
+    k = 1 << n_bits
+    lut = rng.standard_normal((groups, k, cluster_dim)).astype(dtype)
+    codes = rng.integers(0, k, (channels // cluster_dim, rest))
+    scale = rng.uniform(0.5, 2, channels).astype(dtype) if scaled else None
+    model, weight = _single_weight(shape, dtype)
+    out = encoding.write_lut(
+        model, weight, packed=pack_bits(codes, n_bits), lut=lut, scale=scale, n_bits=n_bits,
+        canonical_shape=canonical, perm=back,
+    )
+    _assert_three_way(model, out, shape, dtype)
+
+
+@settings(max_examples=30, deadline=None)
+@given(shape=shapes, density=st.floats(0, 1), dtype=st.sampled_from([np.float32, np.float16]), seed=st.integers(0, 99))
+def test_sparse_to_dense_round_trip(shape, density, dtype, seed):
+    rng = np.random.default_rng(seed)
+    mask = rng.random(shape) < density
+    values = rng.standard_normal(int(mask.sum())).astype(dtype)
+    model, weight = _single_weight(shape, dtype)
+    out = encoding.write_sparse(model, weight, packed_mask=pack_bits(mask, 1), values=values, shape=shape)
+    _assert_three_way(model, out, shape, dtype)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    rows=st.integers(1, 4), blocks=st.integers(1, 3), rank3=st.booleans(),
+    dtype=st.sampled_from([np.float32, np.float16]), seed=st.integers(0, 99),
+)
+def test_mx_dequantize_round_trip(rows, blocks, rank3, dtype, seed):
+    rng = np.random.default_rng(seed)
+    shape = [rows, 32 * blocks, 2] if rank3 else [rows, 32 * blocks]
+    forward, back = encoding.moved_axis_perms(len(shape), 1, to_front=False)
+    numel = math.prod(shape)
+    codes = rng.integers(0, 16, numel)
+    low, high = (112, 141) if dtype == np.float16 else (1, 250)
+    exponents = rng.integers(low, high, numel // 32).astype(np.uint8)
+    model, weight = _single_weight(shape, dtype)
+    out = encoding.write_mx(
+        model, weight, packed_codes=pack_bits(codes, 4), exponents=exponents,
+        canonical_shape=[shape[a] for a in forward], perm=back, block_size=32,
+        dtype=ir.DataType.FLOAT16 if dtype == np.float16 else ir.DataType.FLOAT,
+    )
+    _assert_three_way(model, out, shape, dtype)
+
+
+def test_fp4_table_is_e2m1():
+    from lowbit.kernels.decode import FP4_E2M1_VALUES
+
+    assert FP4_E2M1_VALUES[:8].tolist() == [0, 0.5, 1, 1.5, 2, 3, 4, 6]
+    assert np.array_equal(FP4_E2M1_VALUES[8:], -FP4_E2M1_VALUES[:8])
+
+
+def test_sparse_chain_of_lut_values():
+    """Joint compression is a chain: SparseToDense(mask, LutToDense(...))."""
+    rng = np.random.default_rng(1)
+    mask = rng.random((6, 8)) < 0.5
+    nnz = int(mask.sum())
+    model, weight = _single_weight((6, 8), np.float32)
+    lut = np.linspace(-1, 1, 4, dtype=np.float32).reshape(1, 4, 1)
+    values_holder = ir.Value(name="w.values", shape=ir.Shape([nnz]), type=ir.TensorType(ir.DataType.FLOAT))
+    values = encoding.write_lut(
+        model, values_holder, packed=pack_bits(rng.integers(0, 4, nnz), 2), lut=lut, scale=None, n_bits=2,
+        canonical_shape=[nnz], perm=[0], replace=False,
+    )
+    out = encoding.write_sparse(model, weight, packed_mask=pack_bits(mask, 1), values=values, shape=(6, 8))
+    got = ort_session(model).run(None, {})[0]
+    dense = lowbit.decompress_weights(lowbit.Program(model))
+    decoded = dense.graph.outputs[0].producer().inputs[0].const_value.numpy()
+    assert got.tobytes() == decoded.tobytes()
+    assert np.count_nonzero(got) <= nnz and not np.any(got[~mask])
+    assert out.name == "w"
+
+
+def test_functions_emitted_once_and_only_when_used():
+    model = make_model({"a": np.zeros((4, 4), np.float32), "b": np.zeros((4, 4), np.float32)})
+    assert not model.functions
+    for name in ("a", "b"):
+        encoding.write_lut(
+            model, model.graph.initializers[name], packed=pack_bits(np.zeros(16, int), 1),
+            lut=np.zeros((1, 2, 1), np.float32), scale=None, n_bits=1, canonical_shape=[4, 4], perm=[0, 1],
+        )
+    names = sorted(name for domain, name, _ in model.functions if domain == DOMAIN)
+    assert names == ["LutToDense", "UnpackBits"]
+    assert model.graph.opset_imports[DOMAIN] == 1
+    check_model(model)
+    dense = lowbit.decompress_weights(lowbit.Program(model))
+    assert not dense.model.functions and DOMAIN not in dense.graph.opset_imports
+
+
+def test_old_opset_is_refused_clearly():
+    model = make_model({"w": np.zeros((4, 4), np.float32)}, opset=11)
+    with pytest.raises(ValueError, match="opset 11"):
+        encoding.write_lut(
+            model, model.graph.initializers["w"], packed=pack_bits(np.zeros(16, int), 1),
+            lut=np.zeros((1, 2, 1), np.float32), scale=None, n_bits=1, canonical_shape=[4, 4], perm=[0, 1],
+        )
+
+
+def test_dequantize_linear_int4_blocked_matches_ort():
+    """decompress_weights evaluates a standard blocked int4 DequantizeLinear exactly as ONNX Runtime does."""
+    rng = np.random.default_rng(0)
+    q = rng.integers(-8, 8, (8, 64)).astype(ml_dtypes.int4)
+    scale = rng.uniform(0.01, 0.1, (8, 2)).astype(np.float16)
+    qv = ir.Value(name="q", const_value=ir.tensor(q))
+    sv = ir.Value(name="s", const_value=ir.tensor(scale))
+    node = ir.node("DequantizeLinear", [qv, sv], {"axis": 1, "block_size": 32}, name="dq")
+    node.outputs[0].name = "w"
+    node.outputs[0].dtype, node.outputs[0].shape = ir.DataType.FLOAT16, ir.Shape([8, 64])
+    graph = ir.Graph([], [node.outputs[0]], nodes=[node], initializers=[qv, sv], opset_imports={"": 21})
+    model = ir.Model(graph, ir_version=10)
+    got = ort_session(model).run(None, {})[0]
+    dense = lowbit.decompress_weights(lowbit.Program(model))
+    assert dense.graph.outputs[0].const_value.numpy().tobytes() == got.tobytes()
