@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.onnx.encoding import decoder_for
+from lowbit.onnx.encoding import decoder_for, value_shape
 
 __all__ = ["OP_TABLE", "WeightRef", "find_weights"]
 
@@ -94,23 +94,25 @@ def _is_default_domain(node: ir.Node) -> bool:
     return node.domain in ("", "ai.onnx")
 
 
-def _trace(value: ir.Value, axes: tuple[int, int]) -> tuple[ir.Value, tuple[int, int]] | None:
-    """Follow ``value`` up through pass-through ops to a constant or a decode node's output."""
+def _trace(value: ir.Value) -> tuple[ir.Value, list[list[int] | None]] | None:
+    """Follow ``value`` up through pass-through ops to a constant or a decode node's output.
+
+    Returns the source and the ``perm`` of each Transpose passed (consumer first; ``None``: reversed axes).
+    """
+    perms: list[list[int] | None] = []
     while True:
         if _is_constant(value):
-            return value, axes
+            return value, perms
         producer = value.producer()
         if producer is None:
             return None
         if decoder_for(producer) is not None and _inputs_constant(producer):
-            return value, axes
+            return value, perms
         if not (_is_default_domain(producer) and producer.op_type in _PASS_THROUGH) or producer.inputs[0] is None:
             return None
         if producer.op_type == "Transpose":
             perm_attr = producer.attributes.get("perm")
-            rank = len(producer.inputs[0].shape) if producer.inputs[0].shape is not None else len(axes)
-            perm = list(perm_attr.as_ints()) if perm_attr is not None else list(range(rank))[::-1]
-            axes = (perm[axes[0]], perm[axes[1]])
+            perms.append(list(perm_attr.as_ints()) if perm_attr is not None else None)
         value = producer.inputs[0]
 
 
@@ -144,22 +146,24 @@ def _describe(value: ir.Value) -> str | None:
     return " + ".join([decoder.describe(producer), *[d for d in inner if d]])
 
 
-def _candidates(graph: ir.Graph) -> Iterator[tuple[ir.Node, ir.Value, tuple[int, int]]]:
+def _candidates(graph: ir.Graph) -> Iterator[tuple[ir.Node, ir.Value, tuple[int, ...], tuple[int, int]]]:
     for node in ir.traversal.RecursiveGraphIterator(graph):
         if not _is_default_domain(node) or node.op_type not in OP_TABLE:
             continue
         for slot in OP_TABLE[node.op_type]:
             if slot.index >= len(node.inputs) or node.inputs[slot.index] is None:
                 continue
-            value = node.inputs[slot.index]
-            assert value is not None
-            rank = len(value.shape) if value.shape is not None else 0
-            axes = slot.axes(node, rank) if rank else None
+            traced = _trace(node.inputs[slot.index])  # type: ignore[arg-type]
+            shape = value_shape(traced[0]) if traced is not None else None
+            if traced is None or not shape:
+                continue
+            axes = slot.axes(node, len(shape))
             if axes is None:
                 continue
-            traced = _trace(value, axes)
-            if traced is not None:
-                yield node, traced[0], traced[1]
+            for perm in traced[1]:
+                perm = perm if perm is not None else list(range(len(shape)))[::-1]
+                axes = (perm[axes[0]], perm[axes[1]])
+            yield node, traced[0], shape, axes
 
 
 def find_weights(program) -> list[WeightRef]:
@@ -168,7 +172,9 @@ def find_weights(program) -> list[WeightRef]:
     A constant used by several consumers that disagree on its channel axes is left out, with a ``UserWarning``.
     """
     found: dict[int, tuple[ir.Value, list[str], set[tuple[int, int]]]] = {}
-    for node, value, axes in _candidates(program.graph):
+    shapes: dict[int, tuple[int, ...]] = {}
+    for node, value, shape, axes in _candidates(program.graph):
+        shapes[id(value)] = shape
         entry = found.setdefault(id(value), (value, [], set()))
         if node.op_type not in entry[1]:
             entry[1].append(node.op_type)
@@ -185,7 +191,7 @@ def find_weights(program) -> list[WeightRef]:
             )
             continue
         (out_axis, in_axis), = axes_seen
-        shape = tuple(int(d) for d in value.shape) if value.shape is not None else ()
+        shape = shapes[id(value)]
         dtype = value.const_value.dtype if value.const_value is not None else value.dtype
         refs.append(
             WeightRef(
@@ -195,7 +201,7 @@ def find_weights(program) -> list[WeightRef]:
                 op="+".join(ops),
                 output_axis=out_axis,
                 input_axis=in_axis,
-                numel=int(np.prod(shape)) if shape else 1,
+                numel=int(np.prod(shape)),
                 nbytes=_stored_bytes(value),
                 compression=_describe(value),
                 value=value,

@@ -21,6 +21,7 @@ __all__ = [
     "Decoder",
     "decoder_for",
     "moved_axis_perms",
+    "value_shape",
     "write_lut",
     "write_mx",
     "write_sparse",
@@ -166,6 +167,7 @@ class Decoder:
     kind: str
     describe: Callable[[ir.Node], str]
     decode: Callable[[ir.Node, list[np.ndarray | None]], np.ndarray]
+    shape: Callable[[ir.Node], tuple[int, ...] | None]
 
 
 def _ints(node: ir.Node, name: str) -> list[int]:
@@ -213,10 +215,41 @@ def _decode_dq(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray:
     return dequantize_linear(q, scale, zero_point, axis=_int(node, "axis", 1), block_size=_int(node, "block_size"))
 
 
+def _permuted_shape(node: ir.Node) -> tuple[int, ...]:
+    shape = _ints(node, "shape")
+    return tuple(shape[p] for p in _ints(node, "perm"))
+
+
+def _dq_shape(node: ir.Node) -> tuple[int, ...] | None:
+    q = node.inputs[0]
+    return tuple(int(d) for d in q.const_value.shape) if q is not None and q.const_value is not None else None
+
+
+def value_shape(value: ir.Value | None) -> tuple[int, ...] | None:
+    """Static shape of a constant, of a value with a known shape, or of a decode node's output."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return tuple(int(d) for d in value.const_value.shape)
+    if value.shape is not None and value.shape.is_static():
+        return tuple(int(d) for d in value.shape)
+    producer = value.producer()
+    decoder = decoder_for(producer) if producer is not None else None
+    return decoder.shape(producer) if decoder is not None and producer is not None else None
+
+
 def _describe_lut(node: ir.Node) -> str:
-    lut = node.inputs[1]
-    groups = lut.shape[0] if lut is not None and lut.shape is not None else "?"
+    lut_shape = value_shape(node.inputs[1])
+    groups = lut_shape[0] if lut_shape else "?"
     return f"palettized {_int(node, 'n_bits')}-bit, {groups} LUT(s)"
+
+
+def _describe_sparse(node: ir.Node) -> str:
+    values_shape = value_shape(node.inputs[1])
+    numel = int(np.prod(_ints(node, "shape")))
+    if not values_shape or not numel:
+        return "sparse"
+    return f"sparse {1 - int(np.prod(values_shape)) / numel:.0%}"
 
 
 def _describe_dq(node: ir.Node) -> str:
@@ -227,12 +260,14 @@ def _describe_dq(node: ir.Node) -> str:
 
 
 _DECODERS = {
-    (fn.DOMAIN, fn.LUT_TO_DENSE): Decoder("palettized", _describe_lut, _decode_lut),
-    (fn.DOMAIN, fn.SPARSE_TO_DENSE): Decoder("sparse", lambda node: "sparse", _decode_sparse),
-    (fn.DOMAIN, fn.MX_DEQUANTIZE): Decoder(
-        "mx", lambda node: f"mxfp4, block {_int(node, 'block_size')}", _decode_mx
+    (fn.DOMAIN, fn.LUT_TO_DENSE): Decoder("palettized", _describe_lut, _decode_lut, _permuted_shape),
+    (fn.DOMAIN, fn.SPARSE_TO_DENSE): Decoder(
+        "sparse", _describe_sparse, _decode_sparse, lambda node: tuple(_ints(node, "shape"))
     ),
-    ("", "DequantizeLinear"): Decoder("linear", _describe_dq, _decode_dq),
+    (fn.DOMAIN, fn.MX_DEQUANTIZE): Decoder(
+        "mx", lambda node: f"mxfp4, block {_int(node, 'block_size')}", _decode_mx, _permuted_shape
+    ),
+    ("", "DequantizeLinear"): Decoder("linear", _describe_dq, _decode_dq, _dq_shape),
 }
 
 
