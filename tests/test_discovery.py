@@ -58,8 +58,9 @@ def test_follows_cast_and_transpose_to_the_consumer():
     for node, shape in ((cast, [8, 16]), (transpose, [16, 8])):
         node.outputs[0].shape = ir.Shape(shape)
     matmul.outputs[0].dtype = ir.DataType.FLOAT
-    graph = ir.Graph([x], [matmul.outputs[0]], nodes=[cast, transpose, matmul], initializers=[w],
-                     opset_imports={"": 17})
+    graph = ir.Graph(
+        [x], [matmul.outputs[0]], nodes=[cast, transpose, matmul], initializers=[w], opset_imports={"": 17}
+    )
     (ref,) = lowbit.Program(ir.Model(graph, ir_version=8)).weights()
     assert ref.name == "w16" and ref.dtype == ir.DataType.FLOAT16
     assert (ref.output_axis, ref.input_axis) == (0, 1)  # MatMul's N axis is axis 0 of the stored [N, K]
@@ -83,10 +84,16 @@ def test_initializer_that_is_also_a_graph_input_is_not_a_weight(program_of):
 def test_compressed_weight_is_reported_with_its_encoding(program_of):
     program = program_of({"w": np.ones((32, 16), F32)}, [("MatMul", "w", {})])
     weight = program.graph.initializers["w"]
-    forward, back = encoding.moved_axis_perms(2, 1)
+    _forward, back = encoding.moved_axis_perms(2, 1)
     encoding.write_lut(
-        program.model, weight, packed=pack_bits(np.zeros(32 * 16, int), 4), lut=np.zeros((2, 16, 1), F32),
-        scale=None, n_bits=4, canonical_shape=[16, 32], perm=back,
+        program.model,
+        weight,
+        packed=pack_bits(np.zeros(32 * 16, int), 4),
+        lut=np.zeros((2, 16, 1), F32),
+        scale=None,
+        n_bits=4,
+        canonical_shape=[16, 32],
+        perm=back,
     )
     (ref,) = program.weights()
     assert ref.name == "w" and ref.shape == (32, 16) and ref.compression == "palettized 4-bit, 2 LUT(s)"

@@ -70,14 +70,25 @@ def test_lut_to_dense_round_trip(n_bits, shape, axis_seed, cluster_dim, groups_s
     scale = rng.uniform(0.5, 2, channels).astype(dtype) if scaled else None
     model, weight = _single_weight(shape, dtype)
     out = encoding.write_lut(
-        model, weight, packed=pack_bits(codes, n_bits), lut=lut, scale=scale, n_bits=n_bits,
-        canonical_shape=canonical, perm=back,
+        model,
+        weight,
+        packed=pack_bits(codes, n_bits),
+        lut=lut,
+        scale=scale,
+        n_bits=n_bits,
+        canonical_shape=canonical,
+        perm=back,
     )
     _assert_three_way(model, out, shape, dtype)
 
 
 @settings(max_examples=30, deadline=None)
-@given(shape=shapes, density=st.floats(0, 1), dtype=st.sampled_from([np.float32, np.float16]), seed=st.integers(0, 99))
+@given(
+    shape=shapes,
+    density=st.floats(0, 1),
+    dtype=st.sampled_from([np.float32, np.float16]),
+    seed=st.integers(0, 99),
+)
 def test_sparse_to_dense_round_trip(shape, density, dtype, seed):
     rng = np.random.default_rng(seed)
     mask = rng.random(shape) < density
@@ -89,8 +100,11 @@ def test_sparse_to_dense_round_trip(shape, density, dtype, seed):
 
 @settings(max_examples=30, deadline=None)
 @given(
-    rows=st.integers(1, 4), blocks=st.integers(1, 3), rank3=st.booleans(),
-    dtype=st.sampled_from([np.float32, np.float16]), seed=st.integers(0, 99),
+    rows=st.integers(1, 4),
+    blocks=st.integers(1, 3),
+    rank3=st.booleans(),
+    dtype=st.sampled_from([np.float32, np.float16]),
+    seed=st.integers(0, 99),
 )
 def test_mx_dequantize_round_trip(rows, blocks, rank3, dtype, seed):
     rng = np.random.default_rng(seed)
@@ -102,8 +116,13 @@ def test_mx_dequantize_round_trip(rows, blocks, rank3, dtype, seed):
     exponents = rng.integers(low, high, numel // 32).astype(np.uint8)
     model, weight = _single_weight(shape, dtype)
     out = encoding.write_mx(
-        model, weight, packed_codes=pack_bits(codes, 4), exponents=exponents,
-        canonical_shape=[shape[a] for a in forward], perm=back, block_size=32,
+        model,
+        weight,
+        packed_codes=pack_bits(codes, 4),
+        exponents=exponents,
+        canonical_shape=[shape[a] for a in forward],
+        perm=back,
+        block_size=32,
         dtype=ir.DataType.FLOAT16 if dtype == np.float16 else ir.DataType.FLOAT,
     )
     _assert_three_way(model, out, shape, dtype)
@@ -125,8 +144,15 @@ def test_sparse_chain_of_lut_values():
     lut = np.linspace(-1, 1, 4, dtype=np.float32).reshape(1, 4, 1)
     values_holder = ir.Value(name="w.values", shape=ir.Shape([nnz]), type=ir.TensorType(ir.DataType.FLOAT))
     values = encoding.write_lut(
-        model, values_holder, packed=pack_bits(rng.integers(0, 4, nnz), 2), lut=lut, scale=None, n_bits=2,
-        canonical_shape=[nnz], perm=[0], replace=False,
+        model,
+        values_holder,
+        packed=pack_bits(rng.integers(0, 4, nnz), 2),
+        lut=lut,
+        scale=None,
+        n_bits=2,
+        canonical_shape=[nnz],
+        perm=[0],
+        replace=False,
     )
     out = encoding.write_sparse(model, weight, packed_mask=pack_bits(mask, 1), values=values, shape=(6, 8))
     got = ort_session(model).run(None, {})[0]
@@ -142,8 +168,14 @@ def test_functions_emitted_once_and_only_when_used():
     assert not model.functions
     for name in ("a", "b"):
         encoding.write_lut(
-            model, model.graph.initializers[name], packed=pack_bits(np.zeros(16, int), 1),
-            lut=np.zeros((1, 2, 1), np.float32), scale=None, n_bits=1, canonical_shape=[4, 4], perm=[0, 1],
+            model,
+            model.graph.initializers[name],
+            packed=pack_bits(np.zeros(16, int), 1),
+            lut=np.zeros((1, 2, 1), np.float32),
+            scale=None,
+            n_bits=1,
+            canonical_shape=[4, 4],
+            perm=[0, 1],
         )
     names = sorted(name for domain, name, _ in model.functions if domain == DOMAIN)
     assert names == ["LutToDense", "UnpackBits"]
@@ -157,8 +189,14 @@ def test_old_opset_is_refused_clearly():
     model = make_model({"w": np.zeros((4, 4), np.float32)}, opset=11)
     with pytest.raises(ValueError, match="opset 11"):
         encoding.write_lut(
-            model, model.graph.initializers["w"], packed=pack_bits(np.zeros(16, int), 1),
-            lut=np.zeros((1, 2, 1), np.float32), scale=None, n_bits=1, canonical_shape=[4, 4], perm=[0, 1],
+            model,
+            model.graph.initializers["w"],
+            packed=pack_bits(np.zeros(16, int), 1),
+            lut=np.zeros((1, 2, 1), np.float32),
+            scale=None,
+            n_bits=1,
+            canonical_shape=[4, 4],
+            perm=[0, 1],
         )
 
 

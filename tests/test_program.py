@@ -20,7 +20,10 @@ def _matmul_program(tmp_path: Path, name="m.onnx", n=64) -> Path:
 
 
 def test_load_save_round_trip_keeps_ir_version_and_opset(tmp_path):
-    src = save_model(make_model({"w": np.ones((8, 8), np.float32)}, [("MatMul", "w", {})], ir_version=7), tmp_path / "a.onnx")
+    src = save_model(
+        make_model({"w": np.ones((8, 8), np.float32)}, [("MatMul", "w", {})], ir_version=7),
+        tmp_path / "a.onnx",
+    )
     out = lowbit.load(src).save(tmp_path / "b.onnx")
     proto = onnx.load(out)
     assert proto.ir_version == 7
@@ -67,7 +70,9 @@ def test_external_data_round_trip_and_overwrite_in_place(tmp_path):
 
 def test_optimize_removes_dead_code_and_dedupes():
     w = np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32)
-    model = make_model({"a": w, "b": w.copy(), "dead": np.ones(4, np.float32)}, [("MatMul", "a", {}), ("MatMul", "b", {})])
+    model = make_model(
+        {"a": w, "b": w.copy(), "dead": np.ones(4, np.float32)}, [("MatMul", "a", {}), ("MatMul", "b", {})]
+    )
     dead = ir.node("Relu", [model.graph.initializers["dead"]], name="dead_relu")
     model.graph.append(dead)
     program = lowbit.Program(model).optimize()
@@ -100,8 +105,13 @@ def test_save_and_reload_over_2gb_external_without_reading_it(tmp_path):
     inits = []
     for i in range(count):
         tensor = ir.ExternalTensor(
-            "huge.onnx.data", offset=i * chunk, length=chunk, dtype=ir.DataType.FLOAT, shape=ir.Shape(shape),
-            name=f"w{i}", base_dir=tmp_path,
+            "huge.onnx.data",
+            offset=i * chunk,
+            length=chunk,
+            dtype=ir.DataType.FLOAT,
+            shape=ir.Shape(shape),
+            name=f"w{i}",
+            base_dir=tmp_path,
         )
         inits.append(ir.Value(name=f"w{i}", const_value=tensor))
     graph = ir.Graph([], [], nodes=[], initializers=inits, opset_imports={"": 17}, name="huge")

@@ -24,9 +24,14 @@ class DigitsCNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
         )
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(64 * 2 * 2, 128), nn.ReLU(), nn.Linear(128, 10))
 
@@ -56,8 +61,14 @@ def main() -> None:
         accuracy = (model(torch.from_numpy(x_test)).argmax(1).numpy() == y_test).mean()
     print(f"test accuracy {accuracy:.4f} on {len(y_test)} images")
     torch.onnx.export(
-        model, (torch.zeros(1, 1, 8, 8),), HERE / "digits_cnn.onnx", dynamo=False, opset_version=17,
-        input_names=["image"], output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+        model,
+        (torch.zeros(1, 1, 8, 8),),
+        HERE / "digits_cnn.onnx",
+        dynamo=False,
+        opset_version=17,
+        input_names=["image"],
+        output_names=["logits"],
+        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
     )
     np.savez_compressed(HERE / "test_split.npz", images=x_test, labels=y_test.astype(np.int64))
 

@@ -61,8 +61,10 @@ def dequantize_linear(
     axis = axis % q.ndim if q.ndim else 0
     out_dtype = np.asarray(scale).dtype
     s = _broadcast_param(np.asarray(scale).astype(np.float32), q, axis, block_size)
-    zp = np.float32(0) if zero_point is None else _broadcast_param(
-        np.asarray(zero_point).astype(np.float32), q, axis, block_size
+    zp = (
+        np.float32(0)
+        if zero_point is None
+        else _broadcast_param(np.asarray(zero_point).astype(np.float32), q, axis, block_size)
     )
     return ((q.astype(np.float32) - zp) * s).astype(out_dtype)
 

@@ -190,7 +190,7 @@ def find_weights(program) -> list[WeightRef]:
                 stacklevel=2,
             )
             continue
-        (out_axis, in_axis), = axes_seen
+        ((out_axis, in_axis),) = axes_seen
         shape = shapes[id(value)]
         dtype = value.const_value.dtype if value.const_value is not None else value.dtype
         refs.append(

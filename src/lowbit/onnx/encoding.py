@@ -57,7 +57,7 @@ def _emit(model: ir.Model, weight: ir.Value, node: ir.Node, replace: bool) -> ir
     graph, out = model.graph, node.outputs[0]
     out.type, out.shape = weight.type, weight.shape
     if weight.const_value is not None:
-        out.dtype, out.shape = weight.const_value.dtype, ir.Shape(weight.const_value.shape)
+        out.dtype, out.shape = weight.const_value.dtype, ir.Shape(weight.const_value.shape.numpy())
     if not replace:  # an inner link of a chain: its inputs are constants, so the front is always valid
         _insert_first(graph, node)
         return out
@@ -111,7 +111,11 @@ def write_lut(
     scale_array = np.ones((1, 1), dtype) if scale is None else np.asarray(scale, dtype).reshape(-1, 1)
     node = ir.node(
         fn.LUT_TO_DENSE,
-        [_initializer(graph, f"{base}.indices", packed), lut_value, _initializer(graph, f"{base}.scale", scale_array)],
+        [
+            _initializer(graph, f"{base}.indices", packed),
+            lut_value,
+            _initializer(graph, f"{base}.scale", scale_array),
+        ],
         attributes={"n_bits": int(n_bits), "shape": [int(d) for d in canonical_shape], "perm": list(perm)},
         domain=fn.DOMAIN,
         name=f"{base}.LutToDense",
@@ -120,8 +124,13 @@ def write_lut(
 
 
 def write_sparse(
-    model: ir.Model, weight: ir.Value, *, packed_mask: np.ndarray, values: np.ndarray | ir.Value,
-    shape: Sequence[int], replace: bool = True,
+    model: ir.Model,
+    weight: ir.Value,
+    *,
+    packed_mask: np.ndarray,
+    values: np.ndarray | ir.Value,
+    shape: Sequence[int],
+    replace: bool = True,
 ) -> ir.Value:
     """Encode ``weight`` as ``lowbit.SparseToDense(mask, values)``; ``values`` may be a decode node's output."""
     fn.use_function(model, fn.SPARSE_TO_DENSE)
@@ -138,8 +147,15 @@ def write_sparse(
 
 
 def write_mx(
-    model: ir.Model, weight: ir.Value, *, packed_codes: np.ndarray, exponents: np.ndarray,
-    canonical_shape: Sequence[int], perm: Sequence[int], block_size: int, dtype: ir.DataType,
+    model: ir.Model,
+    weight: ir.Value,
+    *,
+    packed_codes: np.ndarray,
+    exponents: np.ndarray,
+    canonical_shape: Sequence[int],
+    perm: Sequence[int],
+    block_size: int,
+    dtype: ir.DataType,
     replace: bool = True,
 ) -> ir.Value:
     """Encode ``weight`` as ``lowbit.MxDequantize(codes, exponents)`` (FP4 E2M1 codes, uint8 E8M0 exponents)."""
@@ -147,10 +163,16 @@ def write_mx(
     graph, base = model.graph, weight.name or "weight"
     node = ir.node(
         fn.MX_DEQUANTIZE,
-        [_initializer(graph, f"{base}.codes", packed_codes),
-         _initializer(graph, f"{base}.exponents", exponents.astype(np.uint8))],
-        attributes={"shape": [int(d) for d in canonical_shape], "perm": list(perm), "block_size": int(block_size),
-                    "to": int(dtype)},
+        [
+            _initializer(graph, f"{base}.codes", packed_codes),
+            _initializer(graph, f"{base}.exponents", exponents.astype(np.uint8)),
+        ],
+        attributes={
+            "shape": [int(d) for d in canonical_shape],
+            "perm": list(perm),
+            "block_size": int(block_size),
+            "to": int(dtype),
+        },
         domain=fn.DOMAIN,
         name=f"{base}.MxDequantize",
     )
@@ -210,7 +232,7 @@ def _decode_mx(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray:
 
 
 def _decode_dq(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray:
-    q, scale, zero_point = (list(inputs) + [None, None])[:3]
+    q, scale, zero_point = ([*list(inputs), None, None])[:3]
     assert q is not None and scale is not None
     return dequantize_linear(q, scale, zero_point, axis=_int(node, "axis", 1), block_size=_int(node, "block_size"))
 
@@ -221,8 +243,7 @@ def _permuted_shape(node: ir.Node) -> tuple[int, ...]:
 
 
 def _dq_shape(node: ir.Node) -> tuple[int, ...] | None:
-    q = node.inputs[0]
-    return tuple(int(d) for d in q.const_value.shape) if q is not None and q.const_value is not None else None
+    return value_shape(node.inputs[0])
 
 
 def value_shape(value: ir.Value | None) -> tuple[int, ...] | None:
@@ -230,9 +251,9 @@ def value_shape(value: ir.Value | None) -> tuple[int, ...] | None:
     if value is None:
         return None
     if value.const_value is not None:
-        return tuple(int(d) for d in value.const_value.shape)
+        return tuple(value.const_value.shape.numpy())
     if value.shape is not None and value.shape.is_static():
-        return tuple(int(d) for d in value.shape)
+        return tuple(value.shape.numpy())
     producer = value.producer()
     decoder = decoder_for(producer) if producer is not None else None
     return decoder.shape(producer) if decoder is not None and producer is not None else None

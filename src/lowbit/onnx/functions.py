@@ -30,7 +30,7 @@ def _const(name: str, array: np.ndarray) -> onnx.NodeProto:
     return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(array), name))
 
 
-def _const_ref(name: str, attr: str, attr_type: int, as_attr: str) -> onnx.NodeProto:
+def _const_ref(name: str, attr: str, attr_type: onnx.AttributeProto.AttributeType, as_attr: str) -> onnx.NodeProto:
     """Constant whose value is the calling node's attribute ``attr``."""
     node = helper.make_node("Constant", [], [name])
     node.attribute.append(helper.make_attribute_ref(as_attr, attr_type))
@@ -38,7 +38,7 @@ def _const_ref(name: str, attr: str, attr_type: int, as_attr: str) -> onnx.NodeP
     return node
 
 
-def _with_ref(node: onnx.NodeProto, name: str, attr_type: int) -> onnx.NodeProto:
+def _with_ref(node: onnx.NodeProto, name: str, attr_type: onnx.AttributeProto.AttributeType) -> onnx.NodeProto:
     ref = helper.make_attribute_ref(name, attr_type)
     node.attribute.append(ref)
     return node
@@ -118,8 +118,11 @@ def _lut_to_dense() -> onnx.FunctionProto:
             n("Gather", ["lut_shape", "idx2"], ["cd1"]),
             n("Squeeze", ["cd1", "idx0"], ["cd"]),
             n("Div", ["numel", "cd"], ["count"]),
-            _with_ref(n(f"{UNPACK_BITS}", ["indices", "count"], ["codes"], domain=DOMAIN), "n_bits",
-                      onnx.AttributeProto.INT),
+            _with_ref(
+                n(f"{UNPACK_BITS}", ["indices", "count"], ["codes"], domain=DOMAIN),
+                "n_bits",
+                onnx.AttributeProto.INT,
+            ),
             n("Concat", ["groups1", "minus1"], ["by_group"], axis=0),
             n("Reshape", ["codes", "by_group"], ["grouped"]),
             n("Squeeze", ["groups1", "idx0"], ["groups"]),
