@@ -3,6 +3,7 @@
 from lowbit.errors import LowbitError, ModelLoadError
 from lowbit.onnx.decompress import decompress_weights
 from lowbit.onnx.discovery import WeightRef
+from lowbit.onnx.palettize import palettize_weights
 from lowbit.onnx.program import Program, load
 from lowbit.types import CompressionGranularity, DType, QScheme
 
@@ -16,6 +17,7 @@ __all__ = [
     "WeightRef",
     "decompress_weights",
     "load",
+    "palettize_weights",
 ]
 
 __version__ = "0.1.0"

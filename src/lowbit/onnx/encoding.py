@@ -19,7 +19,9 @@ from lowbit.onnx import functions as fn
 
 __all__ = [
     "Decoder",
+    "add_initializer",
     "decoder_for",
+    "insert_first",
     "moved_axis_perms",
     "value_shape",
     "write_lut",
@@ -38,7 +40,8 @@ def moved_axis_perms(rank: int, axis: int, to_front: bool = True) -> tuple[list[
 # ----------------------------------------------------------------------------------------------------- writers
 
 
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` as an initializer named ``name`` (suffixed when taken)."""
     value = ir.Value(name=_unique_name(graph, name), const_value=ir.tensor(np.ascontiguousarray(array)))
     graph.register_initializer(value)
     return value
@@ -59,7 +62,7 @@ def _emit(model: ir.Model, weight: ir.Value, node: ir.Node, replace: bool) -> ir
     if weight.const_value is not None:
         out.dtype, out.shape = weight.const_value.dtype, ir.Shape(weight.const_value.shape.numpy())
     if not replace:  # an inner link of a chain: its inputs are constants, so the front is always valid
-        _insert_first(graph, node)
+        insert_first(graph, node)
         return out
     _insert_before_uses(graph, weight, node)
     name = weight.name
@@ -70,7 +73,8 @@ def _emit(model: ir.Model, weight: ir.Value, node: ir.Node, replace: bool) -> ir
     return out
 
 
-def _insert_first(graph: ir.Graph, node: ir.Node) -> None:
+def insert_first(graph: ir.Graph, node: ir.Node) -> None:
+    """Put ``node`` first in the graph (valid for nodes that read only constants)."""
     if len(graph):
         graph.insert_before(graph.node(0), node)
     else:
@@ -106,15 +110,15 @@ def write_lut(
     """
     fn.use_function(model, fn.LUT_TO_DENSE)
     graph, base = model.graph, weight.name or "weight"
-    lut_value = lut if isinstance(lut, ir.Value) else _initializer(graph, f"{base}.lut", lut)
+    lut_value = lut if isinstance(lut, ir.Value) else add_initializer(graph, f"{base}.lut", lut)
     dtype = lut_value.const_value.dtype.numpy() if lut_value.const_value is not None else np.float32
     scale_array = np.ones((1, 1), dtype) if scale is None else np.asarray(scale, dtype).reshape(-1, 1)
     node = ir.node(
         fn.LUT_TO_DENSE,
         [
-            _initializer(graph, f"{base}.indices", packed),
+            add_initializer(graph, f"{base}.indices", packed),
             lut_value,
-            _initializer(graph, f"{base}.scale", scale_array),
+            add_initializer(graph, f"{base}.scale", scale_array),
         ],
         attributes={"n_bits": int(n_bits), "shape": [int(d) for d in canonical_shape], "perm": list(perm)},
         domain=fn.DOMAIN,
@@ -135,10 +139,10 @@ def write_sparse(
     """Encode ``weight`` as ``lowbit.SparseToDense(mask, values)``; ``values`` may be a decode node's output."""
     fn.use_function(model, fn.SPARSE_TO_DENSE)
     graph, base = model.graph, weight.name or "weight"
-    values_value = values if isinstance(values, ir.Value) else _initializer(graph, f"{base}.values", values)
+    values_value = values if isinstance(values, ir.Value) else add_initializer(graph, f"{base}.values", values)
     node = ir.node(
         fn.SPARSE_TO_DENSE,
-        [_initializer(graph, f"{base}.mask", packed_mask), values_value],
+        [add_initializer(graph, f"{base}.mask", packed_mask), values_value],
         attributes={"shape": [int(d) for d in shape]},
         domain=fn.DOMAIN,
         name=f"{base}.SparseToDense",
@@ -164,8 +168,8 @@ def write_mx(
     node = ir.node(
         fn.MX_DEQUANTIZE,
         [
-            _initializer(graph, f"{base}.codes", packed_codes),
-            _initializer(graph, f"{base}.exponents", exponents.astype(np.uint8)),
+            add_initializer(graph, f"{base}.codes", packed_codes),
+            add_initializer(graph, f"{base}.exponents", exponents.astype(np.uint8)),
         ],
         attributes={
             "shape": [int(d) for d in canonical_shape],

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
+import onnx.version_converter
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 from google.protobuf.message import DecodeError
@@ -31,6 +32,7 @@ class Program:
     def __init__(self, model: ir.Model, path: str | os.PathLike | None = None) -> None:
         self.model = model
         self.path = Path(path) if path is not None else None
+        self.report = None  # the CompressionReport of the pass that produced this program, if any
 
     @property
     def graph(self) -> ir.Graph:
@@ -61,6 +63,29 @@ class Program:
             ]
         )(self.model)
         return self
+
+    def require_opset(self, version: int) -> None:
+        """Raise the default-domain opset to at least ``version`` (onnx's version converter); no-op when it is.
+
+        Raises ``ValueError`` naming the versions when the converter cannot upgrade this model.
+        """
+        current = self.graph.opset_imports.get("", 1)
+        if current >= version:
+            return
+        proto = ir.serde.serialize_model(self.model)
+        try:
+            converted = onnx.version_converter.convert_version(proto, version)
+        except Exception as err:
+            raise ValueError(
+                f"this compression needs opset >= {version}; converting the model from opset {current} "
+                f"failed: {_one_line(err)}"
+            ) from err
+        model = ir.serde.deserialize_model(converted)
+        if self.path is not None:
+            from onnx_ir import external_data
+
+            external_data.set_base_dir(model.graph, self.path.parent)
+        self.model = model
 
     def tensor_nbytes(self) -> int:
         """Bytes of all initializer data, main graph and subgraphs."""

@@ -1,0 +1,97 @@
+"""Compression configs: small frozen dataclasses, validated up front, shared by the graph and torch paths."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from lowbit.types import CompressionGranularity, DType
+
+__all__ = ["PalettizeConfig", "check_bool", "check_choice", "check_int", "to_enum"]
+
+E = TypeVar("E", bound=enum.Enum)
+
+
+def _shown(values: Collection[Any]) -> str:
+    return "{" + ", ".join(str(getattr(v, "name", v)) for v in values) + "}"
+
+
+def check_choice(name: str, value: Any, allowed: Collection[Any]) -> Any:
+    """``value`` if it is one of ``allowed``, else ``ValueError`` naming the parameter and the choices."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {_shown(allowed)}, got {getattr(value, 'name', value)!r}")
+    return value
+
+
+def check_int(name: str, value: Any, minimum: int | None = None) -> int:
+    """An int (not bool) ``>= minimum``; ``TypeError`` for other types, ``ValueError`` when too small."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+def to_enum(name: str, value: Any, enum_type: type[E]) -> E:
+    """Accept an ``enum_type`` member, or its name / value as a string (``"per_tensor"``, ``"per-tensor"``)."""
+    if isinstance(value, enum_type):
+        return value
+    if isinstance(value, str):
+        key = value.strip().upper().replace("-", "_")
+        if key in enum_type.__members__:
+            return enum_type[key]
+    raise ValueError(f"{name} must be one of {_shown(list(enum_type))}, got {value!r}")
+
+
+PALETTIZE_N_BITS = (1, 2, 3, 4, 6, 8)
+PALETTIZE_GRANULARITIES = (
+    CompressionGranularity.PER_TENSOR,
+    CompressionGranularity.PER_CHANNEL,
+    CompressionGranularity.PER_GROUPED_CHANNEL,
+)
+LUT_DTYPES = (None, DType.INT8, DType.UINT8, DType.FP8_E4M3FN, DType.FP8_E5M2)
+PALETTIZE_MODES = ("kmeans", "uniform", "unique")
+
+
+@dataclass(frozen=True)
+class PalettizeConfig:
+    """What ``palettize_weights`` does to each weight; see ``spec/graph-api.md`` for every field."""
+
+    lut_dtype: DType | None = None
+    n_bits: int = 4
+    granularity: CompressionGranularity = CompressionGranularity.PER_TENSOR
+    group_size: int = 32
+    cluster_dim: int = 1
+    enable_per_channel_scale: bool = False
+    weight_num_threshold: int = 1024
+    num_kmeans_workers: int = 4
+    enable_fast_kmeans_mode: bool = True
+    rounding_precision: int = 4
+    mode: str = "kmeans"
+
+    def __post_init__(self) -> None:
+        lut_dtype = self.lut_dtype if self.lut_dtype is None else to_enum("lut_dtype", self.lut_dtype, DType)
+        object.__setattr__(self, "lut_dtype", check_choice("lut_dtype", lut_dtype, LUT_DTYPES))
+        check_choice("n_bits", check_int("n_bits", self.n_bits), PALETTIZE_N_BITS)
+        granularity = to_enum("granularity", self.granularity, CompressionGranularity)
+        object.__setattr__(self, "granularity", check_choice("granularity", granularity, PALETTIZE_GRANULARITIES))
+        check_int("group_size", self.group_size, 1)
+        check_int("cluster_dim", self.cluster_dim, 1)
+        check_bool("enable_per_channel_scale", self.enable_per_channel_scale)
+        if self.cluster_dim > 1 and self.enable_per_channel_scale:
+            raise ValueError("cluster_dim > 1 cannot be combined with enable_per_channel_scale=True")
+        check_int("weight_num_threshold", self.weight_num_threshold, 0)
+        check_int("num_kmeans_workers", self.num_kmeans_workers, 1)
+        check_bool("enable_fast_kmeans_mode", self.enable_fast_kmeans_mode)
+        check_int("rounding_precision", self.rounding_precision, 0)
+        check_choice("mode", self.mode, PALETTIZE_MODES)
+        if self.mode == "uniform" and self.cluster_dim > 1:
+            raise ValueError("mode='uniform' is scalar only: cluster_dim must be 1")

@@ -1,0 +1,139 @@
+"""Distinct values with multiplicities, and table-driven code assignment, for 16-bit floats (fp16 / bf16).
+
+A 16-bit float has at most 65,536 values, so a group of any size reduces to a histogram over its bit patterns. Bit
+patterns are mapped to *order keys* (sign-magnitude to unsigned order), so scanning keys upward visits values in
+ascending order: the histogram comes out sorted, and the codes of a sorted LUT are assigned by one monotone walk.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numba
+import numpy as np
+
+__all__ = ["SIXTEEN_BIT_FLOATS", "assign_by_thresholds", "distinct_values", "squared_error"]
+
+SIXTEEN_BIT_FLOATS = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
+
+
+def key_values(dtype: np.dtype) -> np.ndarray:
+    """float64 value of every order key of a 16-bit float dtype (NaN keys stay NaN)."""
+    keys = np.arange(1 << 16, dtype=np.uint32)
+    bits = np.where(keys & 0x8000, keys ^ 0x8000, ~keys & 0xFFFF).astype(np.uint16)
+    return bits.view(dtype).astype(np.float64)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _key(bits: np.uint16) -> int:
+    b = np.int64(bits)
+    return b ^ 0xFFFF if b & 0x8000 else b | 0x8000
+
+
+@numba.njit(cache=True, nogil=True)
+def _distinct(bits: np.ndarray, importance: np.ndarray, weighted: bool, table: np.ndarray):
+    groups, n = bits.shape
+    hist = np.zeros(1 << 16)
+    counts = np.zeros(groups, np.int64)
+    keys = np.empty(groups * 2, np.int64)  # each group's [lo, hi] key range
+    for g in range(groups):  # pass 1: the size of each group's histogram
+        lo, hi = 1 << 16, -1
+        for e in range(n):
+            k = _key(bits[g, e])
+            hist[k] = 1.0
+            lo = min(lo, k)
+            hi = max(hi, k)
+        for k in range(lo, hi + 1):
+            if hist[k] != 0.0:
+                counts[g] += 1
+                hist[k] = 0.0
+        keys[2 * g], keys[2 * g + 1] = lo, hi
+    offsets = np.zeros(groups + 1, np.int64)
+    offsets[1:] = np.cumsum(counts)
+    values = np.empty(offsets[-1])
+    weights = np.empty(offsets[-1])
+    seen = np.zeros(1 << 16, np.bool_)
+    for g in range(groups):  # pass 2: fill
+        for e in range(n):
+            k = _key(bits[g, e])
+            hist[k] += importance[g, e] if weighted else 1.0
+            seen[k] = True
+        out = offsets[g]
+        for k in range(keys[2 * g], keys[2 * g + 1] + 1):
+            if seen[k]:
+                values[out] = table[k]
+                weights[out] = hist[k]
+                out += 1
+                hist[k] = 0.0
+                seen[k] = False
+    return values, weights, offsets
+
+
+def distinct_values(bits: np.ndarray, dtype: np.dtype, importance: np.ndarray | None = None):
+    """Sorted distinct values per group with their multiplicities (or summed ``importance``).
+
+    Parameters
+    ----------
+    bits : ``(G, n)`` uint16 bit patterns of a 16-bit float dtype; finite values only.
+    dtype : ``float16`` or ``bfloat16``, the meaning of ``bits``.
+    importance : optional ``(G, n)`` non-negative per-element weights.
+
+    Returns ``(values float64, weights float64, offsets int64[G + 1])``, groups' runs concatenated.
+    """
+    weighted = importance is not None
+    imp = np.ascontiguousarray(importance, np.float64) if weighted else np.zeros((1, 1))
+    values, weights, offsets = _distinct(np.ascontiguousarray(bits), imp, weighted, key_values(dtype))
+    if weighted:  # values whose importance sums to 0 cannot pull a centroid
+        keep = weights > 0
+        if not keep.all():
+            counts = np.add.reduceat(keep, offsets[:-1]) if len(values) else np.zeros(len(offsets) - 1, int)
+            offsets = np.concatenate([[0], np.cumsum(counts)])
+            values, weights = values[keep], weights[keep]
+    return values, weights, offsets
+
+
+@numba.njit(cache=True, nogil=True)
+def _assign(bits: np.ndarray, thresholds: np.ndarray, table: np.ndarray) -> np.ndarray:
+    groups, n = bits.shape
+    codes = np.empty((groups, n), np.uint8)
+    lookup = np.empty(1 << 16, np.uint8)
+    t = thresholds.shape[1]
+    for g in range(groups):
+        lo, hi = 1 << 16, -1
+        for e in range(n):
+            k = _key(bits[g, e])
+            lo = min(lo, k)
+            hi = max(hi, k)
+        j = 0
+        for k in range(lo, hi + 1):
+            v = table[k]
+            while j < t and v > thresholds[g, j]:
+                j += 1
+            lookup[k] = j
+        for e in range(n):
+            codes[g, e] = lookup[_key(bits[g, e])]
+    return codes
+
+
+def assign_by_thresholds(bits: np.ndarray, dtype: np.dtype, thresholds: np.ndarray) -> np.ndarray:
+    """Codes ``(G, n)`` uint8: the number of a group's ascending ``thresholds`` that each value exceeds."""
+    return _assign(np.ascontiguousarray(bits), np.ascontiguousarray(thresholds, np.float64), key_values(dtype))
+
+
+@numba.njit(cache=True, nogil=True)
+def _squared_error(values, weights, offsets, lut, thresholds) -> np.ndarray:
+    groups = offsets.shape[0] - 1
+    out = np.zeros(groups)
+    t = thresholds.shape[1]
+    for g in range(groups):
+        j = 0
+        for i in range(offsets[g], offsets[g + 1]):
+            while j < t and values[i] > thresholds[g, j]:
+                j += 1
+            d = values[i] - lut[g, j]
+            out[g] += weights[i] * d * d
+    return out
+
+
+def squared_error(values, weights, offsets, lut: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Per-group weighted squared error of the distinct values against their nearest LUT entry (float64)."""
+    return _squared_error(values, weights, offsets, np.ascontiguousarray(lut, np.float64), thresholds)

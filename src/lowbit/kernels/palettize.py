@@ -1,0 +1,178 @@
+"""Palettization of one weight in canonical layout ``[C, R]`` (output channels first): LUTs + codes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from lowbit.kernels import CannotCompress
+from lowbit.kernels.decode import lut_decode
+from lowbit.kernels.histogram import SIXTEEN_BIT_FLOATS, assign_by_thresholds, distinct_values, squared_error
+from lowbit.kernels.kmeans1d import optimal_centroids
+from lowbit.kernels.kmeans_vector import vector_kmeans
+from lowbit.kernels.quantize import Quantized, quantize_per_row
+
+__all__ = ["Palettized", "palettize"]
+
+MODES = ("kmeans", "uniform", "unique")
+FP16_MAX = 65504.0
+
+
+@dataclass(frozen=True)
+class Palettized:
+    """A palettized ``[C, R]`` weight: ``decode() = lut[group, codes] * scale[channel]``.
+
+    ``codes``: ``[C / cluster_dim, R]`` uint8. ``lut``: ``[G, 2**n_bits, cluster_dim]`` in the weight dtype (already
+    dequantized when ``lut_quantized`` is set). ``scale``: per-channel ``[C]`` or None. ``squared_error``: sum of
+    squared differences between ``decode()`` and the input, in float64.
+    """
+
+    codes: np.ndarray
+    lut: np.ndarray
+    scale: np.ndarray | None
+    n_bits: int
+    lut_quantized: Quantized | None
+    squared_error: float
+
+    def decode(self) -> np.ndarray:
+        return lut_decode(self.codes, self.lut, self.scale)
+
+
+def _midpoints(lut: np.ndarray) -> np.ndarray:
+    table = lut.astype(np.float64)
+    return (table[:, 1:] + table[:, :-1]) / 2
+
+
+def _group_centroids(values, weights, offsets, k: int, mode: str) -> np.ndarray:
+    """(G, k) float64 centroids, ascending, from each group's sorted distinct values."""
+    if mode == "kmeans":
+        return optimal_centroids(values, weights, offsets, k)
+    counts = np.diff(offsets)
+    if mode == "uniform":
+        low, high = values[offsets[:-1]], values[offsets[1:] - 1]
+        return low[:, None] + (high - low)[:, None] * np.linspace(0.0, 1.0, k)[None, :]
+    worst = int(counts.max())
+    if worst > k:
+        raise CannotCompress(f"mode='unique' needs at most {k} distinct values per LUT, found {worst}")
+    return optimal_centroids(values, weights, offsets, k)  # m <= k: exactly the distinct values
+
+
+def _finish_lut(centroids: np.ndarray, dtype: np.dtype, lut_dtype: np.dtype | None):
+    lut = centroids.astype(dtype)
+    if lut_dtype is None:
+        return lut, None
+    quantized = quantize_per_row(lut, lut_dtype, dtype)
+    return quantized.decode().astype(dtype), quantized
+
+
+def _scalar(x, dtype, groups, k, mode, fast, lut_dtype, importance):
+    """Returns (codes (G, n), lut (G, k), quantized LUT, squared error or None when it must be measured)."""
+    xg = x.reshape(groups, -1)
+    imp = None if importance is None else importance.reshape(groups, -1)
+    if xg.dtype in SIXTEEN_BIT_FLOATS or (fast and np.abs(xg).max(initial=0.0) <= FP16_MAX):
+        exact_values = xg.dtype in SIXTEEN_BIT_FLOATS
+        keyed = xg if exact_values else xg.astype(np.float16)
+        bits = keyed.view(np.uint16)
+        values, weights, offsets = distinct_values(bits, keyed.dtype, imp)
+        lut, quantized = _finish_lut(_group_centroids(values, weights, offsets, k, mode), dtype, lut_dtype)
+        thresholds = _midpoints(lut)
+        codes = assign_by_thresholds(bits, keyed.dtype, thresholds)
+        if exact_values and imp is None:
+            return codes, lut, quantized, float(squared_error(values, weights, offsets, lut, thresholds).sum())
+        return codes, lut, quantized, None
+    runs = [np.unique(row, return_inverse=True) for row in xg.astype(np.float64)]
+    values = np.concatenate([u for u, _ in runs])
+    weights = np.concatenate(
+        [np.bincount(inv, weights=None if imp is None else imp[g], minlength=len(u)) for g, (u, inv) in enumerate(runs)]
+    )
+    offsets = np.concatenate([[0], np.cumsum([len(u) for u, _ in runs])])
+    keep = weights > 0
+    if not keep.all():  # zero importance: no pull on any centroid
+        offsets = np.concatenate([[0], np.cumsum([int(keep[a:b].sum()) for a, b in zip(offsets[:-1], offsets[1:])])])
+        values, weights = values[keep], weights[keep]
+    lut, quantized = _finish_lut(_group_centroids(values, weights, offsets, k, mode), dtype, lut_dtype)
+    thresholds = _midpoints(lut)
+    codes = np.stack([np.searchsorted(t, row, side="left") for t, row in zip(thresholds, xg.astype(np.float64))])
+    return codes.astype(np.uint8), lut, quantized, None
+
+
+def _vector(x, dtype, groups, k, cd, mode, lut_dtype, seed, importance):
+    channels, r = x.shape
+    points = x.reshape(channels // cd, cd, r).transpose(0, 2, 1).reshape(groups, -1, cd).astype(np.float64)
+    imp = None
+    if importance is not None:
+        imp = importance.reshape(channels // cd, cd, r).transpose(0, 2, 1).reshape(groups, -1, cd).sum(axis=2)
+    if mode == "uniform":
+        raise CannotCompress("mode='uniform' is scalar only; use cluster_dim=1")
+    centers = []
+    for g in range(groups):
+        c = vector_kmeans(points[g], k, seed + g, None if imp is None else imp[g])
+        if mode == "unique" and len(np.unique(points[g], axis=0)) > k:
+            raise CannotCompress(f"mode='unique' needs at most {k} distinct vectors per LUT")
+        centers.append(c)
+    lut, quantized = _finish_lut(np.stack(centers), dtype, lut_dtype)
+    table = lut.astype(np.float64)
+    codes = np.empty(points.shape[:2], np.uint8)
+    for g in range(groups):
+        d = ((points[g][:, None, :] - table[g][None, :, :]) ** 2).sum(axis=2)
+        codes[g] = d.argmin(axis=1)
+    return codes, lut, quantized
+
+
+def palettize(
+    w: np.ndarray,
+    n_bits: int,
+    groups: int = 1,
+    cluster_dim: int = 1,
+    mode: str = "kmeans",
+    per_channel_scale: bool = False,
+    fast: bool = True,
+    lut_dtype: np.dtype | None = None,
+    importance: np.ndarray | None = None,
+    seed: int = 0,
+) -> Palettized:
+    """Palettize ``w`` (``[C, R]``, float) with ``groups`` LUTs of ``2**n_bits`` entries.
+
+    Parameters
+    ----------
+    w : the weight, output channels first; finite values.
+    n_bits : bits per code (1..8).
+    groups : number of LUTs; each serves ``C / groups`` consecutive channels (``C`` must divide).
+    cluster_dim : LUT entries are vectors of this many consecutive output channels.
+    mode : ``"kmeans"`` (optimal, exact 1-D dynamic program for scalars), ``"uniform"``, ``"unique"``.
+    per_channel_scale : divide each channel by its max-abs first; decode multiplies it back.
+    fast : cluster fp32 values rounded to fp16 (16-bit weights are always clustered exactly).
+    lut_dtype : quantize LUT entries to int8/uint8/fp8 with one scale per LUT (None: weight dtype).
+    importance : optional per-element non-negative weights of the squared error (sensitivity).
+    seed : seed of vector k-means++.
+
+    Raises :class:`~lowbit.kernels.CannotCompress` (a ValueError) when the weight cannot be palettized as asked.
+    """
+    if w.ndim != 2:
+        raise CannotCompress(f"expected a [C, R] array, got shape {w.shape}")
+    channels = w.shape[0]
+    if channels % groups or (channels // groups) % cluster_dim:
+        raise CannotCompress(f"{channels} channels do not split into {groups} LUT(s) of vectors of {cluster_dim}")
+    dtype, k = w.dtype, 1 << n_bits
+    scale = None
+    x = w
+    if per_channel_scale:
+        amax = np.abs(w.astype(np.float32)).max(axis=1)
+        scale = np.where(amax > 0, amax, 1).astype(dtype)
+        x = (w.astype(np.float32) / scale.astype(np.float32)[:, None]).astype(dtype)
+    error = None
+    if cluster_dim == 1:
+        codes, lut, quantized, error = _scalar(x, dtype, groups, k, mode, fast, lut_dtype, importance)
+        codes = codes.reshape(channels, -1)
+        lut = lut.reshape(groups, k, 1)
+        if quantized is not None:
+            quantized = replace(quantized, q=quantized.q.reshape(groups, k, 1))
+    else:
+        codes, lut, quantized = _vector(x, dtype, groups, k, cluster_dim, mode, lut_dtype, seed, importance)
+        codes = codes.reshape(channels // cluster_dim, -1)
+    result = Palettized(codes, lut, scale, n_bits, quantized, 0.0)
+    if error is None or scale is not None:
+        diff = result.decode().astype(np.float64) - w.astype(np.float64)
+        error = float(np.einsum("ij,ij->", diff, diff))
+    return Palettized(codes, lut, scale, n_bits, quantized, error)

@@ -1,0 +1,208 @@
+"""palettize_weights: k-means palettization of an ONNX program's weights, encoded as ``lowbit.LutToDense``."""
+
+from __future__ import annotations
+
+import zlib
+from concurrent.futures import Executor
+
+import numpy as np
+import onnx_ir as ir
+
+from lowbit.config import PalettizeConfig
+from lowbit.kernels.packing import pack_bits
+from lowbit.kernels.palettize import Palettized, palettize
+from lowbit.onnx import encoding
+from lowbit.onnx.discovery import WeightRef
+from lowbit.onnx.passes import CompressionReport, SkipWeight, WeightPass
+from lowbit.onnx.program import Program
+from lowbit.types import CompressionGranularity, DType
+
+__all__ = ["PalettizePass", "palettize_weights"]
+
+FP8_DEQUANTIZE_OPSET = 19
+
+
+def _job(canonical: np.ndarray, n_bits, groups, cluster_dim, mode, per_channel_scale, fast, lut_dtype, seed):
+    """The per-weight kernel call (a module-level function, so process pools can run it)."""
+    result = palettize(
+        canonical,
+        n_bits,
+        groups=groups,
+        cluster_dim=cluster_dim,
+        mode=mode,
+        per_channel_scale=per_channel_scale,
+        fast=fast,
+        lut_dtype=lut_dtype,
+        seed=seed,
+    )
+    energy = float(np.einsum("ij,ij->", canonical, canonical, dtype=np.float64))
+    return result, energy
+
+
+class PalettizePass(WeightPass):
+    """Replace each eligible weight by ``lowbit.LutToDense(indices, lut, scale)`` per a :class:`PalettizeConfig`."""
+
+    name = "palettize"
+
+    def __init__(self, config: PalettizeConfig, executor: Executor | None = None) -> None:
+        super().__init__(config.weight_num_threshold, config.num_kmeans_workers, executor)
+        self.config = config
+
+    def _groups(self, ref: WeightRef) -> int:
+        cfg, channels = self.config, ref.shape[ref.output_axis]
+        if channels % cfg.cluster_dim:
+            raise SkipWeight(f"{channels} output channels do not divide by cluster_dim {cfg.cluster_dim}")
+        if cfg.granularity == CompressionGranularity.PER_TENSOR:
+            return 1
+        if cfg.granularity == CompressionGranularity.PER_CHANNEL:
+            return channels // cfg.cluster_dim
+        if channels % cfg.group_size:
+            raise SkipWeight(f"{channels} output channels do not divide by group_size {cfg.group_size}")
+        if cfg.group_size % cfg.cluster_dim:
+            raise SkipWeight(f"group_size {cfg.group_size} does not divide by cluster_dim {cfg.cluster_dim}")
+        return channels // cfg.group_size
+
+    def prepare(self, ref: WeightRef, array: np.ndarray):
+        cfg = self.config
+        groups = self._groups(ref)
+        forward, _ = encoding.moved_axis_perms(array.ndim, ref.output_axis)
+        canonical = np.ascontiguousarray(array.transpose(forward)).reshape(array.shape[ref.output_axis], -1)
+        lut_dtype = None if cfg.lut_dtype is None else cfg.lut_dtype.numpy
+        seed = zlib.crc32(ref.name.encode())
+        args = (
+            canonical,
+            cfg.n_bits,
+            groups,
+            cfg.cluster_dim,
+            cfg.mode,
+            cfg.enable_per_channel_scale,
+            cfg.enable_fast_kmeans_mode,
+            lut_dtype,
+            seed,
+        )
+        return _job, args
+
+    def write(self, program: Program, ref: WeightRef, result: tuple[Palettized, float]) -> tuple[int, float]:
+        palettized, energy = result
+        assert ref.value is not None
+        rank = len(ref.shape)
+        forward, back = encoding.moved_axis_perms(rank, ref.output_axis)
+        lut: np.ndarray | ir.Value = palettized.lut
+        if palettized.lut_quantized is not None:
+            lut = _lut_dequantize_chain(program.model, ref.name, palettized)
+        out = encoding.write_lut(
+            program.model,
+            ref.value,
+            packed=pack_bits(palettized.codes, palettized.n_bits),
+            lut=lut,
+            scale=palettized.scale,
+            n_bits=palettized.n_bits,
+            canonical_shape=[ref.shape[a] for a in forward],
+            perm=back,
+        )
+        after = sum(v.const_value.nbytes for v in _constants_of(out))
+        return after, palettized.squared_error / energy if energy > 0 else 0.0
+
+
+def _constants_of(value: ir.Value) -> list[ir.Value]:
+    """The constants a decode chain reads (deduplicated)."""
+    producer = value.producer()
+    if producer is None:
+        return [value]
+    seen: dict[int, ir.Value] = {}
+    for v in producer.inputs:
+        if v is not None:
+            for c in _constants_of(v):
+                seen[id(c)] = c
+    return list(seen.values())
+
+
+def _lut_dequantize_chain(model: ir.Model, name: str, palettized: Palettized) -> ir.Value:
+    """``DequantizeLinear(q, scale[, zero_point], axis=0)`` producing the LUT from its quantized form."""
+    quantized = palettized.lut_quantized
+    assert quantized is not None
+    graph = model.graph
+    inputs = [
+        encoding.add_initializer(graph, f"{name}.lut_q", quantized.q),
+        encoding.add_initializer(graph, f"{name}.lut_scale", quantized.scale),
+    ]
+    if quantized.zero_point is not None:
+        inputs.append(encoding.add_initializer(graph, f"{name}.lut_zero_point", quantized.zero_point))
+    node = ir.node("DequantizeLinear", inputs, {"axis": 0}, name=f"{name}.lut_dequantize")
+    out = node.outputs[0]
+    out.name = f"{name}.lut"
+    out.dtype, out.shape = ir.DataType.from_numpy(palettized.lut.dtype), ir.Shape(palettized.lut.shape)
+    encoding.insert_first(graph, node)
+    return out
+
+
+def palettize_weights(
+    program: Program,
+    lut_dtype: DType | str | None = None,
+    n_bits: int = 4,
+    granularity: CompressionGranularity | str = CompressionGranularity.PER_TENSOR,
+    group_size: int = 32,
+    cluster_dim: int = 1,
+    enable_per_channel_scale: bool = False,
+    weight_num_threshold: int = 1024,
+    num_kmeans_workers: int = 4,
+    enable_fast_kmeans_mode: bool = True,
+    rounding_precision: int = 4,
+    in_place: bool = False,
+    mode: str = "kmeans",
+    executor: Executor | None = None,
+) -> Program:
+    """Palettize the weights of ``program``: each becomes a LUT of ``2**n_bits`` entries plus n-bit indices.
+
+    Parameters
+    ----------
+    program : the :class:`~lowbit.Program` to compress.
+    lut_dtype : None (default) keeps LUT entries in the weight's dtype; ``INT8``, ``UINT8``, ``FP8_E4M3FN``,
+        ``FP8_E5M2`` quantize them symmetrically with one scale per LUT (a ``DequantizeLinear`` before the LUT).
+    n_bits : bits per index, one of {1, 2, 3, 4, 6, 8}; default 4.
+    granularity : ``PER_TENSOR`` (default, one LUT), ``PER_CHANNEL`` (one per output channel),
+        ``PER_GROUPED_CHANNEL`` (one per ``group_size`` consecutive output channels).
+    group_size : channels per LUT for ``PER_GROUPED_CHANNEL``; default 32. A weight whose channel count does not
+        divide is skipped with a warning.
+    cluster_dim : LUT entries are vectors of this many output channels (default 1: scalar, exact k-means).
+    enable_per_channel_scale : divide each output channel by its max-abs before clustering; default False.
+    weight_num_threshold : weights with at most this many elements are left alone; default 1024.
+    num_kmeans_workers : parallel worker processes (default 4; 1 runs in this process). Results do not depend on it.
+    enable_fast_kmeans_mode : cluster fp32 weights' fp16-rounded values (default True); 16-bit weights are always
+        clustered exactly.
+    rounding_precision : accepted for compatibility with the reference API (default 4). lowbit's fast mode rounds
+        to fp16 instead of to decimal places, which keeps small weights' resolution.
+    in_place : False (default) returns a new Program, leaving ``program`` untouched; True rewrites ``program``.
+    mode : ``"kmeans"`` (default), ``"uniform"`` (evenly spaced LUT from min to max), ``"unique"`` (exact LUT of a
+        group's distinct values when there are at most ``2**n_bits``, else skipped with a warning).
+    executor : run the per-weight k-means on this ``concurrent.futures.Executor`` (e.g. a Dask client's) instead of
+        a process pool of ``num_kmeans_workers``.
+
+    Returns the compressed Program; ``result.report`` holds the per-weight :class:`CompressionReport`.
+
+    Raises ``ValueError`` / ``TypeError`` for an invalid parameter (naming it and the allowed values), before any
+    work is done.
+    """
+    config = PalettizeConfig(
+        lut_dtype=lut_dtype,  # type: ignore[arg-type]
+        n_bits=n_bits,
+        granularity=granularity,  # type: ignore[arg-type]
+        group_size=group_size,
+        cluster_dim=cluster_dim,
+        enable_per_channel_scale=enable_per_channel_scale,
+        weight_num_threshold=weight_num_threshold,
+        num_kmeans_workers=num_kmeans_workers,
+        enable_fast_kmeans_mode=enable_fast_kmeans_mode,
+        rounding_precision=rounding_precision,
+        mode=mode,
+    )
+    if not isinstance(in_place, bool):
+        raise TypeError(f"in_place must be a bool, got {type(in_place).__name__} {in_place!r}")
+    if not isinstance(program, Program):
+        raise TypeError(f"program must be a lowbit.Program (from lowbit.load), got {type(program).__name__}")
+    target = program if in_place else program.copy()
+    if config.lut_dtype in (DType.FP8_E4M3FN, DType.FP8_E5M2):
+        target.require_opset(FP8_DEQUANTIZE_OPSET)
+    report: CompressionReport = PalettizePass(config, executor)(target)
+    target.report = report
+    return target
