@@ -11,7 +11,13 @@ import ml_dtypes
 import numba
 import numpy as np
 
-__all__ = ["SIXTEEN_BIT_FLOATS", "assign_by_thresholds", "distinct_values", "squared_error"]
+__all__ = [
+    "SIXTEEN_BIT_FLOATS",
+    "assign_by_thresholds",
+    "distinct_values",
+    "distinct_values_any",
+    "squared_error",
+]
 
 SIXTEEN_BIT_FLOATS = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
 
@@ -81,14 +87,31 @@ def distinct_values(bits: np.ndarray, dtype: np.dtype, importance: np.ndarray | 
     """
     weighted = importance is not None
     imp = np.ascontiguousarray(importance, np.float64) if weighted else np.zeros((1, 1))
-    values, weights, offsets = _distinct(np.ascontiguousarray(bits), imp, weighted, key_values(dtype))
-    if weighted:  # values whose importance sums to 0 cannot pull a centroid
-        keep = weights > 0
-        if not keep.all():
-            counts = np.add.reduceat(keep, offsets[:-1]) if len(values) else np.zeros(len(offsets) - 1, int)
-            offsets = np.concatenate([[0], np.cumsum(counts)])
-            values, weights = values[keep], weights[keep]
-    return values, weights, offsets
+    return _drop_weightless(*_distinct(np.ascontiguousarray(bits), imp, weighted, key_values(dtype)))
+
+
+def distinct_values_any(x: np.ndarray, importance: np.ndarray | None = None):
+    """:func:`distinct_values` for values of any float dtype ``(G, n)`` (sorting; slower than the histogram)."""
+    runs = [np.unique(row, return_inverse=True) for row in x.astype(np.float64)]
+    values = np.concatenate([u for u, _ in runs])
+    weights = np.concatenate(
+        [
+            np.bincount(inverse.reshape(-1), weights=None if importance is None else importance[g], minlength=len(u))
+            for g, (u, inverse) in enumerate(runs)
+        ]
+    ).astype(np.float64)
+    offsets = np.concatenate([[0], np.cumsum([len(u) for u, _ in runs])]).astype(np.int64)
+    return _drop_weightless(values, weights, offsets)
+
+
+def _drop_weightless(values: np.ndarray, weights: np.ndarray, offsets: np.ndarray):
+    """Values whose importance sums to 0 cannot pull a centroid: leave them out of the groups' runs."""
+    keep = weights > 0
+    if keep.all():
+        return values, weights, offsets
+    groups = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    counts = np.bincount(groups[keep], minlength=len(offsets) - 1)
+    return values[keep], weights[keep], np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
 
 @numba.njit(cache=True, nogil=True)

@@ -8,7 +8,13 @@ import numpy as np
 
 from lowbit.kernels import CannotCompress
 from lowbit.kernels.decode import lut_decode
-from lowbit.kernels.histogram import SIXTEEN_BIT_FLOATS, assign_by_thresholds, distinct_values, squared_error
+from lowbit.kernels.histogram import (
+    SIXTEEN_BIT_FLOATS,
+    assign_by_thresholds,
+    distinct_values,
+    distinct_values_any,
+    squared_error,
+)
 from lowbit.kernels.kmeans1d import optimal_centroids
 from lowbit.kernels.kmeans_vector import vector_kmeans
 from lowbit.kernels.quantize import Quantized, quantize_per_row
@@ -70,31 +76,29 @@ def _scalar(x, dtype, groups, k, mode, fast, lut_dtype, importance):
     """Returns (codes (G, n), lut (G, k), quantized LUT, squared error or None when it must be measured)."""
     xg = x.reshape(groups, -1)
     imp = None if importance is None else importance.reshape(groups, -1)
-    if xg.dtype in SIXTEEN_BIT_FLOATS or (fast and np.abs(xg).max(initial=0.0) <= FP16_MAX):
-        exact_values = xg.dtype in SIXTEEN_BIT_FLOATS
+    exact_values = xg.dtype in SIXTEEN_BIT_FLOATS
+    if exact_values or (fast and np.abs(xg).max(initial=0.0) <= FP16_MAX):
         keyed = xg if exact_values else xg.astype(np.float16)
         bits = keyed.view(np.uint16)
         values, weights, offsets = distinct_values(bits, keyed.dtype, imp)
-        lut, quantized = _finish_lut(_group_centroids(values, weights, offsets, k, mode), dtype, lut_dtype)
-        thresholds = _midpoints(lut)
-        codes = assign_by_thresholds(bits, keyed.dtype, thresholds)
-        if exact_values and imp is None:
-            return codes, lut, quantized, float(squared_error(values, weights, offsets, lut, thresholds).sum())
-        return codes, lut, quantized, None
-    runs = [np.unique(row, return_inverse=True) for row in xg.astype(np.float64)]
-    values = np.concatenate([u for u, _ in runs])
-    weights = np.concatenate(
-        [np.bincount(inv, weights=None if imp is None else imp[g], minlength=len(u)) for g, (u, inv) in enumerate(runs)]
-    )
-    offsets = np.concatenate([[0], np.cumsum([len(u) for u, _ in runs])])
-    keep = weights > 0
-    if not keep.all():  # zero importance: no pull on any centroid
-        offsets = np.concatenate([[0], np.cumsum([int(keep[a:b].sum()) for a, b in zip(offsets[:-1], offsets[1:])])])
-        values, weights = values[keep], weights[keep]
+
+        def assign(thresholds: np.ndarray) -> np.ndarray:
+            return assign_by_thresholds(bits, keyed.dtype, thresholds)
+    else:
+        exact_values = False
+        values, weights, offsets = distinct_values_any(xg, imp)
+
+        def assign(thresholds: np.ndarray) -> np.ndarray:
+            rows = xg.astype(np.float64)
+            return np.stack([np.searchsorted(t, row, side="left") for t, row in zip(thresholds, rows, strict=True)])
+
     lut, quantized = _finish_lut(_group_centroids(values, weights, offsets, k, mode), dtype, lut_dtype)
     thresholds = _midpoints(lut)
-    codes = np.stack([np.searchsorted(t, row, side="left") for t, row in zip(thresholds, xg.astype(np.float64))])
-    return codes.astype(np.uint8), lut, quantized, None
+    codes = assign(thresholds).astype(np.uint8)
+    error = None
+    if exact_values and imp is None:  # the histogram holds every value: the error is exact from it
+        error = float(squared_error(values, weights, offsets, lut, thresholds).sum())
+    return codes, lut, quantized, error
 
 
 def _vector(x, dtype, groups, k, cd, mode, lut_dtype, seed, importance):

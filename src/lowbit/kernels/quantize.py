@@ -35,6 +35,7 @@ def quantize_per_row(x: np.ndarray, dtype: np.dtype, scale_dtype: np.dtype) -> Q
     rows = x.reshape(len(x), -1).astype(np.float64)
     amax = np.abs(rows).max(axis=1)
     dtype = np.dtype(dtype)
+    top: float
     if dtype in _INTEGER_RANGE:
         low, high, zero = _INTEGER_RANGE[dtype]
         top = (high - low) // 2

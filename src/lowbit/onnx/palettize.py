@@ -100,7 +100,7 @@ class PalettizePass(WeightPass):
             canonical_shape=[ref.shape[a] for a in forward],
             perm=back,
         )
-        after = sum(v.const_value.nbytes for v in _constants_of(out))
+        after = sum(v.const_value.nbytes for v in _constants_of(out) if v.const_value is not None)
         return after, palettized.squared_error / energy if energy > 0 else 0.0
 
 

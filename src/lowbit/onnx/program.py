@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import onnx
 import onnx.version_converter
@@ -32,7 +33,7 @@ class Program:
     def __init__(self, model: ir.Model, path: str | os.PathLike | None = None) -> None:
         self.model = model
         self.path = Path(path) if path is not None else None
-        self.report = None  # the CompressionReport of the pass that produced this program, if any
+        self.report: Any = None  # the CompressionReport of the pass that produced this program, if any
 
     @property
     def graph(self) -> ir.Graph:
