@@ -156,3 +156,30 @@ def test_console_script_entry_point(digits_path):
         check=False,
     )
     assert result.returncode == 0 and "classifier.1.weight" in result.stdout
+
+
+def test_palettize_command(capsys, tmp_path, digits_path):
+    before = _digest(digits_path)
+    out = tmp_path / "p.onnx"
+    code, stdout, _ = _run(
+        capsys, "palettize", digits_path, out, "--n-bits", "3", "--granularity", "per-channel", "--workers", "1"
+    )
+    assert code == 0 and _digest(digits_path) == before
+    assert "4 compressed, 1 skipped" in stdout and "rel-MSE" in stdout
+    assert out.stat().st_size < digits_path.stat().st_size / 4
+    inspected = {w.name: w.compression for w in lowbit.load(out).weights()}
+    assert inspected["classifier.1.weight"] == "palettized 3-bit, 128 LUT(s)"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--n-bits", "5"], "n_bits must be one of {1, 2, 3, 4, 6, 8}, got 5"),
+        (["--granularity", "per-block"], "granularity must be one of"),
+        (["--lut-dtype", "fp16"], "lut_dtype must be one of"),
+    ],
+)
+def test_palettize_bad_options(capsys, tmp_path, digits_path, flags, message):
+    code, _, err = _run(capsys, "palettize", digits_path, tmp_path / "p.onnx", *flags)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "p.onnx").exists()

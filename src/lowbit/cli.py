@@ -1,4 +1,4 @@
-"""The ``lowbit`` command line: ``lowbit inspect MODEL``, ``lowbit decompress IN OUT``."""
+"""The ``lowbit`` command line: ``lowbit palettize|inspect|decompress ...``."""
 
 from __future__ import annotations
 
@@ -43,9 +43,54 @@ def _decompress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _palettize(args: argparse.Namespace) -> int:
+    from lowbit.onnx.palettize import palettize_weights
+    from lowbit.onnx.program import load
+
+    program = load(args.input)
+    before = args.input.stat().st_size
+    result = palettize_weights(
+        program,
+        lut_dtype=args.lut_dtype,
+        n_bits=args.n_bits,
+        granularity=args.granularity,
+        group_size=args.group_size,
+        cluster_dim=args.cluster_dim,
+        enable_per_channel_scale=args.per_channel_scale,
+        weight_num_threshold=args.weight_num_threshold,
+        num_kmeans_workers=args.workers,
+        enable_fast_kmeans_mode=not args.exact,
+        mode=args.mode,
+        in_place=True,
+    )
+    out = result.save(args.output)
+    print(result.report.table())
+    after = out.stat().st_size
+    print(f"wrote {out}: {before} -> {after} bytes ({before / after:.2f}x smaller)")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lowbit", description="Make neural-network weights small.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser("palettize", help="k-means palettization: a LUT of 2^n values plus n-bit indices per weight")
+    p.add_argument("input", type=Path)
+    p.add_argument("output", type=Path)
+    p.add_argument("--n-bits", type=int, default=4, help="bits per index: 1, 2, 3, 4, 6 or 8 (default 4)")
+    p.add_argument(
+        "--granularity",
+        default="per-tensor",
+        help="per-tensor (default), per-channel or per-grouped-channel",
+    )
+    p.add_argument("--group-size", type=int, default=32, help="channels per LUT for per-grouped-channel")
+    p.add_argument("--cluster-dim", type=int, default=1, help="vector palettization: values per LUT entry")
+    p.add_argument("--lut-dtype", default=None, help="quantize LUT entries: int8, uint8, fp8_e4m3fn, fp8_e5m2")
+    p.add_argument("--per-channel-scale", action="store_true", help="scale each output channel to max-abs 1 first")
+    p.add_argument("--mode", default="kmeans", help="kmeans (default), uniform or unique")
+    p.add_argument("--weight-num-threshold", type=int, default=1024, help="leave weights this small alone")
+    p.add_argument("--workers", type=int, default=4, help="k-means worker processes (default 4)")
+    p.add_argument("--exact", action="store_true", help="cluster fp32 weights' raw values, not fp16-rounded ones")
+    p.set_defaults(run=_palettize)
     p = sub.add_parser("inspect", help="print each weight: op, shape, dtype, compression, bits per weight, bytes")
     p.add_argument("model", type=Path)
     p.set_defaults(run=_inspect)

@@ -7,6 +7,8 @@ ascending order: the histogram comes out sorted, and the codes of a sorted LUT a
 
 from __future__ import annotations
 
+import functools
+
 import ml_dtypes
 import numba
 import numpy as np
@@ -22,11 +24,15 @@ __all__ = [
 SIXTEEN_BIT_FLOATS = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
 
 
+@functools.cache
 def key_values(dtype: np.dtype) -> np.ndarray:
-    """float64 value of every order key of a 16-bit float dtype (NaN keys stay NaN)."""
+    """float64 value of every order key of a 16-bit float dtype (NaN keys stay NaN); read-only, cached."""
     keys = np.arange(1 << 16, dtype=np.uint32)
     bits = np.where(keys & 0x8000, keys ^ 0x8000, ~keys & 0xFFFF).astype(np.uint16)
-    return bits.view(dtype).astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        table = bits.view(dtype).astype(np.float64)
+    table.flags.writeable = False
+    return table
 
 
 @numba.njit(cache=True, nogil=True, inline="always")

@@ -111,7 +111,9 @@ def write_lut(
     fn.use_function(model, fn.LUT_TO_DENSE)
     graph, base = model.graph, weight.name or "weight"
     lut_value = lut if isinstance(lut, ir.Value) else add_initializer(graph, f"{base}.lut", lut)
-    dtype = lut_value.const_value.dtype.numpy() if lut_value.const_value is not None else np.float32
+    lut_type = lut_value.const_value.dtype if lut_value.const_value is not None else lut_value.dtype
+    assert lut_type is not None, "the LUT value must carry its dtype"
+    dtype = lut_type.numpy()
     scale_array = np.ones((1, 1), dtype) if scale is None else np.asarray(scale, dtype).reshape(-1, 1)
     node = ir.node(
         fn.LUT_TO_DENSE,

@@ -19,7 +19,16 @@ from lowbit.types import CompressionGranularity, DType
 
 __all__ = ["PalettizePass", "palettize_weights"]
 
-FP8_DEQUANTIZE_OPSET = 19
+DEQUANTIZE_16_BIT_OPSET = 19  # DequantizeLinear with fp8 inputs, or fp16/bf16 scales
+
+
+def _needs_opset_19(config: PalettizeConfig, program: Program) -> bool:
+    """A quantized LUT dequantized by DequantizeLinear needs opset 19 for fp8 codes or 16-bit scales."""
+    if config.lut_dtype is None:
+        return False
+    if config.lut_dtype in (DType.FP8_E4M3FN, DType.FP8_E5M2):
+        return True
+    return any(w.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16) for w in program.weights())
 
 
 def _job(canonical: np.ndarray, n_bits, groups, cluster_dim, mode, per_channel_scale, fast, lut_dtype, seed):
@@ -201,8 +210,8 @@ def palettize_weights(
     if not isinstance(program, Program):
         raise TypeError(f"program must be a lowbit.Program (from lowbit.load), got {type(program).__name__}")
     target = program if in_place else program.copy()
-    if config.lut_dtype in (DType.FP8_E4M3FN, DType.FP8_E5M2):
-        target.require_opset(FP8_DEQUANTIZE_OPSET)
+    if _needs_opset_19(config, target):
+        target.require_opset(DEQUANTIZE_16_BIT_OPSET)
     report: CompressionReport = PalettizePass(config, executor)(target)
     target.report = report
     return target

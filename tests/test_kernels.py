@@ -1,0 +1,120 @@
+"""Kernels against float64 references: exact 1-D k-means, histograms, code assignment, LUT quantization."""
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lowbit.kernels import CannotCompress
+from lowbit.kernels.histogram import assign_by_thresholds, distinct_values, key_values
+from lowbit.kernels.kmeans1d import optimal_centroids
+from lowbit.kernels.palettize import palettize
+from lowbit.kernels.quantize import quantize_per_row
+
+
+def brute_force_sse(x: np.ndarray, w: np.ndarray, k: int) -> float:
+    """O(k m^2) dynamic program over sorted values, float64: the optimum to compare with."""
+    m = len(x)
+    cw, cx, cxx = (np.concatenate([[0.0], np.cumsum(a)]) for a in (w, w * x, w * x * x))
+
+    def cost(i, j):
+        return cxx[j] - cxx[i] - (cx[j] - cx[i]) ** 2 / (cw[j] - cw[i])
+
+    best = np.array([cost(0, j) if j else 0.0 for j in range(m + 1)])
+    for c in range(2, k + 1):
+        nxt = np.full(m + 1, np.inf)
+        for j in range(c, m + 1):
+            nxt[j] = min(best[i] + cost(i, j) for i in range(c - 1, j))
+        best = nxt
+    return float(best[m])
+
+
+def sse_of(x, w, centroids):
+    d = (x[:, None] - np.asarray(centroids)[None, :]) ** 2
+    return float((w * d.min(axis=1)).sum())
+
+
+@settings(max_examples=60, deadline=None)
+@given(m=st.integers(1, 60), k=st.sampled_from([1, 2, 3, 4, 8]), seed=st.integers(0, 10**6), weighted=st.booleans())
+def test_optimal_centroids_match_brute_force(m, k, seed, weighted):
+    rng = np.random.default_rng(seed)
+    x = np.unique(np.round(rng.standard_t(3, m), 3))
+    w = rng.uniform(0.1, 5, len(x)) if weighted else rng.integers(1, 9, len(x)).astype(float)
+    centroids = optimal_centroids(x, w, np.array([0, len(x)]), k)[0]
+    assert np.all(np.diff(centroids) >= 0)
+    if len(x) <= k:
+        assert sse_of(x, w, centroids) == 0.0
+    else:
+        assert sse_of(x, w, centroids) <= brute_force_sse(x, w, k) * (1 + 1e-9) + 1e-12
+
+
+def test_groups_are_independent():
+    rng = np.random.default_rng(0)
+    parts = [np.unique(rng.standard_normal(n)) for n in (50, 3, 80)]
+    x = np.concatenate(parts)
+    offsets = np.concatenate([[0], np.cumsum([len(p) for p in parts])])
+    batched = optimal_centroids(x, np.ones_like(x), offsets, 4)
+    for part, row in zip(parts, batched, strict=True):
+        np.testing.assert_array_equal(row, optimal_centroids(part, np.ones_like(part), np.array([0, len(part)]), 4)[0])
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16])
+def test_histogram_is_sorted_and_counts_everything(dtype):
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((3, 500)) * 0.1).astype(dtype)
+    x[0, :7] = -0.0
+    x[0, 7:9] = 0.0
+    values, counts, offsets = distinct_values(x.view(np.uint16), np.dtype(dtype))
+    for g in range(3):
+        run = values[offsets[g] : offsets[g + 1]]
+        assert np.all(np.diff(run) >= 0)
+        assert counts[offsets[g] : offsets[g + 1]].sum() == 500
+        np.testing.assert_array_equal(np.unique(run), np.unique(x[g].astype(np.float64)))
+    table = key_values(np.dtype(dtype))
+    assert np.all(np.diff(table[np.isfinite(table)]) >= 0)
+
+
+def test_assignment_is_nearest_entry():
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((2, 2000))).astype(np.float16)
+    lut = np.sort(rng.standard_normal((2, 8)), axis=1).astype(np.float16).astype(np.float64)
+    thresholds = (lut[:, 1:] + lut[:, :-1]) / 2
+    codes = assign_by_thresholds(x.view(np.uint16), np.dtype(np.float16), thresholds)
+    distance = np.abs(x.astype(np.float64)[:, :, None] - lut[:, None, :])
+    chosen = np.take_along_axis(distance, codes[:, :, None].astype(int), axis=2)[:, :, 0]
+    np.testing.assert_array_equal(chosen, distance.min(axis=2))
+
+
+def test_palettize_error_is_the_optimum_for_fp16():
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((8, 64)) * 0.05).astype(np.float16)
+    result = palettize(w, 2)
+    x, counts = np.unique(w.astype(np.float64), return_counts=True)
+    optimum = brute_force_sse(x, counts.astype(float), 4)
+    # only the rounding of the optimal centroids to fp16 separates the stored LUT from the optimum
+    assert optimum <= result.squared_error <= optimum * (1 + 1e-3)
+    decoded = result.decode().astype(np.float64)
+    assert result.squared_error == pytest.approx(((decoded - w) ** 2).sum(), rel=1e-12)
+
+
+def test_palettize_refusals():
+    w = np.ones((6, 10), np.float32)
+    with pytest.raises(CannotCompress, match="do not split"):
+        palettize(w, 4, groups=4)
+    with pytest.raises(CannotCompress, match="mode='unique'"):
+        palettize(np.arange(60, dtype=np.float32).reshape(6, 10), 2, mode="unique")
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2])
+def test_lut_quantization_is_symmetric_round_half_even(dtype):
+    rows = np.array([[-1.0, -0.5, 0.0, 0.25, 1.0], [0.0] * 5, [2.5, -0.3, 0.1, 1.2, -2.0]], np.float32)
+    q = quantize_per_row(rows, np.dtype(dtype), np.dtype(np.float32))
+    assert q.q.dtype == np.dtype(dtype) and np.all(np.isfinite(q.scale)) and q.scale[1] == 1.0
+    decoded = q.decode()
+    assert np.all(np.isfinite(decoded)) and np.all(decoded[1] == 0)
+    amax = np.abs(rows).max(axis=1)
+    np.testing.assert_allclose(np.abs(decoded).max(axis=1), amax, rtol=1e-6)
+    if np.dtype(dtype) == np.int8:
+        scale = np.float64(np.float32(2.5 / 127))
+        np.testing.assert_array_equal(q.q[2], np.rint(rows[2] / scale).astype(np.int8))

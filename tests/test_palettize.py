@@ -1,0 +1,242 @@
+"""palettize_weights end to end: ONNX Runtime == decompress_weights, errors, skips, in_place, determinism."""
+
+import hashlib
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+import pytest
+from conftest import make_model, ort_session
+
+import lowbit
+from lowbit import CompressionGranularity as G
+from lowbit import DType
+
+
+def _digest(program: lowbit.Program) -> str:
+    return hashlib.sha256(ir.serde.serialize_model(program.model).SerializeToString()).hexdigest()
+
+
+def _dense_weights(program: lowbit.Program) -> dict[str, np.ndarray]:
+    dense = lowbit.decompress_weights(program)
+    return {w.name: w.value.const_value.numpy() for w in dense.weights()}
+
+
+def _fp16_program(seed=0) -> lowbit.Program:
+    rng = np.random.default_rng(seed)
+    weights = {
+        "mm": (rng.standard_t(4, (64, 96)) * 0.02).astype(np.float16),  # MatMul: channels on axis 1
+        "gemm_t": (rng.standard_normal((32, 64)) * 0.05).astype(np.float16),  # Gemm transB: channels on axis 0
+        "conv": (rng.standard_normal((32, 8, 3, 3)) * 0.1).astype(np.float16),
+    }
+    ops = [("MatMul", "mm", {}), ("Gemm", "gemm_t", {"transB": 1}), ("Conv", "conv", {"pads": [1, 1, 1, 1]})]
+    return lowbit.Program(make_model(weights, ops))
+
+
+def _feeds(program: lowbit.Program, dtype=np.float16) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1)
+    return {
+        "x0": rng.standard_normal((2, 64)).astype(dtype),
+        "x1": rng.standard_normal((2, 64)).astype(dtype),
+        "x2": rng.standard_normal((1, 8, 5, 5)).astype(dtype),
+    }
+
+
+CONFIGS = [
+    dict(n_bits=4),
+    dict(n_bits=1),
+    dict(n_bits=3, granularity=G.PER_CHANNEL),
+    dict(n_bits=6, granularity="per_grouped_channel", group_size=16),
+    dict(n_bits=8),
+    dict(n_bits=2, cluster_dim=2),
+    dict(n_bits=4, granularity=G.PER_GROUPED_CHANNEL, group_size=8, cluster_dim=4),
+    dict(n_bits=4, enable_per_channel_scale=True),
+    dict(n_bits=4, lut_dtype=DType.INT8),
+    dict(n_bits=4, lut_dtype="uint8", granularity=G.PER_CHANNEL),
+    dict(n_bits=4, lut_dtype=DType.FP8_E4M3FN),
+    dict(n_bits=3, lut_dtype=DType.FP8_E5M2),
+    dict(n_bits=4, mode="uniform"),
+]
+
+
+@pytest.mark.parametrize(
+    "config", CONFIGS, ids=lambda c: "-".join(f"{k}={getattr(v, 'name', v)}" for k, v in c.items())
+)
+def test_ort_matches_decompressed_weights(config):
+    program = _fp16_program()
+    out = lowbit.palettize_weights(program, num_kmeans_workers=1, **config)
+    assert len(out.report.compressed) == 3
+    dense = lowbit.decompress_weights(out)
+    feeds = _feeds(program)
+    for level in ("disable", "basic"):
+        got = ort_session(out.model, level).run(None, feeds)
+        want = ort_session(dense.model, "disable").run(None, feeds)
+        for g, w in zip(got, want, strict=True):
+            assert g.tobytes() == w.tobytes(), level
+    original = {w.name: w.value.const_value.numpy() for w in program.weights()}
+    decoded = _dense_weights(out)
+    for row in out.report.compressed:  # the reported error is the real error of the decoded weight
+        a, b = original[row.name].astype(np.float64), decoded[row.name].astype(np.float64)
+        assert row.rel_mse == pytest.approx(((a - b) ** 2).sum() / (a**2).sum(), rel=1e-9)
+        assert row.bytes_after < row.bytes_before
+        lut_entries = len(np.unique(decoded[row.name]))
+        assert lut_entries <= (row.bytes_after * 8)  # sanity: the LUT is small
+
+
+def test_lut_has_2n_entries_and_codes_are_real_n_bit():
+    program = _fp16_program()
+    out = lowbit.palettize_weights(program, n_bits=3, num_kmeans_workers=1)
+    for w in out.weights():
+        node = w.value.producer()
+        indices, lut = node.inputs[0].const_value, node.inputs[1].const_value
+        assert lut.shape[-2] == 8 and indices.nbytes == (w.numel * 3 + 7) // 8
+        assert len(np.unique(_dense_weights(out)[w.name])) <= 8
+
+
+def test_digits_accuracy_is_kept(digits_path):
+    program = lowbit.load(digits_path)
+    out = lowbit.palettize_weights(program, n_bits=4, num_kmeans_workers=1)
+    split = np.load(digits_path.parent / "test_split.npz")
+    acc = {}
+    for name, prog in (("dense", program), ("4bit", out)):
+        logits = ort_session(prog.model, "all").run(None, {"image": split["images"]})[0]
+        acc[name] = (logits.argmax(1) == split["labels"]).mean()
+    assert acc["4bit"] >= acc["dense"] - 0.02
+
+
+def test_unique_mode_reproduces_a_palettized_weight_bit_for_bit():
+    program = _fp16_program()
+    first = lowbit.palettize_weights(program, n_bits=4, granularity=G.PER_CHANNEL, num_kmeans_workers=1)
+    dense = lowbit.decompress_weights(first)
+    again = lowbit.palettize_weights(dense, n_bits=4, granularity=G.PER_CHANNEL, mode="unique", num_kmeans_workers=1)
+    assert all(r.rel_mse == 0.0 for r in again.report.compressed) and len(again.report.compressed) == 3
+    expected, got = _dense_weights(first), _dense_weights(again)
+    for name in expected:
+        assert expected[name].tobytes() == got[name].tobytes()
+
+
+def test_fewer_distinct_values_than_entries_is_exact():
+    w = np.repeat(np.array([-0.5, 0.0, 0.25], np.float32), 700).reshape(60, 35)
+    program = lowbit.Program(make_model({"w": w}, [("Gemm", "w", {"transB": 1})]))
+    out = lowbit.palettize_weights(program, n_bits=4, num_kmeans_workers=1)
+    (row,) = out.report.rows
+    assert row.rel_mse == 0.0
+    node = out.weights()[0].value.producer()
+    lut = node.inputs[1].const_value.numpy().reshape(-1)
+    assert np.all(np.isfinite(lut)) and set(lut[:3]) == {-0.5, 0.0, 0.25}
+    assert np.array_equal(_dense_weights(out)["w"], w)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(n_bits=5), ValueError, r"n_bits must be one of \{1, 2, 3, 4, 6, 8\}, got 5"),
+        (dict(n_bits=4.0), TypeError, "n_bits must be an int"),
+        (dict(lut_dtype=DType.FP16), ValueError, "lut_dtype must be one of"),
+        (dict(lut_dtype="int3"), ValueError, "lut_dtype must be one of"),
+        (dict(granularity=G.PER_BLOCK), ValueError, "granularity must be one of"),
+        (dict(granularity="per-row"), ValueError, "granularity must be one of"),
+        (dict(group_size=0), ValueError, "group_size must be >= 1"),
+        (dict(cluster_dim=0), ValueError, "cluster_dim must be >= 1"),
+        (dict(cluster_dim=2, enable_per_channel_scale=True), ValueError, "cluster_dim > 1 cannot be combined"),
+        (dict(weight_num_threshold=-1), ValueError, "weight_num_threshold must be >= 0"),
+        (dict(num_kmeans_workers=0), ValueError, "num_kmeans_workers must be >= 1"),
+        (dict(mode="median"), ValueError, "mode must be one of"),
+        (dict(mode="uniform", cluster_dim=2), ValueError, "mode='uniform' is scalar only"),
+        (dict(rounding_precision=-1), ValueError, "rounding_precision must be >= 0"),
+        (dict(in_place="yes"), TypeError, "in_place must be a bool"),
+        (dict(enable_fast_kmeans_mode=1), TypeError, "enable_fast_kmeans_mode must be a bool"),
+    ],
+)
+def test_invalid_parameters(kwargs, error, match):
+    program = _fp16_program()
+    before = _digest(program)
+    with pytest.raises(error, match=match):
+        lowbit.palettize_weights(program, **kwargs)
+    assert _digest(program) == before
+
+
+def test_program_argument_type():
+    with pytest.raises(TypeError, match=r"program must be a lowbit\.Program"):
+        lowbit.palettize_weights("model.onnx")
+
+
+def test_in_place_semantics():
+    program = _fp16_program()
+    before = _digest(program)
+    out = lowbit.palettize_weights(program, num_kmeans_workers=1)
+    assert out is not program and _digest(program) == before
+    assert all(w.compression is None for w in program.weights())
+    same = lowbit.palettize_weights(program, in_place=True, num_kmeans_workers=1)
+    assert same is program and all(w.compression for w in program.weights())
+
+
+def test_deterministic_across_runs_workers_and_executors():
+    program = _fp16_program()
+    configs = [dict(n_bits=4, granularity=G.PER_CHANNEL), dict(n_bits=2, cluster_dim=2)]
+    for config in configs:
+        digests = {
+            _digest(lowbit.palettize_weights(program, num_kmeans_workers=1, **config)),
+            _digest(lowbit.palettize_weights(program, num_kmeans_workers=1, **config)),
+            _digest(lowbit.palettize_weights(program, num_kmeans_workers=2, **config)),
+        }
+        with ThreadPoolExecutor(3) as pool:
+            digests.add(_digest(lowbit.palettize_weights(program, executor=pool, **config)))
+        assert len(digests) == 1
+
+
+def _skips(program: lowbit.Program, **kwargs) -> dict[str, str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = lowbit.palettize_weights(program, num_kmeans_workers=1, **kwargs)
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    reasons = {r.name: r.skipped for r in out.report.skipped}
+    for name, reason in reasons.items():
+        if "weight_num_threshold" not in reason:
+            assert f"weight '{name}' skipped: {reason}" in messages, (name, messages)
+    return reasons
+
+
+def test_skips_with_warnings():
+    rng = np.random.default_rng(0)
+    weights = {
+        "nan": np.where(rng.random((40, 40)) < 0.01, np.nan, 1.0).astype(np.float32),
+        "inf": np.full((40, 40), np.inf, np.float32),
+        "odd": rng.standard_normal((40, 30)).astype(np.float32),  # MatMul: 30 channels, not a multiple of 16
+        "small": rng.standard_normal((10, 10)).astype(np.float32),
+        "ints": rng.integers(-5, 5, (40, 40)).astype(np.int8),
+        "ok": rng.standard_normal((40, 32)).astype(np.float32),
+    }
+    program = lowbit.Program(make_model(weights, [("MatMul", n, {}) for n in weights]))
+    reasons = _skips(program, granularity=G.PER_GROUPED_CHANNEL, group_size=16)
+    assert reasons["nan"] == reasons["inf"] == "contains NaN or Inf"
+    assert reasons["odd"] == "30 output channels do not divide by group_size 16"
+    assert reasons["small"] == "100 elements <= weight_num_threshold 1024"
+    assert reasons["ints"] == "dtype int8 is not float32/float16/bfloat16"
+    assert "ok" not in reasons
+    reasons = _skips(program, cluster_dim=4)
+    assert reasons["odd"] == "30 output channels do not divide by cluster_dim 4"
+    reasons = _skips(program, n_bits=1, mode="unique")
+    assert reasons["ok"].startswith("mode='unique' needs at most 2 distinct values per LUT")
+
+
+def test_already_compressed_weights_are_skipped():
+    once = lowbit.palettize_weights(_fp16_program(), num_kmeans_workers=1)
+    reasons = _skips(once)
+    assert set(reasons) == {"mm", "gemm_t", "conv"}
+    assert all(r.startswith("already compressed (palettized 4-bit") for r in reasons.values())
+
+
+def test_bfloat16_and_fp32_exact_mode():
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((48, 40)) * 0.1).astype(np.float32)
+    for program in (
+        lowbit.Program(make_model({"w": w}, [("MatMul", "w", {})])),
+        lowbit.Program(make_model({"w": w.astype(ml_dtypes.bfloat16)}, [("MatMul", "w", {})])),
+    ):
+        for fast in (True, False):
+            out = lowbit.palettize_weights(program, enable_fast_kmeans_mode=fast, num_kmeans_workers=1)
+            (row,) = out.report.compressed
+            assert 0 < row.rel_mse < 0.02
