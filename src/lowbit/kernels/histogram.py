@@ -45,39 +45,35 @@ def _key(bits: np.uint16) -> int:
 def _distinct(bits: np.ndarray, importance: np.ndarray, weighted: bool, table: np.ndarray):
     groups, n = bits.shape
     hist = np.zeros(1 << 16)
-    counts = np.zeros(groups, np.int64)
-    keys = np.empty(groups * 2, np.int64)  # each group's [lo, hi] key range
-    for g in range(groups):  # pass 1: the size of each group's histogram
-        lo, hi = 1 << 16, -1
-        for e in range(n):
-            k = _key(bits[g, e])
-            hist[k] = 1.0
-            lo = min(lo, k)
-            hi = max(hi, k)
-        for k in range(lo, hi + 1):
-            if hist[k] != 0.0:
-                counts[g] += 1
-                hist[k] = 0.0
-        keys[2 * g], keys[2 * g + 1] = lo, hi
-    offsets = np.zeros(groups + 1, np.int64)
-    offsets[1:] = np.cumsum(counts)
-    values = np.empty(offsets[-1])
-    weights = np.empty(offsets[-1])
     seen = np.zeros(1 << 16, np.bool_)
-    for g in range(groups):  # pass 2: fill
+    values = np.empty(min(groups * n, 1 << 16))
+    weights = np.empty_like(values)
+    offsets = np.zeros(groups + 1, np.int64)
+    out = 0
+    for g in range(groups):
+        lo, hi = 1 << 16, -1
         for e in range(n):
             k = _key(bits[g, e])
             hist[k] += importance[g, e] if weighted else 1.0
             seen[k] = True
-        out = offsets[g]
-        for k in range(keys[2 * g], keys[2 * g + 1] + 1):
+            lo = min(lo, k)
+            hi = max(hi, k)
+        for k in range(lo, hi + 1):
             if seen[k]:
+                if out == values.shape[0]:  # grow geometrically
+                    grown = np.empty(2 * out)
+                    grown[:out] = values
+                    values = grown
+                    grown_w = np.empty(2 * out)
+                    grown_w[:out] = weights
+                    weights = grown_w
                 values[out] = table[k]
                 weights[out] = hist[k]
                 out += 1
                 hist[k] = 0.0
                 seen[k] = False
-    return values, weights, offsets
+        offsets[g + 1] = out
+    return values[:out].copy(), weights[:out].copy(), offsets
 
 
 def distinct_values(bits: np.ndarray, dtype: np.dtype, importance: np.ndarray | None = None):

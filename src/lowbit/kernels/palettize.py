@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from lowbit.kernels import CannotCompress
+from lowbit.kernels import CannotCompress, check_finite
 from lowbit.kernels.decode import lut_decode
 from lowbit.kernels.histogram import (
     SIXTEEN_BIT_FLOATS,
@@ -40,6 +40,7 @@ class Palettized:
     n_bits: int
     lut_quantized: Quantized | None
     squared_error: float
+    energy: float  # sum of the input's squares, float64: rel-MSE = squared_error / energy
 
     def decode(self) -> np.ndarray:
         return lut_decode(self.codes, self.lut, self.scale)
@@ -73,7 +74,7 @@ def _finish_lut(centroids: np.ndarray, dtype: np.dtype, lut_dtype: np.dtype | No
 
 
 def _scalar(x, dtype, groups, k, mode, fast, lut_dtype, importance):
-    """Returns (codes (G, n), lut (G, k), quantized LUT, squared error or None when it must be measured)."""
+    """Returns (codes (G, n), lut (G, k), quantized LUT, (squared error, energy) or None when to be measured)."""
     xg = x.reshape(groups, -1)
     imp = None if importance is None else importance.reshape(groups, -1)
     exact_values = xg.dtype in SIXTEEN_BIT_FLOATS
@@ -81,11 +82,13 @@ def _scalar(x, dtype, groups, k, mode, fast, lut_dtype, importance):
         keyed = xg if exact_values else xg.astype(np.float16)
         bits = keyed.view(np.uint16)
         values, weights, offsets = distinct_values(bits, keyed.dtype, imp)
+        check_finite(values)
 
         def assign(thresholds: np.ndarray) -> np.ndarray:
             return assign_by_thresholds(bits, keyed.dtype, thresholds)
     else:
         exact_values = False
+        check_finite(xg)
         values, weights, offsets = distinct_values_any(xg, imp)
 
         def assign(thresholds: np.ndarray) -> np.ndarray:
@@ -94,11 +97,12 @@ def _scalar(x, dtype, groups, k, mode, fast, lut_dtype, importance):
 
     lut, quantized = _finish_lut(_group_centroids(values, weights, offsets, k, mode), dtype, lut_dtype)
     thresholds = _midpoints(lut)
-    codes = assign(thresholds).astype(np.uint8)
-    error = None
-    if exact_values and imp is None:  # the histogram holds every value: the error is exact from it
-        error = float(squared_error(values, weights, offsets, lut, thresholds).sum())
-    return codes, lut, quantized, error
+    codes = assign(thresholds).astype(np.uint8, copy=False)
+    measured = None
+    if exact_values and imp is None:  # the histogram holds every value: error and energy are exact from it
+        sse = float(squared_error(values, weights, offsets, lut, thresholds).sum())
+        measured = (sse, float(np.dot(weights, values * values)))
+    return codes, lut, quantized, measured
 
 
 def _vector(x, dtype, groups, k, cd, mode, lut_dtype, seed, importance):
@@ -165,18 +169,19 @@ def palettize(
         amax = np.abs(w.astype(np.float32)).max(axis=1)
         scale = np.where(amax > 0, amax, 1).astype(dtype)
         x = (w.astype(np.float32) / scale.astype(np.float32)[:, None]).astype(dtype)
-    error = None
+    measured = None
     if cluster_dim == 1:
-        codes, lut, quantized, error = _scalar(x, dtype, groups, k, mode, fast, lut_dtype, importance)
+        codes, lut, quantized, measured = _scalar(x, dtype, groups, k, mode, fast, lut_dtype, importance)
         codes = codes.reshape(channels, -1)
         lut = lut.reshape(groups, k, 1)
         if quantized is not None:
             quantized = replace(quantized, q=quantized.q.reshape(groups, k, 1))
     else:
+        check_finite(x)
         codes, lut, quantized = _vector(x, dtype, groups, k, cluster_dim, mode, lut_dtype, seed, importance)
         codes = codes.reshape(channels // cluster_dim, -1)
-    result = Palettized(codes, lut, scale, n_bits, quantized, 0.0)
-    if error is None or scale is not None:
+    result = Palettized(codes, lut, scale, n_bits, quantized, 0.0, 0.0)
+    if measured is None or scale is not None:
         diff = result.decode().astype(np.float64) - w.astype(np.float64)
-        error = float(np.einsum("ij,ij->", diff, diff))
-    return Palettized(codes, lut, scale, n_bits, quantized, error)
+        measured = (float(np.einsum("ij,ij->", diff, diff)), float(np.einsum("ij,ij->", w, w, dtype=np.float64)))
+    return replace(result, squared_error=measured[0], energy=measured[1])

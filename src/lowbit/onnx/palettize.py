@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import zlib
 from concurrent.futures import Executor
 
@@ -29,23 +30,6 @@ def _needs_opset_19(config: PalettizeConfig, program: Program) -> bool:
     if config.lut_dtype in (DType.FP8_E4M3FN, DType.FP8_E5M2):
         return True
     return any(w.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16) for w in program.weights())
-
-
-def _job(canonical: np.ndarray, n_bits, groups, cluster_dim, mode, per_channel_scale, fast, lut_dtype, seed):
-    """The per-weight kernel call (a module-level function, so process pools can run it)."""
-    result = palettize(
-        canonical,
-        n_bits,
-        groups=groups,
-        cluster_dim=cluster_dim,
-        mode=mode,
-        per_channel_scale=per_channel_scale,
-        fast=fast,
-        lut_dtype=lut_dtype,
-        seed=seed,
-    )
-    energy = float(np.einsum("ij,ij->", canonical, canonical, dtype=np.float64))
-    return result, energy
 
 
 class PalettizePass(WeightPass):
@@ -76,23 +60,20 @@ class PalettizePass(WeightPass):
         groups = self._groups(ref)
         forward, _ = encoding.moved_axis_perms(array.ndim, ref.output_axis)
         canonical = np.ascontiguousarray(array.transpose(forward)).reshape(array.shape[ref.output_axis], -1)
-        lut_dtype = None if cfg.lut_dtype is None else cfg.lut_dtype.numpy
-        seed = zlib.crc32(ref.name.encode())
-        args = (
-            canonical,
-            cfg.n_bits,
-            groups,
-            cfg.cluster_dim,
-            cfg.mode,
-            cfg.enable_per_channel_scale,
-            cfg.enable_fast_kmeans_mode,
-            lut_dtype,
-            seed,
+        job = functools.partial(
+            palettize,
+            n_bits=cfg.n_bits,
+            groups=groups,
+            cluster_dim=cfg.cluster_dim,
+            mode=cfg.mode,
+            per_channel_scale=cfg.enable_per_channel_scale,
+            fast=cfg.enable_fast_kmeans_mode,
+            lut_dtype=None if cfg.lut_dtype is None else cfg.lut_dtype.numpy,
+            seed=zlib.crc32(ref.name.encode()),
         )
-        return _job, args
+        return job, (canonical,)
 
-    def write(self, program: Program, ref: WeightRef, result: tuple[Palettized, float]) -> tuple[int, float]:
-        palettized, energy = result
+    def write(self, program: Program, ref: WeightRef, palettized: Palettized) -> tuple[int, float]:
         assert ref.value is not None
         rank = len(ref.shape)
         forward, back = encoding.moved_axis_perms(rank, ref.output_axis)
@@ -110,6 +91,7 @@ class PalettizePass(WeightPass):
             perm=back,
         )
         after = sum(v.const_value.nbytes for v in _constants_of(out) if v.const_value is not None)
+        energy = palettized.energy
         return after, palettized.squared_error / energy if energy > 0 else 0.0
 
 

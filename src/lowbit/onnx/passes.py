@@ -127,8 +127,6 @@ class WeightPass:
                 assert ref.value is not None and ref.value.const_value is not None
                 array = ref.value.const_value.numpy()
                 try:
-                    if not np.isfinite(array).all():
-                        raise SkipWeight("contains NaN or Inf")
                     job, args = self.prepare(ref, array)
                 except SkipWeight as skip:
                     reason, warn = str(skip), True
