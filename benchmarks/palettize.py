@@ -82,9 +82,9 @@ def run_lowbit(weights, cfg) -> tuple[float, float, float, float]:
     for name, w in weights.items():  # lowbit's partition with float64 centroids: the DP's own optimality
         rows = w.reshape(groups_of(cfg, w), -1)
         if rows.dtype == np.float16:
-            values, counts, offsets = distinct_values(rows.view(np.uint16), rows.dtype)
+            values, counts, offsets, _ = distinct_values(rows.view(np.uint16), rows.dtype)
         else:
-            values, counts, offsets = distinct_values_any(rows)
+            values, counts, offsets, _ = distinct_values_any(rows)
         centroids = optimal_centroids(values, counts, offsets, 1 << cfg["n_bits"])
         mids = (centroids[:, 1:] + centroids[:, :-1]) / 2
         dp += float(squared_error(values, counts, offsets, centroids, mids).sum())
@@ -123,19 +123,30 @@ def run_coremltools(weights, cfg) -> tuple[float, float]:
 
     seconds, sse, total = 0.0, 0.0, 0.0
     op_cfg = cto.coreml.OpPalettizerConfig(
-        mode="kmeans", nbits=cfg["n_bits"], granularity=cfg["granularity"], group_size=cfg.get("group_size", 32),
+        mode="kmeans",
+        nbits=cfg["n_bits"],
+        granularity=cfg["granularity"],
+        group_size=cfg.get("group_size", 32),
         num_kmeans_workers=1,
     )
     for w in weights.values():
         precision = ct.precision.FLOAT16 if w.dtype == np.float16 else ct.precision.FLOAT32
         prog = _mil_linear(mb, ct, w)
-        model = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
-                           compute_precision=precision)
+        model = ct.convert(
+            prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18, compute_precision=precision
+        )
         result = []
-        seconds += best_time(lambda model=model: result.append(
-            cto.coreml.palettize_weights(model, cto.coreml.OptimizationConfig(global_config=op_cfg))))
-        (op,) = [o for f in result[-1]._mil_program.functions.values() for o in f.operations
-                 if o.op_type == "constexpr_lut_to_dense"]
+        seconds += best_time(
+            lambda model=model: result.append(
+                cto.coreml.palettize_weights(model, cto.coreml.OptimizationConfig(global_config=op_cfg))
+            )
+        )
+        (op,) = [
+            o
+            for f in result[-1]._mil_program.functions.values()
+            for o in f.operations
+            if o.op_type == "constexpr_lut_to_dense"
+        ]
         decoded = lut_params_decode(op.indices.val, op.lut.val)
         sse += rel_mse(w, decoded) * float((w.astype(np.float64) ** 2).sum())
         total += float((w.astype(np.float64) ** 2).sum())
@@ -161,8 +172,16 @@ def run_coreai(weights, cfg) -> tuple[float, float]:
     args = tuple(torch.zeros(1, w.shape[1], dtype=torch.from_numpy(w[:1]).dtype) for w in weights.values())
     ep = torch.export.export(Linears().eval(), args).run_decompositions(coreai_torch.get_decomp_table())
     program = coreai_torch.TorchConverter().add_exported_program(ep).to_coreai()
-    seconds = best_time(lambda: palettize_weights(program, None, n_bits=cfg["n_bits"], granularity=granularity,
-                                                  group_size=cfg.get("group_size", 32), num_kmeans_workers=1))
+    seconds = best_time(
+        lambda: palettize_weights(
+            program,
+            None,
+            n_bits=cfg["n_bits"],
+            granularity=granularity,
+            group_size=cfg.get("group_size", 32),
+            num_kmeans_workers=1,
+        )
+    )
     sse, total = 0.0, 0.0
     for w in weights.values():
         fed = np.round(w.astype(np.float16), decimals=4)
@@ -204,9 +223,11 @@ def peak_rss_check(kind: str, warm: bool) -> str:
     largest, base, peak = map(int, out[-3:])
     limit = largest * 6 + 200 * MIB
     verdict = "met" if peak - base <= limit else "NOT met"
-    return (f"{kind} ({'kernels loaded' if warm else 'cold: includes loading/compiling the numba kernels'}): "
-            f"largest weight {largest / MIB:.1f} MiB, peak RSS above the loaded program {(peak - base) / MIB:.1f} MiB, "
-            f"bar {limit / MIB:.1f} MiB -> {verdict}")
+    return (
+        f"{kind} ({'kernels loaded' if warm else 'cold: includes loading/compiling the numba kernels'}): "
+        f"largest weight {largest / MIB:.1f} MiB, peak RSS above the loaded program {(peak - base) / MIB:.1f} MiB, "
+        f"bar {limit / MIB:.1f} MiB -> {verdict}"
+    )
 
 
 def main() -> None:
@@ -227,13 +248,26 @@ def main() -> None:
         for cfg_name, cfg in CONFIGS.items():
             secs, stored, dp, nbytes = run_lowbit(weights, cfg)
             optimum = run_optimum(weights, cfg)
-            row = [set_name, cfg_name, f"{numel / secs / 1e6:.1f}", f"{stored:.4e}", f"{dp / optimum:.7f}",
-                   f"{stored / optimum:.6f}", f"{nbytes / dense32:.4f}"]
+            row = [
+                set_name,
+                cfg_name,
+                f"{numel / secs / 1e6:.1f}",
+                f"{stored:.4e}",
+                f"{dp / optimum:.7f}",
+                f"{stored / optimum:.6f}",
+                f"{nbytes / dense32:.4f}",
+            ]
             if not args.skip_peers:
                 ct_secs, ct_err = run_coremltools(weights, cfg)
                 ca_secs, ca_err = run_coreai(weights, cfg)
-                row += [f"{numel / ct_secs / 1e6:.2f}", f"{ct_secs / secs:.0f}x", f"{ct_err / stored:.4f}",
-                        f"{numel / ca_secs / 1e6:.2f}", f"{ca_secs / secs:.0f}x", f"{ca_err / stored:.4f}"]
+                row += [
+                    f"{numel / ct_secs / 1e6:.2f}",
+                    f"{ct_secs / secs:.0f}x",
+                    f"{ct_err / stored:.4f}",
+                    f"{numel / ca_secs / 1e6:.2f}",
+                    f"{ca_secs / secs:.0f}x",
+                    f"{ca_err / stored:.4f}",
+                ]
             rows.append(row)
             print(" | ".join(row), file=sys.stderr, flush=True)
     headers = ["weights", "config", "lowbit Mw/s", "lowbit rel-MSE", "DP/opt", "stored/opt", "bytes/fp32"]

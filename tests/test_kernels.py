@@ -65,7 +65,7 @@ def test_histogram_is_sorted_and_counts_everything(dtype):
     x = (rng.standard_normal((3, 500)) * 0.1).astype(dtype)
     x[0, :7] = -0.0
     x[0, 7:9] = 0.0
-    values, counts, offsets = distinct_values(x.view(np.uint16), np.dtype(dtype))
+    values, counts, offsets, _ = distinct_values(x.view(np.uint16), np.dtype(dtype))
     for g in range(3):
         run = values[offsets[g] : offsets[g + 1]]
         assert np.all(np.diff(run) >= 0)
@@ -80,7 +80,8 @@ def test_assignment_is_nearest_entry():
     x = (rng.standard_normal((2, 2000))).astype(np.float16)
     lut = np.sort(rng.standard_normal((2, 8)), axis=1).astype(np.float16).astype(np.float64)
     thresholds = (lut[:, 1:] + lut[:, :-1]) / 2
-    codes = assign_by_thresholds(x.view(np.uint16), np.dtype(np.float16), thresholds)
+    hist = distinct_values(x.view(np.uint16), np.dtype(np.float16))
+    codes = assign_by_thresholds(x.view(np.uint16), np.dtype(np.float16), thresholds, hist.key_range)
     distance = np.abs(x.astype(np.float64)[:, :, None] - lut[:, None, :])
     chosen = np.take_along_axis(distance, codes[:, :, None].astype(int), axis=2)[:, :, 0]
     np.testing.assert_array_equal(chosen, distance.min(axis=2))

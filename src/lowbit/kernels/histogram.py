@@ -8,6 +8,7 @@ ascending order: the histogram comes out sorted, and the codes of a sorted LUT a
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import ml_dtypes
 import numba
@@ -15,6 +16,7 @@ import numpy as np
 
 __all__ = [
     "SIXTEEN_BIT_FLOATS",
+    "Histogram",
     "assign_by_thresholds",
     "distinct_values",
     "distinct_values_any",
@@ -49,6 +51,7 @@ def _distinct(bits: np.ndarray, importance: np.ndarray, weighted: bool, table: n
     values = np.empty(min(groups * n, 1 << 16))
     weights = np.empty_like(values)
     offsets = np.zeros(groups + 1, np.int64)
+    key_range = np.empty((groups, 2), np.int64)
     out = 0
     for g in range(groups):
         lo, hi = 1 << 16, -1
@@ -73,10 +76,21 @@ def _distinct(bits: np.ndarray, importance: np.ndarray, weighted: bool, table: n
                 hist[k] = 0.0
                 seen[k] = False
         offsets[g + 1] = out
-    return values[:out].copy(), weights[:out].copy(), offsets
+        key_range[g, 0], key_range[g, 1] = lo, hi
+    return values[:out].copy(), weights[:out].copy(), offsets, key_range
 
 
-def distinct_values(bits: np.ndarray, dtype: np.dtype, importance: np.ndarray | None = None):
+class Histogram(NamedTuple):
+    """Sorted distinct values of each group (runs concatenated, ``offsets[g]:offsets[g + 1]``) with their
+    multiplicities or summed importance; ``key_range[g]``: the group's lowest and highest order key (16-bit)."""
+
+    values: np.ndarray
+    weights: np.ndarray
+    offsets: np.ndarray
+    key_range: np.ndarray | None
+
+
+def distinct_values(bits: np.ndarray, dtype: np.dtype, importance: np.ndarray | None = None) -> Histogram:
     """Sorted distinct values per group with their multiplicities (or summed ``importance``).
 
     Parameters
@@ -85,14 +99,15 @@ def distinct_values(bits: np.ndarray, dtype: np.dtype, importance: np.ndarray | 
     dtype : ``float16`` or ``bfloat16``, the meaning of ``bits``.
     importance : optional ``(G, n)`` non-negative per-element weights.
 
-    Returns ``(values float64, weights float64, offsets int64[G + 1])``, groups' runs concatenated.
+    Returns a :class:`Histogram` (float64 values and weights).
     """
     weighted = importance is not None
     imp = np.ascontiguousarray(importance, np.float64) if weighted else np.zeros((1, 1))
-    return _drop_weightless(*_distinct(np.ascontiguousarray(bits), imp, weighted, key_values(dtype)))
+    values, weights, offsets, key_range = _distinct(np.ascontiguousarray(bits), imp, weighted, key_values(dtype))
+    return _drop_weightless(Histogram(values, weights, offsets, key_range))
 
 
-def distinct_values_any(x: np.ndarray, importance: np.ndarray | None = None):
+def distinct_values_any(x: np.ndarray, importance: np.ndarray | None = None) -> Histogram:
     """:func:`distinct_values` for values of any float dtype ``(G, n)`` (sorting; slower than the histogram)."""
     runs = [np.unique(row, return_inverse=True) for row in x.astype(np.float64)]
     values = np.concatenate([u for u, _ in runs])
@@ -103,31 +118,28 @@ def distinct_values_any(x: np.ndarray, importance: np.ndarray | None = None):
         ]
     ).astype(np.float64)
     offsets = np.concatenate([[0], np.cumsum([len(u) for u, _ in runs])]).astype(np.int64)
-    return _drop_weightless(values, weights, offsets)
+    return _drop_weightless(Histogram(values, weights, offsets, None))
 
 
-def _drop_weightless(values: np.ndarray, weights: np.ndarray, offsets: np.ndarray):
+def _drop_weightless(h: Histogram) -> Histogram:
     """Values whose importance sums to 0 cannot pull a centroid: leave them out of the groups' runs."""
-    keep = weights > 0
+    keep = h.weights > 0
     if keep.all():
-        return values, weights, offsets
-    groups = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
-    counts = np.bincount(groups[keep], minlength=len(offsets) - 1)
-    return values[keep], weights[keep], np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return h
+    groups = np.repeat(np.arange(len(h.offsets) - 1), np.diff(h.offsets))
+    counts = np.bincount(groups[keep], minlength=len(h.offsets) - 1)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return Histogram(h.values[keep], h.weights[keep], offsets, h.key_range)
 
 
 @numba.njit(cache=True, nogil=True)
-def _assign(bits: np.ndarray, thresholds: np.ndarray, table: np.ndarray) -> np.ndarray:
+def _assign(bits: np.ndarray, thresholds: np.ndarray, table: np.ndarray, key_range: np.ndarray) -> np.ndarray:
     groups, n = bits.shape
     codes = np.empty((groups, n), np.uint8)
     lookup = np.empty(1 << 16, np.uint8)
     t = thresholds.shape[1]
     for g in range(groups):
-        lo, hi = 1 << 16, -1
-        for e in range(n):
-            k = _key(bits[g, e])
-            lo = min(lo, k)
-            hi = max(hi, k)
+        lo, hi = key_range[g, 0], key_range[g, 1]
         j = 0
         for k in range(lo, hi + 1):
             v = table[k]
@@ -139,9 +151,15 @@ def _assign(bits: np.ndarray, thresholds: np.ndarray, table: np.ndarray) -> np.n
     return codes
 
 
-def assign_by_thresholds(bits: np.ndarray, dtype: np.dtype, thresholds: np.ndarray) -> np.ndarray:
-    """Codes ``(G, n)`` uint8: the number of a group's ascending ``thresholds`` that each value exceeds."""
-    return _assign(np.ascontiguousarray(bits), np.ascontiguousarray(thresholds, np.float64), key_values(dtype))
+def assign_by_thresholds(
+    bits: np.ndarray, dtype: np.dtype, thresholds: np.ndarray, key_range: np.ndarray
+) -> np.ndarray:
+    """Codes ``(G, n)`` uint8: the number of a group's ascending ``thresholds`` that each value exceeds.
+
+    ``key_range`` is the histogram's (:attr:`Histogram.key_range` of the same ``bits``).
+    """
+    table = key_values(dtype)
+    return _assign(np.ascontiguousarray(bits), np.ascontiguousarray(thresholds, np.float64), table, key_range)
 
 
 @numba.njit(cache=True, nogil=True)

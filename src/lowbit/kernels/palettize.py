@@ -81,20 +81,22 @@ def _scalar(x, dtype, groups, k, mode, fast, lut_dtype, importance):
     if exact_values or (fast and np.abs(xg).max(initial=0.0) <= FP16_MAX):
         keyed = xg if exact_values else xg.astype(np.float16)
         bits = keyed.view(np.uint16)
-        values, weights, offsets = distinct_values(bits, keyed.dtype, imp)
-        check_finite(values)
+        hist = distinct_values(bits, keyed.dtype, imp)
+        check_finite(hist.values)
 
         def assign(thresholds: np.ndarray) -> np.ndarray:
-            return assign_by_thresholds(bits, keyed.dtype, thresholds)
+            assert hist.key_range is not None
+            return assign_by_thresholds(bits, keyed.dtype, thresholds, hist.key_range)
     else:
         exact_values = False
         check_finite(xg)
-        values, weights, offsets = distinct_values_any(xg, imp)
+        hist = distinct_values_any(xg, imp)
 
         def assign(thresholds: np.ndarray) -> np.ndarray:
             rows = xg.astype(np.float64)
             return np.stack([np.searchsorted(t, row, side="left") for t, row in zip(thresholds, rows, strict=True)])
 
+    values, weights, offsets, _ = hist
     lut, quantized = _finish_lut(_group_centroids(values, weights, offsets, k, mode), dtype, lut_dtype)
     thresholds = _midpoints(lut)
     codes = assign(thresholds).astype(np.uint8, copy=False)
