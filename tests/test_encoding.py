@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lowbit
+from lowbit.kernels.decode import value_table
 from lowbit.kernels.packing import pack_bits
 from lowbit.onnx import encoding
 from lowbit.onnx.functions import DOMAIN
@@ -103,26 +104,31 @@ def test_sparse_to_dense_round_trip(shape, density, dtype, seed):
     rows=st.integers(1, 4),
     blocks=st.integers(1, 3),
     rank3=st.booleans(),
+    element=st.sampled_from([ml_dtypes.float4_e2m1fn, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2]),
     dtype=st.sampled_from([np.float32, np.float16]),
     seed=st.integers(0, 99),
 )
-def test_mx_dequantize_round_trip(rows, blocks, rank3, dtype, seed):
+def test_mx_dequantize_round_trip(rows, blocks, rank3, element, dtype, seed):
     rng = np.random.default_rng(seed)
     shape = [rows, 32 * blocks, 2] if rank3 else [rows, 32 * blocks]
-    forward, back = encoding.moved_axis_perms(len(shape), 1, to_front=False)
-    numel = math.prod(shape)
-    codes = rng.integers(0, 16, numel)
-    low, high = (112, 141) if dtype == np.float16 else (1, 250)
-    exponents = rng.integers(low, high, numel // 32).astype(np.uint8)
+    split = [rows, 1, blocks, 32, 1, 2] if rank3 else [rows, 1, blocks, 32]  # blocks of 32 along axis 1
+    grid = [rows, 1, blocks, 1, 1, 1] if rank3 else [rows, 1, blocks, 1]
+    n_bits = 4 if element == ml_dtypes.float4_e2m1fn else 8
+    table = value_table(np.dtype(element))
+    finite_codes = np.flatnonzero(np.isfinite(table))
+    codes = rng.choice(finite_codes, math.prod(shape))
+    low, high = (112, 125) if dtype == np.float16 else (1, 200)
+    exponents = rng.integers(low, high, math.prod(grid)).astype(np.uint8)
     model, weight = _single_weight(shape, dtype)
     out = encoding.write_mx(
         model,
         weight,
-        packed_codes=pack_bits(codes, 4),
+        packed_codes=pack_bits(codes, n_bits),
+        n_bits=n_bits,
         exponents=exponents,
-        canonical_shape=[shape[a] for a in forward],
-        perm=back,
-        block_size=32,
+        element=np.dtype(element),
+        split_shape=split,
+        scale_shape=grid,
         dtype=ir.DataType.FLOAT16 if dtype == np.float16 else ir.DataType.FLOAT,
     )
     _assert_three_way(model, out, shape, dtype)

@@ -5,6 +5,7 @@ from lowbit.onnx.decompress import decompress_weights
 from lowbit.onnx.discovery import WeightRef
 from lowbit.onnx.palettize import palettize_weights
 from lowbit.onnx.program import Program, load
+from lowbit.onnx.quantize import quantize_weights
 from lowbit.types import CompressionGranularity, DType, QScheme
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "decompress_weights",
     "load",
     "palettize_weights",
+    "quantize_weights",
 ]
 
 __version__ = "0.1.0"

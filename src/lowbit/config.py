@@ -7,9 +7,17 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from lowbit.types import CompressionGranularity, DType
+from lowbit.types import CompressionGranularity, DType, QScheme
 
-__all__ = ["PalettizeConfig", "check_bool", "check_choice", "check_int", "to_enum"]
+__all__ = [
+    "PalettizeConfig",
+    "QuantizeConfig",
+    "block_shape",
+    "check_bool",
+    "check_choice",
+    "check_int",
+    "to_enum",
+]
 
 E = TypeVar("E", bound=enum.Enum)
 
@@ -95,3 +103,75 @@ class PalettizeConfig:
         check_choice("mode", self.mode, PALETTIZE_MODES)
         if self.mode == "uniform" and self.cluster_dim > 1:
             raise ValueError("mode='uniform' is scalar only: cluster_dim must be 1")
+
+
+QUANTIZE_DTYPES = (
+    DType.INT8,
+    DType.UINT8,
+    DType.INT4,
+    DType.UINT4,
+    DType.FP8_E4M3FN,
+    DType.FP8_E5M2,
+    DType.FP4_E2M1FN,
+)
+QUANTIZE_GRANULARITIES = (
+    CompressionGranularity.PER_TENSOR,
+    CompressionGranularity.PER_CHANNEL,
+    CompressionGranularity.PER_BLOCK,
+)
+FLOAT_QUANTIZE_DTYPES = (DType.FP8_E4M3FN, DType.FP8_E5M2, DType.FP4_E2M1FN)
+MX_BLOCK_SIZE = 32
+
+
+def block_shape(
+    granularity: CompressionGranularity, rank: int, output_axis: int, input_axis: int, block_size: int
+) -> tuple[int, ...]:
+    """Elements per block along each axis (0: the whole axis): ``PER_TENSOR`` -> all 0; ``PER_CHANNEL`` -> 1 on the
+    output-channel axis; ``PER_BLOCK`` -> also ``block_size`` on the input-channel axis."""
+    shape = [0] * rank
+    if granularity in (CompressionGranularity.PER_CHANNEL, CompressionGranularity.PER_BLOCK):
+        shape[output_axis] = 1
+    if granularity == CompressionGranularity.PER_BLOCK:
+        shape[input_axis] = block_size
+    return tuple(shape)
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """What ``quantize_weights`` does to each weight; see ``spec/graph-api.md``."""
+
+    dtype: DType
+    qscheme: QScheme = QScheme.SYMMETRIC
+    granularity: CompressionGranularity = CompressionGranularity.PER_CHANNEL
+    block_size: int = 32
+    weight_num_threshold: int = 1024
+    scale_dtype: DType | None = None
+
+    def __post_init__(self) -> None:
+        dtype = check_choice("dtype", to_enum("dtype", self.dtype, DType), QUANTIZE_DTYPES)
+        object.__setattr__(self, "dtype", dtype)
+        object.__setattr__(self, "qscheme", to_enum("qscheme", self.qscheme, QScheme))
+        granularity = to_enum("granularity", self.granularity, CompressionGranularity)
+        object.__setattr__(self, "granularity", check_choice("granularity", granularity, QUANTIZE_GRANULARITIES))
+        check_int("block_size", self.block_size, 1)
+        check_int("weight_num_threshold", self.weight_num_threshold, 0)
+        scale_dtype = None if self.scale_dtype is None else to_enum("scale_dtype", self.scale_dtype, DType)
+        object.__setattr__(self, "scale_dtype", check_choice("scale_dtype", scale_dtype, (None, DType.FP8_E8M0FNU)))
+        floating = dtype in FLOAT_QUANTIZE_DTYPES
+        if floating and self.qscheme == QScheme.ASYMMETRIC:
+            raise ValueError(f"qscheme must be SYMMETRIC for the float dtype {dtype.name}, got ASYMMETRIC")
+        if scale_dtype is not None and not floating:
+            raise ValueError(f"scale_dtype must be None for the integer dtype {dtype.name}, got {scale_dtype.name}")
+        if dtype == DType.FP4_E2M1FN:
+            if scale_dtype is not None:
+                raise ValueError("scale_dtype must be None for FP4_E2M1FN (MXFP4 scales are always E8M0)")
+            if self.granularity != CompressionGranularity.PER_BLOCK or self.block_size != MX_BLOCK_SIZE:
+                raise ValueError(
+                    f"FP4_E2M1FN (MXFP4) needs granularity PER_BLOCK and block_size {MX_BLOCK_SIZE}, got "
+                    f"{self.granularity.name} and {self.block_size}"
+                )
+
+    @property
+    def e8m0(self) -> bool:
+        """Scales stored as E8M0 exponents (MXFP4, or an fp8 dtype with ``scale_dtype=FP8_E8M0FNU``)."""
+        return self.dtype == DType.FP4_E2M1FN or self.scale_dtype == DType.FP8_E8M0FNU

@@ -5,7 +5,7 @@ class CannotCompress(ValueError):
     """A kernel's refusal: this weight cannot be compressed as asked (passes skip it with a warning)."""
 
 
-def check_finite(values) -> None:  # noqa: ANN001 - any array
+def check_finite(values) -> None:
     """Raise :class:`CannotCompress` when ``values`` holds NaN or Inf."""
     import numpy as np
 

@@ -9,9 +9,17 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
-__all__ = ["FP4_E2M1_VALUES", "dequantize_linear", "lut_decode", "mx_decode", "sparse_decode"]
+__all__ = ["FP4_E2M1_VALUES", "dequantize_linear", "lut_decode", "mx_decode", "sparse_decode", "value_table"]
 
-FP4_E2M1_VALUES = np.arange(16, dtype=np.uint8).view(ml_dtypes.float4_e2m1fn).astype(np.float32)
+
+def value_table(dtype: np.dtype) -> np.ndarray:
+    """float32 value of every code of a float element type of at most 8 bits (fp4, fp8), indexed by code."""
+    bits = 4 if np.dtype(dtype) == np.dtype(ml_dtypes.float4_e2m1fn) else 8
+    with np.errstate(invalid="ignore"):
+        return np.arange(1 << bits, dtype=np.uint8).view(dtype).astype(np.float32)
+
+
+FP4_E2M1_VALUES = value_table(np.dtype(ml_dtypes.float4_e2m1fn))
 
 
 def lut_decode(codes: np.ndarray, lut: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
@@ -33,10 +41,11 @@ def lut_decode(codes: np.ndarray, lut: np.ndarray, scale: np.ndarray | None = No
     return dense
 
 
-def mx_decode(codes: np.ndarray, exponents: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Dense ``[blocks, block_size]`` values from FP4 (E2M1) codes and E8M0 block exponents (uint8)."""
+def mx_decode(codes: np.ndarray, exponents: np.ndarray, table: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``table[codes] * 2^(exponents - 127)`` in float32, cast to ``dtype``; ``exponents`` (uint8 E8M0)
+    broadcast against ``codes`` (one per block)."""
     scale = np.power(np.float32(2.0), exponents.astype(np.float32) - np.float32(127.0))
-    return (FP4_E2M1_VALUES[codes] * scale.reshape(-1, 1)).astype(dtype)
+    return (table[codes] * scale).astype(dtype)
 
 
 def sparse_decode(mask: np.ndarray, values: np.ndarray) -> np.ndarray:

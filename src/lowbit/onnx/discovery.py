@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.onnx.encoding import decoder_for, value_shape
+from lowbit.onnx.encoding import decoder_for, stored_nbytes, value_shape
 
 __all__ = ["OP_TABLE", "WeightRef", "find_weights"]
 
@@ -127,15 +127,6 @@ def _inputs_constant(node: ir.Node) -> bool:
     return True
 
 
-def _stored_bytes(value: ir.Value) -> int:
-    """Bytes of the constants a (possibly compressed) weight is stored in."""
-    if value.const_value is not None:
-        return value.const_value.nbytes
-    producer = value.producer()
-    assert producer is not None
-    return sum(_stored_bytes(v) for v in producer.inputs if v is not None)
-
-
 def _describe(value: ir.Value) -> str | None:
     producer = value.producer()
     if value.const_value is not None or producer is None:
@@ -202,7 +193,7 @@ def find_weights(program) -> list[WeightRef]:
                 output_axis=out_axis,
                 input_axis=in_axis,
                 numel=int(np.prod(shape)),
-                nbytes=_stored_bytes(value),
+                nbytes=stored_nbytes(value),
                 compression=_describe(value),
                 value=value,
             )

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.kernels.decode import dequantize_linear, lut_decode, mx_decode, sparse_decode
+from lowbit.kernels.decode import dequantize_linear, lut_decode, mx_decode, sparse_decode, value_table
 from lowbit.kernels.packing import unpack_bits
 from lowbit.onnx import functions as fn
 
@@ -23,7 +23,9 @@ __all__ = [
     "decoder_for",
     "insert_first",
     "moved_axis_perms",
+    "stored_nbytes",
     "value_shape",
+    "write_dequantize_linear",
     "write_lut",
     "write_mx",
     "write_sparse",
@@ -157,32 +159,85 @@ def write_mx(
     weight: ir.Value,
     *,
     packed_codes: np.ndarray,
+    n_bits: int,
     exponents: np.ndarray,
-    canonical_shape: Sequence[int],
-    perm: Sequence[int],
-    block_size: int,
+    element: np.dtype,
+    split_shape: Sequence[int],
+    scale_shape: Sequence[int],
     dtype: ir.DataType,
     replace: bool = True,
 ) -> ir.Value:
-    """Encode ``weight`` as ``lowbit.MxDequantize(codes, exponents)`` (FP4 E2M1 codes, uint8 E8M0 exponents)."""
+    """Encode ``weight`` as ``lowbit.MxDequantize(codes, exponents, table)``: n-bit codes of the float element type
+    ``element`` (FP4 E2M1: 4 bits; fp8: 8 bits), uint8 E8M0 exponents, and the element type's value table (one
+    initializer per model, shared)."""
     fn.use_function(model, fn.MX_DEQUANTIZE)
     graph, base = model.graph, weight.name or "weight"
+    shape = [int(d) for d in np.prod(np.reshape(split_shape, (-1, 2)), axis=1)]
     node = ir.node(
         fn.MX_DEQUANTIZE,
         [
             add_initializer(graph, f"{base}.codes", packed_codes),
-            add_initializer(graph, f"{base}.exponents", exponents.astype(np.uint8)),
+            add_initializer(graph, f"{base}.exponents", exponents.astype(np.uint8).reshape(-1)),
+            _shared_table(graph, element),
         ],
         attributes={
-            "shape": [int(d) for d in canonical_shape],
-            "perm": list(perm),
-            "block_size": int(block_size),
+            "n_bits": int(n_bits),
+            "shape": shape,
+            "split_shape": [int(d) for d in split_shape],
+            "scale_shape": [int(d) for d in scale_shape],
             "to": int(dtype),
         },
         domain=fn.DOMAIN,
         name=f"{base}.MxDequantize",
     )
     return _emit(model, weight, node, replace)
+
+
+def _shared_table(graph: ir.Graph, element: np.dtype) -> ir.Value:
+    name = f"lowbit.values.{np.dtype(element).name}"
+    existing = graph.initializers.get(name)
+    return existing if existing is not None else add_initializer(graph, name, value_table(element))
+
+
+def write_dequantize_linear(
+    model: ir.Model,
+    weight: ir.Value,
+    *,
+    q: np.ndarray,
+    scale: np.ndarray,
+    zero_point: np.ndarray | None,
+    axis: int | None,
+    block_size: int = 0,
+) -> ir.Value:
+    """Encode ``weight`` as the standard ``DequantizeLinear(q, scale[, zero_point])``: per tensor (``axis`` None,
+    scalar scale), per axis (1-D scale) or blocked (``block_size`` along ``axis``, scale of ``q``'s rank)."""
+    graph, base = model.graph, weight.name or "weight"
+    inputs = [add_initializer(graph, f"{base}.quantized", q), add_initializer(graph, f"{base}.scale", scale)]
+    if zero_point is not None:
+        inputs.append(add_initializer(graph, f"{base}.zero_point", zero_point))
+    attributes = {} if axis is None else {"axis": int(axis)}
+    if block_size:
+        attributes["block_size"] = int(block_size)
+    node = ir.node("DequantizeLinear", inputs, attributes, name=f"{base}.DequantizeLinear")
+    return _emit(model, weight, node, replace=True)
+
+
+def stored_nbytes(value: ir.Value) -> int:
+    """Bytes of the distinct constants a (possibly compressed) value is stored in."""
+    seen: dict[int, int] = {}
+
+    def visit(v: ir.Value) -> None:
+        producer = v.producer()
+        if producer is None:
+            if v.const_value is not None:
+                seen[id(v)] = v.const_value.nbytes
+            return
+        for inp in producer.inputs:
+            if inp is not None:
+                visit(inp)
+
+    visit(value)
+    return sum(seen.values())
 
 
 # ----------------------------------------------------------------------------------------------------- readers
@@ -229,12 +284,18 @@ def _decode_sparse(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray
 
 
 def _decode_mx(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray:
-    codes, exponents = inputs
-    assert codes is not None and exponents is not None
-    numel = int(np.prod(_ints(node, "shape")))
-    unpacked = unpack_bits(codes, 4, numel).reshape(-1, _int(node, "block_size"))
+    codes, exponents, table = inputs
+    assert codes is not None and exponents is not None and table is not None
+    shape = _ints(node, "shape")
+    unpacked = unpack_bits(codes, _int(node, "n_bits"), int(np.prod(shape))).reshape(_ints(node, "split_shape"))
     dtype = ir.DataType(_int(node, "to")).numpy()
-    return _finish(mx_decode(unpacked, exponents.reshape(-1), dtype), node)
+    return mx_decode(unpacked, exponents.reshape(_ints(node, "scale_shape")), table, dtype).reshape(shape)
+
+
+def _describe_mx(node: ir.Node) -> str:
+    table = value_shape(node.inputs[2])
+    element = "fp4 e2m1" if table == (16,) else "fp8"
+    return f"{element}, e8m0 scales, {int(np.prod(_ints(node, 'shape')) // np.prod(_ints(node, 'scale_shape')))}/block"
 
 
 def _decode_dq(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray:
@@ -291,9 +352,7 @@ _DECODERS = {
     (fn.DOMAIN, fn.SPARSE_TO_DENSE): Decoder(
         "sparse", _describe_sparse, _decode_sparse, lambda node: tuple(_ints(node, "shape"))
     ),
-    (fn.DOMAIN, fn.MX_DEQUANTIZE): Decoder(
-        "mx", lambda node: f"mxfp4, block {_int(node, 'block_size')}", _decode_mx, _permuted_shape
-    ),
+    (fn.DOMAIN, fn.MX_DEQUANTIZE): Decoder("mx", _describe_mx, _decode_mx, lambda node: tuple(_ints(node, "shape"))),
     ("", "DequantizeLinear"): Decoder("linear", _describe_dq, _decode_dq, _dq_shape),
 }
 

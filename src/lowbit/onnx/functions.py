@@ -11,8 +11,6 @@ import onnx
 import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
-from lowbit.kernels.decode import FP4_E2M1_VALUES
-
 __all__ = ["DOMAIN", "FUNCTION_OPSET", "LUT_TO_DENSE", "MX_DEQUANTIZE", "SPARSE_TO_DENSE", "use_function"]
 
 DOMAIN = "lowbit"
@@ -177,39 +175,39 @@ def _sparse_to_dense() -> onnx.FunctionProto:
 
 
 def _mx_dequantize() -> onnx.FunctionProto:
-    """dense = MxDequantize(codes, exponents) <shape (blocks-last), perm, block_size, to>: FP4 x 2^(e - 127)."""
+    """dense = MxDequantize(codes, exponents, table) <n_bits, shape, split_shape, scale_shape, to>.
+
+    ``table[code] * 2^(e - 127)`` per block: codes are n-bit indices into ``table`` (the values of the element
+    type, e.g. the 16 of FP4 E2M1), ``exponents`` uint8 E8M0, one per block; ``split_shape`` splits every axis into
+    (blocks, block) and ``scale_shape`` is the exponent grid broadcastable against it.
+    """
     n = helper.make_node
-    unpack = n(UNPACK_BITS, ["codes", "numel"], ["fp4_codes"], domain=DOMAIN)
-    unpack.attribute.append(helper.make_attribute("n_bits", 4))
+    unpack = _with_ref(
+        n(UNPACK_BITS, ["codes", "numel"], ["indices"], domain=DOMAIN), "n_bits", onnx.AttributeProto.INT
+    )
     return _function(
         MX_DEQUANTIZE,
-        ["codes", "exponents"],
+        ["codes", "exponents", "table"],
         ["dense"],
         [
             _const_ref("shape", "shape", onnx.AttributeProto.INTS, "value_ints"),
-            _const_ref("block", "block_size", onnx.AttributeProto.INT, "value_int"),
-            _const("fp4_table", FP4_E2M1_VALUES),
+            _const_ref("split_shape", "split_shape", onnx.AttributeProto.INTS, "value_ints"),
+            _const_ref("scale_shape", "scale_shape", onnx.AttributeProto.INTS, "value_ints"),
             _const("two", np.array(2.0, np.float32)),
             _const("bias", np.array(127.0, np.float32)),
-            _const("axis0", np.array([0], np.int64)),
-            _const("axis1", np.array([1], np.int64)),
-            _const("minus1", np.array([-1], np.int64)),
             n("ReduceProd", ["shape"], ["numel"], keepdims=0),
             unpack,
-            n("Gather", ["fp4_table", "fp4_codes"], ["values"], axis=0),
-            n("Unsqueeze", ["block", "axis0"], ["block1"]),
-            n("Concat", ["minus1", "block1"], ["blocks_shape"], axis=0),
-            n("Reshape", ["values", "blocks_shape"], ["blocks"]),
+            n("Gather", ["table", "indices"], ["values"], axis=0),
+            n("Reshape", ["values", "split_shape"], ["blocks"]),
             n("Cast", ["exponents"], ["e"], to=TensorProto.FLOAT),
             n("Sub", ["e", "bias"], ["unbiased"]),
-            n("Pow", ["two", "unbiased"], ["scale1"]),
-            n("Unsqueeze", ["scale1", "axis1"], ["scale"]),
+            n("Pow", ["two", "unbiased"], ["scale_flat"]),
+            n("Reshape", ["scale_flat", "scale_shape"], ["scale"]),
             n("Mul", ["blocks", "scale"], ["scaled"]),
             _with_ref(n("Cast", ["scaled"], ["typed"]), "to", onnx.AttributeProto.INT),
-            n("Reshape", ["typed", "shape"], ["canonical"]),
-            _with_ref(n("Transpose", ["canonical"], ["dense"]), "perm", onnx.AttributeProto.INTS),
+            n("Reshape", ["typed", "shape"], ["dense"]),
         ],
-        ["shape", "perm", "block_size", "to"],
+        ["n_bits", "shape", "split_shape", "scale_shape", "to"],
     )
 
 

@@ -90,22 +90,9 @@ class PalettizePass(WeightPass):
             canonical_shape=[ref.shape[a] for a in forward],
             perm=back,
         )
-        after = sum(v.const_value.nbytes for v in _constants_of(out) if v.const_value is not None)
+        after = encoding.stored_nbytes(out)
         energy = palettized.energy
         return after, palettized.squared_error / energy if energy > 0 else 0.0
-
-
-def _constants_of(value: ir.Value) -> list[ir.Value]:
-    """The constants a decode chain reads (deduplicated)."""
-    producer = value.producer()
-    if producer is None:
-        return [value]
-    seen: dict[int, ir.Value] = {}
-    for v in producer.inputs:
-        if v is not None:
-            for c in _constants_of(v):
-                seen[id(c)] = c
-    return list(seen.values())
 
 
 def _lut_dequantize_chain(model: ir.Model, name: str, palettized: Palettized) -> ir.Value:

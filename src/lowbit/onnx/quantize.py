@@ -1,0 +1,160 @@
+"""quantize_weights: linear quantization of an ONNX program's weights.
+
+Integer and fp8 elements with float scales become the standard ``DequantizeLinear`` (ONNX Runtime fuses the int4
+blocked form into ``MatMulNBits``); FP4 (MXFP4) and E8M0 scales, which ONNX Runtime cannot run, become
+``lowbit.MxDequantize``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import onnx_ir as ir
+
+from lowbit.config import QuantizeConfig, block_shape
+from lowbit.kernels.packing import pack_bits
+from lowbit.kernels.quantize import LinearQuantized, quantize_linear
+from lowbit.onnx import encoding
+from lowbit.onnx.discovery import WeightRef
+from lowbit.onnx.passes import CompressionReport, SkipWeight, WeightPass
+from lowbit.onnx.program import Program
+from lowbit.types import CompressionGranularity, DType, QScheme
+
+__all__ = ["QuantizePass", "quantize_weights"]
+
+
+class QuantizePass(WeightPass):
+    """Replace each eligible weight by its quantized form per a :class:`QuantizeConfig`."""
+
+    name = "quantize"
+
+    def __init__(self, config: QuantizeConfig) -> None:
+        super().__init__(config.weight_num_threshold, workers=1)
+        self.config = config
+
+    def prepare(self, ref: WeightRef, array: np.ndarray):
+        cfg = self.config
+        if cfg.granularity == CompressionGranularity.PER_BLOCK and ref.shape[ref.input_axis] % cfg.block_size:
+            raise SkipWeight(
+                f"input-channel axis of size {ref.shape[ref.input_axis]} does not divide by block_size {cfg.block_size}"
+            )
+        block = block_shape(cfg.granularity, len(ref.shape), ref.output_axis, ref.input_axis, cfg.block_size)
+        job = functools.partial(
+            quantize_linear,
+            dtype=cfg.dtype.numpy,
+            block=block,
+            symmetric=cfg.qscheme == QScheme.SYMMETRIC,
+            e8m0=cfg.e8m0,
+        )
+        return job, (array,)
+
+    def write(self, program: Program, ref: WeightRef, result: LinearQuantized) -> tuple[int, float]:
+        assert ref.value is not None
+        if result.e8m0:
+            n_bits = self.config.dtype.bits
+            out = encoding.write_mx(
+                program.model,
+                ref.value,
+                packed_codes=pack_bits(result.q.view(np.uint8), n_bits),
+                n_bits=n_bits,
+                exponents=result.scale,
+                element=result.q.dtype,
+                split_shape=result.split_shape(),
+                scale_shape=result.grid_shape(),
+                dtype=ref.dtype,
+            )
+        else:
+            out = _write_dequantize(program.model, ref, result, self.config)
+        rel = result.squared_error / result.energy if result.energy > 0 else 0.0
+        return encoding.stored_nbytes(out), rel
+
+
+def _write_dequantize(model: ir.Model, ref: WeightRef, result: LinearQuantized, cfg: QuantizeConfig) -> ir.Value:
+    """Lay the scale grid out as DequantizeLinear wants it for the granularity, and write the node."""
+    assert ref.value is not None
+    scale, zero_point = result.scale, result.zero_point
+    if cfg.granularity == CompressionGranularity.PER_TENSOR:
+        axis, block, shape = None, 0, ()
+    elif cfg.granularity == CompressionGranularity.PER_CHANNEL:
+        axis, block, shape = ref.output_axis, 0, (ref.shape[ref.output_axis],)
+    else:  # blocked along the input axis; whole-axis blocks (e.g. a kernel's spatial axes) repeat their scale
+        axis, block = ref.input_axis, cfg.block_size
+        shape = tuple(n // cfg.block_size if a == ref.input_axis else n for a, n in enumerate(ref.shape))
+    scale = np.ascontiguousarray(np.broadcast_to(scale, shape) if block else scale.reshape(shape))
+    if zero_point is not None:
+        zero_point = np.ascontiguousarray(np.broadcast_to(zero_point, shape) if block else zero_point.reshape(shape))
+    return encoding.write_dequantize_linear(
+        model, ref.value, q=result.q, scale=scale, zero_point=zero_point, axis=axis, block_size=block
+    )
+
+
+def _requirements(config: QuantizeConfig, program: Program) -> tuple[int, int]:
+    """(opset, IR version) the encoding needs: int4 / blocked DequantizeLinear 21 (IR 10); fp8 elements or
+    16-bit scales 19 (IR 9); lowbit.MxDequantize only the functions' opset 13."""
+    if config.e8m0:
+        return 13, 8
+    if config.dtype in (DType.INT4, DType.UINT4):
+        return 21, 10
+    if config.granularity == CompressionGranularity.PER_BLOCK:
+        return 21, 9
+    if config.dtype in (DType.FP8_E4M3FN, DType.FP8_E5M2):
+        return 19, 9
+    if any(w.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16) for w in program.weights()):
+        return 19, 8
+    return 13, 7
+
+
+def quantize_weights(
+    program: Program,
+    dtype: DType | str,
+    qscheme: QScheme | str = QScheme.SYMMETRIC,
+    granularity: CompressionGranularity | str = CompressionGranularity.PER_CHANNEL,
+    block_size: int = 32,
+    weight_num_threshold: int = 1024,
+    scale_dtype: DType | str | None = None,
+    in_place: bool = False,
+) -> Program:
+    """Linearly quantize the weights of ``program``.
+
+    Parameters
+    ----------
+    program : the :class:`~lowbit.Program` to compress.
+    dtype : ``INT8``, ``UINT8``, ``INT4``, ``UINT4``, ``FP8_E4M3FN``, ``FP8_E5M2`` or ``FP4_E2M1FN`` (MXFP4).
+    qscheme : ``SYMMETRIC`` (default; zero point 0 for signed, mid-range for unsigned) or ``ASYMMETRIC`` (full
+        range, a zero point per block that makes 0.0 exact; integers only).
+    granularity : ``PER_TENSOR``, ``PER_CHANNEL`` (default; one scale per output channel) or ``PER_BLOCK`` (one per
+        output channel and ``block_size`` input channels).
+    block_size : input channels per block for ``PER_BLOCK`` (default 32). A weight whose input-channel axis does
+        not divide by it is skipped with a warning.
+    weight_num_threshold : weights with at most this many elements are left alone (default 1024).
+    scale_dtype : ``None`` (default: scales in the weight's float dtype) or ``FP8_E8M0FNU`` (power-of-two scales,
+        the OCP MX encoding; fp8 dtypes only). FP4_E2M1FN always uses E8M0 scales.
+    in_place : False (default) returns a new Program; True rewrites ``program``.
+
+    Returns the quantized Program; ``result.report`` holds the per-weight :class:`CompressionReport`.
+
+    Raises ``ValueError`` for an unsupported ``dtype``; a float dtype with ``ASYMMETRIC``; a ``scale_dtype`` for an
+    integer dtype or for ``FP4_E2M1FN``; ``FP4_E2M1FN`` without ``PER_BLOCK`` and ``block_size=32``;
+    ``block_size < 1``; ``PER_GROUPED_CHANNEL``; and when the model's opset cannot be raised to what the encoding
+    needs. ``TypeError`` for arguments of the wrong type.
+    """
+    config = QuantizeConfig(
+        dtype=dtype,  # type: ignore[arg-type]
+        qscheme=qscheme,  # type: ignore[arg-type]
+        granularity=granularity,  # type: ignore[arg-type]
+        block_size=block_size,
+        weight_num_threshold=weight_num_threshold,
+        scale_dtype=scale_dtype,  # type: ignore[arg-type]
+    )
+    if not isinstance(in_place, bool):
+        raise TypeError(f"in_place must be a bool, got {type(in_place).__name__} {in_place!r}")
+    if not isinstance(program, Program):
+        raise TypeError(f"program must be a lowbit.Program (from lowbit.load), got {type(program).__name__}")
+    target = program if in_place else program.copy()
+    opset, ir_version = _requirements(config, target)
+    target.require_opset(opset)
+    target.model.ir_version = max(target.model.ir_version, ir_version)
+    report: CompressionReport = QuantizePass(config)(target)
+    target.report = report
+    return target
