@@ -154,8 +154,8 @@ def run_coremltools(weights, cfg) -> tuple[float, float]:
 
 
 def run_coreai(weights, cfg) -> tuple[float, float]:
-    import torch
     import coreai_torch
+    import torch
     from coreai_opt.coreai_utils import CompressionGranularity, palettize_weights
     from coreai_opt.coreai_utils._utils.palettize_utils import _blockwise_compress
 

@@ -21,6 +21,17 @@ ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "digits" / "digits_cnn.onnx"
 
 
+def _io_ranks(op: str, weight_rank: int) -> tuple[int | None, int | None]:
+    """Ranks of the data input and the output of ``op`` with a weight of ``weight_rank`` (None: left unknown)."""
+    if op in ("MatMul", "Conv", "ConvTranspose"):
+        return weight_rank, weight_rank
+    return {"Gemm": (2, 2), "Gather": (1, 2)}.get(op, (None, None))
+
+
+def _unknown_dims(rank: int | None) -> ir.Shape | None:
+    return None if rank is None else ir.Shape([None] * rank)
+
+
 def make_model(
     weights: dict[str, np.ndarray],
     ops: Sequence[tuple[str, str, dict]] = (),
@@ -38,10 +49,13 @@ def make_model(
         if op == "Identity":
             node = ir.node("Identity", [w], name=f"n{i}")
         else:
-            x = ir.Value(name=f"x{i}", type=ir.TensorType(w.const_value.dtype), shape=None)
+            x_rank, y_rank = _io_ranks(op, w.const_value.shape.rank())
+            x_type = ir.DataType.INT64 if op == "Gather" else w.const_value.dtype
+            x = ir.Value(name=f"x{i}", type=ir.TensorType(x_type), shape=_unknown_dims(x_rank))
             graph.inputs.append(x)
             inputs = [w, x] if op == "Gather" else [x, w]
             node = ir.node(op, inputs, attrs, name=f"n{i}")
+            node.outputs[0].shape = _unknown_dims(y_rank)
         node.outputs[0].name = f"y{i}"
         node.outputs[0].dtype = w.const_value.dtype
         if op == "Identity":

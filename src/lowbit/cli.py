@@ -48,7 +48,6 @@ def _palettize(args: argparse.Namespace) -> int:
     from lowbit.onnx.program import load
 
     program = load(args.input)
-    before = args.input.stat().st_size
     result = palettize_weights(
         program,
         lut_dtype=args.lut_dtype,
@@ -63,6 +62,29 @@ def _palettize(args: argparse.Namespace) -> int:
         mode=args.mode,
         in_place=True,
     )
+    return _save_and_report(result, args)
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from lowbit.onnx.program import load
+    from lowbit.onnx.quantize import quantize_weights
+
+    program = load(args.input)
+    result = quantize_weights(
+        program,
+        dtype=args.dtype,
+        qscheme=args.qscheme,
+        granularity=args.granularity,
+        block_size=args.block_size,
+        weight_num_threshold=args.weight_num_threshold,
+        scale_dtype=args.scale_dtype,
+        in_place=True,
+    )
+    return _save_and_report(result, args)
+
+
+def _save_and_report(result, args: argparse.Namespace) -> int:
+    before = args.input.stat().st_size
     out = result.save(args.output)
     print(result.report.table())
     after = out.stat().st_size
@@ -91,6 +113,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=4, help="k-means worker processes (default 4)")
     p.add_argument("--exact", action="store_true", help="cluster fp32 weights' raw values, not fp16-rounded ones")
     p.set_defaults(run=_palettize)
+    p = sub.add_parser("quantize", help="linear quantization: int8/int4 (sym/asym), fp8, MXFP4")
+    p.add_argument("input", type=Path)
+    p.add_argument("output", type=Path)
+    p.add_argument("--dtype", required=True, help="int8, uint8, int4, uint4, fp8_e4m3fn, fp8_e5m2, fp4_e2m1fn")
+    p.add_argument("--qscheme", default="symmetric", help="symmetric (default) or asymmetric")
+    p.add_argument("--granularity", default="per-channel", help="per-tensor, per-channel (default) or per-block")
+    p.add_argument("--block-size", type=int, default=32, help="input channels per block for per-block")
+    p.add_argument("--scale-dtype", default=None, help="fp8_e8m0fnu: power-of-two (E8M0) scales, fp8 dtypes only")
+    p.add_argument("--weight-num-threshold", type=int, default=1024, help="leave weights this small alone")
+    p.set_defaults(run=_quantize)
     p = sub.add_parser("inspect", help="print each weight: op, shape, dtype, compression, bits per weight, bytes")
     p.add_argument("model", type=Path)
     p.set_defaults(run=_inspect)

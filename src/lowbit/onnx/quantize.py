@@ -74,6 +74,8 @@ def _write_dequantize(model: ir.Model, ref: WeightRef, result: LinearQuantized, 
     """Lay the scale grid out as DequantizeLinear wants it for the granularity, and write the node."""
     assert ref.value is not None
     scale, zero_point = result.scale, result.zero_point
+    axis: int | None
+    shape: tuple[int, ...]
     if cfg.granularity == CompressionGranularity.PER_TENSOR:
         axis, block, shape = None, 0, ()
     elif cfg.granularity == CompressionGranularity.PER_CHANNEL:
@@ -81,9 +83,12 @@ def _write_dequantize(model: ir.Model, ref: WeightRef, result: LinearQuantized, 
     else:  # blocked along the input axis; whole-axis blocks (e.g. a kernel's spatial axes) repeat their scale
         axis, block = ref.input_axis, cfg.block_size
         shape = tuple(n // cfg.block_size if a == ref.input_axis else n for a, n in enumerate(ref.shape))
-    scale = np.ascontiguousarray(np.broadcast_to(scale, shape) if block else scale.reshape(shape))
-    if zero_point is not None:
-        zero_point = np.ascontiguousarray(np.broadcast_to(zero_point, shape) if block else zero_point.reshape(shape))
+
+    def laid_out(grid: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(np.broadcast_to(grid, shape) if block else grid.reshape(shape))
+
+    scale = laid_out(scale)
+    zero_point = None if zero_point is None else laid_out(zero_point)
     return encoding.write_dequantize_linear(
         model, ref.value, q=result.q, scale=scale, zero_point=zero_point, axis=axis, block_size=block
     )

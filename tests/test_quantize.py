@@ -1,0 +1,231 @@
+"""quantize_weights end to end, and the quantizer against a float64 reference."""
+
+import itertools
+import warnings
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import check_model, make_model, ort_session
+
+import lowbit
+from lowbit import CompressionGranularity as G
+from lowbit import DType, QScheme
+from lowbit.kernels.quantize import INTEGER_DTYPES, element_range, quantize_linear
+
+
+def _program(dtype=np.float16, seed=0) -> lowbit.Program:
+    rng = np.random.default_rng(seed)
+    weights = {
+        "mm": (rng.standard_t(4, (64, 96)) * 0.02).astype(dtype),  # MatMul [K, N]: blocks run along axis 0
+        "gemm_t": (rng.standard_normal((32, 64)) * 0.05).astype(dtype),  # Gemm transB: [N, K]
+        "conv": (rng.standard_normal((32, 64, 3, 3)) * 0.1).astype(dtype),
+    }
+    weights["mm"][3, :5] = 0.0  # exact zeros must stay exact under asymmetric quantization
+    ops = [("MatMul", "mm", {}), ("Gemm", "gemm_t", {"transB": 1}), ("Conv", "conv", {"pads": [1, 1, 1, 1]})]
+    return lowbit.Program(make_model(weights, ops))
+
+
+def _feeds(dtype=np.float16) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1)
+    return {
+        "x0": rng.standard_normal((2, 64)).astype(dtype),
+        "x1": rng.standard_normal((2, 64)).astype(dtype),
+        "x2": rng.standard_normal((1, 64, 5, 5)).astype(dtype),
+    }
+
+
+CONFIGS = [
+    dict(dtype=DType.INT8),
+    dict(dtype="uint8"),
+    dict(dtype=DType.INT8, qscheme=QScheme.ASYMMETRIC, granularity=G.PER_TENSOR),
+    dict(dtype=DType.UINT8, qscheme="asymmetric"),
+    dict(dtype=DType.INT4, granularity=G.PER_BLOCK, block_size=32),
+    dict(dtype=DType.UINT4, granularity=G.PER_BLOCK, block_size=16, qscheme=QScheme.ASYMMETRIC),
+    dict(dtype=DType.INT4, granularity=G.PER_CHANNEL),
+    dict(dtype=DType.FP8_E4M3FN),
+    dict(dtype=DType.FP8_E5M2, granularity=G.PER_TENSOR),
+    dict(dtype=DType.FP8_E4M3FN, scale_dtype=DType.FP8_E8M0FNU),
+    dict(dtype=DType.FP8_E5M2, scale_dtype="fp8_e8m0fnu", granularity=G.PER_BLOCK, block_size=32),
+    dict(dtype=DType.FP4_E2M1FN, granularity=G.PER_BLOCK, block_size=32),
+]
+
+
+def _ids(config):
+    return "-".join(f"{getattr(v, 'name', v)}" for v in config.values())
+
+
+@pytest.mark.parametrize("weight_dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("config", CONFIGS, ids=_ids)
+def test_ort_matches_decompressed(config, weight_dtype):
+    program = _program(weight_dtype)
+    out = lowbit.quantize_weights(program, **config)
+    assert [r.name for r in out.report.compressed] == ["mm", "gemm_t", "conv"]
+    check_model(out.model)
+    dense = lowbit.decompress_weights(out)
+    feeds = _feeds(weight_dtype)
+    want = ort_session(dense.model, "disable").run(None, feeds)
+    for level in ("disable", "basic"):
+        for g, w in zip(ort_session(out.model, level).run(None, feeds), want, strict=True):
+            assert g.tobytes() == w.tobytes(), level
+    original = {w.name: w.value.const_value.numpy() for w in program.weights()}
+    decoded = {w.name: w.value.const_value.numpy() for w in dense.weights()}
+    for row in out.report.compressed:
+        a, b = original[row.name].astype(np.float64), decoded[row.name].astype(np.float64)
+        assert row.rel_mse == pytest.approx(((a - b) ** 2).sum() / (a**2).sum(), rel=1e-9, abs=1e-15)
+        assert row.bytes_after < row.bytes_before
+    if config.get("qscheme") in (QScheme.ASYMMETRIC, "asymmetric"):
+        assert np.all(decoded["mm"][3, :5] == 0.0)
+
+
+def _reference(x: np.ndarray, dtype, block, symmetric: bool) -> np.ndarray:
+    """Block by block in float64: the scale rounded to x's dtype, round-half-even, clip, dequantize."""
+    dtype = np.dtype(dtype)
+    out = np.empty(x.shape, np.float64)
+    block = tuple(b or n for n, b in zip(x.shape, block, strict=True))
+    for index in itertools.product(*(range(n // b) for n, b in zip(x.shape, block, strict=True))):
+        sl = tuple(slice(i * b, (i + 1) * b) for i, b in zip(index, block, strict=True))
+        v = x[sl].astype(np.float64)
+        if dtype in INTEGER_DTYPES:
+            low, high, mid = element_range(dtype, symmetric)
+            if symmetric:
+                raw = np.abs(v).max() / (high - mid)
+            else:
+                raw = (max(v.max(), 0) - min(v.min(), 0)) / (high - low)
+            s = float(np.asarray(raw if raw > 0 else 1.0).astype(x.dtype))
+            zp = mid if symmetric else np.clip(np.rint(low - min(v.min(), 0) / s), low, high)
+            q = np.clip(np.rint(v / s) + zp, low, high)
+            out[sl] = (q - zp) * s
+        else:
+            top = float(ml_dtypes.finfo(dtype).max)
+            s = float(np.asarray(np.abs(v).max() / top).astype(x.dtype)) or 1.0
+            out[sl] = np.clip(v / s, -top, top).astype(dtype).astype(np.float64) * s
+    return out
+
+
+@pytest.mark.parametrize(
+    ("dtype", "symmetric"),
+    [
+        (np.int8, True),
+        (np.uint8, True),
+        (np.int8, False),
+        (ml_dtypes.int4, True),
+        (ml_dtypes.uint4, False),
+        (ml_dtypes.float8_e4m3fn, True),
+        (ml_dtypes.float8_e5m2, True),
+    ],
+)
+@pytest.mark.parametrize("block", [(0, 0), (1, 0), (1, 16), (4, 8)])
+@pytest.mark.parametrize("weight_dtype", [np.float16, np.float32])
+def test_quantizer_matches_float64_reference(dtype, symmetric, block, weight_dtype):
+    x = (np.random.default_rng(5).standard_t(3, (8, 32)) * 0.1).astype(weight_dtype)
+    result = quantize_linear(x, dtype, block, symmetric=symmetric)
+    ours = result.decode().astype(np.float64)
+    ref = _reference(x, dtype, block, symmetric)
+    ulp = np.spacing(np.abs(ref).astype(weight_dtype)).astype(np.float64)
+    assert np.all(np.abs(ours - ref) <= ulp)
+
+
+def test_mxfp4_follows_ocp_mx_rules():
+    block = np.zeros((1, 32), np.float32)
+    block[0, :6] = [6.0, 2.5, -2.5, 0.3, 7.9, -1e-9]
+    result = quantize_linear(block, ml_dtypes.float4_e2m1fn, (1, 32), e8m0=True)
+    # shared exponent floor(log2(7.9)) - emax(E2M1) = 2 - 2 = 0 -> E8M0 code 127, scale 1.0
+    assert result.scale.reshape(-1).tolist() == [127]
+    decoded = result.decode()[0, :6].tolist()
+    assert decoded[:3] == [6.0, 2.0, -2.0]  # 2.5 ties to the even mantissa (2), not 3
+    assert decoded[3] == 0.5 and decoded[4] == 6.0  # 0.3 -> nearest 0.5; 7.9 / 1 saturates at 6
+    big = quantize_linear(np.full((1, 32), 1000.0, np.float32), ml_dtypes.float4_e2m1fn, (1, 32), e8m0=True)
+    assert big.scale.reshape(-1).tolist() == [127 + 9 - 2] and np.all(big.decode() == 512 * 1.5)
+    zero = quantize_linear(np.zeros((1, 32), np.float32), ml_dtypes.float4_e2m1fn, (1, 32), e8m0=True)
+    assert np.all(zero.decode() == 0) and np.all(np.isfinite(zero.decode()))
+
+
+def test_asymmetric_constant_blocks_are_finite_and_exact():
+    x = np.zeros((4, 64), np.float32)
+    x[1] = 0.25
+    x[2] = -3.0
+    result = quantize_linear(x, np.uint8, (1, 0), symmetric=False)
+    assert np.all(np.isfinite(result.scale.astype(np.float64))) and np.all(result.scale > 0)
+    np.testing.assert_array_equal(result.decode(), x)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(dtype=DType.FP16), "dtype must be one of"),
+        (dict(dtype="int3"), "dtype must be one of"),
+        (dict(dtype=DType.FP8_E4M3FN, qscheme=QScheme.ASYMMETRIC), "qscheme must be SYMMETRIC for the float"),
+        (dict(dtype=DType.INT8, scale_dtype=DType.FP8_E8M0FNU), "scale_dtype must be None for the integer"),
+        (dict(dtype=DType.FP4_E2M1FN, granularity=G.PER_BLOCK, scale_dtype="fp8_e8m0fnu"), "always E8M0"),
+        (dict(dtype=DType.FP4_E2M1FN), "needs granularity PER_BLOCK and block_size 32"),
+        (dict(dtype=DType.FP4_E2M1FN, granularity=G.PER_BLOCK, block_size=16), "block_size 32"),
+        (dict(dtype=DType.INT8, block_size=0), "block_size must be >= 1"),
+        (dict(dtype=DType.INT8, granularity=G.PER_GROUPED_CHANNEL), "granularity must be one of"),
+        (dict(dtype=DType.FP8_E4M3FN, scale_dtype=DType.FP16), "scale_dtype must be one of"),
+    ],
+)
+def test_invalid_parameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        lowbit.quantize_weights(_program(), **kwargs)
+
+
+def test_non_dividing_block_is_skipped_with_warning():
+    w = np.random.default_rng(0).standard_normal((48, 64)).astype(np.float32)  # MatMul: K = 48
+    program = lowbit.Program(make_model({"w": w}, [("MatMul", "w", {})]))
+    with pytest.warns(UserWarning, match="'w' skipped: input-channel axis of size 48 does not divide by block_size 32"):
+        out = lowbit.quantize_weights(program, dtype=DType.INT4, granularity=G.PER_BLOCK)
+    assert out.report.skipped[0].name == "w"
+
+
+def test_int4_block_matmul_fuses_to_matmulnbits(tmp_path):
+    w = (np.random.default_rng(2).standard_normal((256, 128)) * 0.05).astype(np.float32)
+    program = lowbit.Program(make_model({"w": w}, [("MatMul", "w", {})]))
+    out = lowbit.quantize_weights(program, dtype=DType.INT4, granularity=G.PER_BLOCK, block_size=32)
+    path = out.save(tmp_path / "q.onnx")
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ops = {n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node}
+    assert "MatMulNBits" in ops and "DequantizeLinear" not in ops
+    x = np.random.default_rng(3).standard_normal((4, 256)).astype(np.float32)
+    dense = lowbit.decompress_weights(out).graph.initializers["w"].const_value.numpy()
+    np.testing.assert_allclose(session.run(None, {"x0": x})[0], x @ dense, rtol=1e-4, atol=1e-4)
+
+
+def test_opset_and_ir_version_raised_only_as_needed():
+    program = _program(np.float32)
+    int8 = lowbit.quantize_weights(program, dtype=DType.INT8)
+    assert int8.graph.opset_imports[""] == 17 and int8.model.ir_version == 8
+    int4 = lowbit.quantize_weights(program, dtype=DType.INT4, granularity=G.PER_BLOCK)
+    assert int4.graph.opset_imports[""] == 21 and int4.model.ir_version == 10
+    assert program.graph.opset_imports[""] == 17 and program.model.ir_version == 8
+
+
+def test_quantize_cli(capsys, tmp_path, digits_path):
+    from lowbit.cli import main
+
+    out = tmp_path / "q.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = main(
+            [
+                "quantize",
+                str(digits_path),
+                str(out),
+                "--dtype",
+                "int4",
+                "--granularity",
+                "per-block",
+                "--block-size",
+                "16",
+            ]
+        )
+    stdout, err = capsys.readouterr()
+    assert code == 0 and "compressed" in stdout
+    assert {w.compression for w in lowbit.load(out).weights() if w.compression} == {"linear int4, block 16"}
+    code = main(["quantize", str(digits_path), str(out), "--dtype", "fp4_e2m1fn"])
+    assert code == 2 and "FP4_E2M1FN (MXFP4) needs granularity PER_BLOCK" in capsys.readouterr().err
