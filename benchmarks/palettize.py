@@ -79,7 +79,7 @@ def run_lowbit(weights, cfg) -> tuple[float, float, float, float]:
     total = sum(energy.values())
     stored = sum(report[n].rel_mse * energy[n] for n in weights) / total
     dp = 0.0
-    for name, w in weights.items():  # lowbit's partition with float64 centroids: the DP's own optimality
+    for w in weights.values():  # lowbit's partition with float64 centroids: the DP's own optimality
         rows = w.reshape(groups_of(cfg, w), -1)
         if rows.dtype == np.float16:
             values, counts, offsets, _ = distinct_values(rows.view(np.uint16), rows.dtype)
@@ -135,9 +135,9 @@ def run_coremltools(weights, cfg) -> tuple[float, float]:
         model = ct.convert(
             prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18, compute_precision=precision
         )
-        result = []
+        result: list = []
         seconds += best_time(
-            lambda model=model: result.append(
+            lambda model=model, result=result: result.append(
                 cto.coreml.palettize_weights(model, cto.coreml.OptimizationConfig(global_config=op_cfg))
             )
         )

@@ -90,11 +90,8 @@ def _reference(x: np.ndarray, dtype, block, symmetric: bool) -> np.ndarray:
         v = x[sl].astype(np.float64)
         if dtype in INTEGER_DTYPES:
             low, high, mid = element_range(dtype, symmetric)
-            if symmetric:
-                raw = np.abs(v).max() / (high - mid)
-            else:
-                raw = (max(v.max(), 0) - min(v.min(), 0)) / (high - low)
-            s = float(np.asarray(raw if raw > 0 else 1.0).astype(x.dtype))
+            span = np.abs(v).max() / (high - mid) if symmetric else (max(v.max(), 0) - min(v.min(), 0)) / (high - low)
+            s = float(np.asarray(span if span > 0 else 1.0).astype(x.dtype))
             zp = mid if symmetric else np.clip(np.rint(low - min(v.min(), 0) / s), low, high)
             q = np.clip(np.rint(v / s) + zp, low, high)
             out[sl] = (q - zp) * s
@@ -224,7 +221,7 @@ def test_quantize_cli(capsys, tmp_path, digits_path):
                 "16",
             ]
         )
-    stdout, err = capsys.readouterr()
+    stdout, _ = capsys.readouterr()
     assert code == 0 and "compressed" in stdout
     assert {w.compression for w in lowbit.load(out).weights() if w.compression} == {"linear int4, block 16"}
     code = main(["quantize", str(digits_path), str(out), "--dtype", "fp4_e2m1fn"])
