@@ -226,3 +226,14 @@ def test_quantize_cli(capsys, tmp_path, digits_path):
     assert {w.compression for w in lowbit.load(out).weights() if w.compression} == {"linear int4, block 16"}
     code = main(["quantize", str(digits_path), str(out), "--dtype", "fp4_e2m1fn"])
     assert code == 2 and "FP4_E2M1FN (MXFP4) needs granularity PER_BLOCK" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [DType.INT8, DType.INT4, DType.FP8_E4M3FN])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_inf_weights_are_skipped(dtype, bad):
+    w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float16)
+    w[5, 7] = bad
+    program = lowbit.Program(make_model({"w": w}, [("MatMul", "w", {})]))
+    with pytest.warns(UserWarning, match="'w' skipped: contains NaN or Inf"):
+        out = lowbit.quantize_weights(program, dtype=dtype)
+    assert out.report.skipped[0].skipped == "contains NaN or Inf"

@@ -18,12 +18,22 @@ __all__ = [
     "SIXTEEN_BIT_FLOATS",
     "Histogram",
     "assign_by_thresholds",
+    "bit_values",
     "distinct_values",
     "distinct_values_any",
     "squared_error",
 ]
 
 SIXTEEN_BIT_FLOATS = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
+
+
+@functools.cache
+def bit_values(dtype: np.dtype) -> np.ndarray:
+    """float64 value of every bit pattern of a 16-bit float dtype (indexed by the raw uint16); read-only, cached."""
+    with np.errstate(invalid="ignore"):
+        table = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(dtype).astype(np.float64)
+    table.flags.writeable = False
+    return table
 
 
 @functools.cache

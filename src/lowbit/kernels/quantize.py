@@ -8,17 +8,18 @@ A block shape gives, per axis, how many consecutive elements share one scale (0:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Any
 
 import ml_dtypes
+import numba
 import numpy as np
 
 from lowbit.kernels import CannotCompress, check_finite
 from lowbit.kernels.decode import dequantize_linear, mx_decode, value_table
+from lowbit.kernels.histogram import bit_values
 
-__all__ = ["LinearQuantized", "Quantized", "blocks_of", "element_range", "quantize_linear", "quantize_per_row"]
+__all__ = ["LinearQuantized", "Quantized", "element_range", "quantize_linear", "quantize_per_row"]
 
 INTEGER_DTYPES = tuple(np.dtype(t) for t in (np.int8, np.uint8, ml_dtypes.int4, ml_dtypes.uint4))
 FLOAT_ELEMENT_DTYPES = tuple(
@@ -107,6 +108,140 @@ def _e8m0_exponents(amax: np.ndarray, element: np.dtype) -> np.ndarray:
     return np.clip(unbiased + E8M0_BIAS, 0, 254).astype(np.uint8)
 
 
+def _three_axes(shape: tuple[int, ...], block: tuple[int, ...]) -> tuple[int, int, int] | None:
+    """``(outer grid, block, inner grid)`` sizes when the blocks of ``shape`` can be viewed as ``x.reshape(g0, b,
+    g1)`` with one scale per ``(g0, g1)`` (every granularity of the spec on Conv/Gemm/MatMul weights), else None."""
+    dims: list[tuple[str, int]] = []
+    for n, b in zip(shape, block, strict=True):
+        for kind, size in (("g", n // b), ("b", b)):
+            if size == 1:
+                continue
+            if dims and dims[-1][0] == kind:
+                dims[-1] = (kind, dims[-1][1] * size)
+            else:
+                dims.append((kind, size))
+    kinds = "".join(k for k, _ in dims)
+    sizes = [size for _, size in dims]
+    layouts = {"": (1, 1, 1), "g": (sizes[0], 1, 1) if sizes else None, "b": (1, *sizes, 1)[:3] if sizes else None}
+    if kinds in layouts:
+        return layouts[kinds]
+    if kinds == "gb":
+        return sizes[0], sizes[1], 1
+    if kinds == "bg":
+        return 1, sizes[0], sizes[1]
+    if kinds == "gbg":
+        return sizes[0], sizes[1], sizes[2]
+    return None
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _through_table(x: np.ndarray, i: int, t: int, table: np.ndarray) -> float:
+    return table[x[i, t]]
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _direct(x: np.ndarray, i: int, t: int, table: np.ndarray) -> float:
+    return np.float64(x[i, t])
+
+
+@numba.njit(cache=True, nogil=True)
+def _block_min_max(load, x: np.ndarray, table: np.ndarray, g1: int) -> tuple[np.ndarray, np.ndarray]:
+    """Min and max of each block of ``x`` viewed as ``(g0, b * g1)`` rows, the block of element t being t % g1."""
+    g0, row = x.shape
+    lo = np.full((g0, g1), np.inf)
+    hi = np.full((g0, g1), -np.inf)
+    for i in range(g0):
+        if g1 == 1:
+            low, high = np.inf, -np.inf
+            for t in range(row):
+                v = load(x, i, t, table)
+                low = min(low, v)
+                high = max(high, v)
+            lo[i, 0], hi[i, 0] = low, high
+            continue
+        for t in range(row):
+            v = load(x, i, t, table)
+            j = t % g1
+            lo[i, j] = min(lo[i, j], v)
+            hi[i, j] = max(hi[i, j], v)
+    return lo, hi
+
+
+@numba.njit(cache=True, nogil=True)
+def _round_float32_bits(buf: np.ndarray, drop: int, subnormal_below: int) -> None:
+    """Round float32 values in place, half to even, to a narrower float sharing float32's exponent range minus
+    ``drop`` mantissa bits (fp16: 13, bf16: 16); values with biased exponent below ``subnormal_below`` land on the
+    narrower type's subnormal grid (fp16: 2^-24 steps below 2^-14)."""
+    if drop == 0:
+        return
+    bits = buf.view(np.uint32)
+    half = np.uint32((1 << (drop - 1)) - 1)
+    mask = np.uint32(~((1 << drop) - 1) & 0xFFFFFFFF)
+    for t in range(buf.shape[0]):
+        u = bits[t]
+        if ((u >> 23) & 0xFF) < subnormal_below:
+            buf[t] = np.float32(np.rint(np.float64(buf[t]) * 2.0**24) * 2.0**-24)
+        else:
+            bits[t] = (u + half + ((u >> drop) & 1)) & mask
+
+
+@numba.njit(cache=True, nogil=True)
+def _quantize_int(load, x, table, scale, zero_point, low, high, drop, subnormal_below, q):
+    """q = clip(rint(x / scale) + zp) per block (``x`` as in :func:`_block_min_max`); returns (squared error of
+    the decoded weight, energy). The decoded weight is DequantizeLinear's: float32 ``(q - zp) * scale`` rounded to
+    the output float type."""
+    g0, row = x.shape
+    g1 = scale.shape[1]
+    chunk = 4096
+    buf = np.empty(chunk, np.float32)
+    sse = 0.0
+    energy = 0.0
+    for i in range(g0):
+        for start in range(0, row, chunk):
+            stop = min(start + chunk, row)
+            for t in range(start, stop):
+                j = t % g1
+                s = scale[i, j]
+                code = min(max(np.rint(load(x, i, t, table) / s) + zero_point[i, j], low), high)
+                q[i, t] = np.int64(code)
+                buf[t - start] = np.float32(code - zero_point[i, j]) * np.float32(s)
+            _round_float32_bits(buf[: stop - start], drop, subnormal_below)
+            for t in range(start, stop):
+                v = load(x, i, t, table)
+                d = np.float64(buf[t - start]) - v
+                sse += d * d
+                energy += v * v
+    return sse, energy
+
+
+_OUTPUT_ROUNDING = {  # (float32 mantissa bits dropped, biased float32 exponent of the smallest normal)
+    np.dtype(np.float16): (13, 113),
+    np.dtype(ml_dtypes.bfloat16): (16, 0),
+}
+
+
+def _as_float64(x: np.ndarray) -> np.ndarray:
+    """float64 copy of ``x``; 16-bit floats go through a 65,536-entry table (numpy's fp16 cast is slow)."""
+    return _bit_table(x.dtype)[x.view(np.uint16)] if x.dtype.itemsize == 2 else x.astype(np.float64)
+
+
+def _bit_table(dtype: np.dtype) -> np.ndarray:
+    return bit_values(dtype)
+
+
+def _integer_params(lo, hi, dtype, symmetric, scale_dtype):
+    """(stored scale, zero point as float64 or None) per block from the blocks' min and max (float64)."""
+    low, high, mid = element_range(dtype, symmetric)
+    if symmetric:
+        scale = _stored_scale(np.maximum(np.abs(lo), np.abs(hi)) / (high - mid), scale_dtype)
+        zero_point = np.full(scale.shape, float(mid)) if mid else None
+    else:
+        lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
+        scale = _stored_scale((hi - lo) / (high - low), scale_dtype)
+        zero_point = np.clip(np.rint(low - lo / scale.astype(np.float64)), low, high)
+    return scale, zero_point
+
+
 def quantize_linear(
     x: np.ndarray,
     dtype: Any,
@@ -131,30 +266,49 @@ def quantize_linear(
     dtype = np.dtype(dtype)
     out_dtype = np.dtype(x.dtype)
     scale_dtype = out_dtype if scale_dtype is None else np.dtype(scale_dtype)
-    check_finite(x)
     resolved = _resolve(tuple(block), x.shape)
+    grid = tuple(n // b for n, b in zip(x.shape, resolved, strict=True))
+    layout = _three_axes(x.shape, resolved)
+    if dtype in INTEGER_DTYPES and layout is not None:
+        g0, b, g1 = layout
+        if x.dtype.itemsize == 2:  # 16-bit floats are read through a table: numpy's fp16 casts are slow
+            load, rows, table = _through_table, x.view(np.uint16).reshape(g0, b * g1), _bit_table(x.dtype)
+        else:
+            load, rows, table = _direct, x.reshape(g0, b * g1), np.zeros(1)
+        lo, hi = _block_min_max(load, rows, table, g1)
+        check_finite(lo)
+        check_finite(hi)
+        scale, zero_point = _integer_params(lo, hi, dtype, symmetric, scale_dtype)
+        q = np.empty((g0, b * g1), np.int8 if element_range(dtype, False)[0] < 0 else np.uint8)
+        low, high, _ = element_range(dtype, symmetric)
+        drop, subnormal_below = _OUTPUT_ROUNDING.get(out_dtype, (0, 0))
+        zp = np.zeros(scale.shape) if zero_point is None else zero_point
+        args = (scale.astype(np.float64), zp, low, high, drop, subnormal_below, q)
+        sse, energy = _quantize_int(load, rows, table, *args)
+        check_finite(energy)  # NaN slips through min/max comparisons, not through a sum of squares
+        return LinearQuantized(
+            q.reshape(x.shape).view(dtype),
+            scale.reshape(grid),
+            None if zero_point is None else zero_point.astype(np.int64).astype(dtype).reshape(grid),
+            resolved,
+            False,
+            out_dtype,
+            sse,
+            energy,
+        )
+    check_finite(x)
     split = tuple(d for n, b in zip(x.shape, resolved, strict=True) for d in (n // b, b))
     inner = tuple(range(1, 2 * x.ndim, 2))
-    xs = x.reshape(split)
-    data = xs.astype(np.float64)
+    data = _as_float64(x).reshape(split)
     zero_point = None
     if dtype in INTEGER_DTYPES:
-        low, high, mid = element_range(dtype, symmetric)
-        if symmetric:
-            amax = np.abs(data).max(axis=inner, keepdims=True)
-            scale = _stored_scale(amax / (high - mid), scale_dtype)
-            q = np.clip(np.rint(data / scale.astype(np.float64)) + mid, low, high)
-            if mid:
-                zero_point = np.full(scale.shape, mid, np.float64)
-        else:
-            lo = np.minimum(data.min(axis=inner, keepdims=True), 0.0)
-            hi = np.maximum(data.max(axis=inner, keepdims=True), 0.0)
-            scale = _stored_scale((hi - lo) / (high - low), scale_dtype)
-            s64 = scale.astype(np.float64)
-            zero_point = np.clip(np.rint(low - lo / s64), low, high)
-            q = np.clip(np.rint(data / s64) + zero_point, low, high)
+        low, high, _ = element_range(dtype, symmetric)
+        scale, zp = _integer_params(
+            data.min(axis=inner, keepdims=True), data.max(axis=inner, keepdims=True), dtype, symmetric, scale_dtype
+        )
+        q = np.clip(np.rint(data / scale.astype(np.float64)) + (0 if zp is None else zp), low, high)
         q = q.astype(np.int64).astype(dtype)
-        zero_point = None if zero_point is None else zero_point.astype(np.int64).astype(dtype)
+        zero_point = None if zp is None else zp.astype(np.int64).astype(dtype)
     elif dtype in FLOAT_ELEMENT_DTYPES:
         top = float(ml_dtypes.finfo(dtype).max)
         amax = np.abs(data).max(axis=inner, keepdims=True)
@@ -167,10 +321,9 @@ def quantize_linear(
         q = np.clip(data / s64, -top, top).astype(np.float32).astype(dtype)
     else:
         raise ValueError(f"dtype must be an integer, fp8 or fp4 element type, got {dtype}")
-    grid = tuple(n // b for n, b in zip(x.shape, resolved, strict=True))
     zero_point = None if zero_point is None else zero_point.reshape(grid)
     result = LinearQuantized(q.reshape(x.shape), scale.reshape(grid), zero_point, resolved, e8m0, out_dtype)
-    diff = result.decode().astype(np.float64) - x.astype(np.float64)
+    diff = result.decode().astype(np.float64) - data.reshape(x.shape)
     return replace(result, squared_error=float(np.vdot(diff, diff)), energy=float(np.vdot(data, data)))
 
 
@@ -192,8 +345,3 @@ def quantize_per_row(x: np.ndarray, dtype: Any, scale_dtype: Any) -> Quantized:
     rows = len(x)
     zero_point = None if result.zero_point is None else result.zero_point.reshape(rows)
     return Quantized(result.q, result.scale.reshape(rows), zero_point)
-
-
-def blocks_of(shape: tuple[int, ...], block: tuple[int, ...]) -> int:
-    """Number of blocks of ``block`` (0: whole axis) in ``shape``."""
-    return math.prod(n // (b or n) for n, b in zip(shape, block, strict=True))

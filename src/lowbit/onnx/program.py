@@ -20,6 +20,7 @@ from lowbit.errors import ModelLoadError
 
 __all__ = ["Program", "load"]
 
+_PLACEHOLDER = "lowbit-placeholder-never-read.bin"
 PROTO_LIMIT_BYTES = 2**31 - 2**24  # protobuf's 2 GiB limit, less headroom for the graph itself
 
 
@@ -73,19 +74,31 @@ class Program:
         current = self.graph.opset_imports.get("", 1)
         if current >= version:
             return
-        proto = ir.serde.serialize_model(self.model)
+        skeleton = self.model.clone()  # the converter sees no tensor data: placeholders stand in for it
+        originals = {}
+        for value in _initializers(skeleton):
+            tensor = value.const_value
+            if tensor is not None and value.name is not None:
+                originals[value.name] = tensor
+                value.const_value = ir.ExternalTensor(
+                    _PLACEHOLDER,
+                    offset=0,
+                    length=tensor.nbytes,
+                    dtype=tensor.dtype,
+                    shape=tensor.shape,
+                    name=value.name,
+                )
         try:
-            converted = onnx.version_converter.convert_version(proto, version)
+            converted = onnx.version_converter.convert_version(ir.serde.serialize_model(skeleton), version)
         except Exception as err:
             raise ValueError(
                 f"this compression needs opset >= {version}; converting the model from opset {current} "
                 f"failed: {_one_line(err)}"
             ) from err
         model = ir.serde.deserialize_model(converted)
-        if self.path is not None:
-            from onnx_ir import external_data
-
-            external_data.set_base_dir(model.graph, self.path.parent)
+        for value in _initializers(model):
+            if value.name in originals:
+                value.const_value = originals[value.name]
         self.model = model
 
     def tensor_nbytes(self) -> int:
