@@ -121,17 +121,12 @@ def _three_axes(shape: tuple[int, ...], block: tuple[int, ...]) -> tuple[int, in
             else:
                 dims.append((kind, size))
     kinds = "".join(k for k, _ in dims)
-    sizes = [size for _, size in dims]
-    layouts = {"": (1, 1, 1), "g": (sizes[0], 1, 1) if sizes else None, "b": (1, *sizes, 1)[:3] if sizes else None}
-    if kinds in layouts:
-        return layouts[kinds]
-    if kinds == "gb":
-        return sizes[0], sizes[1], 1
-    if kinds == "bg":
-        return 1, sizes[0], sizes[1]
-    if kinds == "gbg":
-        return sizes[0], sizes[1], sizes[2]
-    return None
+    start = "gbg".find(kinds)
+    if start < 0:
+        return None
+    layout = [1, 1, 1]
+    layout[start : start + len(dims)] = [size for _, size in dims]
+    return layout[0], layout[1], layout[2]
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
