@@ -85,7 +85,7 @@ class Program:
                     offset=0,
                     length=tensor.nbytes,
                     dtype=tensor.dtype,
-                    shape=tensor.shape,
+                    shape=ir.Shape(tensor.shape.numpy()),
                     name=value.name,
                 )
         try:
