@@ -153,13 +153,8 @@ def run_coremltools(weights, cfg) -> tuple[float, float]:
     return seconds, sse / total
 
 
-def run_coreai(weights, cfg) -> tuple[float, float]:
-    import coreai_torch
-    import torch
-    from coreai_opt.coreai_utils import CompressionGranularity, palettize_weights
-    from coreai_opt.coreai_utils._utils.palettize_utils import _blockwise_compress
-
-    granularity = CompressionGranularity(cfg["granularity"])
+def _linears_program(weights, torch, coreai_torch):
+    """A Core AI program of one Linear per weight (built through torch.export, as coreai-opt users do)."""
 
     class Linears(torch.nn.Module):
         def __init__(self) -> None:
@@ -171,7 +166,17 @@ def run_coreai(weights, cfg) -> tuple[float, float]:
 
     args = tuple(torch.zeros(1, w.shape[1], dtype=torch.from_numpy(w[:1]).dtype) for w in weights.values())
     ep = torch.export.export(Linears().eval(), args).run_decompositions(coreai_torch.get_decomp_table())
-    program = coreai_torch.TorchConverter().add_exported_program(ep).to_coreai()
+    return coreai_torch.TorchConverter().add_exported_program(ep).to_coreai()
+
+
+def run_coreai(weights, cfg) -> tuple[float, float]:
+    import coreai_torch
+    import torch
+    from coreai_opt.coreai_utils import CompressionGranularity, palettize_weights
+    from coreai_opt.coreai_utils._utils.palettize_utils import _blockwise_compress
+
+    granularity = CompressionGranularity(cfg["granularity"])
+    program = _linears_program(weights, torch, coreai_torch)
     seconds = best_time(
         lambda: palettize_weights(
             program,
