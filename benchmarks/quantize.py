@@ -67,6 +67,11 @@ def run_lowbit(weights, cfg) -> tuple[float, float, int]:
     return seconds, err, sum(rows[n].bytes_after for n in weights)
 
 
+def _expand(a, reps: list[int]):
+    """Per-block parameters repeated to the data's shape."""
+    return np.kron(a, np.ones(reps)) if np.ndim(a) else a
+
+
 def run_coremltools(weights, cfg) -> tuple[float, float]:
     import coremltools as ct
     import coremltools.optimize as cto
@@ -103,8 +108,7 @@ def run_coremltools(weights, cfg) -> tuple[float, float]:
         data, scale = op.data.val.astype(np.float64), op.scale.val.astype(np.float64)
         offset = 0.0 if op.offset is None else op.offset.val.astype(np.float64)
         reps = [d // s for d, s in zip(data.shape, scale.shape, strict=True)]
-        expand = lambda a: np.kron(a, np.ones(reps)) if np.ndim(a) else a  # noqa: E731
-        decoded = (data - expand(offset)) * expand(scale)
+        decoded = (data - _expand(offset, reps)) * _expand(scale, reps)
         e = float((w.astype(np.float64) ** 2).sum())
         sse += rel_mse(w, decoded) * e
         energy += e
