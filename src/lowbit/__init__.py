@@ -6,6 +6,7 @@ from lowbit.onnx.discovery import WeightRef
 from lowbit.onnx.palettize import palettize_weights
 from lowbit.onnx.program import Program, load
 from lowbit.onnx.quantize import quantize_weights
+from lowbit.onnx.sparsify import sparsify_weights
 from lowbit.types import CompressionGranularity, DType, QScheme
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "load",
     "palettize_weights",
     "quantize_weights",
+    "sparsify_weights",
 ]
 
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""The ``lowbit`` command line: ``lowbit palettize|inspect|decompress ...``."""
+"""The ``lowbit`` command line: ``lowbit palettize|quantize|sparsify|inspect|decompress ...``."""
 
 from __future__ import annotations
 
@@ -83,6 +83,30 @@ def _quantize(args: argparse.Namespace) -> int:
     return _save_and_report(result, args)
 
 
+def _sparsify(args: argparse.Namespace) -> int:
+    from lowbit.onnx.program import load
+    from lowbit.onnx.sparsify import sparsify_weights
+
+    n_m = None
+    if args.n_m is not None:
+        parts = args.n_m.split(":")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise ValueError(f"--n-m must look like 2:4, got {args.n_m!r}")
+        n_m = (int(parts[0]), int(parts[1]))
+    program = load(args.input)
+    result = sparsify_weights(
+        program,
+        target_sparsity=args.target_sparsity,
+        block_size=args.block_size,
+        n_m_ratio=n_m,
+        quantize_dtype=args.quantize_dtype,
+        palettize_nbits=args.palettize_nbits,
+        weight_num_threshold=args.weight_num_threshold,
+        in_place=True,
+    )
+    return _save_and_report(result, args)
+
+
 def _save_and_report(result, args: argparse.Namespace) -> int:
     before = args.input.stat().st_size
     out = result.save(args.output)
@@ -123,6 +147,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scale-dtype", default=None, help="fp8_e8m0fnu: power-of-two (E8M0) scales, fp8 dtypes only")
     p.add_argument("--weight-num-threshold", type=int, default=1024, help="leave weights this small alone")
     p.set_defaults(run=_quantize)
+    p = sub.add_parser("sparsify", help="magnitude pruning stored as a 1-bit mask plus the non-zeros")
+    p.add_argument("input", type=Path)
+    p.add_argument("output", type=Path)
+    p.add_argument("--target-sparsity", type=float, required=True, help="fraction of zeros, in [0, 1)")
+    p.add_argument("--block-size", type=int, default=1, help="prune blocks of this many output channels")
+    p.add_argument("--n-m", default=None, help="n:m structured sparsity along input channels, e.g. 2:4")
+    p.add_argument("--quantize-dtype", default=None, help="int8: also quantize the non-zeros (per channel)")
+    p.add_argument("--palettize-nbits", type=int, default=None, help="also palettize the non-zeros (1..8 bits)")
+    p.add_argument("--weight-num-threshold", type=int, default=1024, help="leave weights this small alone")
+    p.set_defaults(run=_sparsify)
     p = sub.add_parser("inspect", help="print each weight: op, shape, dtype, compression, bits per weight, bytes")
     p.add_argument("model", type=Path)
     p.set_defaults(run=_inspect)

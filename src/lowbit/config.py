@@ -12,6 +12,7 @@ from lowbit.types import CompressionGranularity, DType, QScheme
 __all__ = [
     "PalettizeConfig",
     "QuantizeConfig",
+    "SparsifyConfig",
     "block_shape",
     "check_bool",
     "check_choice",
@@ -175,3 +176,48 @@ class QuantizeConfig:
     def e8m0(self) -> bool:
         """Scales stored as E8M0 exponents (MXFP4, or an fp8 dtype with ``scale_dtype=FP8_E8M0FNU``)."""
         return self.dtype == DType.FP4_E2M1FN or self.scale_dtype == DType.FP8_E8M0FNU
+
+
+SPARSE_QUANTIZE_DTYPES = (DType.INT8,)
+
+
+@dataclass(frozen=True)
+class SparsifyConfig:
+    """What ``sparsify_weights`` does to each weight; see ``spec/graph-api.md``."""
+
+    target_sparsity: float
+    block_size: int = 1
+    n_m_ratio: tuple[int, int] | None = None
+    quantize_dtype: DType | None = None
+    palettize_nbits: int | None = None
+    weight_num_threshold: int = 1024
+
+    def __post_init__(self) -> None:
+        target = self.target_sparsity
+        if isinstance(target, bool) or not isinstance(target, (int, float)):
+            raise TypeError(f"target_sparsity must be a number, got {type(target).__name__} {target!r}")
+        if not 0 <= target < 1:
+            raise ValueError(f"target_sparsity must be in [0, 1), got {target}")
+        check_int("block_size", self.block_size, 1)
+        if self.n_m_ratio is not None:
+            ratio = self.n_m_ratio
+            if (
+                not isinstance(ratio, (tuple, list))
+                or len(ratio) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in ratio)
+                or not 0 < ratio[0] < ratio[1]
+            ):
+                raise ValueError(f"n_m_ratio must be a pair (n, m) of ints with 0 < n < m, got {ratio!r}")
+            if self.block_size > 1:
+                raise ValueError("n_m_ratio cannot be combined with block_size > 1")
+            object.__setattr__(self, "n_m_ratio", (int(ratio[0]), int(ratio[1])))
+        if self.quantize_dtype is not None and self.palettize_nbits is not None:
+            raise ValueError("quantize_dtype and palettize_nbits cannot both be set: choose one joint compression")
+        if self.quantize_dtype is not None:
+            dtype = check_choice(
+                "quantize_dtype", to_enum("quantize_dtype", self.quantize_dtype, DType), SPARSE_QUANTIZE_DTYPES
+            )
+            object.__setattr__(self, "quantize_dtype", dtype)
+        if self.palettize_nbits is not None:
+            check_choice("palettize_nbits", check_int("palettize_nbits", self.palettize_nbits), PALETTIZE_N_BITS)
+        check_int("weight_num_threshold", self.weight_num_threshold, 0)

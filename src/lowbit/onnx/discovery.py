@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from lowbit.onnx.encoding import decoder_for, stored_nbytes, value_shape
 
-__all__ = ["OP_TABLE", "WeightRef", "find_weights"]
+__all__ = ["OP_TABLE", "WeightRef", "find_weights", "has_16bit_float_weights"]
 
 
 @dataclass(frozen=True)
@@ -199,3 +199,8 @@ def find_weights(program) -> list[WeightRef]:
             )
         )
     return refs
+
+
+def has_16bit_float_weights(program) -> bool:
+    """Whether any weight is fp16 / bf16 (its DequantizeLinear scales then need opset 19)."""
+    return any(w.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16) for w in find_weights(program))

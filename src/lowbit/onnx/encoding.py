@@ -57,12 +57,19 @@ def _unique_name(graph: ir.Graph, name: str) -> str:
     return candidate
 
 
+def _dtype_of(value: ir.Value) -> ir.DataType:
+    dtype = value.const_value.dtype if value.const_value is not None else value.dtype
+    assert dtype is not None, f"{value.name} must carry its dtype"
+    return dtype
+
+
 def _emit(model: ir.Model, weight: ir.Value, node: ir.Node, replace: bool) -> ir.Value:
     """Insert ``node``; when ``replace``, its output takes the place (and the name) of ``weight``."""
     graph, out = model.graph, node.outputs[0]
-    out.type, out.shape = weight.type, weight.shape
-    if weight.const_value is not None:
-        out.dtype, out.shape = weight.const_value.dtype, ir.Shape(weight.const_value.shape.numpy())
+    if out.type is None:  # a decode node yields the weight's type unless its writer said otherwise
+        out.type, out.shape = weight.type, weight.shape
+        if weight.const_value is not None:
+            out.dtype, out.shape = weight.const_value.dtype, ir.Shape(weight.const_value.shape.numpy())
     if not replace:  # an inner link of a chain: its inputs are constants, so the front is always valid
         insert_first(graph, node)
         return out
@@ -113,9 +120,7 @@ def write_lut(
     fn.use_function(model, fn.LUT_TO_DENSE)
     graph, base = model.graph, weight.name or "weight"
     lut_value = lut if isinstance(lut, ir.Value) else add_initializer(graph, f"{base}.lut", lut)
-    lut_type = lut_value.const_value.dtype if lut_value.const_value is not None else lut_value.dtype
-    assert lut_type is not None, "the LUT value must carry its dtype"
-    dtype = lut_type.numpy()
+    dtype = _dtype_of(lut_value).numpy()
     scale_array = np.ones((1, 1), dtype) if scale is None else np.asarray(scale, dtype).reshape(-1, 1)
     node = ir.node(
         fn.LUT_TO_DENSE,
@@ -151,6 +156,8 @@ def write_sparse(
         domain=fn.DOMAIN,
         name=f"{base}.SparseToDense",
     )
+    node.outputs[0].dtype = _dtype_of(values_value)  # the values' type: a quantized chain scatters codes
+    node.outputs[0].shape = ir.Shape([int(d) for d in shape])
     return _emit(model, weight, node, replace)
 
 
@@ -203,16 +210,18 @@ def write_dequantize_linear(
     model: ir.Model,
     weight: ir.Value,
     *,
-    q: np.ndarray,
+    q: np.ndarray | ir.Value,
     scale: np.ndarray,
     zero_point: np.ndarray | None,
     axis: int | None,
     block_size: int = 0,
 ) -> ir.Value:
     """Encode ``weight`` as the standard ``DequantizeLinear(q, scale[, zero_point])``: per tensor (``axis`` None,
-    scalar scale), per axis (1-D scale) or blocked (``block_size`` along ``axis``, scale of ``q``'s rank)."""
+    scalar scale), per axis (1-D scale) or blocked (``block_size`` along ``axis``, scale of ``q``'s rank). ``q``
+    may be a decode node's output (sparse codes)."""
     graph, base = model.graph, weight.name or "weight"
-    inputs = [add_initializer(graph, f"{base}.quantized", q), add_initializer(graph, f"{base}.scale", scale)]
+    q_value = q if isinstance(q, ir.Value) else add_initializer(graph, f"{base}.quantized", q)
+    inputs = [q_value, add_initializer(graph, f"{base}.scale", scale)]
     if zero_point is not None:
         inputs.append(add_initializer(graph, f"{base}.zero_point", zero_point))
     attributes = {} if axis is None else {"axis": int(axis)}

@@ -13,7 +13,7 @@ from lowbit.config import PalettizeConfig
 from lowbit.kernels.packing import pack_bits
 from lowbit.kernels.palettize import Palettized, palettize
 from lowbit.onnx import encoding
-from lowbit.onnx.discovery import WeightRef
+from lowbit.onnx.discovery import WeightRef, has_16bit_float_weights
 from lowbit.onnx.passes import CompressionReport, SkipWeight, WeightPass
 from lowbit.onnx.program import Program
 from lowbit.types import CompressionGranularity, DType
@@ -29,7 +29,7 @@ def _needs_opset_19(config: PalettizeConfig, program: Program) -> bool:
         return False
     if config.lut_dtype in (DType.FP8_E4M3FN, DType.FP8_E5M2):
         return True
-    return any(w.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16) for w in program.weights())
+    return has_16bit_float_weights(program)
 
 
 class PalettizePass(WeightPass):

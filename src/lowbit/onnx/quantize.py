@@ -16,7 +16,7 @@ from lowbit.config import QuantizeConfig, block_shape
 from lowbit.kernels.packing import pack_bits
 from lowbit.kernels.quantize import LinearQuantized, quantize_linear
 from lowbit.onnx import encoding
-from lowbit.onnx.discovery import WeightRef
+from lowbit.onnx.discovery import WeightRef, has_16bit_float_weights
 from lowbit.onnx.passes import CompressionReport, SkipWeight, WeightPass
 from lowbit.onnx.program import Program
 from lowbit.types import CompressionGranularity, DType, QScheme
@@ -105,7 +105,7 @@ def _requirements(config: QuantizeConfig, program: Program) -> tuple[int, int]:
         return 21, 9
     if config.dtype in (DType.FP8_E4M3FN, DType.FP8_E5M2):
         return 19, 9
-    if any(w.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16) for w in program.weights()):
+    if has_16bit_float_weights(program):
         return 19, 8
     return 13, 7
 

@@ -1,0 +1,150 @@
+"""sparsify_weights: magnitude pruning (unstructured, blocks, n:m) stored as ``lowbit.SparseToDense``, optionally
+with the non-zeros palettized or quantized."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import onnx_ir as ir
+
+from lowbit.config import SparsifyConfig
+from lowbit.kernels.packing import pack_bits
+from lowbit.kernels.prune import Sparsified, block_mask, magnitude_mask, n_m_mask, sparsify
+from lowbit.onnx import encoding
+from lowbit.onnx.discovery import WeightRef, has_16bit_float_weights
+from lowbit.onnx.palettize import DEQUANTIZE_16_BIT_OPSET
+from lowbit.onnx.passes import CompressionReport, WeightPass
+from lowbit.onnx.program import Program
+from lowbit.types import DType
+
+__all__ = ["SparsifyPass", "sparsify_weights"]
+
+
+def _prune(w: np.ndarray, config: SparsifyConfig, output_axis: int, input_axis: int) -> Sparsified:
+    """Mask in the layout each mode needs (channel-first for blocks, input-channel-last for n:m), then sparsify."""
+    if config.n_m_ratio is not None:
+        forward, back = encoding.moved_axis_perms(w.ndim, input_axis, to_front=False)
+        moved = w.transpose(forward)
+        mask = n_m_mask(moved.reshape(-1, w.shape[input_axis]), *config.n_m_ratio)
+        mask = mask.reshape(moved.shape).transpose(back)
+    elif config.block_size > 1:
+        forward, back = encoding.moved_axis_perms(w.ndim, output_axis)
+        moved = w.transpose(forward)
+        mask = block_mask(moved.reshape(w.shape[output_axis], -1), config.target_sparsity, config.block_size)
+        mask = mask.reshape(moved.shape).transpose(back)
+    else:
+        mask = magnitude_mask(w, config.target_sparsity)
+    dtype = None if config.quantize_dtype is None else config.quantize_dtype.numpy
+    return sparsify(np.ascontiguousarray(w), np.ascontiguousarray(mask), config.palettize_nbits, dtype, output_axis)
+
+
+class SparsifyPass(WeightPass):
+    """Replace each eligible weight by ``lowbit.SparseToDense(mask, values)`` per a :class:`SparsifyConfig`."""
+
+    name = "sparsify"
+
+    def __init__(self, config: SparsifyConfig) -> None:
+        super().__init__(config.weight_num_threshold, workers=1)
+        self.config = config
+
+    def prepare(self, ref: WeightRef, array: np.ndarray):
+        job = functools.partial(_prune, config=self.config, output_axis=ref.output_axis, input_axis=ref.input_axis)
+        return job, (array,)
+
+    def write(self, program: Program, ref: WeightRef, result: Sparsified) -> tuple[int, float]:
+        assert ref.value is not None
+        model, packed_mask = program.model, pack_bits(result.mask, 1)
+        if result.quantized is not None:  # DequantizeLinear(SparseToDense(mask, codes), per-channel scale)
+            codes = encoding.write_sparse(
+                model,
+                ref.value,
+                packed_mask=packed_mask,
+                values=result.quantized.q[result.mask],
+                shape=ref.shape,
+                replace=False,
+            )
+            out = encoding.write_dequantize_linear(
+                model,
+                ref.value,
+                q=codes,
+                scale=result.quantized.scale.reshape(-1),
+                zero_point=None,
+                axis=ref.output_axis,
+            )
+        else:
+            values: np.ndarray | ir.Value | None = result.values
+            if result.palettized is not None:
+                p = result.palettized
+                values = encoding.write_lut(
+                    model,
+                    _values_holder(ref, p.codes.size),
+                    packed=pack_bits(p.codes, p.n_bits),
+                    lut=p.lut,
+                    scale=None,
+                    n_bits=p.n_bits,
+                    canonical_shape=[p.codes.size],
+                    perm=[0],
+                    replace=False,
+                )
+            assert values is not None
+            out = encoding.write_sparse(model, ref.value, packed_mask=packed_mask, values=values, shape=ref.shape)
+        return encoding.stored_nbytes(out), (result.squared_error / result.energy if result.energy > 0 else 0.0)
+
+
+def _values_holder(ref: WeightRef, count: int) -> ir.Value:
+    """A typed stand-in for the non-zero values, which a LUT chain produces."""
+    return ir.Value(name=f"{ref.name}.values", type=ir.TensorType(ref.dtype), shape=ir.Shape([count]))
+
+
+def sparsify_weights(
+    program: Program,
+    target_sparsity: float,
+    block_size: int = 1,
+    n_m_ratio: tuple[int, int] | None = None,
+    quantize_dtype: DType | str | None = None,
+    palettize_nbits: int | None = None,
+    weight_num_threshold: int = 1024,
+    in_place: bool = False,
+) -> Program:
+    """Prune the smallest-magnitude weights to zero and store each weight as a 1-bit mask plus its non-zeros.
+
+    Parameters
+    ----------
+    program : the :class:`~lowbit.Program` to compress.
+    target_sparsity : fraction of zeros, ``0 <= target_sparsity < 1``: exactly ``round(target * numel)`` zeros
+        (already-zero elements count; ties go to the lower index). Ignored with ``n_m_ratio``.
+    block_size : ``> 1`` prunes whole blocks of this many consecutive output channels, ranked by L2 norm; a weight
+        whose channel count does not divide is skipped with a warning. Default 1 (unstructured).
+    n_m_ratio : ``(n, m)``: in every ``m`` consecutive input channels the ``n`` smallest become zero (2:4 is
+        ``(2, 4)``); a weight whose input-channel count does not divide by ``m`` is skipped with a warning.
+    quantize_dtype : ``INT8``: the non-zeros are also quantized, symmetric, one scale per output channel.
+    palettize_nbits : one of {1, 2, 3, 4, 6, 8}: the non-zeros are also palettized (per-tensor k-means over the
+        non-zeros only).
+    weight_num_threshold : weights with at most this many elements are left alone (default 1024).
+    in_place : False (default) returns a new Program; True rewrites ``program``.
+
+    Returns the sparse Program; ``result.report`` holds the per-weight :class:`CompressionReport`.
+
+    Raises ``ValueError`` for ``target_sparsity`` outside [0, 1), ``block_size < 1``, an invalid ``n_m_ratio``,
+    both ``quantize_dtype`` and ``palettize_nbits``, or an unsupported value of either; ``TypeError`` for arguments
+    of the wrong type.
+    """
+    config = SparsifyConfig(
+        target_sparsity=target_sparsity,
+        block_size=block_size,
+        n_m_ratio=n_m_ratio,
+        quantize_dtype=quantize_dtype,  # type: ignore[arg-type]
+        palettize_nbits=palettize_nbits,
+        weight_num_threshold=weight_num_threshold,
+    )
+    if not isinstance(in_place, bool):
+        raise TypeError(f"in_place must be a bool, got {type(in_place).__name__} {in_place!r}")
+    if not isinstance(program, Program):
+        raise TypeError(f"program must be a lowbit.Program (from lowbit.load), got {type(program).__name__}")
+    target = program if in_place else program.copy()
+    if config.quantize_dtype is not None and has_16bit_float_weights(target):
+        target.require_opset(DEQUANTIZE_16_BIT_OPSET)
+    report: CompressionReport = SparsifyPass(config)(target)
+    target.report = report
+    return target
