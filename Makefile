@@ -40,4 +40,4 @@ $(BENCH)/.ready: pyproject.toml benchmarks/requirements.txt
 	touch $@
 
 bench: $(BENCH)/.ready
-	cd benchmarks && ../$(BENCH)/bin/python palettize.py && ../$(BENCH)/bin/python quantize.py
+	cd benchmarks && ../$(BENCH)/bin/python palettize.py && ../$(BENCH)/bin/python quantize.py && ../$(BENCH)/bin/python sparsify.py
