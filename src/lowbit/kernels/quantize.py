@@ -154,11 +154,12 @@ def _block_min_max(load, x: np.ndarray, table: np.ndarray, g1: int) -> tuple[np.
                 high = max(high, v)
             lo[i, 0], hi[i, 0] = low, high
             continue
+        j = 0
         for t in range(row):
             v = load(x, i, t, table)
-            j = t % g1
             lo[i, j] = min(lo[i, j], v)
             hi[i, j] = max(hi[i, j], v)
+            j = j + 1 if j + 1 < g1 else 0
     return lo, hi
 
 
@@ -192,14 +193,15 @@ def _quantize_int(load, x, table, scale, zero_point, low, high, drop, subnormal_
     sse = 0.0
     energy = 0.0
     for i in range(g0):
+        j = 0  # the block of element t is t % g1, tracked without dividing
         for start in range(0, row, chunk):
             stop = min(start + chunk, row)
             for t in range(start, stop):
-                j = t % g1
                 s = scale[i, j]
                 code = min(max(np.rint(load(x, i, t, table) / s) + zero_point[i, j], low), high)
                 q[i, t] = np.int64(code)
                 buf[t - start] = np.float32(code - zero_point[i, j]) * np.float32(s)
+                j = j + 1 if j + 1 < g1 else 0
             _round_float32_bits(buf[: stop - start], drop, subnormal_below)
             for t in range(start, stop):
                 v = load(x, i, t, table)
