@@ -145,7 +145,8 @@ class WeightPass:
         report = CompressionReport()
         refs = program.weights()
         owned = self.executor is None
-        executor = default_executor(self.workers) if owned else self.executor
+        # a pool only pays for itself with several weights to share out
+        executor = default_executor(min(self.workers, len(refs))) if owned else self.executor
         try:
             with tqdm(total=len(refs), desc=self.name, unit="weight", disable=None, leave=False) as bar:
                 for ref, result in self._results(refs, report, executor):
