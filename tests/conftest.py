@@ -118,6 +118,29 @@ def peak_rss_anon() -> Iterator[list[int]]:
         result[0] = peak[0] - base
 
 
+def three_weights_program(dtype=np.float16, seed: int = 0) -> lowbit.Program:
+    """MatMul [K, N], Gemm(transB) [N, K] and Conv weights: the three channel layouts, in one program."""
+    rng = np.random.default_rng(seed)
+    weights = {
+        "mm": (rng.standard_t(4, (64, 96)) * 0.02).astype(dtype),
+        "gemm_t": (rng.standard_normal((32, 64)) * 0.05).astype(dtype),
+        "conv": (rng.standard_normal((32, 64, 3, 3)) * 0.1).astype(dtype),
+    }
+    weights["mm"][3, :5] = 0.0  # exact zeros, which some compressions must keep exact
+    ops = [("MatMul", "mm", {}), ("Gemm", "gemm_t", {"transB": 1}), ("Conv", "conv", {"pads": [1, 1, 1, 1]})]
+    return lowbit.Program(make_model(weights, ops))
+
+
+def three_weights_feeds(dtype=np.float16) -> dict[str, np.ndarray]:
+    """Inputs for :func:`three_weights_program`."""
+    rng = np.random.default_rng(1)
+    return {
+        "x0": rng.standard_normal((2, 64)).astype(dtype),
+        "x1": rng.standard_normal((2, 64)).astype(dtype),
+        "x2": rng.standard_normal((1, 64, 5, 5)).astype(dtype),
+    }
+
+
 @pytest.fixture
 def digits_path() -> Path:
     return DIGITS

@@ -8,34 +8,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import check_model, make_model, ort_session
+from conftest import check_model, make_model, ort_session, three_weights_feeds, three_weights_program
 
 import lowbit
 from lowbit import CompressionGranularity as G
 from lowbit import DType, QScheme
 from lowbit.kernels.quantize import INTEGER_DTYPES, element_range, quantize_linear
-
-
-def _program(dtype=np.float16, seed=0) -> lowbit.Program:
-    rng = np.random.default_rng(seed)
-    weights = {
-        "mm": (rng.standard_t(4, (64, 96)) * 0.02).astype(dtype),  # MatMul [K, N]: blocks run along axis 0
-        "gemm_t": (rng.standard_normal((32, 64)) * 0.05).astype(dtype),  # Gemm transB: [N, K]
-        "conv": (rng.standard_normal((32, 64, 3, 3)) * 0.1).astype(dtype),
-    }
-    weights["mm"][3, :5] = 0.0  # exact zeros must stay exact under asymmetric quantization
-    ops = [("MatMul", "mm", {}), ("Gemm", "gemm_t", {"transB": 1}), ("Conv", "conv", {"pads": [1, 1, 1, 1]})]
-    return lowbit.Program(make_model(weights, ops))
-
-
-def _feeds(dtype=np.float16) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(1)
-    return {
-        "x0": rng.standard_normal((2, 64)).astype(dtype),
-        "x1": rng.standard_normal((2, 64)).astype(dtype),
-        "x2": rng.standard_normal((1, 64, 5, 5)).astype(dtype),
-    }
-
 
 CONFIGS = [
     dict(dtype=DType.INT8),
@@ -60,12 +38,12 @@ def _ids(config):
 @pytest.mark.parametrize("weight_dtype", [np.float16, np.float32])
 @pytest.mark.parametrize("config", CONFIGS, ids=_ids)
 def test_ort_matches_decompressed(config, weight_dtype):
-    program = _program(weight_dtype)
+    program = three_weights_program(weight_dtype)
     out = lowbit.quantize_weights(program, **config)
     assert [r.name for r in out.report.compressed] == ["mm", "gemm_t", "conv"]
     check_model(out.model)
     dense = lowbit.decompress_weights(out)
-    feeds = _feeds(weight_dtype)
+    feeds = three_weights_feeds(weight_dtype)
     want = ort_session(dense.model, "disable").run(None, feeds)
     for level in ("disable", "basic"):
         for g, w in zip(ort_session(out.model, level).run(None, feeds), want, strict=True):
@@ -166,7 +144,7 @@ def test_asymmetric_constant_blocks_are_finite_and_exact():
 )
 def test_invalid_parameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        lowbit.quantize_weights(_program(), **kwargs)
+        lowbit.quantize_weights(three_weights_program(), **kwargs)
 
 
 def test_non_dividing_block_is_skipped_with_warning():
@@ -194,7 +172,7 @@ def test_int4_block_matmul_fuses_to_matmulnbits(tmp_path):
 
 
 def test_opset_and_ir_version_raised_only_as_needed():
-    program = _program(np.float32)
+    program = three_weights_program(np.float32)
     int8 = lowbit.quantize_weights(program, dtype=DType.INT8)
     assert int8.graph.opset_imports[""] == 17 and int8.model.ir_version == 8
     int4 = lowbit.quantize_weights(program, dtype=DType.INT4, granularity=G.PER_BLOCK)

@@ -99,6 +99,7 @@ def sparsify(
     """The sparse form of ``w`` under ``mask``; non-zeros optionally palettized (per-tensor k-means over the
     non-zeros only) or quantized (symmetric, one scale per ``channel_axis`` entry, from the kept values)."""
     check_finite(w)
+    mask = mask & (w != 0)  # zeros inside kept blocks are not stored either: they stay exact, pull no centroid
     values = w[mask]
     palettized = quantized = None
     if palettize_nbits is not None and values.size:

@@ -14,7 +14,7 @@ from lowbit.kernels.packing import pack_bits
 from lowbit.kernels.palettize import Palettized, palettize
 from lowbit.onnx import encoding
 from lowbit.onnx.discovery import WeightRef, has_16bit_float_weights
-from lowbit.onnx.passes import CompressionReport, SkipWeight, WeightPass
+from lowbit.onnx.passes import CompressionReport, SkipWeight, WeightPass, target_program
 from lowbit.onnx.program import Program
 from lowbit.types import CompressionGranularity, DType
 
@@ -174,11 +174,7 @@ def palettize_weights(
         rounding_precision=rounding_precision,
         mode=mode,
     )
-    if not isinstance(in_place, bool):
-        raise TypeError(f"in_place must be a bool, got {type(in_place).__name__} {in_place!r}")
-    if not isinstance(program, Program):
-        raise TypeError(f"program must be a lowbit.Program (from lowbit.load), got {type(program).__name__}")
-    target = program if in_place else program.copy()
+    target = target_program(program, in_place)
     if _needs_opset_19(config, target):
         target.require_opset(DEQUANTIZE_16_BIT_OPSET)
     report: CompressionReport = PalettizePass(config, executor)(target)

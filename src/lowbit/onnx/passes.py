@@ -15,13 +15,14 @@ import numpy as np
 import onnx_ir as ir
 from tqdm import tqdm
 
+from lowbit.config import check_bool
 from lowbit.kernels import CannotCompress
 from lowbit.onnx.discovery import WeightRef
 from lowbit.onnx.program import Program
 from lowbit.onnx.report import format_table
 from lowbit.types import FLOAT_WEIGHT_TYPES
 
-__all__ = ["CompressionReport", "SkipWeight", "WeightPass", "WeightResult"]
+__all__ = ["CompressionReport", "SkipWeight", "WeightPass", "WeightResult", "target_program"]
 
 
 class SkipWeight(Exception):
@@ -80,6 +81,17 @@ class CompressionReport:
             f"{body}\n{len(self.compressed)} compressed, {len(self.skipped)} skipped; "
             f"weights {before} -> {after} bytes ({ratio})"
         )
+
+
+def target_program(program: Program, in_place: bool) -> Program:
+    """The Program a pass rewrites: ``program`` itself when ``in_place``, else a copy sharing its tensor bytes.
+
+    Raises ``TypeError`` when ``program`` is not a :class:`Program` or ``in_place`` not a bool.
+    """
+    check_bool("in_place", in_place)
+    if not isinstance(program, Program):
+        raise TypeError(f"program must be a lowbit.Program (from lowbit.load), got {type(program).__name__}")
+    return program if in_place else program.copy()
 
 
 def default_executor(workers: int) -> Executor | None:

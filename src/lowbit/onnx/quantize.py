@@ -17,7 +17,7 @@ from lowbit.kernels.packing import pack_bits
 from lowbit.kernels.quantize import LinearQuantized, quantize_linear
 from lowbit.onnx import encoding
 from lowbit.onnx.discovery import WeightRef, has_16bit_float_weights
-from lowbit.onnx.passes import CompressionReport, SkipWeight, WeightPass
+from lowbit.onnx.passes import CompressionReport, SkipWeight, WeightPass, target_program
 from lowbit.onnx.program import Program
 from lowbit.types import CompressionGranularity, DType, QScheme
 
@@ -152,11 +152,7 @@ def quantize_weights(
         weight_num_threshold=weight_num_threshold,
         scale_dtype=scale_dtype,  # type: ignore[arg-type]
     )
-    if not isinstance(in_place, bool):
-        raise TypeError(f"in_place must be a bool, got {type(in_place).__name__} {in_place!r}")
-    if not isinstance(program, Program):
-        raise TypeError(f"program must be a lowbit.Program (from lowbit.load), got {type(program).__name__}")
-    target = program if in_place else program.copy()
+    target = target_program(program, in_place)
     opset, ir_version = _requirements(config, target)
     target.require_opset(opset)
     target.model.ir_version = max(target.model.ir_version, ir_version)

@@ -14,7 +14,7 @@ from lowbit.kernels.prune import Sparsified, block_mask, magnitude_mask, n_m_mas
 from lowbit.onnx import encoding
 from lowbit.onnx.discovery import WeightRef, has_16bit_float_weights
 from lowbit.onnx.palettize import DEQUANTIZE_16_BIT_OPSET
-from lowbit.onnx.passes import CompressionReport, WeightPass
+from lowbit.onnx.passes import CompressionReport, WeightPass, target_program
 from lowbit.onnx.program import Program
 from lowbit.types import DType
 
@@ -138,11 +138,7 @@ def sparsify_weights(
         palettize_nbits=palettize_nbits,
         weight_num_threshold=weight_num_threshold,
     )
-    if not isinstance(in_place, bool):
-        raise TypeError(f"in_place must be a bool, got {type(in_place).__name__} {in_place!r}")
-    if not isinstance(program, Program):
-        raise TypeError(f"program must be a lowbit.Program (from lowbit.load), got {type(program).__name__}")
-    target = program if in_place else program.copy()
+    target = target_program(program, in_place)
     if config.quantize_dtype is not None and has_16bit_float_weights(target):
         target.require_opset(DEQUANTIZE_16_BIT_OPSET)
     report: CompressionReport = SparsifyPass(config)(target)
