@@ -55,11 +55,21 @@ class PalettizePass(WeightPass):
             raise SkipWeight(f"group_size {cfg.group_size} does not divide by cluster_dim {cfg.cluster_dim}")
         return channels // cfg.group_size
 
+    def _layout(self, ref: WeightRef) -> tuple[list[int], list[int]]:
+        """(perm to the kernel's channel-first layout, perm back). One scalar LUT for the whole tensor has no
+        channel structure: the weight keeps its own layout and the transpose (a copy) is saved."""
+        cfg, rank = self.config, len(ref.shape)
+        single_lut = cfg.granularity == CompressionGranularity.PER_TENSOR and cfg.cluster_dim == 1
+        if single_lut and not cfg.enable_per_channel_scale:
+            return list(range(rank)), list(range(rank))
+        return encoding.moved_axis_perms(rank, ref.output_axis)
+
     def prepare(self, ref: WeightRef, array: np.ndarray):
         cfg = self.config
         groups = self._groups(ref)
-        forward, _ = encoding.moved_axis_perms(array.ndim, ref.output_axis)
-        canonical = np.ascontiguousarray(array.transpose(forward)).reshape(array.shape[ref.output_axis], -1)
+        forward, _ = self._layout(ref)
+        moved = np.ascontiguousarray(array.transpose(forward))
+        canonical = moved.reshape(moved.shape[0], -1)
         job = functools.partial(
             palettize,
             n_bits=cfg.n_bits,
@@ -75,8 +85,7 @@ class PalettizePass(WeightPass):
 
     def write(self, program: Program, ref: WeightRef, palettized: Palettized) -> tuple[int, float]:
         assert ref.value is not None
-        rank = len(ref.shape)
-        forward, back = encoding.moved_axis_perms(rank, ref.output_axis)
+        forward, back = self._layout(ref)
         lut: np.ndarray | ir.Value = palettized.lut
         if palettized.lut_quantized is not None:
             lut = _lut_dequantize_chain(program.model, ref.name, palettized)
