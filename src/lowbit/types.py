@@ -56,7 +56,8 @@ class DType(enum.Enum):
 
 _BY_ONNX = {member.onnx: member for member in DType}
 
-FLOAT_WEIGHT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
+# The weight element types the passes compress (float64 weights are left alone: no runtime wants them small).
+FLOAT_WEIGHT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
 
 
 class CompressionGranularity(enum.Enum):

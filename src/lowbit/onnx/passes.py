@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import onnx_ir as ir
 from tqdm import tqdm
 
 from lowbit.config import check_bool
@@ -125,7 +124,7 @@ class WeightPass:
         """Why ``ref`` is left alone before reading its data (None: go on)."""
         if ref.compression is not None:
             return f"already compressed ({ref.compression})"
-        if ref.dtype not in FLOAT_WEIGHT_TYPES or ref.dtype == ir.DataType.DOUBLE:
+        if ref.dtype not in FLOAT_WEIGHT_TYPES:
             return f"dtype {ref.dtype.name.lower()} is not float32/float16/bfloat16"
         if ref.numel <= self.weight_num_threshold:
             return f"{ref.numel} elements <= weight_num_threshold {self.weight_num_threshold}"
