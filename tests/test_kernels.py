@@ -7,8 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lowbit.kernels import CannotCompress
-from lowbit.kernels.histogram import assign_by_thresholds, distinct_values, key_values
+from lowbit.kernels.histogram import assign_by_thresholds, assign_packed, distinct_values, key_values
 from lowbit.kernels.kmeans1d import optimal_centroids
+from lowbit.kernels.packing import pack_bits
 from lowbit.kernels.palettize import palettize
 from lowbit.kernels.quantize import quantize_per_row
 
@@ -85,6 +86,19 @@ def test_assignment_is_nearest_entry():
     distance = np.abs(x.astype(np.float64)[:, :, None] - lut[:, None, :])
     chosen = np.take_along_axis(distance, codes[:, :, None].astype(int), axis=2)[:, :, 0]
     np.testing.assert_array_equal(chosen, distance.min(axis=2))
+
+
+@pytest.mark.parametrize("n_bits", [1, 2, 3, 4, 6, 8])
+@pytest.mark.parametrize("n", [1000, 1001])
+def test_packed_assignment_equals_packing_the_codes(n_bits, n):
+    rng = np.random.default_rng(n_bits)
+    x = rng.standard_normal((3, n)).astype(np.float16)
+    hist = distinct_values(x.view(np.uint16), np.dtype(np.float16))
+    lut = np.sort(rng.standard_normal((3, 1 << n_bits)), axis=1)
+    thresholds = (lut[:, 1:] + lut[:, :-1]) / 2
+    codes = assign_by_thresholds(x.view(np.uint16), np.dtype(np.float16), thresholds, hist.key_range)
+    packed = assign_packed(x.view(np.uint16), np.dtype(np.float16), thresholds, hist.key_range, n_bits)
+    np.testing.assert_array_equal(packed, pack_bits(codes, n_bits))
 
 
 def test_palettize_error_is_the_optimum_for_fp16():

@@ -26,3 +26,33 @@ def test_decompress_of_dense_minilm_is_identity(minilm_onnx, tmp_path):
     out = dense.save(tmp_path / "m.onnx")
     feeds = {"input_ids": np.array([[101, 2023, 2003, 102]]), "attention_mask": np.ones((1, 4), np.int64)}
     np.testing.assert_array_equal(ort_session(out).run(None, feeds)[0], ort_session(minilm_onnx).run(None, feeds)[0])
+
+
+def _embeddings(path_or_model, feeds):
+    hidden = ort_session(path_or_model, "all").run(None, feeds)[0]
+    mask = feeds["attention_mask"][..., None]
+    pooled = (hidden * mask).sum(axis=1) / mask.sum(axis=1)
+    return pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+
+
+def test_compressed_minilm_keeps_its_embeddings(minilm_onnx):
+    """End to end on a real model: every pass, ONNX Runtime at its default optimization level."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1000, 20000, (4, 12))
+    ids[:, 0], ids[:, -1] = 101, 102
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    program = lowbit.load(minilm_onnx)
+    reference = _embeddings(minilm_onnx, feeds)
+    cases = [
+        (lowbit.palettize_weights, dict(n_bits=4, granularity="per_grouped_channel", group_size=16), 0.98),
+        (lowbit.palettize_weights, dict(n_bits=6), 0.995),
+        (lowbit.quantize_weights, dict(dtype="int8"), 0.999),
+        (lowbit.quantize_weights, dict(dtype="int4", granularity="per_block", block_size=32), 0.98),
+        (lowbit.sparsify_weights, dict(target_sparsity=0.3), 0.95),
+    ]
+    for compress, kwargs, floor in cases:
+        kwargs = {"num_kmeans_workers": 1, **kwargs} if compress is lowbit.palettize_weights else kwargs
+        small = compress(program, **kwargs)
+        assert len(small.report.compressed) >= 37  # 36 linear layers + the word embeddings at least
+        cosine = float((_embeddings(small.model, feeds) * reference).sum(axis=1).min())
+        assert cosine > floor, (compress.__name__, kwargs, cosine)

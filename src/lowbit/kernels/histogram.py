@@ -14,10 +14,13 @@ import ml_dtypes
 import numba
 import numpy as np
 
+from lowbit.kernels.packing import pack_bits
+
 __all__ = [
     "SIXTEEN_BIT_FLOATS",
     "Histogram",
     "assign_by_thresholds",
+    "assign_packed",
     "bit_values",
     "distinct_values",
     "distinct_values_any",
@@ -143,22 +146,50 @@ def _drop_weightless(h: Histogram) -> Histogram:
 
 
 @numba.njit(cache=True, nogil=True)
+def _lookup(lookup: np.ndarray, thresholds: np.ndarray, g: int, table: np.ndarray, lo: int, hi: int) -> None:
+    """``lookup[k]`` = code of order key ``k`` in group ``g``: one monotone walk over the group's key range."""
+    j = 0
+    t = thresholds.shape[1]
+    for k in range(lo, hi + 1):
+        v = table[k]
+        while j < t and v > thresholds[g, j]:
+            j += 1
+        lookup[k] = j
+
+
+@numba.njit(cache=True, nogil=True)
 def _assign(bits: np.ndarray, thresholds: np.ndarray, table: np.ndarray, key_range: np.ndarray) -> np.ndarray:
     groups, n = bits.shape
     codes = np.empty((groups, n), np.uint8)
     lookup = np.empty(1 << 16, np.uint8)
-    t = thresholds.shape[1]
     for g in range(groups):
-        lo, hi = key_range[g, 0], key_range[g, 1]
-        j = 0
-        for k in range(lo, hi + 1):
-            v = table[k]
-            while j < t and v > thresholds[g, j]:
-                j += 1
-            lookup[k] = j
+        _lookup(lookup, thresholds, g, table, key_range[g, 0], key_range[g, 1])
         for e in range(n):
             codes[g, e] = lookup[_key(bits[g, e])]
     return codes
+
+
+@numba.njit(cache=True, nogil=True)
+def _assign_nibbles(bits, thresholds, table, key_range) -> np.ndarray:
+    """:func:`_assign` for 4-bit codes written straight into bytes of two (low nibble first), as
+    :func:`~lowbit.kernels.packing.pack_bits` lays them out; every group has an even size."""
+    groups, n = bits.shape
+    row = n // 2
+    out = np.empty(groups * row, np.uint8)
+    lookup = np.empty(1 << 16, np.uint8)
+    for g in range(groups):
+        _lookup(lookup, thresholds, g, table, key_range[g, 0], key_range[g, 1])
+        for o in range(row):
+            out[g * row + o] = lookup[_key(bits[g, 2 * o])] | (lookup[_key(bits[g, 2 * o + 1])] << 4)
+    return out
+
+
+def assign_packed(bits: np.ndarray, dtype: np.dtype, thresholds: np.ndarray, key_range: np.ndarray, n_bits: int):
+    """``pack_bits(assign_by_thresholds(...), n_bits)``; 4-bit codes of even-sized groups in one pass."""
+    if n_bits != 4 or bits.shape[1] % 2:
+        return pack_bits(assign_by_thresholds(bits, dtype, thresholds, key_range), n_bits)
+    thresholds = np.ascontiguousarray(thresholds, np.float64)
+    return _assign_nibbles(np.ascontiguousarray(bits), thresholds, key_values(dtype), key_range)
 
 
 def assign_by_thresholds(

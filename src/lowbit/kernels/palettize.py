@@ -10,13 +10,14 @@ from lowbit.kernels import CannotCompress, check_finite
 from lowbit.kernels.decode import lut_decode
 from lowbit.kernels.histogram import (
     SIXTEEN_BIT_FLOATS,
-    assign_by_thresholds,
+    assign_packed,
     distinct_values,
     distinct_values_any,
     squared_error,
 )
 from lowbit.kernels.kmeans1d import optimal_centroids
 from lowbit.kernels.kmeans_vector import vector_kmeans
+from lowbit.kernels.packing import pack_bits, unpack_bits
 from lowbit.kernels.quantize import Quantized, quantize_per_row
 
 __all__ = ["Palettized", "palettize"]
@@ -29,18 +30,25 @@ FP16_MAX = 65504.0
 class Palettized:
     """A palettized ``[C, R]`` weight: ``decode() = lut[group, codes] * scale[channel]``.
 
-    ``codes``: ``[C / cluster_dim, R]`` uint8. ``lut``: ``[G, 2**n_bits, cluster_dim]`` in the weight dtype (already
-    dequantized when ``lut_quantized`` is set). ``scale``: per-channel ``[C]`` or None. ``squared_error``: sum of
-    squared differences between ``decode()`` and the input, in float64.
+    ``packed``: the ``[C / cluster_dim, R]`` codes (``codes_shape``), n-bit packed as :func:`pack_bits` does.
+    ``lut``: ``[G, 2**n_bits, cluster_dim]`` in the weight dtype (already dequantized when ``lut_quantized`` is set).
+    ``scale``: per-channel ``[C]`` or None. ``squared_error``: sum of squared differences between ``decode()`` and
+    the input, in float64.
     """
 
-    codes: np.ndarray
+    packed: np.ndarray
+    codes_shape: tuple[int, int]
     lut: np.ndarray
     scale: np.ndarray | None
     n_bits: int
     lut_quantized: Quantized | None
     squared_error: float
     energy: float  # sum of the input's squares, float64: rel-MSE = squared_error / energy
+
+    @property
+    def codes(self) -> np.ndarray:
+        rows, cols = self.codes_shape
+        return unpack_bits(self.packed, self.n_bits, rows * cols).reshape(rows, cols)
 
     def decode(self) -> np.ndarray:
         return lut_decode(self.codes, self.lut, self.scale)
@@ -73,8 +81,8 @@ def _finish_lut(centroids: np.ndarray, dtype: np.dtype, lut_dtype: np.dtype | No
     return quantized.decode().astype(dtype), quantized
 
 
-def _scalar(x, dtype, groups, k, mode, fast, lut_dtype, importance):
-    """Returns (codes (G, n), lut (G, k), quantized LUT, (squared error, energy) or None when to be measured)."""
+def _scalar(x, dtype, groups, k, n_bits, mode, fast, lut_dtype, importance):
+    """Returns (packed codes, lut (G, k), quantized LUT, (squared error, energy) or None when to be measured)."""
     xg = x.reshape(groups, -1)
     imp = None if importance is None else importance.reshape(groups, -1)
     exact_values = xg.dtype in SIXTEEN_BIT_FLOATS
@@ -86,7 +94,7 @@ def _scalar(x, dtype, groups, k, mode, fast, lut_dtype, importance):
 
         def assign(thresholds: np.ndarray) -> np.ndarray:
             assert hist.key_range is not None
-            return assign_by_thresholds(bits, keyed.dtype, thresholds, hist.key_range)
+            return assign_packed(bits, keyed.dtype, thresholds, hist.key_range, n_bits)
     else:
         exact_values = False
         check_finite(xg)
@@ -94,17 +102,18 @@ def _scalar(x, dtype, groups, k, mode, fast, lut_dtype, importance):
 
         def assign(thresholds: np.ndarray) -> np.ndarray:
             rows = xg.astype(np.float64)
-            return np.stack([np.searchsorted(t, row, side="left") for t, row in zip(thresholds, rows, strict=True)])
+            codes = [np.searchsorted(t, row, side="left") for t, row in zip(thresholds, rows, strict=True)]
+            return pack_bits(np.stack(codes), n_bits)
 
     values, weights, offsets, _ = hist
     lut, quantized = _finish_lut(_group_centroids(values, weights, offsets, k, mode), dtype, lut_dtype)
     thresholds = _midpoints(lut)
-    codes = assign(thresholds).astype(np.uint8, copy=False)
+    packed = assign(thresholds)
     measured = None
     if exact_values and imp is None:  # the histogram holds every value: error and energy are exact from it
         sse = float(squared_error(values, weights, offsets, lut, thresholds).sum())
         measured = (sse, float(np.dot(weights, values * values)))
-    return codes, lut, quantized, measured
+    return packed, lut, quantized, measured
 
 
 def _vector(x, dtype, groups, k, cd, mode, lut_dtype, seed, importance):
@@ -173,16 +182,17 @@ def palettize(
         x = (w.astype(np.float32) / scale.astype(np.float32)[:, None]).astype(dtype)
     measured = None
     if cluster_dim == 1:
-        codes, lut, quantized, measured = _scalar(x, dtype, groups, k, mode, fast, lut_dtype, importance)
-        codes = codes.reshape(channels, -1)
+        packed, lut, quantized, measured = _scalar(x, dtype, groups, k, n_bits, mode, fast, lut_dtype, importance)
+        codes_shape = (channels, x.size // channels)
         lut = lut.reshape(groups, k, 1)
         if quantized is not None:
             quantized = replace(quantized, q=quantized.q.reshape(groups, k, 1))
     else:
         check_finite(x)
         codes, lut, quantized = _vector(x, dtype, groups, k, cluster_dim, mode, lut_dtype, seed, importance)
-        codes = codes.reshape(channels // cluster_dim, -1)
-    result = Palettized(codes, lut, scale, n_bits, quantized, 0.0, 0.0)
+        packed = pack_bits(codes, n_bits)
+        codes_shape = (channels // cluster_dim, x.size // channels)
+    result = Palettized(packed, codes_shape, lut, scale, n_bits, quantized, 0.0, 0.0)
     if measured is None or scale is not None:
         diff = result.decode().astype(np.float64) - w.astype(np.float64)
         measured = (float(np.einsum("ij,ij->", diff, diff)), float(np.einsum("ij,ij->", w, w, dtype=np.float64)))

@@ -10,7 +10,6 @@ import numpy as np
 import onnx_ir as ir
 
 from lowbit.config import PalettizeConfig
-from lowbit.kernels.packing import pack_bits
 from lowbit.kernels.palettize import Palettized, palettize
 from lowbit.onnx import encoding
 from lowbit.onnx.discovery import WeightRef, has_16bit_float_weights
@@ -92,7 +91,7 @@ class PalettizePass(WeightPass):
         out = encoding.write_lut(
             program.model,
             ref.value,
-            packed=pack_bits(palettized.codes, palettized.n_bits),
+            packed=palettized.packed,
             lut=lut,
             scale=palettized.scale,
             n_bits=palettized.n_bits,

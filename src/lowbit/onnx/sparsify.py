@@ -76,14 +76,15 @@ class SparsifyPass(WeightPass):
             values: np.ndarray | ir.Value | None = result.values
             if result.palettized is not None:
                 p = result.palettized
+                count = p.codes_shape[0] * p.codes_shape[1]
                 values = encoding.write_lut(
                     model,
-                    _values_holder(ref, p.codes.size),
-                    packed=pack_bits(p.codes, p.n_bits),
+                    _values_holder(ref, count),
+                    packed=p.packed,
                     lut=p.lut,
                     scale=None,
                     n_bits=p.n_bits,
-                    canonical_shape=[p.codes.size],
+                    canonical_shape=[count],
                     perm=[0],
                     replace=False,
                 )
