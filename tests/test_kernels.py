@@ -50,6 +50,16 @@ def test_optimal_centroids_match_brute_force(m, k, seed, weighted):
         assert sse_of(x, w, centroids) <= brute_force_sse(x, w, k) * (1 + 1e-9) + 1e-12
 
 
+def test_threads_do_not_change_the_result():
+    rng = np.random.default_rng(7)
+    parts = [np.unique(np.round(rng.standard_normal(n), 3)) for n in (500, 40, 800, 3, 300)]
+    x = np.concatenate(parts)
+    offsets = np.concatenate([[0], np.cumsum([len(p) for p in parts])])
+    one = optimal_centroids(x, np.ones_like(x), offsets, 8)
+    for threads in (2, 3, 8):
+        np.testing.assert_array_equal(optimal_centroids(x, np.ones_like(x), offsets, 8, threads), one)
+
+
 def test_groups_are_independent():
     rng = np.random.default_rng(0)
     parts = [np.unique(rng.standard_normal(n)) for n in (50, 3, 80)]

@@ -11,6 +11,8 @@ distinct values, not on the weight count.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numba
 import numpy as np
 
@@ -116,7 +118,9 @@ def _solve_groups(x: np.ndarray, w: np.ndarray, offsets: np.ndarray, k: int) -> 
     return out
 
 
-def optimal_centroids(values: np.ndarray, weights: np.ndarray, offsets: np.ndarray, k: int) -> np.ndarray:
+def optimal_centroids(
+    values: np.ndarray, weights: np.ndarray, offsets: np.ndarray, k: int, threads: int = 1
+) -> np.ndarray:
     """Optimal ``k`` centroids (ascending) per group, in float64.
 
     Parameters
@@ -125,10 +129,21 @@ def optimal_centroids(values: np.ndarray, weights: np.ndarray, offsets: np.ndarr
     weights : multiplicity (or importance) of each value, > 0.
     offsets : ``G + 1`` run boundaries into ``values``; every group is non-empty.
     k : number of centroids. A group with ``m <= k`` distinct values gets them exactly, the last one repeated.
+    threads : split the groups over this many threads (the compiled solver releases the GIL); the result does
+        not depend on it.
     """
-    return _solve_groups(
-        np.ascontiguousarray(values, np.float64),
-        np.ascontiguousarray(weights, np.float64),
-        np.ascontiguousarray(offsets, np.int64),
-        int(k),
-    )
+    values = np.ascontiguousarray(values, np.float64)
+    weights = np.ascontiguousarray(weights, np.float64)
+    offsets = np.ascontiguousarray(offsets, np.int64)
+    groups = len(offsets) - 1
+    chunks = min(int(threads), groups)
+    if chunks <= 1:
+        return _solve_groups(values, weights, offsets, int(k))
+    bounds = np.linspace(0, groups, chunks + 1).astype(int)
+
+    def solve(a: int, b: int) -> np.ndarray:
+        lo, hi = offsets[a], offsets[b]
+        return _solve_groups(values[lo:hi], weights[lo:hi], offsets[a : b + 1] - lo, int(k))
+
+    with ThreadPoolExecutor(chunks) as pool:
+        return np.concatenate(list(pool.map(solve, bounds[:-1], bounds[1:])))

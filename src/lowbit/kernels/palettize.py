@@ -59,10 +59,10 @@ def _midpoints(lut: np.ndarray) -> np.ndarray:
     return (table[:, 1:] + table[:, :-1]) / 2
 
 
-def _group_centroids(values, weights, offsets, k: int, mode: str) -> np.ndarray:
+def _group_centroids(values, weights, offsets, k: int, mode: str, threads: int = 1) -> np.ndarray:
     """(G, k) float64 centroids, ascending, from each group's sorted distinct values."""
     if mode == "kmeans":
-        return optimal_centroids(values, weights, offsets, k)
+        return optimal_centroids(values, weights, offsets, k, threads)
     counts = np.diff(offsets)
     if mode == "uniform":
         low, high = values[offsets[:-1]], values[offsets[1:] - 1]
@@ -81,7 +81,7 @@ def _finish_lut(centroids: np.ndarray, dtype: np.dtype, lut_dtype: np.dtype | No
     return quantized.decode().astype(dtype), quantized
 
 
-def _scalar(x, dtype, groups, k, n_bits, mode, fast, lut_dtype, importance):
+def _scalar(x, dtype, groups, k, n_bits, mode, fast, lut_dtype, importance, threads):
     """Returns (packed codes, lut (G, k), quantized LUT, (squared error, energy) or None when to be measured)."""
     xg = x.reshape(groups, -1)
     imp = None if importance is None else importance.reshape(groups, -1)
@@ -106,7 +106,7 @@ def _scalar(x, dtype, groups, k, n_bits, mode, fast, lut_dtype, importance):
             return pack_bits(np.stack(codes), n_bits)
 
     values, weights, offsets, _ = hist
-    lut, quantized = _finish_lut(_group_centroids(values, weights, offsets, k, mode), dtype, lut_dtype)
+    lut, quantized = _finish_lut(_group_centroids(values, weights, offsets, k, mode, threads), dtype, lut_dtype)
     thresholds = _midpoints(lut)
     packed = assign(thresholds)
     measured = None
@@ -150,6 +150,7 @@ def palettize(
     lut_dtype: np.dtype | None = None,
     importance: np.ndarray | None = None,
     seed: int = 0,
+    threads: int = 1,
 ) -> Palettized:
     """Palettize ``w`` (``[C, R]``, float) with ``groups`` LUTs of ``2**n_bits`` entries.
 
@@ -165,6 +166,7 @@ def palettize(
     lut_dtype : quantize LUT entries to int8/uint8/fp8 with one scale per LUT (None: weight dtype).
     importance : optional per-element non-negative weights of the squared error (sensitivity).
     seed : seed of vector k-means++.
+    threads : threads for the per-group k-means (the result does not depend on it).
 
     Raises :class:`~lowbit.kernels.CannotCompress` (a ValueError) when the weight cannot be palettized as asked.
     """
@@ -182,7 +184,9 @@ def palettize(
         x = (w.astype(np.float32) / scale.astype(np.float32)[:, None]).astype(dtype)
     measured = None
     if cluster_dim == 1:
-        packed, lut, quantized, measured = _scalar(x, dtype, groups, k, n_bits, mode, fast, lut_dtype, importance)
+        packed, lut, quantized, measured = _scalar(
+            x, dtype, groups, k, n_bits, mode, fast, lut_dtype, importance, threads
+        )
         codes_shape = (channels, x.size // channels)
         lut = lut.reshape(groups, k, 1)
         if quantized is not None:

@@ -79,6 +79,7 @@ class PalettizePass(WeightPass):
             fast=cfg.enable_fast_kmeans_mode,
             lut_dtype=None if cfg.lut_dtype is None else cfg.lut_dtype.numpy,
             seed=zlib.crc32(ref.name.encode()),
+            threads=self.kernel_threads,
         )
         return job, (canonical,)
 

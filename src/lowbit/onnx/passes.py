@@ -111,6 +111,7 @@ class WeightPass:
         self.weight_num_threshold = weight_num_threshold
         self.workers = workers
         self.executor = executor
+        self.kernel_threads = 1  # threads a kernel may use: set per run (workers when the kernels run here)
 
     def prepare(self, ref: WeightRef, array: np.ndarray) -> tuple[Callable[..., Any], tuple]:
         """Return ``(function, args)`` computing this weight's result (picklable), or raise :class:`SkipWeight`."""
@@ -156,8 +157,9 @@ class WeightPass:
         report = CompressionReport()
         refs = program.weights()
         owned = self.executor is None
-        # a pool only pays for itself with several weights to share out
+        # a pool only pays for itself with several weights to share out; with one, its kernel may use threads
         executor = default_executor(min(self.workers, len(refs))) if owned else self.executor
+        self.kernel_threads = self.workers if executor is None else 1
         try:
             with tqdm(total=len(refs), desc=self.name, unit="weight", disable=None, leave=False) as bar:
                 for ref, result in self._results(refs, report, executor):
