@@ -82,6 +82,16 @@ def ort_session(source: ir.Model | Path, level: str = "disable") -> ort.Inferenc
     return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
+def ort_weights(program: lowbit.Program, feeds: dict[str, np.ndarray], level: str = "disable") -> dict:
+    """ONNX Runtime's own decode of every weight of ``program`` (each exposed as a graph output), and the model's
+    outputs, by name."""
+    probe = program.copy()
+    for w in probe.weights():
+        probe.graph.outputs.append(w.value)
+    session = ort_session(probe.model, level)
+    return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds), strict=True))
+
+
 def check_model(model: ir.Model) -> None:
     onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
 

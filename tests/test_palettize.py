@@ -219,3 +219,22 @@ def test_bfloat16_and_fp32_exact_mode():
             out = lowbit.palettize_weights(program, enable_fast_kmeans_mode=fast, num_kmeans_workers=1)
             (row,) = out.report.compressed
             assert 0 < row.rel_mse < 0.02
+
+
+def test_worker_processes_from_a_script_on_stdin():
+    """The default process pool also works when the main script has no file (python - < script)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import numpy as np, lowbit, sys\n"
+        "sys.path.insert(0, 'tests')\n"
+        "from conftest import three_weights_program\n"
+        "out = lowbit.palettize_weights(three_weights_program(), num_kmeans_workers=2)\n"
+        "print(len(out.report.compressed))\n"
+    )
+    from conftest import ROOT
+
+    result = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, cwd=ROOT, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "3"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import os
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
@@ -97,7 +99,11 @@ def default_executor(workers: int) -> Executor | None:
     """A process pool of ``workers`` (None for one worker: run in this process)."""
     if workers <= 1:
         return None
-    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    methods = multiprocessing.get_all_start_methods()
+    # forkserver/spawn children re-import the main script: impossible when it came from stdin
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    importable = main_file is None or os.path.exists(main_file)
+    method = next(m for m in (("forkserver", "spawn", "fork") if importable else ("fork", "spawn")) if m in methods)
     return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method))
 
 
