@@ -121,13 +121,16 @@ def write_lut(
     graph, base = model.graph, weight.name or "weight"
     lut_value = lut if isinstance(lut, ir.Value) else add_initializer(graph, f"{base}.lut", lut)
     dtype = _dtype_of(lut_value).numpy()
-    scale_array = np.ones((1, 1), dtype) if scale is None else np.asarray(scale, dtype).reshape(-1, 1)
+    if scale is None:
+        scale_value = _shared(graph, f"lowbit.one.{dtype.name}", lambda: np.ones((1, 1), dtype))
+    else:
+        scale_value = add_initializer(graph, f"{base}.scale", np.asarray(scale, dtype).reshape(-1, 1))
     node = ir.node(
         fn.LUT_TO_DENSE,
         [
             add_initializer(graph, f"{base}.indices", packed),
             lut_value,
-            add_initializer(graph, f"{base}.scale", scale_array),
+            scale_value,
         ],
         attributes={"n_bits": int(n_bits), "shape": [int(d) for d in canonical_shape], "perm": list(perm)},
         domain=fn.DOMAIN,
@@ -185,7 +188,7 @@ def write_mx(
         [
             add_initializer(graph, f"{base}.codes", packed_codes),
             add_initializer(graph, f"{base}.exponents", exponents.astype(np.uint8).reshape(-1)),
-            _shared_table(graph, element),
+            _shared(graph, f"lowbit.values.{np.dtype(element).name}", lambda: value_table(element)),
         ],
         attributes={
             "n_bits": int(n_bits),
@@ -200,10 +203,10 @@ def write_mx(
     return _emit(model, weight, node, replace)
 
 
-def _shared_table(graph: ir.Graph, element: np.dtype) -> ir.Value:
-    name = f"lowbit.values.{np.dtype(element).name}"
+def _shared(graph: ir.Graph, name: str, make: Callable[[], np.ndarray]) -> ir.Value:
+    """The initializer ``name``, created by ``make()`` the first time a weight needs it (one per model)."""
     existing = graph.initializers.get(name)
-    return existing if existing is not None else add_initializer(graph, name, value_table(element))
+    return existing if existing is not None else add_initializer(graph, name, make())
 
 
 def write_dequantize_linear(
