@@ -5,7 +5,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["vector_kmeans"]
+__all__ = ["nearest_centers", "vector_kmeans"]
 
 MAX_ITERATIONS = 100
 
@@ -90,3 +90,10 @@ def vector_kmeans(points: np.ndarray, k: int, seed: int, weights: np.ndarray | N
     labels = np.full(len(pts), -1, np.int64)
     _lloyd(pts, mass, centers, labels)
     return centers
+
+
+def nearest_centers(points: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """Index of the nearest of ``centers`` (``(k, dim)``) for each of ``points`` (``(n, dim)``); ties: the lower."""
+    labels = np.full(len(points), -1, np.int64)
+    _nearest(np.ascontiguousarray(points, np.float64), np.ascontiguousarray(centers, np.float64), labels)
+    return labels

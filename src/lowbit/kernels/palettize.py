@@ -16,7 +16,7 @@ from lowbit.kernels.histogram import (
     squared_error,
 )
 from lowbit.kernels.kmeans1d import optimal_centroids
-from lowbit.kernels.kmeans_vector import vector_kmeans
+from lowbit.kernels.kmeans_vector import nearest_centers, vector_kmeans
 from lowbit.kernels.packing import pack_bits, unpack_bits
 from lowbit.kernels.quantize import Quantized, quantize_per_row
 
@@ -134,8 +134,7 @@ def _vector(x, dtype, groups, k, cd, mode, lut_dtype, seed, importance):
     table = lut.astype(np.float64)
     codes = np.empty(points.shape[:2], np.uint8)
     for g in range(groups):
-        d = ((points[g][:, None, :] - table[g][None, :, :]) ** 2).sum(axis=2)
-        codes[g] = d.argmin(axis=1)
+        codes[g] = nearest_centers(points[g], table[g])
     return codes, lut, quantized
 
 
