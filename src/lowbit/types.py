@@ -48,13 +48,6 @@ class DType(enum.Enum):
     def bits(self) -> int:
         return self.value.bits
 
-    @classmethod
-    def from_onnx(cls, data_type: ir.DataType) -> DType | None:
-        """The DType stored as ONNX ``data_type``, or None when lowbit has no name for it."""
-        return _BY_ONNX.get(data_type)
-
-
-_BY_ONNX = {member.onnx: member for member in DType}
 
 # The weight element types the passes compress (float64 weights are left alone: no runtime wants them small).
 FLOAT_WEIGHT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16})

@@ -225,11 +225,7 @@ _OUTPUT_ROUNDING = {  # (float32 mantissa bits dropped, biased float32 exponent 
 
 def _as_float64(x: np.ndarray) -> np.ndarray:
     """float64 copy of ``x``; 16-bit floats go through a 65,536-entry table (numpy's fp16 cast is slow)."""
-    return _bit_table(x.dtype)[x.view(np.uint16)] if x.dtype.itemsize == 2 else x.astype(np.float64)
-
-
-def _bit_table(dtype: np.dtype) -> np.ndarray:
-    return bit_values(dtype)
+    return bit_values(x.dtype)[x.view(np.uint16)] if x.dtype.itemsize == 2 else x.astype(np.float64)
 
 
 def _integer_params(lo, hi, dtype, symmetric, scale_dtype):
@@ -275,7 +271,7 @@ def quantize_linear(
     if dtype in INTEGER_DTYPES and layout is not None:
         g0, b, g1 = layout
         if x.dtype.itemsize == 2:  # 16-bit floats are read through a table: numpy's fp16 casts are slow
-            load, rows, table = _through_table, x.view(np.uint16).reshape(g0, b * g1), _bit_table(x.dtype)
+            load, rows, table = _through_table, x.view(np.uint16).reshape(g0, b * g1), bit_values(x.dtype)
         else:
             load, rows, table = _direct, x.reshape(g0, b * g1), np.zeros(1)
         lo, hi = _block_min_max(load, rows, table, g1)
