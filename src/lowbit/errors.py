@@ -1,8 +1,8 @@
-"""Exceptions lowbit raises for bad input that is the user's to fix."""
+"""Exceptions lowbit raises: bad input that is the user's to fix, and the one way a weight is refused."""
 
 from __future__ import annotations
 
-__all__ = ["LowbitError", "ModelLoadError"]
+__all__ = ["LowbitError", "ModelLoadError", "SkipWeight"]
 
 
 class LowbitError(Exception):
@@ -11,3 +11,17 @@ class LowbitError(Exception):
 
 class ModelLoadError(LowbitError, ValueError):
     """A file that is missing, not an ONNX model, truncated, or otherwise unreadable."""
+
+
+class SkipWeight(ValueError):
+    """Why a weight is left as it is: the one way every layer (kernels, the weight layer, the ONNX passes, the
+    torch palettizers) refuses a weight. The front ends record ``reason`` in the report and warn with it unless
+    ``warn`` is False (a weight below the size threshold is expected, not news)."""
+
+    def __init__(self, reason: str, warn: bool = True) -> None:
+        super().__init__(reason, warn)  # both in args: the refusal survives pickling across a process pool
+        self.reason = reason
+        self.warn = warn
+
+    def __str__(self) -> str:
+        return self.reason

@@ -1,13 +1,16 @@
-"""numpy-only compression kernels: arrays in, arrays out. Nothing here imports onnx or torch."""
+"""numpy-only compression kernels: arrays in, arrays out. Nothing here imports onnx or torch.
+
+A kernel refuses a weight it cannot compress as asked by raising :class:`~lowbit.errors.SkipWeight`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lowbit.errors import SkipWeight
 
 
-class CannotCompress(ValueError):
-    """A kernel's refusal: this weight cannot be compressed as asked (passes skip it with a warning)."""
-
-
-def check_finite(values) -> None:
-    """Raise :class:`CannotCompress` when ``values`` holds NaN or Inf."""
-    import numpy as np
-
+def check_finite(values: np.ndarray) -> None:
+    """Raise :class:`~lowbit.errors.SkipWeight` when ``values`` holds NaN or Inf."""
     if not np.isfinite(values).all():
-        raise CannotCompress("contains NaN or Inf")
+        raise SkipWeight("contains NaN or Inf")

@@ -6,7 +6,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from lowbit.kernels import CannotCompress, check_finite
+from lowbit.errors import SkipWeight
+from lowbit.kernels import check_finite
 from lowbit.kernels.decode import lut_decode
 from lowbit.kernels.histogram import (
     SIXTEEN_BIT_FLOATS,
@@ -69,7 +70,7 @@ def _group_centroids(values, weights, offsets, k: int, mode: str, threads: int =
         return low[:, None] + (high - low)[:, None] * np.linspace(0.0, 1.0, k)[None, :]
     worst = int(counts.max())
     if worst > k:
-        raise CannotCompress(f"mode='unique' needs at most {k} distinct values per LUT, found {worst}")
+        raise SkipWeight(f"mode='unique' needs at most {k} distinct values per LUT, found {worst}")
     return optimal_centroids(values, weights, offsets, k)  # m <= k: exactly the distinct values
 
 
@@ -123,12 +124,12 @@ def _vector(x, dtype, groups, k, cd, mode, lut_dtype, seed, importance):
     if importance is not None:
         imp = importance.reshape(channels // cd, cd, r).transpose(0, 2, 1).reshape(groups, -1, cd).sum(axis=2)
     if mode == "uniform":
-        raise CannotCompress("mode='uniform' is scalar only; use cluster_dim=1")
+        raise SkipWeight("mode='uniform' is scalar only; use cluster_dim=1")
     centers = []
     for g in range(groups):
         c = vector_kmeans(points[g], k, seed + g, None if imp is None else imp[g])
         if mode == "unique" and len(np.unique(points[g], axis=0)) > k:
-            raise CannotCompress(f"mode='unique' needs at most {k} distinct vectors per LUT")
+            raise SkipWeight(f"mode='unique' needs at most {k} distinct vectors per LUT")
         centers.append(c)
     lut, quantized = _finish_lut(np.stack(centers), dtype, lut_dtype)
     table = lut.astype(np.float64)
@@ -167,13 +168,13 @@ def palettize(
     seed : seed of vector k-means++.
     threads : threads for the per-group k-means (the result does not depend on it).
 
-    Raises :class:`~lowbit.kernels.CannotCompress` (a ValueError) when the weight cannot be palettized as asked.
+    Raises :class:`~lowbit.errors.SkipWeight` when the weight cannot be palettized as asked.
     """
     if w.ndim != 2:
-        raise CannotCompress(f"expected a [C, R] array, got shape {w.shape}")
+        raise SkipWeight(f"expected a [C, R] array, got shape {w.shape}")
     channels = w.shape[0]
     if channels % groups or (channels // groups) % cluster_dim:
-        raise CannotCompress(f"{channels} channels do not split into {groups} LUT(s) of vectors of {cluster_dim}")
+        raise SkipWeight(f"{channels} channels do not split into {groups} LUT(s) of vectors of {cluster_dim}")
     dtype, k = w.dtype, 1 << n_bits
     scale = None
     x = w

@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from lowbit.kernels import CannotCompress, check_finite
+from lowbit.errors import SkipWeight
+from lowbit.kernels import check_finite
 from lowbit.kernels.palettize import Palettized, palettize
 from lowbit.kernels.quantize import LinearQuantized, quantize_linear
 
@@ -46,7 +47,7 @@ def block_mask(w: np.ndarray, target: float, block: int) -> np.ndarray:
     ``round(target * blocks)`` of them."""
     channels, rest = w.shape
     if channels % block:
-        raise CannotCompress(f"{channels} output channels do not divide by block_size {block}")
+        raise SkipWeight(f"{channels} output channels do not divide by block_size {block}")
     norms = np.sqrt(np.square(w.astype(np.float64)).reshape(channels // block, block, rest).sum(axis=1))
     count = round(target * norms.size)
     pruned = norms == 0 if int((norms == 0).sum()) >= count else _smallest(norms, count)
@@ -58,7 +59,7 @@ def n_m_mask(w: np.ndarray, n: int, m: int) -> np.ndarray:
     (ties: the lower index is pruned first)."""
     rows, k = w.shape
     if k % m:
-        raise CannotCompress(f"{k} input channels do not divide by m={m} of the n:m ratio")
+        raise SkipWeight(f"{k} input channels do not divide by m={m} of the n:m ratio")
     groups = np.abs(w.astype(np.float32)).reshape(-1, m)
     order = np.argsort(groups, axis=1, kind="stable")
     keep = np.ones(groups.shape, bool)

@@ -15,7 +15,8 @@ import ml_dtypes
 import numba
 import numpy as np
 
-from lowbit.kernels import CannotCompress, check_finite
+from lowbit.errors import SkipWeight
+from lowbit.kernels import check_finite
 from lowbit.kernels.decode import dequantize_linear, mx_decode, value_table
 from lowbit.kernels.histogram import bit_values
 
@@ -88,7 +89,7 @@ def _resolve(block: tuple[int, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
     resolved = tuple(n if b == 0 else b for n, b in zip(shape, block, strict=True))
     for axis, (n, b) in enumerate(zip(shape, resolved, strict=True)):
         if b < 1 or n % b:
-            raise CannotCompress(f"axis {axis} of size {n} does not divide into blocks of {b}")
+            raise SkipWeight(f"axis {axis} of size {n} does not divide into blocks of {b}")
     return resolved
 
 
@@ -260,7 +261,7 @@ def quantize_linear(
     scale_dtype : float dtype of the scales (default ``x.dtype``); ignored with ``e8m0``.
     e8m0 : power-of-two scales stored as E8M0 exponents (the OCP MX encoding), for float element types.
 
-    Raises :class:`~lowbit.kernels.CannotCompress` when the blocks do not tile ``x`` or ``x`` is not finite.
+    Raises :class:`~lowbit.errors.SkipWeight` when the blocks do not tile ``x`` or ``x`` is not finite.
     """
     dtype = np.dtype(dtype)
     out_dtype = np.dtype(x.dtype)

@@ -22,7 +22,6 @@ __all__ = [
     "add_initializer",
     "decoder_for",
     "insert_first",
-    "moved_axis_perms",
     "stored_nbytes",
     "value_shape",
     "write_dequantize_linear",
@@ -30,13 +29,6 @@ __all__ = [
     "write_mx",
     "write_sparse",
 ]
-
-
-def moved_axis_perms(rank: int, axis: int, to_front: bool = True) -> tuple[list[int], list[int]]:
-    """(perm into canonical layout, perm back to the original) when ``axis`` moves to the front (or the end)."""
-    others = [a for a in range(rank) if a != axis]
-    forward = [axis, *others] if to_front else [*others, axis]
-    return forward, [int(i) for i in np.argsort(forward)]
 
 
 # ----------------------------------------------------------------------------------------------------- writers

@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import functools
-import zlib
 from concurrent.futures import Executor
 
 import numpy as np
 import onnx_ir as ir
 
 from lowbit.config import PalettizeConfig
-from lowbit.kernels.palettize import Palettized, palettize
+from lowbit.kernels.palettize import Palettized
 from lowbit.onnx import encoding
 from lowbit.onnx.discovery import WeightRef, has_16bit_float_weights
-from lowbit.onnx.passes import CompressionReport, SkipWeight, WeightPass, target_program
+from lowbit.onnx.passes import WeightPass, target_program
 from lowbit.onnx.program import Program
+from lowbit.report import CompressionReport
 from lowbit.types import CompressionGranularity, DType
+from lowbit.weights import PalettizedWeight, palettize_weight
 
-__all__ = ["PalettizePass", "palettize_weights"]
+__all__ = ["PalettizePass", "palettize_weights", "write_palettized"]
 
 DEQUANTIZE_16_BIT_OPSET = 19  # DequantizeLinear with fp8 inputs, or fp16/bf16 scales
 
@@ -40,68 +41,32 @@ class PalettizePass(WeightPass):
         super().__init__(config.weight_num_threshold, config.num_kmeans_workers, executor)
         self.config = config
 
-    def _groups(self, ref: WeightRef) -> int:
-        cfg, channels = self.config, ref.shape[ref.output_axis]
-        if channels % cfg.cluster_dim:
-            raise SkipWeight(f"{channels} output channels do not divide by cluster_dim {cfg.cluster_dim}")
-        if cfg.granularity == CompressionGranularity.PER_TENSOR:
-            return 1
-        if cfg.granularity == CompressionGranularity.PER_CHANNEL:
-            return channels // cfg.cluster_dim
-        if channels % cfg.group_size:
-            raise SkipWeight(f"{channels} output channels do not divide by group_size {cfg.group_size}")
-        if cfg.group_size % cfg.cluster_dim:
-            raise SkipWeight(f"group_size {cfg.group_size} does not divide by cluster_dim {cfg.cluster_dim}")
-        return channels // cfg.group_size
-
-    def _layout(self, ref: WeightRef) -> tuple[list[int], list[int]]:
-        """(perm to the kernel's channel-first layout, perm back). One scalar LUT for the whole tensor has no
-        channel structure: the weight keeps its own layout and the transpose (a copy) is saved."""
-        cfg, rank = self.config, len(ref.shape)
-        single_lut = cfg.granularity == CompressionGranularity.PER_TENSOR and cfg.cluster_dim == 1
-        if single_lut and not cfg.enable_per_channel_scale:
-            return list(range(rank)), list(range(rank))
-        return encoding.moved_axis_perms(rank, ref.output_axis)
-
-    def prepare(self, ref: WeightRef, array: np.ndarray):
-        cfg = self.config
-        groups = self._groups(ref)
-        forward, _ = self._layout(ref)
-        moved = np.ascontiguousarray(array.transpose(forward))
-        canonical = moved.reshape(moved.shape[0], -1)
-        job = functools.partial(
-            palettize,
-            n_bits=cfg.n_bits,
-            groups=groups,
-            cluster_dim=cfg.cluster_dim,
-            mode=cfg.mode,
-            per_channel_scale=cfg.enable_per_channel_scale,
-            fast=cfg.enable_fast_kmeans_mode,
-            lut_dtype=None if cfg.lut_dtype is None else cfg.lut_dtype.numpy,
-            seed=zlib.crc32(ref.name.encode()),
-            threads=self.kernel_threads,
+    def job(self, ref: WeightRef, array: np.ndarray):
+        return functools.partial(
+            palettize_weight, array, ref.output_axis, self.config, name=ref.name, threads=self.kernel_threads
         )
-        return job, (canonical,)
 
-    def write(self, program: Program, ref: WeightRef, palettized: Palettized) -> tuple[int, float]:
-        assert ref.value is not None
-        forward, back = self._layout(ref)
-        lut: np.ndarray | ir.Value = palettized.lut
-        if palettized.lut_quantized is not None:
-            lut = _lut_dequantize_chain(program.model, ref.name, palettized)
-        out = encoding.write_lut(
-            program.model,
-            ref.value,
-            packed=palettized.packed,
-            lut=lut,
-            scale=palettized.scale,
-            n_bits=palettized.n_bits,
-            canonical_shape=[ref.shape[a] for a in forward],
-            perm=back,
-        )
-        after = encoding.stored_nbytes(out)
-        energy = palettized.energy
-        return after, palettized.squared_error / energy if energy > 0 else 0.0
+    def write(self, program: Program, ref: WeightRef, result: PalettizedWeight) -> int:
+        return encoding.stored_nbytes(write_palettized(program.model, ref, result))
+
+
+def write_palettized(model: ir.Model, ref: WeightRef, weight: PalettizedWeight) -> ir.Value:
+    """Encode ``weight`` (the compression of the constant ``ref``) as ``lowbit.LutToDense`` in place of ``ref``."""
+    assert ref.value is not None
+    palettized = weight.palettized
+    lut: np.ndarray | ir.Value = palettized.lut
+    if palettized.lut_quantized is not None:
+        lut = _lut_dequantize_chain(model, ref.name, palettized)
+    return encoding.write_lut(
+        model,
+        ref.value,
+        packed=palettized.packed,
+        lut=lut,
+        scale=palettized.scale,
+        n_bits=palettized.n_bits,
+        canonical_shape=weight.canonical_shape,
+        perm=weight.back,
+    )
 
 
 def _lut_dequantize_chain(model: ir.Model, name: str, palettized: Palettized) -> ir.Value:

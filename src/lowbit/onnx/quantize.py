@@ -12,14 +12,16 @@ import functools
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.config import QuantizeConfig, block_shape
+from lowbit.config import QuantizeConfig
 from lowbit.kernels.packing import pack_bits
-from lowbit.kernels.quantize import LinearQuantized, quantize_linear
+from lowbit.kernels.quantize import LinearQuantized
 from lowbit.onnx import encoding
 from lowbit.onnx.discovery import WeightRef, has_16bit_float_weights
-from lowbit.onnx.passes import CompressionReport, SkipWeight, WeightPass, target_program
+from lowbit.onnx.passes import WeightPass, target_program
 from lowbit.onnx.program import Program
+from lowbit.report import CompressionReport
 from lowbit.types import CompressionGranularity, DType, QScheme
+from lowbit.weights import QuantizedWeight, quantize_weight
 
 __all__ = ["QuantizePass", "quantize_weights"]
 
@@ -33,24 +35,12 @@ class QuantizePass(WeightPass):
         super().__init__(config.weight_num_threshold, workers=1)
         self.config = config
 
-    def prepare(self, ref: WeightRef, array: np.ndarray):
-        cfg = self.config
-        if cfg.granularity == CompressionGranularity.PER_BLOCK and ref.shape[ref.input_axis] % cfg.block_size:
-            raise SkipWeight(
-                f"input-channel axis of size {ref.shape[ref.input_axis]} does not divide by block_size {cfg.block_size}"
-            )
-        block = block_shape(cfg.granularity, len(ref.shape), ref.output_axis, ref.input_axis, cfg.block_size)
-        job = functools.partial(
-            quantize_linear,
-            dtype=cfg.dtype.numpy,
-            block=block,
-            symmetric=cfg.qscheme == QScheme.SYMMETRIC,
-            e8m0=cfg.e8m0,
-        )
-        return job, (array,)
+    def job(self, ref: WeightRef, array: np.ndarray):
+        return functools.partial(quantize_weight, array, ref.output_axis, ref.input_axis, self.config)
 
-    def write(self, program: Program, ref: WeightRef, result: LinearQuantized) -> tuple[int, float]:
+    def write(self, program: Program, ref: WeightRef, weight: QuantizedWeight) -> int:
         assert ref.value is not None
+        result = weight.quantized
         if result.e8m0:
             n_bits = self.config.dtype.bits
             out = encoding.write_mx(
@@ -66,8 +56,7 @@ class QuantizePass(WeightPass):
             )
         else:
             out = _write_dequantize(program.model, ref, result, self.config)
-        rel = result.squared_error / result.energy if result.energy > 0 else 0.0
-        return encoding.stored_nbytes(out), rel
+        return encoding.stored_nbytes(out)
 
 
 def _write_dequantize(model: ir.Model, ref: WeightRef, result: LinearQuantized, cfg: QuantizeConfig) -> ir.Value:

@@ -5,21 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from lowbit.onnx.discovery import WeightRef
+from lowbit.report import format_table
 
-__all__ = ["format_table", "weights_table"]
-
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool]) -> str:
-    """Plain-text table with aligned columns (``right[i]``: right-align column ``i``)."""
-    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(
-            str(c).rjust(w) if r else str(c).ljust(w) for c, w, r in zip(cells, widths, right, strict=True)
-        ).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(headers), rule, *(line(r) for r in rows)])
+__all__ = ["weights_table"]
 
 
 def _human_bytes(n: int) -> str:

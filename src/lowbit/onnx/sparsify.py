@@ -10,33 +10,16 @@ import onnx_ir as ir
 
 from lowbit.config import SparsifyConfig
 from lowbit.kernels.packing import pack_bits
-from lowbit.kernels.prune import Sparsified, block_mask, magnitude_mask, n_m_mask, sparsify
 from lowbit.onnx import encoding
 from lowbit.onnx.discovery import WeightRef, has_16bit_float_weights
 from lowbit.onnx.palettize import DEQUANTIZE_16_BIT_OPSET
-from lowbit.onnx.passes import CompressionReport, WeightPass, target_program
+from lowbit.onnx.passes import WeightPass, target_program
 from lowbit.onnx.program import Program
+from lowbit.report import CompressionReport
 from lowbit.types import DType
+from lowbit.weights import SparsifiedWeight, sparsify_weight
 
 __all__ = ["SparsifyPass", "sparsify_weights"]
-
-
-def _prune(w: np.ndarray, config: SparsifyConfig, output_axis: int, input_axis: int) -> Sparsified:
-    """Mask in the layout each mode needs (channel-first for blocks, input-channel-last for n:m), then sparsify."""
-    if config.n_m_ratio is not None:
-        forward, back = encoding.moved_axis_perms(w.ndim, input_axis, to_front=False)
-        moved = w.transpose(forward)
-        mask = n_m_mask(moved.reshape(-1, w.shape[input_axis]), *config.n_m_ratio)
-        mask = mask.reshape(moved.shape).transpose(back)
-    elif config.block_size > 1:
-        forward, back = encoding.moved_axis_perms(w.ndim, output_axis)
-        moved = w.transpose(forward)
-        mask = block_mask(moved.reshape(w.shape[output_axis], -1), config.target_sparsity, config.block_size)
-        mask = mask.reshape(moved.shape).transpose(back)
-    else:
-        mask = magnitude_mask(w, config.target_sparsity)
-    dtype = None if config.quantize_dtype is None else config.quantize_dtype.numpy
-    return sparsify(np.ascontiguousarray(w), np.ascontiguousarray(mask), config.palettize_nbits, dtype, output_axis)
 
 
 class SparsifyPass(WeightPass):
@@ -48,12 +31,12 @@ class SparsifyPass(WeightPass):
         super().__init__(config.weight_num_threshold, workers=1)
         self.config = config
 
-    def prepare(self, ref: WeightRef, array: np.ndarray):
-        job = functools.partial(_prune, config=self.config, output_axis=ref.output_axis, input_axis=ref.input_axis)
-        return job, (array,)
+    def job(self, ref: WeightRef, array: np.ndarray):
+        return functools.partial(sparsify_weight, array, ref.output_axis, ref.input_axis, self.config)
 
-    def write(self, program: Program, ref: WeightRef, result: Sparsified) -> tuple[int, float]:
+    def write(self, program: Program, ref: WeightRef, weight: SparsifiedWeight) -> int:
         assert ref.value is not None
+        result = weight.sparsified
         model, packed_mask = program.model, pack_bits(result.mask, 1)
         if result.quantized is not None:  # DequantizeLinear(SparseToDense(mask, codes), per-channel scale)
             codes = encoding.write_sparse(
@@ -90,7 +73,7 @@ class SparsifyPass(WeightPass):
                 )
             assert values is not None
             out = encoding.write_sparse(model, ref.value, packed_mask=packed_mask, values=values, shape=ref.shape)
-        return encoding.stored_nbytes(out), (result.squared_error / result.energy if result.energy > 0 else 0.0)
+        return encoding.stored_nbytes(out)
 
 
 def _values_holder(ref: WeightRef, count: int) -> ir.Value:

@@ -1,0 +1,269 @@
+"""The weight layer: everything about compressing one weight, given as an array and its channel axes.
+
+Both front ends call it: the ONNX passes (discover -> read -> here -> write) and the torch palettizers (modules ->
+here -> parameters). It decides the LUT groups and the layout the kernels see, the per-weight seed, the checks that
+refuse a weight (always a :class:`~lowbit.errors.SkipWeight`), and the relative error that goes into the report.
+It imports neither onnx nor torch, so the same array gives the same bytes through either door.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from lowbit.config import PalettizeConfig, QuantizeConfig, SparsifyConfig, block_shape
+from lowbit.errors import SkipWeight
+from lowbit.kernels.palettize import Palettized, palettize
+from lowbit.kernels.prune import Sparsified, block_mask, magnitude_mask, n_m_mask, sparsify
+from lowbit.kernels.quantize import LinearQuantized, quantize_linear
+from lowbit.types import FLOAT_WEIGHT_DTYPES, CompressionGranularity, QScheme
+
+__all__ = [
+    "PalettizedWeight",
+    "QuantizedWeight",
+    "SparsifiedWeight",
+    "check_eligible",
+    "moved_axis_perms",
+    "palettize_weight",
+    "quantize_weight",
+    "sparsify_weight",
+]
+
+
+def moved_axis_perms(rank: int, axis: int, to_front: bool = True) -> tuple[list[int], list[int]]:
+    """(perm into canonical layout, perm back to the original) when ``axis`` moves to the front (or the end)."""
+    others = [a for a in range(rank) if a != axis]
+    forward = [axis, *others] if to_front else [*others, axis]
+    return forward, [int(i) for i in np.argsort(forward)]
+
+
+def check_eligible(
+    shape: Sequence[int], dtype: np.dtype | None, threshold: int, threshold_name: str = "weight_num_threshold"
+) -> None:
+    """Raise :class:`SkipWeight` when a weight of this ``shape`` and ``dtype`` is not to be compressed: not a
+    float32/float16/bfloat16 weight (warned), or at most ``threshold`` elements (not warned: small weights are
+    left alone on purpose). Checked before a weight's data is read."""
+    if dtype is None or np.dtype(dtype) not in FLOAT_WEIGHT_DTYPES:
+        shown = "unknown" if dtype is None else np.dtype(dtype).name
+        raise SkipWeight(f"dtype {shown} is not float32/float16/bfloat16")
+    numel = math.prod(shape)
+    if numel <= threshold:
+        raise SkipWeight(f"{numel} elements <= {threshold_name} {threshold}", warn=False)
+
+
+def _relative(squared_error: float, energy: float) -> float:
+    return squared_error / energy if energy > 0 else 0.0
+
+
+# ------------------------------------------------------------------------------------------------ palettization
+
+
+@dataclass(frozen=True)
+class PalettizedWeight:
+    """A palettized weight of shape ``shape``: the kernel's :class:`~lowbit.kernels.palettize.Palettized` over the
+    canonical view ``array.transpose(forward).reshape(C, -1)`` (the grouping axis first)."""
+
+    shape: tuple[int, ...]
+    forward: tuple[int, ...]
+    palettized: Palettized
+
+    @property
+    def canonical_shape(self) -> tuple[int, ...]:
+        return tuple(self.shape[a] for a in self.forward)
+
+    @property
+    def back(self) -> tuple[int, ...]:
+        """The perm from the canonical layout back to the weight's."""
+        return tuple(int(i) for i in np.argsort(self.forward))
+
+    @property
+    def rel_mse(self) -> float:
+        return _relative(self.palettized.squared_error, self.palettized.energy)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the compressed form: packed codes, the LUT (quantized where it is) and the per-channel scale."""
+        p = self.palettized
+        lut = p.lut if p.lut_quantized is None else p.lut_quantized.q
+        extra = 0 if p.lut_quantized is None else p.lut_quantized.scale.nbytes
+        return p.packed.nbytes + lut.nbytes + extra + (0 if p.scale is None else p.scale.nbytes)
+
+    def decode(self) -> np.ndarray:
+        """The dense weight, in the weight's own layout and dtype."""
+        return self.palettized.decode().reshape(self.canonical_shape).transpose(self.back)
+
+    def permuted(self, perm: Sequence[int]) -> PalettizedWeight:
+        """The same compression, seen as a compression of ``array.transpose(perm)`` (e.g. an exporter's transposed
+        copy of the weight): codes and LUTs are unchanged, only the layout bookkeeping moves."""
+        inverse = np.argsort(perm)
+        return PalettizedWeight(
+            tuple(self.shape[a] for a in perm), tuple(int(inverse[a]) for a in self.forward), self.palettized
+        )
+
+
+def _lut_groups(channels: int, config: PalettizeConfig) -> int:
+    """How many LUTs the ``channels`` of the grouping axis get; :class:`SkipWeight` when they do not split."""
+    if channels % config.cluster_dim:
+        raise SkipWeight(f"{channels} output channels do not divide by cluster_dim {config.cluster_dim}")
+    if config.granularity == CompressionGranularity.PER_TENSOR:
+        return 1
+    if config.granularity == CompressionGranularity.PER_CHANNEL:
+        return channels // config.cluster_dim
+    if channels % config.group_size:
+        raise SkipWeight(f"{channels} output channels do not divide by group_size {config.group_size}")
+    if config.group_size % config.cluster_dim:
+        raise SkipWeight(f"group_size {config.group_size} does not divide by cluster_dim {config.cluster_dim}")
+    return channels // config.group_size
+
+
+def _palettize_layout(rank: int, axis: int, config: PalettizeConfig) -> list[int]:
+    """The perm into the kernel's channel-first layout. One scalar LUT for the whole tensor has no channel
+    structure: the weight keeps its own layout and the transpose (a copy) is saved."""
+    single_lut = config.granularity == CompressionGranularity.PER_TENSOR and config.cluster_dim == 1
+    if single_lut and not config.enable_per_channel_scale:
+        return list(range(rank))
+    return moved_axis_perms(rank, axis)[0]
+
+
+def _floored(importance: np.ndarray, groups: int) -> np.ndarray:
+    """Non-negative importance in which every LUT group keeps some weight (a group whose importance is all zero,
+    e.g. embedding rows no calibration sample used, falls back to plain k-means instead of having no values)."""
+    imp = np.nan_to_num(np.abs(importance.astype(np.float64)), nan=0.0, posinf=0.0).reshape(groups, -1)
+    totals = imp.sum(axis=1, keepdims=True)
+    floor = np.where(totals > 0, totals / imp.shape[1] * 1e-6, 1.0)
+    return (imp + floor).reshape(importance.shape)
+
+
+def palettize_weight(
+    array: np.ndarray,
+    output_axis: int,
+    config: PalettizeConfig,
+    name: str = "",
+    importance: np.ndarray | None = None,
+    threads: int = 1,
+) -> PalettizedWeight:
+    """Palettize one weight as ``config`` says.
+
+    Parameters
+    ----------
+    array : the weight, float32 / float16 / bfloat16, in its own layout.
+    output_axis : the axis whose channels share a LUT in groups (``granularity``) and form LUT vectors
+        (``cluster_dim``).
+    config : the :class:`~lowbit.config.PalettizeConfig`.
+    name : the weight's name; seeds vector k-means, so the same name and values give the same bytes.
+    importance : optional per-element non-negative sensitivity, ``array``'s shape: the k-means minimizes the
+        importance-weighted squared error (sensitive k-means).
+    threads : threads for the per-group k-means; the result does not depend on it.
+
+    Raises :class:`~lowbit.errors.SkipWeight` when the channels do not split into the configured groups or
+    vectors, the values are not finite, or ``mode="unique"`` finds too many distinct values.
+    """
+    axis = output_axis % array.ndim
+    channels = array.shape[axis]
+    groups = _lut_groups(channels, config)
+    forward = _palettize_layout(array.ndim, axis, config)
+    moved = np.ascontiguousarray(array.transpose(forward))
+    canonical = moved.reshape(moved.shape[0], -1)
+    imp = None
+    if importance is not None:
+        imp = _floored(np.ascontiguousarray(importance.transpose(forward)).reshape(canonical.shape), groups)
+    result = palettize(
+        canonical,
+        n_bits=config.n_bits,
+        groups=groups,
+        cluster_dim=config.cluster_dim,
+        mode=config.mode,
+        per_channel_scale=config.enable_per_channel_scale,
+        fast=config.enable_fast_kmeans_mode,
+        lut_dtype=None if config.lut_dtype is None else config.lut_dtype.numpy,
+        importance=imp,
+        seed=zlib.crc32(name.encode()),
+        threads=threads,
+    )
+    return PalettizedWeight(tuple(array.shape), tuple(forward), result)
+
+
+# ------------------------------------------------------------------------------------------------- quantization
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A linearly quantized weight in its own layout (:class:`~lowbit.kernels.quantize.LinearQuantized`)."""
+
+    quantized: LinearQuantized
+
+    @property
+    def rel_mse(self) -> float:
+        return _relative(self.quantized.squared_error, self.quantized.energy)
+
+    def decode(self) -> np.ndarray:
+        return self.quantized.decode()
+
+
+def quantize_weight(array: np.ndarray, output_axis: int, input_axis: int, config: QuantizeConfig) -> QuantizedWeight:
+    """Quantize one weight as ``config`` says: one scale per tensor, per ``output_axis`` channel, or per channel
+    and ``block_size`` elements along ``input_axis``.
+
+    Raises :class:`~lowbit.errors.SkipWeight` when ``input_axis`` does not divide by ``block_size`` or the values
+    are not finite.
+    """
+    blocked = config.granularity == CompressionGranularity.PER_BLOCK
+    if blocked and array.shape[input_axis] % config.block_size:
+        raise SkipWeight(
+            f"input-channel axis of size {array.shape[input_axis]} does not divide by block_size {config.block_size}"
+        )
+    block = block_shape(config.granularity, array.ndim, output_axis, input_axis, config.block_size)
+    symmetric = config.qscheme == QScheme.SYMMETRIC
+    return QuantizedWeight(quantize_linear(array, config.dtype.numpy, block, symmetric=symmetric, e8m0=config.e8m0))
+
+
+# ------------------------------------------------------------------------------------------------ sparsification
+
+
+@dataclass(frozen=True)
+class SparsifiedWeight:
+    """A pruned weight in its own layout (:class:`~lowbit.kernels.prune.Sparsified`)."""
+
+    sparsified: Sparsified
+
+    @property
+    def rel_mse(self) -> float:
+        return _relative(self.sparsified.squared_error, self.sparsified.energy)
+
+    def decode(self) -> np.ndarray:
+        return self.sparsified.decode()
+
+
+def _mask_along(w: np.ndarray, axis: int, to_front: bool, make_mask) -> np.ndarray:
+    """``make_mask`` applied to ``w`` viewed as 2-D with ``axis`` first (or last), mapped back to ``w``'s layout."""
+    forward, back = moved_axis_perms(w.ndim, axis, to_front)
+    moved = w.transpose(forward)
+    rows = moved.reshape(w.shape[axis], -1) if to_front else moved.reshape(-1, w.shape[axis])
+    return make_mask(rows).reshape(moved.shape).transpose(back)
+
+
+def sparsify_weight(array: np.ndarray, output_axis: int, input_axis: int, config: SparsifyConfig) -> SparsifiedWeight:
+    """Prune one weight as ``config`` says (unstructured, blocks of output channels, or n:m along the input
+    channels), its non-zeros optionally palettized or quantized.
+
+    Raises :class:`~lowbit.errors.SkipWeight` when the channels do not divide into the blocks or the n:m groups,
+    or the values are not finite.
+    """
+    if config.n_m_ratio is not None:
+        n, m = config.n_m_ratio
+        mask = _mask_along(array, input_axis, False, lambda rows: n_m_mask(rows, n, m))
+    elif config.block_size > 1:
+        mask = _mask_along(
+            array, output_axis, True, lambda rows: block_mask(rows, config.target_sparsity, config.block_size)
+        )
+    else:
+        mask = magnitude_mask(array, config.target_sparsity)
+    dtype = None if config.quantize_dtype is None else config.quantize_dtype.numpy
+    result = sparsify(
+        np.ascontiguousarray(array), np.ascontiguousarray(mask), config.palettize_nbits, dtype, output_axis
+    )
+    return SparsifiedWeight(result)
