@@ -1,0 +1,8 @@
+"""lowbit's PyTorch front end: palettizers over the same weight layer and kernels as the graph path, a report of a
+palettized model, and export to ONNX with the palettes intact. Imports torch; the rest of lowbit does not."""
+
+from lowbit.torch.export import export_onnx
+from lowbit.torch.palettization import palettization_of
+from lowbit.torch.report import report
+
+__all__ = ["export_onnx", "palettization_of", "report"]

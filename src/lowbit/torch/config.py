@@ -1,0 +1,210 @@
+"""The config system of the torch palettizers: small validated module configs, and a model config that picks one
+per module (name > type > global) — one implementation for every palettizer, DKM included."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import re
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, TypeVar
+
+import torch
+
+__all__ = ["ModelConfig", "ModuleConfig"]
+
+C = TypeVar("C", bound="ModuleConfig")
+M = TypeVar("M", bound="ModelConfig")
+
+
+def _load_yaml(path_or_stream: str | os.PathLike | io.IOBase) -> Any:
+    import yaml
+
+    if isinstance(path_or_stream, (str, os.PathLike)):
+        with open(path_or_stream, encoding="utf-8") as stream:
+            return yaml.safe_load(stream)
+    return yaml.safe_load(path_or_stream)
+
+
+def _check_keys(kind: str, given: Iterable[str], allowed: Iterable[str]) -> None:
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown {kind} key {unknown[0]!r}; allowed keys: {sorted(allowed)}")
+
+
+def _plain(value: Any) -> Any:
+    """A config value as YAML / JSON can hold it (torch dtypes as their names)."""
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    return value
+
+
+@dataclass(frozen=True)
+class ModuleConfig:
+    """Base of the per-module configs: fields are validated in ``__post_init__`` (``ValueError`` / ``TypeError``
+    naming the field and its allowed values)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields and their values (torch dtypes as strings): ``from_dict(as_dict())`` gives an equal config."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls: type[C], config: Mapping[str, Any]) -> C:
+        """The config of these fields; ``ValueError`` for a key that is not a field, naming it and the fields."""
+        if not isinstance(config, Mapping):
+            raise TypeError(f"{cls.__name__}.from_dict needs a mapping, got {type(config).__name__}")
+        _check_keys(cls.__name__, config, [f.name for f in dataclasses.fields(cls)])
+        return cls(**config)
+
+    @classmethod
+    def from_yaml(cls: type[C], path_or_stream: str | os.PathLike | io.IOBase) -> C:
+        """:meth:`from_dict` of a YAML file (a path) or stream, read with ``yaml.safe_load``."""
+        return cls.from_dict(_load_yaml(path_or_stream) or {})
+
+
+ModuleKey = type[torch.nn.Module] | str
+
+
+@dataclass
+class ModelConfig(Generic[C]):
+    """Which module config each module gets: ``module_name_configs`` (exact fully qualified names, or regular
+    expressions matching a whole name) over ``module_type_configs`` (module classes or their names) over
+    ``global_config``. A ``None`` value means: do not compress that module."""
+
+    module_config: ClassVar[type[ModuleConfig]]
+    global_config: C | None = None
+    module_type_configs: dict[ModuleKey, C | None] = field(default_factory=dict)
+    module_name_configs: dict[str, C | None] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.global_config = self._coerce("global_config", self.global_config)
+        self.module_type_configs = {
+            _type_key(k): self._coerce(f"module_type_configs[{k!r}]", v) for k, v in self.module_type_configs.items()
+        }
+        self.module_name_configs = {
+            _name_key(k): self._coerce(f"module_name_configs[{k!r}]", v) for k, v in self.module_name_configs.items()
+        }
+
+    def _coerce(self, where: str, value: Any) -> Any:
+        if value is None or isinstance(value, self.module_config):
+            return value
+        if isinstance(value, Mapping):
+            return self.module_config.from_dict(value)
+        raise TypeError(f"{where} must be a {self.module_config.__name__}, a dict or None, got {type(value).__name__}")
+
+    def set_global(self: M, global_config: C | None) -> M:
+        """Set the config of every module no name or type config covers; returns ``self``."""
+        self.global_config = self._coerce("global_config", global_config)
+        return self
+
+    def set_module_type(self: M, object_type: ModuleKey, opt_config: C | None) -> M:
+        """Set the config of modules of class ``object_type`` (a class or its name; ``None``: skip them)."""
+        self.module_type_configs[_type_key(object_type)] = self._coerce("module_type_configs", opt_config)
+        return self
+
+    def set_module_name(self: M, module_name: str, opt_config: C | None) -> M:
+        """Set the config of the module named ``module_name`` (exact, or a regex matching whole names)."""
+        self.module_name_configs[_name_key(module_name)] = self._coerce("module_name_configs", opt_config)
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain dicts and strings: ``from_dict(as_dict())`` gives an equal config."""
+
+        def plain(c: ModuleConfig | None) -> dict[str, Any] | None:
+            return None if c is None else c.as_dict()
+
+        extra = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in ("global_config", "module_type_configs", "module_name_configs")
+        }
+        return {
+            **extra,
+            "global_config": plain(self.global_config),
+            "module_type_configs": {
+                (k if isinstance(k, str) else k.__name__): plain(v) for k, v in self.module_type_configs.items()
+            },
+            "module_name_configs": {k: plain(v) for k, v in self.module_name_configs.items()},
+        }
+
+    @classmethod
+    def from_dict(cls: type[M], config: Mapping[str, Any]) -> M:
+        """The config from ``{"global_config": ..., "module_type_configs": ..., "module_name_configs": ...}``;
+        ``ValueError`` for any other key."""
+        if not isinstance(config, Mapping):
+            raise TypeError(f"{cls.__name__}.from_dict needs a mapping, got {type(config).__name__}")
+        _check_keys(cls.__name__, config, [f.name for f in dataclasses.fields(cls)])
+        kwargs = dict(config)
+        for key in ("module_type_configs", "module_name_configs"):
+            if kwargs.get(key) is None:
+                kwargs.pop(key, None)
+            elif not isinstance(kwargs[key], Mapping):
+                raise TypeError(f"{key} must be a mapping, got {type(kwargs[key]).__name__}")
+            else:
+                kwargs[key] = dict(kwargs[key])
+        return cls(**kwargs)
+
+    @classmethod
+    def from_yaml(cls: type[M], path_or_stream: str | os.PathLike | io.IOBase) -> M:
+        """:meth:`from_dict` of a YAML file (a path) or stream, read with ``yaml.safe_load``."""
+        return cls.from_dict(_load_yaml(path_or_stream) or {})
+
+    def resolve(self, model: torch.nn.Module, supported: Callable[[torch.nn.Module], bool]) -> dict[str, C]:
+        """The config of each ``supported`` module of ``model`` by name (modules set to ``None`` left out).
+
+        A name config that matches no module draws a warning naming it (a typo would otherwise go unnoticed).
+        """
+        chosen: dict[str, C] = {}
+        used: set[str] = set()
+        for name, module in model.named_modules():
+            if not supported(module):
+                continue
+            config = self._lookup(name, type(module), used)
+            if config is not None:
+                chosen[name] = config
+        for key in self.module_name_configs:
+            if key not in used:
+                warnings.warn(f"module_name_configs: {key!r} matches no supported module", UserWarning, stacklevel=3)
+        return chosen
+
+    def _lookup(self, name: str, cls: type, used: set[str]) -> C | None:
+        """The config of module ``name`` of class ``cls`` (name, then type, then global); marks name keys used."""
+        if name in self.module_name_configs:
+            used.add(name)
+            return self.module_name_configs[name]
+        for key, config in self.module_name_configs.items():
+            if _is_pattern(key) and re.fullmatch(key, name):
+                used.add(key)
+                return config
+        for type_key in (cls, cls.__name__):
+            if type_key in self.module_type_configs:
+                return self.module_type_configs[type_key]
+        return self.global_config
+
+
+def _type_key(key: Any) -> ModuleKey:
+    if isinstance(key, str) or (isinstance(key, type) and issubclass(key, torch.nn.Module)):
+        return key
+    raise TypeError(f"module_type_configs keys must be torch.nn.Module classes or class names, got {key!r}")
+
+
+def _name_key(key: Any) -> str:
+    if not isinstance(key, str):
+        raise TypeError(f"module_name_configs keys must be module names (str), got {key!r}")
+    if _is_pattern(key):
+        try:
+            re.compile(key)
+        except re.error as err:
+            raise ValueError(f"module_name_configs key {key!r} is not a valid regular expression: {err}") from None
+    return key
+
+
+_REGEX_CHARS = set("*+?[](){}|^$\\")
+
+
+def _is_pattern(key: str) -> bool:
+    """Names use only identifiers, digits and dots; anything else marks a regular expression."""
+    return bool(_REGEX_CHARS & set(key))

@@ -1,0 +1,169 @@
+"""Export a palettized torch model to ONNX with its palettes intact."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lowbit.report import CompressionReport, WeightResult
+from lowbit.torch.palettization._base import palettization_of
+from lowbit.weights import PalettizedWeight
+
+if TYPE_CHECKING:
+    from lowbit.onnx.discovery import WeightRef
+    from lowbit.onnx.program import Program
+
+__all__ = ["export_onnx"]
+
+UNIQUE_N_BITS = (1, 2, 3, 4, 6, 8)
+
+
+class _Palettized:
+    """A recorded palettization, decoded on first use, with a cheap order-independent fingerprint."""
+
+    def __init__(self, name: str, weight: PalettizedWeight) -> None:
+        self.name, self.weight = name, weight
+        self._dense: np.ndarray | None = None
+
+    @property
+    def dense(self) -> np.ndarray:
+        if self._dense is None:
+            self._dense = self.weight.decode()
+        return self._dense
+
+    @property
+    def abs_sum(self) -> float:
+        return _abs_sum(self.dense)
+
+    def layout_of(self, array: np.ndarray) -> tuple[int, ...] | None:
+        """The perm ``p`` with ``dense.transpose(p)`` bit-identical to ``array`` (the exporter may keep a weight
+        or store its transpose, e.g. a Linear's as a MatMul operand), or None."""
+        rank = self.dense.ndim
+        for perm in dict.fromkeys([tuple(range(rank)), tuple(reversed(range(rank)))]):
+            candidate = self.dense.transpose(perm)
+            same_type = candidate.shape == array.shape and candidate.dtype == array.dtype
+            if same_type and np.array_equal(candidate.view(np.uint8), np.ascontiguousarray(array).view(np.uint8)):
+                return perm
+        return None
+
+
+def _abs_sum(array: np.ndarray) -> float:
+    """A fingerprint that does not depend on the layout (up to float64 rounding)."""
+    return float(np.abs(array.astype(np.float64)).sum())
+
+
+def _records(model: nn.Module) -> Iterator[_Palettized]:
+    for module_name, module in model.named_modules():
+        for param_name, weight in palettization_of(module).items():
+            yield _Palettized(f"{module_name}.{param_name}" if module_name else param_name, weight)
+
+
+def export_onnx(
+    model: nn.Module,
+    example_inputs: Any,
+    path: str | os.PathLike,
+    opset_version: int = 17,
+    **export_kwargs: Any,
+) -> Program:
+    """Export ``model`` with ``torch.onnx.export`` and write each palettized weight as ``lowbit.LutToDense``: the
+    same LUTs, indices and scales the palettizer recorded, so the file has a palettized file's size and ONNX
+    Runtime computes what the torch model computes.
+
+    Parameters
+    ----------
+    model : a model palettized by :class:`~lowbit.torch.palettization.PostTrainingPalettizer` or
+        :class:`~lowbit.torch.palettization.SKMPalettizer` (plain weights are exported dense).
+    example_inputs : the inputs ``torch.onnx.export`` traces with (a tensor or a tuple).
+    path : the ``.onnx`` file to write (atomically).
+    opset_version : the ONNX opset of the export (default 17).
+    export_kwargs : passed on to ``torch.onnx.export`` (``input_names``, ``output_names``, ``dynamic_axes``, ...);
+        the TorchScript exporter is used (``dynamo=False``), which keeps weights as initializers.
+
+    An exported weight is matched to a recorded palettization when it holds the same values, as they are or
+    transposed. A weight that matches none but holds at most 256 distinct values (e.g. an LSTM's gates, which the
+    exporter reorders and stacks) is palettized losslessly in ``unique`` mode. A recorded palettization found
+    nowhere draws a warning naming it: that weight is stored dense.
+
+    Returns the saved :class:`~lowbit.Program`; its ``report`` lists what each weight became.
+    """
+    from lowbit.onnx.program import load
+
+    records = {id(r): r for r in _records(model)}
+    with tempfile.TemporaryDirectory() as tmp:
+        exported = Path(tmp) / "exported.onnx"
+        with torch.no_grad():
+            torch.onnx.export(
+                model, example_inputs, str(exported), opset_version=opset_version, dynamo=False, **export_kwargs
+            )
+        program = load(exported)
+        program.report = _write_palettes(program, records)
+        for record in records.values():
+            warnings.warn(
+                f"palettized weight {record.name!r} was not found in the exported graph: it is stored dense",
+                UserWarning,
+                stacklevel=2,
+            )
+        program.optimize()
+        program.save(path)
+    return program
+
+
+def _write_palettes(program: Program, records: dict[int, _Palettized]) -> CompressionReport:
+    """Encode each weight of ``program`` that matches a record (removed from ``records``) or has few values."""
+    from lowbit.onnx.encoding import stored_nbytes
+    from lowbit.onnx.palettize import write_palettized
+
+    report = CompressionReport()
+    for ref in program.weights():
+        if ref.value is None or ref.value.const_value is None or ref.compression is not None:
+            continue
+        array = ref.value.const_value.numpy()
+        weight = _match(array, records)
+        if weight is None:
+            weight = _unique(ref, array)
+        if weight is not None:
+            out = write_palettized(program.model, ref, weight)
+            report.rows.append(
+                WeightResult(ref.name, ref.op, ref.shape, ref.nbytes, stored_nbytes(out), weight.rel_mse)
+            )
+    return report
+
+
+def _match(array: np.ndarray, candidates: dict[int, _Palettized]) -> PalettizedWeight | None:
+    total = _abs_sum(array)
+    for key, record in list(candidates.items()):
+        if record.dense.size != array.size or not math.isclose(record.abs_sum, total, rel_tol=1e-9):
+            continue
+        perm = record.layout_of(array)
+        if perm is not None:
+            del candidates[key]
+            return record.weight.permuted(perm)
+    return None
+
+
+def _unique(ref: WeightRef, array: np.ndarray) -> PalettizedWeight | None:
+    """Lossless palettization of a weight with at most 256 distinct values (None when it has more)."""
+    from lowbit.config import PalettizeConfig
+    from lowbit.errors import SkipWeight
+    from lowbit.weights import palettize_weight
+
+    if (array.dtype.kind != "f" and array.dtype.name != "bfloat16") or array.size <= 1024:
+        return None
+    distinct = np.unique(array).size
+    bits = next((b for b in UNIQUE_N_BITS if distinct <= 1 << b), None)
+    if bits is None:
+        return None
+    config = PalettizeConfig(n_bits=bits, mode="unique", weight_num_threshold=0)
+    try:
+        return palettize_weight(array, ref.output_axis, config, name=ref.name)
+    except SkipWeight:
+        return None
