@@ -1,0 +1,86 @@
+"""The same weight through the graph door and the torch door gives the same LUTs and indices, bit for bit."""
+
+import numpy as np
+import pytest
+from conftest import make_model
+
+import lowbit
+from lowbit.kernels.packing import unpack_bits
+
+torch = pytest.importorskip("torch")
+from lowbit.torch.palettization import (  # noqa: E402
+    PostTrainingPalettizer,
+    PostTrainingPalettizerConfig,
+    palettization_of,
+)
+
+CASES = [
+    dict(n_bits=4),
+    dict(n_bits=3, granularity="per_grouped_channel", group_size=16),
+    dict(n_bits=2, granularity="per_grouped_channel", group_size=8, cluster_dim=2),
+    dict(n_bits=4, enable_per_channel_scale=True),
+    dict(n_bits=4, lut_dtype="int8"),
+]
+
+
+def _graph_kwargs(config: dict) -> dict:
+    kwargs = {**config, "num_kmeans_workers": 1}
+    if kwargs.pop("lut_dtype", None):
+        kwargs["lut_dtype"] = "int8"
+    return kwargs
+
+
+def _initializer(program: lowbit.Program, name: str) -> np.ndarray:
+    return program.graph.initializers[name].const_value.numpy()
+
+
+@pytest.mark.parametrize("config", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_fp16_linear_weight_gives_the_same_lut_and_indices_through_either_door(config):
+    rng = np.random.default_rng(3)
+    weight = (rng.standard_t(5, (64, 96)) * 0.03).astype(np.float16)  # Linear [out, in]
+    linear = torch.nn.Linear(96, 64, bias=False).half()
+    with torch.no_grad():
+        linear.weight.copy_(torch.from_numpy(weight))
+    model = torch.nn.Sequential(linear)
+    torch_cfg = PostTrainingPalettizerConfig.from_dict({"global_config": config})
+    record = palettization_of(PostTrainingPalettizer(model, torch_cfg).compress()[0])["weight"]
+
+    # the graph door sees the exporter's form of a Linear: MatMul with B = W^T [in, out], output axis 1
+    program = lowbit.Program(make_model({"0.weight": np.ascontiguousarray(weight.T)}, [("MatMul", "0.weight", {})]))
+    small = lowbit.palettize_weights(program, **_graph_kwargs(config))
+    assert len(small.report.compressed) == 1
+    graph_lut = small.graph.initializers.get("0.weight.lut")
+    if graph_lut is not None:
+        np.testing.assert_array_equal(
+            graph_lut.const_value.numpy().view(np.uint16), record.palettized.lut.view(np.uint16)
+        )
+    else:  # an int8 LUT is a DequantizeLinear of int8 codes and one scale per LUT
+        np.testing.assert_array_equal(_initializer(small, "0.weight.lut_q"), record.palettized.lut_quantized.q)
+    dense = lowbit.decompress_weights(small).graph.initializers["0.weight"].const_value.numpy()
+    np.testing.assert_array_equal(dense.T.view(np.uint16), record.decode().view(np.uint16))
+    if config.get("granularity") or config.get("enable_per_channel_scale"):
+        # channel-first canonical layout in both doors: the very same packed bytes
+        np.testing.assert_array_equal(_initializer(small, "0.weight.indices"), record.palettized.packed)
+    else:  # one LUT: each door keeps its weight's own layout, so the codes are the same per element
+        n_bits = record.palettized.n_bits
+        graph_codes = unpack_bits(_initializer(small, "0.weight.indices"), n_bits, weight.size).reshape(96, 64)
+        np.testing.assert_array_equal(graph_codes.T, record.palettized.codes)
+
+
+def test_conv_weight_gives_the_same_packed_bytes_through_either_door():
+    rng = np.random.default_rng(4)
+    weight = (rng.standard_normal((32, 8, 3, 3)) * 0.1).astype(np.float16)
+    conv = torch.nn.Conv2d(8, 32, 3, bias=False).half()
+    with torch.no_grad():
+        conv.weight.copy_(torch.from_numpy(weight))
+    config = {"n_bits": 4, "granularity": "per_grouped_channel", "group_size": 8}
+    model = PostTrainingPalettizer(
+        torch.nn.Sequential(conv), PostTrainingPalettizerConfig.from_dict({"global_config": config})
+    ).compress()
+    record = palettization_of(model[0])["weight"]
+    program = lowbit.Program(make_model({"0.weight": weight}, [("Conv", "0.weight", {})]))
+    small = lowbit.palettize_weights(program, num_kmeans_workers=1, **config)
+    np.testing.assert_array_equal(_initializer(small, "0.weight.indices"), record.palettized.packed)
+    np.testing.assert_array_equal(
+        _initializer(small, "0.weight.lut").view(np.uint16), record.palettized.lut.view(np.uint16)
+    )

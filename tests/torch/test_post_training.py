@@ -1,0 +1,148 @@
+"""PostTrainingPalettizer over every supported module, and what it leaves behind."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+import lowbit.torch  # noqa: E402
+from lowbit.torch.modules import module_weights  # noqa: E402
+from lowbit.torch.palettization import (  # noqa: E402
+    ModulePostTrainingPalettizerConfig,
+    PostTrainingPalettizer,
+    PostTrainingPalettizerConfig,
+    palettization_of,
+)
+
+MODULES = {
+    "linear": lambda: nn.Linear(40, 32),
+    "conv1d": lambda: nn.Conv1d(8, 32, 5),
+    "conv2d": lambda: nn.Conv2d(8, 32, 3),
+    "conv3d": lambda: nn.Conv3d(4, 32, 3),
+    "convtranspose1d": lambda: nn.ConvTranspose1d(16, 32, 5),
+    "convtranspose2d": lambda: nn.ConvTranspose2d(16, 32, 3),
+    "embedding": lambda: nn.Embedding(64, 24),
+    "attention": lambda: nn.MultiheadAttention(32, 4),
+    "attention_kdim": lambda: nn.MultiheadAttention(32, 4, kdim=16, vdim=24),
+    "lstm": lambda: nn.LSTM(24, 16, num_layers=2, bidirectional=True),
+    "gru": lambda: nn.GRU(24, 32),
+}
+
+
+def _distinct_per_lut(weight: torch.Tensor, axis: int, group_size: int | None) -> int:
+    values = weight.detach().movedim(axis, 0)
+    groups = values.reshape(values.shape[0] // (group_size or values.shape[0]), -1)
+    return max(int(torch.unique(row).numel()) for row in groups)
+
+
+@pytest.mark.parametrize("kind", MODULES)
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_grouped_channel"])
+def test_every_weight_of_every_module_holds_at_most_2_to_the_n_values_per_lut(kind, granularity):
+    torch.manual_seed(0)
+    module = MODULES[kind]()
+    original = {n: p.detach().clone() for n, p in module.named_parameters()}
+    options = {"n_bits": 3, "granularity": granularity}
+    if granularity == "per_grouped_channel":
+        options["group_size"] = 8
+    config = PostTrainingPalettizerConfig.from_dict({"global_config": options})
+    small = PostTrainingPalettizer(module, config).compress()
+    assert small is not module
+    for name, param in module.named_parameters():  # inplace=False leaves the user's model as it was
+        torch.testing.assert_close(param, original[name], rtol=0, atol=0)
+    weights = list(module_weights(small))
+    assert weights and set(palettization_of(small)) == {w.name for w in weights}
+    for w in weights:
+        assert _distinct_per_lut(w.parameter, w.output_axis, options.get("group_size")) <= 8, w.name
+        record = palettization_of(small)[w.name]
+        assert record.palettized.n_bits == 3
+        np.testing.assert_array_equal(record.decode(), w.parameter.detach().numpy())
+    rows = lowbit.torch.report(small).rows
+    assert len(rows) == len(weights) and all(r.skipped is None and 0 < r.rel_mse < 0.1 for r in rows)
+    assert all(r.bytes_after < r.bytes_before / 4 for r in rows)
+
+
+def test_transposed_convolution_groups_its_output_channels_and_channel_axis_1_the_inputs():
+    torch.manual_seed(0)
+    deconv = nn.ConvTranspose2d(16, 32, 3)  # weight [C_in=16, C_out=32, 3, 3]
+    grouped = {"n_bits": 2, "granularity": "per_grouped_channel", "group_size": 8}
+    out = PostTrainingPalettizer(deconv, PostTrainingPalettizerConfig.from_dict({"global_config": grouped})).compress()
+    assert palettization_of(out)["weight"].palettized.lut.shape[0] == 32 // 8
+    by_input = {**grouped, "channel_axis": 1}
+    inp = PostTrainingPalettizer(deconv, PostTrainingPalettizerConfig.from_dict({"global_config": by_input})).compress()
+    assert palettization_of(inp)["weight"].palettized.lut.shape[0] == 16 // 8
+    assert _distinct_per_lut(inp.weight, 0, 8) <= 4
+
+
+def test_vector_int8_lut_and_per_channel_scale_options():
+    torch.manual_seed(0)
+    for options, check, bound in [  # a 16-vector LUT spends 2 bits per element, the scalar ones 4
+        ({"n_bits": 4, "cluster_dim": 2}, lambda r: r.palettized.lut.shape == (1, 16, 2), 0.1),
+        ({"n_bits": 4, "lut_dtype": torch.int8}, lambda r: r.palettized.lut_quantized.q.dtype == np.int8, 0.01),
+        ({"n_bits": 4, "enable_per_channel_scale": True}, lambda r: r.palettized.scale.shape == (32,), 0.01),
+    ]:
+        model = nn.Sequential(nn.Linear(64, 32))
+        config = PostTrainingPalettizerConfig(global_config=ModulePostTrainingPalettizerConfig(**options))
+        record = palettization_of(PostTrainingPalettizer(model, config).compress()[0])["weight"]
+        assert check(record), options
+        assert record.rel_mse < bound, options
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_models_keep_their_dtype_and_are_clustered_exactly(dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48)).to(dtype)
+    small = PostTrainingPalettizer(model).compress()
+    assert small[0].weight.dtype == dtype and small[0].bias.dtype == dtype
+    assert torch.unique(small[0].weight).numel() <= 16
+    assert torch.equal(small[0].bias, model[0].bias)
+
+
+def test_inplace_returns_the_model_itself_and_is_deterministic():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 16))
+    twin = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 16))
+    twin.load_state_dict(model.state_dict())
+    copy = PostTrainingPalettizer(model).compress()
+    same = PostTrainingPalettizer(twin).compress(inplace=True)
+    assert same is twin
+    for a, b in zip(copy.parameters(), same.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_bad_weights_are_skipped_with_a_warning_naming_them():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 30))
+    with torch.no_grad():
+        model[0].weight[3, 4] = float("nan")
+    config = PostTrainingPalettizerConfig.from_dict(
+        {"global_config": {"n_bits": 4, "granularity": "per_grouped_channel", "group_size": 8}}
+    )
+    with pytest.warns(UserWarning) as caught:
+        small = PostTrainingPalettizer(model, config).compress()
+    messages = sorted(str(w.message) for w in caught)
+    assert messages == [
+        "weight '0.weight' skipped: contains NaN or Inf",
+        "weight '1.weight' skipped: 30 output channels do not divide by group_size 8",
+    ]
+    assert torch.isnan(small[0].weight[3, 4])
+    report = lowbit.torch.report(small)
+    assert [r.skipped for r in report.rows] == [
+        "contains NaN or Inf",
+        "30 output channels do not divide by group_size 8",
+    ]
+    assert "0 compressed, 2 skipped" in report.table()
+
+
+def test_a_model_on_the_meta_device_is_refused():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(8, 8))
+    with pytest.raises(ValueError, match=r"'0\.weight' is on the meta device"):
+        PostTrainingPalettizer(model).compress()
+
+
+def test_wrong_argument_types_are_named():
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module"):
+        PostTrainingPalettizer("model.pt")
+    with pytest.raises(TypeError, match="config must be a PostTrainingPalettizerConfig"):
+        PostTrainingPalettizer(nn.Linear(4, 4), {"global_config": {}})
