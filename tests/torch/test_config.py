@@ -26,7 +26,7 @@ INVALID = [
     ({"cluster_dim": 2, "enable_per_channel_scale": True}, "cluster_dim > 1 cannot be combined"),
     ({"lut_dtype": torch.float16}, "lut_dtype must be one of"),
     ({"enable_per_channel_scale": 1}, "enable_per_channel_scale must be a bool"),
-    ({"num_kmeans_workers": 0}, "num_kmeans_workers must be >= 1"),
+    ({"granularity": "per_tensor", "group_size": 8}, "group_size must be None when granularity is 'per_tensor'"),
     ({"nbits": 4}, "unknown ModulePostTrainingPalettizerConfig key 'nbits'"),
 ]
 

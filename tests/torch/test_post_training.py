@@ -141,6 +141,19 @@ def test_a_model_on_the_meta_device_is_refused():
         PostTrainingPalettizer(model).compress()
 
 
+def test_num_kmeans_workers_does_not_change_the_result():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 64))
+    config = PostTrainingPalettizerConfig.from_dict(
+        {"global_config": {"n_bits": 4, "granularity": "per_grouped_channel", "group_size": 4}}
+    )
+    one = PostTrainingPalettizer(model, config).compress()
+    two = PostTrainingPalettizer(model, config).compress(num_kmeans_workers=2)
+    assert torch.equal(one[0].weight, two[0].weight)
+    with pytest.raises(ValueError, match="num_kmeans_workers must be >= 1"):
+        PostTrainingPalettizer(model, config).compress(num_kmeans_workers=0)
+
+
 def test_wrong_argument_types_are_named():
     with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module"):
         PostTrainingPalettizer("model.pt")

@@ -71,8 +71,9 @@ ModuleKey = type[torch.nn.Module] | str
 @dataclass
 class ModelConfig(Generic[C]):
     """Which module config each module gets: ``module_name_configs`` (exact fully qualified names, or regular
-    expressions matching a whole name) over ``module_type_configs`` (module classes or their names) over
-    ``global_config``. A ``None`` value means: do not compress that module."""
+    expressions matching a whole name) over ``module_type_configs`` (module classes or their names; the exact
+    class, not subclasses) over ``global_config``. A ``None`` value means: do not compress that module. A config
+    with none of the three set gets the default module config as its global config."""
 
     module_config: ClassVar[type[ModuleConfig]]
     global_config: C | None = None
@@ -80,6 +81,8 @@ class ModelConfig(Generic[C]):
     module_name_configs: dict[str, C | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.global_config is None and not self.module_type_configs and not self.module_name_configs:
+            self.global_config = self.module_config()  # type: ignore[assignment]
         self.global_config = self._coerce("global_config", self.global_config)
         self.module_type_configs = {
             _type_key(k): self._coerce(f"module_type_configs[{k!r}]", v) for k, v in self.module_type_configs.items()

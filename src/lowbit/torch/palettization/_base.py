@@ -13,8 +13,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from lowbit.config import PalettizeConfig
+from lowbit.config import PalettizeConfig, check_int
 from lowbit.errors import SkipWeight
+from lowbit.report import CompressionReport
 from lowbit.torch.config import ModelConfig, ModuleConfig
 from lowbit.torch.modules import ModuleWeight, from_numpy, is_supported, module_weights, numpy_dtype, to_numpy
 from lowbit.weights import PalettizedWeight, check_eligible, palettize_weight
@@ -51,11 +52,17 @@ class PalettizerBase(Generic[MC]):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if config is None:
-            config = self.config_class(global_config=self.config_class.module_config())
+            config = self.config_class()
         if not isinstance(config, self.config_class):
             raise TypeError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}")
         self._model = model
         self._config = config
+
+    def report(self) -> CompressionReport:
+        """The per-weight report of the model this palettizer compressed last (see :func:`lowbit.torch.report`)."""
+        from lowbit.torch.report import report
+
+        return report(self._model)
 
     def _target_model(self, inplace: bool) -> nn.Module:
         if not isinstance(inplace, bool):
@@ -81,8 +88,11 @@ class PalettizerBase(Generic[MC]):
                     continue
                 yield target
 
-    def _palettize(self, targets: list[Target], importance: Callable[[Target], np.ndarray | None]) -> None:
-        """Palettize each target (largest first would not change the bytes: each weight is independent)."""
+    def _palettize(
+        self, targets: list[Target], importance: Callable[[Target], np.ndarray | None], threads: int
+    ) -> None:
+        """Palettize each target, its k-means on ``threads`` threads; record the result on its module."""
+        check_int("num_kmeans_workers", threads, 1)
         for target in targets:
             param = target.weight.parameter
             try:
@@ -92,7 +102,7 @@ class PalettizerBase(Generic[MC]):
                     target.config,
                     name=target.name,
                     importance=importance(target),
-                    threads=target.config.num_kmeans_workers,
+                    threads=threads,
                 )
             except SkipWeight as skip:
                 _skip(target, skip)

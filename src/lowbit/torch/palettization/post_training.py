@@ -48,7 +48,6 @@ class ModulePostTrainingPalettizerConfig(ModuleConfig):
         clustered exactly); False clusters the raw values.
     rounding_precision : accepted for compatibility (default 4): lowbit's fast mode rounds to fp16, not to
         decimal places.
-    num_kmeans_workers : threads for the per-group k-means of one weight (default 1); results do not depend on it.
 
     Raises ``ValueError`` / ``TypeError`` naming the option and its allowed values.
     """
@@ -62,7 +61,6 @@ class ModulePostTrainingPalettizerConfig(ModuleConfig):
     enable_per_channel_scale: bool = False
     enable_fast_kmeans_mode: bool = True
     rounding_precision: int = 4
-    num_kmeans_workers: int = 1
 
     def __post_init__(self) -> None:
         granularity = self.granularity
@@ -73,6 +71,8 @@ class ModulePostTrainingPalettizerConfig(ModuleConfig):
             raise ValueError("group_size must be set (an int >= 1) when granularity is 'per_grouped_channel'")
         if self.group_size is not None:
             check_int("group_size", self.group_size, 1)
+            if self.granularity == "per_tensor":
+                raise ValueError("group_size must be None when granularity is 'per_tensor' (one LUT per tensor)")
         check_choice("channel_axis", check_int("channel_axis", self.channel_axis), (0, 1))
         if self.cluster_dim is not None:
             check_int("cluster_dim", self.cluster_dim, 1)
@@ -90,7 +90,6 @@ class ModulePostTrainingPalettizerConfig(ModuleConfig):
             cluster_dim=self.cluster_dim or 1,
             enable_per_channel_scale=self.enable_per_channel_scale,
             weight_num_threshold=0,
-            num_kmeans_workers=self.num_kmeans_workers,
             enable_fast_kmeans_mode=self.enable_fast_kmeans_mode,
             rounding_precision=self.rounding_precision,
         )
@@ -117,8 +116,11 @@ class PostTrainingPalettizer(PalettizerBase[PostTrainingPalettizerConfig]):
 
     config_class = PostTrainingPalettizerConfig
 
-    def compress(self, inplace: bool = False) -> nn.Module:
+    def compress(self, num_kmeans_workers: int = 1, inplace: bool = False) -> nn.Module:
         """Palettize and return the model: a deep copy (default) or, with ``inplace=True``, the model itself.
+
+        ``num_kmeans_workers`` threads share each weight's per-group k-means (the compiled kernel releases the
+        GIL); the result does not depend on it.
 
         Raises ``ValueError`` when a parameter is on the meta device. A weight that cannot be palettized as
         configured (channels that do not divide, NaN / Inf values, an integer dtype) is left as it is with a
@@ -126,5 +128,6 @@ class PostTrainingPalettizer(PalettizerBase[PostTrainingPalettizerConfig]):
         """
         model = self._target_model(inplace)
         with torch.no_grad():
-            self._palettize(list(self._targets(model)), lambda target: None)
+            self._palettize(list(self._targets(model)), lambda target: None, num_kmeans_workers)
+        self._model = model
         return model

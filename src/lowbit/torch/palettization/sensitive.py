@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import os
+import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -23,7 +25,7 @@ class ModuleSKMPalettizerConfig(ModuleConfig):
     """How the weights of one module are palettized by :class:`SKMPalettizer`: the options of
     :class:`ModulePostTrainingPalettizerConfig` without the fast-mode ones (``n_bits=4``, ``lut_dtype=None``,
     ``granularity="per_tensor"``, ``group_size=None``, ``channel_axis=0``, ``cluster_dim=None``,
-    ``enable_per_channel_scale=False``, ``num_kmeans_workers=1``).
+    ``enable_per_channel_scale=False``).
 
     Raises ``ValueError`` / ``TypeError`` naming the option and its allowed values.
     """
@@ -35,7 +37,6 @@ class ModuleSKMPalettizerConfig(ModuleConfig):
     channel_axis: int = 0
     cluster_dim: int | None = None
     enable_per_channel_scale: bool = False
-    num_kmeans_workers: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "granularity", self._plain().granularity)
@@ -52,7 +53,7 @@ class ModuleSKMPalettizerConfig(ModuleConfig):
 @dataclass
 class SKMPalettizerConfig(ModelConfig[ModuleSKMPalettizerConfig]):
     """Per-module configs for :class:`SKMPalettizer` (names in ``module_name_configs`` may be regular expressions),
-    and ``calibration_nsamples`` (default 128): how many samples the sensitivities are averaged over."""
+    and ``calibration_nsamples`` (default 128): how many dataloader items the sensitivities are averaged over."""
 
     module_config: ClassVar[type[ModuleConfig]] = ModuleSKMPalettizerConfig
     calibration_nsamples: int = 128
@@ -60,20 +61,6 @@ class SKMPalettizerConfig(ModelConfig[ModuleSKMPalettizerConfig]):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int("calibration_nsamples", self.calibration_nsamples, 1)
-
-
-def _batch_size(batch: Any) -> int:
-    """Samples in a batch: the leading size of its first tensor (1 when it holds none)."""
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.ndim else 1
-    values: Iterable[Any] = (
-        batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
-    )
-    for value in values:
-        size = _batch_size(value)
-        if size:
-            return size
-    return 1
 
 
 class SKMPalettizer(PalettizerBase[SKMPalettizerConfig]):
@@ -85,36 +72,92 @@ class SKMPalettizer(PalettizerBase[SKMPalettizerConfig]):
 
     def compress(
         self,
-        dataloader: Iterable[Any],
-        loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+        dataloader: Iterable[Any] | None = None,
+        loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+        sensitivity_path: str | os.PathLike | None = None,
+        num_kmeans_workers: int = 1,
+        num_sensitivity_workers: int = 1,
         inplace: bool = False,
+        fsdp_auto_wrap_policy: Any = None,
     ) -> nn.Module:
-        """Measure sensitivities on ``dataloader`` and palettize; returns a deep copy (default) or the model itself.
+        """Measure sensitivities (or load them) and palettize; returns a deep copy (default) or the model itself.
 
         Parameters
         ----------
-        dataloader : an iterable of batches; batches are drawn until ``calibration_nsamples`` samples (the leading
-            size of a batch's first tensor) have been seen.
-        loss_fn : ``loss_fn(model, batch)`` -> a scalar tensor whose gradients measure sensitivity.
+        dataloader, loss_fn : calibration data and ``loss_fn(model, item)`` -> scalar loss; see
+            :meth:`compute_sensitivity`. Not needed when ``sensitivity_path`` names a saved sensitivity file.
+        sensitivity_path : a file :meth:`compute_sensitivity` saved; used instead of calibrating.
+        num_kmeans_workers : threads for each weight's per-group k-means (default 1; results do not depend on it).
+        num_sensitivity_workers, fsdp_auto_wrap_policy : see :meth:`compute_sensitivity`.
         inplace : palettize ``model`` itself (default False: a deep copy).
 
-        The accumulators take one float32 copy of the weights being palettized: each gradient is squared into them
-        as soon as autograd has accumulated it, then freed. Other parameters do not get gradients. The model is run
-        in eval mode and its training mode and ``requires_grad`` flags are restored afterwards.
-
-        Raises ``ValueError`` when a parameter is on the meta device or the dataloader yields no batch;
-        ``TypeError`` when ``loss_fn`` is not callable.
+        Raises ``ValueError`` when a parameter is on the meta device, the dataloader yields nothing, or the
+        sensitivity file lacks a weight; ``TypeError`` when neither calibration data nor a sensitivity file is given.
         """
-        if not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}")
         model = self._target_model(inplace)
         targets = list(self._targets(model))
-        fisher = self._sensitivities(model, targets, dataloader, loss_fn)
+        if sensitivity_path is not None and dataloader is None:
+            sensitivities = torch.load(sensitivity_path, map_location="cpu", weights_only=True)
+        else:
+            sensitivities = self._sensitivities(
+                model, targets, dataloader, loss_fn, num_sensitivity_workers, fsdp_auto_wrap_policy
+            )
+        missing = [t.name for t in targets if t.name not in sensitivities]
+        if missing:
+            raise ValueError(f"the sensitivities hold no entry for weight {missing[0]!r}")
         with torch.no_grad():
-            self._palettize(targets, lambda target: to_numpy(fisher[id(target.weight.parameter)]))
+            self._palettize(targets, lambda target: to_numpy(sensitivities[target.name]), num_kmeans_workers)
+        self._model = model
         return model
 
-    def _sensitivities(self, model, targets: list[Target], dataloader, loss_fn) -> dict[int, torch.Tensor]:
+    def compute_sensitivity(
+        self,
+        dataloader: Iterable[Any],
+        loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+        sensitivity_path: str | os.PathLike | None = None,
+        num_sensitivity_workers: int = 1,
+        fsdp_auto_wrap_policy: Any = None,
+    ) -> dict[str, torch.Tensor]:
+        """Each palettized weight's per-element sensitivity: the mean over ``calibration_nsamples`` calibration
+        items of the squared gradient of ``loss_fn(model, item)`` (the diagonal of the empirical Fisher information
+        when each item is one sample). The model's weights are left as they are.
+
+        Parameters
+        ----------
+        dataloader : an iterable of calibration items; the first ``calibration_nsamples`` are used. Each item is
+            one gradient, so a dataloader of single samples measures the per-sample Fisher (recommended), a batched
+            one the Fisher of batch means.
+        loss_fn : ``loss_fn(model, item)`` -> a scalar tensor.
+        sensitivity_path : also save the result there (``torch.save``), for :meth:`compress` to reuse.
+        num_sensitivity_workers, fsdp_auto_wrap_policy : lowbit calibrates in this process: a value other than 1
+            / None draws a warning saying so.
+
+        The accumulators take one float32 copy of the weights being palettized: each gradient is squared into them
+        as soon as autograd has accumulated it, then freed; other parameters get no gradient. The model runs in
+        eval mode; its modes, ``requires_grad`` flags and existing gradients are restored afterwards.
+
+        Returns ``{fully qualified weight name: float32 tensor of the weight's shape}``.
+        """
+        targets = list(self._targets(self._model))
+        sensitivities = self._sensitivities(
+            self._model, targets, dataloader, loss_fn, num_sensitivity_workers, fsdp_auto_wrap_policy
+        )
+        if sensitivity_path is not None:
+            torch.save(sensitivities, sensitivity_path)
+        return sensitivities
+
+    def _sensitivities(self, model, targets: list[Target], dataloader, loss_fn, workers, fsdp_policy):
+        if dataloader is None or loss_fn is None:
+            raise TypeError("SKMPalettizer needs dataloader and loss_fn (or a sensitivity_path to load)")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable as loss_fn(model, item), got {type(loss_fn).__name__}")
+        if workers != 1 or fsdp_policy is not None:
+            warnings.warn(
+                "num_sensitivity_workers / fsdp_auto_wrap_policy: lowbit computes sensitivities in this process, "
+                "on the model's own device",
+                UserWarning,
+                stacklevel=3,
+            )
         params = {id(t.weight.parameter): t.weight.parameter for t in targets}
         fisher = {key: torch.zeros_like(p, dtype=torch.float32) for key, p in params.items()}
 
@@ -127,27 +170,26 @@ class SKMPalettizer(PalettizerBase[SKMPalettizerConfig]):
         with _only_grads_for(model, params.values()):
             hooks = [p.register_post_accumulate_grad_hook(accumulate) for p in params.values()]
             try:
-                batches = sum(1 for _ in self._calibrate(model, dataloader, loss_fn))
+                items = self._calibrate(model, dataloader, loss_fn)
             finally:
                 for hook in hooks:
                     hook.remove()
-        if batches == 0:
-            raise ValueError("dataloader yielded no batch: SKMPalettizer needs calibration data")
-        for acc in fisher.values():
-            acc.div_(batches)
-        return fisher
+        if items == 0:
+            raise ValueError("dataloader yielded nothing: SKMPalettizer needs calibration data")
+        return {t.name: fisher[id(t.weight.parameter)].div_(items) for t in targets}
 
-    def _calibrate(self, model: nn.Module, dataloader, loss_fn) -> Iterator[None]:
-        seen = 0
-        for batch in dataloader:
-            loss = loss_fn(model, batch)
+    def _calibrate(self, model: nn.Module, dataloader, loss_fn) -> int:
+        """Run forward and backward on up to ``calibration_nsamples`` items; returns how many."""
+        items = 0
+        for item in dataloader:
+            loss = loss_fn(model, item)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                raise TypeError("loss_fn(model, batch) must return a scalar tensor")
+                raise TypeError("loss_fn(model, item) must return a scalar tensor")
             loss.backward()
-            yield
-            seen += _batch_size(batch)
-            if seen >= self._config.calibration_nsamples:
-                return
+            items += 1
+            if items == self._config.calibration_nsamples:
+                break
+        return items
 
 
 class _only_grads_for:
@@ -158,13 +200,15 @@ class _only_grads_for:
 
     def __enter__(self) -> None:
         self.training = [(m, m.training) for m in self.model.modules()]
-        self.flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        self.flags = [(p, p.requires_grad, p.grad) for p in self.model.parameters()]
         self.model.eval()
-        for p, _ in self.flags:
+        for p, _, _ in self.flags:
+            p.grad = None
             p.requires_grad_(id(p) in self.params)
 
     def __exit__(self, *exc: object) -> None:
         for m, training in self.training:
             m.training = training
-        for p, flag in self.flags:
+        for p, flag, grad in self.flags:
             p.requires_grad_(flag)
+            p.grad = grad

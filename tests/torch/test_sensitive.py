@@ -1,0 +1,108 @@
+"""SKMPalettizer: sensitivities measured right, used right, and the model left as it was."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+from lowbit.torch.palettization import (  # noqa: E402
+    PostTrainingPalettizer,
+    PostTrainingPalettizerConfig,
+    SKMPalettizer,
+    SKMPalettizerConfig,
+)
+
+
+def _task(seed: int = 0):
+    """A linear teacher whose inputs differ in scale by 100x: the weights of the large inputs matter most, and they
+    are the small ones (as in trained networks), which plain k-means lumps together."""
+    gen = torch.Generator().manual_seed(seed)
+    scales = torch.logspace(-1, 1, 64)
+    x = torch.randn(256, 64, generator=gen) * scales
+    model = nn.Sequential(nn.Linear(64, 32, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(32, 64, generator=gen) * 0.1 / scales)
+        y = model(x)
+    return model, x, y
+
+
+def _mse(model, item):
+    x, y = item
+    return ((model(x) - y) ** 2).mean()
+
+
+def test_sensitivity_is_the_mean_squared_gradient_per_item():
+    model, x, y = _task()
+    items = [(x[i : i + 1], y[i : i + 1] + 0.1) for i in range(10)]
+    config = SKMPalettizerConfig.from_dict({"global_config": {"n_bits": 4}, "calibration_nsamples": 6})
+    got = SKMPalettizer(model, config).compute_sensitivity(items, _mse)["0.weight"]
+    expected = torch.zeros_like(model[0].weight)
+    for item in items[:6]:
+        (grad,) = torch.autograd.grad(_mse(model, item), model[0].weight)
+        expected += grad**2 / 6
+    torch.testing.assert_close(got, expected)
+
+
+def test_sensitive_kmeans_beats_plain_kmeans_on_the_task_loss():
+    model, x, y = _task()
+    items = [(x[i : i + 1], y[i : i + 1] + 0.05 * torch.randn(1, 32)) for i in range(128)]
+    for bits in (2, 3, 4):
+        options = {"global_config": {"n_bits": bits}}
+        plain = PostTrainingPalettizer(model, PostTrainingPalettizerConfig.from_dict(options)).compress()
+        skm = SKMPalettizer(model, SKMPalettizerConfig.from_dict(options)).compress(items, _mse)
+        with torch.no_grad():
+            loss_plain, loss_skm = (float(((m(x) - y) ** 2).mean()) for m in (plain, skm))
+        assert loss_skm < 0.8 * loss_plain, (bits, loss_skm, loss_plain)
+        assert torch.unique(skm[0].weight).numel() <= 2**bits
+
+
+def test_calibration_leaves_modes_flags_and_gradients_as_they_were(tmp_path):
+    model, x, _ = _task()
+    model.add_module("1", nn.Linear(32, 8))
+    model.train()
+    model[1].weight.requires_grad_(False)
+    model[0].weight.grad = torch.ones_like(model[0].weight)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    drawn = []
+
+    def items():
+        for i in range(100):
+            drawn.append(i)
+            yield (x[i : i + 1], model(x[i : i + 1]).detach())
+
+    config = SKMPalettizerConfig.from_dict({"global_config": {"n_bits": 2}, "calibration_nsamples": 4})
+    path = tmp_path / "sensitivity.pt"
+    palettizer = SKMPalettizer(model, config)
+    sensitivities = palettizer.compute_sensitivity(items(), _mse, sensitivity_path=path)
+    assert drawn == [0, 1, 2, 3] and set(sensitivities) == {"0.weight", "1.weight"}
+    assert model.training and all(m.training for m in model.modules())
+    assert not model[1].weight.requires_grad and model[0].weight.requires_grad
+    assert torch.equal(model[0].weight.grad, torch.ones_like(model[0].weight)) and model[1].weight.grad is None
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+    from_file = SKMPalettizer(model, config).compress(sensitivity_path=path)
+    drawn.clear()
+    from_data = SKMPalettizer(model, config).compress(items(), _mse)
+    for a, b in zip(from_file.parameters(), from_data.parameters(), strict=True):
+        assert torch.equal(a, b)
+    measured_only = palettizer.report().rows  # compute_sensitivity measured the model, compressed nothing
+    assert [r.skipped for r in measured_only] == ["not palettized"] * 2
+    compressor = SKMPalettizer(model, config)
+    compressor.compress(sensitivity_path=path)
+    assert [r.skipped for r in compressor.report().rows] == [None, None]
+
+
+def test_bad_calibration_inputs_are_named():
+    model, x, y = _task()
+    palettizer = SKMPalettizer(model)
+    with pytest.raises(TypeError, match="needs dataloader and loss_fn"):
+        palettizer.compress()
+    with pytest.raises(ValueError, match="dataloader yielded nothing"):
+        palettizer.compress([], _mse)
+    with pytest.raises(TypeError, match="must return a scalar tensor"):
+        palettizer.compress([(x, y)], lambda m, item: m(item[0]))
+    with pytest.warns(UserWarning, match="lowbit computes sensitivities in this process"):
+        palettizer.compress([(x, y)], _mse, num_sensitivity_workers=2)
+    assert np.isfinite(x.numpy()).all()
