@@ -129,12 +129,16 @@ def _palettize_layout(rank: int, axis: int, config: PalettizeConfig) -> list[int
     return moved_axis_perms(rank, axis)[0]
 
 
-def _floored(importance: np.ndarray, groups: int) -> np.ndarray:
-    """Non-negative importance in which every LUT group keeps some weight (a group whose importance is all zero,
-    e.g. embedding rows no calibration sample used, falls back to plain k-means instead of having no values)."""
+MIN_DAMPING = 1e-6
+
+
+def _damped(importance: np.ndarray, groups: int, damping: float) -> np.ndarray:
+    """``importance + damping * mean`` per LUT group: a few outlying sensitivities then cannot drag every centroid
+    to themselves, and every value keeps some weight (a group whose importance is all zero falls back to plain
+    k-means instead of having no values)."""
     imp = np.nan_to_num(np.abs(importance.astype(np.float64)), nan=0.0, posinf=0.0).reshape(groups, -1)
-    totals = imp.sum(axis=1, keepdims=True)
-    floor = np.where(totals > 0, totals / imp.shape[1] * 1e-6, 1.0)
+    mean = imp.mean(axis=1, keepdims=True)
+    floor = np.where(mean > 0, mean * max(damping, MIN_DAMPING), 1.0)
     return (imp + floor).reshape(importance.shape)
 
 
@@ -145,6 +149,7 @@ def palettize_weight(
     name: str = "",
     importance: np.ndarray | None = None,
     threads: int = 1,
+    damping: float = 0.0,
 ) -> PalettizedWeight:
     """Palettize one weight as ``config`` says.
 
@@ -158,6 +163,8 @@ def palettize_weight(
     importance : optional per-element non-negative sensitivity, ``array``'s shape: the k-means minimizes the
         importance-weighted squared error (sensitive k-means).
     threads : threads for the per-group k-means; the result does not depend on it.
+    damping : with ``importance``: each LUT group's mean importance times ``damping`` is added to every element's
+        (default 0: none, beyond a 1e-6 floor that keeps every value in play).
 
     Raises :class:`~lowbit.errors.SkipWeight` when the channels do not split into the configured groups or
     vectors, the values are not finite, or ``mode="unique"`` finds too many distinct values.
@@ -170,7 +177,8 @@ def palettize_weight(
     canonical = moved.reshape(moved.shape[0], -1)
     imp = None
     if importance is not None:
-        imp = _floored(np.ascontiguousarray(importance.transpose(forward)).reshape(canonical.shape), groups)
+        moved_importance = np.ascontiguousarray(importance.transpose(forward)).reshape(canonical.shape)
+        imp = _damped(moved_importance, groups, damping)
     result = palettize(
         canonical,
         n_bits=config.n_bits,

@@ -51,9 +51,14 @@ class _Palettized:
         for perm in dict.fromkeys([tuple(range(rank)), tuple(reversed(range(rank)))]):
             candidate = self.dense.transpose(perm)
             same_type = candidate.shape == array.shape and candidate.dtype == array.dtype
-            if same_type and np.array_equal(candidate.view(np.uint8), np.ascontiguousarray(array).view(np.uint8)):
+            if same_type and _same_bits(candidate, array):
                 return perm
         return None
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bit-for-bit equality (NaN payloads and signed zeros included)."""
+    return np.array_equal(np.ascontiguousarray(a).view(np.uint8), np.ascontiguousarray(b).view(np.uint8))
 
 
 def _abs_sum(array: np.ndarray) -> float:

@@ -37,6 +37,7 @@ class Target:
     weight: ModuleWeight
     config: PalettizeConfig
     axis: int  # the weight's axis that LUT groups and vectors run along
+    damping: float  # of the importance, when there is one
 
     @property
     def name(self) -> str:
@@ -80,7 +81,8 @@ class PalettizerBase(Generic[MC]):
             module = model.get_submodule(module_name)
             for weight in module_weights(module):
                 axis = weight.input_axis if getattr(config, "channel_axis", 0) == 1 else weight.output_axis
-                target = Target(module_name, module, weight, weight_config(config), axis)
+                damping = getattr(config, "sensitivity_damping", 0.0)
+                target = Target(module_name, module, weight, weight_config(config), axis, damping)
                 try:
                     check_eligible(weight.parameter.shape, numpy_dtype(weight.parameter.dtype), 0)
                 except SkipWeight as skip:
@@ -103,6 +105,7 @@ class PalettizerBase(Generic[MC]):
                     name=target.name,
                     importance=importance(target),
                     threads=threads,
+                    damping=target.damping,
                 )
             except SkipWeight as skip:
                 _skip(target, skip)
