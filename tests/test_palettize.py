@@ -85,8 +85,9 @@ def test_digits_accuracy_is_kept(digits_path):
     assert acc["4bit"] >= acc["dense"] - 0.02
 
 
-def test_unique_mode_reproduces_a_palettized_weight_bit_for_bit():
-    program = three_weights_program()
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])  # fp32: exact values even in the default fast mode
+def test_unique_mode_reproduces_a_palettized_weight_bit_for_bit(dtype):
+    program = three_weights_program(dtype)
     first = lowbit.palettize_weights(program, n_bits=4, granularity=G.PER_CHANNEL, num_kmeans_workers=1)
     dense = lowbit.decompress_weights(first)
     again = lowbit.palettize_weights(dense, n_bits=4, granularity=G.PER_CHANNEL, mode="unique", num_kmeans_workers=1)

@@ -87,7 +87,7 @@ def _scalar(x, dtype, groups, k, n_bits, mode, fast, lut_dtype, importance, thre
     xg = x.reshape(groups, -1)
     imp = None if importance is None else importance.reshape(groups, -1)
     exact_values = xg.dtype in SIXTEEN_BIT_FLOATS
-    if exact_values or (fast and np.abs(xg).max(initial=0.0) <= FP16_MAX):
+    if exact_values or (fast and mode != "unique" and np.abs(xg).max(initial=0.0) <= FP16_MAX):
         keyed = xg if exact_values else xg.astype(np.float16)
         bits = keyed.view(np.uint16)
         hist = distinct_values(bits, keyed.dtype, imp)
@@ -162,7 +162,7 @@ def palettize(
     cluster_dim : LUT entries are vectors of this many consecutive output channels.
     mode : ``"kmeans"`` (optimal, exact 1-D dynamic program for scalars), ``"uniform"``, ``"unique"``.
     per_channel_scale : divide each channel by its max-abs first; decode multiplies it back.
-    fast : cluster fp32 values rounded to fp16 (16-bit weights are always clustered exactly).
+    fast : cluster fp32 values rounded to fp16 (16-bit weights, and mode "unique", always use the exact values).
     lut_dtype : quantize LUT entries to int8/uint8/fp8 with one scale per LUT (None: weight dtype).
     importance : optional per-element non-negative weights of the squared error (sensitivity).
     seed : seed of vector k-means++.

@@ -77,6 +77,7 @@ def export_onnx(
     example_inputs: Any,
     path: str | os.PathLike,
     opset_version: int = 17,
+    dynamo: bool = False,
     **export_kwargs: Any,
 ) -> Program:
     """Export ``model`` with ``torch.onnx.export`` and write each palettized weight as ``lowbit.LutToDense``: the
@@ -90,13 +91,16 @@ def export_onnx(
     example_inputs : the inputs ``torch.onnx.export`` traces with (a tensor or a tuple).
     path : the ``.onnx`` file to write (atomically).
     opset_version : the ONNX opset of the export (default 17).
-    export_kwargs : passed on to ``torch.onnx.export`` (``input_names``, ``output_names``, ``dynamic_axes``, ...);
-        the TorchScript exporter is used (``dynamo=False``), which keeps weights as initializers.
+    dynamo : False (default) uses torch's TorchScript exporter (its deprecation warnings are silenced: lowbit chose
+        it, as it needs no extra package and keeps weights as initializers); True the ``torch.export`` one (needs
+        ``onnxscript``).
+    export_kwargs : passed on to ``torch.onnx.export`` (``input_names``, ``output_names``, ``dynamic_axes``, ...).
 
     An exported weight is matched to a recorded palettization when it holds the same values, as they are or
     transposed. A weight that matches none but holds at most 256 distinct values (e.g. an LSTM's gates, which the
-    exporter reorders and stacks) is palettized losslessly in ``unique`` mode. A recorded palettization found
-    nowhere draws a warning naming it: that weight is stored dense.
+    exporter reorders and stacks) is palettized losslessly in ``unique`` mode. A recorded palettization that
+    matches nothing while a dense weight of its size remains draws a warning naming it (one the traced forward
+    does not use, e.g. an unused pooler, is simply not in the file).
 
     Returns the saved :class:`~lowbit.Program`; its ``report`` lists what each weight became.
     """
@@ -105,18 +109,27 @@ def export_onnx(
     records = {id(r): r for r in _records(model)}
     with tempfile.TemporaryDirectory() as tmp:
         exported = Path(tmp) / "exported.onnx"
-        with torch.no_grad():
-            torch.onnx.export(
-                model, example_inputs, str(exported), opset_version=opset_version, dynamo=False, **export_kwargs
-            )
+        modes = [(m, m.training) for m in model.modules()]  # the exporter restores only the top module's mode
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # the exporter's own, about itself
+                torch.onnx.export(
+                    model, example_inputs, str(exported), opset_version=opset_version, dynamo=dynamo, **export_kwargs
+                )
+        finally:
+            for module, training in modes:
+                module.training = training
         program = load(exported)
         program.report = _write_palettes(program, records)
+        dense_sizes = {w.numel for w in program.weights() if w.compression is None}
         for record in records.values():
-            warnings.warn(
-                f"palettized weight {record.name!r} was not found in the exported graph: it is stored dense",
-                UserWarning,
-                stacklevel=2,
-            )
+            if record.dense.size in dense_sizes:  # else the traced forward does not use it: nothing to store
+                warnings.warn(
+                    f"palettized weight {record.name!r} matches no weight of the exported graph (the exporter "
+                    "changed its values): it is stored dense",
+                    UserWarning,
+                    stacklevel=2,
+                )
         program.optimize()
         program.save(path)
     return program
