@@ -153,6 +153,21 @@ def three_weights_feeds(dtype=np.float16) -> dict[str, np.ndarray]:
     }
 
 
+def minilm_encoder(bert):
+    """A module ``(input_ids, attention_mask) -> last_hidden_state`` around a transformers BERT model, for export."""
+    import torch
+
+    class Encoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    return Encoder()
+
+
 @pytest.fixture
 def digits_path() -> Path:
     return DIGITS
@@ -171,15 +186,7 @@ def minilm_onnx(pytestconfig: pytest.Config) -> Path:
     os.environ["HF_HUB_OFFLINE"] = "1"
     bert = transformers.AutoModel.from_pretrained(str(gt.get_model_path())).eval()
 
-    class Encoder(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.bert = bert
-
-        def forward(self, input_ids, attention_mask):
-            return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-    model = Encoder()
+    model = minilm_encoder(bert)
     ids = torch.tensor([[101, 7592, 2088, 102]])
     mask = torch.ones_like(ids)
     tmp = cache / "minilm.tmp.onnx"

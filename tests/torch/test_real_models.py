@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import pytest
 from _text import english_sentences
-from conftest import digits_split, digits_torch_model, ort_session
+from conftest import digits_split, digits_torch_model, minilm_encoder, ort_session
 
 torch = pytest.importorskip("torch")
 
@@ -93,20 +93,14 @@ def test_palettized_minilm_exports_and_onnx_runtime_matches_torch(minilm_torch, 
     model, tokenizer = minilm_torch
     small = PostTrainingPalettizer(model, _config(PostTrainingPalettizerConfig, 4, False)).compress()
 
-    class Encoder(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.bert = small
-
-        def forward(self, input_ids, attention_mask):
-            return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    encoder = minilm_encoder(small).eval()
 
     example = tokenizer(["a short example"], return_tensors="pt")
     path = tmp_path / "minilm.onnx"
     with warnings.catch_warnings():  # every palettized weight is found in the exported graph
         warnings.filterwarnings("error", "palettized weight .* matches no weight")
         program = lowbit.torch.export_onnx(
-            Encoder(),
+            encoder,
             (example["input_ids"], example["attention_mask"]),
             path,
             input_names=["input_ids", "attention_mask"],
@@ -121,6 +115,6 @@ def test_palettized_minilm_exports_and_onnx_runtime_matches_torch(minilm_torch, 
     feeds = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     got = ort_session(path, "basic").run(None, feeds)[0]
     with torch.no_grad():
-        expected = Encoder()(torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"])).numpy()
+        expected = encoder(torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"])).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=2e-4)
     assert path.stat().st_size < 90e6 / 6  # 86 MiB of fp32 weights -> 4-bit palettes

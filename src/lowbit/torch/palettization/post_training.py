@@ -13,7 +13,12 @@ from lowbit.torch.config import ModelConfig, ModuleConfig
 from lowbit.torch.palettization._base import PalettizerBase
 from lowbit.types import CompressionGranularity, DType
 
-__all__ = ["ModulePostTrainingPalettizerConfig", "PostTrainingPalettizer", "PostTrainingPalettizerConfig"]
+__all__ = [
+    "KMeansModuleConfig",
+    "ModulePostTrainingPalettizerConfig",
+    "PostTrainingPalettizer",
+    "PostTrainingPalettizerConfig",
+]
 
 GRANULARITIES = ("per_tensor", "per_grouped_channel")
 LUT_DTYPES = {None: None, "int8": DType.INT8, "uint8": DType.UINT8}
@@ -26,8 +31,8 @@ def lut_dtype_of(value: Any) -> DType | None:
 
 
 @dataclass(frozen=True)
-class ModulePostTrainingPalettizerConfig(ModuleConfig):
-    """How the weights of one module are palettized.
+class KMeansModuleConfig(ModuleConfig):
+    """The options every post-training palettizer's module config has.
 
     Parameters
     ----------
@@ -36,18 +41,14 @@ class ModulePostTrainingPalettizerConfig(ModuleConfig):
         quantized symmetrically with one scale per LUT).
     granularity : ``"per_tensor"`` (default, one LUT) or ``"per_grouped_channel"`` (one LUT per ``group_size``
         channels along ``channel_axis``).
-    group_size : channels per LUT with ``"per_grouped_channel"`` (required there); a weight whose channel count
-        does not divide is skipped with a warning.
+    group_size : channels per LUT with ``"per_grouped_channel"`` (required there, None otherwise); a weight whose
+        channel count does not divide is skipped with a warning.
     channel_axis : 0 (default: the module's output channels) or 1 (its input channels): the axis that groups and
         vectors run along. A transposed convolution's output channels are its weight's axis 1, so 0 and 1 keep
         meaning output and input channels for every module.
     cluster_dim : None or 1 (scalar, exact k-means) or ``> 1``: LUT entries are vectors of this many channels
         along ``channel_axis``. Not with ``enable_per_channel_scale``.
-    enable_per_channel_scale : divide each output channel by its max-abs before clustering (default False).
-    enable_fast_kmeans_mode : cluster float32 weights' fp16-rounded values (default True; 16-bit weights are always
-        clustered exactly); False clusters the raw values.
-    rounding_precision : accepted for compatibility (default 4): lowbit's fast mode rounds to fp16, not to
-        decimal places.
+    enable_per_channel_scale : divide each channel by its max-abs before clustering (default False).
 
     Raises ``ValueError`` / ``TypeError`` naming the option and its allowed values.
     """
@@ -59,8 +60,6 @@ class ModulePostTrainingPalettizerConfig(ModuleConfig):
     channel_axis: int = 0
     cluster_dim: int | None = None
     enable_per_channel_scale: bool = False
-    enable_fast_kmeans_mode: bool = True
-    rounding_precision: int = 4
 
     def __post_init__(self) -> None:
         granularity = self.granularity
@@ -76,9 +75,11 @@ class ModulePostTrainingPalettizerConfig(ModuleConfig):
         check_choice("channel_axis", check_int("channel_axis", self.channel_axis), (0, 1))
         if self.cluster_dim is not None:
             check_int("cluster_dim", self.cluster_dim, 1)
-        check_bool("enable_fast_kmeans_mode", self.enable_fast_kmeans_mode)
-        check_int("rounding_precision", self.rounding_precision, 0)
         self.weight_config()  # validates n_bits, lut_dtype, the per-channel scale and their combinations
+
+    def _kmeans_options(self) -> dict[str, Any]:
+        """Options of the weight layer's k-means a subclass sets (default: the weight layer's defaults)."""
+        return {}
 
     def weight_config(self) -> PalettizeConfig:
         """The weight layer's :class:`~lowbit.config.PalettizeConfig` of this module config."""
@@ -90,9 +91,30 @@ class ModulePostTrainingPalettizerConfig(ModuleConfig):
             cluster_dim=self.cluster_dim or 1,
             enable_per_channel_scale=self.enable_per_channel_scale,
             weight_num_threshold=0,
-            enable_fast_kmeans_mode=self.enable_fast_kmeans_mode,
-            rounding_precision=self.rounding_precision,
+            **self._kmeans_options(),
         )
+
+
+@dataclass(frozen=True)
+class ModulePostTrainingPalettizerConfig(KMeansModuleConfig):
+    """How the weights of one module are palettized: the options of :class:`KMeansModuleConfig`, and
+
+    enable_fast_kmeans_mode : cluster float32 weights' fp16-rounded values (default True; 16-bit weights are always
+        clustered exactly); False clusters the raw values.
+    rounding_precision : accepted for compatibility (default 4): lowbit's fast mode rounds to fp16, not to
+        decimal places.
+    """
+
+    enable_fast_kmeans_mode: bool = True
+    rounding_precision: int = 4
+
+    def __post_init__(self) -> None:
+        check_bool("enable_fast_kmeans_mode", self.enable_fast_kmeans_mode)
+        check_int("rounding_precision", self.rounding_precision, 0)
+        super().__post_init__()
+
+    def _kmeans_options(self) -> dict[str, Any]:
+        return {"enable_fast_kmeans_mode": self.enable_fast_kmeans_mode, "rounding_precision": self.rounding_precision}
 
 
 @dataclass

@@ -11,21 +11,20 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lowbit.config import PalettizeConfig, check_int
+from lowbit.config import check_int
 from lowbit.torch.config import ModelConfig, ModuleConfig
 from lowbit.torch.modules import to_numpy
 from lowbit.torch.palettization._base import PalettizerBase, Target
-from lowbit.torch.palettization.post_training import ModulePostTrainingPalettizerConfig
+from lowbit.torch.palettization.post_training import KMeansModuleConfig
 
 __all__ = ["ModuleSKMPalettizerConfig", "SKMPalettizer", "SKMPalettizerConfig"]
 
 
 @dataclass(frozen=True)
-class ModuleSKMPalettizerConfig(ModuleConfig):
+class ModuleSKMPalettizerConfig(KMeansModuleConfig):
     """How the weights of one module are palettized by :class:`SKMPalettizer`: the options of
-    :class:`ModulePostTrainingPalettizerConfig` without the fast-mode ones (``n_bits=4``, ``lut_dtype=None``,
-    ``granularity="per_tensor"``, ``group_size=None``, ``channel_axis=0``, ``cluster_dim=None``,
-    ``enable_per_channel_scale=False``), and one of lowbit's own:
+    :class:`~lowbit.torch.palettization.post_training.KMeansModuleConfig` (those of
+    ``ModulePostTrainingPalettizerConfig`` without the fast-mode ones), and one of lowbit's own:
 
     sensitivity_damping : float >= 0 (default 1.0): each LUT group's mean sensitivity times this is added to every
         element's. Measured on all-MiniLM-L6-v2 (mean embedding cosine, two English texts, two disjoint sets of 32
@@ -33,33 +32,17 @@ class ModuleSKMPalettizerConfig(ModuleConfig):
         LUT away from everything else and sensitive k-means lost to plain k-means (0.79 vs 0.82); with 0.3 to 3 it
         won at 3 and 4 bits, per tensor and grouped, on every text and calibration set; 1.0 sits in the middle.
 
-    Raises ``ValueError`` / ``TypeError`` naming the option and its allowed values.
+    Sensitivities are summed per fp16 value and the exact weighted k-means runs over those (the fp16 rounding of
+    float32 weights moves them by < 1e-3 of a step of any LUT).
     """
 
-    n_bits: int = 4
-    lut_dtype: Any = None
-    granularity: str = "per_tensor"
-    group_size: int | None = None
-    channel_axis: int = 0
-    cluster_dim: int | None = None
-    enable_per_channel_scale: bool = False
     sensitivity_damping: float = 1.0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "granularity", self._plain().granularity)
         damping = self.sensitivity_damping
         if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0:
             raise ValueError(f"sensitivity_damping must be a number >= 0, got {damping!r}")
-
-    def _plain(self) -> ModulePostTrainingPalettizerConfig:
-        options = self.as_dict()
-        del options["sensitivity_damping"]
-        return ModulePostTrainingPalettizerConfig(**options)
-
-    def weight_config(self) -> PalettizeConfig:
-        """The weight layer's config. Sensitivities are summed per fp16 value, the exact weighted k-means then runs
-        over those (the fp16 rounding of float32 weights moves them by < 1e-3 of a step of any LUT)."""
-        return self._plain().weight_config()
+        super().__post_init__()
 
 
 @dataclass
