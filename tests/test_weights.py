@@ -1,0 +1,65 @@
+"""The backend-neutral weight layer: layouts, refusals, importance."""
+
+import pickle
+
+import numpy as np
+import pytest
+
+from lowbit.config import PalettizeConfig, QuantizeConfig, SparsifyConfig
+from lowbit.errors import SkipWeight
+from lowbit.weights import check_eligible, palettize_weight, quantize_weight, sparsify_weight
+
+
+def test_a_refusal_survives_pickling_with_its_warn_flag():
+    for skip in (SkipWeight("contains NaN or Inf"), SkipWeight("small", warn=False)):
+        again = pickle.loads(pickle.dumps(skip))
+        assert (str(again), again.reason, again.warn) == (str(skip), skip.reason, skip.warn)
+
+
+def test_eligibility():
+    with pytest.raises(SkipWeight, match="dtype float64 is not float32/float16/bfloat16") as caught:
+        check_eligible((64, 64), np.dtype(np.float64), 0)
+    assert caught.value.warn
+    with pytest.raises(SkipWeight, match="1024 elements <= weight_num_threshold 1024") as caught:
+        check_eligible((32, 32), np.dtype(np.float32), 1024)
+    assert not caught.value.warn
+    check_eligible((32, 33), np.dtype(np.float16), 1024)
+
+
+@pytest.mark.parametrize("config", [PalettizeConfig(n_bits=3), PalettizeConfig(granularity="per_channel")])
+def test_a_palettized_weight_seen_transposed_decodes_transposed(config):
+    w = np.random.default_rng(0).standard_normal((16, 8, 3)).astype(np.float32)
+    result = palettize_weight(w, 0, config)
+    np.testing.assert_array_equal(result.decode(), result.palettized.decode().reshape(w.shape))
+    moved = result.permuted((2, 0, 1))
+    assert moved.shape == (3, 16, 8) and moved.rel_mse == result.rel_mse
+    np.testing.assert_array_equal(moved.decode(), result.decode().transpose(2, 0, 1))
+
+
+def test_importance_steers_the_centroids_and_zero_importance_falls_back_to_plain_kmeans():
+    w = np.random.default_rng(1).standard_normal((8, 256)).astype(np.float16)
+    config = PalettizeConfig(n_bits=2, granularity="per_grouped_channel", group_size=4)
+    plain = palettize_weight(w, 0, config)
+    important = np.zeros(w.shape, bool)
+    important[4:] = np.abs(w[4:]) < 0.3  # the second LUT cares about its small values, the first about none
+    weighted = palettize_weight(w, 0, config, importance=important.astype(np.float64))
+    np.testing.assert_array_equal(weighted.palettized.lut[0], plain.palettized.lut[0])
+    assert np.abs(weighted.palettized.lut[1]).max() < 0.3
+    errors = [np.square(r.decode()[important].astype(np.float64) - w[important]).sum() for r in (plain, weighted)]
+    assert errors[1] < errors[0] / 10
+
+
+def test_the_weight_layer_refuses_shapes_that_do_not_split():
+    w = np.ones((30, 64), np.float32)
+    refusals = [
+        (
+            lambda: palettize_weight(w, 0, PalettizeConfig(granularity="per_grouped_channel", group_size=8)),
+            "group_size 8",
+        ),
+        (lambda: palettize_weight(w, 0, PalettizeConfig(cluster_dim=4)), "cluster_dim 4"),
+        (lambda: quantize_weight(w, 1, 0, QuantizeConfig(dtype="int4", granularity="per_block")), "block_size 32"),
+        (lambda: sparsify_weight(w, 0, 1, SparsifyConfig(0.5, n_m_ratio=(2, 7))), "m=7"),
+    ]
+    for call, reason in refusals:
+        with pytest.raises(SkipWeight, match=reason):
+            call()
