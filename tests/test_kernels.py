@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lowbit.errors import SkipWeight
+from lowbit.kernels import kmeans1d
 from lowbit.kernels.histogram import assign_by_thresholds, assign_packed, distinct_values, key_values
 from lowbit.kernels.kmeans1d import optimal_centroids
 from lowbit.kernels.packing import pack_bits
@@ -48,6 +49,41 @@ def test_optimal_centroids_match_brute_force(m, k, seed, weighted):
         assert sse_of(x, w, centroids) == 0.0
     else:
         assert sse_of(x, w, centroids) <= brute_force_sse(x, w, k) * (1 + 1e-9) + 1e-12
+
+
+def _layered_centroids(x: np.ndarray, w: np.ndarray, k: int) -> np.ndarray:
+    cw, cx, cxx, shift = kmeans1d._prefix_sums(x, w)
+    out = np.empty(k)
+    kmeans1d._layered(cw, cx, cxx, shift, len(x), k, out)
+    return out
+
+
+@pytest.mark.parametrize("k", [2, 4, 16, 64, 256])
+def test_lagrangian_solver_reaches_the_layered_optimum(k):
+    """The fast path (penalized solves) against the layered dynamic program, on the data palettization sees:
+    fp16 histograms of Gaussian and heavy-tailed weights, rounded values, small integers (ties: the fallback)."""
+    rng = np.random.default_rng(k)
+    fallbacks = 0
+    for trial in range(40):
+        m = int(rng.integers(k + 1, 6000))
+        raw = [
+            rng.standard_normal(m).astype(np.float16),
+            rng.standard_t(3, m).astype(np.float16),
+            np.round(rng.standard_normal(m), 2),
+            rng.integers(0, 2 * k + 8, m),
+        ][trial % 4]
+        x = np.unique(raw.astype(np.float64))
+        if len(x) <= k:
+            continue
+        w = rng.integers(1, 50, len(x)).astype(float) if trial % 2 else rng.exponential(1.0, len(x))
+        cw, cx, cxx, shift = kmeans1d._prefix_sums(x, w)
+        fast = np.empty(k)
+        fallbacks += not kmeans1d._lagrangian(x, cw, cx, cxx, shift, len(x), k, fast)
+        got = optimal_centroids(x, w, np.array([0, len(x)]), k)[0]
+        optimum = sse_of(x, w, _layered_centroids(x, w, k))
+        assert sse_of(x, w, got) <= optimum * (1 + 1e-9) + 1e-12, (trial, k)
+        assert np.all(np.diff(got) >= 0)
+    assert fallbacks < 10
 
 
 def test_threads_do_not_change_the_result():

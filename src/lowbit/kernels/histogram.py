@@ -13,6 +13,7 @@ from typing import NamedTuple
 import ml_dtypes
 import numba
 import numpy as np
+from numba.cpython.unsafe.numbers import trailing_zeros
 
 from lowbit.kernels.packing import pack_bits
 
@@ -58,24 +59,32 @@ def _key(bits: np.uint16) -> int:
 
 @numba.njit(cache=True, nogil=True)
 def _distinct(bits: np.ndarray, importance: np.ndarray, weighted: bool, table: np.ndarray):
+    """One pass per group: counts (or summed importance) into a reused table of the 65,536 order keys, and a
+    bitmap of the keys present, walked word by word with count-trailing-zeros, so a group costs its element count
+    plus its distinct values, not the width of its key range."""
     groups, n = bits.shape
     hist = np.zeros(1 << 16)
-    seen = np.zeros(1 << 16, np.bool_)
-    values = np.empty(min(groups * n, 1 << 16))
+    present = np.zeros(1 << 10, np.uint64)
+    values = np.empty(groups * min(n, 1 << 16))
     weights = np.empty_like(values)
     offsets = np.zeros(groups + 1, np.int64)
     key_range = np.empty((groups, 2), np.int64)
+    one = np.uint64(1)
     out = 0
     for g in range(groups):
         lo, hi = 1 << 16, -1
         for e in range(n):
             k = _key(bits[g, e])
             hist[k] += importance[g, e] if weighted else 1.0
-            seen[k] = True
+            present[k >> 6] |= one << np.uint64(k & 63)
             lo = min(lo, k)
             hi = max(hi, k)
-        for k in range(lo, hi + 1):
-            if seen[k]:
+        for word_index in range(lo >> 6, (hi >> 6) + 1):
+            word = present[word_index]
+            present[word_index] = 0
+            while word:
+                k = (word_index << 6) + np.int64(trailing_zeros(word))  # type: ignore[call-arg]
+                word &= word - one
                 if out == values.shape[0]:  # grow geometrically
                     grown = np.empty(2 * out)
                     grown[:out] = values
@@ -87,7 +96,6 @@ def _distinct(bits: np.ndarray, importance: np.ndarray, weighted: bool, table: n
                 weights[out] = hist[k]
                 out += 1
                 hist[k] = 0.0
-                seen[k] = False
         offsets[g + 1] = out
         key_range[g, 0], key_range[g, 1] = lo, hi
     return values[:out].copy(), weights[:out].copy(), offsets, key_range

@@ -7,6 +7,14 @@ around their mean (O(1) from prefix sums of ``w``, ``w*x``, ``w*x^2``). The opti
 
 Weights enter as their distinct values with multiplicities (histograms), so the cost depends on the number of
 distinct values, not on the weight count.
+
+The fast path is a Lagrangian relaxation: ``D[j] = min_i D[i] + cost(i, j) + lam`` has no cluster count; since the
+optimal cost is convex in the count, a ``lam`` whose optimum has exactly ``k`` clusters gives an optimal
+``k``-partition. One penalized solve is a single pass with a monotone queue of candidate split points (by the
+quadrangle inequality, a later candidate that beats an earlier one keeps beating it), O(m log m) whatever ``k``.
+``lam`` starts from a Lloyd estimate of the k-cluster error and is then found by intersecting the lines of the two
+tightest solves (the lower convex hull of cost against count). When no ``lam`` gives exactly ``k`` (``k`` on a flat
+stretch of the hull), the layered divide-and-conquer dynamic program above answers.
 """
 
 from __future__ import annotations
@@ -71,13 +79,9 @@ def _layer(prev: np.ndarray, cur: np.ndarray, arg: np.ndarray, floor: np.ndarray
 
 
 @numba.njit(cache=True, nogil=True)
-def _solve_group(x: np.ndarray, w: np.ndarray, k: int, centroids: np.ndarray) -> None:
-    """Optimal ``k`` centroids of sorted distinct values ``x`` with weights ``w``; writes ``centroids`` (sorted)."""
+def _prefix_sums(x: np.ndarray, w: np.ndarray):
+    """(cw, cx, cxx, shift): prefix sums of w, w*d, w*d^2 with d = x - shift, shift the weighted mean."""
     m = x.shape[0]
-    if m <= k:
-        for c in range(k):
-            centroids[c] = x[min(c, m - 1)]
-        return
     shift = 0.0
     total = 0.0
     for i in range(m):
@@ -92,6 +96,12 @@ def _solve_group(x: np.ndarray, w: np.ndarray, k: int, centroids: np.ndarray) ->
         cw[i + 1] = cw[i] + w[i]
         cx[i + 1] = cx[i] + w[i] * d
         cxx[i + 1] = cxx[i] + w[i] * d * d
+    return cw, cx, cxx, shift
+
+
+@numba.njit(cache=True, nogil=True)
+def _layered(cw, cx, cxx, shift: float, m: int, k: int, centroids: np.ndarray) -> None:
+    """The layered dynamic program: optimal ``k`` centroids in O(k m log m)."""
     prev = np.empty(m + 1)
     cur = np.empty(m + 1)
     args = np.zeros((k + 1, m + 1), np.int64)
@@ -106,6 +116,143 @@ def _solve_group(x: np.ndarray, w: np.ndarray, k: int, centroids: np.ndarray) ->
         i = args[c, j] if c > 1 else 0
         centroids[c - 1] = (cx[j] - cx[i]) / (cw[j] - cw[i]) + shift
         j = i
+
+
+@numba.njit(cache=True, nogil=True)
+def _penalized(cw, cx, cxx, m: int, lam: float, d: np.ndarray, cnt: np.ndarray, arg: np.ndarray, qi, qs) -> None:
+    """``d[j] = min_i d[i] + cost(i, j) + lam`` for j = 1..m with a monotone queue: ``qi[h:t]`` are the candidate
+    split points still in play, ``qs`` the first ``j`` each one is best for; a new candidate's start is found by
+    galloping, then binary search, against the last one. Ties go to the later candidate. ``cnt[j]``: clusters of
+    ``d[j]``."""
+    d[0] = 0.0
+    cnt[0] = 0
+    head, tail = 0, 1
+    qi[0], qs[0] = 0, 1
+    for j in range(1, m + 1):
+        while tail - head > 1 and qs[head + 1] <= j:
+            head += 1
+        i = qi[head]
+        d[j] = d[i] + _cost(i, j, cw, cx, cxx) + lam
+        cnt[j] = cnt[i] + 1
+        arg[j] = i
+        if j == m:
+            return
+        start = j + 1
+        while tail > head:  # drop the candidates the new one beats from where they would start
+            last = qi[tail - 1]
+            s = max(qs[tail - 1], start)
+            if d[j] + _cost(j, s, cw, cx, cxx) <= d[last] + _cost(last, s, cw, cx, cxx):
+                tail -= 1
+            else:
+                break
+        if tail == head:
+            qi[tail], qs[tail] = j, start
+            tail += 1
+            continue
+        last = qi[tail - 1]
+        # gallop from where ``last`` starts to the first p where the new candidate wins (crossovers lie close)
+        base = max(qs[tail - 1], start)
+        step = 1
+        lo = base + 1
+        while True:
+            p = base + step
+            if p >= m:
+                p = m
+            if d[j] + _cost(j, p, cw, cx, cxx) <= d[last] + _cost(last, p, cw, cx, cxx):
+                hi = p
+                break
+            if p == m:
+                hi = -1
+                break
+            lo = p + 1
+            step *= 2
+        if hi < 0:
+            continue  # never better within the range
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if d[j] + _cost(j, mid, cw, cx, cxx) <= d[last] + _cost(last, mid, cw, cx, cxx):
+                hi = mid
+            else:
+                lo = mid + 1
+        qi[tail], qs[tail] = j, lo
+        tail += 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _lloyd_error(x: np.ndarray, cw, cx, cxx, m: int, k: int) -> float:
+    """The error of ``k`` clusters after a few Lloyd steps from weighted quantiles: an estimate of the optimum."""
+    bounds = np.empty(k + 1, np.int64)
+    total = cw[m]
+    for c in range(k + 1):
+        bounds[c] = np.searchsorted(cw, total * c / k)
+    bounds[0], bounds[k] = 0, m
+    centers = np.empty(k)
+    error = 0.0
+    for _ in range(4):
+        error = 0.0
+        for c in range(k):
+            a, b = bounds[c], bounds[c + 1]
+            if b > a and cw[b] > cw[a]:
+                centers[c] = x[a] if b - a == 1 else (cx[b] - cx[a]) / (cw[b] - cw[a])
+                error += _cost(a, b, cw, cx, cxx)
+            else:
+                centers[c] = x[min(a, m - 1)] if c == 0 else centers[c - 1]
+        for c in range(1, k):
+            bounds[c] = max(bounds[c - 1], np.searchsorted(x, (centers[c - 1] + centers[c]) / 2))
+    return error
+
+
+@numba.njit(cache=True, nogil=True)
+def _lagrangian(x: np.ndarray, cw, cx, cxx, shift: float, m: int, k: int, centroids: np.ndarray) -> bool:
+    """Optimal ``k`` centroids by Lagrangian relaxation; False when no penalty gives exactly ``k`` clusters."""
+    d = np.empty(m + 1)
+    cnt = np.empty(m + 1, np.int64)
+    arg = np.empty(m + 1, np.int64)
+    qi = np.empty(m + 1, np.int64)
+    qs = np.empty(m + 1, np.int64)
+    # hull points (cost, count) bracketing k: m clusters cost 0, one cluster costs everything
+    lo_cost, lo_count = 0.0, m
+    hi_cost, hi_count = _cost(0, m, cw, cx, cxx), 1
+    x_centered = x - shift
+    lam = 2.0 * _lloyd_error(x_centered, cw, cx, cxx, m, k) / k
+    for _ in range(64):
+        if not lam > 0.0:
+            return False
+        _penalized(cw, cx, cxx, m, lam, d, cnt, arg, qi, qs)
+        count = cnt[m]
+        cost = d[m] - lam * count
+        if count == k:
+            j = m
+            for c in range(k, 0, -1):
+                i = arg[j]
+                centroids[c - 1] = (cx[j] - cx[i]) / (cw[j] - cw[i]) + shift
+                j = i
+            return True
+        bracketed = lo_count < m and hi_count > 1
+        if count > k and count < lo_count:
+            lo_cost, lo_count = cost, count
+        elif count < k and count > hi_count:
+            hi_cost, hi_count = cost, count
+        elif bracketed:
+            return False  # the line of lo and hi holds no other hull point: k sits on a flat stretch
+        if lo_count < m and hi_count > 1:  # between two solves: where their lines meet
+            lam = (hi_cost - lo_cost) / (lo_count - hi_count)
+        else:  # one side is still a trivial end: jump by the error's ~count^-2 law (slope ~count^-3)
+            lam *= (count / k) ** 3
+    return False
+
+
+@numba.njit(cache=True, nogil=True)
+def _solve_group(x: np.ndarray, w: np.ndarray, k: int, centroids: np.ndarray) -> None:
+    """Optimal ``k`` centroids of sorted distinct values ``x`` with weights ``w``; writes ``centroids`` (sorted)."""
+    m = x.shape[0]
+    if m <= k:
+        for c in range(k):
+            centroids[c] = x[min(c, m - 1)]
+        return
+    cw, cx, cxx, shift = _prefix_sums(x, w)
+    if not _lagrangian(x, cw, cx, cxx, shift, m, k, centroids):
+        _layered(cw, cx, cxx, shift, m, k, centroids)
 
 
 @numba.njit(cache=True, nogil=True)
