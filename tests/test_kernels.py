@@ -179,3 +179,17 @@ def test_lut_quantization_is_symmetric_round_half_even(dtype):
     if np.dtype(dtype) == np.int8:
         scale = np.float64(np.float32(2.5 / 127))
         np.testing.assert_array_equal(q.q[2], np.rint(rows[2] / scale).astype(np.int8))
+
+
+@pytest.mark.parametrize("n_bits", range(1, 9))
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
+def test_compiled_gather_equals_the_reference_decoder(n_bits, dtype):
+    from lowbit.kernels.decode import lut_decode
+    from lowbit.kernels.gather import gather_packed
+
+    rng = np.random.default_rng(n_bits)
+    groups, rows, cols = 3, 6, 37  # odd sizes: codes straddle bytes and groups
+    codes = rng.integers(0, 1 << n_bits, (rows * groups, cols))
+    lut = rng.standard_normal((groups, 1 << n_bits, 1)).astype(dtype)
+    got = gather_packed(pack_bits(codes, n_bits), n_bits, lut[:, :, 0], codes.size).reshape(codes.shape)
+    np.testing.assert_array_equal(got.view(np.uint8), lut_decode(codes, lut).view(np.uint8))

@@ -9,6 +9,7 @@ import numpy as np
 from lowbit.errors import SkipWeight
 from lowbit.kernels import check_finite
 from lowbit.kernels.decode import lut_decode
+from lowbit.kernels.gather import gather_packed, squared_error_and_energy
 from lowbit.kernels.histogram import (
     SIXTEEN_BIT_FLOATS,
     assign_packed,
@@ -52,7 +53,13 @@ class Palettized:
         return unpack_bits(self.packed, self.n_bits, rows * cols).reshape(rows, cols)
 
     def decode(self) -> np.ndarray:
-        return lut_decode(self.codes, self.lut, self.scale)
+        if self.lut.shape[2] > 1:  # vectors
+            return lut_decode(self.codes, self.lut, self.scale)
+        rows, cols = self.codes_shape
+        dense = gather_packed(self.packed, self.n_bits, self.lut[:, :, 0], rows * cols).reshape(rows, cols)
+        if self.scale is not None:  # as lut_decode does: the product in the LUT's dtype
+            dense = dense * np.asarray(self.scale, dtype=self.lut.dtype).reshape(-1, 1)
+        return dense
 
 
 def _midpoints(lut: np.ndarray) -> np.ndarray:
@@ -198,6 +205,5 @@ def palettize(
         codes_shape = (channels // cluster_dim, x.size // channels)
     result = Palettized(packed, codes_shape, lut, scale, n_bits, quantized, 0.0, 0.0)
     if measured is None or scale is not None:
-        diff = result.decode().astype(np.float64) - w.astype(np.float64)
-        measured = (float(np.einsum("ij,ij->", diff, diff)), float(np.einsum("ij,ij->", w, w, dtype=np.float64)))
+        measured = squared_error_and_energy(result.decode(), w)
     return replace(result, squared_error=measured[0], energy=measured[1])
