@@ -13,19 +13,99 @@ import numpy as np
 import torch
 from torch import nn
 
-from lowbit.config import PalettizeConfig, check_int
+from lowbit.config import PalettizeConfig, check_choice, check_int
 from lowbit.errors import SkipWeight
 from lowbit.report import CompressionReport
 from lowbit.torch.config import ModelConfig, ModuleConfig
 from lowbit.torch.modules import ModuleWeight, from_numpy, is_supported, module_weights, numpy_dtype, to_numpy
+from lowbit.types import CompressionGranularity, DType
 from lowbit.weights import PalettizedWeight, check_eligible, palettize_weight
 
-__all__ = ["RECORD", "SKIPPED", "PalettizerBase", "Target"]
+__all__ = ["RECORD", "SKIPPED", "KMeansModuleConfig", "PalettizerBase", "Target"]
 
 RECORD = "lowbit_palettization"  # module attribute: {parameter name: PalettizedWeight}
 SKIPPED = "lowbit_skipped"  # module attribute: {parameter name: why it was left as it is}
 
-MC = TypeVar("MC", bound=ModelConfig)
+MC = TypeVar("MC", bound=ModelConfig)  # whose module configs are KMeansModuleConfig
+
+
+GRANULARITIES = ("per_tensor", "per_grouped_channel")
+LUT_DTYPES = {None: None, "int8": DType.INT8, "uint8": DType.UINT8}
+
+
+def lut_dtype_of(value: Any) -> DType | None:
+    """The :class:`DType` of a ``lut_dtype`` option: None, ``torch.int8`` / ``torch.uint8`` or their names."""
+    key = str(value).removeprefix("torch.") if value is not None else None
+    return LUT_DTYPES[check_choice("lut_dtype", key, LUT_DTYPES)]
+
+
+@dataclass(frozen=True)
+class KMeansModuleConfig(ModuleConfig):
+    """The options every post-training palettizer's module config has.
+
+    Parameters
+    ----------
+    n_bits : bits per index, one of {1, 2, 3, 4, 6, 8} (default 4): a LUT of ``2**n_bits`` entries.
+    lut_dtype : None (default: LUT entries in the weight's dtype), ``torch.int8`` or ``torch.uint8`` (LUT entries
+        quantized symmetrically with one scale per LUT).
+    granularity : ``"per_tensor"`` (default, one LUT) or ``"per_grouped_channel"`` (one LUT per ``group_size``
+        channels along ``channel_axis``).
+    group_size : channels per LUT with ``"per_grouped_channel"`` (required there, None otherwise); a weight whose
+        channel count does not divide is skipped with a warning.
+    channel_axis : 0 (default: the module's output channels) or 1 (its input channels): the axis that groups and
+        vectors run along. A transposed convolution's output channels are its weight's axis 1, so 0 and 1 keep
+        meaning output and input channels for every module.
+    cluster_dim : None or 1 (scalar, exact k-means) or ``> 1``: LUT entries are vectors of this many channels
+        along ``channel_axis``. Not with ``enable_per_channel_scale``.
+    enable_per_channel_scale : divide each channel by its max-abs before clustering (default False).
+
+    Raises ``ValueError`` / ``TypeError`` naming the option and its allowed values.
+    """
+
+    n_bits: int = 4
+    lut_dtype: Any = None
+    granularity: str = "per_tensor"
+    group_size: int | None = None
+    channel_axis: int = 0
+    cluster_dim: int | None = None
+    enable_per_channel_scale: bool = False
+
+    def __post_init__(self) -> None:
+        granularity = self.granularity
+        if isinstance(granularity, CompressionGranularity):
+            granularity = granularity.name.lower()
+        object.__setattr__(self, "granularity", check_choice("granularity", granularity, GRANULARITIES))
+        if self.granularity == "per_grouped_channel" and self.group_size is None:
+            raise ValueError("group_size must be set (an int >= 1) when granularity is 'per_grouped_channel'")
+        if self.group_size is not None:
+            check_int("group_size", self.group_size, 1)
+            if self.granularity == "per_tensor":
+                raise ValueError("group_size must be None when granularity is 'per_tensor' (one LUT per tensor)")
+        check_choice("channel_axis", check_int("channel_axis", self.channel_axis), (0, 1))
+        if self.cluster_dim is not None:
+            check_int("cluster_dim", self.cluster_dim, 1)
+        self.weight_config()  # validates n_bits, lut_dtype, the per-channel scale and their combinations
+
+    def _kmeans_options(self) -> dict[str, Any]:
+        """Options of the weight layer's k-means a subclass sets (default: the weight layer's defaults)."""
+        return {}
+
+    def importance_damping(self) -> float:
+        """How much of each LUT group's mean importance is added to every element's (sensitive k-means only)."""
+        return 0.0
+
+    def weight_config(self) -> PalettizeConfig:
+        """The weight layer's :class:`~lowbit.config.PalettizeConfig` of this module config."""
+        return PalettizeConfig(
+            lut_dtype=lut_dtype_of(self.lut_dtype),
+            n_bits=self.n_bits,
+            granularity=CompressionGranularity[self.granularity.upper()],
+            group_size=self.group_size or 1,
+            cluster_dim=self.cluster_dim or 1,
+            enable_per_channel_scale=self.enable_per_channel_scale,
+            weight_num_threshold=0,
+            **self._kmeans_options(),
+        )
 
 
 @dataclass(frozen=True)
@@ -35,9 +115,12 @@ class Target:
     module_name: str
     module: nn.Module
     weight: ModuleWeight
-    config: PalettizeConfig
-    axis: int  # the weight's axis that LUT groups and vectors run along
-    damping: float  # of the importance, when there is one
+    config: KMeansModuleConfig
+
+    @property
+    def axis(self) -> int:
+        """The weight's axis that LUT groups and vectors run along."""
+        return self.weight.input_axis if self.config.channel_axis == 1 else self.weight.output_axis
 
     @property
     def name(self) -> str:
@@ -80,9 +163,7 @@ class PalettizerBase(Generic[MC]):
         for module_name, config in self._config.resolve(model, is_supported).items():
             module = model.get_submodule(module_name)
             for weight in module_weights(module):
-                axis = weight.input_axis if getattr(config, "channel_axis", 0) == 1 else weight.output_axis
-                damping = getattr(config, "sensitivity_damping", 0.0)
-                target = Target(module_name, module, weight, weight_config(config), axis, damping)
+                target = Target(module_name, module, weight, config)
                 try:
                     check_eligible(weight.parameter.shape, numpy_dtype(weight.parameter.dtype), 0)
                 except SkipWeight as skip:
@@ -101,11 +182,11 @@ class PalettizerBase(Generic[MC]):
                 result = palettize_weight(
                     to_numpy(param),
                     target.axis,
-                    target.config,
+                    target.config.weight_config(),
                     name=target.name,
                     importance=importance(target),
                     threads=threads,
-                    damping=target.damping,
+                    damping=target.config.importance_damping(),
                 )
             except SkipWeight as skip:
                 _skip(target, skip)
@@ -113,11 +194,6 @@ class PalettizerBase(Generic[MC]):
             with torch.no_grad():
                 param.copy_(from_numpy(result.decode(), param))
             _record(target.module, RECORD, target.weight.name, result)
-
-
-def weight_config(config: ModuleConfig) -> PalettizeConfig:
-    """The weight layer's config of a module config (every palettizer's module config has ``weight_config``)."""
-    return config.weight_config()  # type: ignore[attr-defined]
 
 
 def _record(module: nn.Module, attribute: str, key: str, value: Any) -> None:

@@ -14,8 +14,7 @@ from torch import nn
 from lowbit.config import check_int
 from lowbit.torch.config import ModelConfig, ModuleConfig
 from lowbit.torch.modules import to_numpy
-from lowbit.torch.palettization._base import PalettizerBase, Target
-from lowbit.torch.palettization.post_training import KMeansModuleConfig
+from lowbit.torch.palettization._base import KMeansModuleConfig, PalettizerBase, Target
 
 __all__ = ["ModuleSKMPalettizerConfig", "SKMPalettizer", "SKMPalettizerConfig"]
 
@@ -23,7 +22,7 @@ __all__ = ["ModuleSKMPalettizerConfig", "SKMPalettizer", "SKMPalettizerConfig"]
 @dataclass(frozen=True)
 class ModuleSKMPalettizerConfig(KMeansModuleConfig):
     """How the weights of one module are palettized by :class:`SKMPalettizer`: the options of
-    :class:`~lowbit.torch.palettization.post_training.KMeansModuleConfig` (those of
+    :class:`~lowbit.torch.palettization._base.KMeansModuleConfig` (those of
     ``ModulePostTrainingPalettizerConfig`` without the fast-mode ones), and one of lowbit's own:
 
     sensitivity_damping : float >= 0 (default 1.0): each LUT group's mean sensitivity times this is added to every
@@ -43,6 +42,9 @@ class ModuleSKMPalettizerConfig(KMeansModuleConfig):
         if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0:
             raise ValueError(f"sensitivity_damping must be a number >= 0, got {damping!r}")
         super().__post_init__()
+
+    def importance_damping(self) -> float:
+        return float(self.sensitivity_damping)
 
 
 @dataclass
