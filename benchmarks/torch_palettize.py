@@ -238,37 +238,11 @@ def _digits_module() -> ModuleType:
     return module
 
 
-def train_digits(seed: int, data) -> torch.nn.Module:
-    """examples/digits/train.py's training loop and split with the given torch seed (train.py uses 0)."""
-    train = _digits_module()
-    x_train, y_train = data
-    torch.manual_seed(seed)
-    model = train.DigitsCNN()
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train).long()
-    for _ in range(40):
-        order = torch.randperm(len(xt))
-        for start in range(0, len(xt), 64):
-            idx = order[start : start + 64]
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
-            optimizer.step()
-    return model.eval()
-
-
 def digits(tools: dict, quick: bool, record: dict) -> str:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    data = load_digits()
-    images = (data.images / 16.0).astype(np.float32)[:, None]
-    x_train, x_test, y_train, y_test = train_test_split(
-        images, data.target, test_size=0.2, random_state=0, stratify=data.target
-    )
+    train = _digits_module()
+    x_train, y_train, x_test, y_test = train.load_split()
     xs, ys = torch.from_numpy(x_test), torch.from_numpy(y_test)
-    calibration = [
-        (torch.from_numpy(x_train[i : i + 8]), torch.from_numpy(y_train[i : i + 8]).long()) for i in range(0, 128, 8)
-    ]
+    calibration = [(torch.from_numpy(x_train[i : i + 1]), torch.from_numpy(y_train[i : i + 1])) for i in range(128)]
 
     def loss_fn(m: torch.nn.Module, batch) -> torch.Tensor:
         x, y = batch
@@ -283,7 +257,7 @@ def digits(tools: dict, quick: bool, record: dict) -> str:
         return accuracy(compressed), seconds
 
     seeds = (0,) if quick else (0, 1, 2)
-    models = {seed: train_digits(seed, (x_train, y_train)) for seed in seeds}
+    models = {seed: train.train(x_train, y_train, seed) for seed in seeds}
     fp32 = [accuracy(m) for m in models.values()]
     record["fp32"] = fp32
     rows = [["fp32", *(["/".join(f"{a:.4f}" for a in fp32), "-"] * len(tools))]]

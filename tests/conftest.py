@@ -215,18 +215,22 @@ def program_of():
     return build
 
 
-def digits_torch_model():
-    """The shipped digits CNN as a torch module: ``DigitsCNN`` of examples/digits/train.py with the ONNX file's
-    weights."""
+def _digits_train_module():
+    """examples/digits/train.py as a module: ``DigitsCNN``, ``load_split``, ``train``."""
     import importlib.util
-
-    import torch
 
     spec = importlib.util.spec_from_file_location("digits_train", ROOT / "examples" / "digits" / "train.py")
     assert spec is not None and spec.loader is not None
     train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train)
-    model = train.DigitsCNN()
+    return train
+
+
+def digits_torch_model():
+    """The shipped digits CNN as a torch module: ``DigitsCNN`` with the ONNX file's weights."""
+    import torch
+
+    model = _digits_train_module().DigitsCNN()
     initializers = lowbit.load(DIGITS).graph.initializers
     model.load_state_dict({n: torch.from_numpy(v.const_value.numpy().copy()) for n, v in initializers.items()})
     return model.eval()
@@ -234,15 +238,7 @@ def digits_torch_model():
 
 def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(train images, train labels, test images, test labels): the fixed split the digits CNN was trained on."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    images = (digits.images / 16.0).astype(np.float32)[:, None]
-    x_train, x_test, y_train, y_test = train_test_split(
-        images, digits.target, test_size=0.2, random_state=0, stratify=digits.target
-    )
-    return x_train, y_train.astype(np.int64), x_test, y_test.astype(np.int64)
+    return _digits_train_module().load_split()
 
 
 @pytest.fixture(scope="session")

@@ -39,13 +39,19 @@ class DigitsCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-def main() -> None:
-    torch.manual_seed(SEED)
+def load_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(train images, train labels, test images, test labels): scikit-learn's digits, the fixed 80/20 split."""
     digits = load_digits()
     images = (digits.images / 16.0).astype(np.float32)[:, None]
     x_train, x_test, y_train, y_test = train_test_split(
         images, digits.target, test_size=0.2, random_state=SEED, stratify=digits.target
     )
+    return x_train, y_train.astype(np.int64), x_test, y_test.astype(np.int64)
+
+
+def train(x_train: np.ndarray, y_train: np.ndarray, seed: int = SEED) -> DigitsCNN:
+    """40 epochs of Adam on the training images, torch seeded with ``seed``; returns the model in eval mode."""
+    torch.manual_seed(seed)
     model = DigitsCNN()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train).long()
@@ -56,7 +62,12 @@ def main() -> None:
             optimizer.zero_grad()
             nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
             optimizer.step()
-    model.eval()
+    return model.eval()
+
+
+def main() -> None:
+    x_train, y_train, x_test, y_test = load_split()
+    model = train(x_train, y_train)
     with torch.no_grad():
         accuracy = (model(torch.from_numpy(x_test)).argmax(1).numpy() == y_test).mean()
     print(f"test accuracy {accuracy:.4f} on {len(y_test)} images")
@@ -70,7 +81,7 @@ def main() -> None:
         output_names=["logits"],
         dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
     )
-    np.savez_compressed(HERE / "test_split.npz", images=x_test, labels=y_test.astype(np.int64))
+    np.savez_compressed(HERE / "test_split.npz", images=x_test, labels=y_test)
 
 
 if __name__ == "__main__":
