@@ -20,9 +20,9 @@ from lowbit.torch.palettization import (  # noqa: E402
 )
 
 
-def _config(cls, bits: int, grouped: bool, **extra):
-    options = {"n_bits": bits, **({"granularity": "per_grouped_channel", "group_size": 16} if grouped else {})}
-    return cls.from_dict({"global_config": options, **extra})
+def _config(cls, bits: int, grouped: bool, **options):
+    grouping = {"granularity": "per_grouped_channel", "group_size": 16} if grouped else {}
+    return cls.from_dict({"global_config": {"n_bits": bits, **grouping, **options}})
 
 
 def test_palettized_digits_cnn_exports_with_its_luts_and_runs_the_same_in_onnx_runtime(tmp_path):
@@ -83,7 +83,9 @@ def test_sensitive_kmeans_beats_post_training_on_minilm_at_3_and_4_bits(minilm_t
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", "weight 'embeddings.word_embeddings.weight' skipped: 30522")
                 plain = PostTrainingPalettizer(model, _config(PostTrainingPalettizerConfig, bits, grouped)).compress()
-                skm = SKMPalettizer(model, _config(SKMPalettizerConfig, bits, grouped)).compress(sensitivity_path=path)
+                # 32 sentences give noisy sensitivities: damped as the option's documentation says
+                skm_config = _config(SKMPalettizerConfig, bits, grouped, sensitivity_damping=1.0)
+                skm = SKMPalettizer(model, skm_config).compress(sensitivity_path=path)
             plain_cosine, skm_cosine = cosine(plain), cosine(skm)
             assert skm_cosine > plain_cosine, (bits, grouped, skm_cosine, plain_cosine)
             assert plain_cosine > {3: 0.75, 4: 0.9}[bits]

@@ -9,7 +9,7 @@ import numpy as np
 from lowbit.errors import SkipWeight
 from lowbit.kernels import check_finite
 from lowbit.kernels.decode import lut_decode
-from lowbit.kernels.gather import gather_packed, squared_error_and_energy
+from lowbit.kernels.gather import gather_packed, packed_error, squared_error_and_energy
 from lowbit.kernels.histogram import (
     SIXTEEN_BIT_FLOATS,
     assign_packed,
@@ -204,6 +204,8 @@ def palettize(
         packed = pack_bits(codes, n_bits)
         codes_shape = (channels // cluster_dim, x.size // channels)
     result = Palettized(packed, codes_shape, lut, scale, n_bits, quantized, 0.0, 0.0)
-    if measured is None or scale is not None:
+    if scale is None and cluster_dim == 1 and w.dtype in (np.float32, np.float64) and measured is None:
+        measured = packed_error(packed, n_bits, lut[:, :, 0], w)  # no decoded copy
+    elif measured is None or scale is not None:
         measured = squared_error_and_energy(result.decode(), w)
     return replace(result, squared_error=measured[0], energy=measured[1])

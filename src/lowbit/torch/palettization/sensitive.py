@@ -25,17 +25,19 @@ class ModuleSKMPalettizerConfig(KMeansModuleConfig):
     :class:`~lowbit.torch.palettization._base.KMeansModuleConfig` (those of
     ``ModulePostTrainingPalettizerConfig`` without the fast-mode ones), and one of lowbit's own:
 
-    sensitivity_damping : float >= 0 (default 1.0): each LUT group's mean sensitivity times this is added to every
-        element's. Measured on all-MiniLM-L6-v2 (mean embedding cosine, two English texts, two disjoint sets of 32
-        calibration sentences): with 0.1, a few outlying sensitivities pulled the centroids of a 3-bit per-tensor
-        LUT away from everything else and sensitive k-means lost to plain k-means (0.79 vs 0.82); with 0.3 to 3 it
-        won at 3 and 4 bits, per tensor and grouped, on every text and calibration set; 1.0 sits in the middle.
+    sensitivity_damping : float >= 0 (default 0.01): each LUT group's mean sensitivity times this is added to every
+        element's, so that a few outlying sensitivities cannot pull every centroid to themselves. What suits depends
+        on how noisy the sensitivities are (measured, ``benchmarks/torch_palettize.py``): SmolLM2-135M, 8 x 256
+        calibration tokens, 4-bit per tensor: perplexity 47.6 / 47.4 / 48.4 / 54.0 at 0 / 0.01 / 0.1 / 1.0;
+        all-MiniLM-L6-v2 from 32 calibration sentences (a sentence-embedding loss): at 0.1 sensitive k-means lost to
+        plain k-means at 3 bits per tensor (mean cosine 0.79 vs 0.82), at 0.3 to 3 it won at 3 and 4 bits, per
+        tensor and grouped. Few or noisy calibration samples want more damping.
 
     Sensitivities are summed per fp16 value and the exact weighted k-means runs over those (the fp16 rounding of
     float32 weights moves them by < 1e-3 of a step of any LUT).
     """
 
-    sensitivity_damping: float = 1.0
+    sensitivity_damping: float = 0.01
 
     def __post_init__(self) -> None:
         damping = self.sensitivity_damping
