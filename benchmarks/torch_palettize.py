@@ -220,6 +220,17 @@ def minilm(tools: dict, quick: bool, record: dict) -> str:
                 results = measure_tools(tools, f"minilm {label}", measure, config_dict(n_bits, granularity), skm)
                 record[label] = results
                 rows.append([label, *cells(results, tools, ".5f"), speedup(results)])
+    if tools.get("lowbit") is not None:  # lowbit's own option: 16 sentences give noisy sensitivities, damp them
+        only = {name: tool if name == "lowbit" else None for name, tool in tools.items()}
+        for granularity in ("per_tensor", "per_grouped_channel"):
+            for n_bits in (4,) if quick else (2, 3, 4, 6):
+                grouping = "per-tensor" if granularity == "per_tensor" else "grouped(16)"
+                label = f"SKM {n_bits}-bit {grouping}, sensitivity_damping=1"
+                cfg = config_dict(n_bits, granularity)
+                cfg["global_config"]["sensitivity_damping"] = 1.0
+                results = measure_tools(only, f"minilm {label}", measure, cfg, True)
+                record[label] = results
+                rows.append([label, *cells(results, only, ".5f"), "n/a"])
     headers = ["config"] + [h for name in tools for h in (f"{name} cos", f"{name} s")] + ["speedup"]
     return (
         f"### all-MiniLM-L6-v2: mean cosine to the fp32 embeddings ({len(evaluation)} sentences, "
