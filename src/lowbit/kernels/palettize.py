@@ -89,12 +89,17 @@ def _finish_lut(centroids: np.ndarray, dtype: np.dtype, lut_dtype: np.dtype | No
     return quantized.decode().astype(dtype), quantized
 
 
+def _fits_fp16(x: np.ndarray) -> bool:
+    """All of ``x`` within the finite fp16 range (False for NaN), without an ``abs`` copy."""
+    return bool(x.max(initial=0.0) <= FP16_MAX and x.min(initial=0.0) >= -FP16_MAX)
+
+
 def _scalar(x, dtype, groups, k, n_bits, mode, fast, lut_dtype, importance, threads):
     """Returns (packed codes, lut (G, k), quantized LUT, (squared error, energy) or None when to be measured)."""
     xg = x.reshape(groups, -1)
     imp = None if importance is None else importance.reshape(groups, -1)
     exact_values = xg.dtype in SIXTEEN_BIT_FLOATS
-    if exact_values or (fast and mode != "unique" and np.abs(xg).max(initial=0.0) <= FP16_MAX):
+    if exact_values or (fast and mode != "unique" and _fits_fp16(xg)):
         keyed = xg if exact_values else xg.astype(np.float16)
         bits = keyed.view(np.uint16)
         hist = distinct_values(bits, keyed.dtype, imp)

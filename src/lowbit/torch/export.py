@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import tempfile
@@ -24,23 +25,22 @@ if TYPE_CHECKING:
 
 __all__ = ["export_onnx"]
 
-UNIQUE_N_BITS = (1, 2, 3, 4, 6, 8)
-
 
 class _Palettized:
     """A recorded palettization, decoded on first use, with a cheap order-independent fingerprint."""
 
     def __init__(self, name: str, weight: PalettizedWeight) -> None:
         self.name, self.weight = name, weight
-        self._dense: np.ndarray | None = None
 
     @property
+    def size(self) -> int:
+        return math.prod(self.weight.shape)
+
+    @functools.cached_property
     def dense(self) -> np.ndarray:
-        if self._dense is None:
-            self._dense = self.weight.decode()
-        return self._dense
+        return self.weight.decode()
 
-    @property
+    @functools.cached_property
     def abs_sum(self) -> float:
         return _abs_sum(self.dense)
 
@@ -123,7 +123,7 @@ def export_onnx(
         program.report = _write_palettes(program, records)
         dense_sizes = {w.numel for w in program.weights() if w.compression is None}
         for record in records.values():
-            if record.dense.size in dense_sizes:  # else the traced forward does not use it: nothing to store
+            if record.size in dense_sizes:  # else the traced forward does not use it: nothing to store
                 warnings.warn(
                     f"palettized weight {record.name!r} matches no weight of the exported graph (the exporter "
                     "changed its values): it is stored dense",
@@ -159,7 +159,7 @@ def _write_palettes(program: Program, records: dict[int, _Palettized]) -> Compre
 def _match(array: np.ndarray, candidates: dict[int, _Palettized]) -> PalettizedWeight | None:
     total = _abs_sum(array)
     for key, record in list(candidates.items()):
-        if record.dense.size != array.size or not math.isclose(record.abs_sum, total, rel_tol=1e-9):
+        if record.size != array.size or not math.isclose(record.abs_sum, total, rel_tol=1e-9):
             continue
         perm = record.layout_of(array)
         if perm is not None:
@@ -169,19 +169,19 @@ def _match(array: np.ndarray, candidates: dict[int, _Palettized]) -> PalettizedW
 
 
 def _unique(ref: WeightRef, array: np.ndarray) -> PalettizedWeight | None:
-    """Lossless palettization of a weight with at most 256 distinct values (None when it has more)."""
-    from lowbit.config import PalettizeConfig
+    """Lossless palettization of a float weight of more than 1024 elements with at most 256 distinct values (None
+    for any other)."""
+    from lowbit.config import PALETTIZE_N_BITS, PalettizeConfig
     from lowbit.errors import SkipWeight
-    from lowbit.weights import palettize_weight
+    from lowbit.weights import check_eligible, palettize_weight
 
-    if (array.dtype.kind != "f" and array.dtype.name != "bfloat16") or array.size <= 1024:
-        return None
-    distinct = np.unique(array).size
-    bits = next((b for b in UNIQUE_N_BITS if distinct <= 1 << b), None)
-    if bits is None:
-        return None
-    config = PalettizeConfig(n_bits=bits, mode="unique", weight_num_threshold=0)
     try:
+        check_eligible(array.shape, array.dtype, 1024)
+        distinct = np.unique(array).size
+        bits = next((b for b in PALETTIZE_N_BITS if distinct <= 1 << b), None)
+        if bits is None:
+            return None
+        config = PalettizeConfig(n_bits=bits, mode="unique", weight_num_threshold=0)
         return palettize_weight(array, ref.output_axis, config, name=ref.name)
     except SkipWeight:
         return None
