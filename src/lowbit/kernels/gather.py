@@ -12,40 +12,70 @@ __all__ = ["gather_packed", "packed_error", "squared_error_and_energy"]
 _SAME_SIZE_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
+_CHUNK = 4096  # codes unpacked at a time into a small buffer; a multiple of 8, so chunks start on a byte
+
+
 @numba.njit(cache=True, nogil=True, inline="always")
-def _code(packed: np.ndarray, n_bits: int, mask: int, bit: int) -> int:
-    """The code starting at stream bit ``bit`` (little-endian; a code may straddle two bytes)."""
-    byte, shift = bit >> 3, bit & 7
-    value = np.int64(packed[byte]) >> shift
-    if shift + n_bits > 8:
-        value |= np.int64(packed[byte + 1]) << (8 - shift)
-    return value & mask
+def _unpack_chunk(packed: np.ndarray, n_bits: int, first: int, buf: np.ndarray, count: int) -> None:
+    """Codes ``first .. first + count - 1`` of the little-endian bit stream into ``buf`` (``first`` a multiple of
+    8). Widths that divide 8 read whole bytes; 3, 5, 6 and 7 bits may straddle two bytes."""
+    mask = (1 << n_bits) - 1
+    if 8 % n_bits == 0:
+        per_byte = 8 // n_bits
+        e = 0
+        for b in range(first // per_byte, (first + count + per_byte - 1) // per_byte):
+            byte = packed[b]
+            for c in range(per_byte):
+                if e < count:
+                    buf[e] = (byte >> (c * n_bits)) & mask
+                e += 1
+        return
+    bit = first * n_bits
+    for e in range(count):
+        b, shift = bit >> 3, bit & 7
+        value = np.int64(packed[b]) >> shift
+        if shift + n_bits > 8:
+            value |= np.int64(packed[b + 1]) << (8 - shift)
+        buf[e] = value & mask
+        bit += n_bits
 
 
 @numba.njit(cache=True, nogil=True)
 def _gather(packed: np.ndarray, n_bits: int, table: np.ndarray, per_group: int, out: np.ndarray) -> None:
-    mask, bit, group, left = (1 << n_bits) - 1, 0, 0, per_group
-    for e in range(out.shape[0]):
-        out[e] = table[group, _code(packed, n_bits, mask, bit)]
-        bit += n_bits
-        left -= 1
-        if left == 0:
-            group, left = group + 1, per_group
+    buf = np.empty(_CHUNK, np.uint8)
+    total = out.shape[0]
+    group, left = 0, per_group
+    for first in range(0, total, _CHUNK):
+        count = min(_CHUNK, total - first)
+        _unpack_chunk(packed, n_bits, first, buf, count)
+        row = table[group]
+        for e in range(count):
+            out[first + e] = row[buf[e]]
+            left -= 1
+            if left == 0:
+                group, left = group + 1, per_group
+                row = table[min(group, table.shape[0] - 1)]
 
 
 @numba.njit(cache=True, nogil=True)
 def _error(packed: np.ndarray, n_bits: int, table: np.ndarray, per_group: int, original: np.ndarray):
-    mask, bit, group, left = (1 << n_bits) - 1, 0, 0, per_group
+    buf = np.empty(_CHUNK, np.uint8)
+    total = original.shape[0]
     sse, energy = 0.0, 0.0
-    for e in range(original.shape[0]):
-        x = np.float64(original[e])
-        d = table[group, _code(packed, n_bits, mask, bit)] - x
-        sse += d * d
-        energy += x * x
-        bit += n_bits
-        left -= 1
-        if left == 0:
-            group, left = group + 1, per_group
+    group, left = 0, per_group
+    for first in range(0, total, _CHUNK):
+        count = min(_CHUNK, total - first)
+        _unpack_chunk(packed, n_bits, first, buf, count)
+        row = table[group]
+        for e in range(count):
+            x = np.float64(original[first + e])
+            d = row[buf[e]] - x
+            sse += d * d
+            energy += x * x
+            left -= 1
+            if left == 0:
+                group, left = group + 1, per_group
+                row = table[min(group, table.shape[0] - 1)]
     return sse, energy
 
 
