@@ -96,6 +96,15 @@ class PalettizedWeight:
         """The dense weight, in the weight's own layout and dtype."""
         return self.palettized.decode().reshape(self.canonical_shape).transpose(self.back)
 
+    def decode_into(self, out: np.ndarray) -> None:
+        """Write the dense weight into ``out`` (the weight's shape and dtype), decoding in place when the layout
+        allows (a C-contiguous ``out`` in the kernel's own layout)."""
+        in_place = out.flags.c_contiguous and self.forward == tuple(range(out.ndim)) and self.palettized.scale is None
+        if in_place and out.dtype == self.palettized.lut.dtype and self.palettized.lut.shape[2] == 1:
+            self.palettized.decode(out=out)
+        else:
+            out[...] = self.decode()
+
     def permuted(self, perm: Sequence[int]) -> PalettizedWeight:
         """The same compression, seen as a compression of ``array.transpose(perm)`` (e.g. an exporter's transposed
         copy of the weight): codes and LUTs are unchanged, only the layout bookkeeping moves."""

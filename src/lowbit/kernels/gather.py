@@ -83,12 +83,16 @@ def _per_group(count: int, lut: np.ndarray) -> int:
     return max(count // lut.shape[0], 1)
 
 
-def gather_packed(packed: np.ndarray, n_bits: int, lut: np.ndarray, count: int) -> np.ndarray:
+def gather_packed(
+    packed: np.ndarray, n_bits: int, lut: np.ndarray, count: int, out: np.ndarray | None = None
+) -> np.ndarray:
     """``count`` values ``lut[group, code]`` for the n-bit codes in ``packed`` (as :func:`~lowbit.kernels.packing.
     pack_bits` writes them); ``lut`` is ``[G, 2**n_bits]``, group ``g`` serving codes ``g * count / G`` onwards.
-    Values are copied bit for bit (any dtype of 1, 2, 4 or 8 bytes)."""
+    Values are copied bit for bit (any dtype of 1, 2, 4 or 8 bytes), into ``out`` (1-D, contiguous, the LUT's
+    dtype) when given: writing into memory already in use spares a fresh allocation's page faults."""
     uint = _SAME_SIZE_UINT[lut.dtype.itemsize]
-    out = np.empty(count, lut.dtype)
+    if out is None:
+        out = np.empty(count, lut.dtype)
     table = np.ascontiguousarray(lut).view(uint)
     data = np.ascontiguousarray(packed, np.uint8)
     _gather(data, int(n_bits), table, _per_group(count, lut), out.view(uint))

@@ -52,11 +52,14 @@ class Palettized:
         rows, cols = self.codes_shape
         return unpack_bits(self.packed, self.n_bits, rows * cols).reshape(rows, cols)
 
-    def decode(self) -> np.ndarray:
+    def decode(self, out: np.ndarray | None = None) -> np.ndarray:
+        """The dense ``[C, R]`` weight; written into ``out`` (C-contiguous, the LUT's dtype, ``C * R`` elements)
+        when given and the LUT is scalar."""
         if self.lut.shape[2] > 1:  # vectors
             return lut_decode(self.codes, self.lut, self.scale)
         rows, cols = self.codes_shape
-        dense = gather_packed(self.packed, self.n_bits, self.lut[:, :, 0], rows * cols).reshape(rows, cols)
+        flat = None if out is None else out.reshape(-1)
+        dense = gather_packed(self.packed, self.n_bits, self.lut[:, :, 0], rows * cols, flat).reshape(rows, cols)
         if self.scale is not None:  # as lut_decode does: the product in the LUT's dtype
             dense = dense * np.asarray(self.scale, dtype=self.lut.dtype).reshape(-1, 1)
         return dense

@@ -191,9 +191,17 @@ class PalettizerBase(Generic[MC]):
             except SkipWeight as skip:
                 _skip(target, skip)
                 continue
-            with torch.no_grad():
-                param.copy_(from_numpy(result.decode(), param))
+            _write(param, result)
             _record(target.module, RECORD, target.weight.name, result)
+
+
+def _write(param: nn.Parameter, result: PalettizedWeight) -> None:
+    """Put the palettized values into ``param``: decoded straight into its memory when it is a plain CPU tensor."""
+    with torch.no_grad():
+        if param.device.type == "cpu" and param.is_contiguous() and param.dtype != torch.bfloat16:
+            result.decode_into(param.detach().numpy())
+        else:
+            param.copy_(from_numpy(result.decode(), param))
 
 
 def _record(module: nn.Module, attribute: str, key: str, value: Any) -> None:
