@@ -41,37 +41,24 @@ def _unpack_chunk(packed: np.ndarray, n_bits: int, first: int, buf: np.ndarray, 
 
 
 @numba.njit(cache=True, nogil=True)
-def _gather(packed: np.ndarray, n_bits: int, table: np.ndarray, per_group: int, out: np.ndarray) -> None:
+def _walk(packed, n_bits: int, table, per_group: int, count: int, out, original, measure: bool):
+    """Visit the ``count`` codes in order with their LUT group's row: write ``row[code]`` to ``out``, or
+    (``measure``) accumulate its squared difference to ``original`` and ``original``'s energy."""
     buf = np.empty(_CHUNK, np.uint8)
-    total = out.shape[0]
-    group, left = 0, per_group
-    for first in range(0, total, _CHUNK):
-        count = min(_CHUNK, total - first)
-        _unpack_chunk(packed, n_bits, first, buf, count)
-        row = table[group]
-        for e in range(count):
-            out[first + e] = row[buf[e]]
-            left -= 1
-            if left == 0:
-                group, left = group + 1, per_group
-                row = table[min(group, table.shape[0] - 1)]
-
-
-@numba.njit(cache=True, nogil=True)
-def _error(packed: np.ndarray, n_bits: int, table: np.ndarray, per_group: int, original: np.ndarray):
-    buf = np.empty(_CHUNK, np.uint8)
-    total = original.shape[0]
     sse, energy = 0.0, 0.0
     group, left = 0, per_group
-    for first in range(0, total, _CHUNK):
-        count = min(_CHUNK, total - first)
-        _unpack_chunk(packed, n_bits, first, buf, count)
+    for first in range(0, count, _CHUNK):
+        size = min(_CHUNK, count - first)
+        _unpack_chunk(packed, n_bits, first, buf, size)
         row = table[group]
-        for e in range(count):
-            x = np.float64(original[first + e])
-            d = row[buf[e]] - x
-            sse += d * d
-            energy += x * x
+        for e in range(size):
+            if measure:
+                x = np.float64(original[first + e])
+                d = row[buf[e]] - x
+                sse += d * d
+                energy += x * x
+            else:
+                out[first + e] = row[buf[e]]
             left -= 1
             if left == 0:
                 group, left = group + 1, per_group
@@ -95,7 +82,8 @@ def gather_packed(
         out = np.empty(count, lut.dtype)
     table = np.ascontiguousarray(lut).view(uint)
     data = np.ascontiguousarray(packed, np.uint8)
-    _gather(data, int(n_bits), table, _per_group(count, lut), out.view(uint))
+    nothing = np.zeros(1)
+    _walk(data, int(n_bits), table, _per_group(count, lut), count, out.view(uint), nothing, False)
     return out
 
 
@@ -105,7 +93,7 @@ def packed_error(packed: np.ndarray, n_bits: int, lut: np.ndarray, original: np.
     flat = np.ascontiguousarray(original.reshape(-1))
     table = np.ascontiguousarray(lut, np.float64)
     data = np.ascontiguousarray(packed, np.uint8)
-    sse, energy = _error(data, int(n_bits), table, _per_group(flat.size, lut), flat)
+    sse, energy = _walk(data, int(n_bits), table, _per_group(flat.size, lut), flat.size, table[0], flat, True)
     return float(sse), float(energy)
 
 
