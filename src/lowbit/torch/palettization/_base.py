@@ -158,8 +158,9 @@ class PalettizerBase(Generic[MC]):
                 )
         return self._model if inplace else copy.deepcopy(self._model)
 
-    def _targets(self, model: nn.Module) -> Iterator[Target]:
-        """Every weight to palettize, with its module's config; weights that cannot be are recorded as skipped."""
+    def _targets(self, model: nn.Module, record: bool = True) -> Iterator[Target]:
+        """Every weight to palettize, with its module's config; weights that cannot be are recorded as skipped
+        (with a warning) when ``record``, else left out silently (a model that is only measured stays as it is)."""
         for module_name, config in self._config.resolve(model, is_supported).items():
             module = model.get_submodule(module_name)
             for weight in module_weights(module):
@@ -167,7 +168,8 @@ class PalettizerBase(Generic[MC]):
                 try:
                     check_eligible(weight.parameter.shape, numpy_dtype(weight.parameter.dtype), 0)
                 except SkipWeight as skip:
-                    _skip(target, skip)
+                    if record:
+                        _skip(target, skip)
                     continue
                 yield target
 

@@ -137,7 +137,7 @@ class SKMPalettizer(PalettizerBase[SKMPalettizerConfig]):
 
         Returns ``{fully qualified weight name: float32 tensor of the weight's shape}``.
         """
-        targets = list(self._targets(self._model))
+        targets = list(self._targets(self._model, record=False))
         sensitivities = self._sensitivities(
             self._model, targets, dataloader, loss_fn, num_sensitivity_workers, fsdp_auto_wrap_policy
         )
