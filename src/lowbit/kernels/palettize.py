@@ -212,8 +212,9 @@ def palettize(
         packed = pack_bits(codes, n_bits)
         codes_shape = (channels // cluster_dim, x.size // channels)
     result = Palettized(packed, codes_shape, lut, scale, n_bits, quantized, 0.0, 0.0)
-    if scale is None and cluster_dim == 1 and w.dtype in (np.float32, np.float64) and measured is None:
-        measured = packed_error(packed, n_bits, lut[:, :, 0], w)  # no decoded copy
-    elif measured is None or scale is not None:
-        measured = squared_error_and_energy(result.decode(), w)
+    if measured is None or scale is not None:  # not exact from the histogram: measure against the input
+        if scale is None and cluster_dim == 1 and w.dtype in (np.float32, np.float64):
+            measured = packed_error(packed, n_bits, lut[:, :, 0], w)  # straight from the codes, no decoded copy
+        else:
+            measured = squared_error_and_energy(result.decode(), w)
     return replace(result, squared_error=measured[0], energy=measured[1])

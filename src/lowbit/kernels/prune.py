@@ -10,6 +10,7 @@ import numpy as np
 
 from lowbit.errors import SkipWeight
 from lowbit.kernels import check_finite
+from lowbit.kernels.gather import squared_error_and_energy
 from lowbit.kernels.palettize import Palettized, palettize
 from lowbit.kernels.quantize import LinearQuantized, quantize_linear
 
@@ -109,6 +110,5 @@ def sparsify(
         block = tuple(1 if a == channel_axis else 0 for a in range(w.ndim))
         quantized = quantize_linear(np.where(mask, w, 0).astype(w.dtype), quantize_dtype, block)
     result = Sparsified(mask, None if palettized or quantized else values, palettized, quantized, 0.0, 0.0)
-    diff = result.decode().astype(np.float64) - w.astype(np.float64)
-    flat = w.reshape(-1).astype(np.float64)
-    return replace(result, squared_error=float(np.vdot(diff, diff)), energy=float(np.vdot(flat, flat)))
+    squared_error, energy = squared_error_and_energy(result.decode(), w)
+    return replace(result, squared_error=squared_error, energy=energy)
