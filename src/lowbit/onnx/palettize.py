@@ -23,15 +23,6 @@ __all__ = ["PalettizePass", "palettize_weights", "write_palettized"]
 DEQUANTIZE_16_BIT_OPSET = 19  # DequantizeLinear with fp8 inputs, or fp16/bf16 scales
 
 
-def _needs_opset_19(config: PalettizeConfig, program: Program) -> bool:
-    """A quantized LUT dequantized by DequantizeLinear needs opset 19 for fp8 codes or 16-bit scales."""
-    if config.lut_dtype is None:
-        return False
-    if config.lut_dtype in (DType.FP8_E4M3FN, DType.FP8_E5M2):
-        return True
-    return has_16bit_float_weights(program)
-
-
 class PalettizePass(WeightPass):
     """Replace each eligible weight by ``lowbit.LutToDense(indices, lut, scale)`` per a :class:`PalettizeConfig`."""
 
@@ -40,6 +31,13 @@ class PalettizePass(WeightPass):
     def __init__(self, config: PalettizeConfig, executor: Executor | None = None) -> None:
         super().__init__(config.weight_num_threshold, config.num_kmeans_workers, executor)
         self.config = config
+
+    def requirements(self, program: Program) -> tuple[int, int]:
+        """A quantized LUT's DequantizeLinear needs opset 19 for fp8 codes or 16-bit scales."""
+        lut_dtype = self.config.lut_dtype
+        if lut_dtype in (DType.FP8_E4M3FN, DType.FP8_E5M2) or (lut_dtype and has_16bit_float_weights(program)):
+            return DEQUANTIZE_16_BIT_OPSET, 9
+        return super().requirements(program)
 
     def job(self, ref: WeightRef, array: np.ndarray):
         return functools.partial(
@@ -149,8 +147,6 @@ def palettize_weights(
         mode=mode,
     )
     target = target_program(program, in_place)
-    if _needs_opset_19(config, target):
-        target.require_opset(DEQUANTIZE_16_BIT_OPSET)
     report: CompressionReport = PalettizePass(config, executor)(target)
     target.report = report
     return target

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from lowbit.config import check_bool
 from lowbit.errors import SkipWeight
 from lowbit.onnx.discovery import WeightRef
+from lowbit.onnx.functions import FUNCTION_OPSET, MIN_IR_VERSION
 from lowbit.onnx.program import Program
 from lowbit.report import CompressionReport, WeightResult
 from lowbit.weights import check_eligible
@@ -77,6 +78,31 @@ class WeightPass:
         """Write ``result`` into the graph in place of ``ref``; return the bytes it occupies now."""
         raise NotImplementedError
 
+    def requirements(self, program: Program) -> tuple[int, int]:
+        """(default-domain opset, IR version) the encoding this pass writes needs; lowbit's functions need
+        opset 13 and IR 8."""
+        return FUNCTION_OPSET, MIN_IR_VERSION
+
+    def _compressible(self, ref: WeightRef) -> bool:
+        try:
+            check_eligible(ref.shape, numpy_dtype(ref.dtype), self.weight_num_threshold)
+        except SkipWeight:
+            return False
+        return ref.compression is None
+
+    def _prepared_weights(self, program: Program) -> list[WeightRef]:
+        """The weights of ``program``, after raising its opset and IR version to what the encoding needs when
+        there is something to compress (never for a model this pass leaves as it is)."""
+        refs = program.weights()
+        if not any(self._compressible(ref) for ref in refs):
+            return refs
+        opset, ir_version = self.requirements(program)
+        program.model.ir_version = max(program.model.ir_version, ir_version)
+        if program.graph.opset_imports.get("", 1) >= opset:
+            return refs
+        program.require_opset(opset)
+        return program.weights()
+
     def _jobs(self, refs: list[WeightRef], report: CompressionReport) -> Iterator[tuple[WeightRef, Callable]]:
         for ref in refs:
             try:
@@ -96,7 +122,7 @@ class WeightPass:
     def __call__(self, program: Program) -> CompressionReport:
         """Compress the weights of ``program`` in place; return the report."""
         report = CompressionReport()
-        refs = program.weights()
+        refs = self._prepared_weights(program)
         owned = self.executor is None
         # a pool only pays for itself with several weights to share out; with one, its kernel may use threads
         executor = default_executor(min(self.workers, len(refs))) if owned else self.executor

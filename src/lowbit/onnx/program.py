@@ -17,6 +17,7 @@ import onnx_ir.passes.common as common_passes
 from google.protobuf.message import DecodeError
 
 from lowbit.errors import ModelLoadError
+from lowbit.onnx.functions import DOMAIN
 
 __all__ = ["Program", "load"]
 
@@ -99,6 +100,9 @@ class Program:
         for value in _initializers(model):
             if value.name in originals:
                 value.const_value = originals[value.name]
+        for key, function in self.model.functions.items():  # the converter drops model-local functions
+            model.functions[key] = _upgraded_function(function, version)
+        model.ir_version = max(model.ir_version, self.model.ir_version)
         self.model = model
 
     def tensor_nbytes(self) -> int:
@@ -143,6 +147,39 @@ class Program:
             tensor = value.const_value
             if isinstance(tensor, ir.ExternalTensor) and _same_file(tensor.path, data_file):
                 tensor.numpy()  # memory-maps the current file; the mapping survives the rename
+
+
+def _upgraded_function(function: ir.Function, version: int) -> ir.Function:
+    """``function`` importing default-domain opset ``version``, as the checker requires of every function, its body
+    converted by onnx's version converter.
+
+    Raises ``ValueError`` naming the function when its body cannot be converted.
+    """
+    current = function.opset_imports.get("")
+    if current is None or current >= version:
+        return function
+    if function.domain == DOMAIN:  # lowbit's bodies mean the same at every opset >= 13
+        function.opset_imports[""] = version
+        return function
+    proto = ir.serde.serialize_function(function)
+    untyped = [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.UNDEFINED, None) for n in proto.input]
+    outputs = [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.UNDEFINED, None) for n in proto.output]
+    body = onnx.helper.make_model(
+        onnx.helper.make_graph(proto.node, proto.name, untyped, outputs), opset_imports=proto.opset_import
+    )
+    try:
+        converted = onnx.version_converter.convert_version(body, version)
+    except Exception as err:
+        raise ValueError(
+            f"this compression needs opset >= {version}; converting the model's function {function.domain}."
+            f"{function.name} from opset {current} failed: {_one_line(err)}"
+        ) from err
+    del proto.node[:]
+    proto.node.extend(converted.graph.node)
+    for opset in proto.opset_import:
+        if opset.domain == "":
+            opset.version = version
+    return ir.serde.deserialize_function(proto)
 
 
 def load(path: str | os.PathLike) -> Program:

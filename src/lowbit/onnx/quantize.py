@@ -35,6 +35,22 @@ class QuantizePass(WeightPass):
         super().__init__(config.weight_num_threshold, workers=1)
         self.config = config
 
+    def requirements(self, program: Program) -> tuple[int, int]:
+        """int4 / blocked DequantizeLinear need opset 21 (IR 10 / 9); fp8 elements or 16-bit scales 19 (IR 9);
+        lowbit.MxDequantize only the functions' opset 13."""
+        config = self.config
+        if config.e8m0:
+            return super().requirements(program)
+        if config.dtype in (DType.INT4, DType.UINT4):
+            return 21, 10
+        if config.granularity == CompressionGranularity.PER_BLOCK:
+            return 21, 9
+        if config.dtype in (DType.FP8_E4M3FN, DType.FP8_E5M2):
+            return 19, 9
+        if has_16bit_float_weights(program):
+            return 19, 8
+        return 13, 7
+
     def job(self, ref: WeightRef, array: np.ndarray):
         return functools.partial(quantize_weight, array, ref.output_axis, ref.input_axis, self.config)
 
@@ -83,22 +99,6 @@ def _write_dequantize(model: ir.Model, ref: WeightRef, result: LinearQuantized, 
     )
 
 
-def _requirements(config: QuantizeConfig, program: Program) -> tuple[int, int]:
-    """(opset, IR version) the encoding needs: int4 / blocked DequantizeLinear 21 (IR 10); fp8 elements or
-    16-bit scales 19 (IR 9); lowbit.MxDequantize only the functions' opset 13."""
-    if config.e8m0:
-        return 13, 8
-    if config.dtype in (DType.INT4, DType.UINT4):
-        return 21, 10
-    if config.granularity == CompressionGranularity.PER_BLOCK:
-        return 21, 9
-    if config.dtype in (DType.FP8_E4M3FN, DType.FP8_E5M2):
-        return 19, 9
-    if has_16bit_float_weights(program):
-        return 19, 8
-    return 13, 7
-
-
 def quantize_weights(
     program: Program,
     dtype: DType | str,
@@ -142,9 +142,6 @@ def quantize_weights(
         scale_dtype=scale_dtype,  # type: ignore[arg-type]
     )
     target = target_program(program, in_place)
-    opset, ir_version = _requirements(config, target)
-    target.require_opset(opset)
-    target.model.ir_version = max(target.model.ir_version, ir_version)
     report: CompressionReport = QuantizePass(config)(target)
     target.report = report
     return target

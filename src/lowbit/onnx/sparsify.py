@@ -31,6 +31,12 @@ class SparsifyPass(WeightPass):
         super().__init__(config.weight_num_threshold, workers=1)
         self.config = config
 
+    def requirements(self, program: Program) -> tuple[int, int]:
+        """Quantized non-zeros of a 16-bit float weight: DequantizeLinear with a 16-bit scale needs opset 19."""
+        if self.config.quantize_dtype is not None and has_16bit_float_weights(program):
+            return DEQUANTIZE_16_BIT_OPSET, 9
+        return super().requirements(program)
+
     def job(self, ref: WeightRef, array: np.ndarray):
         return functools.partial(sparsify_weight, array, ref.output_axis, ref.input_axis, self.config)
 
@@ -123,8 +129,6 @@ def sparsify_weights(
         weight_num_threshold=weight_num_threshold,
     )
     target = target_program(program, in_place)
-    if config.quantize_dtype is not None and has_16bit_float_weights(target):
-        target.require_opset(DEQUANTIZE_16_BIT_OPSET)
     report: CompressionReport = SparsifyPass(config)(target)
     target.report = report
     return target

@@ -1,0 +1,148 @@
+"""Graph-path edge cases met on users' real files: opset upgrades that keep functions, bf16 weights, name
+collisions, weights inside or used by If/Loop/Scan bodies, IR 3 models, tiny fp32 weights, a second pass.
+
+Each test checks what a user needs of the output: ``onnx.checker`` passes, ONNX Runtime loads it, and ORT's output
+equals the output of the same model decompressed by lowbit."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from conftest import ort_session
+from onnx import TensorProto, helper, numpy_helper
+
+import lowbit
+
+RNG = np.random.default_rng(0)
+
+
+def _w(shape, dtype=np.float32, scale=0.1) -> np.ndarray:
+    return (RNG.standard_normal(shape) * scale).astype(dtype)
+
+
+def _load(model: onnx.ModelProto, tmp_path: Path, name: str = "m.onnx") -> lowbit.Program:
+    path = tmp_path / name
+    onnx.save(model, path)
+    return lowbit.load(path)
+
+
+def _check_runs_like_decompressed(program: lowbit.Program, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """checker + ORT (no folding and folding) == ORT on lowbit's decompressed model; returns the outputs."""
+    proto = ir.serde.serialize_model(program.model)
+    onnx.checker.check_model(proto, full_check=True)
+    dense = lowbit.decompress_weights(program)
+    onnx.checker.check_model(ir.serde.serialize_model(dense.model), full_check=True)
+    assert not [w for w in dense.weights() if w.compression], "decompress left a compressed weight"
+    want = ort_session(dense.model, "disable").run(None, feeds)
+    for level in ("disable", "basic"):
+        got = ort_session(program.model, level).run(None, feeds)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(g, w)
+    return want
+
+
+PASSES = {
+    "palettize-4": lambda p: lowbit.palettize_weights(p, n_bits=4),
+    "palettize-grouped": lambda p: lowbit.palettize_weights(p, n_bits=2, granularity="per_grouped_channel", group_size=8),
+    "palettize-scaled-int8-lut": lambda p: lowbit.palettize_weights(p, enable_per_channel_scale=True, lut_dtype="int8"),
+    "palettize-vector": lambda p: lowbit.palettize_weights(p, n_bits=2, cluster_dim=2),
+    "int8": lambda p: lowbit.quantize_weights(p, dtype="int8"),
+    "uint8-asym-tensor": lambda p: lowbit.quantize_weights(p, "uint8", qscheme="asymmetric", granularity="per_tensor"),
+    "int4-block": lambda p: lowbit.quantize_weights(p, dtype="int4", granularity="per_block", block_size=16),
+    "fp8": lambda p: lowbit.quantize_weights(p, dtype="fp8_e4m3fn"),
+    "mxfp4": lambda p: lowbit.quantize_weights(p, dtype="fp4_e2m1fn", granularity="per_block", block_size=32),
+    "sparse": lambda p: lowbit.sparsify_weights(p, target_sparsity=0.5),
+    "sparse-int8": lambda p: lowbit.sparsify_weights(p, target_sparsity=0.5, quantize_dtype="int8"),
+    "sparse-lut": lambda p: lowbit.sparsify_weights(p, target_sparsity=0.5, palettize_nbits=4),
+}
+
+
+def _compress(program: lowbit.Program, name: str) -> lowbit.Program:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing here may be skipped
+        return PASSES[name](program)
+
+
+# ------------------------------------------------------------------------------------------- opset upgrades
+
+
+def _embedding_and_matmul(opset: int, functions=(), extra_nodes=(), ir_version: int = 8) -> onnx.ModelProto:
+    nodes = [
+        helper.make_node("Gather", ["E", "ids"], ["h0"]),
+        helper.make_node("MatMul", ["h0", "W"], ["h1"]),
+        *extra_nodes,
+    ]
+    out = nodes[-1].output[0]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [3])],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(_w((300, 64)), "E"), numpy_helper.from_array(_w((64, 32)), "W")],
+    )
+    imports = [helper.make_opsetid("", opset)] + [helper.make_opsetid(f.domain, 1) for f in functions]
+    return helper.make_model(graph, opset_imports=imports, functions=list(functions), ir_version=ir_version)
+
+
+IDS = {"ids": np.array([1, 7, 299], np.int64)}
+
+
+def test_opset_upgrade_keeps_lowbit_functions_of_an_earlier_pass(tmp_path):
+    program = _load(_embedding_and_matmul(17), tmp_path)
+    first = lowbit.palettize_weights(program, weight_num_threshold=64 * 32)  # the embedding only
+    assert [r.name for r in first.report.compressed] == ["E"]
+    second = lowbit.quantize_weights(first, dtype="int4", granularity="per_block", block_size=32)
+    assert [r.name for r in second.report.compressed] == ["W"]
+    assert second.graph.opset_imports[""] == 21
+    _check_runs_like_decompressed(second, IDS)
+
+
+def test_opset_upgrade_keeps_the_users_functions(tmp_path):
+    double = helper.make_function(
+        "user", "Double", ["x"], ["y"], [helper.make_node("Add", ["x", "x"], ["y"])], [helper.make_opsetid("", 13)]
+    )
+    model = _embedding_and_matmul(17, [double], [helper.make_node("Double", ["h1"], ["h2"], domain="user")])
+    program = _load(model, tmp_path)
+    out = lowbit.quantize_weights(program, dtype="int4", granularity="per_block", block_size=32)
+    assert ("user", "Double", "") in out.model.functions
+    _check_runs_like_decompressed(out, IDS)
+
+
+def test_opset_upgrade_converts_the_users_function_bodies(tmp_path):
+    # Split's "split" moved from attribute to input in opset 13 and num_outputs came in 18
+    split = helper.make_function(
+        "user",
+        "Halves",
+        ["x"],
+        ["a", "b"],
+        [helper.make_node("Split", ["x"], ["a", "b"], axis=-1)],
+        [helper.make_opsetid("", 11)],
+    )
+    model = _embedding_and_matmul(11, [split], [helper.make_node("Halves", ["h1"], ["h2", "h3"], domain="user")])
+    program = _load(model, tmp_path)
+    out = lowbit.quantize_weights(program, dtype="int4", granularity="per_block", block_size=32)
+    _check_runs_like_decompressed(out, IDS)
+
+
+@pytest.mark.parametrize("compress", ["palettize-4", "sparse", "int8", "sparse-lut"])
+def test_opset_11_models_are_upgraded_by_every_pass(tmp_path, compress):
+    program = _load(_embedding_and_matmul(11, ir_version=6), tmp_path)
+    out = _compress(program, compress)
+    assert len(out.report.compressed) == 2
+    assert out.graph.opset_imports[""] >= 13
+    _check_runs_like_decompressed(out, IDS)
+
+
+def test_nothing_to_compress_leaves_opset_and_ir_version_alone(tmp_path):
+    program = _load(_embedding_and_matmul(11, ir_version=6), tmp_path)
+    out = lowbit.quantize_weights(program, dtype="int4", granularity="per_block", weight_num_threshold=10**6)
+    assert not out.report.compressed
+    assert out.graph.opset_imports[""] == 11 and out.model.ir_version == 6
+    out = lowbit.palettize_weights(program, weight_num_threshold=10**6)
+    assert out.graph.opset_imports[""] == 11 and out.model.ir_version == 6
