@@ -49,7 +49,9 @@ def _check_runs_like_decompressed(program: lowbit.Program, feeds: dict[str, np.n
 
 PASSES = {
     "palettize-4": lambda p: lowbit.palettize_weights(p, n_bits=4),
-    "palettize-grouped": lambda p: lowbit.palettize_weights(p, n_bits=2, granularity="per_grouped_channel", group_size=8),
+    "palettize-grouped": lambda p: lowbit.palettize_weights(
+        p, n_bits=2, granularity="per_grouped_channel", group_size=8
+    ),
     "palettize-scaled-int8-lut": lambda p: lowbit.palettize_weights(p, enable_per_channel_scale=True, lut_dtype="int8"),
     "palettize-vector": lambda p: lowbit.palettize_weights(p, n_bits=2, cluster_dim=2),
     "int8": lambda p: lowbit.quantize_weights(p, dtype="int8"),
@@ -97,7 +99,8 @@ def test_opset_upgrade_keeps_lowbit_functions_of_an_earlier_pass(tmp_path):
     program = _load(_embedding_and_matmul(17), tmp_path)
     first = lowbit.palettize_weights(program, weight_num_threshold=64 * 32)  # the embedding only
     assert [r.name for r in first.report.compressed] == ["E"]
-    second = lowbit.quantize_weights(first, dtype="int4", granularity="per_block", block_size=32)
+    with pytest.warns(UserWarning, match=r"'E' skipped: already compressed \(palettized 4-bit"):
+        second = lowbit.quantize_weights(first, dtype="int4", granularity="per_block", block_size=32)
     assert [r.name for r in second.report.compressed] == ["W"]
     assert second.graph.opset_imports[""] == 21
     _check_runs_like_decompressed(second, IDS)
@@ -146,3 +149,46 @@ def test_nothing_to_compress_leaves_opset_and_ir_version_alone(tmp_path):
     assert out.graph.opset_imports[""] == 11 and out.model.ir_version == 6
     out = lowbit.palettize_weights(program, weight_num_threshold=10**6)
     assert out.graph.opset_imports[""] == 11 and out.model.ir_version == 6
+
+
+# ------------------------------------------------------------------------------------------------- bf16 weights
+
+
+def _bf16_model() -> onnx.ModelProto:
+    """bf16 weights cast to fp32 for a MatMul and a Conv: a model ONNX Runtime's CPU provider runs."""
+    w = numpy_helper.from_array(_w((64, 48)).astype(ml_dtypes.bfloat16), "W")
+    k = numpy_helper.from_array(_w((32, 32, 3, 3)).astype(ml_dtypes.bfloat16), "K")
+    nodes = [
+        helper.make_node("Cast", ["W"], ["W32"], to=TensorProto.FLOAT),
+        helper.make_node("MatMul", ["x", "W32"], ["y"]),
+        helper.make_node("Cast", ["K"], ["K32"], to=TensorProto.FLOAT),
+        helper.make_node("Conv", ["z", "K32"], ["c"], pads=[1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64]),
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 32, 4, 4]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 48]),
+            helper.make_tensor_value_info("c", TensorProto.FLOAT, [1, 32, 4, 4]),
+        ],
+        [w, k],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("compress", sorted(PASSES))
+def test_bf16_weights_decode_in_a_type_ort_runs(tmp_path, compress):
+    program = _load(_bf16_model(), tmp_path)
+    out = _compress(program, compress)
+    assert [r.name for r in out.report.compressed] == ["W", "K"]
+    feeds = {"x": _w((2, 64), scale=1.0), "z": _w((1, 32, 4, 4), scale=1.0)}
+    _check_runs_like_decompressed(out, feeds)
+    dense = lowbit.decompress_weights(out)
+    assert {w.name: w.dtype for w in dense.weights()} == {"W": ir.DataType.BFLOAT16, "K": ir.DataType.BFLOAT16}
+    with pytest.warns(UserWarning, match="already compressed"):
+        again = lowbit.palettize_weights(out)  # a second pass sees them as compressed
+    assert not again.report.compressed and len(again.report.rows) == 2

@@ -33,11 +33,11 @@ def decompress_weights(program: Program, in_place: bool = False) -> Program:
     in_place : ``False`` (default) returns a new Program and leaves ``program`` untouched; ``True`` rewrites it.
     """
     target = program if in_place else program.copy()
-    graph = target.graph
-    for node in list(graph):
-        decoder = decoder_for(node)
-        if decoder is None:
-            continue
+    # decide before rewriting: a decode Cast is recognized by what it reads
+    decode_nodes = [(n, d) for n in ir.traversal.RecursiveGraphIterator(target.graph) if (d := decoder_for(n))]
+    for node, decoder in decode_nodes:
+        graph = node.graph
+        assert graph is not None
         try:
             inputs = [_constant_array(v) for v in node.inputs]
         except LookupError:

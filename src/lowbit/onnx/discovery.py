@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from lowbit.onnx.encoding import decoder_for, stored_nbytes, value_shape
 
-__all__ = ["OP_TABLE", "WeightRef", "find_weights", "has_16bit_float_weights"]
+__all__ = ["OP_TABLE", "WeightRef", "find_weights", "has_fp16_weights"]
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ def _describe(value: ir.Value) -> str | None:
     decoder = decoder_for(producer)
     assert decoder is not None
     inner = [_describe(v) for v in producer.inputs if v is not None and v.producer() is not None]
-    return " + ".join([decoder.describe(producer), *[d for d in inner if d]])
+    return " + ".join(d for d in [decoder.describe(producer), *inner] if d)
 
 
 def _candidates(graph: ir.Graph) -> Iterator[tuple[ir.Node, ir.Value, tuple[int, ...], tuple[int, int]]]:
@@ -201,6 +201,6 @@ def find_weights(program) -> list[WeightRef]:
     return refs
 
 
-def has_16bit_float_weights(program) -> bool:
-    """Whether any weight is fp16 / bf16 (its DequantizeLinear scales then need opset 19)."""
-    return any(w.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16) for w in find_weights(program))
+def has_fp16_weights(program) -> bool:
+    """Whether any weight is fp16 (its DequantizeLinear scales then need opset 19; bf16 ones decode in float)."""
+    return any(w.dtype == ir.DataType.FLOAT16 for w in find_weights(program))

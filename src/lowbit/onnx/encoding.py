@@ -20,9 +20,13 @@ from lowbit.onnx import functions as fn
 __all__ = [
     "Decoder",
     "add_initializer",
+    "decode_dtype",
+    "decode_input",
     "decoder_for",
-    "insert_first",
+    "home_graph",
+    "insert_early",
     "stored_nbytes",
+    "unique_name",
     "value_shape",
     "write_dequantize_linear",
     "write_lut",
@@ -34,19 +38,52 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------------- writers
 
 
-def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    """Register ``array`` as an initializer named ``name`` (suffixed when taken)."""
-    value = ir.Value(name=_unique_name(graph, name), const_value=ir.tensor(np.ascontiguousarray(array)))
+def add_initializer(model: ir.Model, graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` as an initializer of ``graph`` named ``name`` (suffixed when the model uses the name)."""
+    value = ir.Value(name=unique_name(model, name), const_value=ir.tensor(np.ascontiguousarray(array)))
     graph.register_initializer(value)
     return value
 
 
-def _unique_name(graph: ir.Graph, name: str) -> str:
-    taken = graph.initializers
+def unique_name(model: ir.Model, name: str) -> str:
+    """``name``, or ``name_1``, ``name_2``... : the first that no value of ``model`` (any graph) is called."""
+    taken = _value_names(model)
     candidate, i = name, 1
     while candidate in taken:
         candidate, i = f"{name}_{i}", i + 1
     return candidate
+
+
+def _value_names(model: ir.Model) -> set[str | None]:
+    names: set[str | None] = set()
+    for graph in model.graphs():
+        names.update(v.name for v in graph.inputs)
+        names.update(graph.initializers)
+        names.update(v.name for node in graph for v in node.outputs)
+    return names
+
+
+def decode_dtype(dtype: ir.DataType) -> ir.DataType:
+    """The type a weight of ``dtype`` is decoded in: float for bf16 (ONNX Runtime's CPU provider has no bf16 Mul,
+    Pad or DequantizeLinear; a final Cast gives the weight its type back), else ``dtype`` itself."""
+    return ir.DataType.FLOAT if dtype == ir.DataType.BFLOAT16 else dtype
+
+
+def decode_input(model: ir.Model, graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """An initializer for a decode node's input; a bf16 one is read through a Cast to float (see decode_dtype)."""
+    value = add_initializer(model, graph, name, array)
+    if _dtype_of(value) != ir.DataType.BFLOAT16:
+        return value
+    cast = ir.node("Cast", [value], {"to": ir.DataType.FLOAT}, name=unique_name(model, f"{value.name}.Cast"))
+    out = cast.outputs[0]
+    out.name, out.dtype, out.shape = unique_name(model, f"{value.name}.float"), ir.DataType.FLOAT, ir.Shape(array.shape)
+    insert_early(graph, cast)
+    return out
+
+
+def home_graph(model: ir.Model, weight: ir.Value) -> ir.Graph:
+    """The graph that defines ``weight`` (a subgraph's own initializer lives in that subgraph)."""
+    return weight.graph if isinstance(weight.graph, ir.Graph) else model.graph
 
 
 def _dtype_of(value: ir.Value) -> ir.DataType:
@@ -57,36 +94,67 @@ def _dtype_of(value: ir.Value) -> ir.DataType:
 
 def _emit(model: ir.Model, weight: ir.Value, node: ir.Node, replace: bool) -> ir.Value:
     """Insert ``node``; when ``replace``, its output takes the place (and the name) of ``weight``."""
-    graph, out = model.graph, node.outputs[0]
-    if out.type is None:  # a decode node yields the weight's type unless its writer said otherwise
-        out.type, out.shape = weight.type, weight.shape
-        if weight.const_value is not None:
-            out.dtype, out.shape = weight.const_value.dtype, ir.Shape(weight.const_value.shape.numpy())
-    if not replace:  # an inner link of a chain: its inputs are constants, so the front is always valid
-        insert_first(graph, node)
+    graph, out = home_graph(model, weight), node.outputs[0]
+    if out.dtype is None:  # a decode node yields the weight's (decode) type unless its writer said otherwise
+        out.dtype = decode_dtype(_dtype_of(weight))
+    if out.shape is None:
+        out.shape = ir.Shape(value_shape(weight)) if value_shape(weight) is not None else None
+    out.name = unique_name(model, f"{node.name}.out")
+    if not replace:  # an inner link of a chain: it reads constants and earlier links only
+        insert_early(graph, node)
         return out
     _insert_before_uses(graph, weight, node)
+    if _dtype_of(weight) != out.dtype:  # decoded in float: Cast back to the weight's type
+        cast = ir.node("Cast", [out], {"to": _dtype_of(weight)}, name=unique_name(model, f"{node.name}.Cast"))
+        cast.outputs[0].dtype, cast.outputs[0].shape = _dtype_of(weight), out.shape
+        graph.insert_after(node, cast)
+        out = cast.outputs[0]
     name = weight.name
     weight.replace_all_uses_with(out, replace_graph_outputs=True)
+    if weight.is_graph_input():  # IR < 4: an initializer listed among the inputs is a constant
+        graph.inputs.remove(weight)
     if weight.is_initializer() and name is not None:
         graph.initializers.pop(name)
     out.name = name
     return out
 
 
-def insert_first(graph: ir.Graph, node: ir.Node) -> None:
-    """Put ``node`` first in the graph (valid for nodes that read only constants)."""
-    if len(graph):
+def insert_early(graph: ir.Graph, node: ir.Node) -> None:
+    """Put ``node`` right after the last node of ``graph`` that produces one of its inputs (first when it reads
+    only constants)."""
+    producers = {id(v.producer()) for v in node.inputs if v is not None and v.producer() is not None}
+    last = None
+    if producers:
+        last = next((n for n in reversed(graph) if id(n) in producers), None)
+    if last is not None:
+        graph.insert_after(last, node)
+    elif len(graph):
         graph.insert_before(graph.node(0), node)
     else:
         graph.append(node)
 
 
+def _uses_inside(node: ir.Node, users: set[int]) -> bool:
+    """Whether ``node`` is one of ``users`` or holds one in its subgraphs (If/Loop/Scan bodies)."""
+    if id(node) in users:
+        return True
+    for attr in node.attributes.values():
+        if attr.type == ir.AttributeType.GRAPH:
+            graphs = [attr.as_graph()]
+        elif attr.type == ir.AttributeType.GRAPHS:
+            graphs = list(attr.as_graphs())
+        else:
+            continue
+        if any(id(inner) in users for g in graphs for inner in ir.traversal.RecursiveGraphIterator(g)):
+            return True
+    return False
+
+
 def _insert_before_uses(graph: ir.Graph, weight: ir.Value, node: ir.Node) -> None:
-    """Insert ``node`` before the first user of ``weight`` in graph order (after its own producers)."""
+    """Insert ``node`` before the first node of ``graph`` that uses ``weight``, itself or in a subgraph."""
     users = {id(user) for user, _ in weight.uses()}
     for existing in graph:
-        if id(existing) in users:
+        if _uses_inside(existing, users):
             graph.insert_before(existing, node)
             return
     graph.append(node)
@@ -110,23 +178,20 @@ def write_lut(
     ``scale`` is the per-channel factor ``[C]`` (``None``: a shared one-element 1.0).
     """
     fn.use_function(model, fn.LUT_TO_DENSE)
-    graph, base = model.graph, weight.name or "weight"
-    lut_value = lut if isinstance(lut, ir.Value) else add_initializer(graph, f"{base}.lut", lut)
-    dtype = _dtype_of(lut_value).numpy()
+    graph, base = home_graph(model, weight), weight.name or "weight"
+    lut_value = lut if isinstance(lut, ir.Value) else decode_input(model, graph, f"{base}.lut", lut)
     if scale is None:
-        scale_value = _shared(graph, f"lowbit.one.{dtype.name}", lambda: np.ones((1, 1), dtype))
+        dtype = _dtype_of(lut_value).numpy()
+        scale_value = _shared(model, f"lowbit.one.{dtype.name}", lambda: np.ones((1, 1), dtype))
     else:
-        scale_value = add_initializer(graph, f"{base}.scale", np.asarray(scale, dtype).reshape(-1, 1))
+        lut_dtype = lut.dtype if isinstance(lut, np.ndarray) else _dtype_of(lut_value).numpy()
+        scale_value = decode_input(model, graph, f"{base}.scale", np.asarray(scale, lut_dtype).reshape(-1, 1))
     node = ir.node(
         fn.LUT_TO_DENSE,
-        [
-            add_initializer(graph, f"{base}.indices", packed),
-            lut_value,
-            scale_value,
-        ],
+        [add_initializer(model, graph, f"{base}.indices", packed), lut_value, scale_value],
         attributes={"n_bits": int(n_bits), "shape": [int(d) for d in canonical_shape], "perm": list(perm)},
         domain=fn.DOMAIN,
-        name=f"{base}.LutToDense",
+        name=unique_name(model, f"{base}.LutToDense"),
     )
     return _emit(model, weight, node, replace)
 
@@ -142,14 +207,16 @@ def write_sparse(
 ) -> ir.Value:
     """Encode ``weight`` as ``lowbit.SparseToDense(mask, values)``; ``values`` may be a decode node's output."""
     fn.use_function(model, fn.SPARSE_TO_DENSE)
-    graph, base = model.graph, weight.name or "weight"
-    values_value = values if isinstance(values, ir.Value) else add_initializer(graph, f"{base}.values", values)
+    graph, base = home_graph(model, weight), weight.name or "weight"
+    if not isinstance(values, ir.Value):
+        values = decode_input(model, graph, f"{base}.values", values)
+    values_value = values
     node = ir.node(
         fn.SPARSE_TO_DENSE,
-        [add_initializer(graph, f"{base}.mask", packed_mask), values_value],
+        [add_initializer(model, graph, f"{base}.mask", packed_mask), values_value],
         attributes={"shape": [int(d) for d in shape]},
         domain=fn.DOMAIN,
-        name=f"{base}.SparseToDense",
+        name=unique_name(model, f"{base}.SparseToDense"),
     )
     node.outputs[0].dtype = _dtype_of(values_value)  # the values' type: a quantized chain scatters codes
     node.outputs[0].shape = ir.Shape([int(d) for d in shape])
@@ -173,32 +240,34 @@ def write_mx(
     ``element`` (FP4 E2M1: 4 bits; fp8: 8 bits), uint8 E8M0 exponents, and the element type's value table (one
     initializer per model, shared)."""
     fn.use_function(model, fn.MX_DEQUANTIZE)
-    graph, base = model.graph, weight.name or "weight"
+    graph, base = home_graph(model, weight), weight.name or "weight"
     shape = [int(d) for d in np.prod(np.reshape(split_shape, (-1, 2)), axis=1)]
     node = ir.node(
         fn.MX_DEQUANTIZE,
         [
-            add_initializer(graph, f"{base}.codes", packed_codes),
-            add_initializer(graph, f"{base}.exponents", exponents.astype(np.uint8).reshape(-1)),
-            _shared(graph, f"lowbit.values.{np.dtype(element).name}", lambda: value_table(element)),
+            add_initializer(model, graph, f"{base}.codes", packed_codes),
+            add_initializer(model, graph, f"{base}.exponents", exponents.astype(np.uint8).reshape(-1)),
+            _shared(model, f"lowbit.values.{np.dtype(element).name}", lambda: value_table(element)),
         ],
         attributes={
             "n_bits": int(n_bits),
             "shape": shape,
             "split_shape": [int(d) for d in split_shape],
             "scale_shape": [int(d) for d in scale_shape],
-            "to": int(dtype),
+            "to": int(decode_dtype(dtype)),
         },
         domain=fn.DOMAIN,
-        name=f"{base}.MxDequantize",
+        name=unique_name(model, f"{base}.MxDequantize"),
     )
+    node.outputs[0].dtype = decode_dtype(dtype)
     return _emit(model, weight, node, replace)
 
 
-def _shared(graph: ir.Graph, name: str, make: Callable[[], np.ndarray]) -> ir.Value:
-    """The initializer ``name``, created by ``make()`` the first time a weight needs it (one per model)."""
-    existing = graph.initializers.get(name)
-    return existing if existing is not None else add_initializer(graph, name, make())
+def _shared(model: ir.Model, name: str, make: Callable[[], np.ndarray]) -> ir.Value:
+    """The main graph's initializer ``name``, created by ``make()`` the first time a weight needs it (one per
+    model; subgraphs read it from the outer scope)."""
+    existing = model.graph.initializers.get(name)
+    return existing if existing is not None else add_initializer(model, model.graph, name, make())
 
 
 def write_dequantize_linear(
@@ -214,15 +283,15 @@ def write_dequantize_linear(
     """Encode ``weight`` as the standard ``DequantizeLinear(q, scale[, zero_point])``: per tensor (``axis`` None,
     scalar scale), per axis (1-D scale) or blocked (``block_size`` along ``axis``, scale of ``q``'s rank). ``q``
     may be a decode node's output (sparse codes)."""
-    graph, base = model.graph, weight.name or "weight"
-    q_value = q if isinstance(q, ir.Value) else add_initializer(graph, f"{base}.quantized", q)
-    inputs = [q_value, add_initializer(graph, f"{base}.scale", scale)]
+    graph, base = home_graph(model, weight), weight.name or "weight"
+    q_value = q if isinstance(q, ir.Value) else add_initializer(model, graph, f"{base}.quantized", q)
+    inputs = [q_value, decode_input(model, graph, f"{base}.scale", scale)]
     if zero_point is not None:
-        inputs.append(add_initializer(graph, f"{base}.zero_point", zero_point))
+        inputs.append(add_initializer(model, graph, f"{base}.zero_point", zero_point))
     attributes = {} if axis is None else {"axis": int(axis)}
     if block_size:
         attributes["block_size"] = int(block_size)
-    node = ir.node("DequantizeLinear", inputs, attributes, name=f"{base}.DequantizeLinear")
+    node = ir.node("DequantizeLinear", inputs, attributes, name=unique_name(model, f"{base}.DequantizeLinear"))
     return _emit(model, weight, node, replace=True)
 
 
@@ -346,7 +415,7 @@ def _describe_sparse(node: ir.Node) -> str:
 
 def _describe_dq(node: ir.Node) -> str:
     q = node.inputs[0]
-    dtype = q.dtype.name.lower() if q is not None and q.dtype is not None else "?"
+    dtype = _dtype_of(q).name.lower() if q is not None else "?"
     block = _int(node, "block_size")
     return f"linear {dtype}" + (f", block {block}" if block else "")
 
@@ -361,7 +430,34 @@ _DECODERS = {
 }
 
 
+def _decode_cast(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray:
+    assert inputs[0] is not None
+    return inputs[0].astype(ir.DataType(_int(node, "to")).numpy())
+
+
+_CAST = Decoder("cast", lambda node: "", _decode_cast, lambda node: value_shape(node.inputs[0]))
+
+
+def _is_decode_cast(node: ir.Node) -> bool:
+    """A Cast of a bf16 decode (see decode_dtype): of a decode node's output back to the weight's type, or of a
+    constant that only decode nodes read."""
+    source = node.inputs[0] if node.inputs else None
+    if source is None:
+        return False
+    producer = source.producer()
+    if producer is not None:
+        return producer.op_type != "Cast" and decoder_for(producer) is not None
+    users = [user for user, _ in node.outputs[0].uses()]
+    return source.const_value is not None and bool(users) and all(_is_decoder(user) for user in users)
+
+
+def _is_decoder(node: ir.Node) -> bool:
+    return node.op_type != "Cast" and decoder_for(node) is not None
+
+
 def decoder_for(node: ir.Node) -> Decoder | None:
     """The decoder of a decode node, or None when ``node`` is not one."""
     domain = "" if node.domain == "ai.onnx" else node.domain
+    if (domain, node.op_type) == ("", "Cast"):
+        return _CAST if _is_decode_cast(node) else None
     return _DECODERS.get((domain, node.op_type))

@@ -11,7 +11,7 @@ import onnx_ir as ir
 from lowbit.config import PalettizeConfig
 from lowbit.kernels.palettize import Palettized
 from lowbit.onnx import encoding
-from lowbit.onnx.discovery import WeightRef, has_16bit_float_weights
+from lowbit.onnx.discovery import WeightRef, has_fp16_weights
 from lowbit.onnx.passes import WeightPass, target_program
 from lowbit.onnx.program import Program
 from lowbit.report import CompressionReport
@@ -35,7 +35,7 @@ class PalettizePass(WeightPass):
     def requirements(self, program: Program) -> tuple[int, int]:
         """A quantized LUT's DequantizeLinear needs opset 19 for fp8 codes or 16-bit scales."""
         lut_dtype = self.config.lut_dtype
-        if lut_dtype in (DType.FP8_E4M3FN, DType.FP8_E5M2) or (lut_dtype and has_16bit_float_weights(program)):
+        if lut_dtype in (DType.FP8_E4M3FN, DType.FP8_E5M2) or (lut_dtype and has_fp16_weights(program)):
             return DEQUANTIZE_16_BIT_OPSET, 9
         return super().requirements(program)
 
@@ -54,7 +54,7 @@ def write_palettized(model: ir.Model, ref: WeightRef, weight: PalettizedWeight) 
     palettized = weight.palettized
     lut: np.ndarray | ir.Value = palettized.lut
     if palettized.lut_quantized is not None:
-        lut = _lut_dequantize_chain(model, ref.name, palettized)
+        lut = _lut_dequantize_chain(model, ref.value, palettized)
     return encoding.write_lut(
         model,
         ref.value,
@@ -67,22 +67,24 @@ def write_palettized(model: ir.Model, ref: WeightRef, weight: PalettizedWeight) 
     )
 
 
-def _lut_dequantize_chain(model: ir.Model, name: str, palettized: Palettized) -> ir.Value:
+def _lut_dequantize_chain(model: ir.Model, weight: ir.Value, palettized: Palettized) -> ir.Value:
     """``DequantizeLinear(q, scale[, zero_point], axis=0)`` producing the LUT from its quantized form."""
     quantized = palettized.lut_quantized
     assert quantized is not None
-    graph = model.graph
+    name = weight.name or "weight"
+    graph = encoding.home_graph(model, weight)
     inputs = [
-        encoding.add_initializer(graph, f"{name}.lut_q", quantized.q),
-        encoding.add_initializer(graph, f"{name}.lut_scale", quantized.scale),
+        encoding.add_initializer(model, graph, f"{name}.lut_q", quantized.q),
+        encoding.decode_input(model, graph, f"{name}.lut_scale", quantized.scale),
     ]
     if quantized.zero_point is not None:
-        inputs.append(encoding.add_initializer(graph, f"{name}.lut_zero_point", quantized.zero_point))
-    node = ir.node("DequantizeLinear", inputs, {"axis": 0}, name=f"{name}.lut_dequantize")
+        inputs.append(encoding.add_initializer(model, graph, f"{name}.lut_zero_point", quantized.zero_point))
+    node = ir.node("DequantizeLinear", inputs, {"axis": 0}, name=encoding.unique_name(model, f"{name}.lut_dequantize"))
     out = node.outputs[0]
-    out.name = f"{name}.lut"
-    out.dtype, out.shape = ir.DataType.from_numpy(palettized.lut.dtype), ir.Shape(palettized.lut.shape)
-    encoding.insert_first(graph, node)
+    out.name = encoding.unique_name(model, f"{name}.lut")
+    out.dtype = encoding.decode_dtype(ir.DataType.from_numpy(palettized.lut.dtype))
+    out.shape = ir.Shape(palettized.lut.shape)
+    encoding.insert_early(graph, node)
     return out
 
 

@@ -16,7 +16,7 @@ from lowbit.config import QuantizeConfig
 from lowbit.kernels.packing import pack_bits
 from lowbit.kernels.quantize import LinearQuantized
 from lowbit.onnx import encoding
-from lowbit.onnx.discovery import WeightRef, has_16bit_float_weights
+from lowbit.onnx.discovery import WeightRef, has_fp16_weights
 from lowbit.onnx.passes import WeightPass, target_program
 from lowbit.onnx.program import Program
 from lowbit.report import CompressionReport
@@ -47,7 +47,7 @@ class QuantizePass(WeightPass):
             return 21, 9
         if config.dtype in (DType.FP8_E4M3FN, DType.FP8_E5M2):
             return 19, 9
-        if has_16bit_float_weights(program):
+        if has_fp16_weights(program):
             return 19, 8
         return 13, 7
 

@@ -11,7 +11,7 @@ import onnx_ir as ir
 from lowbit.config import SparsifyConfig
 from lowbit.kernels.packing import pack_bits
 from lowbit.onnx import encoding
-from lowbit.onnx.discovery import WeightRef, has_16bit_float_weights
+from lowbit.onnx.discovery import WeightRef, has_fp16_weights
 from lowbit.onnx.palettize import DEQUANTIZE_16_BIT_OPSET
 from lowbit.onnx.passes import WeightPass, target_program
 from lowbit.onnx.program import Program
@@ -33,7 +33,7 @@ class SparsifyPass(WeightPass):
 
     def requirements(self, program: Program) -> tuple[int, int]:
         """Quantized non-zeros of a 16-bit float weight: DequantizeLinear with a 16-bit scale needs opset 19."""
-        if self.config.quantize_dtype is not None and has_16bit_float_weights(program):
+        if self.config.quantize_dtype is not None and has_fp16_weights(program):
             return DEQUANTIZE_16_BIT_OPSET, 9
         return super().requirements(program)
 
