@@ -14,6 +14,7 @@ from typing import Any
 import ml_dtypes
 import numba
 import numpy as np
+from numba.extending import overload
 
 from lowbit.errors import SkipWeight
 from lowbit.kernels import check_finite
@@ -136,18 +137,22 @@ def _three_axes(shape: tuple[int, ...], block: tuple[int, ...]) -> tuple[int, in
     return layout[0], layout[1], layout[2]
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
-def _through_table(x: np.ndarray, i: int, t: int, table: np.ndarray) -> float:
-    return table[x[i, t]]
+def load(x: np.ndarray, i: int, t: int, table: np.ndarray) -> float:
+    """Element (i, t) of ``x`` as float64: 16-bit floats arrive as their uint16 bit patterns and are read through
+    ``table`` (numpy's fp16 casts are slow). Compiled per type by the overload below; a plain function argument
+    would keep numba's on-disk cache from ever matching."""
+    return float(table[x[i, t]]) if x.dtype == np.uint16 else float(x[i, t])
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
-def _direct(x: np.ndarray, i: int, t: int, table: np.ndarray) -> float:
-    return np.float64(x[i, t])
+@overload(load, inline="always")
+def _load_for(x, i, t, table):
+    if x.dtype == numba.types.uint16:
+        return lambda x, i, t, table: table[x[i, t]]
+    return lambda x, i, t, table: np.float64(x[i, t])
 
 
 @numba.njit(cache=True, nogil=True)
-def _block_min_max(load, x: np.ndarray, table: np.ndarray, g1: int) -> tuple[np.ndarray, np.ndarray]:
+def _block_min_max(x: np.ndarray, table: np.ndarray, g1: int) -> tuple[np.ndarray, np.ndarray]:
     """Min and max of each block of ``x`` viewed as ``(g0, b * g1)`` rows, the block of element t being t % g1."""
     g0, row = x.shape
     lo = np.full((g0, g1), np.inf)
@@ -189,7 +194,7 @@ def _round_float32_bits(buf: np.ndarray, drop: int, subnormal_below: int) -> Non
 
 
 @numba.njit(cache=True, nogil=True)
-def _quantize_int(load, x, table, scale, zero_point, low, high, drop, subnormal_below, q):
+def _quantize_int(x, table, scale, zero_point, low, high, drop, subnormal_below, q):
     """q = clip(rint(x / scale) + zp) per block (``x`` as in :func:`_block_min_max`); returns (squared error of
     the decoded weight, energy). The decoded weight is DequantizeLinear's: float32 ``(q - zp) * scale`` rounded to
     the output float type."""
@@ -272,10 +277,10 @@ def quantize_linear(
     if dtype in INTEGER_DTYPES and layout is not None:
         g0, b, g1 = layout
         if x.dtype.itemsize == 2:  # 16-bit floats are read through a table: numpy's fp16 casts are slow
-            load, rows, table = _through_table, x.view(np.uint16).reshape(g0, b * g1), bit_values(x.dtype)
+            rows, table = x.view(np.uint16).reshape(g0, b * g1), bit_values(x.dtype)
         else:
-            load, rows, table = _direct, x.reshape(g0, b * g1), np.zeros(1)
-        lo, hi = _block_min_max(load, rows, table, g1)
+            rows, table = x.reshape(g0, b * g1), np.zeros(1)
+        lo, hi = _block_min_max(rows, table, g1)
         check_finite(lo)
         check_finite(hi)
         scale, zero_point = _integer_params(lo, hi, dtype, symmetric, scale_dtype)
@@ -284,7 +289,7 @@ def quantize_linear(
         drop, subnormal_below = _OUTPUT_ROUNDING.get(out_dtype, (0, 0))
         zp = np.zeros(scale.shape) if zero_point is None else zero_point
         args = (scale.astype(np.float64), zp, low, high, drop, subnormal_below, q)
-        sse, energy = _quantize_int(load, rows, table, *args)
+        sse, energy = _quantize_int(rows, table, *args)
         check_finite(energy)  # NaN slips through min/max comparisons, not through a sum of squares
         return LinearQuantized(
             q.reshape(x.shape).view(dtype),

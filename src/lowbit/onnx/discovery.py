@@ -87,15 +87,58 @@ class WeightRef:
 
 
 def _is_constant(value: ir.Value) -> bool:
-    return value.is_initializer() and not value.is_graph_input() and value.const_value is not None
+    """An initializer that no caller can override: not also a graph input (IR >= 4), or any initializer before IR 4
+    (where every initializer is listed among the inputs)."""
+    if not value.is_initializer() or value.const_value is None:
+        return False
+    graph = value.graph
+    return not value.is_graph_input() or bool(isinstance(graph, ir.Graph) and graph.meta.get(_IR3_KEY))
+
+
+_IR3_KEY = "lowbit.initializers_are_constants"
 
 
 def _is_default_domain(node: ir.Node) -> bool:
     return node.domain in ("", "ai.onnx")
 
 
-def _trace(value: ir.Value) -> tuple[ir.Value, list[list[int] | None]] | None:
-    """Follow ``value`` up through pass-through ops to a constant or a decode node's output.
+# op type -> (position of the first carried value among the body's inputs, among the body's outputs, among the
+# node's inputs): a Loop carries (iteration, condition, state...), a Scan (state..., scanned...)
+_CARRIERS = {"Loop": (2, 1, 2), "Scan": (0, 0, 0)}
+
+
+def _owners(graph: ir.Graph) -> dict[int, ir.Node]:
+    """Subgraph (by id) -> the node holding it as an attribute."""
+    owners = {}
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                owners[id(attr.as_graph())] = node
+            elif attr.type == ir.AttributeType.GRAPHS:
+                owners.update((id(g), node) for g in attr.as_graphs())
+    return owners
+
+
+def _carried_from(value: ir.Value, owners: dict[int, ir.Node]) -> ir.Value | None:
+    """For a Loop/Scan body input that the body passes on unchanged (directly or through Identity), the value the
+    node feeds it with: constant over the iterations, so a weight when that one is."""
+    body, owner = value.graph, owners.get(id(value.graph))
+    if owner is None or not isinstance(body, ir.Graph) or owner.op_type not in _CARRIERS:
+        return None
+    first_in, first_out, first_node_in = _CARRIERS[owner.op_type]
+    k = body.inputs.index(value) - first_in
+    if k < 0 or first_out + k >= len(body.outputs) or first_node_in + k >= len(owner.inputs):
+        return None
+    passed: ir.Value | None = body.outputs[first_out + k]
+    producer = passed.producer() if passed is not None else None
+    if producer is not None and producer.op_type == "Identity" and _is_default_domain(producer):
+        passed = producer.inputs[0]
+    return owner.inputs[first_node_in + k] if passed is value else None
+
+
+def _trace(value: ir.Value, owners: dict[int, ir.Node]) -> tuple[ir.Value, list[list[int] | None]] | None:
+    """Follow ``value`` up through pass-through ops (and into the values a Loop/Scan carries unchanged) to a
+    constant or a decode node's output.
 
     Returns the source and the ``perm`` of each Transpose passed (consumer first; ``None``: reversed axes).
     """
@@ -105,7 +148,11 @@ def _trace(value: ir.Value) -> tuple[ir.Value, list[list[int] | None]] | None:
             return value, perms
         producer = value.producer()
         if producer is None:
-            return None
+            carried = _carried_from(value, owners) if value.is_graph_input() else None
+            if carried is None:
+                return None
+            value = carried
+            continue
         if decoder_for(producer) is not None and _inputs_constant(producer):
             return value, perms
         if not (_is_default_domain(producer) and producer.op_type in _PASS_THROUGH) or producer.inputs[0] is None:
@@ -138,13 +185,14 @@ def _describe(value: ir.Value) -> str | None:
 
 
 def _candidates(graph: ir.Graph) -> Iterator[tuple[ir.Node, ir.Value, tuple[int, ...], tuple[int, int]]]:
+    owners = _owners(graph)
     for node in ir.traversal.RecursiveGraphIterator(graph):
         if not _is_default_domain(node) or node.op_type not in OP_TABLE:
             continue
         for slot in OP_TABLE[node.op_type]:
             if slot.index >= len(node.inputs) or node.inputs[slot.index] is None:
                 continue
-            traced = _trace(node.inputs[slot.index])  # type: ignore[arg-type]
+            traced = _trace(node.inputs[slot.index], owners)  # type: ignore[arg-type]
             shape = value_shape(traced[0]) if traced is not None else None
             if traced is None or not shape:
                 continue
@@ -163,6 +211,9 @@ def find_weights(program) -> list[WeightRef]:
     A constant used by several consumers that disagree on its channel axes is left out, with a ``UserWarning``.
     """
     found: dict[int, tuple[ir.Value, list[str], set[tuple[int, int]]]] = {}
+    if program.model.ir_version < 4:
+        for graph in program.model.graphs():
+            graph.meta[_IR3_KEY] = True
     shapes: dict[int, tuple[int, ...]] = {}
     for node, value, shape, axes in _candidates(program.graph):
         shapes[id(value)] = shape

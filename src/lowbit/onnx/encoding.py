@@ -97,8 +97,9 @@ def _emit(model: ir.Model, weight: ir.Value, node: ir.Node, replace: bool) -> ir
     graph, out = home_graph(model, weight), node.outputs[0]
     if out.dtype is None:  # a decode node yields the weight's (decode) type unless its writer said otherwise
         out.dtype = decode_dtype(_dtype_of(weight))
-    if out.shape is None:
-        out.shape = ir.Shape(value_shape(weight)) if value_shape(weight) is not None else None
+    shape = value_shape(weight)
+    if out.shape is None and shape is not None:
+        out.shape = ir.Shape(shape)
     out.name = unique_name(model, f"{node.name}.out")
     if not replace:  # an inner link of a chain: it reads constants and earlier links only
         insert_early(graph, node)
@@ -111,8 +112,6 @@ def _emit(model: ir.Model, weight: ir.Value, node: ir.Node, replace: bool) -> ir
         out = cast.outputs[0]
     name = weight.name
     weight.replace_all_uses_with(out, replace_graph_outputs=True)
-    if weight.is_graph_input():  # IR < 4: an initializer listed among the inputs is a constant
-        graph.inputs.remove(weight)
     if weight.is_initializer() and name is not None:
         graph.initializers.pop(name)
     out.name = name

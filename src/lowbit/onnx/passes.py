@@ -97,6 +97,8 @@ class WeightPass:
         if not any(self._compressible(ref) for ref in refs):
             return refs
         opset, ir_version = self.requirements(program)
+        if program.model.ir_version < 4:  # from IR 4 on, an initializer listed as an input is an overridable default
+            program.initializers_out_of_inputs()
         program.model.ir_version = max(program.model.ir_version, ir_version)
         if program.graph.opset_imports.get("", 1) >= opset:
             return refs

@@ -105,6 +105,11 @@ class Program:
         model.ir_version = max(model.ir_version, self.model.ir_version)
         self.model = model
 
+    def initializers_out_of_inputs(self) -> None:
+        """Drop initializers from the graph inputs (where IR < 4 lists them all; they are constants there)."""
+        for graph in self.model.graphs():
+            graph.inputs[:] = [v for v in graph.inputs if not v.is_initializer()]
+
     def tensor_nbytes(self) -> int:
         """Bytes of all initializer data, main graph and subgraphs."""
         return sum(v.const_value.nbytes for v in _initializers(self.model) if v.const_value is not None)
