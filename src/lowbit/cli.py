@@ -134,7 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--per-channel-scale", action="store_true", help="scale each output channel to max-abs 1 first")
     p.add_argument("--mode", default="kmeans", help="kmeans (default), uniform or unique")
     p.add_argument("--weight-num-threshold", type=int, default=1024, help="leave weights this small alone")
-    p.add_argument("--workers", type=int, default=4, help="k-means worker processes (default 4)")
+    p.add_argument("--workers", type=int, default=4, help="k-means worker threads (default 4)")
     p.add_argument("--exact", action="store_true", help="cluster fp32 weights' raw values, not fp16-rounded ones")
     p.set_defaults(run=_palettize)
     p = sub.add_parser("quantize", help="linear quantization: int8/int4 (sym/asym), fp8, MXFP4")

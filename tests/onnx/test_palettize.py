@@ -222,20 +222,27 @@ def test_bfloat16_and_fp32_exact_mode():
             assert 0 < row.rel_mse < 0.02
 
 
-def test_worker_processes_from_a_script_on_stdin():
-    """The default process pool also works when the main script has no file (python - < script)."""
+@pytest.mark.parametrize("how", ["script", "stdin"])
+def test_default_workers_from_a_plain_script(tmp_path, how):
+    """The README's example as a script with no ``__main__`` guard, and from stdin: the default workers are
+    threads, no child process is started (it would re-run the script, and could outlive a killed parent)."""
     import subprocess
     import sys
 
-    script = (
-        "import numpy as np, lowbit, sys\n"
-        "sys.path.insert(0, 'tests')\n"
-        "from conftest import three_weights_program\n"
-        "out = lowbit.palettize_weights(three_weights_program(), num_kmeans_workers=2)\n"
-        "print(len(out.report.compressed))\n"
-    )
     from conftest import ROOT
 
-    result = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, cwd=ROOT, check=False)
+    script = (
+        "import os, sys\n"
+        "sys.path.insert(0, 'tests')\n"
+        "import lowbit\n"
+        "from conftest import three_weights_program\n"
+        "out = lowbit.palettize_weights(three_weights_program())\n"
+        "children = open(f'/proc/{os.getpid()}/task/{os.getpid()}/children').read().split()\n"
+        "print(len(out.report.compressed), len(children))\n"
+    )
+    path = tmp_path / "plain.py"
+    path.write_text(script)
+    argv, stdin = ([sys.executable, str(path)], None) if how == "script" else ([sys.executable, "-"], script)
+    result = subprocess.run(argv, input=stdin, capture_output=True, text=True, cwd=ROOT, check=False, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == "3"
+    assert result.stdout.split()[:2] == ["3", "0"]

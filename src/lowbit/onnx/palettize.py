@@ -119,7 +119,8 @@ def palettize_weights(
     cluster_dim : LUT entries are vectors of this many output channels (default 1: scalar, exact k-means).
     enable_per_channel_scale : divide each output channel by its max-abs before clustering; default False.
     weight_num_threshold : weights with at most this many elements are left alone; default 1024.
-    num_kmeans_workers : parallel worker processes (default 4; 1 runs in this process). Results do not depend on it.
+    num_kmeans_workers : weights compressed in parallel on this many threads (default 4; 1: in the calling
+        thread). Results do not depend on it.
     enable_fast_kmeans_mode : cluster fp32 weights' fp16-rounded values (default True); 16-bit weights are always
         clustered exactly.
     rounding_precision : accepted for compatibility with the reference API (default 4). lowbit's fast mode rounds
@@ -128,7 +129,7 @@ def palettize_weights(
     mode : ``"kmeans"`` (default), ``"uniform"`` (evenly spaced LUT from min to max), ``"unique"`` (exact LUT of a
         group's distinct values when there are at most ``2**n_bits``, else skipped with a warning).
     executor : run the per-weight k-means on this ``concurrent.futures.Executor`` (e.g. a Dask client's) instead of
-        a process pool of ``num_kmeans_workers``.
+        a thread pool of ``num_kmeans_workers`` (a ``ProcessPoolExecutor`` works too).
 
     Returns the compressed Program; ``result.report`` holds the per-weight :class:`CompressionReport`.
 

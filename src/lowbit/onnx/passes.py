@@ -4,12 +4,9 @@
 from __future__ import annotations
 
 import math
-import multiprocessing
-import os
-import sys
 import warnings
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -39,15 +36,11 @@ def target_program(program: Program, in_place: bool) -> Program:
 
 
 def default_executor(workers: int) -> Executor | None:
-    """A process pool of ``workers`` (None for one worker: run in this process)."""
-    if workers <= 1:
-        return None
-    methods = multiprocessing.get_all_start_methods()
-    # forkserver/spawn children re-import the main script: impossible when it came from stdin
-    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
-    importable = main_file is None or os.path.exists(main_file)
-    method = next(m for m in (("forkserver", "spawn", "fork") if importable else ("fork", "spawn")) if m in methods)
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method))
+    """A pool of ``workers`` threads (None for one worker: run in this thread). The kernels release the GIL, so
+    threads run them in parallel without pickling, without re-importing the user's script (which a process pool
+    does: a script with no ``if __name__ == "__main__":`` guard would run again in every worker) and without
+    worker processes that could outlive a killed parent."""
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lowbit") if workers > 1 else None
 
 
 def numpy_dtype(dtype: ir.DataType) -> np.dtype | None:
