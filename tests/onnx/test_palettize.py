@@ -246,3 +246,19 @@ def test_default_workers_from_a_plain_script(tmp_path, how):
     result = subprocess.run(argv, input=stdin, capture_output=True, text=True, cwd=ROOT, check=False, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[:2] == ["3", "0"]
+
+
+@pytest.mark.parametrize("magnitude", [1e-8, 1e-3, 1e6])
+def test_fast_mode_keeps_tiny_and_huge_fp32_weights(magnitude):
+    """fp32 weights far below (or above) fp16's range: fast mode keys a power-of-two rescaled copy, so it loses
+    nothing against exact mode (it used to round std-1e-8 weights to zero: rel-MSE 0.99, reported compressed)."""
+    w = (np.random.default_rng(3).standard_normal((96, 64)) * magnitude).astype(np.float32)
+    program = lowbit.Program(make_model({"w": w}, [("MatMul", "w", {})]))
+    errors = {}
+    for fast in (True, False):
+        out = lowbit.palettize_weights(program, enable_fast_kmeans_mode=fast, num_kmeans_workers=1)
+        (row,) = out.report.compressed
+        errors[fast] = row.rel_mse
+        lut = next(v for n, v in out.graph.initializers.items() if n.endswith(".lut")).const_value.numpy()
+        assert np.abs(lut).max() == pytest.approx(np.abs(w).max(), rel=0.5)
+    assert errors[True] < 1.001 * errors[False] < 0.02

@@ -26,6 +26,9 @@ __all__ = ["Palettized", "palettize"]
 
 MODES = ("kmeans", "uniform", "unique")
 FP16_MAX = 65504.0
+# fast mode keys weights whose largest magnitude is below this by a rescaled copy: with it at 2^-8, values down to
+# 1/64 of the largest are still fp16 normals
+FP16_KEY_SMALLEST = 2.0**-8
 
 
 @dataclass(frozen=True)
@@ -92,9 +95,16 @@ def _finish_lut(centroids: np.ndarray, dtype: np.dtype, lut_dtype: np.dtype | No
     return quantized.decode().astype(dtype), quantized
 
 
-def _fits_fp16(x: np.ndarray) -> bool:
-    """All of ``x`` within the finite fp16 range (False for NaN), without an ``abs`` copy."""
-    return bool(x.max(initial=0.0) <= FP16_MAX and x.min(initial=0.0) >= -FP16_MAX)
+def _fp16_key_scale(x: np.ndarray) -> float | None:
+    """The power of two that fast mode multiplies ``x`` by before rounding it to fp16 keys: 1 for weights of
+    ordinary magnitude, else one that brings the largest magnitude to [2^14, 2^15), so that tiny weights keep
+    fp16's 11 significant bits (not its subnormal grid) and huge ones stay finite. None when ``x`` is not finite."""
+    high = max(float(x.max(initial=0.0)), -float(x.min(initial=0.0)))
+    if not np.isfinite(high):
+        return None
+    if high == 0.0 or FP16_KEY_SMALLEST <= high <= FP16_MAX:
+        return 1.0
+    return float(2.0 ** (14 - np.floor(np.log2(high))))
 
 
 def _scalar(x, dtype, groups, k, n_bits, mode, fast, lut_dtype, importance, threads):
@@ -102,18 +112,19 @@ def _scalar(x, dtype, groups, k, n_bits, mode, fast, lut_dtype, importance, thre
     xg = x.reshape(groups, -1)
     imp = None if importance is None else importance.reshape(groups, -1)
     exact_values = xg.dtype in SIXTEEN_BIT_FLOATS
-    if exact_values or (fast and mode != "unique" and _fits_fp16(xg)):
-        keyed = xg if exact_values else xg.astype(np.float16)
+    key_scale = 1.0 if exact_values else _fp16_key_scale(xg) if fast and mode != "unique" else None
+    if key_scale is not None:
+        keyed = xg if exact_values else (xg * np.float32(key_scale) if key_scale != 1.0 else xg).astype(np.float16)
         bits = keyed.view(np.uint16)
         hist = distinct_values(bits, keyed.dtype, imp)
         check_finite(hist.values)
 
         def assign(thresholds: np.ndarray) -> np.ndarray:
             assert hist.key_range is not None
-            return assign_packed(bits, keyed.dtype, thresholds, hist.key_range, n_bits)
+            return assign_packed(bits, keyed.dtype, thresholds * key_scale, hist.key_range, n_bits)
     else:
-        exact_values = False
         check_finite(xg)
+        key_scale = 1.0
         hist = distinct_values_any(xg, imp)
 
         def assign(thresholds: np.ndarray) -> np.ndarray:
@@ -122,7 +133,8 @@ def _scalar(x, dtype, groups, k, n_bits, mode, fast, lut_dtype, importance, thre
             return pack_bits(np.stack(codes), n_bits)
 
     values, weights, offsets, _ = hist
-    lut, quantized = _finish_lut(_group_centroids(values, weights, offsets, k, mode, threads), dtype, lut_dtype)
+    centroids = _group_centroids(values, weights, offsets, k, mode, threads) / key_scale
+    lut, quantized = _finish_lut(centroids, dtype, lut_dtype)
     thresholds = _midpoints(lut)
     packed = assign(thresholds)
     measured = None
