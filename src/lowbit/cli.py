@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import warnings
 from collections.abc import Sequence
@@ -48,6 +49,7 @@ def _palettize(args: argparse.Namespace) -> int:
     from lowbit.onnx.program import load
 
     program = load(args.input)
+    before = program.stored_nbytes()
     result = palettize_weights(
         program,
         lut_dtype=args.lut_dtype,
@@ -62,7 +64,7 @@ def _palettize(args: argparse.Namespace) -> int:
         mode=args.mode,
         in_place=True,
     )
-    return _save_and_report(result, args)
+    return _save_and_report(result, args, before)
 
 
 def _quantize(args: argparse.Namespace) -> int:
@@ -70,6 +72,7 @@ def _quantize(args: argparse.Namespace) -> int:
     from lowbit.onnx.quantize import quantize_weights
 
     program = load(args.input)
+    before = program.stored_nbytes()
     result = quantize_weights(
         program,
         dtype=args.dtype,
@@ -80,7 +83,7 @@ def _quantize(args: argparse.Namespace) -> int:
         scale_dtype=args.scale_dtype,
         in_place=True,
     )
-    return _save_and_report(result, args)
+    return _save_and_report(result, args, before)
 
 
 def _sparsify(args: argparse.Namespace) -> int:
@@ -94,6 +97,7 @@ def _sparsify(args: argparse.Namespace) -> int:
             raise ValueError(f"--n-m must look like 2:4, got {args.n_m!r}")
         n_m = (int(parts[0]), int(parts[1]))
     program = load(args.input)
+    before = program.stored_nbytes()
     result = sparsify_weights(
         program,
         target_sparsity=args.target_sparsity,
@@ -104,15 +108,15 @@ def _sparsify(args: argparse.Namespace) -> int:
         weight_num_threshold=args.weight_num_threshold,
         in_place=True,
     )
-    return _save_and_report(result, args)
+    return _save_and_report(result, args, before)
 
 
-def _save_and_report(result, args: argparse.Namespace) -> int:
-    before = args.input.stat().st_size
+def _save_and_report(result, args: argparse.Namespace, before: int) -> int:
+    """Save ``result``; print its report and the size change (``before``: the input's bytes, data files included)."""
     out = result.save(args.output)
     print(result.report.table())
-    after = out.stat().st_size
-    print(f"wrote {out}: {before} -> {after} bytes ({before / after:.2f}x smaller)")
+    after = out.stat().st_size + (result.data_path.stat().st_size if result.data_path else 0)
+    print(f"wrote {out}: {before} -> {after} bytes, data files included ({before / after:.2f}x smaller)")
     return 0
 
 
@@ -171,10 +175,15 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"warning: {message}", file=sys.stderr)
 
 
+def _terminate(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (2 for a user error, printed as one line on stderr)."""
     args = _parser().parse_args(argv)
     warnings.showwarning = _show_warning
+    signal.signal(signal.SIGTERM, _terminate)  # unwind (temporary files removed) instead of dying on the spot
     try:
         return int(args.run(args))
     except (LowbitError, ValueError, TypeError, OSError) as err:

@@ -1,6 +1,7 @@
 """The CLI and bad input: one clear line and exit code 2, never a traceback; inputs untouched."""
 
 import hashlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -84,7 +85,7 @@ def test_decompress_in_place_path(capsys, tmp_path):
     [
         (None, "no such file"),
         (b"this is not a model", "not a valid ONNX model"),
-        (b"", "no weights found"),  # an empty protobuf parses as an empty model
+        (b"", "empty file (0 bytes)"),  # protobuf would parse it as an empty model
     ],
 )
 def test_bad_files(capsys, tmp_path, content, message):
@@ -113,6 +114,19 @@ def test_truncated_model_and_external_data(capsys, tmp_path, digits_path):
     data.unlink()
     code, _, err = _run(capsys, "inspect", tmp_path / "ext.onnx")
     assert code == 2 and "missing" in err
+
+
+def test_summary_counts_external_data_and_read_only_output_exits_2(capsys, tmp_path):
+    w = np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32)
+    ir.save(make_model({"w": w}, [("MatMul", "w", {})]), tmp_path / "ext.onnx", external_data="ext.onnx.data")
+    code, out, _ = _run(capsys, "palettize", tmp_path / "ext.onnx", tmp_path / "out.onnx")
+    assert code == 0
+    before, after = (int(n) for n in re.search(r": (\d+) -> (\d+) bytes", out).groups())
+    assert before > 256 * 256 * 4 and after == sum(p.stat().st_size for p in tmp_path.glob("out.onnx*"))
+    assert 7.0 < before / after < 8.1
+    (tmp_path / "out.onnx").chmod(0o444)
+    code, _, err = _run(capsys, "palettize", tmp_path / "ext.onnx", tmp_path / "out.onnx")
+    assert code == 2 and "read-only" in err and len(err.splitlines()) == 1
 
 
 def test_usage_error_exits_2(capsys):

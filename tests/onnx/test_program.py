@@ -59,10 +59,13 @@ def test_external_data_round_trip_and_overwrite_in_place(tmp_path):
     ir.save(model, src, external_data="ext.onnx.data")
     program = lowbit.load(src)
     assert isinstance(program.graph.initializers["w"].const_value, ir.ExternalTensor)
-    out = program.save(src)  # same path: data file replaced atomically, program still readable
-    assert (tmp_path / "ext.onnx.data").is_file()
+    out = program.save(src)  # same path: a fresh data file, then the model, then the old data file removed
+    assert program.data_path == tmp_path / "ext.onnx.1.data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ext.onnx", "ext.onnx.1.data"]
     assert np.array_equal(program.graph.initializers["w"].const_value.numpy(), w)
     assert np.array_equal(lowbit.load(out).graph.initializers["w"].const_value.numpy(), w)
+    lowbit.load(out).save(out)  # and back
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ext.onnx", "ext.onnx.data"]
     inline = program.save(tmp_path / "inline.onnx", external_data=False)
     assert not (tmp_path / "inline.onnx.data").exists()
     assert np.array_equal(lowbit.load(inline).graph.initializers["w"].const_value.numpy(), w)
@@ -134,3 +137,117 @@ def test_save_and_reload_over_2gb_external_without_reading_it(tmp_path):
     assert len(reloaded.graph.initializers) == count
     assert not reloaded.graph.initializers["w8"].const_value.numpy()[-4:].any()
     os.remove(tmp_path / "out" / "copy.onnx.data")
+
+
+def _external_program(tmp_path: Path, value: float, name: str = "ext.onnx") -> Path:
+    model = make_model({"w": np.full((64, 64), value, np.float32)}, [("MatMul", "w", {})])
+    ir.save(model, tmp_path / name, external_data=f"{name}.data")
+    return tmp_path / name
+
+
+def test_a_crash_between_data_and_model_keeps_the_input(tmp_path, monkeypatch):
+    src = _external_program(tmp_path, 1.0)
+    program = lowbit.load(src)
+    program.graph.initializers["w"].const_value = ir.tensor(np.full((64, 64), 5.0, np.float32))
+    real_replace = os.replace
+
+    def crash_on_the_model(a, b):
+        if Path(b) == src.resolve():
+            raise OSError("killed")
+        real_replace(a, b)
+
+    monkeypatch.setattr(os, "replace", crash_on_the_model)
+    with pytest.raises(OSError, match="killed"):
+        program.save(src)
+    monkeypatch.undo()
+    assert np.all(lowbit.load(src).graph.initializers["w"].const_value.numpy() == 1.0)
+
+
+def _save_many(src: str, value: float, dest: str, rounds: int) -> None:
+    program = lowbit.load(src)
+    program.graph.initializers["w"].const_value = ir.tensor(np.full((64, 64), value, np.float32))
+    for _ in range(rounds):
+        program.save(dest, external_data=True)
+
+
+def test_two_processes_saving_to_one_path_leave_a_matching_pair(tmp_path):
+    import multiprocessing
+
+    src = _external_program(tmp_path, 0.0, "src.onnx")
+    dest = tmp_path / "out" / "m.onnx"
+    context = multiprocessing.get_context("fork")
+    for _ in range(10):
+        workers = [context.Process(target=_save_many, args=(str(src), v, str(dest), 5)) for v in (1.0, 2.0)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+            assert w.exitcode == 0
+        values = np.unique(lowbit.load(dest).graph.initializers["w"].const_value.numpy())
+        assert values.tolist() in ([1.0], [2.0])
+
+
+def test_stale_temporaries_of_killed_saves_are_cleaned_up(tmp_path):
+    src = _matmul_program(tmp_path)
+    stale = tmp_path / ".lowbit-save-999999999-abc"  # no such process
+    stale.mkdir()
+    (stale / "m.onnx").write_bytes(b"partial")
+    mine = tmp_path / f".lowbit-save-{os.getpid()}-abc"  # a live process's save in progress stays
+    mine.mkdir()
+    lowbit.load(src).save(tmp_path / "out.onnx")
+    assert not stale.exists() and mine.exists()
+
+
+def test_read_only_output_is_not_replaced(tmp_path):
+    src = _matmul_program(tmp_path)
+    dest = _matmul_program(tmp_path, "ro.onnx", n=32)
+    before = dest.read_bytes()
+    dest.chmod(0o444)
+    with pytest.raises(PermissionError, match="read-only"):
+        lowbit.load(src).save(dest)
+    assert dest.read_bytes() == before
+
+
+def test_empty_file_and_external_data_outside_the_folder_are_refused(tmp_path):
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    with pytest.raises(lowbit.ModelLoadError, match="empty file"):
+        lowbit.load(tmp_path / "empty.onnx")
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(np.ones(64 * 64, np.float32).tobytes())
+    model_dir = tmp_path / "models"
+    model_dir.mkdir()
+    src = _external_program(model_dir, 1.0)
+    proto = onnx.load(src, load_external_data=False)
+    for entry in proto.graph.initializer[0].external_data:
+        if entry.key == "location":
+            entry.value = "../secret.bin"
+    onnx.save(proto, src)
+    with pytest.raises(lowbit.ModelLoadError, match="outside the model's folder"):
+        lowbit.load(src)
+
+
+def _with_training_info(path: Path, bound: str) -> Path:
+    program = lowbit.load(_matmul_program(path.parent, path.name))
+    proto = ir.serde.serialize_model(program.model)
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(1, np.float32), "step"))
+    info = proto.training_info.add()
+    info.algorithm.name = "update"
+    info.algorithm.node.append(onnx.helper.make_node("Identity", [bound], ["new"]))
+    info.algorithm.output.append(onnx.helper.make_tensor_value_info("new", onnx.TensorProto.FLOAT, None))
+    binding = info.update_binding.add()
+    binding.key, binding.value = bound, "new"
+    onnx.save(proto, path)
+    return path
+
+
+def test_training_info_is_kept_unless_it_updates_a_compressed_weight(tmp_path):
+    src = _with_training_info(tmp_path / "t.onnx", "step")
+    out = lowbit.palettize_weights(lowbit.load(src), num_kmeans_workers=1).save(tmp_path / "out.onnx")
+    kept = onnx.load(out)
+    assert [i.update_binding[0].key for i in kept.training_info] == ["step"]
+    onnx.checker.check_model(kept)
+    src = _with_training_info(tmp_path / "w.onnx", "w")
+    result = lowbit.palettize_weights(lowbit.load(src), num_kmeans_workers=1)
+    with pytest.warns(UserWarning, match=r"training_info dropped: it updates \['w'\]"):
+        out = result.save(tmp_path / "out2.onnx")
+    assert not onnx.load(out).training_info

@@ -6,7 +6,8 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +33,17 @@ class Program:
     they are read. Build one with :func:`load` or ``Program(model)``.
     """
 
-    def __init__(self, model: ir.Model, path: str | os.PathLike | None = None) -> None:
+    def __init__(
+        self,
+        model: ir.Model,
+        path: str | os.PathLike | None = None,
+        training_info: Sequence[onnx.TrainingInfoProto] = (),
+    ) -> None:
         self.model = model
         self.path = Path(path) if path is not None else None
         self.report: Any = None  # the CompressionReport of the pass that produced this program, if any
+        self.training_info = list(training_info)  # kept from the file: onnx-ir does not carry it
+        self.data_path: Path | None = None  # the external data file the last save wrote
 
     @property
     def graph(self) -> ir.Graph:
@@ -53,7 +61,7 @@ class Program:
 
     def copy(self) -> Program:
         """A structurally independent copy that shares (does not duplicate) the tensors' bytes."""
-        return Program(self.model.clone(), self.path)
+        return Program(self.model.clone(), self.path, self.training_info)
 
     def optimize(self) -> Program:
         """Remove unused nodes, initializers and functions, and merge identical constants. Returns ``self``."""
@@ -120,28 +128,79 @@ class Program:
         Parameters
         ----------
         path : destination ``.onnx`` file. May be the file this program was loaded from.
-        external_data : ``None`` (default) writes the tensors to ``<file name>.data`` beside the model when they
-            exceed protobuf's 2 GB limit or the program already keeps tensors outside the model file; ``True`` or
+        external_data : ``None`` (default) writes the tensors to a data file beside the model when they exceed
+            protobuf's 2 GB limit or the program already keeps tensors outside the model file; ``True`` or
             ``False`` force the choice.
 
-        The model (and data file) is first written to a temporary folder next to ``path`` and then renamed into
-        place, so an interrupted save never leaves a truncated file and never harms the input.
+        The model is written to a temporary folder next to ``path`` and renamed into place, so an interrupted save
+        never leaves a truncated file and never harms the input. Tensors kept outside go to a data file of a name
+        no other save uses at the same time (``<file name>.data``, else ``<file name>.1.data``, ...), renamed into
+        place before the model that references it; the data file the replaced model referenced is removed after.
+        So the model and its data always match, also when two processes save to one path. ``self.data_path`` is
+        the data file written (None: none).
+
+        Raises ``PermissionError`` when ``path`` exists and is read-only (it is never replaced then).
         """
         dest = Path(path).resolve()
+        if dest.exists() and not dest.stat().st_mode & 0o222:
+            raise PermissionError(f"{dest}: the output file is read-only; not replacing it")
         dest.parent.mkdir(parents=True, exist_ok=True)
         if external_data is None:
             external_data = self._keeps_external_data() or self.tensor_nbytes() > PROTO_LIMIT_BYTES
-        data_name = dest.name + ".data"
+        _remove_stale_temporaries(dest.parent)
         with _temporary_dir(dest.parent) as tmp:
             tmp_model = tmp / dest.name
+            self.data_path = None
             if external_data:
-                ir.save(self.model, tmp_model, external_data=data_name)
-                self._pin_tensors_mapped_from(dest.parent / data_name)
-                os.replace(tmp / data_name, dest.parent / data_name)
+                self.data_path = _reserve_data_file(dest)
+                replaced = _replaced_data_files(dest)
+                ir.save(self.model, tmp_model, external_data=self.data_path.name)
+                self._add_training_info(tmp_model)
+                os.replace(tmp / self.data_path.name, self.data_path)
+                os.replace(tmp_model, dest)
+                self._remove_data_files(replaced - {self.data_path}, dest)
             else:
+                replaced = _replaced_data_files(dest)
                 ir.save(self.model, tmp_model)
-            os.replace(tmp_model, dest)
+                self._add_training_info(tmp_model)
+                os.replace(tmp_model, dest)
+                self._remove_data_files(replaced, dest)
         return dest
+
+    def _add_training_info(self, written: Path) -> None:
+        """Put the loaded model's ``training_info`` (which onnx-ir does not carry) into the written file, unless it
+        names an initializer that is gone (a compressed weight): then it is dropped with a warning."""
+        if not self.training_info:
+            return
+        names = set(self.graph.initializers)
+        bound = {b.key for info in self.training_info for b in info.update_binding}
+        if not bound <= names:
+            warnings.warn(
+                f"training_info dropped: it updates {sorted(bound - names)[:3]}, which are no longer initializers",
+                UserWarning,
+                stacklevel=3,
+            )
+            return
+        proto = onnx.load(written, load_external_data=False)
+        proto.training_info.extend(self.training_info)
+        onnx.save(proto, written)
+
+    def _remove_data_files(self, files: set[Path], dest: Path) -> None:
+        """Remove the data files of the model ``dest`` replaced (lowbit's naming only), keeping tensors mapped."""
+        for data in files:
+            if data.parent == dest.parent and _is_data_name(data.name, dest.name):
+                self._pin_tensors_mapped_from(data)
+                with contextlib.suppress(FileNotFoundError):
+                    data.unlink()
+
+    def stored_nbytes(self) -> int:
+        """Bytes of the file this program was loaded from plus the external data files its tensors read."""
+        data = {Path(t.path).resolve() for t in self._external_tensors()}
+        own = self.path.stat().st_size if self.path is not None and self.path.is_file() else 0
+        return own + sum(f.stat().st_size for f in data if f.is_file())
+
+    def _external_tensors(self) -> list[ir.ExternalTensor]:
+        return [v.const_value for v in _initializers(self.model) if isinstance(v.const_value, ir.ExternalTensor)]
 
     def _keeps_external_data(self) -> bool:
         return any(isinstance(v.const_value, ir.ExternalTensor) for v in _initializers(self.model))
@@ -196,23 +255,33 @@ def load(path: str | os.PathLike) -> Program:
     p = Path(path)
     if not p.is_file():
         raise ModelLoadError(f"{p}: no such file")
+    if p.stat().st_size == 0:
+        raise ModelLoadError(f"{p}: empty file (0 bytes), not an ONNX model")
     try:
-        model = ir.load(p)
+        proto = onnx.load(p, load_external_data=False)
+        model = ir.serde.deserialize_model(proto)
     except (DecodeError, onnx.onnx_cpp2py_export.checker.ValidationError, RuntimeWarning, ValueError) as err:
         raise ModelLoadError(f"{p}: not a valid ONNX model ({_one_line(err)})") from err
     except Exception as err:  # onnx raises assorted types for corrupt protobufs
         raise ModelLoadError(f"{p}: cannot read the ONNX model ({type(err).__name__}: {_one_line(err)})") from err
+    ir.external_data.set_base_dir(model.graph, p.parent)
     _check_external_files(model, p)
     # Weights given as Constant nodes become initializers, so every pass sees one kind of constant.
     common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1)(model)
-    return Program(model, p)
+    return Program(model, p, proto.training_info)
 
 
 def _check_external_files(model: ir.Model, path: Path) -> None:
+    folder = path.resolve().parent
     for value in _initializers(model):
         tensor = value.const_value
         if isinstance(tensor, ir.ExternalTensor):
             data = Path(tensor.path)
+            if not data.resolve().is_relative_to(folder):
+                raise ModelLoadError(
+                    f"{path}: tensor {value.name!r} points outside the model's folder "
+                    f"(external data location {tensor.location!r}); refusing to read it"
+                )
             end = (tensor.offset or 0) + (tensor.length or tensor.nbytes)
             if not data.is_file():
                 raise ModelLoadError(f"{path}: external data file {data.name} of tensor {value.name!r} is missing")
@@ -237,10 +306,56 @@ def _one_line(err: BaseException) -> str:
     return text[:200] if text else type(err).__name__
 
 
+_TEMPORARY_PREFIX = ".lowbit-save-"
+
+
 @contextlib.contextmanager
 def _temporary_dir(parent: Path) -> Iterator[Path]:
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=".lowbit-save-"))
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f"{_TEMPORARY_PREFIX}{os.getpid()}-"))
     try:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_stale_temporaries(parent: Path) -> None:
+    """Remove temporary folders of saves whose process is gone (killed before it could clean up)."""
+    for folder in parent.glob(f"{_TEMPORARY_PREFIX}*"):
+        pid = folder.name[len(_TEMPORARY_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _is_data_name(name: str, model_name: str) -> bool:
+    """``<model>.data`` or ``<model>.<n>.data``: the data files lowbit names for the model file ``model_name``."""
+    if not (name.startswith(f"{model_name}.") and name.endswith(".data")):
+        return False
+    middle = name[len(model_name) + 1 : -len(".data")]
+    return middle == "" or middle.isdigit()
+
+
+def _reserve_data_file(dest: Path) -> Path:
+    """The first of ``<dest>.data``, ``<dest>.1.data``, ... that does not exist, created empty (exclusively, so
+    no concurrent save picks it too)."""
+    for n in range(1 << 20):
+        candidate = dest.with_name(f"{dest.name}.data" if n == 0 else f"{dest.name}.{n}.data")
+        try:
+            os.close(os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            continue
+        return candidate
+    raise OSError(f"{dest}: no free name for its external data file")
+
+
+def _replaced_data_files(model_file: Path) -> set[Path]:
+    """The external data files that the ONNX file ``model_file`` (if any) references; read only when a data file
+    of lowbit's naming lies beside it (no parse of a large model stored inline)."""
+    if not model_file.is_file() or not any(_is_data_name(p.name, model_file.name) for p in model_file.parent.iterdir()):
+        return set()
+    try:
+        model = ir.load(model_file)
+    except Exception:  # not a model we can read: nothing of ours to clean up
+        return set()
+    return {
+        Path(v.const_value.path).resolve() for v in _initializers(model) if isinstance(v.const_value, ir.ExternalTensor)
+    }
