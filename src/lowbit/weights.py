@@ -17,7 +17,7 @@ import numpy as np
 
 from lowbit.config import PalettizeConfig, QuantizeConfig, SparsifyConfig, block_shape
 from lowbit.errors import SkipWeight
-from lowbit.kernels.palettize import Palettized, palettize
+from lowbit.kernels.palettize import Palettized, palettize, stack_palettized
 from lowbit.kernels.prune import Sparsified, block_mask, magnitude_mask, n_m_mask, sparsify
 from lowbit.kernels.quantize import LinearQuantized, quantize_linear
 from lowbit.types import FLOAT_WEIGHT_DTYPES, CompressionGranularity, QScheme
@@ -65,7 +65,8 @@ def _relative(squared_error: float, energy: float) -> float:
 @dataclass(frozen=True)
 class PalettizedWeight:
     """A palettized weight of shape ``shape``: the kernel's :class:`~lowbit.kernels.palettize.Palettized` over the
-    canonical view ``array.transpose(forward).reshape(C, -1)`` (the grouping axis first)."""
+    canonical view ``array.transpose(forward).reshape(C, -1)`` (the grouping axis first). With a ragged last LUT
+    group the kernel's codes cover ``padded_shape`` (the channel axis rounded up to whole groups)."""
 
     shape: tuple[int, ...]
     forward: tuple[int, ...]
@@ -74,6 +75,12 @@ class PalettizedWeight:
     @property
     def canonical_shape(self) -> tuple[int, ...]:
         return tuple(self.shape[a] for a in self.forward)
+
+    @property
+    def padded_shape(self) -> tuple[int, ...]:
+        """``canonical_shape`` with the channel axis as the codes cover it (longer when the last group is ragged)."""
+        channels = self.palettized.codes_shape[0] * self.palettized.lut.shape[2]
+        return (channels, *self.canonical_shape[1:])
 
     @property
     def back(self) -> tuple[int, ...]:
@@ -94,12 +101,14 @@ class PalettizedWeight:
 
     def decode(self) -> np.ndarray:
         """The dense weight, in the weight's own layout and dtype."""
-        return self.palettized.decode().reshape(self.canonical_shape).transpose(self.back)
+        channels = self.canonical_shape[0]
+        return self.palettized.decode().reshape(self.padded_shape)[:channels].transpose(self.back)
 
     def decode_into(self, out: np.ndarray) -> None:
         """Write the dense weight into ``out`` (the weight's shape and dtype), decoding in place when the layout
         allows (a C-contiguous ``out`` in the kernel's own layout)."""
         in_place = out.flags.c_contiguous and self.forward == tuple(range(out.ndim)) and self.palettized.scale is None
+        in_place = in_place and self.padded_shape == self.canonical_shape
         if in_place and out.dtype == self.palettized.lut.dtype and self.palettized.lut.shape[2] == 1:
             self.palettized.decode(out=out)
         else:
@@ -114,19 +123,19 @@ class PalettizedWeight:
         )
 
 
-def _lut_groups(channels: int, config: PalettizeConfig) -> int:
-    """How many LUTs the ``channels`` of the grouping axis get; :class:`SkipWeight` when they do not split."""
+def _lut_groups(channels: int, config: PalettizeConfig) -> tuple[int, int]:
+    """(LUTs, channels per LUT) for the ``channels`` of the grouping axis; the last LUT of ``group_size`` channels
+    may have fewer. :class:`SkipWeight` when they do not split into ``cluster_dim`` vectors."""
     if channels % config.cluster_dim:
         raise SkipWeight(f"{channels} output channels do not divide by cluster_dim {config.cluster_dim}")
     if config.granularity == CompressionGranularity.PER_TENSOR:
-        return 1
+        return 1, channels
     if config.granularity == CompressionGranularity.PER_CHANNEL:
-        return channels // config.cluster_dim
-    if channels % config.group_size:
-        raise SkipWeight(f"{channels} output channels do not divide by group_size {config.group_size}")
+        return channels // config.cluster_dim, config.cluster_dim
     if config.group_size % config.cluster_dim:
         raise SkipWeight(f"group_size {config.group_size} does not divide by cluster_dim {config.cluster_dim}")
-    return channels // config.group_size
+    per_group = min(config.group_size, channels)
+    return -(-channels // per_group), per_group
 
 
 def _palettize_layout(rank: int, axis: int, config: PalettizeConfig) -> list[int]:
@@ -180,27 +189,36 @@ def palettize_weight(
     """
     axis = output_axis % array.ndim
     channels = array.shape[axis]
-    groups = _lut_groups(channels, config)
+    groups, per_group = _lut_groups(channels, config)
     forward = _palettize_layout(array.ndim, axis, config)
     moved = np.ascontiguousarray(array.transpose(forward))
     canonical = moved.reshape(moved.shape[0], -1)
     imp = None
     if importance is not None:
         moved_importance = np.ascontiguousarray(importance.transpose(forward)).reshape(canonical.shape)
-        imp = _damped(moved_importance, groups, damping)
-    result = palettize(
-        canonical,
-        n_bits=config.n_bits,
-        groups=groups,
-        cluster_dim=config.cluster_dim,
-        mode=config.mode,
-        per_channel_scale=config.enable_per_channel_scale,
-        fast=config.enable_fast_kmeans_mode,
-        lut_dtype=None if config.lut_dtype is None else config.lut_dtype.numpy,
-        importance=imp,
-        seed=zlib.crc32(name.encode()),
-        threads=threads,
-    )
+        imp = moved_importance
+    rows = canonical.shape[0]  # the channels, or (one LUT, own layout) the weight's first axis
+    full = channels // per_group * per_group  # the channels of whole groups; a ragged last group is solved alone
+    parts = [(0, full, full // per_group), (full, channels, 1)] if full < channels else [(0, rows, groups)]
+
+    def solve(start: int, stop: int, lut_groups: int) -> Palettized:
+        part_importance = None if imp is None else _damped(imp[start:stop], lut_groups, damping)
+        return palettize(
+            canonical[start:stop],
+            n_bits=config.n_bits,
+            groups=lut_groups,
+            cluster_dim=config.cluster_dim,
+            mode=config.mode,
+            per_channel_scale=config.enable_per_channel_scale,
+            fast=config.enable_fast_kmeans_mode,
+            lut_dtype=None if config.lut_dtype is None else config.lut_dtype.numpy,
+            importance=part_importance,
+            seed=zlib.crc32(name.encode()) + start,
+            threads=threads,
+        )
+
+    solved = [solve(*part) for part in parts if part[1] > part[0]]
+    result = solved[0] if len(solved) == 1 else stack_palettized(solved, groups * per_group // config.cluster_dim)
     return PalettizedWeight(tuple(array.shape), tuple(forward), result)
 
 
@@ -209,33 +227,42 @@ def palettize_weight(
 
 @dataclass(frozen=True)
 class QuantizedWeight:
-    """A linearly quantized weight in its own layout (:class:`~lowbit.kernels.quantize.LinearQuantized`)."""
+    """A linearly quantized weight in its own layout (:class:`~lowbit.kernels.quantize.LinearQuantized`). With a
+    ragged last block, ``quantized`` covers the weight zero-padded along the blocked axis to whole blocks (zeros
+    change no block's scale and cost no error) and ``shape`` is the weight's own."""
 
     quantized: LinearQuantized
+    shape: tuple[int, ...]
 
     @property
     def rel_mse(self) -> float:
         return _relative(self.quantized.squared_error, self.quantized.energy)
 
+    @property
+    def trim(self) -> tuple[int, int] | None:
+        """(axis, length) that cuts the padded decode back to ``shape`` (None: not padded)."""
+        padded = self.quantized.q.shape
+        axis = next((a for a, (n, m) in enumerate(zip(padded, self.shape, strict=True)) if n != m), None)
+        return None if axis is None else (axis, self.shape[axis])
+
     def decode(self) -> np.ndarray:
-        return self.quantized.decode()
+        return np.ascontiguousarray(self.quantized.decode()[tuple(slice(0, n) for n in self.shape)])
 
 
 def quantize_weight(array: np.ndarray, output_axis: int, input_axis: int, config: QuantizeConfig) -> QuantizedWeight:
     """Quantize one weight as ``config`` says: one scale per tensor, per ``output_axis`` channel, or per channel
-    and ``block_size`` elements along ``input_axis``.
+    and ``block_size`` elements along ``input_axis`` (the last block may be shorter).
 
-    Raises :class:`~lowbit.errors.SkipWeight` when ``input_axis`` does not divide by ``block_size`` or the values
-    are not finite.
+    Raises :class:`~lowbit.errors.SkipWeight` when the values are not finite.
     """
-    blocked = config.granularity == CompressionGranularity.PER_BLOCK
-    if blocked and array.shape[input_axis] % config.block_size:
-        raise SkipWeight(
-            f"input-channel axis of size {array.shape[input_axis]} does not divide by block_size {config.block_size}"
-        )
+    padded = array
+    if config.granularity == CompressionGranularity.PER_BLOCK and array.shape[input_axis] % config.block_size:
+        short = -array.shape[input_axis] % config.block_size
+        padded = np.pad(array, [(0, short if a == input_axis else 0) for a in range(array.ndim)])
     block = block_shape(config.granularity, array.ndim, output_axis, input_axis, config.block_size)
     symmetric = config.qscheme == QScheme.SYMMETRIC
-    return QuantizedWeight(quantize_linear(array, config.dtype.numpy, block, symmetric=symmetric, e8m0=config.e8m0))
+    quantized = quantize_linear(padded, config.dtype.numpy, block, symmetric=symmetric, e8m0=config.e8m0)
+    return QuantizedWeight(quantized, tuple(array.shape))
 
 
 # ------------------------------------------------------------------------------------------------ sparsification

@@ -8,7 +8,7 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 import pytest
-from conftest import make_model, ort_session, three_weights_feeds, three_weights_program
+from conftest import check_model, make_model, ort_session, three_weights_feeds, three_weights_program
 
 import lowbit
 from lowbit import CompressionGranularity as G
@@ -192,7 +192,7 @@ def test_skips_with_warnings():
     program = lowbit.Program(make_model(weights, [("MatMul", n, {}) for n in weights]))
     reasons = _skips(program, granularity=G.PER_GROUPED_CHANNEL, group_size=16)
     assert reasons["nan"] == reasons["inf"] == "contains NaN or Inf"
-    assert reasons["odd"] == "30 output channels do not divide by group_size 16"
+    assert "odd" not in reasons  # a ragged last group: 16 + 14 channels
     assert reasons["small"] == "100 elements <= weight_num_threshold 1024"
     assert reasons["ints"] == "dtype int8 is not float32/float16/bfloat16"
     assert "ok" not in reasons
@@ -262,3 +262,35 @@ def test_fast_mode_keeps_tiny_and_huge_fp32_weights(magnitude):
         lut = next(v for n, v in out.graph.initializers.items() if n.endswith(".lut")).const_value.numpy()
         assert np.abs(lut).max() == pytest.approx(np.abs(w).max(), rel=0.5)
     assert errors[True] < 1.001 * errors[False] < 0.02
+
+
+@pytest.mark.parametrize(("cluster_dim", "per_channel_scale"), [(1, False), (1, True), (2, False)])
+def test_ragged_last_lut_group(cluster_dim, per_channel_scale):
+    """30 channels in groups of 8: three LUTs of 8 and one of 6, stored as four groups of 8 whose padding the
+    decode slices off; each group is the one a weight of just those channels gets."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((40, 30)).astype(np.float16)  # MatMul: 30 output channels
+    kwargs = dict(
+        n_bits=2,
+        granularity=G.PER_GROUPED_CHANNEL,
+        group_size=8,
+        cluster_dim=cluster_dim,
+        enable_per_channel_scale=per_channel_scale,
+        num_kmeans_workers=1,
+        weight_num_threshold=0,
+    )
+    out = lowbit.palettize_weights(lowbit.Program(make_model({"w": w}, [("MatMul", "w", {})])), **kwargs)
+    (row,) = out.report.compressed
+    check_model(out.model)
+    dense = lowbit.decompress_weights(out).graph.initializers["w"].const_value.numpy()
+    assert dense.shape == w.shape
+    error = ((dense.astype(np.float64) - w) ** 2).sum() / (w.astype(np.float64) ** 2).sum()
+    assert row.rel_mse == pytest.approx(error, rel=1e-9)
+    tail = lowbit.palettize_weights(lowbit.Program(make_model({"w": w[:, 24:]}, [("MatMul", "w", {})])), **kwargs)
+    tail_dense = lowbit.decompress_weights(tail).graph.initializers["w"].const_value.numpy()
+    if cluster_dim == 1:  # vector k-means seeds by position, scalar k-means is exact: the same LUT either way
+        assert np.array_equal(dense[:, 24:], tail_dense)
+    feeds = {"x0": rng.standard_normal((2, 40)).astype(np.float16)}
+    got = ort_session(out.model, "basic").run(None, feeds)[0]
+    want = ort_session(lowbit.decompress_weights(out).model, "disable").run(None, feeds)[0]
+    np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=2e-3, atol=2e-3)

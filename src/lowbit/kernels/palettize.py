@@ -22,7 +22,7 @@ from lowbit.kernels.kmeans_vector import nearest_centers, vector_kmeans
 from lowbit.kernels.packing import pack_bits, unpack_bits
 from lowbit.kernels.quantize import Quantized, quantize_per_row
 
-__all__ = ["Palettized", "palettize"]
+__all__ = ["Palettized", "palettize", "stack_palettized"]
 
 MODES = ("kmeans", "uniform", "unique")
 FP16_MAX = 65504.0
@@ -230,3 +230,41 @@ def palettize(
         else:
             measured = squared_error_and_energy(result.decode(), w)
     return replace(result, squared_error=measured[0], energy=measured[1])
+
+
+def stack_palettized(parts: list[Palettized], rows: int) -> Palettized:
+    """One :class:`Palettized` of ``rows`` code rows from ``parts`` over consecutive channel ranges (their LUT groups
+    in order); rows past the parts' own are padding: code 0, scale 1, outside the error. A ragged last LUT group
+    is stored this way, as equal groups whose padding the decode slices off."""
+    first = parts[0]
+    cols = first.codes_shape[1]
+    codes = np.zeros((rows, cols), np.uint8)
+    start = 0
+    for part in parts:
+        codes[start : start + part.codes_shape[0]] = part.codes
+        start += part.codes_shape[0]
+    scale = None
+    if first.scale is not None:
+        cd = first.lut.shape[2]
+        scale = np.ones(rows * cd, first.scale.dtype)
+        scale[: start * cd] = np.concatenate([p.scale for p in parts if p.scale is not None])
+    quantized = None
+    if first.lut_quantized is not None:
+        pieces = [p.lut_quantized for p in parts if p.lut_quantized is not None]
+        zero_points = [q.zero_point for q in pieces if q.zero_point is not None]
+        quantized = replace(
+            first.lut_quantized,
+            q=np.concatenate([q.q for q in pieces]),
+            scale=np.concatenate([q.scale for q in pieces]),
+            zero_point=np.concatenate(zero_points) if zero_points else None,
+        )
+    return Palettized(
+        pack_bits(codes, first.n_bits),
+        (rows, cols),
+        np.concatenate([p.lut for p in parts]),
+        scale,
+        first.n_bits,
+        quantized,
+        sum(p.squared_error for p in parts),
+        sum(p.energy for p in parts),
+    )

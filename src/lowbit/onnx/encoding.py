@@ -92,11 +92,20 @@ def _dtype_of(value: ir.Value) -> ir.DataType:
     return dtype
 
 
-def _emit(model: ir.Model, weight: ir.Value, node: ir.Node, replace: bool) -> ir.Value:
-    """Insert ``node``; when ``replace``, its output takes the place (and the name) of ``weight``."""
+def _emit(
+    model: ir.Model, weight: ir.Value, node: ir.Node, replace: bool, trim: tuple[int, int] | None = None
+) -> ir.Value:
+    """Insert ``node``; when ``replace``, its output takes the place (and the name) of ``weight``. ``trim``:
+    (axis, length): ``node`` decodes a padded tensor (a ragged last group or block), sliced to ``length`` along
+    ``axis``."""
     graph, out = home_graph(model, weight), node.outputs[0]
     if out.dtype is None:  # a decode node yields the weight's (decode) type unless its writer said otherwise
         out.dtype = decode_dtype(_dtype_of(weight))
+    if trim is not None and replace:
+        out.name = unique_name(model, f"{node.name}.padded")
+        insert_early(graph, node)
+        node = _slice(model, graph, out, *trim)
+        out = node.outputs[0]
     shape = value_shape(weight)
     if out.shape is None and shape is not None:
         out.shape = ir.Shape(shape)
@@ -116,6 +125,18 @@ def _emit(model: ir.Model, weight: ir.Value, node: ir.Node, replace: bool) -> ir
         graph.initializers.pop(name)
     out.name = name
     return out
+
+
+def _slice(model: ir.Model, graph: ir.Graph, padded: ir.Value, axis: int, length: int) -> ir.Node:
+    """``Slice(padded, [0], [length], [axis])``."""
+    base = padded.name or "weight"
+    bounds = [
+        add_initializer(model, graph, f"{base}.{what}", np.array([v], np.int64))
+        for what, v in (("starts", 0), ("ends", length), ("axes", axis))
+    ]
+    node = ir.node("Slice", [padded, *bounds], name=unique_name(model, f"{base}.Slice"))
+    node.outputs[0].dtype = _dtype_of(padded)
+    return node
 
 
 def insert_early(graph: ir.Graph, node: ir.Node) -> None:
@@ -170,11 +191,13 @@ def write_lut(
     canonical_shape: Sequence[int],
     perm: Sequence[int],
     replace: bool = True,
+    trim: tuple[int, int] | None = None,
 ) -> ir.Value:
     """Encode ``weight`` as ``lowbit.LutToDense``; returns the node's output (named like the weight when replaced).
 
     ``lut`` is ``[G, K, cluster_dim]`` in the weight dtype, or a value computing it (a LUT-quantization chain).
-    ``scale`` is the per-channel factor ``[C]`` (``None``: a shared one-element 1.0).
+    ``scale`` is the per-channel factor ``[C]`` (``None``: a shared one-element 1.0). ``trim``: (axis, length) when
+    ``canonical_shape`` is padded (a ragged last LUT group): the decode is sliced to the weight's shape.
     """
     fn.use_function(model, fn.LUT_TO_DENSE)
     graph, base = home_graph(model, weight), weight.name or "weight"
@@ -192,7 +215,8 @@ def write_lut(
         domain=fn.DOMAIN,
         name=unique_name(model, f"{base}.LutToDense"),
     )
-    return _emit(model, weight, node, replace)
+    node.outputs[0].shape = ir.Shape([int(canonical_shape[p]) for p in perm])
+    return _emit(model, weight, node, replace, trim)
 
 
 def write_sparse(
@@ -234,10 +258,11 @@ def write_mx(
     scale_shape: Sequence[int],
     dtype: ir.DataType,
     replace: bool = True,
+    trim: tuple[int, int] | None = None,
 ) -> ir.Value:
     """Encode ``weight`` as ``lowbit.MxDequantize(codes, exponents, table)``: n-bit codes of the float element type
     ``element`` (FP4 E2M1: 4 bits; fp8: 8 bits), uint8 E8M0 exponents, and the element type's value table (one
-    initializer per model, shared)."""
+    initializer per model, shared). ``trim``: (axis, length) when the codes are padded (a ragged last block)."""
     fn.use_function(model, fn.MX_DEQUANTIZE)
     graph, base = home_graph(model, weight), weight.name or "weight"
     shape = [int(d) for d in np.prod(np.reshape(split_shape, (-1, 2)), axis=1)]
@@ -258,8 +283,8 @@ def write_mx(
         domain=fn.DOMAIN,
         name=unique_name(model, f"{base}.MxDequantize"),
     )
-    node.outputs[0].dtype = decode_dtype(dtype)
-    return _emit(model, weight, node, replace)
+    node.outputs[0].dtype, node.outputs[0].shape = decode_dtype(dtype), ir.Shape(shape)
+    return _emit(model, weight, node, replace, trim)
 
 
 def _shared(model: ir.Model, name: str, make: Callable[[], np.ndarray]) -> ir.Value:
@@ -278,10 +303,12 @@ def write_dequantize_linear(
     zero_point: np.ndarray | None,
     axis: int | None,
     block_size: int = 0,
+    trim: tuple[int, int] | None = None,
 ) -> ir.Value:
     """Encode ``weight`` as the standard ``DequantizeLinear(q, scale[, zero_point])``: per tensor (``axis`` None,
     scalar scale), per axis (1-D scale) or blocked (``block_size`` along ``axis``, scale of ``q``'s rank). ``q``
-    may be a decode node's output (sparse codes)."""
+    may be a decode node's output (sparse codes). ``trim``: (axis, length) when ``q`` is padded (a ragged last
+    block)."""
     graph, base = home_graph(model, weight), weight.name or "weight"
     q_value = q if isinstance(q, ir.Value) else add_initializer(model, graph, f"{base}.quantized", q)
     inputs = [q_value, decode_input(model, graph, f"{base}.scale", scale)]
@@ -291,7 +318,10 @@ def write_dequantize_linear(
     if block_size:
         attributes["block_size"] = int(block_size)
     node = ir.node("DequantizeLinear", inputs, attributes, name=unique_name(model, f"{base}.DequantizeLinear"))
-    return _emit(model, weight, node, replace=True)
+    padded_shape = value_shape(q_value)
+    if trim is not None and padded_shape is not None:
+        node.outputs[0].shape = ir.Shape(padded_shape)
+    return _emit(model, weight, node, replace=True, trim=trim)
 
 
 def stored_nbytes(value: ir.Value) -> int:
@@ -450,8 +480,45 @@ def _is_decode_cast(node: ir.Node) -> bool:
     return source.const_value is not None and bool(users) and all(_is_decoder(user) for user in users)
 
 
+def _constant_ints(value: ir.Value | None) -> list[int]:
+    assert value is not None and value.const_value is not None
+    return [int(v) for v in value.const_value.numpy().reshape(-1)]
+
+
+def _decode_slice(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray:
+    data, starts, ends, axes = inputs[:4]
+    assert data is not None and starts is not None and ends is not None and axes is not None
+    index = [slice(None)] * data.ndim
+    for start, end, axis in zip(starts.tolist(), ends.tolist(), axes.tolist(), strict=True):
+        index[axis] = slice(start, end)
+    return np.ascontiguousarray(data[tuple(index)])
+
+
+def _slice_shape(node: ir.Node) -> tuple[int, ...] | None:
+    shape = value_shape(node.inputs[0])
+    if shape is None:
+        return None
+    dims = list(shape)
+    for start, end, axis in zip(*(_constant_ints(node.inputs[i]) for i in (1, 2, 3)), strict=True):
+        dims[axis] = len(range(*slice(start, end).indices(dims[axis])))
+    return tuple(dims)
+
+
+_SLICE = Decoder("slice", lambda node: "", _decode_slice, _slice_shape)
+
+
+def _is_decode_slice(node: ir.Node) -> bool:
+    """A Slice that trims a decode node's padded output (a ragged last group or block) to the weight's shape."""
+    if len(node.inputs) != 4 or any(v is None or v.const_value is None for v in node.inputs[1:]):
+        return False
+    source = node.inputs[0]
+    producer = source.producer() if source is not None else None
+    return producer is not None and _is_decoder(producer)
+
+
 def _is_decoder(node: ir.Node) -> bool:
-    return node.op_type != "Cast" and decoder_for(node) is not None
+    """A decode node proper (not one of the Cast / Slice that wrap one)."""
+    return node.op_type not in ("Cast", "Slice") and decoder_for(node) is not None
 
 
 def decoder_for(node: ir.Node) -> Decoder | None:
@@ -459,4 +526,6 @@ def decoder_for(node: ir.Node) -> Decoder | None:
     domain = "" if node.domain == "ai.onnx" else node.domain
     if (domain, node.op_type) == ("", "Cast"):
         return _CAST if _is_decode_cast(node) else None
+    if (domain, node.op_type) == ("", "Slice"):
+        return _SLICE if _is_decode_slice(node) else None
     return _DECODERS.get((domain, node.op_type))

@@ -62,8 +62,9 @@ def write_palettized(model: ir.Model, ref: WeightRef, weight: PalettizedWeight) 
         lut=lut,
         scale=palettized.scale,
         n_bits=palettized.n_bits,
-        canonical_shape=weight.canonical_shape,
+        canonical_shape=weight.padded_shape,
         perm=weight.back,
+        trim=None if weight.padded_shape == weight.canonical_shape else (weight.forward[0], weight.canonical_shape[0]),
     )
 
 

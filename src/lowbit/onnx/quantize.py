@@ -14,7 +14,6 @@ import onnx_ir as ir
 
 from lowbit.config import QuantizeConfig
 from lowbit.kernels.packing import pack_bits
-from lowbit.kernels.quantize import LinearQuantized
 from lowbit.onnx import encoding
 from lowbit.onnx.discovery import WeightRef, has_fp16_weights
 from lowbit.onnx.passes import WeightPass, target_program
@@ -69,15 +68,17 @@ class QuantizePass(WeightPass):
                 split_shape=result.split_shape(),
                 scale_shape=result.grid_shape(),
                 dtype=ref.dtype,
+                trim=weight.trim,
             )
         else:
-            out = _write_dequantize(program.model, ref, result, self.config)
+            out = _write_dequantize(program.model, ref, weight, self.config)
         return encoding.stored_nbytes(out)
 
 
-def _write_dequantize(model: ir.Model, ref: WeightRef, result: LinearQuantized, cfg: QuantizeConfig) -> ir.Value:
+def _write_dequantize(model: ir.Model, ref: WeightRef, weight: QuantizedWeight, cfg: QuantizeConfig) -> ir.Value:
     """Lay the scale grid out as DequantizeLinear wants it for the granularity, and write the node."""
     assert ref.value is not None
+    result = weight.quantized
     scale, zero_point = result.scale, result.zero_point
     axis: int | None
     shape: tuple[int, ...]
@@ -87,7 +88,7 @@ def _write_dequantize(model: ir.Model, ref: WeightRef, result: LinearQuantized, 
         axis, block, shape = ref.output_axis, 0, (ref.shape[ref.output_axis],)
     else:  # blocked along the input axis; whole-axis blocks (e.g. a kernel's spatial axes) repeat their scale
         axis, block = ref.input_axis, cfg.block_size
-        shape = tuple(n // cfg.block_size if a == ref.input_axis else n for a, n in enumerate(ref.shape))
+        shape = tuple(n // cfg.block_size if a == ref.input_axis else n for a, n in enumerate(result.q.shape))
 
     def laid_out(grid: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(np.broadcast_to(grid, shape) if block else grid.reshape(shape))
@@ -95,7 +96,7 @@ def _write_dequantize(model: ir.Model, ref: WeightRef, result: LinearQuantized, 
     scale = laid_out(scale)
     zero_point = None if zero_point is None else laid_out(zero_point)
     return encoding.write_dequantize_linear(
-        model, ref.value, q=result.q, scale=scale, zero_point=zero_point, axis=axis, block_size=block
+        model, ref.value, q=result.q, scale=scale, zero_point=zero_point, axis=axis, block_size=block, trim=weight.trim
     )
 
 
