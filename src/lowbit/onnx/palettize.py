@@ -115,8 +115,8 @@ def palettize_weights(
     n_bits : bits per index, one of {1, 2, 3, 4, 6, 8}; default 4.
     granularity : ``PER_TENSOR`` (default, one LUT), ``PER_CHANNEL`` (one per output channel),
         ``PER_GROUPED_CHANNEL`` (one per ``group_size`` consecutive output channels).
-    group_size : channels per LUT for ``PER_GROUPED_CHANNEL``; default 32. A weight whose channel count does not
-        divide is skipped with a warning.
+    group_size : channels per LUT for ``PER_GROUPED_CHANNEL``; default 32. When the channel count does not divide
+        by it, the last LUT serves fewer channels (stored padded to a whole group, sliced off at decode).
     cluster_dim : LUT entries are vectors of this many output channels (default 1: scalar, exact k-means).
     enable_per_channel_scale : divide each output channel by its max-abs before clustering; default False.
     weight_num_threshold : weights with at most this many elements are left alone; default 1024.

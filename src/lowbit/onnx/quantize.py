@@ -120,8 +120,8 @@ def quantize_weights(
         range, a zero point per block that makes 0.0 exact; integers only).
     granularity : ``PER_TENSOR``, ``PER_CHANNEL`` (default; one scale per output channel) or ``PER_BLOCK`` (one per
         output channel and ``block_size`` input channels).
-    block_size : input channels per block for ``PER_BLOCK`` (default 32). A weight whose input-channel axis does
-        not divide by it is skipped with a warning.
+    block_size : input channels per block for ``PER_BLOCK`` (default 32). When the input-channel axis does not
+        divide by it, the last block is shorter (stored zero-padded, sliced off at decode).
     weight_num_threshold : weights with at most this many elements are left alone (default 1024).
     scale_dtype : ``None`` (default: scales in the weight's float dtype) or ``FP8_E8M0FNU`` (power-of-two scales,
         the OCP MX encoding; fp8 dtypes only). FP4_E2M1FN always uses E8M0 scales.

@@ -50,8 +50,8 @@ class KMeansModuleConfig(ModuleConfig):
         quantized symmetrically with one scale per LUT).
     granularity : ``"per_tensor"`` (default, one LUT) or ``"per_grouped_channel"`` (one LUT per ``group_size``
         channels along ``channel_axis``).
-    group_size : channels per LUT with ``"per_grouped_channel"`` (required there, None otherwise); a weight whose
-        channel count does not divide is skipped with a warning.
+    group_size : channels per LUT with ``"per_grouped_channel"`` (required there, None otherwise); when the
+        channel count does not divide by it, the last LUT serves fewer channels.
     channel_axis : 0 (default: the module's output channels) or 1 (its input channels): the axis that groups and
         vectors run along. A transposed convolution's output channels are its weight's axis 1, so 0 and 1 keep
         meaning output and input channels for every module.

@@ -69,7 +69,7 @@ class PostTrainingPalettizer(PalettizerBase[PostTrainingPalettizerConfig]):
         GIL); the result does not depend on it.
 
         Raises ``ValueError`` when a parameter is on the meta device. A weight that cannot be palettized as
-        configured (channels that do not divide, NaN / Inf values, an integer dtype) is left as it is with a
+        configured (channels that do not divide by cluster_dim, NaN / Inf values, an integer dtype) is left as it is with a
         ``UserWarning`` naming it and the reason.
         """
         model = self._target_model(inplace)
