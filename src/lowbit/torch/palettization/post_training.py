@@ -69,8 +69,8 @@ class PostTrainingPalettizer(PalettizerBase[PostTrainingPalettizerConfig]):
         GIL); the result does not depend on it.
 
         Raises ``ValueError`` when a parameter is on the meta device. A weight that cannot be palettized as
-        configured (channels that do not divide by cluster_dim, NaN / Inf values, an integer dtype) is left as it is with a
-        ``UserWarning`` naming it and the reason.
+        configured (channels that do not divide by cluster_dim, NaN / Inf values, an integer dtype) is left as it
+        is with a ``UserWarning`` naming it and the reason.
         """
         model = self._target_model(inplace)
         with torch.no_grad():
