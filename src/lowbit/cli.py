@@ -63,6 +63,7 @@ def _palettize(args: argparse.Namespace) -> int:
         enable_fast_kmeans_mode=not args.exact,
         mode=args.mode,
         in_place=True,
+        configs=_weight_configs(args),
     )
     return _save_and_report(result, args, before)
 
@@ -82,6 +83,7 @@ def _quantize(args: argparse.Namespace) -> int:
         weight_num_threshold=args.weight_num_threshold,
         scale_dtype=args.scale_dtype,
         in_place=True,
+        configs=_weight_configs(args),
     )
     return _save_and_report(result, args, before)
 
@@ -107,8 +109,18 @@ def _sparsify(args: argparse.Namespace) -> int:
         palettize_nbits=args.palettize_nbits,
         weight_num_threshold=args.weight_num_threshold,
         in_place=True,
+        configs=_weight_configs(args),
     )
     return _save_and_report(result, args, before)
+
+
+def _weight_configs(args: argparse.Namespace):
+    """The per-weight configs of ``--config FILE.yaml`` and ``--skip REGEX`` (skips first: they win)."""
+    from lowbit.onnx.weight_configs import WeightConfigs
+
+    configs = WeightConfigs.from_yaml(args.config) if args.config is not None else WeightConfigs()
+    skips: dict = dict.fromkeys(args.skip)
+    return WeightConfigs(configs.global_config, configs.op_type_configs, {**skips, **configs.op_name_configs})
 
 
 def _save_and_report(result, args: argparse.Namespace, before: int) -> int:
@@ -118,6 +130,23 @@ def _save_and_report(result, args: argparse.Namespace, before: int) -> int:
     after = out.stat().st_size + (result.data_path.stat().st_size if result.data_path else 0)
     print(f"wrote {out}: {before} -> {after} bytes, data files included ({before / after:.2f}x smaller)")
     return 0
+
+
+def _add_selection(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        help="leave weights whose name matches (exactly, or a regex matching the whole name) alone; repeatable",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE.yaml",
+        help="per-weight parameters: global_config / op_type_configs / op_name_configs (see README)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -140,6 +169,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-num-threshold", type=int, default=1024, help="leave weights this small alone")
     p.add_argument("--workers", type=int, default=4, help="k-means worker threads (default 4)")
     p.add_argument("--exact", action="store_true", help="cluster fp32 weights' raw values, not fp16-rounded ones")
+    _add_selection(p)
     p.set_defaults(run=_palettize)
     p = sub.add_parser("quantize", help="linear quantization: int8/int4 (sym/asym), fp8, MXFP4")
     p.add_argument("input", type=Path)
@@ -150,6 +180,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=32, help="input channels per block for per-block")
     p.add_argument("--scale-dtype", default=None, help="fp8_e8m0fnu: power-of-two (E8M0) scales, fp8 dtypes only")
     p.add_argument("--weight-num-threshold", type=int, default=1024, help="leave weights this small alone")
+    _add_selection(p)
     p.set_defaults(run=_quantize)
     p = sub.add_parser("sparsify", help="magnitude pruning stored as a 1-bit mask plus the non-zeros")
     p.add_argument("input", type=Path)
@@ -160,6 +191,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize-dtype", default=None, help="int8: also quantize the non-zeros (per channel)")
     p.add_argument("--palettize-nbits", type=int, default=None, help="also palettize the non-zeros (1..8 bits)")
     p.add_argument("--weight-num-threshold", type=int, default=1024, help="leave weights this small alone")
+    _add_selection(p)
     p.set_defaults(run=_sparsify)
     p = sub.add_parser("inspect", help="print each weight: op, shape, dtype, compression, bits per weight, bytes")
     p.add_argument("model", type=Path)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from concurrent.futures import Executor
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -14,6 +16,7 @@ from lowbit.onnx import encoding
 from lowbit.onnx.discovery import WeightRef, has_fp16_weights
 from lowbit.onnx.passes import WeightPass, target_program
 from lowbit.onnx.program import Program
+from lowbit.onnx.weight_configs import WeightConfigs, as_weight_configs
 from lowbit.report import CompressionReport
 from lowbit.types import CompressionGranularity, DType
 from lowbit.weights import PalettizedWeight, palettize_weight
@@ -28,23 +31,24 @@ class PalettizePass(WeightPass):
 
     name = "palettize"
 
-    def __init__(self, config: PalettizeConfig, executor: Executor | None = None) -> None:
-        super().__init__(config.weight_num_threshold, config.num_kmeans_workers, executor)
-        self.config = config
+    def __init__(
+        self, config: PalettizeConfig, executor: Executor | None = None, configs: WeightConfigs | None = None
+    ) -> None:
+        super().__init__(config, config.num_kmeans_workers, executor, configs)
 
-    def requirements(self, program: Program) -> tuple[int, int]:
+    def requirements_of(self, config: PalettizeConfig, program: Program) -> tuple[int, int]:
         """A quantized LUT's DequantizeLinear needs opset 19 for fp8 codes or 16-bit scales."""
-        lut_dtype = self.config.lut_dtype
+        lut_dtype = config.lut_dtype
         if lut_dtype in (DType.FP8_E4M3FN, DType.FP8_E5M2) or (lut_dtype and has_fp16_weights(program)):
             return DEQUANTIZE_16_BIT_OPSET, 9
-        return super().requirements(program)
+        return super().requirements_of(config, program)
 
-    def job(self, ref: WeightRef, array: np.ndarray):
+    def job(self, ref: WeightRef, array: np.ndarray, config: PalettizeConfig):
         return functools.partial(
-            palettize_weight, array, ref.output_axis, self.config, name=ref.name, threads=self.kernel_threads
+            palettize_weight, array, ref.output_axis, config, name=ref.name, threads=self.kernel_threads
         )
 
-    def write(self, program: Program, ref: WeightRef, result: PalettizedWeight) -> int:
+    def write(self, program: Program, ref: WeightRef, result: PalettizedWeight, config: PalettizeConfig) -> int:
         return encoding.stored_nbytes(write_palettized(program.model, ref, result))
 
 
@@ -102,6 +106,7 @@ def palettize_weights(
     enable_fast_kmeans_mode: bool = True,
     rounding_precision: int = 4,
     in_place: bool = False,
+    configs: WeightConfigs | Mapping[str, Any] | None = None,
     mode: str = "kmeans",
     executor: Executor | None = None,
 ) -> Program:
@@ -127,6 +132,9 @@ def palettize_weights(
     rounding_precision : accepted for compatibility with the reference API (default 4). lowbit's fast mode rounds
         to fp16 instead of to decimal places, which keeps small weights' resolution.
     in_place : False (default) returns a new Program, leaving ``program`` untouched; True rewrites ``program``.
+    configs : per-weight parameters: a :class:`~lowbit.onnx.weight_configs.WeightConfigs` (or its dict form)
+        whose entries override this call's parameters for weights by op type or name, or leave weights out
+        (``None``). Default None: every weight with this call's parameters.
     mode : ``"kmeans"`` (default), ``"uniform"`` (evenly spaced LUT from min to max), ``"unique"`` (exact LUT of a
         group's distinct values when there are at most ``2**n_bits``, else skipped with a warning).
     executor : run the per-weight k-means on this ``concurrent.futures.Executor`` (e.g. a Dask client's) instead of
@@ -151,6 +159,6 @@ def palettize_weights(
         mode=mode,
     )
     target = target_program(program, in_place)
-    report: CompressionReport = PalettizePass(config, executor)(target)
+    report: CompressionReport = PalettizePass(config, executor, as_weight_configs(configs))(target)
     target.report = report
     return target

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable, Iterator
@@ -18,6 +19,7 @@ from lowbit.errors import SkipWeight
 from lowbit.onnx.discovery import WeightRef
 from lowbit.onnx.functions import FUNCTION_OPSET, MIN_IR_VERSION
 from lowbit.onnx.program import Program
+from lowbit.onnx.weight_configs import WeightConfigs
 from lowbit.report import CompressionReport, WeightResult
 from lowbit.weights import check_eligible
 
@@ -52,44 +54,73 @@ def numpy_dtype(dtype: ir.DataType) -> np.dtype | None:
 
 
 class WeightPass:
-    """Base of the compression passes. Subclasses define ``job`` (the weight-layer call for one weight) and
-    ``write`` (put its result into the graph)."""
+    """Base of the compression passes. Subclasses define ``job`` (the weight-layer call for one weight),
+    ``write`` (put its result into the graph) and ``requirements_of`` (what their encoding needs of the model).
+
+    ``config`` is the pass's config (a frozen dataclass with ``weight_num_threshold``); ``configs`` (a
+    :class:`~lowbit.onnx.weight_configs.WeightConfigs`) varies it per weight or leaves weights out.
+    """
 
     name = "compress"  # the progress bar's label
 
-    def __init__(self, weight_num_threshold: int, workers: int = 1, executor: Executor | None = None) -> None:
-        self.weight_num_threshold = weight_num_threshold
+    def __init__(
+        self,
+        config: Any,
+        workers: int = 1,
+        executor: Executor | None = None,
+        configs: WeightConfigs | None = None,
+    ) -> None:
+        self.config = config
+        self.selection = (configs or WeightConfigs()).selection(config)
         self.workers = workers
         self.executor = executor
         self.kernel_threads = 1  # threads a kernel may use: set per run (workers when the kernels run here)
 
-    def job(self, ref: WeightRef, array: np.ndarray) -> Callable[[], Any]:
-        """A picklable call of the weight layer that compresses ``array`` (the weight ``ref``)."""
+    def job(self, ref: WeightRef, array: np.ndarray, config: Any) -> Callable[[], Any]:
+        """A picklable call of the weight layer that compresses ``array`` (the weight ``ref``) per ``config``."""
         raise NotImplementedError
 
-    def write(self, program: Program, ref: WeightRef, result: Any) -> int:
+    def write(self, program: Program, ref: WeightRef, result: Any, config: Any) -> int:
         """Write ``result`` into the graph in place of ``ref``; return the bytes it occupies now."""
         raise NotImplementedError
 
-    def requirements(self, program: Program) -> tuple[int, int]:
-        """(default-domain opset, IR version) the encoding this pass writes needs; lowbit's functions need
+    def requirements_of(self, config: Any, program: Program) -> tuple[int, int]:
+        """(default-domain opset, IR version) a weight compressed per ``config`` needs; lowbit's functions need
         opset 13 and IR 8."""
         return FUNCTION_OPSET, MIN_IR_VERSION
 
-    def _compressible(self, ref: WeightRef) -> bool:
-        try:
-            check_eligible(ref.shape, numpy_dtype(ref.dtype), self.weight_num_threshold)
-        except SkipWeight:
-            return False
-        return ref.compression is None
+    def config_for(self, ref: WeightRef) -> Any:
+        """The config of weight ``ref`` (None: left out by the per-weight configs)."""
+        return self.selection.lookup(ref.name, ref.op.split("+"))
+
+    def _checked_config(self, ref: WeightRef) -> Any:
+        """The config ``ref`` is compressed with; :class:`SkipWeight` when it is not to be compressed."""
+        if ref.compression is not None:
+            raise SkipWeight(f"already compressed ({ref.compression})")
+        config = self.config_for(ref)
+        if config is None:
+            raise SkipWeight("left out by the per-weight configs", warn=False)
+        check_eligible(ref.shape, numpy_dtype(ref.dtype), config.weight_num_threshold)
+        return config
+
+    def _configs_in_use(self, refs: list[WeightRef]) -> list[Any]:
+        configs = []
+        for ref in refs:
+            with contextlib.suppress(SkipWeight):
+                config = self._checked_config(ref)
+                if config not in configs:
+                    configs.append(config)
+        return configs
 
     def _prepared_weights(self, program: Program) -> list[WeightRef]:
         """The weights of ``program``, after raising its opset and IR version to what the encoding needs when
         there is something to compress (never for a model this pass leaves as it is)."""
         refs = program.weights()
-        if not any(self._compressible(ref) for ref in refs):
+        configs = self._configs_in_use(refs)
+        if not configs:
             return refs
-        opset, ir_version = self.requirements(program)
+        needs = [self.requirements_of(config, program) for config in configs]
+        opset, ir_version = max(n[0] for n in needs), max(n[1] for n in needs)
         if program.model.ir_version < 4:  # from IR 4 on, an initializer listed as an input is an overridable default
             program.initializers_out_of_inputs()
         program.model.ir_version = max(program.model.ir_version, ir_version)
@@ -101,11 +132,9 @@ class WeightPass:
     def _jobs(self, refs: list[WeightRef], report: CompressionReport) -> Iterator[tuple[WeightRef, Callable]]:
         for ref in refs:
             try:
-                if ref.compression is not None:
-                    raise SkipWeight(f"already compressed ({ref.compression})")
-                check_eligible(ref.shape, numpy_dtype(ref.dtype), self.weight_num_threshold)
+                config = self._checked_config(ref)
                 assert ref.value is not None and ref.value.const_value is not None
-                yield ref, self.job(ref, ref.value.const_value.numpy())
+                yield ref, self.job(ref, ref.value.const_value.numpy(), config)
             except SkipWeight as skip:
                 self._skip(report, ref, skip)
 
@@ -131,6 +160,7 @@ class WeightPass:
         finally:
             if owned and executor is not None:
                 executor.shutdown()
+        self.selection.warn_unmatched("op_name_configs", "weight", stacklevel=3)
         order = {ref.name: i for i, ref in enumerate(refs)}
         report.rows.sort(key=lambda r: order.get(r.name, math.inf))
         return report
@@ -154,7 +184,7 @@ class WeightPass:
     def _record(self, program: Program, report: CompressionReport, ref: WeightRef, outcome: Callable[[], Any]) -> None:
         try:
             result = outcome()
-            after = self.write(program, ref, result)
+            after = self.write(program, ref, result, self.config_for(ref))
         except SkipWeight as skip:
             self._skip(report, ref, skip)
             return

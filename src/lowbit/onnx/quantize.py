@@ -8,6 +8,8 @@ blocked form into ``MatMulNBits``); FP4 (MXFP4) and E8M0 scales, which ONNX Runt
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -18,6 +20,7 @@ from lowbit.onnx import encoding
 from lowbit.onnx.discovery import WeightRef, has_fp16_weights
 from lowbit.onnx.passes import WeightPass, target_program
 from lowbit.onnx.program import Program
+from lowbit.onnx.weight_configs import WeightConfigs, as_weight_configs
 from lowbit.report import CompressionReport
 from lowbit.types import CompressionGranularity, DType, QScheme
 from lowbit.weights import QuantizedWeight, quantize_weight
@@ -30,16 +33,11 @@ class QuantizePass(WeightPass):
 
     name = "quantize"
 
-    def __init__(self, config: QuantizeConfig) -> None:
-        super().__init__(config.weight_num_threshold, workers=1)
-        self.config = config
-
-    def requirements(self, program: Program) -> tuple[int, int]:
+    def requirements_of(self, config: QuantizeConfig, program: Program) -> tuple[int, int]:
         """int4 / blocked DequantizeLinear need opset 21 (IR 10 / 9); fp8 elements or 16-bit scales 19 (IR 9);
         lowbit.MxDequantize only the functions' opset 13."""
-        config = self.config
         if config.e8m0:
-            return super().requirements(program)
+            return super().requirements_of(config, program)
         if config.dtype in (DType.INT4, DType.UINT4):
             return 21, 10
         if config.granularity == CompressionGranularity.PER_BLOCK:
@@ -50,14 +48,14 @@ class QuantizePass(WeightPass):
             return 19, 8
         return 13, 7
 
-    def job(self, ref: WeightRef, array: np.ndarray):
-        return functools.partial(quantize_weight, array, ref.output_axis, ref.input_axis, self.config)
+    def job(self, ref: WeightRef, array: np.ndarray, config: QuantizeConfig):
+        return functools.partial(quantize_weight, array, ref.output_axis, ref.input_axis, config)
 
-    def write(self, program: Program, ref: WeightRef, weight: QuantizedWeight) -> int:
+    def write(self, program: Program, ref: WeightRef, weight: QuantizedWeight, config: QuantizeConfig) -> int:
         assert ref.value is not None
         result = weight.quantized
         if result.e8m0:
-            n_bits = self.config.dtype.bits
+            n_bits = config.dtype.bits
             out = encoding.write_mx(
                 program.model,
                 ref.value,
@@ -71,7 +69,7 @@ class QuantizePass(WeightPass):
                 trim=weight.trim,
             )
         else:
-            out = _write_dequantize(program.model, ref, weight, self.config)
+            out = _write_dequantize(program.model, ref, weight, config)
         return encoding.stored_nbytes(out)
 
 
@@ -109,6 +107,7 @@ def quantize_weights(
     weight_num_threshold: int = 1024,
     scale_dtype: DType | str | None = None,
     in_place: bool = False,
+    configs: WeightConfigs | Mapping[str, Any] | None = None,
 ) -> Program:
     """Linearly quantize the weights of ``program``.
 
@@ -126,6 +125,9 @@ def quantize_weights(
     scale_dtype : ``None`` (default: scales in the weight's float dtype) or ``FP8_E8M0FNU`` (power-of-two scales,
         the OCP MX encoding; fp8 dtypes only). FP4_E2M1FN always uses E8M0 scales.
     in_place : False (default) returns a new Program; True rewrites ``program``.
+    configs : per-weight parameters: a :class:`~lowbit.onnx.weight_configs.WeightConfigs` (or its dict form)
+        whose entries override this call's parameters for weights by op type or name, or leave weights out
+        (``None``). Default None: every weight with this call's parameters.
 
     Returns the quantized Program; ``result.report`` holds the per-weight :class:`CompressionReport`.
 
@@ -143,6 +145,6 @@ def quantize_weights(
         scale_dtype=scale_dtype,  # type: ignore[arg-type]
     )
     target = target_program(program, in_place)
-    report: CompressionReport = QuantizePass(config)(target)
+    report: CompressionReport = QuantizePass(config, configs=as_weight_configs(configs))(target)
     target.report = report
     return target

@@ -4,6 +4,8 @@ with the non-zeros palettized or quantized."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -15,6 +17,7 @@ from lowbit.onnx.discovery import WeightRef, has_fp16_weights
 from lowbit.onnx.palettize import DEQUANTIZE_16_BIT_OPSET
 from lowbit.onnx.passes import WeightPass, target_program
 from lowbit.onnx.program import Program
+from lowbit.onnx.weight_configs import WeightConfigs, as_weight_configs
 from lowbit.report import CompressionReport
 from lowbit.types import DType
 from lowbit.weights import SparsifiedWeight, sparsify_weight
@@ -27,20 +30,16 @@ class SparsifyPass(WeightPass):
 
     name = "sparsify"
 
-    def __init__(self, config: SparsifyConfig) -> None:
-        super().__init__(config.weight_num_threshold, workers=1)
-        self.config = config
-
-    def requirements(self, program: Program) -> tuple[int, int]:
-        """Quantized non-zeros of a 16-bit float weight: DequantizeLinear with a 16-bit scale needs opset 19."""
-        if self.config.quantize_dtype is not None and has_fp16_weights(program):
+    def requirements_of(self, config: SparsifyConfig, program: Program) -> tuple[int, int]:
+        """Quantized non-zeros of an fp16 weight: DequantizeLinear with an fp16 scale needs opset 19."""
+        if config.quantize_dtype is not None and has_fp16_weights(program):
             return DEQUANTIZE_16_BIT_OPSET, 9
-        return super().requirements(program)
+        return super().requirements_of(config, program)
 
-    def job(self, ref: WeightRef, array: np.ndarray):
-        return functools.partial(sparsify_weight, array, ref.output_axis, ref.input_axis, self.config)
+    def job(self, ref: WeightRef, array: np.ndarray, config: SparsifyConfig):
+        return functools.partial(sparsify_weight, array, ref.output_axis, ref.input_axis, config)
 
-    def write(self, program: Program, ref: WeightRef, weight: SparsifiedWeight) -> int:
+    def write(self, program: Program, ref: WeightRef, weight: SparsifiedWeight, config: SparsifyConfig) -> int:
         assert ref.value is not None
         result = weight.sparsified
         model, packed_mask = program.model, pack_bits(result.mask, 1)
@@ -96,6 +95,7 @@ def sparsify_weights(
     palettize_nbits: int | None = None,
     weight_num_threshold: int = 1024,
     in_place: bool = False,
+    configs: WeightConfigs | Mapping[str, Any] | None = None,
 ) -> Program:
     """Prune the smallest-magnitude weights to zero and store each weight as a 1-bit mask plus its non-zeros.
 
@@ -113,6 +113,9 @@ def sparsify_weights(
         non-zeros only).
     weight_num_threshold : weights with at most this many elements are left alone (default 1024).
     in_place : False (default) returns a new Program; True rewrites ``program``.
+    configs : per-weight parameters: a :class:`~lowbit.onnx.weight_configs.WeightConfigs` (or its dict form)
+        whose entries override this call's parameters for weights by op type or name, or leave weights out
+        (``None``). Default None: every weight with this call's parameters.
 
     Returns the sparse Program; ``result.report`` holds the per-weight :class:`CompressionReport`.
 
@@ -129,6 +132,6 @@ def sparsify_weights(
         weight_num_threshold=weight_num_threshold,
     )
     target = target_program(program, in_place)
-    report: CompressionReport = SparsifyPass(config)(target)
+    report: CompressionReport = SparsifyPass(config, configs=as_weight_configs(configs))(target)
     target.report = report
     return target

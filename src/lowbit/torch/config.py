@@ -6,33 +6,18 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-import re
-import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 
+from lowbit.selection import Selection, check_keys, check_name_key, load_yaml
+
 __all__ = ["ModelConfig", "ModuleConfig"]
 
 C = TypeVar("C", bound="ModuleConfig")
 M = TypeVar("M", bound="ModelConfig")
-
-
-def _load_yaml(path_or_stream: str | os.PathLike | io.IOBase) -> Any:
-    import yaml
-
-    if isinstance(path_or_stream, (str, os.PathLike)):
-        with open(path_or_stream, encoding="utf-8") as stream:
-            return yaml.safe_load(stream)
-    return yaml.safe_load(path_or_stream)
-
-
-def _check_keys(kind: str, given: Iterable[str], allowed: Iterable[str]) -> None:
-    unknown = sorted(set(given) - set(allowed))
-    if unknown:
-        raise ValueError(f"unknown {kind} key {unknown[0]!r}; allowed keys: {sorted(allowed)}")
 
 
 def _plain(value: Any) -> Any:
@@ -56,13 +41,13 @@ class ModuleConfig:
         """The config of these fields; ``ValueError`` for a key that is not a field, naming it and the fields."""
         if not isinstance(config, Mapping):
             raise TypeError(f"{cls.__name__}.from_dict needs a mapping, got {type(config).__name__}")
-        _check_keys(cls.__name__, config, [f.name for f in dataclasses.fields(cls)])
+        check_keys(cls.__name__, config, [f.name for f in dataclasses.fields(cls)])
         return cls(**config)
 
     @classmethod
     def from_yaml(cls: type[C], path_or_stream: str | os.PathLike | io.IOBase) -> C:
         """:meth:`from_dict` of a YAML file (a path) or stream, read with ``yaml.safe_load``."""
-        return cls.from_dict(_load_yaml(path_or_stream) or {})
+        return cls.from_dict(load_yaml(path_or_stream) or {})
 
 
 ModuleKey = type[torch.nn.Module] | str
@@ -139,7 +124,7 @@ class ModelConfig(Generic[C]):
         ``ValueError`` for any other key."""
         if not isinstance(config, Mapping):
             raise TypeError(f"{cls.__name__}.from_dict needs a mapping, got {type(config).__name__}")
-        _check_keys(cls.__name__, config, [f.name for f in dataclasses.fields(cls)])
+        check_keys(cls.__name__, config, [f.name for f in dataclasses.fields(cls)])
         kwargs = dict(config)
         for key in ("module_type_configs", "module_name_configs"):
             if kwargs.get(key) is None:
@@ -153,39 +138,23 @@ class ModelConfig(Generic[C]):
     @classmethod
     def from_yaml(cls: type[M], path_or_stream: str | os.PathLike | io.IOBase) -> M:
         """:meth:`from_dict` of a YAML file (a path) or stream, read with ``yaml.safe_load``."""
-        return cls.from_dict(_load_yaml(path_or_stream) or {})
+        return cls.from_dict(load_yaml(path_or_stream) or {})
 
     def resolve(self, model: torch.nn.Module, supported: Callable[[torch.nn.Module], bool]) -> dict[str, C]:
         """The config of each ``supported`` module of ``model`` by name (modules set to ``None`` left out).
 
         A name config that matches no module draws a warning naming it (a typo would otherwise go unnoticed).
         """
+        selection = Selection(self.global_config, self.module_type_configs, self.module_name_configs)
         chosen: dict[str, C] = {}
-        used: set[str] = set()
         for name, module in model.named_modules():
             if not supported(module):
                 continue
-            config = self._lookup(name, type(module), used)
+            config = selection.lookup(name, (type(module), type(module).__name__))
             if config is not None:
                 chosen[name] = config
-        for key in self.module_name_configs:
-            if key not in used:
-                warnings.warn(f"module_name_configs: {key!r} matches no supported module", UserWarning, stacklevel=3)
+        selection.warn_unmatched("module_name_configs", "supported module", stacklevel=4)
         return chosen
-
-    def _lookup(self, name: str, cls: type, used: set[str]) -> C | None:
-        """The config of module ``name`` of class ``cls`` (name, then type, then global); marks name keys used."""
-        if name in self.module_name_configs:
-            used.add(name)
-            return self.module_name_configs[name]
-        for key, config in self.module_name_configs.items():
-            if _is_pattern(key) and re.fullmatch(key, name):
-                used.add(key)
-                return config
-        for type_key in (cls, cls.__name__):
-            if type_key in self.module_type_configs:
-                return self.module_type_configs[type_key]
-        return self.global_config
 
 
 def _type_key(key: Any) -> ModuleKey:
@@ -195,19 +164,4 @@ def _type_key(key: Any) -> ModuleKey:
 
 
 def _name_key(key: Any) -> str:
-    if not isinstance(key, str):
-        raise TypeError(f"module_name_configs keys must be module names (str), got {key!r}")
-    if _is_pattern(key):
-        try:
-            re.compile(key)
-        except re.error as err:
-            raise ValueError(f"module_name_configs key {key!r} is not a valid regular expression: {err}") from None
-    return key
-
-
-_REGEX_CHARS = set("*+?[](){}|^$\\")
-
-
-def _is_pattern(key: str) -> bool:
-    """Names use only identifiers, digits and dots; anything else marks a regular expression."""
-    return bool(_REGEX_CHARS & set(key))
+    return check_name_key(key, "module_name_configs")
