@@ -82,6 +82,7 @@ def _quantize(args: argparse.Namespace) -> int:
         block_size=args.block_size,
         weight_num_threshold=args.weight_num_threshold,
         scale_dtype=args.scale_dtype,
+        scale_search=args.scale_search,
         in_place=True,
         configs=_weight_configs(args),
     )
@@ -179,6 +180,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--granularity", default="per-channel", help="per-tensor, per-channel (default) or per-block")
     p.add_argument("--block-size", type=int, default=32, help="input channels per block for per-block")
     p.add_argument("--scale-dtype", default=None, help="fp8_e8m0fnu: power-of-two (E8M0) scales, fp8 dtypes only")
+    p.add_argument(
+        "--scale-search",
+        action="store_true",
+        help="integers: per block, the clipping range with the least squared error (data-free)",
+    )
     p.add_argument("--weight-num-threshold", type=int, default=1024, help="leave weights this small alone")
     _add_selection(p)
     p.set_defaults(run=_quantize)

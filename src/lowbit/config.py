@@ -147,9 +147,11 @@ class QuantizeConfig:
     block_size: int = 32
     weight_num_threshold: int = 1024
     scale_dtype: DType | None = None
+    scale_search: bool = False
 
     def __post_init__(self) -> None:
         dtype = check_choice("dtype", to_enum("dtype", self.dtype, DType), QUANTIZE_DTYPES)
+        check_bool("scale_search", self.scale_search)
         object.__setattr__(self, "dtype", dtype)
         object.__setattr__(self, "qscheme", to_enum("qscheme", self.qscheme, QScheme))
         granularity = to_enum("granularity", self.granularity, CompressionGranularity)
@@ -163,6 +165,8 @@ class QuantizeConfig:
             raise ValueError(f"qscheme must be SYMMETRIC for the float dtype {dtype.name}, got ASYMMETRIC")
         if scale_dtype is not None and not floating:
             raise ValueError(f"scale_dtype must be None for the integer dtype {dtype.name}, got {scale_dtype.name}")
+        if self.scale_search and floating:
+            raise ValueError(f"scale_search must be False for the float dtype {dtype.name} (integers only)")
         if dtype == DType.FP4_E2M1FN:
             if scale_dtype is not None:
                 raise ValueError("scale_dtype must be None for FP4_E2M1FN (MXFP4 scales are always E8M0)")

@@ -47,6 +47,7 @@ def check_keys(kind: str, given: Iterable[str], allowed: Iterable[str]) -> None:
 def load_yaml(path_or_stream: str | os.PathLike | io.IOBase) -> Any:
     """A YAML file (a path) or stream, read with ``yaml.safe_load``; ``ValueError`` when it is not YAML."""
     import yaml
+
     try:
         if isinstance(path_or_stream, (str, os.PathLike)):
             with open(path_or_stream, encoding="utf-8") as stream:

@@ -261,7 +261,9 @@ def quantize_weight(array: np.ndarray, output_axis: int, input_axis: int, config
         padded = np.pad(array, [(0, short if a == input_axis else 0) for a in range(array.ndim)])
     block = block_shape(config.granularity, array.ndim, output_axis, input_axis, config.block_size)
     symmetric = config.qscheme == QScheme.SYMMETRIC
-    quantized = quantize_linear(padded, config.dtype.numpy, block, symmetric=symmetric, e8m0=config.e8m0)
+    quantized = quantize_linear(
+        padded, config.dtype.numpy, block, symmetric=symmetric, e8m0=config.e8m0, search=config.scale_search
+    )
     return QuantizedWeight(quantized, tuple(array.shape))
 
 

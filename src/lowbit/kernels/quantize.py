@@ -33,8 +33,9 @@ E8M0_BIAS = 127
 def element_range(dtype: np.dtype, symmetric: bool) -> tuple[int, int, int]:
     """(lowest code, highest code, symmetric zero point) of an integer dtype.
 
-    Symmetric: signed ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` with zero point 0; unsigned the same span around the
-    mid-range zero point ``2^(b-1)``. Asymmetric: the full range (the zero point is chosen per block).
+    Symmetric 8-bit: ``[-127, 127]`` (unsigned: the same span around 128) with zero point 0 (128). Symmetric 4-bit
+    uses all 16 codes, ``[-8, 7]`` around zero point 0 (unsigned: ``[0, 15]`` around 8), the block's extreme value
+    landing on the -8 side (ONNX Runtime's RTN). Asymmetric: the full range (the zero point is chosen per block).
     """
     info = ml_dtypes.iinfo(dtype)
     lo, hi = int(info.min), int(info.max)
@@ -42,7 +43,11 @@ def element_range(dtype: np.dtype, symmetric: bool) -> tuple[int, int, int]:
         return lo, hi, 0
     half = (hi - lo) // 2  # 127 for 8 bits, 7 for 4 bits
     mid = 0 if lo < 0 else half + 1
-    return mid - half, mid + half, mid
+    return (mid - half - 1 if _is_4bit(dtype) else mid - half), mid + half, mid
+
+
+def _is_4bit(dtype: np.dtype) -> bool:
+    return dtype in (np.dtype(ml_dtypes.int4), np.dtype(ml_dtypes.uint4))
 
 
 @dataclass(frozen=True)
@@ -235,16 +240,58 @@ def _as_float64(x: np.ndarray) -> np.ndarray:
 
 
 def _integer_params(lo, hi, dtype, symmetric, scale_dtype):
-    """(stored scale, zero point as float64 or None) per block from the blocks' min and max (float64)."""
+    """(stored scale, zero point as float64 or None) per block from the blocks' min and max (float64).
+
+    Symmetric: the block's extreme value maps to the lowest code (-8 for 4 bits, whose range is one code wider
+    below than above) or to the highest (8 bits), so the scale's sign follows the extreme's."""
     low, high, mid = element_range(dtype, symmetric)
     if symmetric:
-        scale = _stored_scale(np.maximum(np.abs(lo), np.abs(hi)) / (high - mid), scale_dtype)
+        extreme = np.where(np.abs(lo) > np.abs(hi), lo, hi)
+        if mid - low > high - mid:  # 4-bit: the extreme on the long side
+            scale = _stored_scale(np.abs(extreme) / (mid - low), scale_dtype) * -np.sign(np.where(extreme, extreme, 1))
+            scale = scale.astype(scale_dtype)
+        else:
+            scale = _stored_scale(np.abs(extreme) / (high - mid), scale_dtype)
         zero_point = np.full(scale.shape, float(mid)) if mid else None
     else:
         lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
         scale = _stored_scale((hi - lo) / (high - low), scale_dtype)
         zero_point = np.clip(np.rint(low - lo / scale.astype(np.float64)), low, high)
     return scale, zero_point
+
+
+@numba.njit(cache=True, nogil=True)
+def _block_errors(x, table, scale, zero_point, low, high, out):
+    """Add each block's squared quantization error (float64, before output rounding) into ``out`` (``x`` as in
+    :func:`_block_min_max`, ``scale`` / ``zero_point`` per block as float64)."""
+    g0, row = x.shape
+    g1 = scale.shape[1]
+    for i in range(g0):
+        j = 0
+        for t in range(row):
+            v = load(x, i, t, table)
+            s = scale[i, j]
+            code = min(max(np.rint(v / s) + zero_point[i, j], low), high)
+            d = (code - zero_point[i, j]) * s - v
+            out[i, j] += d * d
+            j = j + 1 if j + 1 < g1 else 0
+
+
+SEARCH_RATIOS = np.linspace(1.0, 0.6, 41)  # the share of each block's range kept, tried in steps of 1 %
+
+
+def _searched_range(errors_of, lo, hi, dtype, symmetric, scale_dtype):
+    """(lo, hi) per block shrunk by the ratio in :data:`SEARCH_RATIOS` whose parameters give the block the least
+    squared error (``errors_of(scale, zero point)``, per block): clipping a few outliers buys every other element a
+    finer step. Ratio 1 (plain round-to-nearest) is a candidate, so no block gets worse."""
+    best = np.full(lo.shape, np.inf)
+    best_ratio = np.ones(lo.shape)
+    for ratio in SEARCH_RATIOS:
+        scale, zero_point = _integer_params(lo * ratio, hi * ratio, dtype, symmetric, scale_dtype)
+        errors = errors_of(scale.astype(np.float64), np.zeros(scale.shape) if zero_point is None else zero_point)
+        better = errors < best
+        best[better], best_ratio[better] = errors[better], ratio
+    return lo * best_ratio, hi * best_ratio
 
 
 def quantize_linear(
@@ -254,6 +301,7 @@ def quantize_linear(
     symmetric: bool = True,
     scale_dtype: Any = None,
     e8m0: bool = False,
+    search: bool = False,
 ) -> LinearQuantized:
     """Quantize ``x`` (float, finite) to ``dtype`` with one scale per block.
 
@@ -265,6 +313,8 @@ def quantize_linear(
     symmetric : integers only; asymmetric blocks get a zero point that makes 0.0 exact.
     scale_dtype : float dtype of the scales (default ``x.dtype``); ignored with ``e8m0``.
     e8m0 : power-of-two scales stored as E8M0 exponents (the OCP MX encoding), for float element types.
+    search : integers only: per block, the clipping range (60 % to 100 % of the block's) with the least squared
+        error instead of the full range (round-to-nearest).
 
     Raises :class:`~lowbit.errors.SkipWeight` when the blocks do not tile ``x`` or ``x`` is not finite.
     """
@@ -283,9 +333,17 @@ def quantize_linear(
         lo, hi = _block_min_max(rows, table, g1)
         check_finite(lo)
         check_finite(hi)
+        low, high, _ = element_range(dtype, symmetric)
+        if search:
+
+            def errors_of(scale: np.ndarray, zero_point: np.ndarray) -> np.ndarray:
+                errors = np.zeros(scale.shape)
+                _block_errors(rows, table, scale, zero_point, low, high, errors)
+                return errors
+
+            lo, hi = _searched_range(errors_of, lo, hi, dtype, symmetric, scale_dtype)
         scale, zero_point = _integer_params(lo, hi, dtype, symmetric, scale_dtype)
         q = np.empty((g0, b * g1), np.int8 if element_range(dtype, False)[0] < 0 else np.uint8)
-        low, high, _ = element_range(dtype, symmetric)
         drop, subnormal_below = _OUTPUT_ROUNDING.get(out_dtype, (0, 0))
         zp = np.zeros(scale.shape) if zero_point is None else zero_point
         args = (scale.astype(np.float64), zp, low, high, drop, subnormal_below, q)
@@ -308,10 +366,20 @@ def quantize_linear(
     zero_point = None
     if dtype in INTEGER_DTYPES:
         low, high, _ = element_range(dtype, symmetric)
-        scale, zp = _integer_params(
-            data.min(axis=inner, keepdims=True), data.max(axis=inner, keepdims=True), dtype, symmetric, scale_dtype
-        )
-        q = np.clip(np.rint(data / scale.astype(np.float64)) + (0 if zp is None else zp), low, high)
+
+        def codes(scale: np.ndarray, zero_point: np.ndarray | None) -> np.ndarray:
+            return np.clip(
+                np.rint(data / scale.astype(np.float64)) + (0 if zero_point is None else zero_point), low, high
+            )
+
+        def errors_of(scale: np.ndarray, zero_point: np.ndarray) -> np.ndarray:
+            return (((codes(scale, zero_point) - zero_point) * scale - data) ** 2).sum(axis=inner, keepdims=True)
+
+        lo, hi = data.min(axis=inner, keepdims=True), data.max(axis=inner, keepdims=True)
+        if search:
+            lo, hi = _searched_range(errors_of, lo, hi, dtype, symmetric, scale_dtype)
+        scale, zp = _integer_params(lo, hi, dtype, symmetric, scale_dtype)
+        q = codes(scale, zp)
         q = q.astype(np.int64).astype(dtype)
         zero_point = None if zp is None else zp.astype(np.int64).astype(dtype)
     elif dtype in FLOAT_ELEMENT_DTYPES:

@@ -106,6 +106,7 @@ def quantize_weights(
     block_size: int = 32,
     weight_num_threshold: int = 1024,
     scale_dtype: DType | str | None = None,
+    scale_search: bool = False,
     in_place: bool = False,
     configs: WeightConfigs | Mapping[str, Any] | None = None,
 ) -> Program:
@@ -124,6 +125,8 @@ def quantize_weights(
     weight_num_threshold : weights with at most this many elements are left alone (default 1024).
     scale_dtype : ``None`` (default: scales in the weight's float dtype) or ``FP8_E8M0FNU`` (power-of-two scales,
         the OCP MX encoding; fp8 dtypes only). FP4_E2M1FN always uses E8M0 scales.
+    scale_search : integer dtypes: per block, keep the share (60-100 %) of its range that gives the least squared
+        error, clipping outliers (data-free; default False: the full range, round-to-nearest).
     in_place : False (default) returns a new Program; True rewrites ``program``.
     configs : per-weight parameters: a :class:`~lowbit.onnx.weight_configs.WeightConfigs` (or its dict form)
         whose entries override this call's parameters for weights by op type or name, or leave weights out
@@ -143,6 +146,7 @@ def quantize_weights(
         block_size=block_size,
         weight_num_threshold=weight_num_threshold,
         scale_dtype=scale_dtype,  # type: ignore[arg-type]
+        scale_search=scale_search,
     )
     target = target_program(program, in_place)
     report: CompressionReport = QuantizePass(config, configs=as_weight_configs(configs))(target)
