@@ -28,6 +28,9 @@ FLOAT_ELEMENT_DTYPES = tuple(
     np.dtype(t) for t in (ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2, ml_dtypes.float4_e2m1fn)
 )
 E8M0_BIAS = 127
+# weights this small are quantized with numpy: a process that only meets small weights never starts numba's
+# compiler (~0.5 s even with every kernel cached on disk)
+COMPILED_FROM = 1 << 20
 
 
 def element_range(dtype: np.dtype, symmetric: bool) -> tuple[int, int, int]:
@@ -324,7 +327,7 @@ def quantize_linear(
     resolved = _resolve(tuple(block), x.shape)
     grid = tuple(n // b for n, b in zip(x.shape, resolved, strict=True))
     layout = _three_axes(x.shape, resolved)
-    if dtype in INTEGER_DTYPES and layout is not None:
+    if dtype in INTEGER_DTYPES and layout is not None and x.size >= COMPILED_FROM:
         g0, b, g1 = layout
         if x.dtype.itemsize == 2:  # 16-bit floats are read through a table: numpy's fp16 casts are slow
             rows, table = x.view(np.uint16).reshape(g0, b * g1), bit_values(x.dtype)
