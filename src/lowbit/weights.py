@@ -17,6 +17,7 @@ import numpy as np
 
 from lowbit.config import PalettizeConfig, QuantizeConfig, SparsifyConfig, block_shape
 from lowbit.errors import SkipWeight
+from lowbit.kernels.packing import packed_nbytes
 from lowbit.kernels.palettize import Palettized, palettize, stack_palettized
 from lowbit.kernels.prune import Sparsified, block_mask, magnitude_mask, n_m_mask, sparsify
 from lowbit.kernels.quantize import LinearQuantized, quantize_linear
@@ -94,10 +95,7 @@ class PalettizedWeight:
     @property
     def nbytes(self) -> int:
         """Bytes of the compressed form: packed codes, the LUT (quantized where it is) and the per-channel scale."""
-        p = self.palettized
-        lut = p.lut if p.lut_quantized is None else p.lut_quantized.q
-        extra = 0 if p.lut_quantized is None else p.lut_quantized.scale.nbytes
-        return p.packed.nbytes + lut.nbytes + extra + (0 if p.scale is None else p.scale.nbytes)
+        return self.palettized.nbytes
 
     def decode(self) -> np.ndarray:
         """The dense weight, in the weight's own layout and dtype."""
@@ -239,6 +237,14 @@ class QuantizedWeight:
         return _relative(self.quantized.squared_error, self.quantized.energy)
 
     @property
+    def nbytes(self) -> int:
+        """Bytes of the stored form: packed codes, scales and zero points."""
+        q = self.quantized
+        bits = 4 if q.q.dtype.itemsize == 1 and q.q.dtype.name in ("int4", "uint4", "float4_e2m1fn") else 8
+        zero_points = 0 if q.zero_point is None else packed_nbytes(q.zero_point.size, bits)
+        return packed_nbytes(q.q.size, bits) + q.scale.nbytes + zero_points
+
+    @property
     def trim(self) -> tuple[int, int] | None:
         """(axis, length) that cuts the padded decode back to ``shape`` (None: not padded)."""
         padded = self.quantized.q.shape
@@ -256,10 +262,11 @@ def quantize_weight(array: np.ndarray, output_axis: int, input_axis: int, config
     Raises :class:`~lowbit.errors.SkipWeight` when the values are not finite.
     """
     padded = array
-    if config.granularity == CompressionGranularity.PER_BLOCK and array.shape[input_axis] % config.block_size:
-        short = -array.shape[input_axis] % config.block_size
+    block_size = min(config.block_size, array.shape[input_axis])  # an axis shorter than a block is one block
+    if config.granularity == CompressionGranularity.PER_BLOCK and array.shape[input_axis] % block_size:
+        short = -array.shape[input_axis] % block_size
         padded = np.pad(array, [(0, short if a == input_axis else 0) for a in range(array.ndim)])
-    block = block_shape(config.granularity, array.ndim, output_axis, input_axis, config.block_size)
+    block = block_shape(config.granularity, array.ndim, output_axis, input_axis, block_size)
     symmetric = config.qscheme == QScheme.SYMMETRIC
     quantized = quantize_linear(
         padded, config.dtype.numpy, block, symmetric=symmetric, e8m0=config.e8m0, search=config.scale_search
@@ -279,6 +286,18 @@ class SparsifiedWeight:
     @property
     def rel_mse(self) -> float:
         return _relative(self.sparsified.squared_error, self.sparsified.energy)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored form: the 1-bit mask and the non-zeros (as they are, palettized or quantized)."""
+        s = self.sparsified
+        mask = packed_nbytes(s.mask.size, 1)
+        if s.palettized is not None:
+            return mask + s.palettized.nbytes
+        if s.quantized is not None:
+            return mask + int(s.mask.sum()) * s.quantized.q.dtype.itemsize + s.quantized.scale.nbytes
+        assert s.values is not None
+        return mask + s.values.nbytes
 
     def decode(self) -> np.ndarray:
         return self.sparsified.decode()

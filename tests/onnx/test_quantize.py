@@ -256,7 +256,11 @@ def test_quantize_cli(capsys, tmp_path, digits_path):
         )
     stdout, _ = capsys.readouterr()
     assert code == 0 and "compressed" in stdout
-    assert {w.compression for w in lowbit.load(out).weights() if w.compression} == {"linear int4, block 16"}
+    # the first conv has 1 input channel: one block spans it, stored as one scale per output channel
+    assert {w.compression for w in lowbit.load(out).weights() if w.compression} == {
+        "linear int4, block 16",
+        "linear int4",
+    }
     code = main(["quantize", str(digits_path), str(out), "--dtype", "fp4_e2m1fn"])
     assert code == 2 and "FP4_E2M1FN (MXFP4) needs granularity PER_BLOCK" in capsys.readouterr().err
 

@@ -26,6 +26,9 @@ CONFIGS = [
 def test_ort_matches_decompressed(config, weight_dtype):
     program = three_weights_program(weight_dtype)
     out = lowbit.sparsify_weights(program, **config)
+    if config == dict(target_sparsity=0.0):  # a mask plus every value would be larger than the weight
+        assert all(r.skipped.startswith("compressed it would take") for r in out.report.rows)
+        return
     assert [r.name for r in out.report.compressed] == ["mm", "gemm_t", "conv"]
     check_model(out.model)
     dense = lowbit.decompress_weights(out)

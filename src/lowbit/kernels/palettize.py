@@ -51,6 +51,13 @@ class Palettized:
     energy: float  # sum of the input's squares, float64: rel-MSE = squared_error / energy
 
     @property
+    def nbytes(self) -> int:
+        """Bytes stored: packed codes, the LUT (quantized where it is) and the per-channel scale."""
+        lut = self.lut if self.lut_quantized is None else self.lut_quantized.q
+        extra = 0 if self.lut_quantized is None else self.lut_quantized.scale.nbytes
+        return self.packed.nbytes + lut.nbytes + extra + (0 if self.scale is None else self.scale.nbytes)
+
+    @property
     def codes(self) -> np.ndarray:
         rows, cols = self.codes_shape
         return unpack_bits(self.packed, self.n_bits, rows * cols).reshape(rows, cols)

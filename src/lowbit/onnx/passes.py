@@ -84,6 +84,10 @@ class WeightPass:
         """Write ``result`` into the graph in place of ``ref``; return the bytes it occupies now."""
         raise NotImplementedError
 
+    def stored_nbytes(self, ref: WeightRef, result: Any, config: Any) -> int:
+        """Bytes ``result`` will take in the graph (checked before writing: a weight is never made larger)."""
+        return result.nbytes
+
     def requirements_of(self, config: Any, program: Program) -> tuple[int, int]:
         """(default-domain opset, IR version) a weight compressed per ``config`` needs; lowbit's functions need
         opset 13 and IR 8."""
@@ -184,6 +188,9 @@ class WeightPass:
     def _record(self, program: Program, report: CompressionReport, ref: WeightRef, outcome: Callable[[], Any]) -> None:
         try:
             result = outcome()
+            stored = self.stored_nbytes(ref, result, self.config_for(ref))
+            if stored >= ref.nbytes:
+                raise SkipWeight(f"compressed it would take {stored} bytes, not fewer than its {ref.nbytes}")
             after = self.write(program, ref, result, self.config_for(ref))
         except SkipWeight as skip:
             self._skip(report, ref, skip)

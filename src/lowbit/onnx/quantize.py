@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
 from lowbit.config import QuantizeConfig
-from lowbit.kernels.packing import pack_bits
+from lowbit.kernels.packing import pack_bits, packed_nbytes
 from lowbit.onnx import encoding
 from lowbit.onnx.discovery import WeightRef, has_fp16_weights
 from lowbit.onnx.passes import WeightPass, target_program
@@ -51,6 +52,14 @@ class QuantizePass(WeightPass):
     def job(self, ref: WeightRef, array: np.ndarray, config: QuantizeConfig):
         return functools.partial(quantize_weight, array, ref.output_axis, ref.input_axis, config)
 
+    def stored_nbytes(self, ref: WeightRef, weight: QuantizedWeight, config: QuantizeConfig) -> int:
+        if weight.quantized.e8m0:
+            return weight.nbytes
+        codes = weight.nbytes - weight.quantized.scale.nbytes
+        if weight.quantized.zero_point is not None:
+            codes -= packed_nbytes(weight.quantized.zero_point.size, config.dtype.bits)
+        return codes + _dequantize_layout(ref, weight, config).nbytes
+
     def write(self, program: Program, ref: WeightRef, weight: QuantizedWeight, config: QuantizeConfig) -> int:
         assert ref.value is not None
         result = weight.quantized
@@ -73,28 +82,58 @@ class QuantizePass(WeightPass):
         return encoding.stored_nbytes(out)
 
 
-def _write_dequantize(model: ir.Model, ref: WeightRef, weight: QuantizedWeight, cfg: QuantizeConfig) -> ir.Value:
-    """Lay the scale grid out as DequantizeLinear wants it for the granularity, and write the node."""
-    assert ref.value is not None
+@dataclass(frozen=True)
+class _Layout:
+    """The scale grid of a quantized weight as DequantizeLinear takes it."""
+
+    axis: int | None
+    block: int
+    scale: np.ndarray
+    zero_point: np.ndarray | None
+
+    @property
+    def nbytes(self) -> int:
+        return self.scale.nbytes + (0 if self.zero_point is None else self.zero_point.nbytes)
+
+
+def _dequantize_layout(ref: WeightRef, weight: QuantizedWeight, cfg: QuantizeConfig) -> _Layout:
+    """Per tensor: a scalar; per channel, or blocks spanning the whole input axis: one scale per output channel;
+    blocks along the input axis: the grid, repeated over the axes whole blocks span (a kernel's spatial axes: DQ
+    blocks one axis only)."""
     result = weight.quantized
-    scale, zero_point = result.scale, result.zero_point
     axis: int | None
     shape: tuple[int, ...]
     if cfg.granularity == CompressionGranularity.PER_TENSOR:
         axis, block, shape = None, 0, ()
-    elif cfg.granularity == CompressionGranularity.PER_CHANNEL:
+    elif (
+        cfg.granularity == CompressionGranularity.PER_CHANNEL
+        or result.block[ref.input_axis] == result.q.shape[ref.input_axis]
+    ):
         axis, block, shape = ref.output_axis, 0, (ref.shape[ref.output_axis],)
-    else:  # blocked along the input axis; whole-axis blocks (e.g. a kernel's spatial axes) repeat their scale
-        axis, block = ref.input_axis, cfg.block_size
-        shape = tuple(n // cfg.block_size if a == ref.input_axis else n for a, n in enumerate(result.q.shape))
+    else:
+        axis, block = ref.input_axis, result.block[ref.input_axis]
+        shape = tuple(n // block if a == ref.input_axis else n for a, n in enumerate(result.q.shape))
 
     def laid_out(grid: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(np.broadcast_to(grid, shape) if block else grid.reshape(shape))
 
-    scale = laid_out(scale)
-    zero_point = None if zero_point is None else laid_out(zero_point)
+    zero_point = None if result.zero_point is None else laid_out(result.zero_point)
+    return _Layout(axis, block, laid_out(result.scale), zero_point)
+
+
+def _write_dequantize(model: ir.Model, ref: WeightRef, weight: QuantizedWeight, cfg: QuantizeConfig) -> ir.Value:
+    """Write the weight as DequantizeLinear with its scale grid laid out for the granularity."""
+    assert ref.value is not None
+    layout = _dequantize_layout(ref, weight, cfg)
     return encoding.write_dequantize_linear(
-        model, ref.value, q=result.q, scale=scale, zero_point=zero_point, axis=axis, block_size=block, trim=weight.trim
+        model,
+        ref.value,
+        q=weight.quantized.q,
+        scale=layout.scale,
+        zero_point=layout.zero_point,
+        axis=layout.axis,
+        block_size=layout.block,
+        trim=weight.trim,
     )
 
 
