@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
-from _common import one_core, table
+from _common import minilm_encoder, one_core, table
 from _text import english_sentences
 
 import lowbit
@@ -51,19 +51,11 @@ def export_minilm(folder: Path) -> tuple[Path, dict[str, np.ndarray]]:
         "attention_mask": batch["attention_mask"].astype(np.int64),
     }
 
-    class Encoder(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.bert = bert
-
-        def forward(self, input_ids, attention_mask):
-            return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
     onnx_path = folder / "minilm.onnx"
     ids = torch.tensor(feeds["input_ids"][:2])
     with torch.no_grad():
         torch.onnx.export(
-            Encoder(),
+            minilm_encoder(bert),
             (ids, torch.ones_like(ids)),
             str(onnx_path),
             dynamo=False,

@@ -20,7 +20,9 @@ import lowbit
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "digits" / "digits_cnn.onnx"
-sys.path.insert(0, str(ROOT / "benchmarks"))  # _text: the English text shipped on the machine, shared with benchmarks
+sys.path.insert(0, str(ROOT / "benchmarks"))  # _text (English text on the machine), _common: shared with benchmarks
+
+from _common import minilm_encoder  # noqa: E402  (re-exported for the tests)
 
 
 def _io_ranks(op: str, weight_rank: int) -> tuple[int | None, int | None]:
@@ -151,21 +153,6 @@ def three_weights_feeds(dtype=np.float16) -> dict[str, np.ndarray]:
         "x1": rng.standard_normal((2, 64)).astype(dtype),
         "x2": rng.standard_normal((1, 64, 5, 5)).astype(dtype),
     }
-
-
-def minilm_encoder(bert):
-    """A module ``(input_ids, attention_mask) -> last_hidden_state`` around a transformers BERT model, for export."""
-    import torch
-
-    class Encoder(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.bert = bert
-
-        def forward(self, input_ids, attention_mask):
-            return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-    return Encoder()
 
 
 @pytest.fixture
