@@ -318,3 +318,20 @@ def test_ir3_initializers_listed_as_inputs_are_constants(tmp_path):
         assert [r.name for r in out.report.compressed] == ["W"]
         assert [v.name for v in out.graph.inputs] == ["x"]
         _check_runs_like_decompressed(out, {"x": _w((2, 64), scale=1.0)})
+
+
+# ------------------------------------------------------------------------------------- ORT's folding limit
+
+
+def test_a_decode_ort_would_run_on_every_inference_is_warned(monkeypatch):
+    from lowbit.onnx import encoding
+
+    monkeypatch.setattr(encoding, "ORT_FOLDING_LIMIT_BYTES", 8 * 1024)  # stands in for 1 GiB
+    w = _w((64, 48))  # 12 KiB dense
+    program = lowbit.Program(ir.serde.deserialize_model(_embedding_and_matmul(17)))
+    program.graph.initializers["W"].const_value = ir.tensor(w)
+    with pytest.warns(UserWarning, match=r"weight 'W': decoded it takes .* ONNX Runtime will decode it on every run"):
+        lowbit.palettize_weights(program, configs={"op_type_configs": {"Gather": None}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # DequantizeLinear: fused or dequantized by ORT's design, never folded
+        lowbit.quantize_weights(program, dtype="int8", configs={"op_type_configs": {"Gather": None}})

@@ -7,6 +7,7 @@ reports, and decode them with the numpy reference of :mod:`lowbit.kernels.decode
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -114,6 +115,7 @@ def _emit(
         insert_early(graph, node)
         return out
     _insert_before_uses(graph, weight, node)
+    _warn_if_not_folded(weight, node)
     if _dtype_of(weight) != out.dtype:  # decoded in float: Cast back to the weight's type
         cast = ir.node("Cast", [out], {"to": _dtype_of(weight)}, name=unique_name(model, f"{node.name}.Cast"))
         cast.outputs[0].dtype, cast.outputs[0].shape = _dtype_of(weight), out.shape
@@ -125,6 +127,27 @@ def _emit(
         graph.initializers.pop(name)
     out.name = name
     return out
+
+
+ORT_FOLDING_LIMIT_BYTES = 1 << 30  # ONNX Runtime does not constant-fold a node whose output is larger
+
+
+def _warn_if_not_folded(weight: ir.Value, node: ir.Node) -> None:
+    """Warn when ONNX Runtime will run a lowbit decode on every inference: its dense output exceeds the size up to
+    which ORT folds constant subgraphs at session creation (a ``DequantizeLinear`` is never folded; ORT fuses or
+    runs it by design)."""
+    shape = value_shape(weight)
+    if node.domain != fn.DOMAIN or shape is None:
+        return
+    dense = int(np.prod(shape)) * decode_dtype(_dtype_of(weight)).itemsize
+    if dense > ORT_FOLDING_LIMIT_BYTES:
+        warnings.warn(
+            f"weight {weight.name!r}: decoded it takes {dense / 2**30:.2f} GiB, above ONNX Runtime's 1 GiB "
+            "constant-folding limit: ONNX Runtime will decode it on every run (quantize it instead to keep it "
+            "compressed in a fused kernel)",
+            UserWarning,
+            stacklevel=5,
+        )
 
 
 def _slice(model: ir.Model, graph: ir.Graph, padded: ir.Value, axis: int, length: int) -> ir.Node:
