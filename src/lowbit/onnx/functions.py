@@ -55,7 +55,10 @@ def _function(name: str, inputs: list[str], outputs: list[str], nodes: list, att
 
 
 def _unpack_bits() -> onnx.FunctionProto:
-    """codes[int32, count] = UnpackBits(packed[uint8], count[int64 scalar]) <n_bits>."""
+    """codes[int32, count] = UnpackBits(packed[uint8], count[int64 scalar]) <n_bits>.
+
+    Bits are unpacked on uint8 and combined by ``MatMulInteger`` with the powers of two, so the only full-size
+    intermediates are bytes until the int32 codes: cheap for ONNX Runtime to constant-fold (no int32 bit grids)."""
     n = helper.make_node
     return _function(
         UNPACK_BITS,
@@ -68,7 +71,7 @@ def _unpack_bits() -> onnx.FunctionProto:
             _const("axis0", np.array([0], np.int64)),
             _const("minus1", np.array([-1], np.int64)),
             _const("zero", np.array([0], np.int64)),
-            _const("one_u32", np.array(1, np.uint32)),
+            _const("one_u8", np.array(1, np.uint8)),
             _const("zero_scalar", np.array(0, np.int64)),
             _const("one_scalar", np.array(1, np.int64)),
             _const_ref("nbits", "n_bits", onnx.AttributeProto.INT, "value_int"),
@@ -82,13 +85,12 @@ def _unpack_bits() -> onnx.FunctionProto:
             n("Unsqueeze", ["nbits", "axis0"], ["nbits1"]),
             n("Concat", ["minus1", "nbits1"], ["grid_shape"], axis=0),
             n("Reshape", ["used", "grid_shape"], ["grid8"]),
-            n("Cast", ["grid8"], ["grid"], to=TensorProto.INT32),
             n("Range", ["zero_scalar", "nbits", "one_scalar"], ["positions"]),
-            n("Cast", ["positions"], ["positions_u32"], to=TensorProto.UINT32),
-            n("BitShift", ["one_u32", "positions_u32"], ["powers_u32"], direction="LEFT"),
-            n("Cast", ["powers_u32"], ["powers"], to=TensorProto.INT32),
-            n("Mul", ["grid", "powers"], ["weighted"]),
-            n("ReduceSum", ["weighted", "axis1"], ["codes"], keepdims=0),
+            n("Cast", ["positions"], ["positions_u8"], to=TensorProto.UINT8),
+            n("BitShift", ["one_u8", "positions_u8"], ["powers_row"], direction="LEFT"),
+            n("Unsqueeze", ["powers_row", "axis1"], ["powers"]),
+            n("MatMulInteger", ["grid8", "powers"], ["codes_column"]),
+            n("Reshape", ["codes_column", "minus1"], ["codes"]),
         ],
         ["n_bits"],
     )
