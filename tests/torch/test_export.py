@@ -67,3 +67,23 @@ def test_a_second_palettization_is_exported_with_the_new_luts(tmp_path):
         program = lowbit.torch.export_onnx(again, (torch.randn(1, 64),), tmp_path / "m.onnx")
     lut = program.graph.initializers["0.weight.lut"].const_value.numpy()
     assert lut.shape == (1, 4, 1)
+
+
+def test_a_ragged_last_group_exports_with_its_own_lut(tmp_path):
+    """30 output channels in LUT groups of 8: the export writes the same four LUTs (the last one of 6 channels,
+    stored padded and sliced), and ORT computes what the palettized torch model computes."""
+    torch.manual_seed(0)
+    model = _palettized(nn.Sequential(nn.Linear(64, 30)), granularity="per_grouped_channel", group_size=8).eval()
+    x = torch.randn(3, 64)
+    program = lowbit.torch.export_onnx(model, (x,), tmp_path / "m.onnx", input_names=["x"])
+    (row,) = program.report.rows
+    assert row.skipped is None and row.bytes_after < row.bytes_before
+    (weight,) = lowbit.load(tmp_path / "m.onnx").weights()
+    assert weight.compression == "palettized 4-bit, 4 LUT(s)"
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            ort_session(tmp_path / "m.onnx", "all").run(None, {"x": x.numpy()})[0],
+            model(x).numpy(),
+            rtol=1e-5,
+            atol=1e-6,
+        )
