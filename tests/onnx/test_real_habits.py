@@ -190,9 +190,11 @@ def test_bf16_weights_decode_in_a_type_ort_runs(tmp_path, compress):
     _check_runs_like_decompressed(out, feeds)
     dense = lowbit.decompress_weights(out)
     assert {w.name: w.dtype for w in dense.weights()} == {"W": ir.DataType.BFLOAT16, "K": ir.DataType.BFLOAT16}
-    with pytest.warns(UserWarning, match="already compressed"):
-        again = lowbit.palettize_weights(out)  # a second pass sees them as compressed
-    assert not again.report.compressed and len(again.report.rows) == 2
+    for program in (out, lowbit.load(out.save(tmp_path / "out.onnx"))):  # in memory and from the file
+        with pytest.warns(UserWarning, match="already compressed"):
+            again = lowbit.palettize_weights(program)  # a second pass sees them as compressed
+        assert not again.report.compressed and len(again.report.rows) == 2
+        assert {w.name: w.dtype for w in again.weights()} == {"W": ir.DataType.BFLOAT16, "K": ir.DataType.BFLOAT16}
 
 
 # ------------------------------------------------------------------------------------------------ name clashes
@@ -335,3 +337,23 @@ def test_a_decode_ort_would_run_on_every_inference_is_warned(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # DequantizeLinear: fused or dequantized by ORT's design, never folded
         lowbit.quantize_weights(program, dtype="int8", configs={"op_type_configs": {"Gather": None}})
+
+
+def test_a_users_cast_of_a_compressed_weight_stays_the_users(tmp_path):
+    """fp16 W -> the user's Cast to float -> MatMul: after palettizing, the Cast reads the decode's output but is not
+    part of it; decompressing gives W back as fp16 with the user's Cast in place."""
+    w = numpy_helper.from_array(_w((64, 48)).astype(np.float16), "W")
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["W"], ["Wf"], to=TensorProto.FLOAT), helper.make_node("MatMul", ["x", "Wf"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 48])],
+        [w],
+    )
+    program = _load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path)
+    out = lowbit.palettize_weights(program)
+    for compressed in (out, lowbit.load(out.save(tmp_path / "out.onnx"))):
+        assert [(r.name, r.dtype) for r in compressed.weights()] == [("W", ir.DataType.FLOAT16)]
+        dense = lowbit.decompress_weights(compressed)
+        assert [n.op_type for n in dense.graph] == ["Cast", "MatMul"]
+        assert dense.graph.initializers["W"].const_value.dtype == ir.DataType.FLOAT16

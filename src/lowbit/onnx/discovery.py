@@ -119,15 +119,21 @@ def _owners(graph: ir.Graph) -> dict[int, ir.Node]:
     return owners
 
 
-def _carried_from(value: ir.Value, owners: dict[int, ir.Node]) -> ir.Value | None:
+def _carried_from(value: ir.Value, owners: dict[int, ir.Node], opset: int) -> ir.Value | None:
     """For a Loop/Scan body input that the body passes on unchanged (directly or through Identity), the value the
     node feeds it with: constant over the iterations, so a weight when that one is."""
     body, owner = value.graph, owners.get(id(value.graph))
     if owner is None or not isinstance(body, ir.Graph) or owner.op_type not in _CARRIERS:
         return None
     first_in, first_out, first_node_in = _CARRIERS[owner.op_type]
+    carried = len(body.inputs) - first_in  # a Loop carries all its body inputs after (iteration, condition)
+    if owner.op_type == "Scan":  # ... a Scan its states only, not the scanned slices (opset 8's layout: left out)
+        scanned = owner.attributes.get("num_scan_inputs")
+        if scanned is None or opset < 9:  # opset 8's Scan takes sequence_lens and batched inputs first
+            return None
+        carried -= scanned.as_int()
     k = body.inputs.index(value) - first_in
-    if k < 0 or first_out + k >= len(body.outputs) or first_node_in + k >= len(owner.inputs):
+    if not 0 <= k < carried or first_out + k >= len(body.outputs) or first_node_in + k >= len(owner.inputs):
         return None
     passed: ir.Value | None = body.outputs[first_out + k]
     producer = passed.producer() if passed is not None else None
@@ -136,7 +142,7 @@ def _carried_from(value: ir.Value, owners: dict[int, ir.Node]) -> ir.Value | Non
     return owner.inputs[first_node_in + k] if passed is value else None
 
 
-def _trace(value: ir.Value, owners: dict[int, ir.Node]) -> tuple[ir.Value, list[list[int] | None]] | None:
+def _trace(value: ir.Value, owners: dict[int, ir.Node], opset: int) -> tuple[ir.Value, list[list[int] | None]] | None:
     """Follow ``value`` up through pass-through ops (and into the values a Loop/Scan carries unchanged) to a
     constant or a decode node's output.
 
@@ -148,7 +154,7 @@ def _trace(value: ir.Value, owners: dict[int, ir.Node]) -> tuple[ir.Value, list[
             return value, perms
         producer = value.producer()
         if producer is None:
-            carried = _carried_from(value, owners) if value.is_graph_input() else None
+            carried = _carried_from(value, owners, opset) if value.is_graph_input() else None
             if carried is None:
                 return None
             value = carried
@@ -185,14 +191,14 @@ def _describe(value: ir.Value) -> str | None:
 
 
 def _candidates(graph: ir.Graph) -> Iterator[tuple[ir.Node, ir.Value, tuple[int, ...], tuple[int, int]]]:
-    owners = _owners(graph)
+    owners, opset = _owners(graph), graph.opset_imports.get("", 1)
     for node in ir.traversal.RecursiveGraphIterator(graph):
         if not _is_default_domain(node) or node.op_type not in OP_TABLE:
             continue
         for slot in OP_TABLE[node.op_type]:
             if slot.index >= len(node.inputs) or node.inputs[slot.index] is None:
                 continue
-            traced = _trace(node.inputs[slot.index], owners)  # type: ignore[arg-type]
+            traced = _trace(node.inputs[slot.index], owners, opset)  # type: ignore[arg-type]
             shape = value_shape(traced[0]) if traced is not None else None
             if traced is None or not shape:
                 continue

@@ -491,16 +491,18 @@ _CAST = Decoder("cast", lambda node: "", _decode_cast, lambda node: value_shape(
 
 
 def _is_decode_cast(node: ir.Node) -> bool:
-    """A Cast of a bf16 decode (see decode_dtype): of a decode node's output back to the weight's type, or of a
-    constant that only decode nodes read."""
+    """A Cast of a bf16 decode (see decode_dtype): of a decode node's float output back to bf16, or of a bf16
+    constant that only decode nodes read to float."""
     source = node.inputs[0] if node.inputs else None
     if source is None:
         return False
     producer = source.producer()
-    if producer is not None:
-        return producer.op_type != "Cast" and decoder_for(producer) is not None
+    if producer is not None:  # float back to bf16 after a decode proper (a user's own Cast of a weight is not)
+        back_to_bf16 = _int(node, "to") == ir.DataType.BFLOAT16 and source.dtype == ir.DataType.FLOAT
+        return back_to_bf16 and _is_decoder(producer)
     users = [user for user, _ in node.outputs[0].uses()]
-    return source.const_value is not None and bool(users) and all(_is_decoder(user) for user in users)
+    from_bf16 = source.const_value is not None and source.const_value.dtype == ir.DataType.BFLOAT16
+    return from_bf16 and bool(users) and all(_is_decoder(user) for user in users)
 
 
 def _constant_ints(value: ir.Value | None) -> list[int]:

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnx.version_converter
 import onnx_ir as ir
@@ -152,20 +153,31 @@ class Program:
             tmp_model = tmp / dest.name
             self.data_path = None
             if external_data:
-                self.data_path = _reserve_data_file(dest)
-                replaced = _replaced_data_files(dest)
-                ir.save(self.model, tmp_model, external_data=self.data_path.name)
-                self._add_training_info(tmp_model)
-                os.replace(tmp / self.data_path.name, self.data_path)
+                data_path = _reserve_data_file(dest)
+                try:
+                    replaced = _replaced_data_files(dest)
+                    ir.save(self.model, tmp_model, external_data=data_path.name)
+                    self._add_training_info(tmp_model)
+                    os.replace(tmp / data_path.name, data_path)
+                except BaseException:
+                    data_path.unlink(missing_ok=True)  # the empty reservation
+                    raise
                 os.replace(tmp_model, dest)
-                self._remove_data_files(replaced - {self.data_path}, dest)
+                self.data_path = data_path
+                self._remove_data_files(replaced - {data_path}, dest)
             else:
                 replaced = _replaced_data_files(dest)
+                self._load_external_tensors()  # else onnx-ir writes references to the data files they came from
                 ir.save(self.model, tmp_model)
                 self._add_training_info(tmp_model)
                 os.replace(tmp_model, dest)
                 self._remove_data_files(replaced, dest)
         return dest
+
+    def _load_external_tensors(self) -> None:
+        for value in _initializers(self.model):
+            if isinstance(value.const_value, ir.ExternalTensor):
+                value.const_value = ir.tensor(np.array(value.const_value.numpy()), name=value.name)
 
     def _add_training_info(self, written: Path) -> None:
         """Put the loaded model's ``training_info`` (which onnx-ir does not carry) into the written file, unless it
@@ -186,12 +198,19 @@ class Program:
         onnx.save(proto, written)
 
     def _remove_data_files(self, files: set[Path], dest: Path) -> None:
-        """Remove the data files of the model ``dest`` replaced (lowbit's naming only), keeping tensors mapped."""
-        for data in files:
-            if data.parent == dest.parent and _is_data_name(data.name, dest.name):
-                self._pin_tensors_mapped_from(data)
-                with contextlib.suppress(FileNotFoundError):
-                    data.unlink()
+        """Remove the data files of the model ``dest`` replaced (lowbit's naming only). Tensors of this program that
+        read one of them are first pointed at the same tensors in the file just written."""
+        doomed = {f for f in files if f.parent == dest.parent and _is_data_name(f.name, dest.name)}
+        reading = [v for v in _initializers(self.model) if _reads_any(v.const_value, doomed)]
+        if reading:
+            saved = {v.name: v.const_value for v in _initializers(ir.load(dest))}
+            for value in reading:
+                assert value.const_value is not None
+                value.const_value.numpy()  # maps the old file: a copy of this program sharing it keeps its bytes
+                value.const_value = saved[value.name]
+        for data in doomed:
+            with contextlib.suppress(FileNotFoundError):
+                data.unlink()
 
     def stored_nbytes(self) -> int:
         """Bytes of the file this program was loaded from plus the external data files its tensors read."""
@@ -204,13 +223,6 @@ class Program:
 
     def _keeps_external_data(self) -> bool:
         return any(isinstance(v.const_value, ir.ExternalTensor) for v in _initializers(self.model))
-
-    def _pin_tensors_mapped_from(self, data_file: Path) -> None:
-        """Map external tensors that read ``data_file`` before it is replaced, so they keep the old bytes."""
-        for value in _initializers(self.model):
-            tensor = value.const_value
-            if isinstance(tensor, ir.ExternalTensor) and _same_file(tensor.path, data_file):
-                tensor.numpy()  # memory-maps the current file; the mapping survives the rename
 
 
 def _upgraded_function(function: ir.Function, version: int) -> ir.Function:
@@ -294,6 +306,10 @@ def _initializers(model: ir.Model) -> Iterator[ir.Value]:
         yield from graph.initializers.values()
 
 
+def _reads_any(tensor: object, files: set[Path]) -> bool:
+    return isinstance(tensor, ir.ExternalTensor) and any(_same_file(tensor.path, f) for f in files)
+
+
 def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     try:
         return os.path.samefile(a, b)
@@ -328,16 +344,27 @@ def _remove_stale_temporaries(parent: Path) -> None:
 
 def _is_data_name(name: str, model_name: str) -> bool:
     """``<model>.data`` or ``<model>.<n>.data``: the data files lowbit names for the model file ``model_name``."""
-    if not (name.startswith(f"{model_name}.") and name.endswith(".data")):
+    if not (name.startswith(f"{model_name}.") and name.endswith(".data")) or len(name) < len(model_name) + 5:
         return False
     middle = name[len(model_name) + 1 : -len(".data")]
     return middle == "" or middle.isdigit()
 
 
+def _data_number(name: str, model_name: str) -> int | None:
+    """n of ``<model>.<n>.data`` (0 for ``<model>.data``); None for another name."""
+    if not _is_data_name(name, model_name):
+        return None
+    middle = name[len(model_name) + 1 : -len(".data")]
+    return int(middle) if middle else 0
+
+
 def _reserve_data_file(dest: Path) -> Path:
-    """The first of ``<dest>.data``, ``<dest>.1.data``, ... that does not exist, created empty (exclusively, so
-    no concurrent save picks it too)."""
-    for n in range(1 << 20):
+    """A data file name for ``dest``, created empty and exclusively (no concurrent save takes it too): ``<dest>.data``
+    when no data file of ``dest`` exists, else ``<dest>.<n>.data`` past the highest n there. Numbers only grow while
+    a data file of ``dest`` exists, so a name a concurrent save saw referenced (and will remove) is never reused."""
+    numbers = [n for p in dest.parent.iterdir() if (n := _data_number(p.name, dest.name)) is not None]
+    start = max(numbers) + 1 if numbers else 0
+    for n in range(start, start + (1 << 20)):
         candidate = dest.with_name(f"{dest.name}.data" if n == 0 else f"{dest.name}.{n}.data")
         try:
             os.close(os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))

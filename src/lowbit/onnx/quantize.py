@@ -16,6 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lowbit.config import QuantizeConfig
+from lowbit.kernels.decode import value_table
 from lowbit.kernels.packing import pack_bits, packed_nbytes
 from lowbit.onnx import encoding
 from lowbit.onnx.discovery import WeightRef, has_fp16_weights
@@ -53,8 +54,8 @@ class QuantizePass(WeightPass):
         return functools.partial(quantize_weight, array, ref.output_axis, ref.input_axis, config)
 
     def stored_nbytes(self, ref: WeightRef, weight: QuantizedWeight, config: QuantizeConfig) -> int:
-        if weight.quantized.e8m0:
-            return weight.nbytes
+        if weight.quantized.e8m0:  # counting the element type's value table, shared once per model
+            return weight.nbytes + value_table(weight.quantized.q.dtype).nbytes
         codes = weight.nbytes - weight.quantized.scale.nbytes
         if weight.quantized.zero_point is not None:
             codes -= packed_nbytes(weight.quantized.zero_point.size, config.dtype.bits)
