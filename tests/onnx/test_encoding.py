@@ -84,6 +84,30 @@ def test_lut_to_dense_round_trip(n_bits, shape, axis_seed, cluster_dim, groups_s
     _assert_three_way(model, out, shape, dtype)
 
 
+@pytest.mark.parametrize("n_bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("shape", [(7, 5), (16, 16), (3, 1, 5)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_lut_gather_round_trip(n_bits, shape, dtype):
+    """One scalar LUT in the weight's own layout is written as the lighter LutGather (byte table + one gather);
+    odd element counts leave unused codes in the last byte."""
+    rng = np.random.default_rng(n_bits)
+    k = 1 << n_bits
+    codes = rng.integers(0, k, (shape[0], math.prod(shape[1:])))
+    model, weight = _single_weight(shape, dtype)
+    out = encoding.write_lut(
+        model,
+        weight,
+        packed=pack_bits(codes, n_bits),
+        lut=rng.standard_normal((1, k, 1)).astype(dtype),
+        scale=None,
+        n_bits=n_bits,
+        canonical_shape=list(shape),
+        perm=list(range(len(shape))),
+    )
+    assert out.producer().op_type == "LutGather"
+    _assert_three_way(model, out, shape, dtype)
+
+
 @settings(max_examples=30, deadline=None)
 @given(
     shape=shapes,
@@ -177,10 +201,10 @@ def test_functions_emitted_once_and_only_when_used():
         encoding.write_lut(
             model,
             model.graph.initializers[name],
-            packed=pack_bits(np.zeros(16, int), 1),
-            lut=np.zeros((1, 2, 1), np.float32),
+            packed=pack_bits(np.zeros(16, int), 3),
+            lut=np.zeros((1, 8, 1), np.float32),
             scale=None,
-            n_bits=1,
+            n_bits=3,  # codes straddle bytes: the general decode
             canonical_shape=[4, 4],
             perm=[0, 1],
         )

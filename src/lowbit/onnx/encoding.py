@@ -222,9 +222,27 @@ def write_lut(
     ``scale`` is the per-channel factor ``[C]`` (``None``: a shared one-element 1.0). ``trim``: (axis, length) when
     ``canonical_shape`` is padded (a ragged last LUT group): the decode is sliced to the weight's shape.
     """
-    fn.use_function(model, fn.LUT_TO_DENSE)
     graph, base = home_graph(model, weight), weight.name or "weight"
     lut_value = lut if isinstance(lut, ir.Value) else decode_input(model, graph, f"{base}.lut", lut)
+    lut_shape = value_shape(lut_value)
+    if (
+        scale is None
+        and trim is None
+        and list(perm) == sorted(perm)
+        and n_bits in fn.BYTE_ALIGNED_BITS
+        and lut_shape is not None
+        and lut_shape[0] == lut_shape[2] == 1
+    ):  # one scalar LUT in the weight's own layout: the lighter decode
+        fn.use_function(model, fn.LUT_GATHER)
+        node = ir.node(
+            fn.LUT_GATHER,
+            [add_initializer(model, graph, f"{base}.indices", packed), lut_value],
+            attributes={"n_bits": int(n_bits), "shape": [int(d) for d in canonical_shape]},
+            domain=fn.DOMAIN,
+            name=unique_name(model, f"{base}.LutGather"),
+        )
+        return _emit(model, weight, node, replace)
+    fn.use_function(model, fn.LUT_TO_DENSE)
     if scale is None:
         dtype = _dtype_of(lut_value).numpy()
         scale_value = _shared(model, f"lowbit.one.{dtype.name}", lambda: np.ones((1, 1), dtype))
@@ -401,6 +419,14 @@ def _decode_lut(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray:
     return _finish(lut_decode(codes, lut, scale), node)
 
 
+def _decode_lut_gather(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray:
+    packed, lut = inputs
+    assert packed is not None and lut is not None
+    shape = _ints(node, "shape")
+    codes = unpack_bits(packed, _int(node, "n_bits"), int(np.prod(shape))).reshape(1, -1)
+    return lut_decode(codes, lut, None).reshape(shape)
+
+
 def _decode_sparse(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray:
     mask, values = inputs
     assert mask is not None and values is not None
@@ -474,6 +500,9 @@ def _describe_dq(node: ir.Node) -> str:
 
 _DECODERS = {
     (fn.DOMAIN, fn.LUT_TO_DENSE): Decoder("palettized", _describe_lut, _decode_lut, _permuted_shape),
+    (fn.DOMAIN, fn.LUT_GATHER): Decoder(
+        "palettized", _describe_lut, _decode_lut_gather, lambda n: tuple(_ints(n, "shape"))
+    ),
     (fn.DOMAIN, fn.SPARSE_TO_DENSE): Decoder(
         "sparse", _describe_sparse, _decode_sparse, lambda node: tuple(_ints(node, "shape"))
     ),

@@ -11,7 +11,16 @@ import onnx
 import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["DOMAIN", "FUNCTION_OPSET", "LUT_TO_DENSE", "MX_DEQUANTIZE", "SPARSE_TO_DENSE", "use_function"]
+__all__ = [
+    "BYTE_ALIGNED_BITS",
+    "DOMAIN",
+    "FUNCTION_OPSET",
+    "LUT_GATHER",
+    "LUT_TO_DENSE",
+    "MX_DEQUANTIZE",
+    "SPARSE_TO_DENSE",
+    "use_function",
+]
 
 DOMAIN = "lowbit"
 DOMAIN_VERSION = 1
@@ -20,6 +29,8 @@ MIN_IR_VERSION = 8  # model-local functions
 
 UNPACK_BITS = "UnpackBits"
 LUT_TO_DENSE = "LutToDense"
+LUT_GATHER = "LutGather"
+BYTE_ALIGNED_BITS = (1, 2, 4, 8)  # n_bits whose codes never straddle a byte: what LutGather takes
 SPARSE_TO_DENSE = "SparseToDense"
 MX_DEQUANTIZE = "MxDequantize"
 
@@ -151,6 +162,54 @@ def _lut_to_dense() -> onnx.FunctionProto:
     )
 
 
+def _lut_gather() -> onnx.FunctionProto:
+    """dense = LutGather(indices, lut[1, K, 1]) <n_bits in {1, 2, 4, 8}, shape>: one scalar LUT, the weight's own
+    layout (per-tensor palettization).
+
+    Each packed byte holds 8 / n_bits codes, so the body first builds the table of the 256 bytes' values
+    ``[256, 8 / n_bits]`` from the LUT (tiny), then gathers it with the bytes: the only full-size intermediates are
+    the int32 bytes and the dense values, cheap for ONNX Runtime to constant-fold."""
+    n = helper.make_node
+    return _function(
+        LUT_GATHER,
+        ["indices", "lut"],
+        ["dense"],
+        [
+            _const_ref("shape", "shape", onnx.AttributeProto.INTS, "value_ints"),
+            _const_ref("nbits", "n_bits", onnx.AttributeProto.INT, "value_int"),
+            _const("zero", np.array(0, np.int64)),
+            _const("one", np.array(1, np.int64)),
+            _const("eight", np.array(8, np.int64)),
+            _const("byte_count", np.array(256, np.int64)),
+            _const("axis1", np.array([1], np.int64)),
+            _const("zero1", np.array([0], np.int64)),
+            _const("minus1", np.array([-1], np.int64)),
+            _const("one_u64", np.array(1, np.uint64)),
+            n("Range", ["zero", "byte_count", "one"], ["byte_values"]),
+            n("Cast", ["byte_values"], ["bytes8"], to=TensorProto.UINT8),
+            n("Unsqueeze", ["bytes8", "axis1"], ["byte_column"]),
+            n("Range", ["zero", "eight", "nbits"], ["offsets"]),
+            n("Cast", ["offsets"], ["offsets8"], to=TensorProto.UINT8),
+            n("BitShift", ["byte_column", "offsets8"], ["shifted"], direction="RIGHT"),
+            n("Cast", ["shifted"], ["shifted32"], to=TensorProto.INT32),
+            n("Cast", ["nbits"], ["nbits_u64"], to=TensorProto.UINT64),
+            n("BitShift", ["one_u64", "nbits_u64"], ["levels_u64"], direction="LEFT"),
+            n("Cast", ["levels_u64"], ["levels"], to=TensorProto.INT32),
+            n("Mod", ["shifted32", "levels"], ["fields"]),
+            n("Reshape", ["lut", "minus1"], ["lut_flat"]),
+            n("Gather", ["lut_flat", "fields"], ["byte_table"], axis=0),
+            n("Cast", ["indices"], ["bytes32"], to=TensorProto.INT32),
+            n("Gather", ["byte_table", "bytes32"], ["values"], axis=0),
+            n("Reshape", ["values", "minus1"], ["flat"]),
+            n("ReduceProd", ["shape"], ["numel"], keepdims=0),
+            n("Unsqueeze", ["numel", "zero1"], ["numel1"]),
+            n("Slice", ["flat", "zero1", "numel1"], ["used"]),
+            n("Reshape", ["used", "shape"], ["dense"]),
+        ],
+        ["n_bits", "shape"],
+    )
+
+
 def _sparse_to_dense() -> onnx.FunctionProto:
     """dense = SparseToDense(mask, values) <shape>: ``values`` scattered at the set bits of the 1-bit ``mask``."""
     n = helper.make_node
@@ -216,6 +275,7 @@ def _mx_dequantize() -> onnx.FunctionProto:
 _BUILDERS = {
     UNPACK_BITS: (_unpack_bits, ()),
     LUT_TO_DENSE: (_lut_to_dense, (UNPACK_BITS,)),
+    LUT_GATHER: (_lut_gather, ()),
     SPARSE_TO_DENSE: (_sparse_to_dense, (UNPACK_BITS,)),
     MX_DEQUANTIZE: (_mx_dequantize, (UNPACK_BITS,)),
 }
