@@ -61,7 +61,7 @@ def test_inspect_and_decompress_a_compressed_model(capsys, tmp_path):
     assert code == 0
     row = next(line for line in out.splitlines() if line.startswith("w "))
     assert "palettized 2-bit, 1 LUT(s)" in row
-    assert float(row.split()[-2]) == pytest.approx(8 * (32 + 16 + 4) / 128)
+    assert float(row.split()[-2]) == pytest.approx(8 * (32 + 16) / 128)  # indices + LUT (no scale input)
     code, out, _ = _run(capsys, "decompress", path, tmp_path / "dense.onnx")
     assert code == 0 and "wrote" in out
     assert _digest(path) == before
@@ -197,3 +197,12 @@ def test_palettize_bad_options(capsys, tmp_path, digits_path, flags, message):
     code, _, err = _run(capsys, "palettize", digits_path, tmp_path / "p.onnx", *flags)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "p.onnx").exists()
+
+
+def test_a_model_onnx_ir_cannot_represent_is_refused_with_the_reason(capsys):
+    import onnxruntime
+
+    iris = Path(onnxruntime.__file__).parent / "datasets" / "logreg_iris.onnx"  # ZipMap: a sequence of maps
+    code, _, err = _run(capsys, "palettize", iris, iris.with_name("never-written.onnx"))
+    assert code == 2 and "Map types are not supported" in err and len(err.splitlines()) == 1
+    assert not iris.with_name("never-written.onnx").exists()

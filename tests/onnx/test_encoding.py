@@ -108,6 +108,31 @@ def test_lut_gather_round_trip(n_bits, shape, dtype):
     _assert_three_way(model, out, shape, dtype)
 
 
+@pytest.mark.parametrize("n_bits", [1, 2, 4, 8])
+@pytest.mark.parametrize(("shape", "axis", "groups"), [((16, 6), 1, 2), ((8, 4, 3), 0, 4), ((8, 16), 1, 16)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_lut_gather_grouped_round_trip(n_bits, shape, axis, groups, dtype):
+    """Scalar LUTs over channel groups whose codes fill whole bytes: LutGatherGrouped, one byte table per group."""
+    rng = np.random.default_rng(n_bits + groups)
+    k = 1 << n_bits
+    forward, back = moved_axis_perms(len(shape), axis)
+    canonical = [shape[a] for a in forward]
+    codes = rng.integers(0, k, (canonical[0], math.prod(canonical[1:])))
+    model, weight = _single_weight(shape, dtype)
+    out = encoding.write_lut(
+        model,
+        weight,
+        packed=pack_bits(codes, n_bits),
+        lut=rng.standard_normal((groups, k, 1)).astype(dtype),
+        scale=None,
+        n_bits=n_bits,
+        canonical_shape=canonical,
+        perm=back,
+    )
+    assert out.producer().op_type == "LutGatherGrouped"
+    _assert_three_way(model, out, shape, dtype)
+
+
 @settings(max_examples=30, deadline=None)
 @given(
     shape=shapes,

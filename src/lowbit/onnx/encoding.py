@@ -203,6 +203,21 @@ def _insert_before_uses(graph: ir.Graph, weight: ir.Value, node: ir.Node) -> Non
     graph.append(node)
 
 
+def _byte_table_decode(lut, scale, trim, perm, n_bits: int, canonical_shape: Sequence[int]) -> str | None:
+    """``LutGather`` (one scalar LUT, the weight's own layout) or ``LutGatherGrouped`` (scalar LUTs whose groups'
+    codes fill whole bytes) when they can decode this weight, else None (``LutToDense``)."""
+    lut_shape = value_shape(lut)
+    if scale is not None or trim is not None or n_bits not in fn.BYTE_ALIGNED_BITS or lut_shape is None:
+        return None
+    groups, _, cluster_dim = lut_shape
+    if cluster_dim != 1:
+        return None
+    if groups == 1 and list(perm) == sorted(perm):
+        return fn.LUT_GATHER
+    per_group = int(np.prod(canonical_shape)) // groups
+    return fn.LUT_GATHER_GROUPED if per_group * n_bits % 8 == 0 else None
+
+
 def write_lut(
     model: ir.Model,
     weight: ir.Value,
@@ -224,24 +239,21 @@ def write_lut(
     """
     graph, base = home_graph(model, weight), weight.name or "weight"
     lut_value = lut if isinstance(lut, ir.Value) else decode_input(model, graph, f"{base}.lut", lut)
-    lut_shape = value_shape(lut_value)
-    if (
-        scale is None
-        and trim is None
-        and list(perm) == sorted(perm)
-        and n_bits in fn.BYTE_ALIGNED_BITS
-        and lut_shape is not None
-        and lut_shape[0] == lut_shape[2] == 1
-    ):  # one scalar LUT in the weight's own layout: the lighter decode
-        fn.use_function(model, fn.LUT_GATHER)
+    gather = _byte_table_decode(lut_value, scale, trim, perm, n_bits, canonical_shape)
+    if gather is not None:  # scalar LUTs whose groups fill whole bytes: the lighter decodes
+        fn.use_function(model, gather)
+        attributes: dict = {"n_bits": int(n_bits), "shape": [int(d) for d in canonical_shape]}
+        if gather == fn.LUT_GATHER_GROUPED:
+            attributes["perm"] = list(perm)
         node = ir.node(
-            fn.LUT_GATHER,
+            gather,
             [add_initializer(model, graph, f"{base}.indices", packed), lut_value],
-            attributes={"n_bits": int(n_bits), "shape": [int(d) for d in canonical_shape]},
+            attributes=attributes,
             domain=fn.DOMAIN,
-            name=unique_name(model, f"{base}.LutGather"),
+            name=unique_name(model, f"{base}.{gather}"),
         )
-        return _emit(model, weight, node, replace)
+        node.outputs[0].shape = ir.Shape([int(canonical_shape[p]) for p in perm])
+        return _emit(model, weight, node, replace, trim)
     fn.use_function(model, fn.LUT_TO_DENSE)
     if scale is None:
         dtype = _dtype_of(lut_value).numpy()
@@ -410,7 +422,7 @@ def _finish(canonical: np.ndarray, node: ir.Node) -> np.ndarray:
 
 
 def _decode_lut(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray:
-    packed, lut, scale = inputs
+    packed, lut, scale = [*inputs, None][:3]  # LutGatherGrouped has no scale
     assert packed is not None and lut is not None
     shape = _ints(node, "shape")
     cd = lut.shape[-1]
@@ -503,6 +515,7 @@ _DECODERS = {
     (fn.DOMAIN, fn.LUT_GATHER): Decoder(
         "palettized", _describe_lut, _decode_lut_gather, lambda n: tuple(_ints(n, "shape"))
     ),
+    (fn.DOMAIN, fn.LUT_GATHER_GROUPED): Decoder("palettized", _describe_lut, _decode_lut, _permuted_shape),
     (fn.DOMAIN, fn.SPARSE_TO_DENSE): Decoder(
         "sparse", _describe_sparse, _decode_sparse, lambda node: tuple(_ints(node, "shape"))
     ),

@@ -16,6 +16,7 @@ __all__ = [
     "DOMAIN",
     "FUNCTION_OPSET",
     "LUT_GATHER",
+    "LUT_GATHER_GROUPED",
     "LUT_TO_DENSE",
     "MX_DEQUANTIZE",
     "SPARSE_TO_DENSE",
@@ -30,6 +31,7 @@ MIN_IR_VERSION = 8  # model-local functions
 UNPACK_BITS = "UnpackBits"
 LUT_TO_DENSE = "LutToDense"
 LUT_GATHER = "LutGather"
+LUT_GATHER_GROUPED = "LutGatherGrouped"
 BYTE_ALIGNED_BITS = (1, 2, 4, 8)  # n_bits whose codes never straddle a byte: what LutGather takes
 SPARSE_TO_DENSE = "SparseToDense"
 MX_DEQUANTIZE = "MxDequantize"
@@ -162,6 +164,33 @@ def _lut_to_dense() -> onnx.FunctionProto:
     )
 
 
+def _byte_fields() -> list:
+    """Nodes computing ``fields[int32, 256, 8 / n_bits]``: the codes each of the 256 byte values holds (low bits
+    first), from the calling node's ``n_bits`` (which must divide 8)."""
+    n = helper.make_node
+    return [
+        _const_ref("nbits", "n_bits", onnx.AttributeProto.INT, "value_int"),
+        _const("zero", np.array(0, np.int64)),
+        _const("one", np.array(1, np.int64)),
+        _const("eight", np.array(8, np.int64)),
+        _const("byte_count", np.array(256, np.int64)),
+        _const("axis1", np.array([1], np.int64)),
+        _const("minus1", np.array([-1], np.int64)),
+        _const("one_u64", np.array(1, np.uint64)),
+        n("Range", ["zero", "byte_count", "one"], ["byte_values"]),
+        n("Cast", ["byte_values"], ["bytes8"], to=TensorProto.UINT8),
+        n("Unsqueeze", ["bytes8", "axis1"], ["byte_column"]),
+        n("Range", ["zero", "eight", "nbits"], ["offsets"]),
+        n("Cast", ["offsets"], ["offsets8"], to=TensorProto.UINT8),
+        n("BitShift", ["byte_column", "offsets8"], ["shifted"], direction="RIGHT"),
+        n("Cast", ["shifted"], ["shifted32"], to=TensorProto.INT32),
+        n("Cast", ["nbits"], ["nbits_u64"], to=TensorProto.UINT64),
+        n("BitShift", ["one_u64", "nbits_u64"], ["levels_u64"], direction="LEFT"),
+        n("Cast", ["levels_u64"], ["levels"], to=TensorProto.INT32),
+        n("Mod", ["shifted32", "levels"], ["fields"]),
+    ]
+
+
 def _lut_gather() -> onnx.FunctionProto:
     """dense = LutGather(indices, lut[1, K, 1]) <n_bits in {1, 2, 4, 8}, shape>: one scalar LUT, the weight's own
     layout (per-tensor palettization).
@@ -175,27 +204,9 @@ def _lut_gather() -> onnx.FunctionProto:
         ["indices", "lut"],
         ["dense"],
         [
+            *_byte_fields(),
             _const_ref("shape", "shape", onnx.AttributeProto.INTS, "value_ints"),
-            _const_ref("nbits", "n_bits", onnx.AttributeProto.INT, "value_int"),
-            _const("zero", np.array(0, np.int64)),
-            _const("one", np.array(1, np.int64)),
-            _const("eight", np.array(8, np.int64)),
-            _const("byte_count", np.array(256, np.int64)),
-            _const("axis1", np.array([1], np.int64)),
             _const("zero1", np.array([0], np.int64)),
-            _const("minus1", np.array([-1], np.int64)),
-            _const("one_u64", np.array(1, np.uint64)),
-            n("Range", ["zero", "byte_count", "one"], ["byte_values"]),
-            n("Cast", ["byte_values"], ["bytes8"], to=TensorProto.UINT8),
-            n("Unsqueeze", ["bytes8", "axis1"], ["byte_column"]),
-            n("Range", ["zero", "eight", "nbits"], ["offsets"]),
-            n("Cast", ["offsets"], ["offsets8"], to=TensorProto.UINT8),
-            n("BitShift", ["byte_column", "offsets8"], ["shifted"], direction="RIGHT"),
-            n("Cast", ["shifted"], ["shifted32"], to=TensorProto.INT32),
-            n("Cast", ["nbits"], ["nbits_u64"], to=TensorProto.UINT64),
-            n("BitShift", ["one_u64", "nbits_u64"], ["levels_u64"], direction="LEFT"),
-            n("Cast", ["levels_u64"], ["levels"], to=TensorProto.INT32),
-            n("Mod", ["shifted32", "levels"], ["fields"]),
             n("Reshape", ["lut", "minus1"], ["lut_flat"]),
             n("Gather", ["lut_flat", "fields"], ["byte_table"], axis=0),
             n("Cast", ["indices"], ["bytes32"], to=TensorProto.INT32),
@@ -207,6 +218,45 @@ def _lut_gather() -> onnx.FunctionProto:
             n("Reshape", ["used", "shape"], ["dense"]),
         ],
         ["n_bits", "shape"],
+    )
+
+
+def _lut_gather_grouped() -> onnx.FunctionProto:
+    """dense = LutGatherGrouped(indices, lut[G, K, 1]) <n_bits in {1, 2, 4, 8}, shape (channel-first), perm>: G
+    scalar LUTs over consecutive channel groups whose codes fill whole bytes. As :func:`_lut_gather`, with one
+    256-byte table per group: a byte of group g reads row ``g * 256 + byte``."""
+    n = helper.make_node
+    return _function(
+        LUT_GATHER_GROUPED,
+        ["indices", "lut"],
+        ["dense"],
+        [
+            *_byte_fields(),
+            _const_ref("shape", "shape", onnx.AttributeProto.INTS, "value_ints"),
+            _const("idx0", np.array([0], np.int64)),
+            _const("idx1", np.array([1], np.int64)),
+            n("Shape", ["lut"], ["lut_shape"]),
+            n("Gather", ["lut_shape", "idx0"], ["groups1"]),
+            n("Concat", ["groups1", "minus1"], ["by_group"], axis=0),
+            n("Reshape", ["lut", "by_group"], ["lut2"]),
+            n("Gather", ["lut2", "fields"], ["tables"], axis=1),
+            n("Shape", ["fields"], ["fields_shape"]),
+            n("Gather", ["fields_shape", "idx1"], ["per_byte1"]),
+            n("Concat", ["minus1", "per_byte1"], ["table_shape"], axis=0),
+            n("Reshape", ["tables", "table_shape"], ["table"]),
+            n("Cast", ["indices"], ["bytes32"], to=TensorProto.INT32),
+            n("Reshape", ["bytes32", "by_group"], ["grouped"]),
+            n("Squeeze", ["groups1", "idx0"], ["groups"]),
+            n("Range", ["zero", "groups", "one"], ["group_ids"]),
+            n("Mul", ["group_ids", "byte_count"], ["starts64"]),
+            n("Cast", ["starts64"], ["starts_flat"], to=TensorProto.INT32),
+            n("Unsqueeze", ["starts_flat", "axis1"], ["starts"]),
+            n("Add", ["grouped", "starts"], ["rows"]),
+            n("Gather", ["table", "rows"], ["values"], axis=0),
+            n("Reshape", ["values", "shape"], ["canonical"]),
+            _with_ref(n("Transpose", ["canonical"], ["dense"]), "perm", onnx.AttributeProto.INTS),
+        ],
+        ["n_bits", "shape", "perm"],
     )
 
 
@@ -276,6 +326,7 @@ _BUILDERS = {
     UNPACK_BITS: (_unpack_bits, ()),
     LUT_TO_DENSE: (_lut_to_dense, (UNPACK_BITS,)),
     LUT_GATHER: (_lut_gather, ()),
+    LUT_GATHER_GROUPED: (_lut_gather_grouped, ()),
     SPARSE_TO_DENSE: (_sparse_to_dense, (UNPACK_BITS,)),
     MX_DEQUANTIZE: (_mx_dequantize, (UNPACK_BITS,)),
 }

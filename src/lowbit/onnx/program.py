@@ -274,8 +274,11 @@ def load(path: str | os.PathLike) -> Program:
         model = ir.serde.deserialize_model(proto)
     except (DecodeError, onnx.onnx_cpp2py_export.checker.ValidationError, RuntimeWarning, ValueError) as err:
         raise ModelLoadError(f"{p}: not a valid ONNX model ({_one_line(err)})") from err
-    except Exception as err:  # onnx raises assorted types for corrupt protobufs
-        raise ModelLoadError(f"{p}: cannot read the ONNX model ({type(err).__name__}: {_one_line(err)})") from err
+    except Exception as err:  # onnx / onnx-ir raise assorted types: report the innermost cause
+        root: BaseException = err
+        while root.__cause__ is not None:
+            root = root.__cause__
+        raise ModelLoadError(f"{p}: cannot read the ONNX model ({type(root).__name__}: {_one_line(root)})") from err
     ir.external_data.set_base_dir(model.graph, p.parent)
     _check_external_files(model, p)
     # Weights given as Constant nodes become initializers, so every pass sees one kind of constant.
