@@ -205,14 +205,15 @@ def _insert_before_uses(graph: ir.Graph, weight: ir.Value, node: ir.Node) -> Non
 
 def _byte_table_decode(lut, scale, trim, perm, n_bits: int, canonical_shape: Sequence[int]) -> str | None:
     """``LutGather`` (one scalar LUT, the weight's own layout) or ``LutGatherGrouped`` (scalar LUTs whose groups'
-    codes fill whole bytes) when they can decode this weight, else None (``LutToDense``)."""
+    codes fill whole bytes; a ragged last group padded, then trimmed) when they can decode this weight, else None
+    (``LutToDense``)."""
     lut_shape = value_shape(lut)
-    if scale is not None or trim is not None or n_bits not in fn.BYTE_ALIGNED_BITS or lut_shape is None:
+    if scale is not None or n_bits not in fn.BYTE_ALIGNED_BITS or lut_shape is None:
         return None
     groups, _, cluster_dim = lut_shape
     if cluster_dim != 1:
         return None
-    if groups == 1 and list(perm) == sorted(perm):
+    if groups == 1 and list(perm) == sorted(perm) and trim is None:
         return fn.LUT_GATHER
     per_group = int(np.prod(canonical_shape)) // groups
     return fn.LUT_GATHER_GROUPED if per_group * n_bits % 8 == 0 else None
