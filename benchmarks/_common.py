@@ -82,3 +82,23 @@ def minilm_encoder(bert):
             return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     return Encoder()
+
+
+def export_minilm_onnx(bert, path: Path) -> Path:
+    """A transformers BERT (all-MiniLM-L6-v2) exported with the TorchScript exporter at opset 17: inputs
+    ``input_ids`` / ``attention_mask`` with dynamic batch and length, output ``last_hidden_state``."""
+    import torch
+
+    ids = torch.tensor([[101, 7592, 2088, 102]])
+    with torch.no_grad():
+        torch.onnx.export(
+            minilm_encoder(bert),
+            (ids, torch.ones_like(ids)),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=["input_ids", "attention_mask"],
+            output_names=["last_hidden_state"],
+            dynamic_axes={"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}},
+        )
+    return path

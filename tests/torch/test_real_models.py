@@ -5,8 +5,9 @@ import warnings
 
 import numpy as np
 import pytest
+from _common import minilm_encoder
 from _text import english_sentences
-from conftest import digits_split, digits_torch_model, minilm_encoder, ort_session
+from conftest import digits_split, digits_torch_model, ort_session
 
 torch = pytest.importorskip("torch")
 
