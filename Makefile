@@ -46,4 +46,5 @@ $(BENCH)/.ready: pyproject.toml benchmarks/requirements.txt
 
 bench: $(BENCH)/.ready
 	cd benchmarks && ../$(BENCH)/bin/python palettize.py && ../$(BENCH)/bin/python quantize.py && ../$(BENCH)/bin/python sparsify.py \
-		&& ../$(BENCH)/bin/python torch_palettize.py
+		&& ../$(BENCH)/bin/python torch_palettize.py && ../$(BENCH)/bin/python ort_quantize.py \
+		&& ../$(BENCH)/bin/python runtime.py
