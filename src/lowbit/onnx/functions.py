@@ -293,22 +293,25 @@ def _mx_dequantize() -> onnx.FunctionProto:
     (blocks, block) and ``scale_shape`` is the exponent grid broadcastable against it.
     """
     n = helper.make_node
-    unpack = _with_ref(
-        n(UNPACK_BITS, ["codes", "numel"], ["indices"], domain=DOMAIN), "n_bits", onnx.AttributeProto.INT
-    )
     return _function(
         MX_DEQUANTIZE,
         ["codes", "exponents", "table"],
         ["dense"],
         [
+            *_byte_fields(),  # FP4 / fp8 codes fill whole bytes: each byte's values from one 256-entry table
             _const_ref("shape", "shape", onnx.AttributeProto.INTS, "value_ints"),
             _const_ref("split_shape", "split_shape", onnx.AttributeProto.INTS, "value_ints"),
             _const_ref("scale_shape", "scale_shape", onnx.AttributeProto.INTS, "value_ints"),
+            _const("zero1", np.array([0], np.int64)),
             _const("two", np.array(2.0, np.float32)),
             _const("bias", np.array(127.0, np.float32)),
+            n("Gather", ["table", "fields"], ["byte_table"], axis=0),
+            n("Cast", ["codes"], ["bytes32"], to=TensorProto.INT32),
+            n("Gather", ["byte_table", "bytes32"], ["code_values"], axis=0),
+            n("Reshape", ["code_values", "minus1"], ["flat"]),
             n("ReduceProd", ["shape"], ["numel"], keepdims=0),
-            unpack,
-            n("Gather", ["table", "indices"], ["values"], axis=0),
+            n("Unsqueeze", ["numel", "zero1"], ["numel1"]),
+            n("Slice", ["flat", "zero1", "numel1"], ["values"]),
             n("Reshape", ["values", "split_shape"], ["blocks"]),
             n("Cast", ["exponents"], ["e"], to=TensorProto.FLOAT),
             n("Sub", ["e", "bias"], ["unbiased"]),
@@ -328,7 +331,7 @@ _BUILDERS = {
     LUT_GATHER: (_lut_gather, ()),
     LUT_GATHER_GROUPED: (_lut_gather_grouped, ()),
     SPARSE_TO_DENSE: (_sparse_to_dense, (UNPACK_BITS,)),
-    MX_DEQUANTIZE: (_mx_dequantize, (UNPACK_BITS,)),
+    MX_DEQUANTIZE: (_mx_dequantize, ()),
 }
 
 
