@@ -42,6 +42,14 @@ class DType(enum.Enum):
     def bits(self) -> int:
         return self.value.bits
 
+    @classmethod
+    def of(cls, dtype: np.dtype) -> DType:
+        """The DType stored as numpy ``dtype``; ``ValueError`` when none is."""
+        for member in cls:
+            if member.numpy == np.dtype(dtype):
+                return member
+        raise ValueError(f"no lowbit DType is stored as {np.dtype(dtype)}")
+
 
 # The weight element types lowbit compresses (float64 weights are left alone: no runtime wants them small).
 FLOAT_WEIGHT_DTYPES = frozenset({DType.FP32.numpy, DType.FP16.numpy, DType.BF16.numpy})

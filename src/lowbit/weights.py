@@ -21,7 +21,7 @@ from lowbit.kernels.packing import packed_nbytes
 from lowbit.kernels.palettize import Palettized, palettize, stack_palettized
 from lowbit.kernels.prune import Sparsified, block_mask, magnitude_mask, n_m_mask, sparsify
 from lowbit.kernels.quantize import LinearQuantized, quantize_linear
-from lowbit.types import FLOAT_WEIGHT_DTYPES, CompressionGranularity, QScheme
+from lowbit.types import FLOAT_WEIGHT_DTYPES, CompressionGranularity, DType, QScheme
 
 __all__ = [
     "PalettizedWeight",
@@ -237,12 +237,17 @@ class QuantizedWeight:
         return _relative(self.quantized.squared_error, self.quantized.energy)
 
     @property
+    def codes_nbytes(self) -> int:
+        """Bytes of the packed codes alone."""
+        q = self.quantized.q
+        return packed_nbytes(q.size, DType.of(q.dtype).bits)
+
+    @property
     def nbytes(self) -> int:
         """Bytes of the stored form: packed codes, scales and zero points."""
         q = self.quantized
-        bits = 4 if q.q.dtype.itemsize == 1 and q.q.dtype.name in ("int4", "uint4", "float4_e2m1fn") else 8
-        zero_points = 0 if q.zero_point is None else packed_nbytes(q.zero_point.size, bits)
-        return packed_nbytes(q.q.size, bits) + q.scale.nbytes + zero_points
+        zero_points = 0 if q.zero_point is None else packed_nbytes(q.zero_point.size, DType.of(q.q.dtype).bits)
+        return self.codes_nbytes + q.scale.nbytes + zero_points
 
     @property
     def trim(self) -> tuple[int, int] | None:

@@ -191,6 +191,22 @@ def _byte_fields() -> list:
     ]
 
 
+def _byte_table_values(table: str, packed: str, values: str) -> list:
+    """Nodes after :func:`_byte_fields`: ``values`` = the first ``prod(shape)`` codes of ``packed`` (uint8) looked
+    up in the 1-D ``table``, through the table of the 256 bytes' values (needs ``shape`` defined)."""
+    n = helper.make_node
+    return [
+        _const("zero1", np.array([0], np.int64)),
+        n("Gather", [table, "fields"], ["byte_table"], axis=0),
+        n("Cast", [packed], ["bytes32"], to=TensorProto.INT32),
+        n("Gather", ["byte_table", "bytes32"], ["looked_up"], axis=0),
+        n("Reshape", ["looked_up", "minus1"], ["flat"]),
+        n("ReduceProd", ["shape"], ["numel"], keepdims=0),
+        n("Unsqueeze", ["numel", "zero1"], ["numel1"]),
+        n("Slice", ["flat", "zero1", "numel1"], [values]),
+    ]
+
+
 def _lut_gather() -> onnx.FunctionProto:
     """dense = LutGather(indices, lut[1, K, 1]) <n_bits in {1, 2, 4, 8}, shape>: one scalar LUT, the weight's own
     layout (per-tensor palettization).
@@ -206,15 +222,8 @@ def _lut_gather() -> onnx.FunctionProto:
         [
             *_byte_fields(),
             _const_ref("shape", "shape", onnx.AttributeProto.INTS, "value_ints"),
-            _const("zero1", np.array([0], np.int64)),
             n("Reshape", ["lut", "minus1"], ["lut_flat"]),
-            n("Gather", ["lut_flat", "fields"], ["byte_table"], axis=0),
-            n("Cast", ["indices"], ["bytes32"], to=TensorProto.INT32),
-            n("Gather", ["byte_table", "bytes32"], ["values"], axis=0),
-            n("Reshape", ["values", "minus1"], ["flat"]),
-            n("ReduceProd", ["shape"], ["numel"], keepdims=0),
-            n("Unsqueeze", ["numel", "zero1"], ["numel1"]),
-            n("Slice", ["flat", "zero1", "numel1"], ["used"]),
+            *_byte_table_values("lut_flat", "indices", "used"),
             n("Reshape", ["used", "shape"], ["dense"]),
         ],
         ["n_bits", "shape"],
@@ -302,16 +311,9 @@ def _mx_dequantize() -> onnx.FunctionProto:
             _const_ref("shape", "shape", onnx.AttributeProto.INTS, "value_ints"),
             _const_ref("split_shape", "split_shape", onnx.AttributeProto.INTS, "value_ints"),
             _const_ref("scale_shape", "scale_shape", onnx.AttributeProto.INTS, "value_ints"),
-            _const("zero1", np.array([0], np.int64)),
             _const("two", np.array(2.0, np.float32)),
             _const("bias", np.array(127.0, np.float32)),
-            n("Gather", ["table", "fields"], ["byte_table"], axis=0),
-            n("Cast", ["codes"], ["bytes32"], to=TensorProto.INT32),
-            n("Gather", ["byte_table", "bytes32"], ["code_values"], axis=0),
-            n("Reshape", ["code_values", "minus1"], ["flat"]),
-            n("ReduceProd", ["shape"], ["numel"], keepdims=0),
-            n("Unsqueeze", ["numel", "zero1"], ["numel1"]),
-            n("Slice", ["flat", "zero1", "numel1"], ["values"]),
+            *_byte_table_values("table", "codes", "values"),
             n("Reshape", ["values", "split_shape"], ["blocks"]),
             n("Cast", ["exponents"], ["e"], to=TensorProto.FLOAT),
             n("Sub", ["e", "bias"], ["unbiased"]),

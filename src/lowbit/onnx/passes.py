@@ -188,10 +188,11 @@ class WeightPass:
     def _record(self, program: Program, report: CompressionReport, ref: WeightRef, outcome: Callable[[], Any]) -> None:
         try:
             result = outcome()
-            stored = self.stored_nbytes(ref, result, self.config_for(ref))
+            config = self.config_for(ref)
+            stored = self.stored_nbytes(ref, result, config)
             if stored >= ref.nbytes:
                 raise SkipWeight(f"compressed it would take {stored} bytes, not fewer than its {ref.nbytes}")
-            after = self.write(program, ref, result, self.config_for(ref))
+            after = self.write(program, ref, result, config)
         except SkipWeight as skip:
             self._skip(report, ref, skip)
             return

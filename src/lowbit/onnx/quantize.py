@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from lowbit.config import QuantizeConfig
 from lowbit.kernels.decode import value_table
-from lowbit.kernels.packing import pack_bits, packed_nbytes
+from lowbit.kernels.packing import pack_bits
 from lowbit.onnx import encoding
 from lowbit.onnx.discovery import WeightRef, has_fp16_weights
 from lowbit.onnx.passes import WeightPass, target_program
@@ -56,10 +56,7 @@ class QuantizePass(WeightPass):
     def stored_nbytes(self, ref: WeightRef, weight: QuantizedWeight, config: QuantizeConfig) -> int:
         if weight.quantized.e8m0:  # counting the element type's value table, shared once per model
             return weight.nbytes + value_table(weight.quantized.q.dtype).nbytes
-        codes = weight.nbytes - weight.quantized.scale.nbytes
-        if weight.quantized.zero_point is not None:
-            codes -= packed_nbytes(weight.quantized.zero_point.size, config.dtype.bits)
-        return codes + _dequantize_layout(ref, weight, config).nbytes
+        return weight.codes_nbytes + _dequantize_layout(ref, weight, config).nbytes
 
     def write(self, program: Program, ref: WeightRef, weight: QuantizedWeight, config: QuantizeConfig) -> int:
         assert ref.value is not None
