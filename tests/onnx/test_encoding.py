@@ -85,34 +85,21 @@ def test_lut_to_dense_round_trip(n_bits, shape, axis_seed, cluster_dim, groups_s
 
 
 @pytest.mark.parametrize("n_bits", [1, 2, 4, 8])
-@pytest.mark.parametrize("shape", [(7, 5), (16, 16), (3, 1, 5)])
+@pytest.mark.parametrize(
+    ("shape", "axis", "groups", "op"),
+    [
+        ((7, 5), 0, 1, "LutGather"),  # odd element counts leave unused codes in the last byte
+        ((16, 16), 0, 1, "LutGather"),
+        ((3, 1, 5), 0, 1, "LutGather"),
+        ((16, 6), 1, 2, "LutGatherGrouped"),
+        ((8, 4, 3), 0, 4, "LutGatherGrouped"),
+        ((8, 16), 1, 16, "LutGatherGrouped"),
+    ],
+)
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_lut_gather_round_trip(n_bits, shape, dtype):
-    """One scalar LUT in the weight's own layout is written as the lighter LutGather (byte table + one gather);
-    odd element counts leave unused codes in the last byte."""
-    rng = np.random.default_rng(n_bits)
-    k = 1 << n_bits
-    codes = rng.integers(0, k, (shape[0], math.prod(shape[1:])))
-    model, weight = _single_weight(shape, dtype)
-    out = encoding.write_lut(
-        model,
-        weight,
-        packed=pack_bits(codes, n_bits),
-        lut=rng.standard_normal((1, k, 1)).astype(dtype),
-        scale=None,
-        n_bits=n_bits,
-        canonical_shape=list(shape),
-        perm=list(range(len(shape))),
-    )
-    assert out.producer().op_type == "LutGather"
-    _assert_three_way(model, out, shape, dtype)
-
-
-@pytest.mark.parametrize("n_bits", [1, 2, 4, 8])
-@pytest.mark.parametrize(("shape", "axis", "groups"), [((16, 6), 1, 2), ((8, 4, 3), 0, 4), ((8, 16), 1, 16)])
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_lut_gather_grouped_round_trip(n_bits, shape, axis, groups, dtype):
-    """Scalar LUTs over channel groups whose codes fill whole bytes: LutGatherGrouped, one byte table per group."""
+def test_byte_table_decodes_round_trip(n_bits, shape, axis, groups, op, dtype):
+    """Scalar LUTs whose groups fill whole bytes decode through byte tables: LutGather for one LUT in the weight's
+    own layout, LutGatherGrouped (one table per group, then the layout's perm) otherwise."""
     rng = np.random.default_rng(n_bits + groups)
     k = 1 << n_bits
     forward, back = moved_axis_perms(len(shape), axis)
@@ -129,7 +116,7 @@ def test_lut_gather_grouped_round_trip(n_bits, shape, axis, groups, dtype):
         canonical_shape=canonical,
         perm=back,
     )
-    assert out.producer().op_type == "LutGatherGrouped"
+    assert out.producer().op_type == op
     _assert_three_way(model, out, shape, dtype)
 
 

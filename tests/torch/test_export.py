@@ -28,6 +28,13 @@ def _palettized(module: nn.Module, **options) -> nn.Module:
     return PostTrainingPalettizer(module, config).compress()
 
 
+def _assert_ort_runs_it_as_torch(path, model: nn.Module, x) -> None:
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            ort_session(path, "all").run(None, {"x": x.numpy()})[0], model(x).numpy(), rtol=1e-5, atol=1e-6
+        )
+
+
 def test_export_leaves_every_module_in_its_own_mode(tmp_path):
     torch.manual_seed(0)
     inner = nn.Sequential(nn.Linear(32, 64), nn.Dropout(0.5), nn.Linear(64, 8)).eval()
@@ -35,13 +42,7 @@ def test_export_leaves_every_module_in_its_own_mode(tmp_path):
     x = torch.randn(3, 32)
     lowbit.torch.export_onnx(model, (x,), tmp_path / "m.onnx", input_names=["x"])
     assert model.training and not any(m.training for m in model.inner.modules())
-    with torch.no_grad():
-        np.testing.assert_allclose(
-            ort_session(tmp_path / "m.onnx", "all").run(None, {"x": x.numpy()})[0],
-            model(x).numpy(),
-            rtol=1e-5,
-            atol=1e-6,
-        )
+    _assert_ort_runs_it_as_torch(tmp_path / "m.onnx", model, x)
 
 
 def test_recurrent_weights_the_exporter_restacks_are_palettized_losslessly(tmp_path):
@@ -80,10 +81,4 @@ def test_a_ragged_last_group_exports_with_its_own_lut(tmp_path):
     assert row.skipped is None and row.bytes_after < row.bytes_before
     (weight,) = lowbit.load(tmp_path / "m.onnx").weights()
     assert weight.compression == "palettized 4-bit, 4 LUT(s)"
-    with torch.no_grad():
-        np.testing.assert_allclose(
-            ort_session(tmp_path / "m.onnx", "all").run(None, {"x": x.numpy()})[0],
-            model(x).numpy(),
-            rtol=1e-5,
-            atol=1e-6,
-        )
+    _assert_ort_runs_it_as_torch(tmp_path / "m.onnx", model, x)
