@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import lowbit
 from lowbit.kernels.decode import value_table
 from lowbit.kernels.packing import pack_bits
-from lowbit.onnx import encoding
+from lowbit.onnx import decoders, encoding
 from lowbit.onnx.functions import DOMAIN
 from lowbit.weights import moved_axis_perms
 
@@ -25,7 +25,7 @@ def _single_weight(shape, dtype) -> tuple[ir.Model, ir.Value]:
 
 def _reference(value: ir.Value) -> np.ndarray:
     node = value.producer()
-    decoder = encoding.decoder_for(node)
+    decoder = decoders.decoder_for(node)
     return decoder.decode(node, [None if v is None else v.const_value.numpy() for v in node.inputs])
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from lowbit.onnx.encoding import decoder_for
+from lowbit.onnx.decoders import decoder_for
 from lowbit.onnx.program import Program
 
 __all__ = ["decompress_weights"]

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.onnx.encoding import decoder_for, stored_nbytes, value_shape
+from lowbit.onnx.decoders import decoder_for, value_shape
+from lowbit.onnx.encoding import stored_nbytes
 
 __all__ = ["OP_TABLE", "WeightRef", "find_weights", "has_fp16_weights"]
 

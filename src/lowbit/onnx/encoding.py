@@ -1,34 +1,26 @@
-"""The compressed-weight encoding (format version 1): write a compressed weight into a graph, read one back.
-
-Writers take a kernel's arrays (canonical layout) and put them into the graph as a decode node over small constants.
-Readers recognize decode nodes (``lowbit.*`` functions and ``DequantizeLinear`` on constants), describe them for
-reports, and decode them with the numpy reference of :mod:`lowbit.kernels.decode`.
-"""
+"""The compressed-weight encoding (format version 1), writers: take a kernel's arrays (canonical layout) and put
+them into the graph as a decode node over small constants. :mod:`lowbit.onnx.decoders` reads them back."""
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.kernels.decode import dequantize_linear, lut_decode, mx_decode, sparse_decode, value_table
-from lowbit.kernels.packing import unpack_bits
+from lowbit.kernels.decode import value_table
 from lowbit.onnx import functions as fn
+from lowbit.onnx.decoders import dtype_of, value_shape
 
 __all__ = [
-    "Decoder",
     "add_initializer",
     "decode_dtype",
     "decode_input",
-    "decoder_for",
     "home_graph",
     "insert_early",
     "stored_nbytes",
     "unique_name",
-    "value_shape",
     "write_dequantize_linear",
     "write_lut",
     "write_mx",
@@ -73,7 +65,7 @@ def decode_dtype(dtype: ir.DataType) -> ir.DataType:
 def decode_input(model: ir.Model, graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     """An initializer for a decode node's input; a bf16 one is read through a Cast to float (see decode_dtype)."""
     value = add_initializer(model, graph, name, array)
-    if _dtype_of(value) != ir.DataType.BFLOAT16:
+    if dtype_of(value) != ir.DataType.BFLOAT16:
         return value
     cast = ir.node("Cast", [value], {"to": ir.DataType.FLOAT}, name=unique_name(model, f"{value.name}.Cast"))
     out = cast.outputs[0]
@@ -87,12 +79,6 @@ def home_graph(model: ir.Model, weight: ir.Value) -> ir.Graph:
     return weight.graph if isinstance(weight.graph, ir.Graph) else model.graph
 
 
-def _dtype_of(value: ir.Value) -> ir.DataType:
-    dtype = value.const_value.dtype if value.const_value is not None else value.dtype
-    assert dtype is not None, f"{value.name} must carry its dtype"
-    return dtype
-
-
 def _emit(
     model: ir.Model, weight: ir.Value, node: ir.Node, replace: bool, trim: tuple[int, int] | None = None
 ) -> ir.Value:
@@ -101,7 +87,7 @@ def _emit(
     ``axis``."""
     graph, out = home_graph(model, weight), node.outputs[0]
     if out.dtype is None:  # a decode node yields the weight's (decode) type unless its writer said otherwise
-        out.dtype = decode_dtype(_dtype_of(weight))
+        out.dtype = decode_dtype(dtype_of(weight))
     if trim is not None and replace:
         out.name = unique_name(model, f"{node.name}.padded")
         insert_early(graph, node)
@@ -116,9 +102,9 @@ def _emit(
         return out
     _insert_before_uses(graph, weight, node)
     _warn_if_not_folded(weight, node)
-    if _dtype_of(weight) != out.dtype:  # decoded in float: Cast back to the weight's type
-        cast = ir.node("Cast", [out], {"to": _dtype_of(weight)}, name=unique_name(model, f"{node.name}.Cast"))
-        cast.outputs[0].dtype, cast.outputs[0].shape = _dtype_of(weight), out.shape
+    if dtype_of(weight) != out.dtype:  # decoded in float: Cast back to the weight's type
+        cast = ir.node("Cast", [out], {"to": dtype_of(weight)}, name=unique_name(model, f"{node.name}.Cast"))
+        cast.outputs[0].dtype, cast.outputs[0].shape = dtype_of(weight), out.shape
         graph.insert_after(node, cast)
         out = cast.outputs[0]
     name = weight.name
@@ -139,7 +125,7 @@ def _warn_if_not_folded(weight: ir.Value, node: ir.Node) -> None:
     shape = value_shape(weight)
     if node.domain != fn.DOMAIN or shape is None:
         return
-    dense = int(np.prod(shape)) * decode_dtype(_dtype_of(weight)).itemsize
+    dense = int(np.prod(shape)) * decode_dtype(dtype_of(weight)).itemsize
     if dense > ORT_FOLDING_LIMIT_BYTES:
         warnings.warn(
             f"weight {weight.name!r}: decoded it takes {dense / 2**30:.2f} GiB, above ONNX Runtime's 1 GiB "
@@ -158,7 +144,7 @@ def _slice(model: ir.Model, graph: ir.Graph, padded: ir.Value, axis: int, length
         for what, v in (("starts", 0), ("ends", length), ("axes", axis))
     ]
     node = ir.node("Slice", [padded, *bounds], name=unique_name(model, f"{base}.Slice"))
-    node.outputs[0].dtype = _dtype_of(padded)
+    node.outputs[0].dtype = dtype_of(padded)
     return node
 
 
@@ -257,10 +243,10 @@ def write_lut(
         return _emit(model, weight, node, replace, trim)
     fn.use_function(model, fn.LUT_TO_DENSE)
     if scale is None:
-        dtype = _dtype_of(lut_value).numpy()
+        dtype = dtype_of(lut_value).numpy()
         scale_value = _shared(model, f"lowbit.one.{dtype.name}", lambda: np.ones((1, 1), dtype))
     else:
-        lut_dtype = lut.dtype if isinstance(lut, np.ndarray) else _dtype_of(lut_value).numpy()
+        lut_dtype = lut.dtype if isinstance(lut, np.ndarray) else dtype_of(lut_value).numpy()
         scale_value = decode_input(model, graph, f"{base}.scale", np.asarray(scale, lut_dtype).reshape(-1, 1))
     node = ir.node(
         fn.LUT_TO_DENSE,
@@ -295,7 +281,7 @@ def write_sparse(
         domain=fn.DOMAIN,
         name=unique_name(model, f"{base}.SparseToDense"),
     )
-    node.outputs[0].dtype = _dtype_of(values_value)  # the values' type: a quantized chain scatters codes
+    node.outputs[0].dtype = dtype_of(values_value)  # the values' type: a quantized chain scatters codes
     node.outputs[0].shape = ir.Shape([int(d) for d in shape])
     return _emit(model, weight, node, replace)
 
@@ -394,206 +380,3 @@ def stored_nbytes(value: ir.Value) -> int:
 
     visit(value)
     return sum(seen.values())
-
-
-# ----------------------------------------------------------------------------------------------------- readers
-
-
-@dataclass(frozen=True)
-class Decoder:
-    """How one kind of decode node is described and evaluated."""
-
-    kind: str
-    describe: Callable[[ir.Node], str]
-    decode: Callable[[ir.Node, list[np.ndarray | None]], np.ndarray]
-    shape: Callable[[ir.Node], tuple[int, ...] | None]
-
-
-def _ints(node: ir.Node, name: str) -> list[int]:
-    return list(node.attributes[name].as_ints())
-
-
-def _int(node: ir.Node, name: str, default: int = 0) -> int:
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.as_int()
-
-
-def _finish(canonical: np.ndarray, node: ir.Node) -> np.ndarray:
-    return np.ascontiguousarray(canonical.reshape(_ints(node, "shape")).transpose(_ints(node, "perm")))
-
-
-def _decode_lut(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray:
-    packed, lut, scale = [*inputs, None][:3]  # LutGatherGrouped has no scale
-    assert packed is not None and lut is not None
-    shape = _ints(node, "shape")
-    cd = lut.shape[-1]
-    count = int(np.prod(shape)) // cd
-    codes = unpack_bits(packed, _int(node, "n_bits"), count).reshape(shape[0] // cd, -1)
-    return _finish(lut_decode(codes, lut, scale), node)
-
-
-def _decode_lut_gather(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray:
-    packed, lut = inputs
-    assert packed is not None and lut is not None
-    shape = _ints(node, "shape")
-    codes = unpack_bits(packed, _int(node, "n_bits"), int(np.prod(shape))).reshape(1, -1)
-    return lut_decode(codes, lut, None).reshape(shape)
-
-
-def _decode_sparse(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray:
-    mask, values = inputs
-    assert mask is not None and values is not None
-    shape = _ints(node, "shape")
-    return sparse_decode(unpack_bits(mask, 1, int(np.prod(shape))), values.reshape(-1)).reshape(shape)
-
-
-def _decode_mx(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray:
-    codes, exponents, table = inputs
-    assert codes is not None and exponents is not None and table is not None
-    shape = _ints(node, "shape")
-    unpacked = unpack_bits(codes, _int(node, "n_bits"), int(np.prod(shape))).reshape(_ints(node, "split_shape"))
-    dtype = ir.DataType(_int(node, "to")).numpy()
-    return mx_decode(unpacked, exponents.reshape(_ints(node, "scale_shape")), table, dtype).reshape(shape)
-
-
-def _describe_mx(node: ir.Node) -> str:
-    table = value_shape(node.inputs[2])
-    element = "fp4 e2m1" if table == (16,) else "fp8"
-    return f"{element}, e8m0 scales, {int(np.prod(_ints(node, 'shape')) // np.prod(_ints(node, 'scale_shape')))}/block"
-
-
-def _decode_dq(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray:
-    q, scale, zero_point = ([*list(inputs), None, None])[:3]
-    assert q is not None and scale is not None
-    return dequantize_linear(q, scale, zero_point, axis=_int(node, "axis", 1), block_size=_int(node, "block_size"))
-
-
-def _permuted_shape(node: ir.Node) -> tuple[int, ...]:
-    shape = _ints(node, "shape")
-    return tuple(shape[p] for p in _ints(node, "perm"))
-
-
-def _dq_shape(node: ir.Node) -> tuple[int, ...] | None:
-    return value_shape(node.inputs[0])
-
-
-def value_shape(value: ir.Value | None) -> tuple[int, ...] | None:
-    """Static shape of a constant, of a value with a known shape, or of a decode node's output."""
-    if value is None:
-        return None
-    if value.const_value is not None:
-        return tuple(value.const_value.shape.numpy())
-    if value.shape is not None and value.shape.is_static():
-        return tuple(value.shape.numpy())
-    producer = value.producer()
-    decoder = decoder_for(producer) if producer is not None else None
-    return decoder.shape(producer) if decoder is not None and producer is not None else None
-
-
-def _describe_lut(node: ir.Node) -> str:
-    lut_shape = value_shape(node.inputs[1])
-    groups = lut_shape[0] if lut_shape else "?"
-    return f"palettized {_int(node, 'n_bits')}-bit, {groups} LUT(s)"
-
-
-def _describe_sparse(node: ir.Node) -> str:
-    values_shape = value_shape(node.inputs[1])
-    numel = int(np.prod(_ints(node, "shape")))
-    if not values_shape or not numel:
-        return "sparse"
-    return f"sparse {1 - int(np.prod(values_shape)) / numel:.0%}"
-
-
-def _describe_dq(node: ir.Node) -> str:
-    q = node.inputs[0]
-    dtype = _dtype_of(q).name.lower() if q is not None else "?"
-    block = _int(node, "block_size")
-    return f"linear {dtype}" + (f", block {block}" if block else "")
-
-
-_DECODERS = {
-    (fn.DOMAIN, fn.LUT_TO_DENSE): Decoder("palettized", _describe_lut, _decode_lut, _permuted_shape),
-    (fn.DOMAIN, fn.LUT_GATHER): Decoder(
-        "palettized", _describe_lut, _decode_lut_gather, lambda n: tuple(_ints(n, "shape"))
-    ),
-    (fn.DOMAIN, fn.LUT_GATHER_GROUPED): Decoder("palettized", _describe_lut, _decode_lut, _permuted_shape),
-    (fn.DOMAIN, fn.SPARSE_TO_DENSE): Decoder(
-        "sparse", _describe_sparse, _decode_sparse, lambda node: tuple(_ints(node, "shape"))
-    ),
-    (fn.DOMAIN, fn.MX_DEQUANTIZE): Decoder("mx", _describe_mx, _decode_mx, lambda node: tuple(_ints(node, "shape"))),
-    ("", "DequantizeLinear"): Decoder("linear", _describe_dq, _decode_dq, _dq_shape),
-}
-
-
-def _decode_cast(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray:
-    assert inputs[0] is not None
-    return inputs[0].astype(ir.DataType(_int(node, "to")).numpy())
-
-
-_CAST = Decoder("cast", lambda node: "", _decode_cast, lambda node: value_shape(node.inputs[0]))
-
-
-def _is_decode_cast(node: ir.Node) -> bool:
-    """A Cast of a bf16 decode (see decode_dtype): of a decode node's float output back to bf16, or of a bf16
-    constant that only decode nodes read to float."""
-    source = node.inputs[0] if node.inputs else None
-    if source is None:
-        return False
-    producer = source.producer()
-    if producer is not None:  # float back to bf16 after a decode proper (a user's own Cast of a weight is not)
-        back_to_bf16 = _int(node, "to") == ir.DataType.BFLOAT16 and source.dtype == ir.DataType.FLOAT
-        return back_to_bf16 and _is_decoder(producer)
-    users = [user for user, _ in node.outputs[0].uses()]
-    from_bf16 = source.const_value is not None and source.const_value.dtype == ir.DataType.BFLOAT16
-    return from_bf16 and bool(users) and all(_is_decoder(user) for user in users)
-
-
-def _constant_ints(value: ir.Value | None) -> list[int]:
-    assert value is not None and value.const_value is not None
-    return [int(v) for v in value.const_value.numpy().reshape(-1)]
-
-
-def _decode_slice(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray:
-    data, starts, ends, axes = inputs[:4]
-    assert data is not None and starts is not None and ends is not None and axes is not None
-    index = [slice(None)] * data.ndim
-    for start, end, axis in zip(starts.tolist(), ends.tolist(), axes.tolist(), strict=True):
-        index[axis] = slice(start, end)
-    return np.ascontiguousarray(data[tuple(index)])
-
-
-def _slice_shape(node: ir.Node) -> tuple[int, ...] | None:
-    shape = value_shape(node.inputs[0])
-    if shape is None:
-        return None
-    dims = list(shape)
-    for start, end, axis in zip(*(_constant_ints(node.inputs[i]) for i in (1, 2, 3)), strict=True):
-        dims[axis] = len(range(*slice(start, end).indices(dims[axis])))
-    return tuple(dims)
-
-
-_SLICE = Decoder("slice", lambda node: "", _decode_slice, _slice_shape)
-
-
-def _is_decode_slice(node: ir.Node) -> bool:
-    """A Slice that trims a decode node's padded output (a ragged last group or block) to the weight's shape."""
-    if len(node.inputs) != 4 or any(v is None or v.const_value is None for v in node.inputs[1:]):
-        return False
-    source = node.inputs[0]
-    producer = source.producer() if source is not None else None
-    return producer is not None and _is_decoder(producer)
-
-
-def _is_decoder(node: ir.Node) -> bool:
-    """A decode node proper (not one of the Cast / Slice that wrap one)."""
-    return node.op_type not in ("Cast", "Slice") and decoder_for(node) is not None
-
-
-def decoder_for(node: ir.Node) -> Decoder | None:
-    """The decoder of a decode node, or None when ``node`` is not one."""
-    domain = "" if node.domain == "ai.onnx" else node.domain
-    if (domain, node.op_type) == ("", "Cast"):
-        return _CAST if _is_decode_cast(node) else None
-    if (domain, node.op_type) == ("", "Slice"):
-        return _SLICE if _is_decode_slice(node) else None
-    return _DECODERS.get((domain, node.op_type))

@@ -1,0 +1,224 @@
+"""Readers of the compressed-weight encoding: recognize decode nodes (``lowbit.*`` functions, ``DequantizeLinear``
+on constants, and the ``Cast`` / ``Slice`` that wrap them), describe them for reports, and decode them with the numpy
+reference of :mod:`lowbit.kernels.decode`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from lowbit.kernels.decode import dequantize_linear, lut_decode, mx_decode, sparse_decode
+from lowbit.kernels.packing import unpack_bits
+from lowbit.onnx import functions as fn
+
+__all__ = ["Decoder", "decoder_for", "dtype_of", "value_shape"]
+
+
+def dtype_of(value: ir.Value) -> ir.DataType:
+    """The element type of a constant or of a typed value."""
+    dtype = value.const_value.dtype if value.const_value is not None else value.dtype
+    assert dtype is not None, f"{value.name} must carry its dtype"
+    return dtype
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """How one kind of decode node is described and evaluated."""
+
+    kind: str
+    describe: Callable[[ir.Node], str]
+    decode: Callable[[ir.Node, list[np.ndarray | None]], np.ndarray]
+    shape: Callable[[ir.Node], tuple[int, ...] | None]
+
+
+def _ints(node: ir.Node, name: str) -> list[int]:
+    return list(node.attributes[name].as_ints())
+
+
+def _int(node: ir.Node, name: str, default: int = 0) -> int:
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.as_int()
+
+
+def _finish(canonical: np.ndarray, node: ir.Node) -> np.ndarray:
+    return np.ascontiguousarray(canonical.reshape(_ints(node, "shape")).transpose(_ints(node, "perm")))
+
+
+def _decode_lut(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray:
+    packed, lut, scale = [*inputs, None][:3]  # LutGatherGrouped has no scale
+    assert packed is not None and lut is not None
+    shape = _ints(node, "shape")
+    cd = lut.shape[-1]
+    count = int(np.prod(shape)) // cd
+    codes = unpack_bits(packed, _int(node, "n_bits"), count).reshape(shape[0] // cd, -1)
+    return _finish(lut_decode(codes, lut, scale), node)
+
+
+def _decode_lut_gather(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray:
+    packed, lut = inputs
+    assert packed is not None and lut is not None
+    shape = _ints(node, "shape")
+    codes = unpack_bits(packed, _int(node, "n_bits"), int(np.prod(shape))).reshape(1, -1)
+    return lut_decode(codes, lut, None).reshape(shape)
+
+
+def _decode_sparse(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray:
+    mask, values = inputs
+    assert mask is not None and values is not None
+    shape = _ints(node, "shape")
+    return sparse_decode(unpack_bits(mask, 1, int(np.prod(shape))), values.reshape(-1)).reshape(shape)
+
+
+def _decode_mx(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray:
+    codes, exponents, table = inputs
+    assert codes is not None and exponents is not None and table is not None
+    shape = _ints(node, "shape")
+    unpacked = unpack_bits(codes, _int(node, "n_bits"), int(np.prod(shape))).reshape(_ints(node, "split_shape"))
+    dtype = ir.DataType(_int(node, "to")).numpy()
+    return mx_decode(unpacked, exponents.reshape(_ints(node, "scale_shape")), table, dtype).reshape(shape)
+
+
+def _describe_mx(node: ir.Node) -> str:
+    table = value_shape(node.inputs[2])
+    element = "fp4 e2m1" if table == (16,) else "fp8"
+    return f"{element}, e8m0 scales, {int(np.prod(_ints(node, 'shape')) // np.prod(_ints(node, 'scale_shape')))}/block"
+
+
+def _decode_dq(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray:
+    q, scale, zero_point = ([*list(inputs), None, None])[:3]
+    assert q is not None and scale is not None
+    return dequantize_linear(q, scale, zero_point, axis=_int(node, "axis", 1), block_size=_int(node, "block_size"))
+
+
+def _permuted_shape(node: ir.Node) -> tuple[int, ...]:
+    shape = _ints(node, "shape")
+    return tuple(shape[p] for p in _ints(node, "perm"))
+
+
+def _dq_shape(node: ir.Node) -> tuple[int, ...] | None:
+    return value_shape(node.inputs[0])
+
+
+def value_shape(value: ir.Value | None) -> tuple[int, ...] | None:
+    """Static shape of a constant, of a value with a known shape, or of a decode node's output."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return tuple(value.const_value.shape.numpy())
+    if value.shape is not None and value.shape.is_static():
+        return tuple(value.shape.numpy())
+    producer = value.producer()
+    decoder = decoder_for(producer) if producer is not None else None
+    return decoder.shape(producer) if decoder is not None and producer is not None else None
+
+
+def _describe_lut(node: ir.Node) -> str:
+    lut_shape = value_shape(node.inputs[1])
+    groups = lut_shape[0] if lut_shape else "?"
+    return f"palettized {_int(node, 'n_bits')}-bit, {groups} LUT(s)"
+
+
+def _describe_sparse(node: ir.Node) -> str:
+    values_shape = value_shape(node.inputs[1])
+    numel = int(np.prod(_ints(node, "shape")))
+    if not values_shape or not numel:
+        return "sparse"
+    return f"sparse {1 - int(np.prod(values_shape)) / numel:.0%}"
+
+
+def _describe_dq(node: ir.Node) -> str:
+    q = node.inputs[0]
+    dtype = dtype_of(q).name.lower() if q is not None else "?"
+    block = _int(node, "block_size")
+    return f"linear {dtype}" + (f", block {block}" if block else "")
+
+
+_DECODERS = {
+    (fn.DOMAIN, fn.LUT_TO_DENSE): Decoder("palettized", _describe_lut, _decode_lut, _permuted_shape),
+    (fn.DOMAIN, fn.LUT_GATHER): Decoder(
+        "palettized", _describe_lut, _decode_lut_gather, lambda n: tuple(_ints(n, "shape"))
+    ),
+    (fn.DOMAIN, fn.LUT_GATHER_GROUPED): Decoder("palettized", _describe_lut, _decode_lut, _permuted_shape),
+    (fn.DOMAIN, fn.SPARSE_TO_DENSE): Decoder(
+        "sparse", _describe_sparse, _decode_sparse, lambda node: tuple(_ints(node, "shape"))
+    ),
+    (fn.DOMAIN, fn.MX_DEQUANTIZE): Decoder("mx", _describe_mx, _decode_mx, lambda node: tuple(_ints(node, "shape"))),
+    ("", "DequantizeLinear"): Decoder("linear", _describe_dq, _decode_dq, _dq_shape),
+}
+
+
+def _decode_cast(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray:
+    assert inputs[0] is not None
+    return inputs[0].astype(ir.DataType(_int(node, "to")).numpy())
+
+
+_CAST = Decoder("cast", lambda node: "", _decode_cast, lambda node: value_shape(node.inputs[0]))
+
+
+def _is_decode_cast(node: ir.Node) -> bool:
+    """A Cast of a bf16 decode (see decode_dtype): of a decode node's float output back to bf16, or of a bf16
+    constant that only decode nodes read to float."""
+    source = node.inputs[0] if node.inputs else None
+    if source is None:
+        return False
+    producer = source.producer()
+    if producer is not None:  # float back to bf16 after a decode proper (a user's own Cast of a weight is not)
+        back_to_bf16 = _int(node, "to") == ir.DataType.BFLOAT16 and source.dtype == ir.DataType.FLOAT
+        return back_to_bf16 and _is_decoder(producer)
+    users = [user for user, _ in node.outputs[0].uses()]
+    from_bf16 = source.const_value is not None and source.const_value.dtype == ir.DataType.BFLOAT16
+    return from_bf16 and bool(users) and all(_is_decoder(user) for user in users)
+
+
+def _constant_ints(value: ir.Value | None) -> list[int]:
+    assert value is not None and value.const_value is not None
+    return [int(v) for v in value.const_value.numpy().reshape(-1)]
+
+
+def _decode_slice(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray:
+    data, starts, ends, axes = inputs[:4]
+    assert data is not None and starts is not None and ends is not None and axes is not None
+    index = [slice(None)] * data.ndim
+    for start, end, axis in zip(starts.tolist(), ends.tolist(), axes.tolist(), strict=True):
+        index[axis] = slice(start, end)
+    return np.ascontiguousarray(data[tuple(index)])
+
+
+def _slice_shape(node: ir.Node) -> tuple[int, ...] | None:
+    shape = value_shape(node.inputs[0])
+    if shape is None:
+        return None
+    dims = list(shape)
+    for start, end, axis in zip(*(_constant_ints(node.inputs[i]) for i in (1, 2, 3)), strict=True):
+        dims[axis] = len(range(*slice(start, end).indices(dims[axis])))
+    return tuple(dims)
+
+
+_SLICE = Decoder("slice", lambda node: "", _decode_slice, _slice_shape)
+
+
+def _is_decode_slice(node: ir.Node) -> bool:
+    """A Slice that trims a decode node's padded output (a ragged last group or block) to the weight's shape."""
+    if len(node.inputs) != 4 or any(v is None or v.const_value is None for v in node.inputs[1:]):
+        return False
+    source = node.inputs[0]
+    producer = source.producer() if source is not None else None
+    return producer is not None and _is_decoder(producer)
+
+
+def _is_decoder(node: ir.Node) -> bool:
+    """A decode node proper (not one of the Cast / Slice that wrap one)."""
+    return node.op_type not in ("Cast", "Slice") and decoder_for(node) is not None
+
+
+def decoder_for(node: ir.Node) -> Decoder | None:
+    """The decoder of a decode node, or None when ``node`` is not one."""
+    domain = "" if node.domain == "ai.onnx" else node.domain
+    if (domain, node.op_type) == ("", "Cast"):
+        return _CAST if _is_decode_cast(node) else None
+    if (domain, node.op_type) == ("", "Slice"):
+        return _SLICE if _is_decode_slice(node) else None
+    return _DECODERS.get((domain, node.op_type))
