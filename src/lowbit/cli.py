@@ -64,6 +64,7 @@ def _palettize(args: argparse.Namespace) -> int:
         mode=args.mode,
         in_place=True,
         configs=_weight_configs(args),
+        target=args.target,
     )
     return _save_and_report(result, args, before)
 
@@ -85,6 +86,7 @@ def _quantize(args: argparse.Namespace) -> int:
         scale_search=args.scale_search,
         in_place=True,
         configs=_weight_configs(args),
+        target=args.target,
     )
     return _save_and_report(result, args, before)
 
@@ -150,6 +152,17 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_target(p: argparse.ArgumentParser) -> None:
+    from lowbit.onnx.fused import TARGETS
+
+    p.add_argument(
+        "--target",
+        default=TARGETS[0],
+        help=f"{' or '.join(TARGETS)} (default {TARGETS[0]}): onnxruntime keeps the weights that fit one of "
+        "ONNX Runtime's fused kernels compressed in its memory (the file then runs in ONNX Runtime only)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lowbit", description="Make neural-network weights small.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -171,6 +184,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=4, help="k-means worker threads (default 4)")
     p.add_argument("--exact", action="store_true", help="cluster fp32 weights' raw values, not fp16-rounded ones")
     _add_selection(p)
+    _add_target(p)
     p.set_defaults(run=_palettize)
     p = sub.add_parser("quantize", help="linear quantization: int8/int4 (sym/asym), fp8, MXFP4")
     p.add_argument("input", type=Path)
@@ -187,6 +201,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--weight-num-threshold", type=int, default=1024, help="leave weights this small alone")
     _add_selection(p)
+    _add_target(p)
     p.set_defaults(run=_quantize)
     p = sub.add_parser("sparsify", help="magnitude pruning stored as a 1-bit mask plus the non-zeros")
     p.add_argument("input", type=Path)

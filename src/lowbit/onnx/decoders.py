@@ -87,6 +87,18 @@ def _describe_mx(node: ir.Node) -> str:
     return f"{element}, e8m0 scales, {int(np.prod(_ints(node, 'shape')) // np.prod(_ints(node, 'scale_shape')))}/block"
 
 
+def _decode_lut_dequantize(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray:
+    q, scale, zero_point = inputs
+    assert q is not None and scale is not None and zero_point is not None
+    lut = dequantize_linear(q, scale.astype(np.float32), zero_point, axis=0)
+    return lut.astype(ir.DataType(_int(node, "to")).numpy())
+
+
+def _describe_lut_dequantize(node: ir.Node) -> str:
+    q = node.inputs[0]
+    return f"{dtype_of(q).name.lower()} LUT" if q is not None else "quantized LUT"
+
+
 def _decode_dq(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray:
     q, scale, zero_point = ([*list(inputs), None, None])[:3]
     assert q is not None and scale is not None
@@ -142,6 +154,9 @@ _DECODERS = {
         "palettized", _describe_lut, _decode_lut_gather, lambda n: tuple(_ints(n, "shape"))
     ),
     (fn.DOMAIN, fn.LUT_GATHER_GROUPED): Decoder("palettized", _describe_lut, _decode_lut, _permuted_shape),
+    (fn.DOMAIN, fn.LUT_DEQUANTIZE): Decoder(
+        "lut", _describe_lut_dequantize, _decode_lut_dequantize, lambda node: value_shape(node.inputs[0])
+    ),
     (fn.DOMAIN, fn.SPARSE_TO_DENSE): Decoder(
         "sparse", _describe_sparse, _decode_sparse, lambda node: tuple(_ints(node, "shape"))
     ),

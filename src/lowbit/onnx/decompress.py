@@ -6,6 +6,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from lowbit.onnx import fused
 from lowbit.onnx.decoders import decoder_for
 from lowbit.onnx.program import Program
 
@@ -22,7 +23,8 @@ def _constant_array(value: ir.Value | None) -> np.ndarray | None:
 
 def decompress_weights(program: Program, in_place: bool = False) -> Program:
     """Replace each decode node whose inputs are constants (``lowbit.LutToDense``, ``lowbit.SparseToDense``,
-    ``lowbit.MxDequantize``, ``DequantizeLinear``; chains included) by the dense initializer it computes.
+    ``lowbit.MxDequantize``, ``DequantizeLinear``; chains included) by the dense initializer it computes, and each
+    fused kernel lowbit writes for ``target="onnxruntime"`` by ``MatMul`` / ``Gather`` of its dense weight.
 
     The values are computed by the numpy reference decoders, bit for bit what ONNX Runtime computes for the same
     nodes. Unused constants and functions are removed afterwards.
@@ -49,6 +51,12 @@ def decompress_weights(program: Program, in_place: bool = False) -> Program:
         graph.remove(node, safe=True)
         dense.name = name
         graph.register_initializer(dense)
+    for node in [n for n in ir.traversal.RecursiveGraphIterator(target.graph) if fused.is_fused(n)]:
+        try:
+            slot = fused.activation_slot(node)
+            fused.unfuse(node, [None if i == slot else _constant_array(v) for i, v in enumerate(node.inputs)])
+        except LookupError:
+            continue
     ir.passes.PassManager(
         [
             common_passes.RemoveUnusedNodesPass(),

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.onnx.decoders import decoder_for, value_shape
+from lowbit.onnx import fused
+from lowbit.onnx.decoders import decoder_for, dtype_of, value_shape
 from lowbit.onnx.encoding import stored_nbytes
 
 __all__ = ["OP_TABLE", "WeightRef", "find_weights", "has_fp16_weights"]
@@ -229,6 +230,9 @@ def find_weights(program) -> list[WeightRef]:
             entry[1].append(node.op_type)
         entry[2].add(axes)
     refs = []
+    for node in ir.traversal.RecursiveGraphIterator(program.graph):
+        if fused.is_fused(node):
+            refs.append(_fused_ref(node))
     for value, ops, axes_seen in found.values():
         name = value.name or "<unnamed>"
         if len(axes_seen) > 1:
@@ -257,6 +261,28 @@ def find_weights(program) -> list[WeightRef]:
             )
         )
     return refs
+
+
+def _fused_ref(node: ir.Node) -> WeightRef:
+    """The weight a fused kernel (``target="onnxruntime"``) holds: named like its codes, stored in all its inputs but
+    the activation."""
+    codes = fused.codes_input(node)
+    shape, (out_axis, in_axis) = fused.weight_axes(node)
+    stored = [v for i, v in enumerate(node.inputs) if v is not None and i != fused.activation_slot(node)]
+    scales = node.inputs[2]
+    assert scales is not None
+    return WeightRef(
+        name=codes.name or "<unnamed>",
+        shape=shape,
+        dtype=dtype_of(scales),
+        op=node.op_type,
+        output_axis=out_axis,
+        input_axis=in_axis,
+        numel=int(np.prod(shape)),
+        nbytes=sum(stored_nbytes(v) for v in stored),
+        compression=" + ".join(d for d in (fused.describe_fused(node), _describe(codes)) if d),
+        value=codes,
+    )
 
 
 def has_fp16_weights(program) -> bool:

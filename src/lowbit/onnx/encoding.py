@@ -240,6 +240,7 @@ def write_lut(
             name=unique_name(model, f"{base}.{gather}"),
         )
         node.outputs[0].shape = ir.Shape([int(canonical_shape[p]) for p in perm])
+        node.outputs[0].dtype = dtype_of(lut_value)
         return _emit(model, weight, node, replace, trim)
     fn.use_function(model, fn.LUT_TO_DENSE)
     if scale is None:

@@ -15,6 +15,7 @@ __all__ = [
     "BYTE_ALIGNED_BITS",
     "DOMAIN",
     "FUNCTION_OPSET",
+    "LUT_DEQUANTIZE",
     "LUT_GATHER",
     "LUT_GATHER_GROUPED",
     "LUT_TO_DENSE",
@@ -32,6 +33,7 @@ UNPACK_BITS = "UnpackBits"
 LUT_TO_DENSE = "LutToDense"
 LUT_GATHER = "LutGather"
 LUT_GATHER_GROUPED = "LutGatherGrouped"
+LUT_DEQUANTIZE = "LutDequantize"
 BYTE_ALIGNED_BITS = (1, 2, 4, 8)  # n_bits whose codes never straddle a byte: what LutGather takes
 SPARSE_TO_DENSE = "SparseToDense"
 MX_DEQUANTIZE = "MxDequantize"
@@ -269,6 +271,31 @@ def _lut_gather_grouped() -> onnx.FunctionProto:
     )
 
 
+def _lut_dequantize() -> onnx.FunctionProto:
+    """lut = LutDequantize(q[G, K, cd], scale[G], zero_point[G]) <to>: a quantized LUT (int8, uint8, fp8), one
+    scale per LUT: ``(q - zero_point) * scale`` in float32, cast to ``to``, as ``DequantizeLinear(axis=0)``
+    computes it. Written with Cast / Sub / Mul because ONNX Runtime never constant-folds a ``DequantizeLinear``
+    (it keeps them for its QDQ fusions), which would leave the whole weight's decode to every run."""
+    n = helper.make_node
+    return _function(
+        LUT_DEQUANTIZE,
+        ["q", "scale", "zero_point"],
+        ["lut"],
+        [
+            _const("axes12", np.array([1, 2], np.int64)),
+            n("Cast", ["q"], ["q32"], to=TensorProto.FLOAT),
+            n("Cast", ["zero_point"], ["zero_point32"], to=TensorProto.FLOAT),
+            n("Cast", ["scale"], ["scale32"], to=TensorProto.FLOAT),
+            n("Unsqueeze", ["zero_point32", "axes12"], ["zero_point3"]),
+            n("Unsqueeze", ["scale32", "axes12"], ["scale3"]),
+            n("Sub", ["q32", "zero_point3"], ["centred"]),
+            n("Mul", ["centred", "scale3"], ["scaled"]),
+            _with_ref(n("Cast", ["scaled"], ["lut"]), "to", onnx.AttributeProto.INT),
+        ],
+        ["to"],
+    )
+
+
 def _sparse_to_dense() -> onnx.FunctionProto:
     """dense = SparseToDense(mask, values) <shape>: ``values`` scattered at the set bits of the 1-bit ``mask``."""
     n = helper.make_node
@@ -332,6 +359,7 @@ _BUILDERS = {
     LUT_TO_DENSE: (_lut_to_dense, (UNPACK_BITS,)),
     LUT_GATHER: (_lut_gather, ()),
     LUT_GATHER_GROUPED: (_lut_gather_grouped, ()),
+    LUT_DEQUANTIZE: (_lut_dequantize, ()),
     SPARSE_TO_DENSE: (_sparse_to_dense, (UNPACK_BITS,)),
     MX_DEQUANTIZE: (_mx_dequantize, ()),
 }

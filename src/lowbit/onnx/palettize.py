@@ -12,7 +12,8 @@ import onnx_ir as ir
 
 from lowbit.config import PalettizeConfig
 from lowbit.kernels.palettize import Palettized
-from lowbit.onnx import encoding
+from lowbit.onnx import decoders, encoding, fused
+from lowbit.onnx import functions as fn
 from lowbit.onnx.discovery import WeightRef, has_fp16_weights
 from lowbit.onnx.passes import WeightPass, target_program
 from lowbit.onnx.program import Program
@@ -32,9 +33,13 @@ class PalettizePass(WeightPass):
     name = "palettize"
 
     def __init__(
-        self, config: PalettizeConfig, executor: Executor | None = None, configs: WeightConfigs | None = None
+        self,
+        config: PalettizeConfig,
+        executor: Executor | None = None,
+        configs: WeightConfigs | None = None,
+        target: str = fused.TARGETS[0],
     ) -> None:
-        super().__init__(config, config.num_kmeans_workers, executor, configs)
+        super().__init__(config, config.num_kmeans_workers, executor, configs, target)
 
     def requirements_of(self, config: PalettizeConfig, program: Program) -> tuple[int, int]:
         """A quantized LUT's DequantizeLinear needs opset 19 for fp8 codes or 16-bit scales."""
@@ -49,6 +54,11 @@ class PalettizePass(WeightPass):
         )
 
     def write(self, program: Program, ref: WeightRef, result: PalettizedWeight, config: PalettizeConfig) -> int:
+        assert ref.value is not None
+        consumer = fused.fused_consumer(ref.value) if self.target == "onnxruntime" else None
+        grid = fused.palettized_grid(program.model, ref.value, result, consumer, ref.output_axis) if consumer else None
+        if consumer is not None and grid is not None:
+            return fused.write_fused(program.model, ref.value, consumer, grid)
         return encoding.stored_nbytes(write_palettized(program.model, ref, result))
 
 
@@ -73,21 +83,28 @@ def write_palettized(model: ir.Model, ref: WeightRef, weight: PalettizedWeight) 
 
 
 def _lut_dequantize_chain(model: ir.Model, weight: ir.Value, palettized: Palettized) -> ir.Value:
-    """``DequantizeLinear(q, scale[, zero_point], axis=0)`` producing the LUT from its quantized form."""
+    """``lowbit.LutDequantize(q, scale, zero_point)`` producing the LUT from its quantized form."""
     quantized = palettized.lut_quantized
     assert quantized is not None
     name = weight.name or "weight"
     graph = encoding.home_graph(model, weight)
-    inputs = [
-        encoding.add_initializer(model, graph, f"{name}.lut_q", quantized.q),
-        encoding.decode_input(model, graph, f"{name}.lut_scale", quantized.scale),
-    ]
-    if quantized.zero_point is not None:
-        inputs.append(encoding.add_initializer(model, graph, f"{name}.lut_zero_point", quantized.zero_point))
-    node = ir.node("DequantizeLinear", inputs, {"axis": 0}, name=encoding.unique_name(model, f"{name}.lut_dequantize"))
+    zero_point = quantized.zero_point if quantized.zero_point is not None else np.zeros_like(quantized.scale)
+    fn.use_function(model, fn.LUT_DEQUANTIZE)
+    scale = encoding.decode_input(model, graph, f"{name}.lut_scale", quantized.scale)
+    node = ir.node(
+        fn.LUT_DEQUANTIZE,
+        [
+            encoding.add_initializer(model, graph, f"{name}.lut_q", quantized.q),
+            scale,
+            encoding.add_initializer(model, graph, f"{name}.lut_zero_point", zero_point.astype(quantized.q.dtype)),
+        ],
+        {"to": int(decoders.dtype_of(scale))},
+        domain=fn.DOMAIN,
+        name=encoding.unique_name(model, f"{name}.{fn.LUT_DEQUANTIZE}"),
+    )
     out = node.outputs[0]
     out.name = encoding.unique_name(model, f"{name}.lut")
-    out.dtype = encoding.decode_dtype(ir.DataType.from_numpy(palettized.lut.dtype))
+    out.dtype = decoders.dtype_of(scale)
     out.shape = ir.Shape(palettized.lut.shape)
     encoding.insert_early(graph, node)
     return out
@@ -109,6 +126,7 @@ def palettize_weights(
     configs: WeightConfigs | Mapping[str, Any] | None = None,
     mode: str = "kmeans",
     executor: Executor | None = None,
+    target: str = fused.TARGETS[0],
 ) -> Program:
     """Palettize the weights of ``program``: each becomes a LUT of ``2**n_bits`` entries plus n-bit indices.
 
@@ -116,7 +134,7 @@ def palettize_weights(
     ----------
     program : the :class:`~lowbit.Program` to compress.
     lut_dtype : None (default) keeps LUT entries in the weight's dtype; ``INT8``, ``UINT8``, ``FP8_E4M3FN``,
-        ``FP8_E5M2`` quantize them symmetrically with one scale per LUT (a ``DequantizeLinear`` before the LUT).
+        ``FP8_E5M2`` quantize them symmetrically with one scale per LUT (``lowbit.LutDequantize`` before the LUT).
     n_bits : bits per index, one of {1, 2, 3, 4, 6, 8}; default 4.
     granularity : ``PER_TENSOR`` (default, one LUT), ``PER_CHANNEL`` (one per output channel),
         ``PER_GROUPED_CHANNEL`` (one per ``group_size`` consecutive output channels).
@@ -139,6 +157,12 @@ def palettize_weights(
         group's distinct values when there are at most ``2**n_bits``, else skipped with a warning).
     executor : run the per-weight k-means on this ``concurrent.futures.Executor`` (e.g. a Dask client's) instead of
         a thread pool of ``num_kmeans_workers`` (a ``ProcessPoolExecutor`` works too).
+    target : ``"portable"`` (default: standard ONNX ops and lowbit's decode functions, any runtime; ONNX Runtime
+        decodes the weights to dense constants at load) or ``"onnxruntime"``: weights that fit one of ONNX
+        Runtime's fused kernels stay compressed in its memory (``com.microsoft`` ops; the file then runs in ONNX
+        Runtime only). A weight with an int8 / uint8 ``lut_dtype`` (scalar LUTs, no per-channel scale, 1/2/4/8-bit
+        indices) of a ``MatMul`` becomes an 8-bit ``MatMulNBits``, of an embedding ``Gather`` an 8-bit
+        ``GatherBlockQuantized``. Other weights get the portable encoding.
 
     Returns the compressed Program; ``result.report`` holds the per-weight :class:`CompressionReport`.
 
@@ -158,7 +182,7 @@ def palettize_weights(
         rounding_precision=rounding_precision,
         mode=mode,
     )
-    target = target_program(program, in_place)
-    report: CompressionReport = PalettizePass(config, executor, as_weight_configs(configs))(target)
-    target.report = report
-    return target
+    result = target_program(program, in_place)
+    report: CompressionReport = PalettizePass(config, executor, as_weight_configs(configs), target=target)(result)
+    result.report = report
+    return result

@@ -14,10 +14,11 @@ import numpy as np
 import onnx_ir as ir
 from tqdm import tqdm
 
-from lowbit.config import check_bool
+from lowbit.config import check_bool, check_choice
 from lowbit.errors import SkipWeight
 from lowbit.onnx.discovery import WeightRef
 from lowbit.onnx.functions import FUNCTION_OPSET, MIN_IR_VERSION
+from lowbit.onnx.fused import TARGETS
 from lowbit.onnx.program import Program
 from lowbit.onnx.weight_configs import WeightConfigs
 from lowbit.report import CompressionReport, WeightResult
@@ -58,7 +59,9 @@ class WeightPass:
     ``write`` (put its result into the graph) and ``requirements_of`` (what their encoding needs of the model).
 
     ``config`` is the pass's config (a frozen dataclass with ``weight_num_threshold``); ``configs`` (a
-    :class:`~lowbit.onnx.weight_configs.WeightConfigs`) varies it per weight or leaves weights out.
+    :class:`~lowbit.onnx.weight_configs.WeightConfigs`) varies it per weight or leaves weights out. ``target``:
+    ``"portable"`` (standard ops and lowbit functions) or ``"onnxruntime"`` (ONNX Runtime's fused kernels where a
+    weight fits one, see :mod:`lowbit.onnx.fused`).
     """
 
     name = "compress"  # the progress bar's label
@@ -69,8 +72,10 @@ class WeightPass:
         workers: int = 1,
         executor: Executor | None = None,
         configs: WeightConfigs | None = None,
+        target: str = TARGETS[0],
     ) -> None:
         self.config = config
+        self.target = check_choice("target", target, TARGETS)
         self.selection = (configs or WeightConfigs()).selection(config)
         self.workers = workers
         self.executor = executor

@@ -18,7 +18,7 @@ import onnx_ir as ir
 from lowbit.config import QuantizeConfig
 from lowbit.kernels.decode import value_table
 from lowbit.kernels.packing import pack_bits
-from lowbit.onnx import encoding
+from lowbit.onnx import encoding, fused
 from lowbit.onnx.discovery import WeightRef, has_fp16_weights
 from lowbit.onnx.passes import WeightPass, target_program
 from lowbit.onnx.program import Program
@@ -56,11 +56,26 @@ class QuantizePass(WeightPass):
     def stored_nbytes(self, ref: WeightRef, weight: QuantizedWeight, config: QuantizeConfig) -> int:
         if weight.quantized.e8m0:  # counting the element type's value table, shared once per model
             return weight.nbytes + value_table(weight.quantized.q.dtype).nbytes
+        if (kernel := self._fused(ref, weight, config)) is not None:
+            return kernel[1].nbytes
         return weight.codes_nbytes + _dequantize_layout(ref, weight, config).nbytes
+
+    def _fused(self, ref: WeightRef, weight: QuantizedWeight, config: QuantizeConfig) -> tuple[str, fused.Grid] | None:
+        """(consumer, grid) when ``target="onnxruntime"`` and ONNX Runtime has a kernel for this weight."""
+        assert ref.value is not None
+        consumer = fused.fused_consumer(ref.value) if self.target == "onnxruntime" else None
+        if consumer is None or weight.trim is not None or weight.quantized.e8m0:
+            return None
+        layout = _dequantize_layout(ref, weight, config)
+        q = weight.quantized.q
+        grid = fused.quantized_grid(q, layout.scale, layout.zero_point, layout.axis, layout.block, ref.output_axis)
+        return None if grid is None else (consumer, grid)
 
     def write(self, program: Program, ref: WeightRef, weight: QuantizedWeight, config: QuantizeConfig) -> int:
         assert ref.value is not None
         result = weight.quantized
+        if (kernel := self._fused(ref, weight, config)) is not None:
+            return fused.write_fused(program.model, ref.value, *kernel)
         if result.e8m0:
             n_bits = config.dtype.bits
             out = encoding.write_mx(
@@ -146,6 +161,7 @@ def quantize_weights(
     scale_search: bool = False,
     in_place: bool = False,
     configs: WeightConfigs | Mapping[str, Any] | None = None,
+    target: str = fused.TARGETS[0],
 ) -> Program:
     """Linearly quantize the weights of ``program``.
 
@@ -168,6 +184,12 @@ def quantize_weights(
     configs : per-weight parameters: a :class:`~lowbit.onnx.weight_configs.WeightConfigs` (or its dict form)
         whose entries override this call's parameters for weights by op type or name, or leave weights out
         (``None``). Default None: every weight with this call's parameters.
+    target : ``"portable"`` (default: standard ONNX ops and lowbit's decode functions, any runtime; ONNX Runtime
+        decodes the weights to dense constants at load) or ``"onnxruntime"``: weights that fit one of ONNX
+        Runtime's fused kernels stay compressed in its memory (``com.microsoft`` ops; the file then runs in ONNX
+        Runtime only). Linear int4 / uint4 / int8 / uint8 weights of a ``MatMul`` become ``MatMulNBits`` and of an
+        embedding ``Gather`` ``GatherBlockQuantized``, when their blocks are a power of two >= 16 (a per-channel
+        or per-tensor scale is repeated over such blocks). Other weights get the portable encoding.
 
     Returns the quantized Program; ``result.report`` holds the per-weight :class:`CompressionReport`.
 
@@ -185,7 +207,7 @@ def quantize_weights(
         scale_dtype=scale_dtype,  # type: ignore[arg-type]
         scale_search=scale_search,
     )
-    target = target_program(program, in_place)
-    report: CompressionReport = QuantizePass(config, configs=as_weight_configs(configs))(target)
-    target.report = report
-    return target
+    result = target_program(program, in_place)
+    report: CompressionReport = QuantizePass(config, configs=as_weight_configs(configs), target=target)(result)
+    result.report = report
+    return result
