@@ -158,8 +158,9 @@ def _add_target(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--target",
         default=TARGETS[0],
-        help=f"{' or '.join(TARGETS)} (default {TARGETS[0]}): onnxruntime keeps the weights that fit one of "
-        "ONNX Runtime's fused kernels compressed in its memory (the file then runs in ONNX Runtime only)",
+        help=f"{', '.join(TARGETS)} (default {TARGETS[0]}): onnxruntime keeps the weights that fit one of ONNX "
+        "Runtime's fused kernels compressed in its memory (the file then runs in ONNX Runtime only); "
+        "onnxruntime-int8 also quantizes MatMulNBits' activations to int8 (faster, less exact)",
     )
 
 

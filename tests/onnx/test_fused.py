@@ -136,6 +136,21 @@ def test_inspect_second_pass_and_cli(tmp_path, capsys):
     assert {n.op_type for n in onnx.load(tmp_path / "d.onnx").graph.node} == {"MatMul", "Gather"}
     capsys.readouterr()
     assert main(["palettize", str(source), str(tmp_path / "p.onnx"), "--target", "tflite"]) == 2
-    assert "target must be one of {portable, onnxruntime}" in capsys.readouterr().err
+    assert "target must be one of {portable, onnxruntime, onnxruntime-int8}" in capsys.readouterr().err
     with pytest.raises(ValueError, match="target must be one of"):
         lowbit.quantize_weights(_program(), dtype="int8", target="ort")
+
+
+def test_int8_activation_target_trades_exactness_for_speed(tmp_path):
+    program = _program()
+    exact = lowbit.quantize_weights(program, dtype="int8", target="onnxruntime")
+    fast = lowbit.quantize_weights(program, dtype="int8", target="onnxruntime-int8")
+    levels = {n.attributes["accuracy_level"].as_int() for m in (exact, fast) for n in m.graph if n.domain == MS_DOMAIN
+              and n.op_type == "MatMulNBits"}  # fmt: skip
+    assert levels == {0, 4}
+    reference = _run(lowbit.decompress_weights(exact).save(tmp_path / "dense.onnx"))[0]
+    errors = [
+        np.linalg.norm(_run(m.save(tmp_path / f"{i}.onnx"))[0] - reference) / np.linalg.norm(reference)
+        for i, m in enumerate((exact, fast))
+    ]
+    assert errors[0] < 1e-6 < 1e-4 < errors[1] < 5e-2, errors  # int8 activations: measurably, boundedly off

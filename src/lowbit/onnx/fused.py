@@ -49,16 +49,22 @@ __all__ = [
 ]
 
 MS_DOMAIN = "com.microsoft"
-TARGETS = ("portable", "onnxruntime")
+TARGETS = ("portable", "onnxruntime", "onnxruntime-int8")
+# MatMulNBits' accuracy_level per target: 0 computes in float (the decoded weights exactly); 4 quantizes the
+# activations to int8 per block, faster and less exact
+_ACCURACY_LEVEL = {"onnxruntime": 0, "onnxruntime-int8": 4}
 MATMUL_NBITS = "MatMulNBits"
 GATHER_BLOCK_QUANTIZED = "GatherBlockQuantized"
 _FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
 _LARGEST_BLOCK = 256
 
 
-def fused_consumer(weight: ir.Value) -> str | None:
-    """``"MatMul"`` or ``"Gather"`` when every use of the 2-D float / fp16 constant ``weight`` is a ``MatMul``
-    right operand or an axis-0 ``Gather`` table (what the fused kernels replace), else None."""
+def fused_consumer(weight: ir.Value, target: str) -> str | None:
+    """``"MatMul"`` or ``"Gather"`` when ``target`` is an ONNX Runtime one and every use of the 2-D float / fp16
+    constant ``weight`` is a ``MatMul`` right operand or an axis-0 ``Gather`` table (what the fused kernels
+    replace), else None."""
+    if target not in _ACCURACY_LEVEL:
+        return None
     shape = value_shape(weight)
     if shape is None or len(shape) != 2 or dtype_of(weight) not in _FLOATS or weight.is_graph_output():
         return None
@@ -147,9 +153,9 @@ def quantized_grid(
     return Grid(codes, laid_out(np.asarray(scale)), zp, bits, fused)
 
 
-def write_fused(model: ir.Model, weight: ir.Value, consumer: str, grid: Grid) -> int:
-    """Replace every consumer of ``weight`` (all ``consumer`` nodes) by the fused kernel over ``grid``; the codes
-    take the weight's name. Returns the bytes the weight occupies now."""
+def write_fused(model: ir.Model, weight: ir.Value, consumer: str, grid: Grid, target: str) -> int:
+    """Replace every consumer of ``weight`` (all ``consumer`` nodes) by the fused kernel over ``grid`` for
+    ``target``; the codes take the weight's name. Returns the bytes the weight occupies now."""
     graph, base = encoding.home_graph(model, weight), weight.name or "weight"
     model.graph.opset_imports.setdefault(MS_DOMAIN, 1)
     uses = list(weight.uses())
@@ -157,6 +163,7 @@ def write_fused(model: ir.Model, weight: ir.Value, consumer: str, grid: Grid) ->
         graph.initializers.pop(weight.name)  # every use is replaced below: the codes take its name
     if consumer == "MatMul":
         op, inputs, attributes = MATMUL_NBITS, *_matmul_nbits_inputs(model, graph, base, grid)
+        attributes["accuracy_level"] = _ACCURACY_LEVEL[target]
     else:
         op, inputs, attributes = GATHER_BLOCK_QUANTIZED, *_gather_inputs(model, graph, base, grid)
     for node, _ in uses:
@@ -221,7 +228,7 @@ def _matmul_nbits_inputs(model, graph, base: str, grid: Grid) -> tuple[list[ir.V
         zero_points = np.stack([pack_bits(row, grid.bits) for row in grid.zero_point])
         inputs.append(encoding.add_initializer(model, graph, f"{base}.zero_points", zero_points))
     k = blocks * grid.block
-    attributes = {"K": k, "N": int(n), "bits": grid.bits, "block_size": grid.block, "accuracy_level": 0}
+    attributes = {"K": k, "N": int(n), "bits": grid.bits, "block_size": grid.block}
     return inputs, attributes
 
 

@@ -55,10 +55,10 @@ class PalettizePass(WeightPass):
 
     def write(self, program: Program, ref: WeightRef, result: PalettizedWeight, config: PalettizeConfig) -> int:
         assert ref.value is not None
-        consumer = fused.fused_consumer(ref.value) if self.target == "onnxruntime" else None
+        consumer = fused.fused_consumer(ref.value, self.target)
         grid = fused.palettized_grid(program.model, ref.value, result, consumer, ref.output_axis) if consumer else None
         if consumer is not None and grid is not None:
-            return fused.write_fused(program.model, ref.value, consumer, grid)
+            return fused.write_fused(program.model, ref.value, consumer, grid, self.target)
         return encoding.stored_nbytes(write_palettized(program.model, ref, result))
 
 
@@ -160,7 +160,9 @@ def palettize_weights(
     target : ``"portable"`` (default: standard ONNX ops and lowbit's decode functions, any runtime; ONNX Runtime
         decodes the weights to dense constants at load) or ``"onnxruntime"``: weights that fit one of ONNX
         Runtime's fused kernels stay compressed in its memory (``com.microsoft`` ops; the file then runs in ONNX
-        Runtime only). A weight with an int8 / uint8 ``lut_dtype`` (scalar LUTs, no per-channel scale, 1/2/4/8-bit
+        Runtime only); their products compute in float. ``"onnxruntime-int8"``: the same, with MatMulNBits
+        quantizing the activations to int8 (``accuracy_level`` 4: about 2x faster, adds error).
+        A weight with an int8 / uint8 ``lut_dtype`` (scalar LUTs, no per-channel scale, 1/2/4/8-bit
         indices) of a ``MatMul`` becomes an 8-bit ``MatMulNBits``, of an embedding ``Gather`` an 8-bit
         ``GatherBlockQuantized``. Other weights get the portable encoding.
 

@@ -63,7 +63,7 @@ class QuantizePass(WeightPass):
     def _fused(self, ref: WeightRef, weight: QuantizedWeight, config: QuantizeConfig) -> tuple[str, fused.Grid] | None:
         """(consumer, grid) when ``target="onnxruntime"`` and ONNX Runtime has a kernel for this weight."""
         assert ref.value is not None
-        consumer = fused.fused_consumer(ref.value) if self.target == "onnxruntime" else None
+        consumer = fused.fused_consumer(ref.value, self.target)
         if consumer is None or weight.trim is not None or weight.quantized.e8m0:
             return None
         layout = _dequantize_layout(ref, weight, config)
@@ -75,7 +75,7 @@ class QuantizePass(WeightPass):
         assert ref.value is not None
         result = weight.quantized
         if (kernel := self._fused(ref, weight, config)) is not None:
-            return fused.write_fused(program.model, ref.value, *kernel)
+            return fused.write_fused(program.model, ref.value, *kernel, self.target)
         if result.e8m0:
             n_bits = config.dtype.bits
             out = encoding.write_mx(
@@ -187,7 +187,9 @@ def quantize_weights(
     target : ``"portable"`` (default: standard ONNX ops and lowbit's decode functions, any runtime; ONNX Runtime
         decodes the weights to dense constants at load) or ``"onnxruntime"``: weights that fit one of ONNX
         Runtime's fused kernels stay compressed in its memory (``com.microsoft`` ops; the file then runs in ONNX
-        Runtime only). Linear int4 / uint4 / int8 / uint8 weights of a ``MatMul`` become ``MatMulNBits`` and of an
+        Runtime only); their products compute in float. ``"onnxruntime-int8"``: the same, with MatMulNBits
+        quantizing the activations to int8 (``accuracy_level`` 4: about 2x faster, adds error).
+        Linear int4 / uint4 / int8 / uint8 weights of a ``MatMul`` become ``MatMulNBits`` and of an
         embedding ``Gather`` ``GatherBlockQuantized``, when their blocks are a power of two >= 16 (a per-channel
         or per-tensor scale is repeated over such blocks). Other weights get the portable encoding.
 
