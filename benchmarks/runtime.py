@@ -3,7 +3,9 @@ loaded in a fresh process (one intra-op thread, default optimization level): fil
 anonymous RSS that the session added, median latency, and the output's relative error against fp32. ONNX Runtime's
 own ``MatMulNBitsQuantizer`` (RTN, int4, block 32) is measured in the same run.
 
-MiniLM: batch 1 and batch 8 of 24 tokens, error of the last hidden states. SmolLM2 (KV-cache export, see
+RSS is measured right after the session is created and again after ``malloc_trim(0)``: ONNX Runtime frees what it
+folded the decode bodies through, but glibc keeps those pages unless asked (``MALLOC_TRIM_THRESHOLD_`` does it
+for a whole process). MiniLM: batch 1 and batch 8 of 24 tokens, error of the last hidden states. SmolLM2 (KV-cache export, see
 ``_smollm2.py``): a 128-token prompt and one decode step after it, error of the prompt's logits.
 
 Run: ``.venv-bench/bin/python benchmarks/runtime.py [--models minilm smollm2]`` (MiniLM ~2 minutes, SmolLM2 ~15).
@@ -12,6 +14,7 @@ Run: ``.venv-bench/bin/python benchmarks/runtime.py [--models minilm smollm2]`` 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import subprocess
 import sys
@@ -27,6 +30,7 @@ from _smollm2 import export_smollm2_onnx, kv_shape, llm_feeds
 import lowbit
 
 ORT = "onnxruntime"
+RSS = ["RSS MiB", "trimmed MiB"]  # anonymous RSS the session added; the same after glibc's malloc_trim(0)
 
 
 def _anon_mib() -> float:
@@ -80,6 +84,8 @@ def measure_here(model: str, path: str, shape: list[int]) -> None:
     start = time.perf_counter()
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     result = {"create": time.perf_counter() - start, "rss": _anon_mib() - base}
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # what glibc kept of ORT's freed folding intermediates goes back
+    result["trimmed"] = _anon_mib() - base
     runs = _minilm_runs(session, path) if model == "minilm" else _llm_runs(session, path, tuple(shape))  # type: ignore[arg-type]
     print(json.dumps(result | runs))
 
@@ -143,7 +149,7 @@ def run_model(model: str, src: Path, shape: tuple[int, ...], work: Path) -> list
         r = measure(model, path, shape)
         got, reference = np.load(f"{path}.npy"), np.load(f"{src}.npy")
         error = float(np.linalg.norm(got - reference) / np.linalg.norm(reference))
-        cells = [label, f"{_file_mib(path):.1f}", f"{r['create']:.2f}", f"{r['rss']:+.0f}"]
+        cells = [label, f"{_file_mib(path):.1f}", f"{r['create']:.2f}", f"{r['rss']:+.0f}", f"{r['trimmed']:+.0f}"]
         rows.append([*cells, f"{r['b1']:.1f}", f"{r['b8']:.1f}", f"{error:.2e}"])
         print("  " + " | ".join(rows[-1]), file=sys.stderr, flush=True)
     return rows
@@ -165,7 +171,7 @@ def main() -> None:
             rows = run_model("minilm", export_minilm_onnx(bert, work / "minilm.onnx"), (), work)
             print("all-MiniLM-L6-v2, ONNX Runtime, one thread, default optimization level; each model in a new process")
             print("b1 / b8: median ms of batch 1 / batch 8 (24 tokens); error: last hidden states, batch 8\n")
-            print(table(["model", "file MiB", "create s", "RSS MiB", "b1 ms", "b8 ms", "err vs fp32"], rows))
+            print(table(["model", "file MiB", "create s", *RSS, "b1 ms", "b8 ms", "err vs fp32"], rows))
         if "smollm2" in args.models:
             from torch_palettize import load_smollm2
 
@@ -174,7 +180,7 @@ def main() -> None:
             rows = run_model("smollm2", src, kv_shape(lm.config), work)
             print("\nSmolLM2-135M, ONNX Runtime, one thread; prompt: 128 tokens; step: one decode step after it")
             print("error: logits of the prompt's last 32 positions\n")
-            print(table(["model", "file MiB", "create s", "RSS MiB", "prompt ms", "step ms", "err vs fp32"], rows))
+            print(table(["model", "file MiB", "create s", *RSS, "prompt ms", "step ms", "err vs fp32"], rows))
 
 
 if __name__ == "__main__":

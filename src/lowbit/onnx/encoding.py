@@ -199,7 +199,8 @@ def _byte_table_decode(lut, scale, trim, perm, n_bits: int, canonical_shape: Seq
     groups, _, cluster_dim = lut_shape
     if cluster_dim != 1:
         return None
-    if groups == 1 and list(perm) == sorted(perm) and trim is None:
+    whole_bytes = int(np.prod(canonical_shape)) * n_bits % 8 == 0
+    if groups == 1 and list(perm) == sorted(perm) and trim is None and whole_bytes:
         return fn.LUT_GATHER
     per_group = int(np.prod(canonical_shape)) // groups
     return fn.LUT_GATHER_GROUPED if per_group * n_bits % 8 == 0 else None

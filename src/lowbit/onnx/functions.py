@@ -194,28 +194,25 @@ def _byte_fields() -> list:
 
 
 def _byte_table_values(table: str, packed: str, values: str) -> list:
-    """Nodes after :func:`_byte_fields`: ``values`` = the first ``prod(shape)`` codes of ``packed`` (uint8) looked
-    up in the 1-D ``table``, through the table of the 256 bytes' values (needs ``shape`` defined)."""
+    """Nodes after :func:`_byte_fields`: ``values[bytes, 8 / n_bits]`` = the codes of ``packed`` (uint8) looked up
+    in the 1-D ``table``, through the table of the 256 bytes' values. The codes must fill the bytes exactly (the
+    caller reshapes ``values`` straight to the weight: every full-size intermediate costs ONNX Runtime its size
+    in memory while it folds the body, so there is no flatten-and-slice)."""
     n = helper.make_node
     return [
-        _const("zero1", np.array([0], np.int64)),
         n("Gather", [table, "fields"], ["byte_table"], axis=0),
         n("Cast", [packed], ["bytes32"], to=TensorProto.INT32),
-        n("Gather", ["byte_table", "bytes32"], ["looked_up"], axis=0),
-        n("Reshape", ["looked_up", "minus1"], ["flat"]),
-        n("ReduceProd", ["shape"], ["numel"], keepdims=0),
-        n("Unsqueeze", ["numel", "zero1"], ["numel1"]),
-        n("Slice", ["flat", "zero1", "numel1"], [values]),
+        n("Gather", ["byte_table", "bytes32"], [values], axis=0),
     ]
 
 
 def _lut_gather() -> onnx.FunctionProto:
     """dense = LutGather(indices, lut[1, K, 1]) <n_bits in {1, 2, 4, 8}, shape>: one scalar LUT, the weight's own
-    layout (per-tensor palettization).
+    layout (per-tensor palettization), codes filling the bytes exactly (``prod(shape) * n_bits`` divisible by 8).
 
     Each packed byte holds 8 / n_bits codes, so the body first builds the table of the 256 bytes' values
     ``[256, 8 / n_bits]`` from the LUT (tiny), then gathers it with the bytes: the only full-size intermediates are
-    the int32 bytes and the dense values, cheap for ONNX Runtime to constant-fold."""
+    the int32 bytes, the looked-up values and their reshape, cheap for ONNX Runtime to constant-fold."""
     n = helper.make_node
     return _function(
         LUT_GATHER,
@@ -225,8 +222,8 @@ def _lut_gather() -> onnx.FunctionProto:
             *_byte_fields(),
             _const_ref("shape", "shape", onnx.AttributeProto.INTS, "value_ints"),
             n("Reshape", ["lut", "minus1"], ["lut_flat"]),
-            *_byte_table_values("lut_flat", "indices", "used"),
-            n("Reshape", ["used", "shape"], ["dense"]),
+            *_byte_table_values("lut_flat", "indices", "looked_up"),
+            n("Reshape", ["looked_up", "shape"], ["dense"]),
         ],
         ["n_bits", "shape"],
     )
