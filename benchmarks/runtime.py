@@ -5,8 +5,9 @@ own ``MatMulNBitsQuantizer`` (RTN, int4, block 32) is measured in the same run.
 
 RSS is measured right after the session is created and again after ``malloc_trim(0)``: ONNX Runtime frees what it
 folded the decode bodies through, but glibc keeps those pages unless asked (``MALLOC_TRIM_THRESHOLD_`` does it
-for a whole process). MiniLM: batch 1 and batch 8 of 24 tokens, error of the last hidden states. SmolLM2 (KV-cache export, see
-``_smollm2.py``): a 128-token prompt and one decode step after it, error of the prompt's logits.
+for a whole process). MiniLM: batch 1 and batch 8 of 24 tokens, error of the last hidden states. SmolLM2
+(KV-cache export, see ``_smollm2.py``): a 128-token prompt and one decode step after it, error of the prompt's
+logits.
 
 Run: ``.venv-bench/bin/python benchmarks/runtime.py [--models minilm smollm2]`` (MiniLM ~2 minutes, SmolLM2 ~15).
 """
