@@ -213,19 +213,32 @@ def _constants(values: Sequence[ir.Value]) -> list[ir.Value]:
     return found
 
 
+def _pack_rows(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Each row of the 2-D ``codes`` packed on its own (rows padded to whole bytes), as MatMulNBits lays out B and
+    its zero points."""
+    per_byte = 8 // bits
+    padded = np.pad(codes, ((0, 0), (0, -codes.shape[1] % per_byte)))
+    return pack_bits(padded, bits).reshape(len(codes), -1)
+
+
+def _unpack_rows(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """The first ``count`` codes of each row of :func:`_pack_rows`' output."""
+    rows = len(packed)
+    return unpack_bits(packed.reshape(-1), bits, packed.size * 8 // bits).reshape(rows, -1)[:, :count]
+
+
 def _matmul_nbits_inputs(model, graph, base: str, grid: Grid) -> tuple[list[ir.Value], dict]:
     """B ``[N, blocks, block * bits / 8]``, scales ``[N * blocks]``, zero points packed per row like B."""
     n, blocks = grid.scale.shape
     codes = grid.codes  # a value computing them is already laid out [N, blocks, block] (8-bit codes)
     if isinstance(codes, np.ndarray):
-        rows = codes.reshape(n * blocks, grid.block)
-        codes = np.stack([pack_bits(row, grid.bits) for row in rows]).reshape(n, blocks, -1)
+        codes = _pack_rows(codes.reshape(n * blocks, grid.block), grid.bits).reshape(n, blocks, -1)
     inputs = [
         _codes_value(model, graph, base, codes),
         encoding.add_initializer(model, graph, f"{base}.scales", grid.scale.reshape(-1)),
     ]
     if grid.zero_point is not None:
-        zero_points = np.stack([pack_bits(row, grid.bits) for row in grid.zero_point])
+        zero_points = _pack_rows(grid.zero_point, grid.bits)
         inputs.append(encoding.add_initializer(model, graph, f"{base}.zero_points", zero_points))
     k = blocks * grid.block
     attributes = {"K": k, "N": int(n), "bits": grid.bits, "block_size": grid.block}
@@ -360,7 +373,7 @@ def unfused_weight(node: ir.Node, inputs: list[np.ndarray | None]) -> tuple[str,
         assert b is not None and scale is not None
         n, k = _attr(node, "N"), _attr(node, "K")
         blocks = b.shape[1]
-        codes = np.stack([unpack_bits(row, bits, blocks * block) for row in b.reshape(n, -1)])
+        codes = _unpack_rows(b.reshape(n, -1), bits, blocks * block)
         zp = _zero_points(zero_point, bits, n, blocks)
         dense = _dequantize(codes, scale.reshape(n, blocks), zp, block)
         return "MatMul", np.ascontiguousarray(dense[:, :k].T)
@@ -376,7 +389,7 @@ def unfused_weight(node: ir.Node, inputs: list[np.ndarray | None]) -> tuple[str,
 def _zero_points(zero_point: np.ndarray | None, bits: int, n: int, blocks: int) -> np.ndarray:
     if zero_point is None:
         return np.full((n, blocks), 1 << (bits - 1), np.uint8)
-    return np.stack([unpack_bits(row, bits, blocks) for row in zero_point.reshape(n, -1)])
+    return _unpack_rows(zero_point.reshape(n, -1), bits, blocks)
 
 
 def _dequantize(codes: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, block: int) -> np.ndarray:
