@@ -26,7 +26,9 @@ def _single_weight(shape, dtype) -> tuple[ir.Model, ir.Value]:
 def _reference(value: ir.Value) -> np.ndarray:
     node = value.producer()
     decoder = decoders.decoder_for(node)
-    return decoder.decode(node, [None if v is None else v.const_value.numpy() for v in node.inputs])
+    return decoder.decode(
+        node, [None if v is None or v.const_value is None else v.const_value.numpy() for v in node.inputs]
+    )
 
 
 def _assert_three_way(model: ir.Model, value: ir.Value, shape, dtype) -> None:
@@ -84,12 +86,19 @@ def test_lut_to_dense_round_trip(n_bits, shape, axis_seed, cluster_dim, groups_s
     _assert_three_way(model, out, shape, dtype)
 
 
-@pytest.mark.parametrize("n_bits", [1, 2, 4, 8])
+def _expected_decode(op: str, n_bits: int, numel: int) -> str:
+    if n_bits in (3, 6):  # 3-byte words, one LUT only
+        return "LutGatherTriplets" if op == "LutGather" and numel * n_bits % 24 == 0 else "LutToDense"
+    return op if op != "LutGather" or numel * n_bits % 8 == 0 else "LutToDense"
+
+
+@pytest.mark.parametrize("n_bits", [1, 2, 3, 4, 6, 8])
 @pytest.mark.parametrize(
     ("shape", "axis", "groups", "op"),
     [
         ((7, 5), 0, 1, "LutGather"),  # odd element counts: codes that do not fill the bytes go to LutToDense
         ((16, 16), 0, 1, "LutGather"),
+        ((24, 10), 0, 1, "LutGather"),
         ((3, 1, 5), 0, 1, "LutGather"),
         ((16, 6), 1, 2, "LutGatherGrouped"),
         ((8, 4, 3), 0, 4, "LutGatherGrouped"),
@@ -99,8 +108,8 @@ def test_lut_to_dense_round_trip(n_bits, shape, axis_seed, cluster_dim, groups_s
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_byte_table_decodes_round_trip(n_bits, shape, axis, groups, op, dtype):
     """Scalar LUTs whose groups fill whole bytes decode through byte tables: LutGather for one LUT in the weight's
-    own layout when its codes fill the bytes exactly, LutGatherGrouped (one table per group, then the layout's
-    perm) otherwise."""
+    own layout when its codes fill the bytes exactly (LutGatherTriplets: 3-byte words of 3- or 6-bit codes),
+    LutGatherGrouped (one table per group, then the layout's perm) otherwise."""
     rng = np.random.default_rng(n_bits + groups)
     k = 1 << n_bits
     forward, back = moved_axis_perms(len(shape), axis)
@@ -117,8 +126,7 @@ def test_byte_table_decodes_round_trip(n_bits, shape, axis, groups, op, dtype):
         canonical_shape=canonical,
         perm=back,
     )
-    whole_bytes = math.prod(shape) * n_bits % 8 == 0
-    assert out.producer().op_type == (op if whole_bytes or op != "LutGather" else "LutToDense")
+    assert out.producer().op_type == _expected_decode(op, n_bits, math.prod(shape))
     _assert_three_way(model, out, shape, dtype)
 
 
@@ -209,17 +217,17 @@ def test_sparse_chain_of_lut_values():
 
 
 def test_functions_emitted_once_and_only_when_used():
-    model = make_model({"a": np.zeros((4, 4), np.float32), "b": np.zeros((4, 4), np.float32)})
+    model = make_model({"a": np.zeros((5, 4), np.float32), "b": np.zeros((5, 4), np.float32)})
     assert not model.functions
     for name in ("a", "b"):
         encoding.write_lut(
             model,
             model.graph.initializers[name],
-            packed=pack_bits(np.zeros(16, int), 3),
+            packed=pack_bits(np.zeros(20, int), 3),
             lut=np.zeros((1, 8, 1), np.float32),
             scale=None,
-            n_bits=3,  # codes straddle bytes: the general decode
-            canonical_shape=[4, 4],
+            n_bits=3,  # codes straddle bytes and 20 of them do not fill 3-byte words: the general decode
+            canonical_shape=[5, 4],
             perm=[0, 1],
         )
     names = sorted(name for domain, name, _ in model.functions if domain == DOMAIN)
@@ -260,3 +268,19 @@ def test_dequantize_linear_int4_blocked_matches_ort():
     got = ort_session(model).run(None, {})[0]
     dense = lowbit.decompress_weights(lowbit.Program(model))
     assert dense.graph.outputs[0].const_value.numpy().tobytes() == got.tobytes()
+
+
+def test_triplet_codes_shared_per_bit_width_and_gone_after_decompress():
+    weights = {name: np.random.default_rng(3).standard_normal((64, 48)).astype(np.float32) for name in "abc"}
+    program = lowbit.Program(make_model(weights, [("MatMul", name, {}) for name in weights]))
+    six = lowbit.palettize_weights(program, n_bits=6, configs={"op_name_configs": {"c": {"n_bits": 3}}})
+    tables = [n for n in six.graph if n.op_type == "TripletCodes"]
+    assert sorted(n.attributes["n_bits"].as_int() for n in tables) == [3, 6]
+    assert sum(n.op_type == "LutGatherTriplets" for n in six.graph) == 3
+    check_model(six.model)
+    dense = lowbit.decompress_weights(six)
+    assert sorted(dense.graph.initializers) == ["a", "b", "c"] and not dense.model.functions
+    codes_and_luts = 2 * (64 * 48 * 6 // 8 + 64 * 4) + 64 * 48 * 3 // 8 + 8 * 4
+    assert (
+        sum(v.const_value.nbytes for v in six.graph.initializers.values()) == codes_and_luts
+    )  # each weight's codes stored once, the shared tables not at all

@@ -58,10 +58,10 @@ def _decode_lut(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray:
 
 
 def _decode_lut_gather(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray:
-    packed, lut = inputs
+    packed, lut = inputs[:2]  # LutGatherTriplets' codes table is implied by n_bits
     assert packed is not None and lut is not None
     shape = _ints(node, "shape")
-    codes = unpack_bits(packed, _int(node, "n_bits"), int(np.prod(shape))).reshape(1, -1)
+    codes = unpack_bits(packed.reshape(-1), _int(node, "n_bits"), int(np.prod(shape))).reshape(1, -1)
     return lut_decode(codes, lut, None).reshape(shape)
 
 
@@ -148,11 +148,27 @@ def _describe_dq(node: ir.Node) -> str:
     return f"linear {dtype}" + (f", block {block}" if block else "")
 
 
+def triplet_codes(n_bits: int) -> np.ndarray:
+    """``lowbit.TripletCodes``: the codes of each byte pair of a little-endian 24-bit word (``b0 + 256 * b1``: the
+    word's first ``12 / n_bits`` codes; rows from 65536, ``b1 + 256 * b2``: the last ones, from the pair's bit 4)."""
+    pairs = np.arange(65536)[:, None]
+    divisors = 1 << (n_bits * np.arange(12 // n_bits))
+    low, high = (pairs // divisors) % (1 << n_bits), (pairs // (16 * divisors)) % (1 << n_bits)
+    return np.concatenate([low, high]).astype(np.int32)
+
+
+_TRIPLET_CODES = Decoder(
+    "codes",
+    lambda node: "",
+    lambda node, inputs: triplet_codes(_int(node, "n_bits")),
+    lambda node: (131072, 12 // _int(node, "n_bits")),
+)
+_LUT_GATHER = Decoder("palettized", _describe_lut, _decode_lut_gather, lambda n: tuple(_ints(n, "shape")))
 _DECODERS = {
     (fn.DOMAIN, fn.LUT_TO_DENSE): Decoder("palettized", _describe_lut, _decode_lut, _permuted_shape),
-    (fn.DOMAIN, fn.LUT_GATHER): Decoder(
-        "palettized", _describe_lut, _decode_lut_gather, lambda n: tuple(_ints(n, "shape"))
-    ),
+    (fn.DOMAIN, fn.LUT_GATHER): _LUT_GATHER,
+    (fn.DOMAIN, fn.LUT_GATHER_TRIPLETS): _LUT_GATHER,
+    (fn.DOMAIN, fn.TRIPLET_CODES): _TRIPLET_CODES,
     (fn.DOMAIN, fn.LUT_GATHER_GROUPED): Decoder("palettized", _describe_lut, _decode_lut, _permuted_shape),
     (fn.DOMAIN, fn.LUT_DEQUANTIZE): Decoder(
         "lut", _describe_lut_dequantize, _decode_lut_dequantize, lambda node: value_shape(node.inputs[0])

@@ -190,17 +190,19 @@ def _insert_before_uses(graph: ir.Graph, weight: ir.Value, node: ir.Node) -> Non
 
 
 def _byte_table_decode(lut, scale, trim, perm, n_bits: int, canonical_shape: Sequence[int]) -> str | None:
-    """``LutGather`` (one scalar LUT, the weight's own layout) or ``LutGatherGrouped`` (scalar LUTs whose groups'
-    codes fill whole bytes; a ragged last group padded, then trimmed) when they can decode this weight, else None
-    (``LutToDense``)."""
+    """``LutGather`` / ``LutGatherTriplets`` (one scalar LUT, the weight's own layout, codes filling whole bytes /
+    3-byte words) or ``LutGatherGrouped`` (scalar LUTs whose groups' codes fill whole bytes; a ragged last group
+    padded, then trimmed) when they can decode this weight, else None (``LutToDense``)."""
     lut_shape = value_shape(lut)
-    if scale is not None or n_bits not in fn.BYTE_ALIGNED_BITS or lut_shape is None:
+    if scale is not None or lut_shape is None or lut_shape[2] != 1:
         return None
-    groups, _, cluster_dim = lut_shape
-    if cluster_dim != 1:
+    groups, numel = lut_shape[0], int(np.prod(canonical_shape))
+    own_layout = groups == 1 and list(perm) == sorted(perm) and trim is None
+    if own_layout and n_bits in fn.TRIPLET_BITS and numel * n_bits % 24 == 0:
+        return fn.LUT_GATHER_TRIPLETS
+    if n_bits not in fn.BYTE_ALIGNED_BITS:
         return None
-    whole_bytes = int(np.prod(canonical_shape)) * n_bits % 8 == 0
-    if groups == 1 and list(perm) == sorted(perm) and trim is None and whole_bytes:
+    if own_layout and numel * n_bits % 8 == 0:
         return fn.LUT_GATHER
     per_group = int(np.prod(canonical_shape)) // groups
     return fn.LUT_GATHER_GROUPED if per_group * n_bits % 8 == 0 else None
@@ -233,9 +235,14 @@ def write_lut(
         attributes: dict = {"n_bits": int(n_bits), "shape": [int(d) for d in canonical_shape]}
         if gather == fn.LUT_GATHER_GROUPED:
             attributes["perm"] = list(perm)
+        triplets = gather == fn.LUT_GATHER_TRIPLETS
+        stored = packed.reshape(-1, 3) if triplets else packed
+        inputs = [add_initializer(model, graph, f"{base}.indices", stored), lut_value]
+        if triplets:
+            inputs.append(_triplet_codes(model, n_bits))
         node = ir.node(
             gather,
-            [add_initializer(model, graph, f"{base}.indices", packed), lut_value],
+            inputs,
             attributes=attributes,
             domain=fn.DOMAIN,
             name=unique_name(model, f"{base}.{gather}"),
@@ -327,6 +334,25 @@ def write_mx(
     )
     node.outputs[0].dtype, node.outputs[0].shape = decode_dtype(dtype), ir.Shape(shape)
     return _emit(model, weight, node, replace, trim)
+
+
+def _triplet_codes(model: ir.Model, n_bits: int) -> ir.Value:
+    """The main graph's ``lowbit.TripletCodes`` output for ``n_bits`` (one node per model and bit width, shared by
+    every ``LutGatherTriplets``: ONNX Runtime folds it once)."""
+    for node in model.graph:
+        if (
+            node.domain == fn.DOMAIN
+            and node.op_type == fn.TRIPLET_CODES
+            and node.attributes["n_bits"].as_int() == n_bits
+        ):
+            return node.outputs[0]
+    fn.use_function(model, fn.TRIPLET_CODES)
+    name = f"lowbit.triplet_codes.{n_bits}bit"
+    node = ir.node(fn.TRIPLET_CODES, [], {"n_bits": n_bits}, domain=fn.DOMAIN, name=unique_name(model, name))
+    out = node.outputs[0]
+    out.name, out.dtype, out.shape = unique_name(model, name), ir.DataType.INT32, ir.Shape([131072, 12 // n_bits])
+    insert_early(model.graph, node)
+    return out
 
 
 def _shared(model: ir.Model, name: str, make: Callable[[], np.ndarray]) -> ir.Value:

@@ -18,9 +18,12 @@ __all__ = [
     "LUT_DEQUANTIZE",
     "LUT_GATHER",
     "LUT_GATHER_GROUPED",
+    "LUT_GATHER_TRIPLETS",
     "LUT_TO_DENSE",
     "MX_DEQUANTIZE",
     "SPARSE_TO_DENSE",
+    "TRIPLET_BITS",
+    "TRIPLET_CODES",
     "use_function",
 ]
 
@@ -33,6 +36,9 @@ UNPACK_BITS = "UnpackBits"
 LUT_TO_DENSE = "LutToDense"
 LUT_GATHER = "LutGather"
 LUT_GATHER_GROUPED = "LutGatherGrouped"
+LUT_GATHER_TRIPLETS = "LutGatherTriplets"
+TRIPLET_CODES = "TripletCodes"
+TRIPLET_BITS = (3, 6)  # n_bits whose codes fill 3-byte words: what LutGatherTriplets takes
 LUT_DEQUANTIZE = "LutDequantize"
 BYTE_ALIGNED_BITS = (1, 2, 4, 8)  # n_bits whose codes never straddle a byte: what LutGather takes
 SPARSE_TO_DENSE = "SparseToDense"
@@ -268,6 +274,79 @@ def _lut_gather_grouped() -> onnx.FunctionProto:
     )
 
 
+def _triplet_codes() -> onnx.FunctionProto:
+    """codes[131072, 12 / n_bits] = TripletCodes() <n_bits in {3, 6}>: the codes each pair of bytes holds in a
+    little-endian 24-bit word. Rows 0-65535: the first half of the word's codes, from ``b0 + 256 * b1``; rows
+    65536-131071: the second half, from ``b1 + 256 * b2`` (the word's bits 12-23 are that pair's bits 4-15).
+    Independent of any weight: one node per model and bit width, which every ``LutGatherTriplets`` reads, so
+    ONNX Runtime folds it once."""
+    n = helper.make_node
+    return _function(
+        TRIPLET_CODES,
+        [],
+        ["codes"],
+        [
+            _const_ref("nbits", "n_bits", onnx.AttributeProto.INT, "value_int"),
+            _const("zero", np.array(0, np.int64)),
+            _const("one", np.array(1, np.int64)),
+            _const("twelve", np.array(12, np.int64)),
+            _const("sixteen", np.array(16, np.int64)),
+            _const("pairs", np.array(65536, np.int64)),
+            _const("one_u64", np.array(1, np.uint64)),
+            _const("axis1", np.array([1], np.int64)),
+            n("Div", ["twelve", "nbits"], ["half"]),
+            n("Range", ["zero", "half", "one"], ["positions"]),
+            n("Mul", ["positions", "nbits"], ["shifts"]),
+            n("Cast", ["shifts"], ["shifts_u64"], to=TensorProto.UINT64),
+            n("BitShift", ["one_u64", "shifts_u64"], ["divisors_u64"], direction="LEFT"),
+            n("Cast", ["divisors_u64"], ["divisors"], to=TensorProto.INT64),
+            n("Cast", ["nbits"], ["nbits_u64"], to=TensorProto.UINT64),
+            n("BitShift", ["one_u64", "nbits_u64"], ["levels_u64"], direction="LEFT"),
+            n("Cast", ["levels_u64"], ["levels"], to=TensorProto.INT64),
+            n("Range", ["zero", "pairs", "one"], ["pair_values"]),
+            n("Unsqueeze", ["pair_values", "axis1"], ["pair_column"]),
+            n("Div", ["pair_column", "divisors"], ["low_shifted"]),
+            n("Mod", ["low_shifted", "levels"], ["low_codes"]),
+            n("Mul", ["divisors", "sixteen"], ["high_divisors"]),
+            n("Div", ["pair_column", "high_divisors"], ["high_shifted"]),
+            n("Mod", ["high_shifted", "levels"], ["high_codes"]),
+            n("Concat", ["low_codes", "high_codes"], ["codes64"], axis=0),
+            n("Cast", ["codes64"], ["codes"], to=TensorProto.INT32),
+        ],
+        ["n_bits"],
+    )
+
+
+def _lut_gather_triplets() -> onnx.FunctionProto:
+    """dense = LutGatherTriplets(words[W, 3], lut[1, K, 1], codes) <n_bits in {3, 6}, shape>: one scalar LUT, the
+    weight's own layout, n-bit codes in little-endian 24-bit words (8 three-bit or 4 six-bit codes per 3 bytes);
+    ``codes`` is :func:`_triplet_codes`' table for ``n_bits``.
+
+    The body looks the codes table up in the LUT (two 65,536-row tables of values: 1 MiB in float32 for 6 bits),
+    computes each word's two byte-pair rows with one ``Gemm`` of its bytes, and gathers: a few full-size
+    intermediates, as cheap for ONNX Runtime to fold as :func:`_lut_gather`."""
+    n = helper.make_node
+    return _function(
+        LUT_GATHER_TRIPLETS,
+        ["words", "lut", "codes"],
+        ["dense"],
+        [
+            _const_ref("shape", "shape", onnx.AttributeProto.INTS, "value_ints"),
+            _const("minus1", np.array([-1], np.int64)),
+            _const("pair_weights", np.array([[1, 0], [256, 1], [0, 256]], np.float32)),
+            _const("pair_offsets", np.array([0, 65536], np.float32)),
+            n("Reshape", ["lut", "minus1"], ["lut_flat"]),
+            n("Gather", ["lut_flat", "codes"], ["pair_table"], axis=0),
+            n("Cast", ["words"], ["word_bytes"], to=TensorProto.FLOAT),
+            n("Gemm", ["word_bytes", "pair_weights", "pair_offsets"], ["pair_rows_float"]),
+            n("Cast", ["pair_rows_float"], ["pair_rows"], to=TensorProto.INT32),
+            n("Gather", ["pair_table", "pair_rows"], ["values"], axis=0),
+            n("Reshape", ["values", "shape"], ["dense"]),
+        ],
+        ["n_bits", "shape"],
+    )
+
+
 def _lut_dequantize() -> onnx.FunctionProto:
     """lut = LutDequantize(q[G, K, cd], scale[G], zero_point[G]) <to>: a quantized LUT (int8, uint8, fp8), one
     scale per LUT: ``(q - zero_point) * scale`` in float32, cast to ``to``, as ``DequantizeLinear(axis=0)``
@@ -356,6 +435,8 @@ _BUILDERS = {
     LUT_TO_DENSE: (_lut_to_dense, (UNPACK_BITS,)),
     LUT_GATHER: (_lut_gather, ()),
     LUT_GATHER_GROUPED: (_lut_gather_grouped, ()),
+    LUT_GATHER_TRIPLETS: (_lut_gather_triplets, ()),
+    TRIPLET_CODES: (_triplet_codes, ()),
     LUT_DEQUANTIZE: (_lut_dequantize, ()),
     SPARSE_TO_DENSE: (_sparse_to_dense, (UNPACK_BITS,)),
     MX_DEQUANTIZE: (_mx_dequantize, ()),
