@@ -65,6 +65,18 @@ def _decode_lut_gather(node: ir.Node, inputs: list[np.ndarray | None]) -> np.nda
     return lut_decode(codes, lut, None).reshape(shape)
 
 
+def _decode_lut_own_layout(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray:
+    packed, lut = inputs
+    assert packed is not None and lut is not None
+    shape = _ints(node, "shape")
+    codes = unpack_bits(packed.reshape(-1), _int(node, "n_bits"), int(np.prod(shape))).reshape(shape)
+    axis = _int(node, "group_axis") % len(shape)
+    along = [1] * len(shape)
+    along[axis] = -1
+    groups = (np.arange(shape[axis]) // _int(node, "group_size")).reshape(along)
+    return np.ascontiguousarray(lut[:, :, 0][groups, codes])
+
+
 def _decode_sparse(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray:
     mask, values = inputs
     assert mask is not None and values is not None
@@ -168,6 +180,9 @@ _DECODERS = {
     (fn.DOMAIN, fn.LUT_TO_DENSE): Decoder("palettized", _describe_lut, _decode_lut, _permuted_shape),
     (fn.DOMAIN, fn.LUT_GATHER): _LUT_GATHER,
     (fn.DOMAIN, fn.LUT_GATHER_TRIPLETS): _LUT_GATHER,
+    (fn.DOMAIN, fn.LUT_GATHER_OWN_LAYOUT): Decoder(
+        "palettized", _describe_lut, _decode_lut_own_layout, lambda n: tuple(_ints(n, "shape"))
+    ),
     (fn.DOMAIN, fn.TRIPLET_CODES): _TRIPLET_CODES,
     (fn.DOMAIN, fn.LUT_GATHER_GROUPED): Decoder("palettized", _describe_lut, _decode_lut, _permuted_shape),
     (fn.DOMAIN, fn.LUT_DEQUANTIZE): Decoder(

@@ -10,6 +10,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lowbit.kernels.decode import value_table
+from lowbit.kernels.packing import pack_bits, unpack_bits
 from lowbit.onnx import functions as fn
 from lowbit.onnx.decoders import dtype_of, value_shape
 
@@ -190,9 +191,11 @@ def _insert_before_uses(graph: ir.Graph, weight: ir.Value, node: ir.Node) -> Non
 
 
 def _byte_table_decode(lut, scale, trim, perm, n_bits: int, canonical_shape: Sequence[int]) -> str | None:
-    """``LutGather`` / ``LutGatherTriplets`` (one scalar LUT, the weight's own layout, codes filling whole bytes /
-    3-byte words) or ``LutGatherGrouped`` (scalar LUTs whose groups' codes fill whole bytes; a ragged last group
-    padded, then trimmed) when they can decode this weight, else None (``LutToDense``)."""
+    """The lighter decode of scalar LUTs (no per-channel scale) when one can take this weight, else None
+    (``LutToDense``): ``LutGather`` / ``LutGatherTriplets`` (one LUT, the weight's own layout, codes filling whole
+    bytes / 3-byte words), ``LutGatherOwnLayout`` (LUTs grouped along the weight's first or last axis) or
+    ``LutGatherGrouped`` (groups whose codes fill whole bytes, any layout; a ragged last group padded, then
+    trimmed)."""
     lut_shape = value_shape(lut)
     if scale is not None or lut_shape is None or lut_shape[2] != 1:
         return None
@@ -204,8 +207,65 @@ def _byte_table_decode(lut, scale, trim, perm, n_bits: int, canonical_shape: Seq
         return None
     if own_layout and numel * n_bits % 8 == 0:
         return fn.LUT_GATHER
-    per_group = int(np.prod(canonical_shape)) // groups
-    return fn.LUT_GATHER_GROUPED if per_group * n_bits % 8 == 0 else None
+    if _group_axis(groups, perm, n_bits, canonical_shape, trim) is not None:
+        return fn.LUT_GATHER_OWN_LAYOUT
+    return fn.LUT_GATHER_GROUPED if numel // groups * n_bits % 8 == 0 else None
+
+
+def _weight_shape(canonical_shape: Sequence[int], perm: Sequence[int], trim: tuple[int, int] | None) -> list[int]:
+    shape = [int(canonical_shape[p]) for p in perm]
+    if trim is not None:
+        shape[trim[0]] = trim[1]
+    return shape
+
+
+def _group_axis(groups, perm, n_bits: int, canonical_shape, trim) -> int | None:
+    """0 or -1 when the LUT groups run along the weight's first or last axis and its codes, packed along the last
+    axis, never share a byte across rows or groups (``LutGatherOwnLayout``); else None."""
+    axis, shape = list(perm).index(0), _weight_shape(canonical_shape, perm, trim)
+    per_byte, group_size = 8 // n_bits, canonical_shape[0] // groups
+    if shape[-1] % per_byte or axis not in (0, len(shape) - 1):
+        return None
+    if axis == len(shape) - 1:
+        return -1 if group_size % per_byte == 0 else None
+    return 0
+
+
+def _own_layout_indices(packed, n_bits: int, canonical_shape, perm, trim) -> np.ndarray:
+    """The kernel's codes (channel-first, maybe padded) laid out as the weight, packed along its last axis."""
+    codes = unpack_bits(packed, n_bits, int(np.prod(canonical_shape))).reshape(canonical_shape).transpose(perm)
+    shape = _weight_shape(canonical_shape, perm, trim)
+    codes = codes[tuple(slice(0, d) for d in shape)]
+    return pack_bits(codes, n_bits).reshape(*shape[:-1], shape[-1] * n_bits // 8)
+
+
+def _gather_decode(model, weight, gather: str, packed, lut_value, n_bits: int, canonical_shape, perm, trim):
+    """The node of a byte-table decode (see :func:`_byte_table_decode`), and the trim its output still needs."""
+    graph, base = home_graph(model, weight), weight.name or "weight"
+    fn.use_function(model, gather)
+    attributes: dict = {"n_bits": int(n_bits), "shape": [int(d) for d in canonical_shape]}
+    stored, extra = packed, []
+    out_shape = [int(canonical_shape[p]) for p in perm]
+    if gather == fn.LUT_GATHER_GROUPED:
+        attributes["perm"] = list(perm)
+    elif gather == fn.LUT_GATHER_TRIPLETS:
+        stored, extra = packed.reshape(-1, 3), [_triplet_codes(model, n_bits)]
+    elif gather == fn.LUT_GATHER_OWN_LAYOUT:
+        groups = value_shape(lut_value)[0]  # type: ignore[index]
+        axis = _group_axis(groups, perm, n_bits, canonical_shape, trim)
+        stored = _own_layout_indices(packed, n_bits, canonical_shape, perm, trim)
+        out_shape, trim = _weight_shape(canonical_shape, perm, trim), None
+        attributes |= {"shape": out_shape, "group_axis": axis, "group_size": int(canonical_shape[0]) // groups}
+    node = ir.node(
+        gather,
+        [add_initializer(model, graph, f"{base}.indices", stored), lut_value, *extra],
+        attributes=attributes,
+        domain=fn.DOMAIN,
+        name=unique_name(model, f"{base}.{gather}"),
+    )
+    node.outputs[0].shape = ir.Shape(out_shape)
+    node.outputs[0].dtype = dtype_of(lut_value)
+    return node, trim
 
 
 def write_lut(
@@ -221,7 +281,8 @@ def write_lut(
     replace: bool = True,
     trim: tuple[int, int] | None = None,
 ) -> ir.Value:
-    """Encode ``weight`` as ``lowbit.LutToDense``; returns the node's output (named like the weight when replaced).
+    """Encode ``weight`` as ``lowbit.LutToDense`` (or a lighter byte-table decode of the same indices and LUT);
+    returns the node's output (named like the weight when replaced).
 
     ``lut`` is ``[G, K, cluster_dim]`` in the weight dtype, or a value computing it (a LUT-quantization chain).
     ``scale`` is the per-channel factor ``[C]`` (``None``: a shared one-element 1.0). ``trim``: (axis, length) when
@@ -230,25 +291,8 @@ def write_lut(
     graph, base = home_graph(model, weight), weight.name or "weight"
     lut_value = lut if isinstance(lut, ir.Value) else decode_input(model, graph, f"{base}.lut", lut)
     gather = _byte_table_decode(lut_value, scale, trim, perm, n_bits, canonical_shape)
-    if gather is not None:  # scalar LUTs whose groups fill whole bytes: the lighter decodes
-        fn.use_function(model, gather)
-        attributes: dict = {"n_bits": int(n_bits), "shape": [int(d) for d in canonical_shape]}
-        if gather == fn.LUT_GATHER_GROUPED:
-            attributes["perm"] = list(perm)
-        triplets = gather == fn.LUT_GATHER_TRIPLETS
-        stored = packed.reshape(-1, 3) if triplets else packed
-        inputs = [add_initializer(model, graph, f"{base}.indices", stored), lut_value]
-        if triplets:
-            inputs.append(_triplet_codes(model, n_bits))
-        node = ir.node(
-            gather,
-            inputs,
-            attributes=attributes,
-            domain=fn.DOMAIN,
-            name=unique_name(model, f"{base}.{gather}"),
-        )
-        node.outputs[0].shape = ir.Shape([int(canonical_shape[p]) for p in perm])
-        node.outputs[0].dtype = dtype_of(lut_value)
+    if gather is not None:
+        node, trim = _gather_decode(model, weight, gather, packed, lut_value, n_bits, canonical_shape, perm, trim)
         return _emit(model, weight, node, replace, trim)
     fn.use_function(model, fn.LUT_TO_DENSE)
     if scale is None:

@@ -18,6 +18,7 @@ __all__ = [
     "LUT_DEQUANTIZE",
     "LUT_GATHER",
     "LUT_GATHER_GROUPED",
+    "LUT_GATHER_OWN_LAYOUT",
     "LUT_GATHER_TRIPLETS",
     "LUT_TO_DENSE",
     "MX_DEQUANTIZE",
@@ -37,6 +38,7 @@ LUT_TO_DENSE = "LutToDense"
 LUT_GATHER = "LutGather"
 LUT_GATHER_GROUPED = "LutGatherGrouped"
 LUT_GATHER_TRIPLETS = "LutGatherTriplets"
+LUT_GATHER_OWN_LAYOUT = "LutGatherOwnLayout"
 TRIPLET_CODES = "TripletCodes"
 TRIPLET_BITS = (3, 6)  # n_bits whose codes fill 3-byte words: what LutGatherTriplets takes
 LUT_DEQUANTIZE = "LutDequantize"
@@ -372,6 +374,73 @@ def _lut_dequantize() -> onnx.FunctionProto:
     )
 
 
+def _lut_gather_own_layout() -> onnx.FunctionProto:
+    """dense = LutGatherOwnLayout(indices[..., last * n_bits / 8], lut[G, K, 1]) <n_bits in {1, 2, 4, 8}, shape,
+    group_axis in {0, -1}, group_size>: scalar LUTs over consecutive groups of ``group_size`` indices along the
+    weight's first or last axis (the last group may be shorter), indices in the weight's own layout, packed along
+    its last axis (a byte never spans two rows, nor two groups along the last axis).
+
+    Each byte reads the 256-row table of its group: ``row = byte + 256 * group``, the group offsets a small tensor
+    that broadcasts over the bytes; then one gather and a reshape to the weight, no transpose: fewer full-size
+    intermediates for ONNX Runtime to hold while it folds than :func:`_lut_gather_grouped`."""
+    n = helper.make_node
+    return _function(
+        LUT_GATHER_OWN_LAYOUT,
+        ["indices", "lut"],
+        ["dense"],
+        [
+            *_byte_fields(),
+            _const_ref("shape", "shape", onnx.AttributeProto.INTS, "value_ints"),
+            _const_ref("axis", "group_axis", onnx.AttributeProto.INT, "value_int"),
+            _const_ref("group_size", "group_size", onnx.AttributeProto.INT, "value_int"),
+            _const("idx0", np.array([0], np.int64)),
+            _const("one1", np.array([1], np.int64)),
+            n("Shape", ["lut"], ["lut_shape"]),
+            n("Gather", ["lut_shape", "idx0"], ["groups1"]),
+            n("Concat", ["groups1", "minus1"], ["by_group"], axis=0),
+            n("Reshape", ["lut", "by_group"], ["lut2"]),
+            n("Gather", ["lut2", "fields"], ["tables"], axis=1),
+            n("Shape", ["fields"], ["fields_shape"]),
+            n("Gather", ["fields_shape", "one1"], ["per_byte1"]),
+            n("Concat", ["minus1", "per_byte1"], ["table_shape"], axis=0),
+            n("Reshape", ["tables", "table_shape"], ["table"]),
+            n("Cast", ["indices"], ["bytes32"], to=TensorProto.INT32),
+            # the group of each position along the group axis: position * (per_byte on the packed last axis)
+            n("Shape", ["bytes32"], ["bytes_shape"]),
+            n("Unsqueeze", ["axis", "idx0"], ["group_axis1"]),
+            n("Gather", ["bytes_shape", "group_axis1"], ["positions1"]),
+            n("Squeeze", ["positions1", "idx0"], ["positions"]),
+            n("Range", ["zero", "positions", "one"], ["position_ids"]),
+            n("Squeeze", ["per_byte1", "idx0"], ["per_byte"]),
+            n("Sub", ["per_byte", "one"], ["extra"]),
+            n("Mul", ["extra", "axis"], ["minus_extra"]),
+            n("Sub", ["one", "minus_extra"], ["step"]),  # 1 along the first axis, per_byte along the last
+            n("Mul", ["position_ids", "step"], ["elements"]),
+            n("Div", ["elements", "group_size"], ["group_ids"]),
+            n("Mul", ["group_ids", "byte_count"], ["offsets64"]),
+            n("Cast", ["offsets64"], ["offsets_flat"], to=TensorProto.INT32),
+            # along the first axis the offsets need trailing singleton axes to broadcast: rank - 1 of them
+            n("Size", ["bytes_shape"], ["rank"]),
+            n("Sub", ["rank", "one"], ["trailing"]),
+            n("Add", ["axis", "one"], ["first"]),
+            n("Mul", ["trailing", "first"], ["singletons"]),
+            n("Unsqueeze", ["singletons", "idx0"], ["singletons1"]),
+            helper.make_node(
+                "ConstantOfShape",
+                ["singletons1"],
+                ["ones"],
+                value=numpy_helper.from_array(np.array([1], np.int64)),
+            ),
+            n("Concat", ["positions1", "ones"], ["offsets_shape"], axis=0),
+            n("Reshape", ["offsets_flat", "offsets_shape"], ["group_offsets"]),
+            n("Add", ["bytes32", "group_offsets"], ["rows"]),
+            n("Gather", ["table", "rows"], ["values"], axis=0),
+            n("Reshape", ["values", "shape"], ["dense"]),
+        ],
+        ["n_bits", "shape", "group_axis", "group_size"],
+    )
+
+
 def _sparse_to_dense() -> onnx.FunctionProto:
     """dense = SparseToDense(mask, values) <shape>: ``values`` scattered at the set bits of the 1-bit ``mask``."""
     n = helper.make_node
@@ -436,6 +505,7 @@ _BUILDERS = {
     LUT_GATHER: (_lut_gather, ()),
     LUT_GATHER_GROUPED: (_lut_gather_grouped, ()),
     LUT_GATHER_TRIPLETS: (_lut_gather_triplets, ()),
+    LUT_GATHER_OWN_LAYOUT: (_lut_gather_own_layout, ()),
     TRIPLET_CODES: (_triplet_codes, ()),
     LUT_DEQUANTIZE: (_lut_dequantize, ()),
     SPARSE_TO_DENSE: (_sparse_to_dense, (UNPACK_BITS,)),
