@@ -32,7 +32,7 @@ from _smollm2 import export_smollm2_onnx, kv_shape, llm_feeds
 
 import lowbit
 
-ORT = "onnxruntime"
+ORT, FAST = "onnxruntime", "onnxruntime-int8"
 RSS = ["RSS MiB", "trimmed MiB"]  # anonymous RSS the session added; the same after glibc's malloc_trim(0)
 
 
@@ -119,16 +119,20 @@ def encodings(program: lowbit.Program) -> dict[str, Callable[[], lowbit.Program]
         "palettized 2-bit per-tensor": lambda: pal(program, n_bits=2),
         "palettized 6-bit per-tensor": lambda: pal(program, n_bits=6),
         "palettized 8-bit per-tensor": lambda: pal(program, n_bits=8),
+        "palettized 3-bit per-tensor": lambda: pal(program, n_bits=3),
         "palettized 4-bit grouped(16)": lambda: pal(program, n_bits=4, **grouped),
         "palettized 4-bit, int8 LUT": lambda: pal(program, n_bits=4, lut_dtype="int8"),
         "palettized 4-bit, int8 LUT, target ORT": lambda: pal(program, n_bits=4, lut_dtype="int8", target=ORT),
+        "palettized 4-bit, int8 LUT, target ORT-int8": lambda: pal(program, n_bits=4, lut_dtype="int8", target=FAST),
         "palettized 4-bit grouped(16), int8 LUT, target ORT": lambda: pal(
             program, n_bits=4, lut_dtype="int8", target=ORT, **grouped
         ),
         "int8 per-channel": lambda: quant(program, dtype="int8"),
         "int8 per-channel, target ORT": lambda: quant(program, dtype="int8", target=ORT),
+        "int8 per-channel, target ORT-int8": lambda: quant(program, dtype="int8", target=FAST),
         "int4 block 32": lambda: quant(program, dtype="int4", granularity="per_block"),
         "int4 block 32, target ORT": lambda: quant(program, dtype="int4", granularity="per_block", target=ORT),
+        "int4 block 32, target ORT-int8": lambda: quant(program, dtype="int4", granularity="per_block", target=FAST),
         "MXFP4": lambda: quant(program, dtype="fp4_e2m1fn", granularity="per_block"),
         "50% sparse": lambda: sparse(program, target_sparsity=0.5),
         "50% sparse + int8": lambda: sparse(program, target_sparsity=0.5, quantize_dtype="int8"),
