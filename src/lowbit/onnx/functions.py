@@ -237,6 +237,26 @@ def _lut_gather() -> onnx.FunctionProto:
     )
 
 
+def _group_tables() -> list:
+    """Nodes after :func:`_byte_fields`: ``table[G * 256, 8 / n_bits]``, the values of the 256 bytes under each of
+    the ``G`` scalar LUTs of ``lut[G, K, 1]`` (group g's rows from ``g * 256``); also defines ``groups1`` ([G]),
+    ``by_group`` ([G, -1]), ``per_byte1`` and the index constants ``idx0`` / ``idx1``."""
+    n = helper.make_node
+    return [
+        _const("idx0", np.array([0], np.int64)),
+        _const("idx1", np.array([1], np.int64)),
+        n("Shape", ["lut"], ["lut_shape"]),
+        n("Gather", ["lut_shape", "idx0"], ["groups1"]),
+        n("Concat", ["groups1", "minus1"], ["by_group"], axis=0),
+        n("Reshape", ["lut", "by_group"], ["lut2"]),
+        n("Gather", ["lut2", "fields"], ["tables"], axis=1),
+        n("Shape", ["fields"], ["fields_shape"]),
+        n("Gather", ["fields_shape", "idx1"], ["per_byte1"]),
+        n("Concat", ["minus1", "per_byte1"], ["table_shape"], axis=0),
+        n("Reshape", ["tables", "table_shape"], ["table"]),
+    ]
+
+
 def _lut_gather_grouped() -> onnx.FunctionProto:
     """dense = LutGatherGrouped(indices, lut[G, K, 1]) <n_bits in {1, 2, 4, 8}, shape (channel-first), perm>: G
     scalar LUTs over consecutive channel groups whose codes fill whole bytes. As :func:`_lut_gather`, with one
@@ -249,17 +269,7 @@ def _lut_gather_grouped() -> onnx.FunctionProto:
         [
             *_byte_fields(),
             _const_ref("shape", "shape", onnx.AttributeProto.INTS, "value_ints"),
-            _const("idx0", np.array([0], np.int64)),
-            _const("idx1", np.array([1], np.int64)),
-            n("Shape", ["lut"], ["lut_shape"]),
-            n("Gather", ["lut_shape", "idx0"], ["groups1"]),
-            n("Concat", ["groups1", "minus1"], ["by_group"], axis=0),
-            n("Reshape", ["lut", "by_group"], ["lut2"]),
-            n("Gather", ["lut2", "fields"], ["tables"], axis=1),
-            n("Shape", ["fields"], ["fields_shape"]),
-            n("Gather", ["fields_shape", "idx1"], ["per_byte1"]),
-            n("Concat", ["minus1", "per_byte1"], ["table_shape"], axis=0),
-            n("Reshape", ["tables", "table_shape"], ["table"]),
+            *_group_tables(),
             n("Cast", ["indices"], ["bytes32"], to=TensorProto.INT32),
             n("Reshape", ["bytes32", "by_group"], ["grouped"]),
             n("Squeeze", ["groups1", "idx0"], ["groups"]),
@@ -393,17 +403,7 @@ def _lut_gather_own_layout() -> onnx.FunctionProto:
             _const_ref("shape", "shape", onnx.AttributeProto.INTS, "value_ints"),
             _const_ref("axis", "group_axis", onnx.AttributeProto.INT, "value_int"),
             _const_ref("group_size", "group_size", onnx.AttributeProto.INT, "value_int"),
-            _const("idx0", np.array([0], np.int64)),
-            _const("one1", np.array([1], np.int64)),
-            n("Shape", ["lut"], ["lut_shape"]),
-            n("Gather", ["lut_shape", "idx0"], ["groups1"]),
-            n("Concat", ["groups1", "minus1"], ["by_group"], axis=0),
-            n("Reshape", ["lut", "by_group"], ["lut2"]),
-            n("Gather", ["lut2", "fields"], ["tables"], axis=1),
-            n("Shape", ["fields"], ["fields_shape"]),
-            n("Gather", ["fields_shape", "one1"], ["per_byte1"]),
-            n("Concat", ["minus1", "per_byte1"], ["table_shape"], axis=0),
-            n("Reshape", ["tables", "table_shape"], ["table"]),
+            *_group_tables(),
             n("Cast", ["indices"], ["bytes32"], to=TensorProto.INT32),
             # the group of each position along the group axis: position * (per_byte on the packed last axis)
             n("Shape", ["bytes32"], ["bytes_shape"]),
