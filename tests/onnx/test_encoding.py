@@ -148,7 +148,21 @@ def test_sparse_to_dense_round_trip(shape, density, dtype, seed):
     values = rng.standard_normal(int(mask.sum())).astype(dtype)
     model, weight = _single_weight(shape, dtype)
     out = encoding.write_sparse(model, weight, packed_mask=pack_bits(mask, 1), values=values, shape=shape)
+    assert out.producer().op_type == ("SparseGather" if math.prod(shape) % 8 == 0 else "SparseToDense")
     _assert_three_way(model, out, shape, dtype)
+
+
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("shape", [(8, 6), (2, 4, 16)])
+def test_sparse_gather_round_trip(shape, density):
+    """Masks whose bits fill their bytes decode through byte tables (SparseGather): empty, full, mixed."""
+    rng = np.random.default_rng(5)
+    mask = rng.random(shape) < density
+    values = rng.standard_normal(int(mask.sum())).astype(np.float32)
+    model, weight = _single_weight(shape, np.float32)
+    out = encoding.write_sparse(model, weight, packed_mask=pack_bits(mask, 1), values=values, shape=shape)
+    assert out.producer().op_type == "SparseGather"
+    _assert_three_way(model, out, shape, np.float32)
 
 
 @settings(max_examples=30, deadline=None)

@@ -175,6 +175,7 @@ _TRIPLET_CODES = Decoder(
     lambda node, inputs: triplet_codes(_int(node, "n_bits")),
     lambda node: (131072, 12 // _int(node, "n_bits")),
 )
+_SPARSE = Decoder("sparse", _describe_sparse, _decode_sparse, lambda node: tuple(_ints(node, "shape")))
 _LUT_GATHER = Decoder("palettized", _describe_lut, _decode_lut_gather, lambda n: tuple(_ints(n, "shape")))
 _DECODERS = {
     (fn.DOMAIN, fn.LUT_TO_DENSE): Decoder("palettized", _describe_lut, _decode_lut, _permuted_shape),
@@ -188,9 +189,8 @@ _DECODERS = {
     (fn.DOMAIN, fn.LUT_DEQUANTIZE): Decoder(
         "lut", _describe_lut_dequantize, _decode_lut_dequantize, lambda node: value_shape(node.inputs[0])
     ),
-    (fn.DOMAIN, fn.SPARSE_TO_DENSE): Decoder(
-        "sparse", _describe_sparse, _decode_sparse, lambda node: tuple(_ints(node, "shape"))
-    ),
+    (fn.DOMAIN, fn.SPARSE_TO_DENSE): _SPARSE,
+    (fn.DOMAIN, fn.SPARSE_GATHER): _SPARSE,
     (fn.DOMAIN, fn.MX_DEQUANTIZE): Decoder("mx", _describe_mx, _decode_mx, lambda node: tuple(_ints(node, "shape"))),
     ("", "DequantizeLinear"): Decoder("linear", _describe_dq, _decode_dq, _dq_shape),
 }

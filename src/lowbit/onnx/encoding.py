@@ -321,18 +321,20 @@ def write_sparse(
     shape: Sequence[int],
     replace: bool = True,
 ) -> ir.Value:
-    """Encode ``weight`` as ``lowbit.SparseToDense(mask, values)``; ``values`` may be a decode node's output."""
-    fn.use_function(model, fn.SPARSE_TO_DENSE)
+    """Encode ``weight`` as ``lowbit.SparseToDense(mask, values)`` (``lowbit.SparseGather`` when the mask's bits
+    fill its bytes: the same inputs, lighter to fold); ``values`` may be a decode node's output."""
+    op = fn.SPARSE_GATHER if int(np.prod(shape)) % 8 == 0 else fn.SPARSE_TO_DENSE
+    fn.use_function(model, op)
     graph, base = home_graph(model, weight), weight.name or "weight"
     if not isinstance(values, ir.Value):
         values = decode_input(model, graph, f"{base}.values", values)
     values_value = values
     node = ir.node(
-        fn.SPARSE_TO_DENSE,
+        op,
         [add_initializer(model, graph, f"{base}.mask", packed_mask), values_value],
         attributes={"shape": [int(d) for d in shape]},
         domain=fn.DOMAIN,
-        name=unique_name(model, f"{base}.SparseToDense"),
+        name=unique_name(model, f"{base}.{op}"),
     )
     node.outputs[0].dtype = dtype_of(values_value)  # the values' type: a quantized chain scatters codes
     node.outputs[0].shape = ir.Shape([int(d) for d in shape])

@@ -22,6 +22,7 @@ __all__ = [
     "LUT_GATHER_TRIPLETS",
     "LUT_TO_DENSE",
     "MX_DEQUANTIZE",
+    "SPARSE_GATHER",
     "SPARSE_TO_DENSE",
     "TRIPLET_BITS",
     "TRIPLET_CODES",
@@ -44,6 +45,7 @@ TRIPLET_BITS = (3, 6)  # n_bits whose codes fill 3-byte words: what LutGatherTri
 LUT_DEQUANTIZE = "LutDequantize"
 BYTE_ALIGNED_BITS = (1, 2, 4, 8)  # n_bits whose codes never straddle a byte: what LutGather takes
 SPARSE_TO_DENSE = "SparseToDense"
+SPARSE_GATHER = "SparseGather"
 MX_DEQUANTIZE = "MxDequantize"
 
 
@@ -466,6 +468,54 @@ def _sparse_to_dense() -> onnx.FunctionProto:
     )
 
 
+def _sparse_gather() -> onnx.FunctionProto:
+    """dense = SparseGather(mask[prod(shape) / 8], values) <shape>: as ``SparseToDense`` for a mask whose bits fill
+    its bytes, through tables of the 256 bytes: each byte's count of set bits (their running sum gives the byte's
+    first slot) and each bit's rank among them (+1; a large negative for a clear bit, which ``Max`` with 0 sends to
+    the padded zero). No bit grid: a few full-size intermediates for ONNX Runtime to fold."""
+    n = helper.make_node
+    return _function(
+        SPARSE_GATHER,
+        ["mask", "values"],
+        ["dense"],
+        [
+            _const_ref("shape", "shape", onnx.AttributeProto.INTS, "value_ints"),
+            _const("shifts", np.arange(8, dtype=np.uint8)),
+            _const("two", np.array(2, np.uint8)),
+            _const("zero", np.array(0, np.int64)),
+            _const("one", np.array(1, np.int64)),
+            _const("byte_count", np.array(256, np.int64)),
+            _const("axis0", np.array(0, np.int64)),
+            _const("axis1", np.array(1, np.int64)),
+            _const("axes1", np.array([1], np.int64)),
+            _const("pads", np.array([1, 0], np.int64)),
+            _const("clear", np.array(-(1 << 30), np.int32)),
+            _const("zero32", np.array(0, np.int32)),
+            n("Range", ["zero", "byte_count", "one"], ["byte_values"]),
+            n("Cast", ["byte_values"], ["bytes8"], to=TensorProto.UINT8),
+            n("Unsqueeze", ["bytes8", "axes1"], ["byte_column"]),
+            n("BitShift", ["byte_column", "shifts"], ["shifted"], direction="RIGHT"),
+            n("Mod", ["shifted", "two"], ["bits8"]),
+            n("Cast", ["bits8"], ["bits"], to=TensorProto.INT32),
+            n("ReduceSum", ["bits", "axes1"], ["counts_column"], keepdims=0),
+            n("CumSum", ["bits", "axis1"], ["ranks"]),
+            n("Cast", ["bits8"], ["is_set"], to=TensorProto.BOOL),
+            n("Where", ["is_set", "ranks", "clear"], ["slot_table"]),
+            n("Cast", ["mask"], ["bytes32"], to=TensorProto.INT32),
+            n("Gather", ["counts_column", "bytes32"], ["counts"], axis=0),
+            n("CumSum", ["counts", "axis0"], ["starts_flat"], exclusive=1),
+            n("Unsqueeze", ["starts_flat", "axes1"], ["starts"]),
+            n("Gather", ["slot_table", "bytes32"], ["slots"], axis=0),
+            n("Add", ["slots", "starts"], ["shifted_slots"]),
+            n("Max", ["shifted_slots", "zero32"], ["gather_ids"]),
+            n("Pad", ["values", "pads"], ["padded"]),
+            n("Gather", ["padded", "gather_ids"], ["flat"], axis=0),
+            n("Reshape", ["flat", "shape"], ["dense"]),
+        ],
+        ["shape"],
+    )
+
+
 def _mx_dequantize() -> onnx.FunctionProto:
     """dense = MxDequantize(codes, exponents, table) <n_bits, shape, split_shape, scale_shape, to>.
 
@@ -509,6 +559,7 @@ _BUILDERS = {
     TRIPLET_CODES: (_triplet_codes, ()),
     LUT_DEQUANTIZE: (_lut_dequantize, ()),
     SPARSE_TO_DENSE: (_sparse_to_dense, (UNPACK_BITS,)),
+    SPARSE_GATHER: (_sparse_gather, ()),
     MX_DEQUANTIZE: (_mx_dequantize, ()),
 }
 
