@@ -91,6 +91,8 @@ def _expected_decodes(op: str, n_bits: int, numel: int) -> set[str]:
         return {"LutGatherTriplets" if op == "LutGather" and numel * n_bits % 24 == 0 else "LutToDense"}
     if op == "LutGatherGrouped":  # the own-layout decode where the groups and bytes allow it
         return {op, "LutGatherOwnLayout"}
+    if op == "LutGather" and n_bits == 8:
+        return {"LutGatherBytes"}
     return {op if op != "LutGather" or numel * n_bits % 8 == 0 else "LutToDense"}
 
 

@@ -65,6 +65,12 @@ def _decode_lut_gather(node: ir.Node, inputs: list[np.ndarray | None]) -> np.nda
     return lut_decode(codes, lut, None).reshape(shape)
 
 
+def _decode_lut_gather_bytes(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray:
+    indices, lut = inputs
+    assert indices is not None and lut is not None
+    return np.ascontiguousarray(lut.reshape(-1)[indices])
+
+
 def _decode_lut_own_layout(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray:
     packed, lut = inputs
     assert packed is not None and lut is not None
@@ -142,7 +148,7 @@ def value_shape(value: ir.Value | None) -> tuple[int, ...] | None:
 def _describe_lut(node: ir.Node) -> str:
     lut_shape = value_shape(node.inputs[1])
     groups = lut_shape[0] if lut_shape else "?"
-    return f"palettized {_int(node, 'n_bits')}-bit, {groups} LUT(s)"
+    return f"palettized {_int(node, 'n_bits', 8)}-bit, {groups} LUT(s)"  # LutGatherBytes: 8-bit, no attribute
 
 
 def _describe_sparse(node: ir.Node) -> str:
@@ -181,6 +187,9 @@ _DECODERS = {
     (fn.DOMAIN, fn.LUT_TO_DENSE): Decoder("palettized", _describe_lut, _decode_lut, _permuted_shape),
     (fn.DOMAIN, fn.LUT_GATHER): _LUT_GATHER,
     (fn.DOMAIN, fn.LUT_GATHER_TRIPLETS): _LUT_GATHER,
+    (fn.DOMAIN, fn.LUT_GATHER_BYTES): Decoder(
+        "palettized", _describe_lut, _decode_lut_gather_bytes, lambda n: value_shape(n.inputs[0])
+    ),
     (fn.DOMAIN, fn.LUT_GATHER_OWN_LAYOUT): Decoder(
         "palettized", _describe_lut, _decode_lut_own_layout, lambda n: tuple(_ints(n, "shape"))
     ),

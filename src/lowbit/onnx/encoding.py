@@ -192,10 +192,10 @@ def _insert_before_uses(graph: ir.Graph, weight: ir.Value, node: ir.Node) -> Non
 
 def _byte_table_decode(lut, scale, trim, perm, n_bits: int, canonical_shape: Sequence[int]) -> str | None:
     """The lighter decode of scalar LUTs (no per-channel scale) when one can take this weight, else None
-    (``LutToDense``): ``LutGather`` / ``LutGatherTriplets`` (one LUT, the weight's own layout, codes filling whole
-    bytes / 3-byte words), ``LutGatherOwnLayout`` (LUTs grouped along the weight's first or last axis) or
-    ``LutGatherGrouped`` (groups whose codes fill whole bytes, any layout; a ragged last group padded, then
-    trimmed)."""
+    (``LutToDense``): ``LutGatherBytes`` / ``LutGather`` / ``LutGatherTriplets`` (one LUT, the weight's own layout,
+    8-bit codes / codes filling whole bytes / 3-byte words), ``LutGatherOwnLayout`` (LUTs grouped along the
+    weight's first or last axis) or ``LutGatherGrouped`` (groups whose codes fill whole bytes, any layout; a ragged
+    last group padded, then trimmed)."""
     lut_shape = value_shape(lut)
     if scale is not None or lut_shape is None or lut_shape[2] != 1:
         return None
@@ -205,6 +205,8 @@ def _byte_table_decode(lut, scale, trim, perm, n_bits: int, canonical_shape: Seq
         return fn.LUT_GATHER_TRIPLETS
     if n_bits not in fn.BYTE_ALIGNED_BITS:
         return None
+    if own_layout and n_bits == 8:
+        return fn.LUT_GATHER_BYTES
     if own_layout and numel * n_bits % 8 == 0:
         return fn.LUT_GATHER
     if _group_axis(groups, perm, n_bits, canonical_shape, trim) is not None:
@@ -250,6 +252,8 @@ def _gather_decode(model, weight, gather: str, packed, lut_value, n_bits: int, c
         attributes["perm"] = list(perm)
     elif gather == fn.LUT_GATHER_TRIPLETS:
         stored, extra = packed.reshape(-1, 3), [_triplet_codes(model, n_bits)]
+    elif gather == fn.LUT_GATHER_BYTES:
+        stored, attributes = packed.reshape(canonical_shape), {}
     elif gather == fn.LUT_GATHER_OWN_LAYOUT:
         groups = value_shape(lut_value)[0]  # type: ignore[index]
         axis = _group_axis(groups, perm, n_bits, canonical_shape, trim)

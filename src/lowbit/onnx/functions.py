@@ -17,6 +17,7 @@ __all__ = [
     "FUNCTION_OPSET",
     "LUT_DEQUANTIZE",
     "LUT_GATHER",
+    "LUT_GATHER_BYTES",
     "LUT_GATHER_GROUPED",
     "LUT_GATHER_OWN_LAYOUT",
     "LUT_GATHER_TRIPLETS",
@@ -39,6 +40,7 @@ LUT_TO_DENSE = "LutToDense"
 LUT_GATHER = "LutGather"
 LUT_GATHER_GROUPED = "LutGatherGrouped"
 LUT_GATHER_TRIPLETS = "LutGatherTriplets"
+LUT_GATHER_BYTES = "LutGatherBytes"
 LUT_GATHER_OWN_LAYOUT = "LutGatherOwnLayout"
 TRIPLET_CODES = "TripletCodes"
 TRIPLET_BITS = (3, 6)  # n_bits whose codes fill 3-byte words: what LutGatherTriplets takes
@@ -257,6 +259,24 @@ def _group_tables() -> list:
         n("Concat", ["minus1", "per_byte1"], ["table_shape"], axis=0),
         n("Reshape", ["tables", "table_shape"], ["table"]),
     ]
+
+
+def _lut_gather_bytes() -> onnx.FunctionProto:
+    """dense = LutGatherBytes(indices, lut[1, K, 1]): one scalar LUT of up to 256 entries, 8-bit indices stored in
+    the weight's shape: one gather, whose output is the weight (two full-size intermediates to fold)."""
+    n = helper.make_node
+    return _function(
+        LUT_GATHER_BYTES,
+        ["indices", "lut"],
+        ["dense"],
+        [
+            _const("minus1", np.array([-1], np.int64)),
+            n("Reshape", ["lut", "minus1"], ["lut_flat"]),
+            n("Cast", ["indices"], ["codes"], to=TensorProto.INT32),
+            n("Gather", ["lut_flat", "codes"], ["dense"], axis=0),
+        ],
+        [],
+    )
 
 
 def _lut_gather_grouped() -> onnx.FunctionProto:
@@ -555,6 +575,7 @@ _BUILDERS = {
     LUT_GATHER: (_lut_gather, ()),
     LUT_GATHER_GROUPED: (_lut_gather_grouped, ()),
     LUT_GATHER_TRIPLETS: (_lut_gather_triplets, ()),
+    LUT_GATHER_BYTES: (_lut_gather_bytes, ()),
     LUT_GATHER_OWN_LAYOUT: (_lut_gather_own_layout, ()),
     TRIPLET_CODES: (_triplet_codes, ()),
     LUT_DEQUANTIZE: (_lut_dequantize, ()),
