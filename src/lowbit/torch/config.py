@@ -101,7 +101,9 @@ class ModelConfig(Generic[C]):
     def as_dict(self) -> dict[str, Any]:
         """Plain dicts and strings: ``from_dict(as_dict())`` gives an equal config."""
 
-        def plain(c: ModuleConfig | None) -> dict[str, Any] | None:
+        def plain(c: ModuleConfig | list | None) -> dict[str, Any] | list | None:
+            if isinstance(c, list):  # DKM: configs chosen by weight size
+                return [plain(x) for x in c]
             return None if c is None else c.as_dict()
 
         extra = {

@@ -1,7 +1,10 @@
-"""Palettization of torch models: :class:`PostTrainingPalettizer` and :class:`SKMPalettizer`, with the configs of
+"""Palettization of torch models: :class:`PostTrainingPalettizer`, :class:`SKMPalettizer` and (during training)
+:class:`DKMPalettizer`, with the configs of
 ``coremltools.optimize.torch.palettization`` (a user of it changes only the import)."""
 
 from lowbit.torch.palettization._base import palettization_of
+from lowbit.torch.palettization.dkm import DKMPalettizer
+from lowbit.torch.palettization.dkm_config import DKMPalettizerConfig, ModuleDKMPalettizerConfig
 from lowbit.torch.palettization.post_training import (
     ModulePostTrainingPalettizerConfig,
     PostTrainingPalettizer,
@@ -10,6 +13,9 @@ from lowbit.torch.palettization.post_training import (
 from lowbit.torch.palettization.sensitive import ModuleSKMPalettizerConfig, SKMPalettizer, SKMPalettizerConfig
 
 __all__ = [
+    "DKMPalettizer",
+    "DKMPalettizerConfig",
+    "ModuleDKMPalettizerConfig",
     "ModulePostTrainingPalettizerConfig",
     "ModuleSKMPalettizerConfig",
     "PostTrainingPalettizer",

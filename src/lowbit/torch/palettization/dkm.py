@@ -1,0 +1,338 @@
+"""DKMPalettizer: training-time palettization with differentiable k-means (DKM, Cho et al. 2022), with eDKM's
+attention over unique weight values (``palett_unique``).
+
+``prepare`` registers a :class:`FakePalettize` parametrization on each weight (``torch.nn.utils.parametrize``), so
+optimizers, ``state_dict`` and DDP see ordinary parameters; each forward replaces the weight by its soft-assigned
+reconstruction ``A @ C``, ``A = softmax(-|w - c|^2 / tau)``, after ``kmeans_max_iter`` differentiable centroid updates.
+``finalize`` writes the hard-assigned LUT values back (at most ``2**n_bits`` distinct values per LUT), removes the
+parametrizations and records the palettization so :func:`lowbit.torch.export_onnx` writes it as LUT + indices.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from lowbit.config import PalettizeConfig
+from lowbit.errors import SkipWeight
+from lowbit.kernels.kmeans1d import optimal_centroids
+from lowbit.report import CompressionReport
+from lowbit.torch.modules import is_supported, module_weights, numpy_dtype, to_numpy
+from lowbit.torch.palettization._base import RECORD, _record
+from lowbit.torch.palettization.dkm_config import DKMPalettizerConfig, ModuleDKMPalettizerConfig, config_for_size
+from lowbit.types import CompressionGranularity
+from lowbit.weights import check_eligible, palettize_weight
+
+__all__ = ["DKMPalettizer", "FakePalettize"]
+
+_LUT_TYPES = {"f16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class _Steps:
+    """The training step the palettizer has reached, shared by its parametrizations."""
+
+    count: int = 0
+
+
+class FakePalettize(nn.Module):
+    """The parametrization of one weight: its DKM reconstruction once the step count reaches ``milestone``.
+
+    The weight's grouping axis (``axis``) is moved first; ``cluster_dim`` consecutive channels form a vector; each
+    group of ``group_size`` channels (all of them per tensor) has its own ``2**n_bits`` centroids, kept in the
+    ``centroids`` buffer between steps (the next forward starts from them).
+    """
+
+    def __init__(self, config: ModuleDKMPalettizerConfig, n_bits: int, axis: int, steps: _Steps) -> None:
+        super().__init__()
+        self.config, self.n_bits, self.axis, self.steps = config, n_bits, axis, steps
+        self.cluster_dim = config.cluster_dim or 1
+        self.centroids: torch.Tensor
+        self.register_buffer("centroids", torch.empty(0))
+
+    # ------------------------------------------------------------------------------------------------ layout
+    def groups_of(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` as ``[G, n, cluster_dim]``: the groups' vectors (channel ``axis`` first)."""
+        moved = weight.movedim(self.axis, 0)
+        channels = moved.shape[0]
+        per_group = self.config.group_size or channels
+        vectors = moved.reshape(channels // self.cluster_dim, self.cluster_dim, -1).transpose(1, 2)
+        return vectors.reshape(channels // per_group, -1, self.cluster_dim)
+
+    def weight_of(self, groups: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`groups_of`."""
+        moved_shape = like.movedim(self.axis, 0).shape
+        channels = moved_shape[0]
+        vectors = groups.reshape(channels // self.cluster_dim, -1, self.cluster_dim).transpose(1, 2)
+        return vectors.reshape(moved_shape).movedim(0, self.axis)
+
+    def check(self, weight: torch.Tensor) -> None:
+        """:class:`SkipWeight` when the weight's channels do not split into this config's groups and vectors."""
+        channels = weight.shape[self.axis]
+        per_group = self.config.group_size or channels
+        if channels % per_group or per_group % self.cluster_dim:
+            raise SkipWeight(
+                f"{channels} channels do not split into groups of {per_group} and vectors of {self.cluster_dim}"
+            )
+
+    def _scale(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """The per-channel scale (detached, broadcastable to ``weight``), or None."""
+        if not self.config.enable_per_channel_scale:
+            return None
+        moved = weight.detach().movedim(self.axis, 0).reshape(weight.shape[self.axis], -1)
+        if self.config.per_channel_scaling_factor_scheme == "abs":
+            scale = moved.abs().amax(1)
+        else:
+            scale = (moved.amax(1) - moved.amin(1)) / 2
+        shape = [1] * weight.dim()
+        shape[self.axis] = -1
+        return scale.clamp_min(torch.finfo(torch.float32).tiny).reshape(shape)
+
+    # ------------------------------------------------------------------------------------------------ k-means
+    def _initial_centroids(self, groups: torch.Tensor) -> torch.Tensor:
+        """``kmeans_init``: ``"opt1d"`` the exact 1-D optimum of each group's fp16-rounded values (lowbit's shared
+        kernel); ``"kmeans++"`` / ``"cpu.kmeans++"`` seeding and Lloyd; ``"auto"``: opt1d for scalar clusters of
+        groups of at least ``kmeans_opt1d_threshold`` values, else k-means++."""
+        k, init = 1 << self.n_bits, self.config.kmeans_init
+        scalar = self.cluster_dim == 1
+        if scalar and (init == "opt1d" or (init == "auto" and groups.shape[1] >= self.config.kmeans_opt1d_threshold)):
+            return _exact_centroids(groups[..., 0].detach(), k)[..., None]
+        return torch.stack([_kmeans_plus_plus(g, k, self.config.kmeans_n_init) for g in groups.detach()])
+
+    def _snap(self, centroids: torch.Tensor) -> torch.Tensor:
+        """``enforce_zero`` (the centroid nearest 0 becomes 0), ``prune_threshold`` (tiny centroids become 0) and
+        ``lut_dtype`` rounding, differentiable straight through."""
+        norms = centroids.norm(dim=-1, keepdim=True)
+        keep = norms >= self.config.prune_threshold
+        if self.config.enforce_zero:
+            nearest = norms.argmin(dim=1, keepdim=True)
+            keep = keep & ~torch.zeros_like(keep).scatter_(1, nearest, True)
+        centroids = centroids * keep
+        lut_type = self.config.lut_dtype
+        if lut_type in _LUT_TYPES:
+            rounded = centroids.to(_LUT_TYPES[lut_type]).to(centroids.dtype)
+        elif lut_type in ("i8", "u8"):  # one symmetric scale per LUT
+            scale = centroids.detach().abs().amax(dim=(1, 2), keepdim=True).clamp_min(1e-30) / 127
+            rounded = (centroids / scale).round().clamp(-127, 127) * scale
+        else:
+            return centroids
+        return centroids + (rounded - centroids).detach()
+
+    def _attention(self, x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+        """``[G, n, k]`` soft assignment of the vectors ``x`` to ``centroids`` per ``palett_mode``."""
+        logits = (2 * x @ centroids.transpose(1, 2) - (centroids**2).sum(-1)[:, None, :]) / self.config.palett_tau
+        mode = self.config.palett_mode
+        if mode == "hard":
+            hard = nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(x.dtype)
+            return hard + (logits.softmax(-1) - logits.softmax(-1).detach())  # straight through
+        if mode == "gsm" and self.training:
+            return nn.functional.gumbel_softmax(logits, tau=1.0, dim=-1)
+        return logits.softmax(-1)
+
+    def _cluster(self, x: torch.Tensor, mass: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reconstruction of ``x``, centroids) after the DKM iterations; ``mass``: per-vector counts (unique)."""
+        centroids = self.centroids.to(x.dtype)
+        weights = torch.ones_like(x[..., :1]) if mass is None else mass
+        for _ in range(self.config.kmeans_max_iter):
+            attention = self._attention(x, self._snap(centroids))
+            weighted = attention * weights
+            total = weighted.sum(1)[..., None]
+            updated = torch.where(total > 1e-12, (weighted.transpose(1, 2) @ x) / total.clamp_min(1e-12), centroids)
+            moved = (updated - centroids).detach().abs().max()
+            centroids = updated
+            if moved < self.config.palett_epsilon:
+                break
+        snapped = self._snap(centroids)
+        return self._attention(x, snapped) @ snapped, centroids
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.steps.count < self.config.milestone:
+            return weight
+        scale = self._scale(weight)
+        scaled = weight if scale is None else weight / scale
+        groups = self.groups_of(scaled.float())
+        if self.centroids.numel() == 0:
+            self.centroids = self._initial_centroids(groups)
+        if self.config.palett_unique:
+            out, centroids = self._cluster_unique(groups)
+        else:
+            out, centroids = self._cluster(groups, None)
+        with torch.no_grad():
+            self.centroids.copy_(centroids)
+        out = self.weight_of(out, scaled).to(weight.dtype)
+        return out if scale is None else out * scale
+
+    def _cluster_unique(self, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """eDKM: the attention over each group's distinct 16-bit values (with their counts) instead of every
+        element; gradients reach every element through the mean over its value's members."""
+        g, n, _ = groups.shape
+        bits = groups.detach().to(torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF
+        keys = (torch.arange(g, device=groups.device)[:, None] * 65536 + bits[..., 0]).reshape(-1)
+        unique, inverse, counts = torch.unique(keys, return_inverse=True, return_counts=True)
+        members = torch.zeros(len(unique), dtype=groups.dtype, device=groups.device)
+        values = members.index_add(0, inverse, groups.reshape(-1)) / counts
+        owner = unique // 65536
+        per_group = torch.bincount(owner, minlength=g)
+        width = int(per_group.max())
+        slot = torch.arange(len(unique), device=groups.device) - torch.cumsum(per_group, 0)[owner] + per_group[owner]
+        padded = torch.zeros(g, width, 1, dtype=groups.dtype, device=groups.device).index_put(
+            (owner, slot), values[:, None]
+        )
+        mass = torch.zeros(g, width, 1, dtype=groups.dtype, device=groups.device)
+        mass = mass.index_put((owner, slot), counts.to(groups.dtype)[:, None])
+        out, centroids = self._cluster(padded, mass)
+        return out[owner, slot][inverse].reshape(g, n, 1), centroids
+
+    @torch.no_grad()
+    def hard(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight with every vector replaced by its nearest (snapped) centroid: the finalized values."""
+        scale = self._scale(weight)
+        scaled = weight if scale is None else weight / scale
+        groups = self.groups_of(scaled.float())
+        if self.centroids.numel() == 0:
+            self.centroids = self._initial_centroids(groups)
+        centroids = self._snap(self.centroids.to(groups.dtype))
+        nearest = torch.cdist(groups, centroids).argmin(-1)
+        out = torch.gather(centroids, 1, nearest[..., None].expand(-1, -1, self.cluster_dim))
+        out = self.weight_of(out, scaled).to(weight.dtype)
+        return out if scale is None else out * scale
+
+
+def _exact_centroids(values: torch.Tensor, k: int) -> torch.Tensor:
+    """``[G, k]`` optimal 1-D centroids of each row of ``values`` (rounded to fp16: at most 65,536 distinct)."""
+    rows = [np.unique(row.astype(np.float16).astype(np.float64), return_counts=True) for row in values.cpu().numpy()]
+    offsets = np.cumsum([0] + [len(distinct) for distinct, _ in rows])
+    centroids = optimal_centroids(
+        np.concatenate([distinct for distinct, _ in rows]),
+        np.concatenate([counts for _, counts in rows]).astype(np.float64),
+        offsets,
+        k,
+    )
+    return torch.from_numpy(np.asarray(centroids).reshape(len(rows), k)).to(values)
+
+
+def _kmeans_plus_plus(x: torch.Tensor, k: int, n_init: int) -> torch.Tensor:
+    """k-means++ seeding then Lloyd iterations on ``x [n, d]``; the best of ``n_init`` runs (fixed generator)."""
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    best, best_cost = None, float("inf")
+    data = x.double().cpu()
+    for _ in range(n_init):
+        centers = data[torch.randint(len(data), (1,), generator=generator)]
+        while len(centers) < k:
+            distance = torch.cdist(data, centers).min(1).values ** 2
+            pick = (
+                torch.multinomial(distance + 1e-30, 1, generator=generator)
+                if distance.sum() > 0
+                else torch.zeros(1, dtype=torch.long)
+            )
+            centers = torch.cat([centers, data[pick]])
+        for _ in range(20):
+            nearest = torch.cdist(data, centers).argmin(1)
+            sums = torch.zeros_like(centers).index_add(0, nearest, data)
+            counts = torch.bincount(nearest, minlength=k)[:, None]
+            centers = torch.where(counts > 0, sums / counts.clamp_min(1), centers)
+        cost = float((torch.cdist(data, centers).min(1).values ** 2).sum())
+        if cost < best_cost:
+            best, best_cost = centers, cost
+    assert best is not None
+    return best.to(x)
+
+
+class DKMPalettizer:
+    """Palettize a model while it trains: ``prepare`` / ``step`` / ``finalize`` / ``report``.
+
+    ``DKMPalettizer(model, config)``; ``config`` defaults to DKM on every supported module (4 bits for Linear, 2
+    otherwise, weights of at least 2048 elements).
+    """
+
+    def __init__(self, model: nn.Module, config: DKMPalettizerConfig | None = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        config = DKMPalettizerConfig() if config is None else config
+        if not isinstance(config, DKMPalettizerConfig):
+            raise TypeError(f"config must be a DKMPalettizerConfig, got {type(config).__name__}")
+        self._model, self._config, self._steps = model, config, _Steps()
+
+    def prepare(self, inplace: bool = False) -> nn.Module:
+        """Register a :class:`FakePalettize` on every configured weight; returns the model (a deep copy unless
+        ``inplace``). Weights below their config's ``weight_threshold`` stay as they are; a weight whose channels do
+        not split into the configured groups and vectors is left with a ``UserWarning`` naming it."""
+        model = self._model if inplace else copy.deepcopy(self._model)
+        for module_name, config in self._config.resolve(model, is_supported).items():
+            module = model.get_submodule(module_name)
+            for weight in module_weights(module):
+                chosen = config_for_size(config, weight.parameter.numel())
+                if chosen is None or "." in weight.name:
+                    continue
+                axis = weight.input_axis if chosen.channel_axis == 1 else weight.output_axis
+                fake = FakePalettize(chosen, chosen.bits_for(module), axis, self._steps)
+                try:
+                    check_eligible(weight.parameter.shape, numpy_dtype(weight.parameter.dtype), 0)
+                    fake.check(weight.parameter)
+                except SkipWeight as skip:
+                    warnings.warn(
+                        f"weight {module_name}.{weight.name} skipped: {skip.reason}", UserWarning, stacklevel=2
+                    )
+                    continue
+                parametrize.register_parametrization(module, weight.name, fake)
+        self._model = model
+        return model
+
+    def step(self) -> None:
+        """Advance the step count (palettization of a weight starts once it reaches the config's ``milestone``)."""
+        self._steps.count += 1
+
+    def finalize(self, model: nn.Module | None = None, inplace: bool = False) -> nn.Module:
+        """Replace each palettized weight by its hard-assigned LUT values, remove the parametrizations and record
+        each palettization (LUT + indices) for :func:`lowbit.torch.export_onnx`; returns the plain model."""
+        model = self._model if model is None else model
+        model = model if inplace else copy.deepcopy(model)
+        for module in model.modules():
+            if not parametrize.is_parametrized(module):
+                continue
+            lists: nn.ModuleDict = module.parametrizations  # type: ignore[assignment]
+            for name in list(lists.keys()):
+                chain: parametrize.ParametrizationList = lists[name]  # type: ignore[assignment]
+                fakes = [p for p in chain if isinstance(p, FakePalettize)]
+                if not fakes:
+                    continue
+                hard = fakes[0].hard(chain.original)
+                parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+                with torch.no_grad():
+                    getattr(module, name).copy_(hard)
+                _record_lut(module, name, fakes[0])
+        self._model = model
+        return model
+
+    def report(self) -> CompressionReport:
+        """The per-weight report of the finalized model (see :func:`lowbit.torch.report`)."""
+        from lowbit.torch.report import report
+
+        return report(self._model)
+
+
+def _record_lut(module: nn.Module, name: str, fake: FakePalettize) -> None:
+    """Record the finalized weight's LUTs and indices: its values are exactly the LUT entries, so the weight layer's
+    ``unique`` mode recovers them bit for bit."""
+    param = getattr(module, name)
+    per_group = fake.config.group_size
+    config = PalettizeConfig(
+        n_bits=fake.n_bits,
+        granularity=CompressionGranularity.PER_GROUPED_CHANNEL if per_group else CompressionGranularity.PER_TENSOR,
+        group_size=per_group or 1,
+        cluster_dim=fake.cluster_dim,
+        weight_num_threshold=0,
+        mode="unique",
+    )
+    try:
+        if fake.config.enable_per_channel_scale:
+            raise SkipWeight("a per-channel scale makes more than 2**n_bits distinct values per LUT")
+        _record(module, RECORD, name, palettize_weight(to_numpy(param), fake.axis, config))
+    except SkipWeight as skip:
+        warnings.warn(f"weight {name!r}: its palettization is not recorded ({skip.reason})", UserWarning, stacklevel=3)

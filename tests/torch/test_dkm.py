@@ -1,0 +1,163 @@
+"""DKMPalettizer: training-time palettization (differentiable k-means) on the digits CNN and small modules."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import digits_split, digits_torch_model, ort_session
+
+import lowbit
+import lowbit.torch
+from lowbit.torch.palettization import (
+    DKMPalettizer,
+    DKMPalettizerConfig,
+    ModuleDKMPalettizerConfig,
+    ModulePostTrainingPalettizerConfig,
+    PostTrainingPalettizer,
+    PostTrainingPalettizerConfig,
+    palettization_of,
+)
+
+
+def _accuracy(model, x, y) -> float:
+    model.eval()
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+def _fine_tune(model, palettizer, x, y, epochs: int) -> None:
+    torch.manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(epochs):
+        model.train()
+        for batch in torch.randperm(len(x)).split(64):
+            loss = torch.nn.functional.cross_entropy(model(x[batch]), y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            palettizer.step()
+
+
+@pytest.mark.parametrize("bits", [1, 2])
+def test_dkm_recovers_what_post_training_palettization_loses_on_digits(bits):
+    torch.set_num_threads(1)
+    x_train, y_train, x_test, y_test = (torch.from_numpy(a) for a in digits_split())
+    dense = digits_torch_model()
+    fp32 = _accuracy(dense, x_test, y_test)
+    post = PostTrainingPalettizer(
+        dense, PostTrainingPalettizerConfig(global_config=ModulePostTrainingPalettizerConfig(n_bits=bits))
+    ).compress()
+    config = DKMPalettizerConfig(global_config=ModuleDKMPalettizerConfig(n_bits=bits, weight_threshold=0))
+    palettizer = DKMPalettizer(dense, config)
+    model = palettizer.prepare()
+    _fine_tune(model, palettizer, x_train, y_train, epochs=3)
+    final = palettizer.finalize()
+    for name, param in final.named_parameters():
+        if param.dim() > 1:
+            assert len(torch.unique(param)) <= 2**bits, name
+    dkm, baseline = _accuracy(final, x_test, y_test), _accuracy(post, x_test, y_test)
+    assert dkm > fp32 - 0.04, (dkm, fp32)
+    assert dkm >= baseline + (0.05 if bits == 1 else 0.0), (dkm, baseline)  # 2 bits: post-training is at 0.958
+
+
+def test_training_sees_plain_parameters_and_milestone_delays_palettization():
+    torch.manual_seed(1)
+    layer = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    config = DKMPalettizerConfig(global_config=ModuleDKMPalettizerConfig(n_bits=2, weight_threshold=0, milestone=2))
+    palettizer = DKMPalettizer(layer, config)
+    model = palettizer.prepare()
+    assert {name for name, _ in model.named_parameters()} == {"0.bias", "0.parametrizations.weight.original"}
+    original = model[0].parametrizations.weight.original.detach().clone()
+    torch.testing.assert_close(model[0].weight, original)  # before the milestone: the weight itself
+    palettizer.step()
+    palettizer.step()
+    soft = model[0].weight
+    assert not torch.equal(soft, original) and len(torch.unique(soft.detach())) > 4  # soft: not yet 4 values
+    soft.pow(2).sum().backward()
+    assert model[0].parametrizations.weight.original.grad.abs().sum() > 0  # gradients reach the weight
+    assert "0.parametrizations.weight.0.centroids" in model.state_dict()
+    final = palettizer.finalize()
+    assert len(torch.unique(final[0].weight)) <= 4 and not hasattr(final[0], "parametrizations")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"palett_mode": "hard"},
+        {"palett_mode": "gsm"},
+        {"granularity": "per_grouped_channel", "group_size": 8},
+        {"cluster_dim": 2, "kmeans_init": "kmeans++", "kmeans_n_init": 2},
+        {"enforce_zero": True, "lut_dtype": "f16"},
+        {"lut_dtype": "i8", "palett_unique": True},
+        {"enable_per_channel_scale": True, "per_channel_scaling_factor_scheme": "abs"},
+    ],
+    ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()),
+)
+def test_options_finalize_to_luts(options):
+    torch.manual_seed(2)
+    layer = torch.nn.Sequential(torch.nn.Linear(32, 32))
+    config = DKMPalettizerConfig(global_config=ModuleDKMPalettizerConfig(n_bits=2, weight_threshold=0, **options))
+    palettizer = DKMPalettizer(layer, config)
+    model = palettizer.prepare()
+    model[0].weight.sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a per-channel scale is not recorded as a LUT (warned)
+        final = palettizer.finalize()
+    weight = final[0].weight.detach()
+    groups = weight.reshape(4, 8, 32) if "group_size" in options else weight[None]
+    for group in groups:
+        vectors = group.reshape(-1, 2, 32).transpose(1, 2).reshape(-1, 2) if "cluster_dim" in options else group
+        distinct = torch.unique(vectors, dim=0) if vectors.dim() == 2 and "cluster_dim" in options else None
+        count = len(distinct) if distinct is not None else len(torch.unique(vectors))
+        assert count <= (4 if "enable_per_channel_scale" not in options else 4 * 32)
+    if options.get("enforce_zero"):
+        assert (weight == 0).any()
+    if options.get("lut_dtype") == "f16":
+        assert torch.equal(weight, weight.half().float())
+
+
+def test_finalized_model_exports_with_its_luts_and_runs_the_same_in_onnx_runtime(tmp_path):
+    torch.manual_seed(3)
+    dense = digits_torch_model()
+    config = DKMPalettizerConfig.from_dict(
+        {"global_config": {"n_bits": 2, "weight_threshold": 0}, "module_name_configs": {"features.0": None}}
+    )
+    palettizer = DKMPalettizer(dense, config)
+    model = palettizer.prepare()
+    x_train, y_train, x_test, _ = (torch.from_numpy(a) for a in digits_split())
+    _fine_tune(model, palettizer, x_train[:256], y_train[:256], epochs=1)
+    final = palettizer.finalize()
+    assert not palettization_of(final.features[0]) and palettization_of(final.classifier[1])
+    lowbit.torch.export_onnx(final, (torch.zeros(1, 1, 8, 8),), tmp_path / "dkm.onnx", input_names=["image"])
+    kinds = {w.name: w.compression for w in lowbit.load(tmp_path / "dkm.onnx").weights()}
+    assert kinds["features.0.weight"] is None and kinds["classifier.1.weight"].startswith("palettized 2-bit")
+    logits = ort_session(tmp_path / "dkm.onnx", "all").run(None, {"image": x_test.numpy()[:1]})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(logits, final(x_test[:1]).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_config_validation_and_round_trip():
+    with pytest.raises(ValueError, match="palett_mode must be one of"):
+        ModuleDKMPalettizerConfig(palett_mode="soft")
+    with pytest.raises(ValueError, match="n_bits must be one of"):
+        ModuleDKMPalettizerConfig(n_bits=9)
+    with pytest.raises(ValueError, match="group_size must be set"):
+        ModuleDKMPalettizerConfig(granularity="per_grouped_channel")
+    with pytest.raises(NotImplementedError, match="quantize_activations"):
+        ModuleDKMPalettizerConfig(quantize_activations=True)
+    with pytest.raises(NotImplementedError, match="palett_shard"):
+        ModuleDKMPalettizerConfig(palett_shard=True)
+    with pytest.raises(ValueError, match="unknown"):
+        ModuleDKMPalettizerConfig.from_dict({"n_bit": 2})
+    config = DKMPalettizerConfig.from_dict(
+        {
+            "global_config": {"n_bits": 4},
+            "module_type_configs": {"Linear": [{"n_bits": 2, "weight_threshold": 100}, {"weight_threshold": 5000}]},
+        }
+    )
+    assert DKMPalettizerConfig.from_dict(config.as_dict()).as_dict() == config.as_dict()
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(128, 64))
+    prepared = DKMPalettizer(model, config).prepare()
+    bits = [m.parametrizations.weight[0].n_bits for m in prepared if hasattr(m, "parametrizations")]
+    assert bits == [2, 4]  # 256 elements: the 100 threshold; 8192: the 5000 one (n_bits None: 4 for Linear)
