@@ -154,3 +154,71 @@ def test_int8_activation_target_trades_exactness_for_speed(tmp_path):
         for i, m in enumerate((exact, fast))
     ]
     assert errors[0] < 1e-6 < 1e-4 < errors[1] < 5e-2, errors  # int8 activations: measurably, boundedly off
+
+
+def test_shared_and_subgraph_weights_decompress_and_report_once(tmp_path):
+    import onnx_ir as ir
+
+    w = (RNG.standard_normal((64, 32)) * 0.1).astype(np.float32)
+    model = make_model({"w": w}, [("MatMul", "w", {}), ("MatMul", "w", {})])
+    x = ir.Value(name="xb", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([None, 64]))
+
+    def branch(name: str) -> ir.Graph:  # a branch that reads the main graph's weight
+        inner = ir.node("MatMul", [x, model.graph.initializers["w"]], name=name)
+        inner.outputs[0].name, inner.outputs[0].dtype = f"{name}.y", ir.DataType.FLOAT
+        return ir.Graph([], [inner.outputs[0]], nodes=[inner], name=name)
+
+    cond = ir.Value(name="cond", type=ir.TensorType(ir.DataType.BOOL), shape=ir.Shape([]))
+    branches = {"then_branch": branch("then"), "else_branch": branch("else")}
+    node = ir.node("If", [cond], branches, num_outputs=1, name="if")
+    node.outputs[0].name, node.outputs[0].dtype = "yif", ir.DataType.FLOAT
+    model.graph.inputs.extend([cond, x])
+    model.graph.append(node)
+    model.graph.outputs.append(node.outputs[0])
+    program = lowbit.Program(model)
+    fused = lowbit.quantize_weights(program, dtype="int4", granularity="per_block", block_size=16, target="onnxruntime")
+    assert fused.graph.opset_imports[""] == 17  # only fused kernels: no opset raise for DequantizeLinear
+    refs = fused.weights()
+    assert [ref.name for ref in refs] == ["w"] and refs[0].nbytes == 64 * 32 // 2 + 4 * 32 * 4  # codes + scales
+    dense = lowbit.decompress_weights(fused)
+    assert not any(n.domain == MS_DOMAIN for n in ir.traversal.RecursiveGraphIterator(dense.graph))
+    np.testing.assert_array_equal(
+        dense.graph.initializers["w"].const_value.numpy(),
+        lowbit.decompress_weights(lowbit.quantize_weights(program, dtype="int4", granularity="per_block",
+                                                          block_size=16)).graph.initializers["w"].const_value.numpy(),
+    )  # fmt: skip
+    feeds = {"x0": np.ones((2, 64), np.float32), "x1": np.ones((2, 64), np.float32), "cond": np.array(True),
+             "xb": np.ones((2, 64), np.float32)}  # fmt: skip
+    got = ort.InferenceSession(str(fused.save(tmp_path / "f.onnx")), providers=["CPUExecutionProvider"]).run(
+        None, feeds
+    )
+    want = ort.InferenceSession(str(dense.save(tmp_path / "d.onnx")), providers=["CPUExecutionProvider"]).run(
+        None, feeds
+    )
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    lowbit.quantize_weights(dense, dtype="int8")  # the decompressed program is whole
+
+
+def test_fused_nodes_lowbit_does_not_write_are_left_alone():
+    import onnx_ir as ir
+
+    model = make_model({"w": (RNG.standard_normal((64, 32)) * 0.1).astype(np.float32)}, [("MatMul", "w", {})])
+    out = lowbit.quantize_weights(lowbit.Program(model), dtype="int4", granularity="per_block", target="onnxruntime")
+    node = next(n for n in out.graph if n.op_type == "MatMulNBits")
+    bias = ir.Value(name="bias", const_value=ir.tensor(np.ones(32, np.float32)))
+    out.graph.register_initializer(bias)
+    node.resize_inputs(6)
+    node.replace_input_with(5, bias)  # a bias lowbit never writes: not lowbit's layout
+    assert out.weights() == [] and lowbit.decompress_weights(out).graph.node(0).op_type == "MatMulNBits"
+
+
+def test_opset_follows_what_is_written():
+    program = _program(np.float16)  # an fp16 LUT scale: Cast/Mul in lowbit.LutDequantize, no opset 19 needed
+    assert lowbit.palettize_weights(program, lut_dtype="int8").graph.opset_imports[""] == 17
+    weights = {"w": (RNG.standard_normal((256, 96)) * 0.05).astype(np.float32),
+               "c": (RNG.standard_normal((16, 16, 3, 3)) * 0.1).astype(np.float32)}  # fmt: skip
+    mixed = lowbit.Program(make_model(weights, [("MatMul", "w", {}), ("Conv", "c", {})]))
+    out = lowbit.quantize_weights(mixed, dtype="int4", granularity="per_block", block_size=16, target="onnxruntime")
+    assert out.graph.opset_imports[""] == 21  # the Conv's int4 DequantizeLinear needs it
+    assert {n.op_type for n in out.graph} >= {"MatMulNBits", "DequantizeLinear"}

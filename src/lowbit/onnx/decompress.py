@@ -51,12 +51,13 @@ def decompress_weights(program: Program, in_place: bool = False) -> Program:
         graph.remove(node, safe=True)
         dense.name = name
         graph.register_initializer(dense)
-    for node in [n for n in ir.traversal.RecursiveGraphIterator(target.graph) if fused.is_fused(n)]:
+    for nodes in fused.fused_by_codes(target.graph).values():
+        slot = fused.activation_slot(nodes[0])
         try:
-            slot = fused.activation_slot(node)
-            fused.unfuse(node, [None if i == slot else _constant_array(v) for i, v in enumerate(node.inputs)])
+            inputs = [None if i == slot else _constant_array(v) for i, v in enumerate(nodes[0].inputs)]
         except LookupError:
             continue
+        fused.unfuse(nodes, inputs)
     ir.passes.PassManager(
         [
             common_passes.RemoveUnusedNodesPass(),

@@ -229,10 +229,8 @@ def find_weights(program) -> list[WeightRef]:
         if node.op_type not in entry[1]:
             entry[1].append(node.op_type)
         entry[2].add(axes)
-    refs = []
-    for node in ir.traversal.RecursiveGraphIterator(program.graph):
-        if fused.is_fused(node):
-            refs.append(_fused_ref(node))
+    refs: list[WeightRef] = []
+    refs.extend(_fused_ref(nodes) for nodes in fused.fused_by_codes(program.graph).values())
     for value, ops, axes_seen in found.values():
         name = value.name or "<unnamed>"
         if len(axes_seen) > 1:
@@ -263,10 +261,10 @@ def find_weights(program) -> list[WeightRef]:
     return refs
 
 
-def _fused_ref(node: ir.Node) -> WeightRef:
-    """The weight a fused kernel (``target="onnxruntime"``) holds: named like its codes, stored in all its inputs but
-    the activation."""
-    codes = fused.codes_input(node)
+def _fused_ref(nodes: list[ir.Node]) -> WeightRef:
+    """The weight fused kernels (``target="onnxruntime"``) hold: named like their codes, stored in all their inputs
+    but the activation."""
+    node, codes = nodes[0], fused.codes_input(nodes[0])
     shape, (out_axis, in_axis) = fused.weight_axes(node)
     stored = [v for i, v in enumerate(node.inputs) if v is not None and i != fused.activation_slot(node)]
     scales = node.inputs[2]

@@ -37,6 +37,7 @@ __all__ = [
     "activation_slot",
     "codes_input",
     "describe_fused",
+    "fused_by_codes",
     "fused_consumer",
     "is_fused",
     "palettized_grid",
@@ -321,13 +322,38 @@ def palettized_grid(
 
 
 def is_fused(node: ir.Node) -> bool:
-    """Whether ``node`` is a fused kernel lowbit writes."""
-    return node.domain == MS_DOMAIN and node.op_type in (MATMUL_NBITS, GATHER_BLOCK_QUANTIZED)
+    """Whether ``node`` is a fused kernel in the layout lowbit writes: a ``MatMulNBits`` without ``g_idx`` or bias
+    and with uint8 zero points, a ``GatherBlockQuantized`` over int4 / uint4, or 8-bit uint8, data gathered along
+    axis 0 and quantized along axis 1. Other uses of these ops (e.g. ONNX Runtime's own quantizer with a bias) are
+    left as they are."""
+    if node.domain != MS_DOMAIN:
+        return False
+    if node.op_type == MATMUL_NBITS:
+        zero_point = node.inputs[3] if len(node.inputs) > 3 else None
+        extra = any(v is not None for v in node.inputs[4:])
+        return not extra and (zero_point is None or dtype_of(zero_point) == ir.DataType.UINT8)
+    if node.op_type == GATHER_BLOCK_QUANTIZED:
+        data = node.inputs[0]
+        if data is None or _attr(node, "gather_axis") != 0 or _attr(node, "quantize_axis", 1) != 1:
+            return False
+        dtype = dtype_of(data)
+        four_bit = dtype in (ir.DataType.INT4, ir.DataType.UINT4)
+        return four_bit or (dtype == ir.DataType.UINT8 and _attr(node, "bits", 4) == 8)
+    return False
 
 
 def _attr(node: ir.Node, name: str, default: int = 0) -> int:
     attr = node.attributes.get(name)
     return default if attr is None else attr.as_int()
+
+
+def fused_by_codes(graph: ir.Graph) -> dict[int, list[ir.Node]]:
+    """The fused nodes of ``graph`` and its subgraphs, grouped by the codes they read (one weight each)."""
+    groups: dict[int, list[ir.Node]] = {}
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        if is_fused(node):
+            groups.setdefault(id(codes_input(node)), []).append(node)
+    return groups
 
 
 def activation_slot(node: ir.Node) -> int:
@@ -351,17 +377,22 @@ def weight_axes(node: ir.Node) -> tuple[tuple[int, int], tuple[int, int]]:
     return (int(shape[0]), int(shape[1])), (0, 1)
 
 
-def unfuse(node: ir.Node, inputs: list[np.ndarray | None]) -> None:
-    """Replace the fused ``node`` by ``MatMul`` / ``Gather`` of its dense weight (``inputs``: its inputs' values,
-    the activation's None), an initializer named like the codes (which must be an initializer used only here)."""
-    codes, graph = codes_input(node), node.graph
-    assert graph is not None and codes.name is not None
-    op, dense = unfused_weight(node, inputs)
-    graph.initializers.pop(codes.name)
+def unfuse(nodes: list[ir.Node], inputs: list[np.ndarray | None]) -> None:
+    """Replace the fused ``nodes`` (all over the same codes) by ``MatMul`` / ``Gather`` of their dense weight, an
+    initializer of the codes' graph named like the codes (``inputs``: the first node's inputs' values, the
+    activation's None)."""
+    codes = codes_input(nodes[0])
+    home = codes.graph
+    assert isinstance(home, ir.Graph) and codes.name is not None
+    op, dense = unfused_weight(nodes[0], inputs)
+    home.initializers.pop(codes.name)
     weight = ir.Value(name=codes.name, const_value=ir.tensor(dense))
-    activation = node.inputs[activation_slot(node)]
-    replace_node(node, ir.node(op, [activation, weight] if op == "MatMul" else [weight, activation], name=node.name))
-    graph.register_initializer(weight)
+    home.register_initializer(weight)
+    for node in nodes:
+        activation = node.inputs[activation_slot(node)]
+        operands = [activation, weight] if op == "MatMul" else [weight, activation]
+        name = node.name.removesuffix(f".{node.op_type}") if node.name else None
+        replace_node(node, ir.node(op, operands, name=name))
 
 
 def unfused_weight(node: ir.Node, inputs: list[np.ndarray | None]) -> tuple[str, np.ndarray]:

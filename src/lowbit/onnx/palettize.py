@@ -14,7 +14,7 @@ from lowbit.config import PalettizeConfig
 from lowbit.kernels.palettize import Palettized
 from lowbit.onnx import decoders, encoding, fused
 from lowbit.onnx import functions as fn
-from lowbit.onnx.discovery import WeightRef, has_fp16_weights
+from lowbit.onnx.discovery import WeightRef
 from lowbit.onnx.passes import WeightPass, target_program
 from lowbit.onnx.program import Program
 from lowbit.onnx.weight_configs import WeightConfigs, as_weight_configs
@@ -24,7 +24,7 @@ from lowbit.weights import PalettizedWeight, palettize_weight
 
 __all__ = ["PalettizePass", "palettize_weights", "write_palettized"]
 
-DEQUANTIZE_16_BIT_OPSET = 19  # DequantizeLinear with fp8 inputs, or fp16/bf16 scales
+FP8_CAST_OPSET = 19  # Cast from fp8
 
 
 class PalettizePass(WeightPass):
@@ -42,10 +42,9 @@ class PalettizePass(WeightPass):
         super().__init__(config, config.num_kmeans_workers, executor, configs, target)
 
     def requirements_of(self, config: PalettizeConfig, program: Program) -> tuple[int, int]:
-        """A quantized LUT's DequantizeLinear needs opset 19 for fp8 codes or 16-bit scales."""
-        lut_dtype = config.lut_dtype
-        if lut_dtype in (DType.FP8_E4M3FN, DType.FP8_E5M2) or (lut_dtype and has_fp16_weights(program)):
-            return DEQUANTIZE_16_BIT_OPSET, 9
+        """A LUT of fp8 codes needs opset 19 (``Cast`` from fp8 in ``lowbit.LutDequantize``)."""
+        if config.lut_dtype in (DType.FP8_E4M3FN, DType.FP8_E5M2):
+            return FP8_CAST_OPSET, 9
         return super().requirements_of(config, program)
 
     def job(self, ref: WeightRef, array: np.ndarray, config: PalettizeConfig):

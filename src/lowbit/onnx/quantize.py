@@ -16,6 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lowbit.config import QuantizeConfig
+from lowbit.errors import SkipWeight
 from lowbit.kernels.decode import value_table
 from lowbit.kernels.packing import pack_bits
 from lowbit.onnx import encoding, fused
@@ -37,7 +38,10 @@ class QuantizePass(WeightPass):
 
     def requirements_of(self, config: QuantizeConfig, program: Program) -> tuple[int, int]:
         """int4 / blocked DequantizeLinear need opset 21 (IR 10 / 9); fp8 elements or 16-bit scales 19 (IR 9);
-        lowbit.MxDequantize only the functions' opset 13."""
+        lowbit.MxDequantize only the functions' opset 13. With an ONNX Runtime target, weights that all go to fused
+        kernels need no opset (IR 10 for int4 embedding tables)."""
+        if self._all_fused(config, program):
+            return 0, 10 if config.dtype in (DType.INT4, DType.UINT4) else 3
         if config.e8m0:
             return super().requirements_of(config, program)
         if config.dtype in (DType.INT4, DType.UINT4):
@@ -49,6 +53,26 @@ class QuantizePass(WeightPass):
         if has_fp16_weights(program):
             return 19, 8
         return 13, 7
+
+    def _all_fused(self, config: QuantizeConfig, program: Program) -> bool:
+        """Whether every weight this pass compresses with ``config`` will be written as a fused kernel."""
+        if config.e8m0 or config.dtype not in (DType.INT4, DType.UINT4, DType.INT8, DType.UINT8):
+            return False
+        for ref in program.weights():
+            try:
+                if self._checked_config(ref) != config:
+                    continue
+            except SkipWeight:
+                continue
+            assert ref.value is not None
+            inner = ref.shape[ref.input_axis]
+            blocked = config.granularity == CompressionGranularity.PER_BLOCK
+            block = min(config.block_size, inner) if blocked else 0
+            if fused.fused_consumer(ref.value, self.target) is None or (block and inner % block):
+                return False
+            if fused.fused_block(inner, block) is None:
+                return False
+        return True
 
     def job(self, ref: WeightRef, array: np.ndarray, config: QuantizeConfig):
         return functools.partial(quantize_weight, array, ref.output_axis, ref.input_axis, config)
