@@ -14,7 +14,6 @@ from lowbit.config import SparsifyConfig
 from lowbit.kernels.packing import pack_bits
 from lowbit.onnx import encoding
 from lowbit.onnx.discovery import WeightRef, has_fp16_weights
-from lowbit.onnx.palettize import DEQUANTIZE_16_BIT_OPSET
 from lowbit.onnx.passes import WeightPass, target_program
 from lowbit.onnx.program import Program
 from lowbit.onnx.weight_configs import WeightConfigs, as_weight_configs
@@ -25,6 +24,9 @@ from lowbit.weights import SparsifiedWeight, sparsify_weight
 __all__ = ["SparsifyPass", "sparsify_weights"]
 
 
+FP16_SCALE_OPSET = 19  # DequantizeLinear with an fp16 scale
+
+
 class SparsifyPass(WeightPass):
     """Replace each eligible weight by ``lowbit.SparseToDense(mask, values)`` per a :class:`SparsifyConfig`."""
 
@@ -33,7 +35,7 @@ class SparsifyPass(WeightPass):
     def requirements_of(self, config: SparsifyConfig, program: Program) -> tuple[int, int]:
         """Quantized non-zeros of an fp16 weight: DequantizeLinear with an fp16 scale needs opset 19."""
         if config.quantize_dtype is not None and has_fp16_weights(program):
-            return DEQUANTIZE_16_BIT_OPSET, 9
+            return FP16_SCALE_OPSET, 9
         return super().requirements_of(config, program)
 
     def job(self, ref: WeightRef, array: np.ndarray, config: SparsifyConfig):
