@@ -161,3 +161,57 @@ def test_config_validation_and_round_trip():
     prepared = DKMPalettizer(model, config).prepare()
     bits = [m.parametrizations.weight[0].n_bits for m in prepared if hasattr(m, "parametrizations")]
     assert bits == [2, 4]  # 256 elements: the 100 threshold; 8192: the 5000 one (n_bits None: 4 for Linear)
+
+
+DDP_WORKER = """
+import sys
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from lowbit.torch.palettization import DKMPalettizer, DKMPalettizerConfig, palettization_of
+
+rank, store, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+torch.manual_seed(0)
+torch.set_num_threads(1)
+model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+config = DKMPalettizerConfig.from_dict({"global_config": {"n_bits": 2, "weight_threshold": 0}})
+palettizer = DKMPalettizer(model, config)
+ddp = DistributedDataParallel(palettizer.prepare())
+optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05)
+data = torch.Generator().manual_seed(100 + rank)  # each rank trains on its own batches
+for _ in range(5):
+    loss = ddp(torch.randn(16, 32, generator=data)).pow(2).mean()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    palettizer.step()
+final = palettizer.finalize(ddp.module)
+luts = {str(i): palettization_of(final[i])["weight"].palettized.lut for i in (0, 2)}
+np.savez(out, weight=final[0].weight.detach().numpy(), **luts)
+dist.destroy_process_group()
+"""
+
+
+def test_ddp_ranks_end_with_identical_luts(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text(DDP_WORKER)
+    runs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(rank), str(tmp_path / "store"), str(tmp_path / f"rank{rank}.npz")],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    for run in runs:
+        _, err = run.communicate(timeout=240)
+        assert run.returncode == 0, err[-2000:]
+    rank0, rank1 = np.load(tmp_path / "rank0.npz"), np.load(tmp_path / "rank1.npz")
+    for key in ("weight", "0", "2"):
+        np.testing.assert_array_equal(rank0[key], rank1[key])
+    assert len(np.unique(rank0["weight"])) <= 4

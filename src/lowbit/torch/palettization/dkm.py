@@ -49,12 +49,18 @@ class FakePalettize(nn.Module):
     ``centroids`` buffer between steps (the next forward starts from them).
     """
 
-    def __init__(self, config: ModuleDKMPalettizerConfig, n_bits: int, axis: int, steps: _Steps) -> None:
+    def __init__(self, config: ModuleDKMPalettizerConfig, n_bits: int, weight: torch.Tensor, axis: int, steps: _Steps):
         super().__init__()
         self.config, self.n_bits, self.axis, self.steps = config, n_bits, axis, steps
         self.cluster_dim = config.cluster_dim or 1
+        self.check(weight)
+        groups = weight.shape[axis] // (config.group_size or weight.shape[axis])
+        # allocated now and filled in place when palettization starts, so that DDP's buffer broadcast (which keeps
+        # the tensors it found at wrapping) carries them
         self.centroids: torch.Tensor
-        self.register_buffer("centroids", torch.empty(0))
+        self.initialized: torch.Tensor
+        self.register_buffer("centroids", torch.zeros(groups, 1 << n_bits, self.cluster_dim, device=weight.device))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool, device=weight.device))
 
     # ------------------------------------------------------------------------------------------------ layout
     def groups_of(self, weight: torch.Tensor) -> torch.Tensor:
@@ -104,6 +110,13 @@ class FakePalettize(nn.Module):
         if scalar and (init == "opt1d" or (init == "auto" and groups.shape[1] >= self.config.kmeans_opt1d_threshold)):
             return _exact_centroids(groups[..., 0].detach(), k)[..., None]
         return torch.stack([_kmeans_plus_plus(g, k, self.config.kmeans_n_init) for g in groups.detach()])
+
+    @torch.no_grad()
+    def _start(self, groups: torch.Tensor) -> None:
+        """Initialize the centroids from the weight's groups the first time palettization runs."""
+        if not bool(self.initialized):
+            self.centroids.copy_(self._initial_centroids(groups))
+            self.initialized.fill_(True)
 
     def _snap(self, centroids: torch.Tensor) -> torch.Tensor:
         """``enforce_zero`` (the centroid nearest 0 becomes 0), ``prune_threshold`` (tiny centroids become 0) and
@@ -157,8 +170,7 @@ class FakePalettize(nn.Module):
         scale = self._scale(weight)
         scaled = weight if scale is None else weight / scale
         groups = self.groups_of(scaled.float())
-        if self.centroids.numel() == 0:
-            self.centroids = self._initial_centroids(groups)
+        self._start(groups)
         if self.config.palett_unique:
             out, centroids = self._cluster_unique(groups)
         else:
@@ -195,8 +207,7 @@ class FakePalettize(nn.Module):
         scale = self._scale(weight)
         scaled = weight if scale is None else weight / scale
         groups = self.groups_of(scaled.float())
-        if self.centroids.numel() == 0:
-            self.centroids = self._initial_centroids(groups)
+        self._start(groups)
         centroids = self._snap(self.centroids.to(groups.dtype))
         nearest = torch.cdist(groups, centroids).argmin(-1)
         out = torch.gather(centroids, 1, nearest[..., None].expand(-1, -1, self.cluster_dim))
@@ -271,10 +282,9 @@ class DKMPalettizer:
                 if chosen is None or "." in weight.name:
                     continue
                 axis = weight.input_axis if chosen.channel_axis == 1 else weight.output_axis
-                fake = FakePalettize(chosen, chosen.bits_for(module), axis, self._steps)
                 try:
                     check_eligible(weight.parameter.shape, numpy_dtype(weight.parameter.dtype), 0)
-                    fake.check(weight.parameter)
+                    fake = FakePalettize(chosen, chosen.bits_for(module), weight.parameter, axis, self._steps)
                 except SkipWeight as skip:
                     warnings.warn(
                         f"weight {module_name}.{weight.name} skipped: {skip.reason}", UserWarning, stacklevel=2
