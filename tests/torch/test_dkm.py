@@ -146,8 +146,8 @@ def test_config_validation_and_round_trip():
         ModuleDKMPalettizerConfig(granularity="per_grouped_channel")
     with pytest.raises(NotImplementedError, match="quantize_activations"):
         ModuleDKMPalettizerConfig(quantize_activations=True)
-    with pytest.raises(NotImplementedError, match="palett_shard"):
-        ModuleDKMPalettizerConfig(palett_shard=True)
+    with pytest.raises(NotImplementedError, match="palett_dist"):
+        ModuleDKMPalettizerConfig(palett_dist=True)
     with pytest.raises(ValueError, match="unknown"):
         ModuleDKMPalettizerConfig.from_dict({"n_bit": 2})
     config = DKMPalettizerConfig.from_dict(
@@ -171,12 +171,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from lowbit.torch.palettization import DKMPalettizer, DKMPalettizerConfig, palettization_of
 
-rank, store, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+rank, store, out, options = int(sys.argv[1]), sys.argv[2], sys.argv[3], eval(sys.argv[4])
 dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
 torch.manual_seed(0)
 torch.set_num_threads(1)
 model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
-config = DKMPalettizerConfig.from_dict({"global_config": {"n_bits": 2, "weight_threshold": 0}})
+config = DKMPalettizerConfig.from_dict({"global_config": {"n_bits": 2, "weight_threshold": 0, **options}})
 palettizer = DKMPalettizer(model, config)
 ddp = DistributedDataParallel(palettizer.prepare())
 optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05)
@@ -194,15 +194,16 @@ dist.destroy_process_group()
 """
 
 
-def test_ddp_ranks_end_with_identical_luts(tmp_path):
+def _ddp_run(folder, options: dict) -> list[dict]:
     import subprocess
     import sys
 
-    script = tmp_path / "worker.py"
+    script = folder / "worker.py"
     script.write_text(DDP_WORKER)
+    store, name = folder / f"store{len(options)}", "-".join(options) or "plain"
     runs = [
         subprocess.Popen(
-            [sys.executable, str(script), str(rank), str(tmp_path / "store"), str(tmp_path / f"rank{rank}.npz")],
+            [sys.executable, str(script), str(rank), str(store), str(folder / f"{name}{rank}.npz"), repr(options)],
             stderr=subprocess.PIPE,
             text=True,
         )
@@ -211,7 +212,16 @@ def test_ddp_ranks_end_with_identical_luts(tmp_path):
     for run in runs:
         _, err = run.communicate(timeout=240)
         assert run.returncode == 0, err[-2000:]
-    rank0, rank1 = np.load(tmp_path / "rank0.npz"), np.load(tmp_path / "rank1.npz")
-    for key in ("weight", "0", "2"):
-        np.testing.assert_array_equal(rank0[key], rank1[key])
-    assert len(np.unique(rank0["weight"])) <= 4
+    return [dict(np.load(folder / f"{name}{rank}.npz")) for rank in (0, 1)]
+
+
+def test_ddp_ranks_end_with_identical_luts_with_and_without_sharding(tmp_path):
+    plain = _ddp_run(tmp_path, {})
+    sharded = _ddp_run(tmp_path, {"palett_unique": True, "palett_shard": True})
+    unique = _ddp_run(tmp_path, {"palett_unique": True})
+    for runs in (plain, sharded):
+        for key in ("weight", "0", "2"):
+            np.testing.assert_array_equal(runs[0][key], runs[1][key])
+        assert len(np.unique(runs[0]["weight"])) <= 4
+    for key in ("weight", "0", "2"):  # the index list sharded across the ranks: the same training
+        np.testing.assert_array_equal(sharded[0][key], unique[0][key])

@@ -111,6 +111,10 @@ class FakePalettize(nn.Module):
             return _exact_centroids(groups[..., 0].detach(), k)[..., None]
         return torch.stack([_kmeans_plus_plus(g, k, self.config.kmeans_n_init) for g in groups.detach()])
 
+    def _zeroed(self, groups: torch.Tensor) -> torch.Tensor:
+        """``zero_threshold``: values whose magnitude is below it count as exact zeros."""
+        return groups * (groups.detach().abs() >= self.config.zero_threshold)
+
     @torch.no_grad()
     def _start(self, groups: torch.Tensor) -> None:
         """Initialize the centroids from the weight's groups the first time palettization runs."""
@@ -169,7 +173,7 @@ class FakePalettize(nn.Module):
             return weight
         scale = self._scale(weight)
         scaled = weight if scale is None else weight / scale
-        groups = self.groups_of(scaled.float())
+        groups = self._zeroed(self.groups_of(scaled.float()))
         self._start(groups)
         if self.config.palett_unique:
             out, centroids = self._cluster_unique(groups)
@@ -182,37 +186,86 @@ class FakePalettize(nn.Module):
 
     def _cluster_unique(self, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """eDKM: the attention over each group's distinct 16-bit values (with their counts) instead of every
-        element; gradients reach every element through the mean over its value's members."""
+        element; gradients reach every element through the mean over its value's members. The element -> value
+        index list is kept for the backward pass whole, or with ``palett_shard`` one shard per rank."""
         g, n, _ = groups.shape
         bits = groups.detach().to(torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF
         keys = (torch.arange(g, device=groups.device)[:, None] * 65536 + bits[..., 0]).reshape(-1)
         unique, inverse, counts = torch.unique(keys, return_inverse=True, return_counts=True)
-        members = torch.zeros(len(unique), dtype=groups.dtype, device=groups.device)
-        values = members.index_add(0, inverse, groups.reshape(-1)) / counts
+        kept = _IndexList(inverse, self.config.palett_shard, self.config.palett_min_tsize)
+        values = _SegmentMean.apply(groups.reshape(-1), inverse, kept, counts)
         owner = unique // 65536
         per_group = torch.bincount(owner, minlength=g)
-        width = int(per_group.max())
-        slot = torch.arange(len(unique), device=groups.device) - torch.cumsum(per_group, 0)[owner] + per_group[owner]
-        padded = torch.zeros(g, width, 1, dtype=groups.dtype, device=groups.device).index_put(
-            (owner, slot), values[:, None]
-        )
-        mass = torch.zeros(g, width, 1, dtype=groups.dtype, device=groups.device)
-        mass = mass.index_put((owner, slot), counts.to(groups.dtype)[:, None])
+        slot = torch.arange(len(unique), device=groups.device) - (torch.cumsum(per_group, 0) - per_group)[owner]
+        empty = torch.zeros(g, int(per_group.max()), 1, dtype=groups.dtype, device=groups.device)
+        padded = empty.index_put((owner, slot), values[:, None])
+        mass = empty.index_put((owner, slot), counts.to(groups.dtype)[:, None])
         out, centroids = self._cluster(padded, mass)
-        return out[owner, slot][inverse].reshape(g, n, 1), centroids
+        return _Take.apply(out[owner, slot, 0], inverse, kept).reshape(g, n, 1), centroids
 
     @torch.no_grad()
     def hard(self, weight: torch.Tensor) -> torch.Tensor:
         """The weight with every vector replaced by its nearest (snapped) centroid: the finalized values."""
         scale = self._scale(weight)
         scaled = weight if scale is None else weight / scale
-        groups = self.groups_of(scaled.float())
+        groups = self._zeroed(self.groups_of(scaled.float()))
         self._start(groups)
         centroids = self._snap(self.centroids.to(groups.dtype))
         nearest = torch.cdist(groups, centroids).argmin(-1)
         out = torch.gather(centroids, 1, nearest[..., None].expand(-1, -1, self.cluster_dim))
         out = self.weight_of(out, scaled).to(weight.dtype)
         return out if scale is None else out * scale
+
+
+class _IndexList:
+    """An index list kept for a backward pass (eDKM): whole; with ``shard`` under ``torch.distributed`` with several
+    ranks only this rank's share, the others gathered back when the backward pass needs them; packed to int32 when
+    it has at least ``pack_above`` entries (``palett_min_tsize``)."""
+
+    def __init__(self, index: torch.Tensor, shard: bool, pack_above: int) -> None:
+        self.length = len(index)
+        distributed = shard and torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.world = torch.distributed.get_world_size() if distributed else 1
+        kept = index
+        if self.world > 1:
+            padded = torch.nn.functional.pad(index, (0, -self.length % self.world))
+            kept = padded.chunk(self.world)[torch.distributed.get_rank()]
+        fits = self.length < 2**31  # indices into a list no longer than the index list itself
+        self.kept = kept.to(torch.int32) if self.length >= pack_above and fits else kept.clone()
+
+    def whole(self) -> torch.Tensor:
+        if self.world == 1:
+            return self.kept.long()
+        parts = [torch.empty_like(self.kept) for _ in range(self.world)]
+        torch.distributed.all_gather(parts, self.kept)
+        return torch.cat(parts)[: self.length].long()
+
+
+class _SegmentMean(torch.autograd.Function):
+    """``values[u] = mean of x where index == u`` (``counts``: members per value)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, kept: _IndexList, counts: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.kept, ctx.counts = kept, counts
+        return torch.zeros(len(counts), dtype=x.dtype, device=x.device).index_add(0, index, x) / counts
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return (grad / ctx.counts)[ctx.kept.whole()], None, None, None
+
+
+class _Take(torch.autograd.Function):
+    """``table[index]``, the index list kept as :class:`_IndexList` for the backward pass."""
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, index: torch.Tensor, kept: _IndexList) -> torch.Tensor:  # type: ignore[override]
+        ctx.kept, ctx.size = kept, len(table)
+        return table[index]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        whole = ctx.kept.whole()
+        return torch.zeros(ctx.size, dtype=grad.dtype, device=grad.device).index_add(0, whole, grad), None, None
 
 
 def _exact_centroids(values: torch.Tensor, k: int) -> torch.Tensor:

@@ -30,7 +30,6 @@ NOT_IMPLEMENTED = {
     "palett_lambda": 0.0,
     "add_extra_centroid": False,
     "palett_cluster_tol": 0.0,
-    "palett_shard": False,
     "palett_batch_mode": False,
     "palett_dist": False,
     "percentage_palett_enable": 1.0,
@@ -57,9 +56,11 @@ class ModuleDKMPalettizerConfig(ModuleConfig):
     (``"per_tensor"`` / ``"per_grouped_channel"``), ``group_size``, ``channel_axis``, ``enable_per_channel_scale``
     with ``per_channel_scaling_factor_scheme``, ``milestone``, ``cluster_dim``, ``lut_dtype``, ``kmeans_max_iter``,
     ``prune_threshold``, ``kmeans_init``, ``kmeans_opt1d_threshold``, ``kmeans_n_init``, ``enforce_zero``,
-    ``palett_mode``, ``palett_tau``, ``palett_epsilon``, ``palett_unique``, ``zero_threshold``. The others (see
-    ``NOT_IMPLEMENTED``) raise ``NotImplementedError`` naming them unless left at their defaults;
-    ``palett_min_tsize`` is accepted and does nothing yet (no packing of saved tensors).
+    ``palett_mode``, ``palett_tau``, ``palett_epsilon``, ``zero_threshold``, and eDKM's ``palett_unique``
+    (attention over distinct 16-bit values), ``palett_shard`` (its index list sharded across ``torch.distributed``
+    ranks between forward and backward) and ``palett_min_tsize`` (index lists of at least this many entries kept as
+    int32). The others (see ``NOT_IMPLEMENTED``) raise ``NotImplementedError`` naming them unless left at their
+    defaults.
 
     Raises ``ValueError`` / ``TypeError`` naming the option and its allowed values.
     """
@@ -141,6 +142,7 @@ class ModuleDKMPalettizerConfig(ModuleConfig):
         _check_float("palett_epsilon", self.palett_epsilon)
         check_int("palett_min_tsize", self.palett_min_tsize, 0)
         check_bool("palett_unique", self.palett_unique)
+        check_bool("palett_shard", self.palett_shard)
         if self.palett_unique and (self.cluster_dim or 1) > 1:
             raise ValueError("palett_unique needs scalar clusters (cluster_dim None or 1)")
         check_choice("per_channel_scaling_factor_scheme", self.per_channel_scaling_factor_scheme, SCALING_SCHEMES)
