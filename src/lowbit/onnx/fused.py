@@ -57,7 +57,6 @@ _ACCURACY_LEVEL = {"onnxruntime": 0, "onnxruntime-int8": 4}
 MATMUL_NBITS = "MatMulNBits"
 GATHER_BLOCK_QUANTIZED = "GatherBlockQuantized"
 _FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
-_LARGEST_BLOCK = 256
 
 
 def fused_consumer(weight: ir.Value, target: str) -> str | None:

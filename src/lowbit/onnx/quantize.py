@@ -35,6 +35,7 @@ class QuantizePass(WeightPass):
     """Replace each eligible weight by its quantized form per a :class:`QuantizeConfig`."""
 
     name = "quantize"
+    _last_fused: tuple[QuantizedWeight | None, tuple[str, fused.Grid] | None] = (None, None)
 
     def requirements_of(self, config: QuantizeConfig, program: Program) -> tuple[int, int]:
         """int4 / blocked DequantizeLinear need opset 21 (IR 10 / 9); fp8 elements or 16-bit scales 19 (IR 9);
@@ -85,7 +86,15 @@ class QuantizePass(WeightPass):
         return weight.codes_nbytes + _dequantize_layout(ref, weight, config).nbytes
 
     def _fused(self, ref: WeightRef, weight: QuantizedWeight, config: QuantizeConfig) -> tuple[str, fused.Grid] | None:
-        """(consumer, grid) when ``target="onnxruntime"`` and ONNX Runtime has a kernel for this weight."""
+        """(consumer, grid) when the target is an ONNX Runtime one and it has a kernel for this weight (worked out
+        once per weight: the size check and the write both ask)."""
+        if self._last_fused[0] is not weight:
+            self._last_fused = (weight, self._fused_layout(ref, weight, config))
+        return self._last_fused[1]
+
+    def _fused_layout(
+        self, ref: WeightRef, weight: QuantizedWeight, config: QuantizeConfig
+    ) -> tuple[str, fused.Grid] | None:
         assert ref.value is not None
         consumer = fused.fused_consumer(ref.value, self.target)
         if consumer is None or weight.trim is not None or weight.quantized.e8m0:
