@@ -78,7 +78,7 @@ def test_lagrangian_solver_reaches_the_layered_optimum(k):
         w = rng.integers(1, 50, len(x)).astype(float) if trial % 2 else rng.exponential(1.0, len(x))
         cw, cx, cxx, shift = kmeans1d._prefix_sums(x, w)
         fast = np.empty(k)
-        fallbacks += not kmeans1d._lagrangian(x, cw, cx, cxx, shift, len(x), k, fast)
+        fallbacks += not kmeans1d._lagrangian(x, cw, cx, cxx, shift, len(x), k, fast, np.zeros(2))
         got = optimal_centroids(x, w, np.array([0, len(x)]), k)[0]
         optimum = sse_of(x, w, _layered_centroids(x, w, k))
         assert sse_of(x, w, got) <= optimum * (1 + 1e-9) + 1e-12, (trial, k)
@@ -96,14 +96,20 @@ def test_threads_do_not_change_the_result():
         np.testing.assert_array_equal(optimal_centroids(x, np.ones_like(x), offsets, 8, threads), one)
 
 
-def test_groups_are_independent():
+@pytest.mark.parametrize("k", [4, 16, 64])
+def test_groups_are_independent(k):
+    """A group's centroids do not depend on its neighbours, though the penalty search warm-starts from them."""
     rng = np.random.default_rng(0)
-    parts = [np.unique(rng.standard_normal(n)) for n in (50, 3, 80)]
-    x = np.concatenate(parts)
+    sizes = rng.integers(1, 3000, 40)
+    parts = [np.unique(rng.standard_normal(n).astype(np.float16).astype(np.float64)) for n in sizes]
+    counts = [rng.integers(1, 9, len(p)).astype(np.float64) for p in parts]
+    x, w = np.concatenate(parts), np.concatenate(counts)
     offsets = np.concatenate([[0], np.cumsum([len(p) for p in parts])])
-    batched = optimal_centroids(x, np.ones_like(x), offsets, 4)
-    for part, row in zip(parts, batched, strict=True):
-        np.testing.assert_array_equal(row, optimal_centroids(part, np.ones_like(part), np.array([0, len(part)]), 4)[0])
+    batched = optimal_centroids(x, w, offsets, k)
+    for part, weights, row in zip(parts, counts, batched, strict=True):
+        np.testing.assert_array_equal(row, optimal_centroids(part, weights, np.array([0, len(part)]), k)[0])
+    for threads in (2, 3, 8):
+        np.testing.assert_array_equal(optimal_centroids(x, w, offsets, k, threads), batched)
 
 
 @pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16])
