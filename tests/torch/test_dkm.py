@@ -225,3 +225,69 @@ def test_ddp_ranks_end_with_identical_luts_with_and_without_sharding(tmp_path):
         assert len(np.unique(runs[0]["weight"])) <= 4
     for key in ("weight", "0", "2"):  # the index list sharded across the ranks: the same training
         np.testing.assert_array_equal(sharded[0][key], unique[0][key])
+
+
+def test_unique_values_give_the_plain_gradients():
+    torch.manual_seed(4)
+    weight = (torch.randn(16, 16) * 0.05).half().float()  # fp16 values: the distinct-value path is exact
+    grads = []
+    for unique in (False, True):
+        layer = torch.nn.Sequential(torch.nn.Linear(16, 16))
+        layer[0].weight.data.copy_(weight)
+        options = {"n_bits": 2, "weight_threshold": 0, "palett_unique": unique, "palett_tau": 1e-2}
+        model = DKMPalettizer(layer, DKMPalettizerConfig.from_dict({"global_config": options})).prepare()
+        model.train()
+        (model[0].weight * torch.linspace(-1, 1, 256).reshape(16, 16)).sum().backward()
+        grads.append(model[0].parametrizations.weight.original.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5)  # each element its own derivative
+
+
+def test_evaluation_resume_and_edge_cases():
+    torch.manual_seed(5)
+    layer = torch.nn.Sequential(torch.nn.Linear(32, 32))
+    config = DKMPalettizerConfig.from_dict({"global_config": {"n_bits": 2, "weight_threshold": 0, "milestone": 1}})
+    palettizer = DKMPalettizer(layer, config)
+    model = palettizer.prepare()
+    palettizer.step()
+    model.train()
+    model[0].weight.sum().backward()
+    model.eval()  # evaluation: the values finalize will write, no centroid moves
+    centroids = model[0].parametrizations.weight[0].centroids.clone()
+    assert len(torch.unique(model[0].weight)) <= 4
+    assert torch.equal(model[0].parametrizations.weight[0].centroids, centroids)
+    resumed = DKMPalettizer(layer, config).prepare()  # a new run at step 0 restores the state
+    resumed.load_state_dict(model.state_dict())
+    resumed.eval()
+    assert torch.equal(resumed[0].weight, model[0].weight)
+    with pytest.raises(ValueError, match="n_bits must be one of"):
+        ModuleDKMPalettizerConfig(n_bits=5)
+    with pytest.raises(ValueError, match="palett_shard shards palett_unique"):
+        ModuleDKMPalettizerConfig(palett_shard=True)
+    with pytest.raises(ValueError, match="palett_tau must be >= 0"):
+        ModuleDKMPalettizerConfig(palett_tau=float("nan"))
+    constant = torch.nn.Sequential(torch.nn.Conv2d(1, 4096, 1))  # every channel one value: no min-max range
+    options = {"n_bits": 2, "weight_threshold": 0, "enable_per_channel_scale": True}
+    prepared = DKMPalettizer(constant, DKMPalettizerConfig.from_dict({"global_config": options})).prepare()
+    prepared.train()
+    assert torch.isfinite(prepared[0].weight).all()
+
+
+def test_attention_out_projection_and_threshold():
+    class Attention(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention = torch.nn.MultiheadAttention(64, 4)
+
+        def forward(self, x):
+            return self.attention(x, x, x)[0]
+
+    for threshold, out_proj in ((1000, True), (4096, False)):  # out_proj has 4096 weights: "above" is strict
+        config = DKMPalettizerConfig.from_dict({"global_config": {"n_bits": 2, "weight_threshold": threshold}})
+        palettizer = DKMPalettizer(Attention(), config)
+        model = palettizer.prepare()
+        model.train()
+        model(torch.randn(5, 2, 64)).sum().backward()
+        final = palettizer.finalize()
+        assert "in_proj_weight" in palettization_of(final.attention)
+        assert bool(palettization_of(final.attention.out_proj)) == out_proj
+        assert (len(torch.unique(final.attention.out_proj.weight)) <= 4) == out_proj

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -34,13 +33,6 @@ __all__ = ["DKMPalettizer", "FakePalettize"]
 _LUT_TYPES = {"f16": torch.float16, "bf16": torch.bfloat16}
 
 
-@dataclass
-class _Steps:
-    """The training step the palettizer has reached, shared by its parametrizations."""
-
-    count: int = 0
-
-
 class FakePalettize(nn.Module):
     """The parametrization of one weight: its DKM reconstruction once the step count reaches ``milestone``.
 
@@ -49,9 +41,9 @@ class FakePalettize(nn.Module):
     ``centroids`` buffer between steps (the next forward starts from them).
     """
 
-    def __init__(self, config: ModuleDKMPalettizerConfig, n_bits: int, weight: torch.Tensor, axis: int, steps: _Steps):
+    def __init__(self, config: ModuleDKMPalettizerConfig, n_bits: int, weight: torch.Tensor, axis: int):
         super().__init__()
-        self.config, self.n_bits, self.axis, self.steps = config, n_bits, axis, steps
+        self.config, self.n_bits, self.axis = config, n_bits, axis
         self.cluster_dim = config.cluster_dim or 1
         self.check(weight)
         groups = weight.shape[axis] // (config.group_size or weight.shape[axis])
@@ -61,6 +53,10 @@ class FakePalettize(nn.Module):
         self.initialized: torch.Tensor
         self.register_buffer("centroids", torch.zeros(groups, 1 << n_bits, self.cluster_dim, device=weight.device))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool, device=weight.device))
+        # flipped once by DKMPalettizer.step at the milestone: a buffer, so state_dict resumes it and torch.compile
+        # does not guard on a step count
+        self.enabled: torch.Tensor
+        self.register_buffer("enabled", torch.tensor(config.milestone == 0, device=weight.device))
 
     # ------------------------------------------------------------------------------------------------ layout
     def groups_of(self, weight: torch.Tensor) -> torch.Tensor:
@@ -98,7 +94,9 @@ class FakePalettize(nn.Module):
             scale = (moved.amax(1) - moved.amin(1)) / 2
         shape = [1] * weight.dim()
         shape[self.axis] = -1
-        return scale.clamp_min(torch.finfo(torch.float32).tiny).reshape(shape)
+        fallback = moved.abs().amax(1)  # a constant channel has no range: its magnitude, else 1
+        scale = torch.where(scale > 0, scale, torch.where(fallback > 0, fallback, torch.ones_like(fallback)))
+        return scale.reshape(shape)
 
     # ------------------------------------------------------------------------------------------------ k-means
     def _initial_centroids(self, groups: torch.Tensor) -> torch.Tensor:
@@ -115,6 +113,7 @@ class FakePalettize(nn.Module):
         """``zero_threshold``: values whose magnitude is below it count as exact zeros."""
         return groups * (groups.detach().abs() >= self.config.zero_threshold)
 
+    @torch.compiler.disable  # the init calls numba / numpy, which dynamo cannot trace
     @torch.no_grad()
     def _start(self, groups: torch.Tensor) -> None:
         """Initialize the centroids from the weight's groups the first time palettization runs."""
@@ -152,8 +151,15 @@ class FakePalettize(nn.Module):
             return nn.functional.gumbel_softmax(logits, tau=1.0, dim=-1)
         return logits.softmax(-1)
 
-    def _cluster(self, x: torch.Tensor, mass: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(reconstruction of ``x``, centroids) after the DKM iterations; ``mass``: per-vector counts (unique)."""
+    def _cluster(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reconstruction of ``x``, centroids) after the DKM iterations."""
+        centroids = self._centroids(x, None)
+        snapped = self._snap(centroids)
+        return self._attention(x, snapped) @ snapped, centroids
+
+    def _centroids(self, x: torch.Tensor, mass: torch.Tensor | None) -> torch.Tensor:
+        """The centroids after the DKM iterations from the stored ones (differentiable in ``x``); ``mass``:
+        per-vector counts (distinct values)."""
         centroids = self.centroids.to(x.dtype)
         weights = torch.ones_like(x[..., :1]) if mass is None else mass
         for _ in range(self.config.kmeans_max_iter):
@@ -165,12 +171,13 @@ class FakePalettize(nn.Module):
             centroids = updated
             if moved < self.config.palett_epsilon:
                 break
-        snapped = self._snap(centroids)
-        return self._attention(x, snapped) @ snapped, centroids
+        return centroids
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if self.steps.count < self.config.milestone:
+        if not bool(self.enabled):
             return weight
+        if not self.training:  # evaluation sees what finalize will write, and moves no centroid
+            return self.hard(weight)
         scale = self._scale(weight)
         scaled = weight if scale is None else weight / scale
         groups = self._zeroed(self.groups_of(scaled.float()))
@@ -178,7 +185,7 @@ class FakePalettize(nn.Module):
         if self.config.palett_unique:
             out, centroids = self._cluster_unique(groups)
         else:
-            out, centroids = self._cluster(groups, None)
+            out, centroids = self._cluster(groups)
         with torch.no_grad():
             self.centroids.copy_(centroids)
         out = self.weight_of(out, scaled).to(weight.dtype)
@@ -186,22 +193,31 @@ class FakePalettize(nn.Module):
 
     def _cluster_unique(self, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """eDKM: the attention over each group's distinct 16-bit values (with their counts) instead of every
-        element; gradients reach every element through the mean over its value's members. The element -> value
-        index list is kept for the backward pass whole, or with ``palett_shard`` one shard per rank."""
+        element. The centroids see every element through its value's mean (exact: members share the value); each
+        element's own derivative is its value's slope ``2 / tau * Var_A(c)``, applied per element. The element ->
+        value index list is kept for the backward pass whole, or with ``palett_shard`` one shard per rank."""
         g, n, _ = groups.shape
+        x = groups.reshape(-1)
         bits = groups.detach().to(torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF
         keys = (torch.arange(g, device=groups.device)[:, None] * 65536 + bits[..., 0]).reshape(-1)
         unique, inverse, counts = torch.unique(keys, return_inverse=True, return_counts=True)
         kept = _IndexList(inverse, self.config.palett_shard, self.config.palett_min_tsize)
-        values = _SegmentMean.apply(groups.reshape(-1), inverse, kept, counts)
+        values = _SegmentMean.apply(x, inverse, kept, counts)
         owner = unique // 65536
         per_group = torch.bincount(owner, minlength=g)
         slot = torch.arange(len(unique), device=groups.device) - (torch.cumsum(per_group, 0) - per_group)[owner]
         empty = torch.zeros(g, int(per_group.max()), 1, dtype=groups.dtype, device=groups.device)
         padded = empty.index_put((owner, slot), values[:, None])
         mass = empty.index_put((owner, slot), counts.to(groups.dtype)[:, None])
-        out, centroids = self._cluster(padded, mass)
-        return _Take.apply(out[owner, slot, 0], inverse, kept).reshape(g, n, 1), centroids
+        centroids = self._centroids(padded, mass)
+        snapped = self._snap(centroids)
+        attention = self._attention(padded.detach(), snapped)
+        out = (attention @ snapped)[owner, slot, 0]  # through the centroids only
+        with torch.no_grad():
+            mean = attention @ snapped
+            slope = (2 / self.config.palett_tau) * (attention @ snapped**2 - mean**2)
+        direct = (x - x.detach()) * slope[owner, slot, 0][inverse]
+        return (_Take.apply(out, inverse, kept) + direct).reshape(g, n, 1), centroids
 
     @torch.no_grad()
     def hard(self, weight: torch.Tensor) -> torch.Tensor:
@@ -321,7 +337,8 @@ class DKMPalettizer:
         config = DKMPalettizerConfig() if config is None else config
         if not isinstance(config, DKMPalettizerConfig):
             raise TypeError(f"config must be a DKMPalettizerConfig, got {type(config).__name__}")
-        self._model, self._config, self._steps = model, config, _Steps()
+        self._model, self._config, self._steps = model, config, 0
+        self._fakes: list[FakePalettize] = []
 
     def prepare(self, inplace: bool = False) -> nn.Module:
         """Register a :class:`FakePalettize` on every configured weight; returns the model (a deep copy unless
@@ -332,24 +349,29 @@ class DKMPalettizer:
             module = model.get_submodule(module_name)
             for weight in module_weights(module):
                 chosen = config_for_size(config, weight.parameter.numel())
-                if chosen is None or "." in weight.name:
+                if chosen is None:
                     continue
                 axis = weight.input_axis if chosen.channel_axis == 1 else weight.output_axis
                 try:
                     check_eligible(weight.parameter.shape, numpy_dtype(weight.parameter.dtype), 0)
-                    fake = FakePalettize(chosen, chosen.bits_for(module), weight.parameter, axis, self._steps)
+                    fake = FakePalettize(chosen, chosen.bits_for(module), weight.parameter, axis)
                 except SkipWeight as skip:
                     warnings.warn(
                         f"weight {module_name}.{weight.name} skipped: {skip.reason}", UserWarning, stacklevel=2
                     )
                     continue
-                parametrize.register_parametrization(module, weight.name, fake)
+                owner_name, _, name = weight.name.rpartition(".")  # an attention's out_proj.weight
+                parametrize.register_parametrization(module.get_submodule(owner_name), name, fake)
+                self._fakes.append(fake)
         self._model = model
         return model
 
     def step(self) -> None:
-        """Advance the step count (palettization of a weight starts once it reaches the config's ``milestone``)."""
-        self._steps.count += 1
+        """Advance the step count: palettization of a weight starts once it reaches the config's ``milestone``."""
+        self._steps += 1
+        for fake in self._fakes:
+            if self._steps >= fake.config.milestone:
+                fake.enabled.fill_(True)
 
     def finalize(self, model: nn.Module | None = None, inplace: bool = False) -> nn.Module:
         """Replace each palettized weight by its hard-assigned LUT values, remove the parametrizations and record

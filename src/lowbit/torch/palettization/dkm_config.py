@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from lowbit.config import check_bool, check_choice, check_int
+from lowbit.config import PALETTIZE_N_BITS, check_bool, check_choice, check_int
 from lowbit.torch.config import ModelConfig, ModuleConfig
 
 __all__ = ["DKMPalettizerConfig", "ModuleDKMPalettizerConfig"]
@@ -43,7 +43,7 @@ NOT_IMPLEMENTED = {
 def _check_float(name: str, value: Any, minimum: float = 0.0) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    if value < minimum:
+    if not value >= minimum:  # NaN too
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return float(value)
 
@@ -115,7 +115,7 @@ class ModuleDKMPalettizerConfig(ModuleConfig):
                     f"{default!r}); see the README's DKM section"
                 )
         if self.n_bits is not None:
-            check_choice("n_bits", check_int("n_bits", self.n_bits), (1, 2, 3, 4, 5, 6, 7, 8))
+            check_choice("n_bits", check_int("n_bits", self.n_bits), PALETTIZE_N_BITS)
         check_int("weight_threshold", self.weight_threshold, 0)
         check_choice("granularity", self.granularity, ("per_tensor", "per_grouped_channel"))
         if (self.granularity == "per_grouped_channel") != (self.group_size is not None):
@@ -145,6 +145,8 @@ class ModuleDKMPalettizerConfig(ModuleConfig):
         check_bool("palett_shard", self.palett_shard)
         if self.palett_unique and (self.cluster_dim or 1) > 1:
             raise ValueError("palett_unique needs scalar clusters (cluster_dim None or 1)")
+        if self.palett_shard and not self.palett_unique:
+            raise ValueError("palett_shard shards palett_unique's index list: set palett_unique=True with it")
         check_choice("per_channel_scaling_factor_scheme", self.per_channel_scaling_factor_scheme, SCALING_SCHEMES)
         _check_float("zero_threshold", self.zero_threshold)
 
@@ -158,7 +160,7 @@ class ModuleDKMPalettizerConfig(ModuleConfig):
 @dataclass
 class DKMPalettizerConfig(ModelConfig[ModuleDKMPalettizerConfig]):
     """Per-module configs for :class:`DKMPalettizer`: ``global_config``, ``module_type_configs`` (a config, ``None``,
-    or a list of configs of which the one with the largest ``weight_threshold`` not above the module's weight size
+    or a list of configs of which the one with the largest ``weight_threshold`` below the module's weight size
     applies), ``module_name_configs`` (``None`` skips a module)."""
 
     module_config: ClassVar[type[ModuleConfig]] = ModuleDKMPalettizerConfig
@@ -172,7 +174,7 @@ class DKMPalettizerConfig(ModelConfig[ModuleDKMPalettizerConfig]):
 
 def config_for_size(config: Any, numel: int) -> ModuleDKMPalettizerConfig | None:
     """The module config that applies to a weight of ``numel`` elements: ``config`` itself, or from a list the one
-    with the largest ``weight_threshold`` not above ``numel``; None when the weight is below every threshold."""
+    with the largest ``weight_threshold`` below ``numel``; None when the weight is not above any threshold."""
     candidates = config if isinstance(config, list) else [config]
-    fitting = [c for c in candidates if c is not None and c.weight_threshold <= numel]
+    fitting = [c for c in candidates if c is not None and c.weight_threshold < numel]
     return max(fitting, key=lambda c: c.weight_threshold) if fitting else None
