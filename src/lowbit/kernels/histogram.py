@@ -65,7 +65,7 @@ def _distinct(bits: np.ndarray, importance: np.ndarray, weighted: bool, table: n
     groups, n = bits.shape
     hist = np.zeros(1 << 16)
     present = np.zeros(1 << 10, np.uint64)
-    values = np.empty(groups * min(n, 1 << 16))
+    values = np.empty(groups * min(n, 1 << 16))  # room for every group's distinct keys: no growth in the loop
     weights = np.empty_like(values)
     offsets = np.zeros(groups + 1, np.int64)
     key_range = np.empty((groups, 2), np.int64)
@@ -85,13 +85,6 @@ def _distinct(bits: np.ndarray, importance: np.ndarray, weighted: bool, table: n
             while word:
                 k = (word_index << 6) + np.int64(trailing_zeros(word))  # type: ignore[call-arg]
                 word &= word - one
-                if out == values.shape[0]:  # grow geometrically
-                    grown = np.empty(2 * out)
-                    grown[:out] = values
-                    values = grown
-                    grown_w = np.empty(2 * out)
-                    grown_w[:out] = weights
-                    weights = grown_w
                 values[out] = table[k]
                 weights[out] = hist[k]
                 out += 1
