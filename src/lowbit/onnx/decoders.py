@@ -14,7 +14,7 @@ from lowbit.kernels.decode import dequantize_linear, lut_decode, mx_decode, spar
 from lowbit.kernels.packing import unpack_bits
 from lowbit.onnx import functions as fn
 
-__all__ = ["Decoder", "decoder_for", "dtype_of", "value_shape"]
+__all__ = ["Decoder", "decoder_for", "dtype_of", "int_attribute", "value_shape"]
 
 
 def dtype_of(value: ir.Value) -> ir.DataType:
@@ -38,7 +38,8 @@ def _ints(node: ir.Node, name: str) -> list[int]:
     return list(node.attributes[name].as_ints())
 
 
-def _int(node: ir.Node, name: str, default: int = 0) -> int:
+def int_attribute(node: ir.Node, name: str, default: int = 0) -> int:
+    """The int attribute ``name`` of ``node``, or ``default`` when it is absent."""
     attr = node.attributes.get(name)
     return default if attr is None else attr.as_int()
 
@@ -53,7 +54,7 @@ def _decode_lut(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray:
     shape = _ints(node, "shape")
     cd = lut.shape[-1]
     count = int(np.prod(shape)) // cd
-    codes = unpack_bits(packed, _int(node, "n_bits"), count).reshape(shape[0] // cd, -1)
+    codes = unpack_bits(packed, int_attribute(node, "n_bits"), count).reshape(shape[0] // cd, -1)
     return _finish(lut_decode(codes, lut, scale), node)
 
 
@@ -61,7 +62,7 @@ def _decode_lut_gather(node: ir.Node, inputs: list[np.ndarray | None]) -> np.nda
     packed, lut = inputs[:2]  # LutGatherTriplets' codes table is implied by n_bits
     assert packed is not None and lut is not None
     shape = _ints(node, "shape")
-    codes = unpack_bits(packed.reshape(-1), _int(node, "n_bits"), int(np.prod(shape))).reshape(1, -1)
+    codes = unpack_bits(packed.reshape(-1), int_attribute(node, "n_bits"), int(np.prod(shape))).reshape(1, -1)
     return lut_decode(codes, lut, None).reshape(shape)
 
 
@@ -75,11 +76,11 @@ def _decode_lut_own_layout(node: ir.Node, inputs: list[np.ndarray | None]) -> np
     packed, lut = inputs
     assert packed is not None and lut is not None
     shape = _ints(node, "shape")
-    codes = unpack_bits(packed.reshape(-1), _int(node, "n_bits"), int(np.prod(shape))).reshape(shape)
-    axis = _int(node, "group_axis") % len(shape)
+    codes = unpack_bits(packed.reshape(-1), int_attribute(node, "n_bits"), int(np.prod(shape))).reshape(shape)
+    axis = int_attribute(node, "group_axis") % len(shape)
     along = [1] * len(shape)
     along[axis] = -1
-    groups = (np.arange(shape[axis]) // _int(node, "group_size")).reshape(along)
+    groups = (np.arange(shape[axis]) // int_attribute(node, "group_size")).reshape(along)
     return np.ascontiguousarray(lut[:, :, 0][groups, codes])
 
 
@@ -94,8 +95,10 @@ def _decode_mx(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray:
     codes, exponents, table = inputs
     assert codes is not None and exponents is not None and table is not None
     shape = _ints(node, "shape")
-    unpacked = unpack_bits(codes, _int(node, "n_bits"), int(np.prod(shape))).reshape(_ints(node, "split_shape"))
-    dtype = ir.DataType(_int(node, "to")).numpy()
+    unpacked = unpack_bits(codes, int_attribute(node, "n_bits"), int(np.prod(shape))).reshape(
+        _ints(node, "split_shape")
+    )
+    dtype = ir.DataType(int_attribute(node, "to")).numpy()
     return mx_decode(unpacked, exponents.reshape(_ints(node, "scale_shape")), table, dtype).reshape(shape)
 
 
@@ -109,7 +112,7 @@ def _decode_lut_dequantize(node: ir.Node, inputs: list[np.ndarray | None]) -> np
     q, scale, zero_point = inputs
     assert q is not None and scale is not None and zero_point is not None
     lut = dequantize_linear(q, scale.astype(np.float32), zero_point, axis=0)
-    return lut.astype(ir.DataType(_int(node, "to")).numpy())
+    return lut.astype(ir.DataType(int_attribute(node, "to")).numpy())
 
 
 def _describe_lut_dequantize(node: ir.Node) -> str:
@@ -120,7 +123,9 @@ def _describe_lut_dequantize(node: ir.Node) -> str:
 def _decode_dq(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray:
     q, scale, zero_point = ([*list(inputs), None, None])[:3]
     assert q is not None and scale is not None
-    return dequantize_linear(q, scale, zero_point, axis=_int(node, "axis", 1), block_size=_int(node, "block_size"))
+    return dequantize_linear(
+        q, scale, zero_point, axis=int_attribute(node, "axis", 1), block_size=int_attribute(node, "block_size")
+    )
 
 
 def _permuted_shape(node: ir.Node) -> tuple[int, ...]:
@@ -148,7 +153,7 @@ def value_shape(value: ir.Value | None) -> tuple[int, ...] | None:
 def _describe_lut(node: ir.Node) -> str:
     lut_shape = value_shape(node.inputs[1])
     groups = lut_shape[0] if lut_shape else "?"
-    return f"palettized {_int(node, 'n_bits', 8)}-bit, {groups} LUT(s)"  # LutGatherBytes: 8-bit, no attribute
+    return f"palettized {int_attribute(node, 'n_bits', 8)}-bit, {groups} LUT(s)"  # LutGatherBytes: 8-bit, no attribute
 
 
 def _describe_sparse(node: ir.Node) -> str:
@@ -162,7 +167,7 @@ def _describe_sparse(node: ir.Node) -> str:
 def _describe_dq(node: ir.Node) -> str:
     q = node.inputs[0]
     dtype = dtype_of(q).name.lower() if q is not None else "?"
-    block = _int(node, "block_size")
+    block = int_attribute(node, "block_size")
     return f"linear {dtype}" + (f", block {block}" if block else "")
 
 
@@ -178,8 +183,8 @@ def triplet_codes(n_bits: int) -> np.ndarray:
 _TRIPLET_CODES = Decoder(
     "codes",
     lambda node: "",
-    lambda node, inputs: triplet_codes(_int(node, "n_bits")),
-    lambda node: (131072, 12 // _int(node, "n_bits")),
+    lambda node, inputs: triplet_codes(int_attribute(node, "n_bits")),
+    lambda node: (131072, 12 // int_attribute(node, "n_bits")),
 )
 _SPARSE = Decoder("sparse", _describe_sparse, _decode_sparse, lambda node: tuple(_ints(node, "shape")))
 _LUT_GATHER = Decoder("palettized", _describe_lut, _decode_lut_gather, lambda n: tuple(_ints(n, "shape")))
@@ -207,7 +212,7 @@ _DECODERS = {
 
 def _decode_cast(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray:
     assert inputs[0] is not None
-    return inputs[0].astype(ir.DataType(_int(node, "to")).numpy())
+    return inputs[0].astype(ir.DataType(int_attribute(node, "to")).numpy())
 
 
 _CAST = Decoder("cast", lambda node: "", _decode_cast, lambda node: value_shape(node.inputs[0]))
@@ -221,7 +226,7 @@ def _is_decode_cast(node: ir.Node) -> bool:
         return False
     producer = source.producer()
     if producer is not None:  # float back to bf16 after a decode proper (a user's own Cast of a weight is not)
-        back_to_bf16 = _int(node, "to") == ir.DataType.BFLOAT16 and source.dtype == ir.DataType.FLOAT
+        back_to_bf16 = int_attribute(node, "to") == ir.DataType.BFLOAT16 and source.dtype == ir.DataType.FLOAT
         return back_to_bf16 and _is_decoder(producer)
     users = [user for user, _ in node.outputs[0].uses()]
     from_bf16 = source.const_value is not None and source.const_value.dtype == ir.DataType.BFLOAT16

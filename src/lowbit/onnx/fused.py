@@ -24,10 +24,11 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
+from lowbit.kernels.decode import dequantize_linear
 from lowbit.kernels.packing import pack_bits, unpack_bits
 from lowbit.onnx import encoding
 from lowbit.onnx import functions as fn
-from lowbit.onnx.decoders import dtype_of, value_shape
+from lowbit.onnx.decoders import dtype_of, int_attribute, value_shape
 from lowbit.weights import PalettizedWeight
 
 __all__ = [
@@ -333,17 +334,12 @@ def is_fused(node: ir.Node) -> bool:
         return not extra and (zero_point is None or dtype_of(zero_point) == ir.DataType.UINT8)
     if node.op_type == GATHER_BLOCK_QUANTIZED:
         data = node.inputs[0]
-        if data is None or _attr(node, "gather_axis") != 0 or _attr(node, "quantize_axis", 1) != 1:
+        if data is None or int_attribute(node, "gather_axis") != 0 or int_attribute(node, "quantize_axis", 1) != 1:
             return False
         dtype = dtype_of(data)
         four_bit = dtype in (ir.DataType.INT4, ir.DataType.UINT4)
-        return four_bit or (dtype == ir.DataType.UINT8 and _attr(node, "bits", 4) == 8)
+        return four_bit or (dtype == ir.DataType.UINT8 and int_attribute(node, "bits", 4) == 8)
     return False
-
-
-def _attr(node: ir.Node, name: str, default: int = 0) -> int:
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.as_int()
 
 
 def fused_by_codes(graph: ir.Graph) -> dict[int, list[ir.Node]]:
@@ -370,7 +366,7 @@ def codes_input(node: ir.Node) -> ir.Value:
 def weight_axes(node: ir.Node) -> tuple[tuple[int, int], tuple[int, int]]:
     """(the weight's shape, its (output, input) axes) of a fused node."""
     if node.op_type == MATMUL_NBITS:
-        return (_attr(node, "K"), _attr(node, "N")), (1, 0)
+        return (int_attribute(node, "K"), int_attribute(node, "N")), (1, 0)
     shape = value_shape(codes_input(node))
     assert shape is not None and len(shape) == 2
     return (int(shape[0]), int(shape[1])), (0, 1)
@@ -397,15 +393,15 @@ def unfuse(nodes: list[ir.Node], inputs: list[np.ndarray | None]) -> None:
 def unfused_weight(node: ir.Node, inputs: list[np.ndarray | None]) -> tuple[str, np.ndarray]:
     """(the plain op, the dense weight in its layout) of a fused node, from its inputs' values (the activation's
     slot None)."""
-    block, bits = _attr(node, "block_size"), _attr(node, "bits", 4)
+    block, bits = int_attribute(node, "block_size"), int_attribute(node, "bits", 4)
     if node.op_type == MATMUL_NBITS:
         _, b, scale, zero_point = [*inputs, None][:4]
         assert b is not None and scale is not None
-        n, k = _attr(node, "N"), _attr(node, "K")
+        n, k = int_attribute(node, "N"), int_attribute(node, "K")
         blocks = b.shape[1]
         codes = _unpack_rows(b.reshape(n, -1), bits, blocks * block)
         zp = _zero_points(zero_point, bits, n, blocks)
-        dense = _dequantize(codes, scale.reshape(n, blocks), zp, block)
+        dense = dequantize_linear(codes, scale.reshape(n, blocks), zp, axis=1, block_size=block)
         return "MatMul", np.ascontiguousarray(dense[:, :k].T)
     data, _, scale, zero_point = [*inputs, None][:4]
     assert data is not None and scale is not None
@@ -413,7 +409,7 @@ def unfused_weight(node: ir.Node, inputs: list[np.ndarray | None]) -> tuple[str,
         zp = np.full(scale.shape, 1 << (bits - 1), np.uint8) if zero_point is None else zero_point
     else:
         zp = np.zeros(scale.shape, np.int8) if zero_point is None else zero_point
-    return "Gather", _dequantize(data, scale, zp, block)
+    return "Gather", dequantize_linear(data, scale, zp, axis=1, block_size=block)
 
 
 def _zero_points(zero_point: np.ndarray | None, bits: int, n: int, blocks: int) -> np.ndarray:
@@ -422,16 +418,10 @@ def _zero_points(zero_point: np.ndarray | None, bits: int, n: int, blocks: int) 
     return _unpack_rows(zero_point.reshape(n, -1), bits, blocks)
 
 
-def _dequantize(codes: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, block: int) -> np.ndarray:
-    expand = np.repeat(np.arange(scale.shape[1]), block)[: codes.shape[1]]
-    centred = codes.astype(np.float32) - zero_point.astype(np.float32)[:, expand]
-    return (centred * scale.astype(np.float32)[:, expand]).astype(scale.dtype)
-
-
 def describe_fused(node: ir.Node) -> str:
     """A fused node's encoding, for reports."""
     data = node.inputs[1] if node.op_type == MATMUL_NBITS else node.inputs[0]
-    bits = _attr(node, "bits", 4)
+    bits = int_attribute(node, "bits", 4)
     if node.op_type == GATHER_BLOCK_QUANTIZED and data is not None and dtype_of(data) != ir.DataType.UINT8:
         bits = 4
-    return f"{node.op_type} {bits}-bit, block {_attr(node, 'block_size')}"
+    return f"{node.op_type} {bits}-bit, block {int_attribute(node, 'block_size')}"

@@ -146,7 +146,8 @@ class FakePalettize(nn.Module):
         mode = self.config.palett_mode
         if mode == "hard":
             hard = nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(x.dtype)
-            return hard + (logits.softmax(-1) - logits.softmax(-1).detach())  # straight through
+            soft = logits.softmax(-1)
+            return hard + (soft - soft.detach())  # straight through
         if mode == "gsm" and self.training:
             return nn.functional.gumbel_softmax(logits, tau=1.0, dim=-1)
         return logits.softmax(-1)
@@ -247,7 +248,10 @@ class _IndexList:
             padded = torch.nn.functional.pad(index, (0, -self.length % self.world))
             kept = padded.chunk(self.world)[torch.distributed.get_rank()]
         fits = self.length < 2**31  # indices into a list no longer than the index list itself
-        self.kept = kept.to(torch.int32) if self.length >= pack_above and fits else kept.clone()
+        if self.length >= pack_above and fits:
+            self.kept = kept.to(torch.int32)
+        else:  # a shard is a view of the padded whole: a copy lets the whole go
+            self.kept = kept.clone() if self.world > 1 else kept
 
     def whole(self) -> torch.Tensor:
         if self.world == 1:
