@@ -52,9 +52,9 @@ def test_optimal_centroids_match_brute_force(m, k, seed, weighted):
 
 
 def _layered_centroids(x: np.ndarray, w: np.ndarray, k: int) -> np.ndarray:
-    cw, cx, cxx, shift = kmeans1d._prefix_sums(x, w)
+    sums, shift = kmeans1d._prefix_sums(x, w)
     out = np.empty(k)
-    kmeans1d._layered(cw, cx, cxx, shift, len(x), k, out)
+    kmeans1d._layered(sums, shift, len(x), k, out)
     return out
 
 
@@ -76,9 +76,9 @@ def test_lagrangian_solver_reaches_the_layered_optimum(k):
         if len(x) <= k:
             continue
         w = rng.integers(1, 50, len(x)).astype(float) if trial % 2 else rng.exponential(1.0, len(x))
-        cw, cx, cxx, shift = kmeans1d._prefix_sums(x, w)
+        sums, shift = kmeans1d._prefix_sums(x, w)
         fast = np.empty(k)
-        fallbacks += not kmeans1d._lagrangian(x, cw, cx, cxx, shift, len(x), k, fast, np.zeros(2))
+        fallbacks += not kmeans1d._lagrangian(x, sums, shift, len(x), k, fast, np.zeros(2))
         got = optimal_centroids(x, w, np.array([0, len(x)]), k)[0]
         optimum = sse_of(x, w, _layered_centroids(x, w, k))
         assert sse_of(x, w, got) <= optimum * (1 + 1e-9) + 1e-12, (trial, k)
@@ -134,7 +134,7 @@ def test_assignment_is_nearest_entry():
     lut = np.sort(rng.standard_normal((2, 8)), axis=1).astype(np.float16).astype(np.float64)
     thresholds = (lut[:, 1:] + lut[:, :-1]) / 2
     hist = distinct_values(x.view(np.uint16), np.dtype(np.float16))
-    codes = assign_by_thresholds(x.view(np.uint16), np.dtype(np.float16), thresholds, hist.key_range)
+    codes = assign_by_thresholds(x.view(np.uint16), np.dtype(np.float16), thresholds, hist.present)
     distance = np.abs(x.astype(np.float64)[:, :, None] - lut[:, None, :])
     chosen = np.take_along_axis(distance, codes[:, :, None].astype(int), axis=2)[:, :, 0]
     np.testing.assert_array_equal(chosen, distance.min(axis=2))
@@ -148,8 +148,8 @@ def test_packed_assignment_equals_packing_the_codes(n_bits, n):
     hist = distinct_values(x.view(np.uint16), np.dtype(np.float16))
     lut = np.sort(rng.standard_normal((3, 1 << n_bits)), axis=1)
     thresholds = (lut[:, 1:] + lut[:, :-1]) / 2
-    codes = assign_by_thresholds(x.view(np.uint16), np.dtype(np.float16), thresholds, hist.key_range)
-    packed = assign_packed(x.view(np.uint16), np.dtype(np.float16), thresholds, hist.key_range, n_bits)
+    codes = assign_by_thresholds(x.view(np.uint16), np.dtype(np.float16), thresholds, hist.present)
+    packed = assign_packed(x.view(np.uint16), np.dtype(np.float16), thresholds, hist.present, n_bits)
     np.testing.assert_array_equal(packed, pack_bits(codes, n_bits))
 
 

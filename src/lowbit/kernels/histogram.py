@@ -20,6 +20,7 @@ from lowbit.kernels.packing import pack_bits
 __all__ = [
     "SIXTEEN_BIT_FLOATS",
     "Histogram",
+    "KeyRuns",
     "assign_by_thresholds",
     "assign_packed",
     "bit_values",
@@ -67,41 +68,49 @@ def _distinct(bits: np.ndarray, importance: np.ndarray, weighted: bool, table: n
     present = np.zeros(1 << 10, np.uint64)
     values = np.empty(groups * min(n, 1 << 16))  # room for every group's distinct keys: no growth in the loop
     weights = np.empty_like(values)
+    keys = np.empty(values.shape[0], np.uint16)
     offsets = np.zeros(groups + 1, np.int64)
-    key_range = np.empty((groups, 2), np.int64)
     one = np.uint64(1)
     out = 0
     for g in range(groups):
-        lo, hi = 1 << 16, -1
         for e in range(n):
             k = _key(bits[g, e])
             hist[k] += importance[g, e] if weighted else 1.0
             present[k >> 6] |= one << np.uint64(k & 63)
-            lo = min(lo, k)
-            hi = max(hi, k)
-        for word_index in range(lo >> 6, (hi >> 6) + 1):
+        for word_index in range(1 << 10):
             word = present[word_index]
+            if not word:
+                continue
             present[word_index] = 0
             while word:
                 k = (word_index << 6) + np.int64(trailing_zeros(word))  # type: ignore[call-arg]
                 word &= word - one
                 values[out] = table[k]
                 weights[out] = hist[k]
+                keys[out] = k
                 out += 1
                 hist[k] = 0.0
         offsets[g + 1] = out
-        key_range[g, 0], key_range[g, 1] = lo, hi
-    return values[:out].copy(), weights[:out].copy(), offsets, key_range
+    # views, not copies: the untouched tail of the buffers is never paged in
+    return values[:out], weights[:out], keys[:out], offsets
+
+
+class KeyRuns(NamedTuple):
+    """The sorted order keys (uint16) present in each group, ``keys[offsets[g]:offsets[g + 1]]``."""
+
+    keys: np.ndarray
+    offsets: np.ndarray
 
 
 class Histogram(NamedTuple):
     """Sorted distinct values of each group (runs concatenated, ``offsets[g]:offsets[g + 1]``) with their
-    multiplicities or summed importance; ``key_range[g]``: the group's lowest and highest order key (16-bit)."""
+    multiplicities or summed importance; ``present``: every order key of the 16-bit input, weightless ones too
+    (None for other dtypes), which code assignment walks."""
 
     values: np.ndarray
     weights: np.ndarray
     offsets: np.ndarray
-    key_range: np.ndarray | None
+    present: KeyRuns | None
 
 
 def distinct_values(bits: np.ndarray, dtype: np.dtype, importance: np.ndarray | None = None) -> Histogram:
@@ -117,8 +126,8 @@ def distinct_values(bits: np.ndarray, dtype: np.dtype, importance: np.ndarray | 
     """
     weighted = importance is not None
     imp = np.ascontiguousarray(importance, np.float64) if weighted else np.zeros((1, 1))
-    values, weights, offsets, key_range = _distinct(np.ascontiguousarray(bits), imp, weighted, key_values(dtype))
-    return _drop_weightless(Histogram(values, weights, offsets, key_range))
+    values, weights, keys, offsets = _distinct(np.ascontiguousarray(bits), imp, weighted, key_values(dtype))
+    return _drop_weightless(Histogram(values, weights, offsets, KeyRuns(keys, offsets)))
 
 
 def distinct_values_any(x: np.ndarray, importance: np.ndarray | None = None) -> Histogram:
@@ -143,15 +152,16 @@ def _drop_weightless(h: Histogram) -> Histogram:
     groups = np.repeat(np.arange(len(h.offsets) - 1), np.diff(h.offsets))
     counts = np.bincount(groups[keep], minlength=len(h.offsets) - 1)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return Histogram(h.values[keep], h.weights[keep], offsets, h.key_range)
+    return Histogram(h.values[keep], h.weights[keep], offsets, h.present)
 
 
 @numba.njit(cache=True, nogil=True)
-def _lookup(lookup: np.ndarray, thresholds: np.ndarray, g: int, table: np.ndarray, lo: int, hi: int) -> None:
-    """``lookup[k]`` = code of order key ``k`` in group ``g``: one monotone walk over the group's key range."""
+def _lookup(lookup: np.ndarray, thresholds: np.ndarray, g: int, table: np.ndarray, keys, offsets) -> None:
+    """``lookup[k]`` = code of each order key ``k`` present in group ``g``: one monotone walk."""
     j = 0
     t = thresholds.shape[1]
-    for k in range(lo, hi + 1):
+    for i in range(offsets[g], offsets[g + 1]):
+        k = keys[i]
         v = table[k]
         while j < t and v > thresholds[g, j]:
             j += 1
@@ -159,19 +169,19 @@ def _lookup(lookup: np.ndarray, thresholds: np.ndarray, g: int, table: np.ndarra
 
 
 @numba.njit(cache=True, nogil=True)
-def _assign(bits: np.ndarray, thresholds: np.ndarray, table: np.ndarray, key_range: np.ndarray) -> np.ndarray:
+def _assign(bits: np.ndarray, thresholds: np.ndarray, table: np.ndarray, keys, offsets) -> np.ndarray:
     groups, n = bits.shape
     codes = np.empty((groups, n), np.uint8)
     lookup = np.empty(1 << 16, np.uint8)
     for g in range(groups):
-        _lookup(lookup, thresholds, g, table, key_range[g, 0], key_range[g, 1])
+        _lookup(lookup, thresholds, g, table, keys, offsets)
         for e in range(n):
             codes[g, e] = lookup[_key(bits[g, e])]
     return codes
 
 
 @numba.njit(cache=True, nogil=True)
-def _assign_nibbles(bits, thresholds, table, key_range) -> np.ndarray:
+def _assign_nibbles(bits, thresholds, table, keys, offsets) -> np.ndarray:
     """:func:`_assign` for 4-bit codes written straight into bytes of two (low nibble first), as
     :func:`~lowbit.kernels.packing.pack_bits` lays them out; every group has an even size."""
     groups, n = bits.shape
@@ -179,29 +189,27 @@ def _assign_nibbles(bits, thresholds, table, key_range) -> np.ndarray:
     out = np.empty(groups * row, np.uint8)
     lookup = np.empty(1 << 16, np.uint8)
     for g in range(groups):
-        _lookup(lookup, thresholds, g, table, key_range[g, 0], key_range[g, 1])
+        _lookup(lookup, thresholds, g, table, keys, offsets)
         for o in range(row):
             out[g * row + o] = lookup[_key(bits[g, 2 * o])] | (lookup[_key(bits[g, 2 * o + 1])] << 4)
     return out
 
 
-def assign_packed(bits: np.ndarray, dtype: np.dtype, thresholds: np.ndarray, key_range: np.ndarray, n_bits: int):
+def assign_packed(bits: np.ndarray, dtype: np.dtype, thresholds: np.ndarray, present: KeyRuns, n_bits: int):
     """``pack_bits(assign_by_thresholds(...), n_bits)``; 4-bit codes of even-sized groups in one pass."""
     if n_bits != 4 or bits.shape[1] % 2:
-        return pack_bits(assign_by_thresholds(bits, dtype, thresholds, key_range), n_bits)
+        return pack_bits(assign_by_thresholds(bits, dtype, thresholds, present), n_bits)
     thresholds = np.ascontiguousarray(thresholds, np.float64)
-    return _assign_nibbles(np.ascontiguousarray(bits), thresholds, key_values(dtype), key_range)
+    return _assign_nibbles(np.ascontiguousarray(bits), thresholds, key_values(dtype), *present)
 
 
-def assign_by_thresholds(
-    bits: np.ndarray, dtype: np.dtype, thresholds: np.ndarray, key_range: np.ndarray
-) -> np.ndarray:
+def assign_by_thresholds(bits: np.ndarray, dtype: np.dtype, thresholds: np.ndarray, present: KeyRuns) -> np.ndarray:
     """Codes ``(G, n)`` uint8: the number of a group's ascending ``thresholds`` that each value exceeds.
 
-    ``key_range`` is the histogram's (:attr:`Histogram.key_range` of the same ``bits``).
+    ``present`` is the histogram's (:attr:`Histogram.present` of the same ``bits``).
     """
     table = key_values(dtype)
-    return _assign(np.ascontiguousarray(bits), np.ascontiguousarray(thresholds, np.float64), table, key_range)
+    return _assign(np.ascontiguousarray(bits), np.ascontiguousarray(thresholds, np.float64), table, *present)
 
 
 @numba.njit(cache=True, nogil=True)

@@ -127,8 +127,8 @@ def _scalar(x, dtype, groups, k, n_bits, mode, fast, lut_dtype, importance, thre
         check_finite(hist.values)
 
         def assign(thresholds: np.ndarray) -> np.ndarray:
-            assert hist.key_range is not None
-            return assign_packed(bits, keyed.dtype, thresholds * key_scale, hist.key_range, n_bits)
+            assert hist.present is not None
+            return assign_packed(bits, keyed.dtype, thresholds * key_scale, hist.present, n_bits)
     else:
         check_finite(xg)
         key_scale = 1.0
