@@ -32,3 +32,39 @@ def test_compiled_and_numpy_paths_agree(monkeypatch, dtype, block, symmetric, se
         assert np.array_equal(compiled.zero_point.astype(np.int16), plain.zero_point.astype(np.int16))
     assert compiled.squared_error == pytest.approx(plain.squared_error, rel=1e-12)
     assert compiled.energy == pytest.approx(plain.energy, rel=1e-12)
+
+
+def _tricky_weight(weight_dtype) -> np.ndarray:
+    """Heavy-tailed values plus what rounding gets wrong: exact half-way points of fp4 / fp8 codes (under the block
+    maximum that fixes a power-of-two scale), negative zeros, values that round to zero, all-zero blocks."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_t(3, (64, 256)) * 0.05
+    x[:, ::32] = 6.0  # every block of 32 has a maximum of 6: its MX scale is 1, so the codes below are exact ties
+    x[::2, 1:17] = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -5.0, -0.25, -0.0, -1e-9, 1e-9, 0.0, 3.0, -2.5, 0.125]
+    x[3, 64:128] = 0.0
+    return x.astype(weight_dtype)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "e8m0", "block"),
+    [
+        (ml_dtypes.float4_e2m1fn, True, (1, 32)),
+        (ml_dtypes.float8_e4m3fn, True, (1, 32)),
+        (ml_dtypes.float8_e4m3fn, False, (1, 0)),
+        (ml_dtypes.float8_e5m2, False, (32, 1)),
+        (ml_dtypes.float8_e5m2, True, (1, 32)),
+    ],
+)
+@pytest.mark.parametrize("weight_dtype", [np.float16, ml_dtypes.bfloat16, np.float32])
+def test_compiled_and_numpy_paths_agree_on_small_floats(monkeypatch, dtype, e8m0, block, weight_dtype):
+    x = _tricky_weight(weight_dtype)
+    results = []
+    for compiled_from in (0, 1 << 62):
+        monkeypatch.setattr(quantize, "COMPILED_FROM", compiled_from)
+        results.append(quantize.quantize_linear(x, dtype, block, e8m0=e8m0))
+    compiled, plain = results
+    assert compiled.q.tobytes() == plain.q.tobytes()
+    assert compiled.scale.tobytes() == plain.scale.tobytes()
+    assert compiled.squared_error == pytest.approx(plain.squared_error, rel=1e-12)
+    assert compiled.energy == pytest.approx(plain.energy, rel=1e-12)
+    np.testing.assert_array_equal(compiled.decode(), plain.decode())

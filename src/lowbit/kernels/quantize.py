@@ -201,13 +201,37 @@ def _round_float32_bits(buf: np.ndarray, drop: int, subnormal_below: int) -> Non
             bits[t] = (u + half + ((u >> drop) & 1)) & mask
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _to_element(r: np.float32, element: np.ndarray, cell: np.ndarray, cell_bits: np.ndarray) -> int:
+    """The code of the small float (fp8 / fp4) nearest ``r``, half to even, saturating. ``element``: the type's
+    largest value, mantissa bits, smallest normal exponent and sign bit; ``cell`` / ``cell_bits``: one float32 and
+    its uint32 view, to read bits through."""
+    top, mantissa, min_exponent, sign_bit = element[0], np.int64(element[1]), np.int64(element[2]), element[3]
+    cell[0] = r
+    sign = np.int64(sign_bit) if cell_bits[0] >> 31 else 0
+    a = min(abs(np.float64(r)), top)
+    if a < 2.0**min_exponent:  # subnormal grid, steps of 2^(min_exponent - mantissa); rint is half to even
+        return sign | np.int64(np.rint(a * 2.0 ** (mantissa - min_exponent)))
+    cell[0] = np.float32(a)
+    u = np.int64(cell_bits[0])
+    drop = 23 - mantissa
+    u = (u + (1 << (drop - 1)) - 1 + ((u >> drop) & 1)) >> drop  # the float32 mantissa rounded, half to even
+    exponent = (u >> mantissa) - 127 - min_exponent + 1  # a carry from the rounding lands on the next exponent
+    return sign | (exponent << mantissa) | (u & ((1 << mantissa) - 1))
+
+
 @numba.njit(cache=True, nogil=True)
-def _quantize_int(x, table, scale, zero_point, low, high, drop, subnormal_below, q):
-    """q = clip(rint(x / scale) + zp) per block (``x`` as in :func:`_block_min_max`); returns (squared error of
-    the decoded weight, energy). The decoded weight is DequantizeLinear's: float32 ``(q - zp) * scale`` rounded to
-    the output float type."""
+def _quantize_blocks(x, table, scale, zero_point, low, high, element, values, drop, subnormal_below, q):
+    """Quantize each block of ``x`` (as in :func:`_block_min_max`) and return (squared error of the decoded weight,
+    energy). Integers (``element`` empty): q = clip(rint(x / scale) + zp); small floats: the code nearest the
+    float32 quotient (:func:`_to_element`, ``element`` = its top, mantissa, min exponent and sign bit), decoded
+    through ``values`` (float32 value by code). The
+    decoded weight is DequantizeLinear's: the float32 product with the scale, rounded to the output float type."""
     g0, row = x.shape
     g1 = scale.shape[1]
+    integer = element.shape[0] == 0
+    cell = np.zeros(1, np.float32)
+    cell_bits = cell.view(np.uint32)
     chunk = 4096
     buf = np.empty(chunk, np.float32)
     sse = 0.0
@@ -218,9 +242,14 @@ def _quantize_int(x, table, scale, zero_point, low, high, drop, subnormal_below,
             stop = min(start + chunk, row)
             for t in range(start, stop):
                 s = scale[i, j]
-                code = min(max(np.rint(load(x, i, t, table) / s) + zero_point[i, j], low), high)
-                q[i, t] = np.int64(code)
-                buf[t - start] = np.float32(code - zero_point[i, j]) * np.float32(s)
+                if integer:
+                    code = min(max(np.rint(load(x, i, t, table) / s) + zero_point[i, j], low), high)
+                    q[i, t] = np.int64(code)
+                    buf[t - start] = np.float32(code - zero_point[i, j]) * np.float32(s)
+                else:
+                    code = _to_element(np.float32(load(x, i, t, table) / s), element, cell, cell_bits)
+                    q[i, t] = code
+                    buf[t - start] = values[code] * np.float32(s)
                 j = j + 1 if j + 1 < g1 else 0
             _round_float32_bits(buf[: stop - start], drop, subnormal_below)
             for t in range(start, stop):
@@ -297,6 +326,66 @@ def _searched_range(errors_of, lo, hi, dtype, symmetric, scale_dtype):
     return lo * best_ratio, hi * best_ratio
 
 
+def _float_scale(amax: np.ndarray, dtype: np.dtype, e8m0: bool, scale_dtype: np.dtype):
+    """(stored scale, the same as float64) per block of a small-float element type from the blocks' max-abs."""
+    if e8m0:
+        scale = _e8m0_exponents(amax, dtype)
+        return scale, np.exp2(scale.astype(np.float64) - E8M0_BIAS)
+    scale = _stored_scale(amax / float(ml_dtypes.finfo(dtype).max), scale_dtype)
+    return scale, scale.astype(np.float64)
+
+
+def _quantize_compiled(x, dtype, layout, resolved, symmetric, scale_dtype, e8m0, search) -> LinearQuantized:
+    """:func:`quantize_linear` by the compiled kernel, for blocks that view as ``x.reshape(g0, b, g1)``."""
+    out_dtype = np.dtype(x.dtype)
+    g0, b, g1 = layout
+    if x.dtype.itemsize == 2:  # 16-bit floats are read through a table: numpy's fp16 casts are slow
+        rows, table = x.view(np.uint16).reshape(g0, b * g1), bit_values(x.dtype)
+    else:
+        rows, table = x.reshape(g0, b * g1), np.zeros(1)
+    lo, hi = _block_min_max(rows, table, g1)
+    check_finite(lo)
+    check_finite(hi)
+    no_table = np.zeros(0)
+    if dtype in INTEGER_DTYPES:
+        low, high, _ = element_range(dtype, symmetric)
+        if search:
+
+            def errors_of(scale: np.ndarray, zero_point: np.ndarray) -> np.ndarray:
+                errors = np.zeros(scale.shape)
+                _block_errors(rows, table, scale, zero_point, low, high, errors)
+                return errors
+
+            lo, hi = _searched_range(errors_of, lo, hi, dtype, symmetric, scale_dtype)
+        scale, zero_point = _integer_params(lo, hi, dtype, symmetric, scale_dtype)
+        s64 = scale.astype(np.float64)
+        elements = (low, high, no_table, no_table.astype(np.float32))
+        q = np.empty((g0, b * g1), np.int8 if element_range(dtype, False)[0] < 0 else np.uint8)
+    else:
+        scale, s64 = _float_scale(np.maximum(-lo, hi), dtype, e8m0, scale_dtype)
+        zero_point = None
+        values = value_table(dtype)
+        info = ml_dtypes.finfo(dtype)
+        element = np.array([float(info.max), info.nmant, info.minexp, len(values) >> 1], np.float64)
+        elements = (0, 0, element, values)
+        q = np.empty((g0, b * g1), np.uint8)
+    drop, subnormal_below = _OUTPUT_ROUNDING.get(out_dtype, (0, 0))
+    zp = np.zeros(scale.shape) if zero_point is None else zero_point
+    sse, energy = _quantize_blocks(rows, table, s64, zp, *elements, drop, subnormal_below, q)
+    check_finite(energy)  # NaN slips through min/max comparisons, not through a sum of squares
+    grid = tuple(n // b for n, b in zip(x.shape, resolved, strict=True))
+    return LinearQuantized(
+        q.reshape(x.shape).view(dtype),
+        scale.reshape(grid),
+        None if zero_point is None else zero_point.astype(np.int64).astype(dtype).reshape(grid),
+        resolved,
+        e8m0,
+        out_dtype,
+        sse,
+        energy,
+    )
+
+
 def quantize_linear(
     x: np.ndarray,
     dtype: Any,
@@ -327,41 +416,10 @@ def quantize_linear(
     resolved = _resolve(tuple(block), x.shape)
     grid = tuple(n // b for n, b in zip(x.shape, resolved, strict=True))
     layout = _three_axes(x.shape, resolved)
-    if dtype in INTEGER_DTYPES and layout is not None and x.size >= COMPILED_FROM:
-        g0, b, g1 = layout
-        if x.dtype.itemsize == 2:  # 16-bit floats are read through a table: numpy's fp16 casts are slow
-            rows, table = x.view(np.uint16).reshape(g0, b * g1), bit_values(x.dtype)
-        else:
-            rows, table = x.reshape(g0, b * g1), np.zeros(1)
-        lo, hi = _block_min_max(rows, table, g1)
-        check_finite(lo)
-        check_finite(hi)
-        low, high, _ = element_range(dtype, symmetric)
-        if search:
-
-            def errors_of(scale: np.ndarray, zero_point: np.ndarray) -> np.ndarray:
-                errors = np.zeros(scale.shape)
-                _block_errors(rows, table, scale, zero_point, low, high, errors)
-                return errors
-
-            lo, hi = _searched_range(errors_of, lo, hi, dtype, symmetric, scale_dtype)
-        scale, zero_point = _integer_params(lo, hi, dtype, symmetric, scale_dtype)
-        q = np.empty((g0, b * g1), np.int8 if element_range(dtype, False)[0] < 0 else np.uint8)
-        drop, subnormal_below = _OUTPUT_ROUNDING.get(out_dtype, (0, 0))
-        zp = np.zeros(scale.shape) if zero_point is None else zero_point
-        args = (scale.astype(np.float64), zp, low, high, drop, subnormal_below, q)
-        sse, energy = _quantize_int(rows, table, *args)
-        check_finite(energy)  # NaN slips through min/max comparisons, not through a sum of squares
-        return LinearQuantized(
-            q.reshape(x.shape).view(dtype),
-            scale.reshape(grid),
-            None if zero_point is None else zero_point.astype(np.int64).astype(dtype).reshape(grid),
-            resolved,
-            False,
-            out_dtype,
-            sse,
-            energy,
-        )
+    # the compiled kernel decodes to ``out_dtype``; so does DequantizeLinear when the scales are E8M0 or share it
+    same_decode = dtype in INTEGER_DTYPES or e8m0 or scale_dtype == out_dtype
+    if layout is not None and x.size >= COMPILED_FROM and same_decode:
+        return _quantize_compiled(x, dtype, layout, resolved, symmetric, scale_dtype, e8m0, search)
     check_finite(x)
     split = tuple(d for n, b in zip(x.shape, resolved, strict=True) for d in (n // b, b))
     inner = tuple(range(1, 2 * x.ndim, 2))
@@ -387,13 +445,7 @@ def quantize_linear(
         zero_point = None if zp is None else zp.astype(np.int64).astype(dtype)
     elif dtype in FLOAT_ELEMENT_DTYPES:
         top = float(ml_dtypes.finfo(dtype).max)
-        amax = np.abs(data).max(axis=inner, keepdims=True)
-        if e8m0:
-            scale = _e8m0_exponents(amax, dtype)
-            s64 = np.exp2(scale.astype(np.float64) - E8M0_BIAS)
-        else:
-            scale = _stored_scale(amax / top, scale_dtype)
-            s64 = scale.astype(np.float64)
+        scale, s64 = _float_scale(np.abs(data).max(axis=inner, keepdims=True), dtype, e8m0, scale_dtype)
         q = np.clip(data / s64, -top, top).astype(np.float32).astype(dtype)
     else:
         raise ValueError(f"dtype must be an integer, fp8 or fp4 element type, got {dtype}")
