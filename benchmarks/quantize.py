@@ -10,6 +10,7 @@ test models are opset 17) and writing the ONNX graph. Error is rel-MSE of the de
 - coremltools: decoded from the compressed program's ``constexpr_blockwise_shift_scale`` constants. Its fp16 input
   path does not quantize, so its model holds the same values as fp32 (its scales are then fp32, ours fp16);
 - coreai-opt: time only (its IR cannot be executed on Linux).
+MXFP4 and fp8 have no coremltools 9.0 counterpart; their "ref" is ml_dtypes' cast with the same scale rule.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from _common import MIB, best_time, gaussian_fp16, minilm_linear_weights, one_co
 
 one_core()
 
+import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 import onnx_ir as ir  # noqa: E402
 from palettize import onnx_program  # noqa: E402
@@ -37,11 +39,18 @@ CONFIGS = {
     "int8 per-channel": dict(dtype="int8", granularity="per_channel"),
     "int4 per-channel": dict(dtype="int4", granularity="per_channel"),
     "int4 per-block(32)": dict(dtype="int4", granularity="per_block", block_size=32),
+    "MXFP4 per-block(32)": dict(dtype="fp4_e2m1fn", granularity="per_block", block_size=32),
+    "fp8 e4m3 per-channel": dict(dtype="fp8_e4m3fn", granularity="per_channel"),
 }
+FLOAT_ELEMENTS = {"fp4_e2m1fn": ml_dtypes.float4_e2m1fn, "fp8_e4m3fn": ml_dtypes.float8_e4m3fn}
 
 
 def reference_rel_mse(weights: dict[str, np.ndarray], cfg: dict) -> float:
-    """float64 symmetric quantizer, scales rounded down to the weight dtype, blocks along the input axis (axis 1)."""
+    """float64 symmetric quantizer, scales rounded down to the weight dtype, blocks along the input axis (axis 1),
+    int4 on all 16 codes (the extreme on the -8 side);
+    for float elements ml_dtypes' round-to-nearest-even cast, with the OCP MX shared exponent for MXFP4."""
+    if cfg["dtype"] in FLOAT_ELEMENTS:
+        return float_reference_rel_mse(weights, cfg)
     sse = energy = 0.0
     bits = 8 if cfg["dtype"] == "int8" else 4
     qmax = 2 ** (bits - 1) - 1
@@ -49,12 +58,42 @@ def reference_rel_mse(weights: dict[str, np.ndarray], cfg: dict) -> float:
         x = w.astype(np.float64)
         bs = cfg.get("block_size", x.shape[1]) if cfg["granularity"] == "per_block" else x.shape[1]
         blocks = x.reshape(x.shape[0], -1, bs)
-        raw = np.abs(blocks).max(axis=2, keepdims=True) / qmax
+        lo, hi = blocks.min(axis=2, keepdims=True), blocks.max(axis=2, keepdims=True)
+        extreme = np.where(np.abs(lo) > np.abs(hi), lo, hi)
+        # int4 uses all 16 codes: the block's extreme maps to -8 (as ONNX Runtime's RTN); int8 maps it to +-127
+        steps = 8 if bits == 4 else qmax
+        raw = np.abs(extreme) / steps
         scale = raw.astype(w.dtype)
         scale = np.where(scale > raw, np.nextafter(scale, np.zeros((), w.dtype)), scale).astype(np.float64)
         scale[scale == 0] = 1.0
-        decoded = (np.clip(np.rint(blocks / scale), -qmax, qmax) * scale).astype(np.float32).astype(w.dtype)
+        if bits == 4:
+            scale = scale * -np.sign(np.where(extreme, extreme, 1))
+        codes = np.clip(np.rint(blocks / scale), -qmax - (bits == 4), qmax)
+        decoded = (codes * scale).astype(np.float32).astype(w.dtype)
         sse += float(((decoded.astype(np.float64).reshape(x.shape) - x) ** 2).sum())
+        energy += float((x**2).sum())
+    return sse / energy
+
+
+def float_reference_rel_mse(weights: dict[str, np.ndarray], cfg: dict) -> float:
+    element = FLOAT_ELEMENTS[cfg["dtype"]]
+    top = float(ml_dtypes.finfo(element).max)
+    sse = energy = 0.0
+    for w in weights.values():
+        x = w.astype(np.float64)
+        bs = cfg.get("block_size", x.shape[1]) if cfg["granularity"] == "per_block" else x.shape[1]
+        blocks = x.reshape(x.shape[0], -1, bs)
+        amax = np.abs(blocks).max(axis=2, keepdims=True)
+        if cfg["granularity"] == "per_block":  # MX: 2^(floor(log2 amax) - emax of the element)
+            scale = np.exp2(np.floor(np.log2(np.where(amax > 0, amax, 1.0))) - np.floor(np.log2(top)))
+        else:
+            raw = amax / top
+            scale = raw.astype(w.dtype)
+            scale = np.where(scale > raw, np.nextafter(scale, np.zeros((), w.dtype)), scale).astype(np.float64)
+            scale[scale == 0] = 1.0
+        q = np.clip(blocks / scale, -top, top).astype(np.float32).astype(element).astype(np.float64)
+        decoded = (q * scale).astype(np.float32).astype(w.dtype).astype(np.float64)
+        sse += float(((decoded.reshape(x.shape) - x) ** 2).sum())
         energy += float((x**2).sum())
     return sse / energy
 
@@ -88,6 +127,8 @@ def run_coremltools(weights, cfg) -> tuple[float, float]:
         weight_threshold=0,
     )
     seconds, sse, energy = 0.0, 0.0, 0.0
+    if cfg["dtype"] in FLOAT_ELEMENTS:  # coremltools 9.0 has no fp4 / fp8 weight quantization
+        return float("nan"), float("nan")
     for w in weights.values():
         model = ct.convert(
             _mil_linear(mb, ct, w),
@@ -124,7 +165,7 @@ def run_coreai(weights, cfg) -> float:
     from palettize import _linears_program
 
     program = _linears_program(weights, torch, coreai_torch)
-    dtype = {"int8": DType.INT8, "int4": DType.INT4}[cfg["dtype"]]
+    dtype = DType(cfg["dtype"])
     return best_time(
         lambda: quantize_weights(
             program, dtype, granularity=CompressionGranularity(cfg["granularity"]), block_size=cfg.get("block_size", 32)
@@ -230,7 +271,7 @@ def main() -> None:
                 ca_secs = run_coreai(weights, cfg)
                 row += [
                     f"{numel / ct_secs / 1e6:.1f}",
-                    f"{ct_secs / secs:.0f}x",
+                    f"{ct_secs / secs:.0f}x" if ct_secs == ct_secs else "-",
                     f"{ct_err / err:.4f}",
                     f"{numel / ca_secs / 1e6:.1f}",
                     f"{ca_secs / secs:.0f}x",

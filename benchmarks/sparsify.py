@@ -1,5 +1,6 @@
-"""Sparsification benchmark: sizes of sparse / sparse+int8 / sparse+4-bit-LUT weights against dense, and lowbit
-against coremltools 9.0 ``prune_weights`` (magnitude, 50%) on the same weights: zeros and file size.
+"""Sparsification benchmark: sizes of sparse / sparse+int8 / sparse+4-bit-LUT weights against dense, speed against
+coreai-opt 0.3.0's ``sparsify_weights`` with the same options, and lowbit against coremltools 9.0 ``prune_weights``
+(magnitude, 50%) on the same weights: zeros and file size.
 
     .venv-bench/bin/python benchmarks/sparsify.py [--quick]
 
@@ -47,6 +48,22 @@ def run_lowbit(weights, cfg):
     return seconds, err, sum(r.bytes_after for r in rows), result[-1]
 
 
+def run_coreai(weights, cfg) -> float:
+    """Seconds of coreai-opt's ``sparsify_weights`` with the same options (its IR cannot be executed on Linux)."""
+    import coreai_torch
+    import torch
+    from coreai_opt.coreai_utils import DType, sparsify_weights
+    from palettize import _linears_program
+
+    program = _linears_program(weights, torch, coreai_torch)
+    options = dict(cfg)
+    if "n_m_ratio" in options:  # coreai-opt refuses target_sparsity beside n_m_ratio
+        options.pop("target_sparsity")
+    if "quantize_dtype" in options:
+        options["quantize_dtype"] = DType(options["quantize_dtype"])
+    return best_time(lambda: sparsify_weights(program, **options))
+
+
 def coremltools_prune(w: np.ndarray, tmp: Path) -> tuple[float, np.ndarray, int]:
     import coremltools as ct
     import coremltools.optimize as cto
@@ -81,6 +98,7 @@ def coremltools_prune(w: np.ndarray, tmp: Path) -> tuple[float, np.ndarray, int]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="1024x1024 synthetic weights instead of 4096x4096")
+    parser.add_argument("--skip-peers", action="store_true")
     args = parser.parse_args()
     n = 1024 if args.quick else 4096
     sets = {f"gauss fp16 {n}^2": {"w": gaussian_fp16(n)}, "MiniLM linear fp32 (36)": minilm_linear_weights()}
@@ -100,8 +118,14 @@ def main() -> None:
                     f"{nbytes / (numel * 4):.4f}",
                 ]
             )
+            if not args.skip_peers:
+                ca_secs = run_coreai(weights, cfg)
+                rows[-1] += [f"{numel / ca_secs / 1e6:.1f}", f"{ca_secs / secs:.1f}x"]
             print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
-    print(table(["weights", "config", "lowbit Mw/s", "rel-MSE", "bytes/dense", "bytes/fp32"], rows))
+    headers = ["weights", "config", "lowbit Mw/s", "rel-MSE", "bytes/dense", "bytes/fp32"]
+    print(table(headers + ([] if args.skip_peers else ["coreai Mw/s", "speedup"]), rows))
+    if args.skip_peers:
+        return
 
     print("\nagainst coremltools prune_weights (magnitude, 50%), one weight:")
     w = gaussian_fp16(n)

@@ -1,10 +1,12 @@
 """The compiled quantizer (large weights) and the numpy one (small weights) give the same bytes and errors."""
 
+from types import SimpleNamespace
+
 import ml_dtypes
 import numpy as np
 import pytest
 
-from lowbit.kernels import quantize
+from lowbit.kernels import elements, quantize
 
 
 @pytest.mark.parametrize(
@@ -21,8 +23,8 @@ from lowbit.kernels import quantize
 def test_compiled_and_numpy_paths_agree(monkeypatch, dtype, block, symmetric, search, weight_dtype):
     x = (np.random.default_rng(0).standard_t(4, (96, 256)) * 0.05).astype(weight_dtype)
     results = []
-    for compiled_from in (0, 1 << 62):
-        monkeypatch.setattr(quantize, "COMPILED_FROM", compiled_from)
+    for compiled in (True, False):
+        monkeypatch.setattr(quantize, "_compiled_for", lambda size, compiled=compiled: compiled)
         results.append(quantize.quantize_linear(x, dtype, block, symmetric=symmetric, search=search))
     compiled, plain = results
     assert np.array_equal(compiled.q.astype(np.int16), plain.q.astype(np.int16))
@@ -59,8 +61,8 @@ def _tricky_weight(weight_dtype) -> np.ndarray:
 def test_compiled_and_numpy_paths_agree_on_small_floats(monkeypatch, dtype, e8m0, block, weight_dtype):
     x = _tricky_weight(weight_dtype)
     results = []
-    for compiled_from in (0, 1 << 62):
-        monkeypatch.setattr(quantize, "COMPILED_FROM", compiled_from)
+    for compiled in (True, False):
+        monkeypatch.setattr(quantize, "_compiled_for", lambda size, compiled=compiled: compiled)
         results.append(quantize.quantize_linear(x, dtype, block, e8m0=e8m0))
     compiled, plain = results
     assert compiled.q.tobytes() == plain.q.tobytes()
@@ -68,3 +70,10 @@ def test_compiled_and_numpy_paths_agree_on_small_floats(monkeypatch, dtype, e8m0
     assert compiled.squared_error == pytest.approx(plain.squared_error, rel=1e-12)
     assert compiled.energy == pytest.approx(plain.energy, rel=1e-12)
     np.testing.assert_array_equal(compiled.decode(), plain.decode())
+
+
+def test_small_weights_use_the_compiled_kernel_once_it_is_loaded():
+    unloaded, loaded = SimpleNamespace(signatures=[]), SimpleNamespace(signatures=["float32[:, :]"])
+    assert not elements.worth_compiling(1000, unloaded)  # a small weight in a process with no kernel loaded: numpy
+    assert elements.worth_compiling(elements.COMPILED_FROM, unloaded)
+    assert elements.worth_compiling(1000, loaded)

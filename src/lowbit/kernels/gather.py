@@ -7,6 +7,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from lowbit.kernels.elements import as_readable, load, worth_compiling
+
 __all__ = ["gather_packed", "packed_error", "squared_error_and_energy"]
 
 _SAME_SIZE_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -97,8 +99,26 @@ def packed_error(packed: np.ndarray, n_bits: int, lut: np.ndarray, original: np.
     return float(sse), float(energy)
 
 
+@numba.njit(cache=True, nogil=True)
+def _error_and_energy(a, table_a, b, table_b) -> tuple[float, float]:
+    """Sums of squares of ``a - b`` and of ``b``, both as :func:`~lowbit.kernels.elements.as_readable` gives them,
+    shaped ``(1, n)``."""
+    sse, energy = 0.0, 0.0
+    for t in range(b.shape[1]):
+        x = load(b, 0, t, table_b)
+        d = load(a, 0, t, table_a) - x
+        sse += d * d
+        energy += x * x
+    return sse, energy
+
+
 def squared_error_and_energy(decoded: np.ndarray, original: np.ndarray) -> tuple[float, float]:
     """(sum of squared differences, sum of squares of ``original``) in float64."""
-    a, b = decoded.reshape(-1).astype(np.float64), original.reshape(-1).astype(np.float64)
-    diff = a - b
-    return float(np.dot(diff, diff)), float(np.dot(b, b))
+    if not worth_compiling(original.size, _error_and_energy):
+        a, b = decoded.reshape(-1).astype(np.float64), original.reshape(-1).astype(np.float64)
+        diff = a - b
+        return float(np.dot(diff, diff)), float(np.dot(b, b))
+    a, table_a = as_readable(decoded.reshape(1, -1))
+    b, table_b = as_readable(original.reshape(1, -1))
+    sse, energy = _error_and_energy(a, table_a, b, table_b)
+    return float(sse), float(energy)

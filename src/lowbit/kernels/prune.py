@@ -6,10 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numba
 import numpy as np
 
 from lowbit.errors import SkipWeight
 from lowbit.kernels import check_finite
+from lowbit.kernels.elements import as_readable, load, worth_compiling
 from lowbit.kernels.gather import squared_error_and_energy
 from lowbit.kernels.palettize import Palettized, palettize
 from lowbit.kernels.quantize import LinearQuantized, quantize_linear
@@ -33,11 +35,59 @@ def _smallest(scores: np.ndarray, count: int) -> np.ndarray:
     return chosen.reshape(scores.shape)
 
 
+@numba.njit(cache=True, nogil=True)
+def _magnitude_keep(keys: np.ndarray, magnitude_bits: int, count: int) -> np.ndarray:
+    """:func:`magnitude_mask` on the bit patterns of 16- or 32-bit floats (``magnitude_bits`` 15 or 31: below
+    the sign, the bits order finite magnitudes): a radix select, one counting pass per 16 bits of key, then one
+    pass that writes the mask."""
+    n = keys.shape[0]
+    magnitude = (np.int64(1) << magnitude_bits) - 1
+    shift = 16 if magnitude_bits > 16 else 0
+    high = np.zeros(np.int64(1) << (magnitude_bits - shift), np.int64)
+    for i in range(n):
+        high[(np.int64(keys[i]) & magnitude) >> shift] += 1
+    zeros = high[0] if shift == 0 else 0
+    if shift:
+        for i in range(n):
+            zeros += (np.int64(keys[i]) & magnitude) == 0
+    keep = np.empty(n, np.bool_)
+    if zeros >= count:
+        for i in range(n):
+            keep[i] = (np.int64(keys[i]) & magnitude) != 0
+        return keep
+    below, bucket = 0, 0  # the bucket holding the count-th smallest key, and the keys below it
+    while below + high[bucket] < count:
+        below += high[bucket]
+        bucket += 1
+    threshold = bucket
+    if shift:
+        low = np.zeros(1 << shift, np.int64)
+        for i in range(n):
+            k = np.int64(keys[i]) & magnitude
+            if k >> shift == bucket:
+                low[k & ((1 << shift) - 1)] += 1
+        rest = 0
+        while below + low[rest] < count:
+            below += low[rest]
+            rest += 1
+        threshold = (bucket << shift) | rest
+    ties = count - below  # equal to the threshold: the lowest indices go first
+    for i in range(n):
+        k = np.int64(keys[i]) & magnitude
+        keep[i] = k > threshold or (k == threshold and ties <= 0)
+        if k == threshold:
+            ties -= 1
+    return keep
+
+
 def magnitude_mask(w: np.ndarray, target: float) -> np.ndarray:
     """Keep all but the ``round(target * numel)`` smallest |w| (zeros count first; a weight with at least that many
-    zeros keeps every value)."""
-    magnitude = np.abs(w.astype(np.float32))
+    zeros keeps every value); ties at the threshold prune the lower indices first."""
     count = round(target * w.size)
+    if w.dtype.itemsize in (2, 4) and 0 < count < w.size and worth_compiling(w.size, _magnitude_keep):
+        keys = np.ascontiguousarray(w).reshape(-1).view(np.uint16 if w.dtype.itemsize == 2 else np.uint32)
+        return _magnitude_keep(keys, 8 * w.dtype.itemsize - 1, count).reshape(w.shape)
+    magnitude = np.abs(w.astype(np.float32))
     if int((magnitude == 0).sum()) >= count:
         return magnitude != 0
     return ~_smallest(magnitude, count)
@@ -100,9 +150,7 @@ def sparsify(
 ) -> Sparsified:
     """The sparse form of ``w`` under ``mask``; non-zeros optionally palettized (per-tensor k-means over the
     non-zeros only) or quantized (symmetric, one scale per ``channel_axis`` entry, from the kept values)."""
-    check_finite(w)
-    mask = mask & (w != 0)  # zeros inside kept blocks are not stored either: they stay exact, pull no centroid
-    values = w[mask]
+    mask, values, dropped, energy = _kept(w, mask)
     palettized = quantized = None
     if palettize_nbits is not None and values.size:
         palettized = palettize(values.reshape(1, -1), palettize_nbits)
@@ -110,5 +158,42 @@ def sparsify(
         block = tuple(1 if a == channel_axis else 0 for a in range(w.ndim))
         quantized = quantize_linear(np.where(mask, w, 0).astype(w.dtype), quantize_dtype, block)
     result = Sparsified(mask, None if palettized or quantized else values, palettized, quantized, 0.0, 0.0)
-    squared_error, energy = squared_error_and_energy(result.decode(), w)
-    return replace(result, squared_error=squared_error, energy=energy)
+    if result.values is None:
+        dropped, energy = squared_error_and_energy(result.decode(), w)
+    return replace(result, squared_error=dropped, energy=energy)
+
+
+@numba.njit(cache=True, nogil=True)
+def _kept_values(x, table, keep):
+    """(mask, values, dropped, energy) of :func:`_kept` for ``x`` as :func:`~lowbit.kernels.elements.as_readable`
+    gives it, shaped ``(1, n)``: one pass."""
+    n = x.shape[1]
+    mask = np.empty(n, np.bool_)
+    values = np.empty(n, x.dtype)
+    stored = 0
+    dropped, energy = 0.0, 0.0
+    for t in range(n):  # branch-free: which values are kept is as good as random
+        v = load(x, 0, t, table)
+        kept = keep[t] & (v != 0.0)
+        mask[t] = kept
+        values[stored] = x[0, t]
+        stored += kept
+        energy += v * v
+        dropped += 0.0 if kept else v * v
+    return mask, values[:stored].copy(), dropped, energy
+
+
+def _kept(w: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """(mask, values, dropped, energy): the mask of the non-zeros ``keep`` holds (zeros inside kept blocks are not
+    stored either: they stay exact and pull no centroid), the values under it in row-major order, and the sums of
+    squares of the values left out and of all of ``w``. Raises :class:`SkipWeight` when ``w`` is not finite."""
+    if w.dtype.itemsize in (2, 4) and worth_compiling(w.size, _kept_values):
+        x, table = as_readable(w.reshape(1, -1))
+        mask, values, dropped, energy = _kept_values(x, table, np.ascontiguousarray(keep).reshape(-1))
+        if not np.isfinite(energy):  # squares of 16- and 32-bit floats cannot overflow float64: NaN or Inf
+            raise SkipWeight("contains NaN or Inf")
+        return mask.reshape(w.shape), values.view(w.dtype), float(dropped), float(energy)
+    check_finite(w)
+    mask = keep & (w != 0)
+    dense = w.astype(np.float64)
+    return mask, w[mask], float(np.square(dense[~mask]).sum()), float(np.square(dense).sum())

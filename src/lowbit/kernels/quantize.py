@@ -14,11 +14,11 @@ from typing import Any
 import ml_dtypes
 import numba
 import numpy as np
-from numba.extending import overload
 
 from lowbit.errors import SkipWeight
 from lowbit.kernels import check_finite
 from lowbit.kernels.decode import dequantize_linear, mx_decode, value_table
+from lowbit.kernels.elements import as_readable, load, worth_compiling
 from lowbit.kernels.histogram import bit_values
 
 __all__ = ["LinearQuantized", "Quantized", "element_range", "quantize_linear", "quantize_per_row"]
@@ -28,9 +28,6 @@ FLOAT_ELEMENT_DTYPES = tuple(
     np.dtype(t) for t in (ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2, ml_dtypes.float4_e2m1fn)
 )
 E8M0_BIAS = 127
-# weights this small are quantized with numpy: a process that only meets small weights never starts numba's
-# compiler (~0.5 s even with every kernel cached on disk)
-COMPILED_FROM = 1 << 20
 
 
 def element_range(dtype: np.dtype, symmetric: bool) -> tuple[int, int, int]:
@@ -145,20 +142,6 @@ def _three_axes(shape: tuple[int, ...], block: tuple[int, ...]) -> tuple[int, in
     return layout[0], layout[1], layout[2]
 
 
-def load(x: np.ndarray, i: int, t: int, table: np.ndarray) -> float:
-    """Element (i, t) of ``x`` as float64: 16-bit floats arrive as their uint16 bit patterns and are read through
-    ``table`` (numpy's fp16 casts are slow). Compiled per type by the overload below; a plain function argument
-    would keep numba's on-disk cache from ever matching."""
-    return float(table[x[i, t]]) if x.dtype == np.uint16 else float(x[i, t])
-
-
-@overload(load, inline="always")
-def _load_for(x, i, t, table):
-    if x.dtype == numba.types.uint16:
-        return lambda x, i, t, table: table[x[i, t]]
-    return lambda x, i, t, table: np.float64(x[i, t])
-
-
 @numba.njit(cache=True, nogil=True)
 def _block_min_max(x: np.ndarray, table: np.ndarray, g1: int) -> tuple[np.ndarray, np.ndarray]:
     """Min and max of each block of ``x`` viewed as ``(g0, b * g1)`` rows, the block of element t being t % g1."""
@@ -202,36 +185,31 @@ def _round_float32_bits(buf: np.ndarray, drop: int, subnormal_below: int) -> Non
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _to_element(r: np.float32, element: np.ndarray, cell: np.ndarray, cell_bits: np.ndarray) -> int:
-    """The code of the small float (fp8 / fp4) nearest ``r``, half to even, saturating. ``element``: the type's
-    largest value, mantissa bits, smallest normal exponent and sign bit; ``cell`` / ``cell_bits``: one float32 and
-    its uint32 view, to read bits through."""
-    top, mantissa, min_exponent, sign_bit = element[0], np.int64(element[1]), np.int64(element[2]), element[3]
-    cell[0] = r
-    sign = np.int64(sign_bit) if cell_bits[0] >> 31 else 0
+def _to_element(r: np.float32, top: float, mantissa: int, min_exponent: int, sign_bit: int) -> int:
+    """The code of the small float (fp8 / fp4: ``mantissa`` bits, smallest normal ``2^min_exponent``) nearest
+    ``r``, half to even, saturating at ``top``; a negative ``r`` (-0 too) gets ``sign_bit``."""
+    sign = sign_bit if r.view(np.uint32) >> 31 else 0
     a = min(abs(np.float64(r)), top)
-    if a < 2.0**min_exponent:  # subnormal grid, steps of 2^(min_exponent - mantissa); rint is half to even
-        return sign | np.int64(np.rint(a * 2.0 ** (mantissa - min_exponent)))
-    cell[0] = np.float32(a)
-    u = np.int64(cell_bits[0])
+    # subnormal grid: steps of 2^(min_exponent - mantissa) (rint is half to even)
+    subnormal = np.int64(np.rint(a * 2.0 ** (mantissa - min_exponent)))
+    u = np.int64(np.float32(a).view(np.uint32))
     drop = 23 - mantissa
     u = (u + (1 << (drop - 1)) - 1 + ((u >> drop) & 1)) >> drop  # the float32 mantissa rounded, half to even
-    exponent = (u >> mantissa) - 127 - min_exponent + 1  # a carry from the rounding lands on the next exponent
-    return sign | (exponent << mantissa) | (u & ((1 << mantissa) - 1))
+    normal = (((u >> mantissa) - 127 - min_exponent + 1) << mantissa) | (u & ((1 << mantissa) - 1))
+    return sign | (subnormal if a < 2.0**min_exponent else normal)  # a rounding carry lands on the next exponent
 
 
 @numba.njit(cache=True, nogil=True)
 def _quantize_blocks(x, table, scale, zero_point, low, high, element, values, drop, subnormal_below, q):
     """Quantize each block of ``x`` (as in :func:`_block_min_max`) and return (squared error of the decoded weight,
-    energy). Integers (``element`` empty): q = clip(rint(x / scale) + zp); small floats: the code nearest the
-    float32 quotient (:func:`_to_element`, ``element`` = its top, mantissa, min exponent and sign bit), decoded
-    through ``values`` (float32 value by code). The
+    energy). Integers (``element`` all zero): q = clip(rint(x / scale) + zp); small floats: the code nearest the
+    float32 quotient (:func:`_to_element`; ``element``: the type's largest value, mantissa bits, smallest normal
+    exponent and sign bit), decoded through ``values`` (float32 value by code). The
     decoded weight is DequantizeLinear's: the float32 product with the scale, rounded to the output float type."""
     g0, row = x.shape
     g1 = scale.shape[1]
-    integer = element.shape[0] == 0
-    cell = np.zeros(1, np.float32)
-    cell_bits = cell.view(np.uint32)
+    top, mantissa, min_exponent, sign_bit = element[0], np.int64(element[1]), np.int64(element[2]), np.int64(element[3])
+    integer = mantissa == 0
     chunk = 4096
     buf = np.empty(chunk, np.float32)
     sse = 0.0
@@ -247,7 +225,7 @@ def _quantize_blocks(x, table, scale, zero_point, low, high, element, values, dr
                     q[i, t] = np.int64(code)
                     buf[t - start] = np.float32(code - zero_point[i, j]) * np.float32(s)
                 else:
-                    code = _to_element(np.float32(load(x, i, t, table) / s), element, cell, cell_bits)
+                    code = _to_element(np.float32(load(x, i, t, table) / s), top, mantissa, min_exponent, sign_bit)
                     q[i, t] = code
                     buf[t - start] = values[code] * np.float32(s)
                 j = j + 1 if j + 1 < g1 else 0
@@ -326,6 +304,12 @@ def _searched_range(errors_of, lo, hi, dtype, symmetric, scale_dtype):
     return lo * best_ratio, hi * best_ratio
 
 
+def _compiled_for(size: int) -> bool:
+    """Whether a weight of ``size`` elements goes through the compiled kernel (the numpy path gives the same
+    bytes, 3-4x slower, without starting numba)."""
+    return worth_compiling(size, _quantize_blocks)
+
+
 def _float_scale(amax: np.ndarray, dtype: np.dtype, e8m0: bool, scale_dtype: np.dtype):
     """(stored scale, the same as float64) per block of a small-float element type from the blocks' max-abs."""
     if e8m0:
@@ -339,14 +323,10 @@ def _quantize_compiled(x, dtype, layout, resolved, symmetric, scale_dtype, e8m0,
     """:func:`quantize_linear` by the compiled kernel, for blocks that view as ``x.reshape(g0, b, g1)``."""
     out_dtype = np.dtype(x.dtype)
     g0, b, g1 = layout
-    if x.dtype.itemsize == 2:  # 16-bit floats are read through a table: numpy's fp16 casts are slow
-        rows, table = x.view(np.uint16).reshape(g0, b * g1), bit_values(x.dtype)
-    else:
-        rows, table = x.reshape(g0, b * g1), np.zeros(1)
+    rows, table = as_readable(x.reshape(g0, b * g1))
     lo, hi = _block_min_max(rows, table, g1)
     check_finite(lo)
     check_finite(hi)
-    no_table = np.zeros(0)
     if dtype in INTEGER_DTYPES:
         low, high, _ = element_range(dtype, symmetric)
         if search:
@@ -359,7 +339,7 @@ def _quantize_compiled(x, dtype, layout, resolved, symmetric, scale_dtype, e8m0,
             lo, hi = _searched_range(errors_of, lo, hi, dtype, symmetric, scale_dtype)
         scale, zero_point = _integer_params(lo, hi, dtype, symmetric, scale_dtype)
         s64 = scale.astype(np.float64)
-        elements = (low, high, no_table, no_table.astype(np.float32))
+        elements = (low, high, np.zeros(4), np.zeros(0, np.float32))
         q = np.empty((g0, b * g1), np.int8 if element_range(dtype, False)[0] < 0 else np.uint8)
     else:
         scale, s64 = _float_scale(np.maximum(-lo, hi), dtype, e8m0, scale_dtype)
@@ -418,7 +398,7 @@ def quantize_linear(
     layout = _three_axes(x.shape, resolved)
     # the compiled kernel decodes to ``out_dtype``; so does DequantizeLinear when the scales are E8M0 or share it
     same_decode = dtype in INTEGER_DTYPES or e8m0 or scale_dtype == out_dtype
-    if layout is not None and x.size >= COMPILED_FROM and same_decode:
+    if layout is not None and _compiled_for(x.size) and same_decode:
         return _quantize_compiled(x, dtype, layout, resolved, symmetric, scale_dtype, e8m0, search)
     check_finite(x)
     split = tuple(d for n, b in zip(x.shape, resolved, strict=True) for d in (n // b, b))

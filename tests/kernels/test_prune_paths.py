@@ -1,0 +1,67 @@
+"""The compiled pruning kernels (radix-select mask, one-pass kept values) and the numpy ones give the same masks,
+values and errors."""
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from lowbit.errors import SkipWeight
+from lowbit.kernels import prune
+
+
+def _weight(dtype, shape=(64, 96), seed=0) -> np.ndarray:
+    """Values with many exact ties (rounded), exact zeros of both signs and a spread of magnitudes."""
+    rng = np.random.default_rng(seed)
+    w = np.round(rng.standard_normal(shape) * 8) / 64
+    w[rng.random(shape) < 0.05] = 0.0
+    w[rng.random(shape) < 0.02] = -0.0
+    return w.astype(dtype)
+
+
+def _both(monkeypatch, fn, *args):
+    results = []
+    for compiled in (True, False):
+        monkeypatch.setattr(prune, "worth_compiling", lambda size, kernel, compiled=compiled: compiled)
+        results.append(fn(*args))
+    return results
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32])
+@pytest.mark.parametrize("target", [0.0, 0.03, 0.3, 0.5, 0.75, 0.999, 1.0])
+def test_magnitude_masks_agree(monkeypatch, dtype, target):
+    w = _weight(dtype)
+    compiled, plain = _both(monkeypatch, prune.magnitude_mask, w, target)
+    np.testing.assert_array_equal(compiled, plain)
+    if 0 < target < 1 and (w == 0).sum() < round(target * w.size):
+        assert (~compiled).sum() == round(target * w.size)
+        assert np.abs(w[~compiled].astype(np.float32)).max() <= np.abs(w[compiled].astype(np.float32)).min()
+
+
+def test_magnitude_mask_of_a_32_bit_weight_splits_its_key_in_two_passes(monkeypatch):
+    """Magnitudes that share their high 16 bits and differ below them (the second counting pass decides)."""
+    w = (1.0 + np.arange(4000, dtype=np.float32) * np.float32(2**-23))[::-1].copy().reshape(40, 100)
+    compiled, plain = _both(monkeypatch, prune.magnitude_mask, w, 0.37)
+    np.testing.assert_array_equal(compiled, plain)
+    assert (~compiled).sum() == 1480
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32])
+def test_kept_values_agree(monkeypatch, dtype):
+    w = _weight(dtype, seed=1)
+    keep = np.random.default_rng(2).random(w.shape) < 0.6
+    compiled, plain = _both(monkeypatch, prune._kept, w, keep)
+    np.testing.assert_array_equal(compiled[0], plain[0])
+    assert compiled[1].dtype == w.dtype and compiled[1].tobytes() == plain[1].tobytes()
+    assert compiled[2] == pytest.approx(plain[2], rel=1e-12)
+    assert compiled[3] == pytest.approx(plain[3], rel=1e-12)
+    assert not (compiled[0] & (w == 0)).any()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_kept_values_refuse_non_finite_weights(monkeypatch, bad):
+    w = _weight(np.float16)
+    w[3, 4] = bad
+    for compiled in (True, False):
+        monkeypatch.setattr(prune, "worth_compiling", lambda size, kernel, compiled=compiled: compiled)
+        with pytest.raises(SkipWeight, match="NaN or Inf"):
+            prune._kept(w, np.ones(w.shape, bool))
