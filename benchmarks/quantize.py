@@ -119,6 +119,8 @@ def run_coremltools(weights, cfg) -> tuple[float, float]:
     from coremltools.converters.mil import Builder as mb
     from palettize import _mil_linear
 
+    if cfg["dtype"] in FLOAT_ELEMENTS:  # coremltools 9.0 has no fp4 / fp8 weight quantization
+        return float("nan"), float("nan")
     op_cfg = cto.coreml.OpLinearQuantizerConfig(
         mode="linear_symmetric",
         dtype=cfg["dtype"],
@@ -127,8 +129,6 @@ def run_coremltools(weights, cfg) -> tuple[float, float]:
         weight_threshold=0,
     )
     seconds, sse, energy = 0.0, 0.0, 0.0
-    if cfg["dtype"] in FLOAT_ELEMENTS:  # coremltools 9.0 has no fp4 / fp8 weight quantization
-        return float("nan"), float("nan")
     for w in weights.values():
         model = ct.convert(
             _mil_linear(mb, ct, w),

@@ -57,8 +57,8 @@ def run_coreai(weights, cfg) -> float:
 
     program = _linears_program(weights, torch, coreai_torch)
     options = dict(cfg)
-    if "n_m_ratio" in options:  # coreai-opt refuses target_sparsity beside n_m_ratio
-        options.pop("target_sparsity")
+    if "n_m_ratio" in options:  # coreai-opt refuses a target_sparsity (its default: 0.5) beside n_m_ratio
+        options["target_sparsity"] = None
     if "quantize_dtype" in options:
         options["quantize_dtype"] = DType(options["quantize_dtype"])
     return best_time(lambda: sparsify_weights(program, **options))

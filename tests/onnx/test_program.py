@@ -257,3 +257,46 @@ def test_training_info_is_kept_unless_it_updates_a_compressed_weight(tmp_path):
     with pytest.warns(UserWarning, match=r"training_info dropped: it updates \['w'\]"):
         out = result.save(tmp_path / "out2.onnx")
     assert not onnx.load(out).training_info
+
+
+@pytest.mark.parametrize(
+    ("compress", "options"),
+    [
+        (lowbit.palettize_weights, dict(n_bits=4, granularity="per_grouped_channel", group_size=16)),
+        (lowbit.quantize_weights, dict(dtype="int4", granularity="per_block", block_size=32)),
+        (lowbit.sparsify_weights, dict(target_sparsity=0.5)),
+    ],
+)
+def test_a_model_saved_with_external_data_keeps_compressed_weights_on_disk(tmp_path, monkeypatch, compress, options):
+    """Above protobuf's limit (lowered here) compressed tensors are spilled to a scratch file and mapped back: the
+    saved model is the same, the scratch folder goes with the program, and the input stays readable."""
+    from lowbit.onnx import passes
+
+    rng = np.random.default_rng(0)
+    weights = {f"w{i}": (rng.standard_normal((256, 512)) * 0.02).astype(np.float16) for i in range(3)}
+    model = make_model(weights, [("MatMul", name, {}) for name in weights])
+    src = tmp_path / "big.onnx"
+    ir.save(model, src, external_data="big.onnx.data")
+    plain = compress(lowbit.load(src), **options).save(tmp_path / "plain" / "out.onnx")
+    monkeypatch.setattr(passes, "PROTO_LIMIT_BYTES", 1000)
+    source = lowbit.load(src)
+    out = compress(source, **options)
+    spilled = [v for v in out.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)]
+    scratch = {Path(v.const_value.path).parent for v in spilled} - {tmp_path}
+    assert len(scratch) == 1 and next(iter(scratch)).parent == tmp_path  # beside the model
+    in_memory = [v for v in out.graph.initializers.values() if not isinstance(v.const_value, ir.ExternalTensor)]
+    assert min(v.const_value.nbytes for v in spilled) >= 1 << 16 > max(v.const_value.nbytes for v in in_memory)
+    saved = out.save(tmp_path / "spilled" / "out.onnx")
+    for a, b in zip(onnx.load(plain).graph.initializer, onnx.load(saved).graph.initializer, strict=True):
+        assert onnx.numpy_helper.to_array(a).tobytes() == onnx.numpy_helper.to_array(b).tobytes()
+    for name, w in weights.items():  # the input's pages were released, not lost
+        assert source.graph.initializers[name].const_value.numpy().tobytes() == w.tobytes()
+    x = {f"x{i}": np.ones((1, 256), np.float16) for i in range(3)}
+    y_plain, y_saved = (ort_session(p).run(None, x) for p in (plain, saved))
+    for a, b in zip(y_plain, y_saved, strict=True):
+        assert a.tobytes() == b.tobytes()
+    del out, spilled
+    import gc
+
+    gc.collect()
+    assert not any(folder.exists() for folder in scratch)

@@ -3,7 +3,7 @@ palettized / quantized. A mask is True where a value is kept."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numba
@@ -12,7 +12,6 @@ import numpy as np
 from lowbit.errors import SkipWeight
 from lowbit.kernels import check_finite
 from lowbit.kernels.elements import as_readable, load, worth_compiling
-from lowbit.kernels.gather import squared_error_and_energy
 from lowbit.kernels.palettize import Palettized, palettize
 from lowbit.kernels.quantize import LinearQuantized, quantize_linear
 
@@ -157,10 +156,11 @@ def sparsify(
     if quantize_dtype is not None:
         block = tuple(1 if a == channel_axis else 0 for a in range(w.ndim))
         quantized = quantize_linear(np.where(mask, w, 0).astype(w.dtype), quantize_dtype, block)
-    result = Sparsified(mask, None if palettized or quantized else values, palettized, quantized, 0.0, 0.0)
-    if result.values is None:
-        dropped, energy = squared_error_and_energy(result.decode(), w)
-    return replace(result, squared_error=dropped, energy=energy)
+    # zeros decode exactly (symmetric quantization maps 0 to code 0): the error is the dropped values' plus the
+    # stored values' own
+    stored = palettized or quantized
+    kept = None if stored else values
+    return Sparsified(mask, kept, palettized, quantized, dropped + (stored.squared_error if stored else 0.0), energy)
 
 
 @numba.njit(cache=True, nogil=True)

@@ -19,7 +19,7 @@ from lowbit.errors import SkipWeight
 from lowbit.onnx.discovery import WeightRef
 from lowbit.onnx.functions import FUNCTION_OPSET, MIN_IR_VERSION
 from lowbit.onnx.fused import TARGETS
-from lowbit.onnx.program import Program
+from lowbit.onnx.program import PROTO_LIMIT_BYTES, Program, release_pages
 from lowbit.onnx.weight_configs import WeightConfigs
 from lowbit.report import CompressionReport, WeightResult
 from lowbit.weights import check_eligible
@@ -80,6 +80,7 @@ class WeightPass:
         self.workers = workers
         self.executor = executor
         self.kernel_threads = 1  # threads a kernel may use: set per run (workers when the kernels run here)
+        self.spill = False  # set per run: see __call__
 
     def job(self, ref: WeightRef, array: np.ndarray, config: Any) -> Callable[[], Any]:
         """A picklable call of the weight layer that compresses ``array`` (the weight ``ref``) per ``config``."""
@@ -156,6 +157,8 @@ class WeightPass:
         """Compress the weights of ``program`` in place; return the report."""
         report = CompressionReport()
         refs = self._prepared_weights(program)
+        # a model saved with external data keeps its compressed weights on disk until then, not in memory
+        self.spill = program.tensor_nbytes() > PROTO_LIMIT_BYTES
         owned = self.executor is None
         # a pool only pays for itself with several weights to share out; with one, its kernel may use threads
         executor = default_executor(min(self.workers, len(refs))) if owned else self.executor
@@ -191,14 +194,21 @@ class WeightPass:
             yield ref0, future.result
 
     def _record(self, program: Program, report: CompressionReport, ref: WeightRef, outcome: Callable[[], Any]) -> None:
+        assert ref.value is not None
+        source = ref.value.const_value
         try:
             result = outcome()
             config = self.config_for(ref)
             stored = self.stored_nbytes(ref, result, config)
             if stored >= ref.nbytes:
                 raise SkipWeight(f"compressed it would take {stored} bytes, not fewer than its {ref.nbytes}")
+            known = program.initializer_ids() if self.spill else None
             after = self.write(program, ref, result, config)
+            if known is not None:
+                program.spill(known)
         except SkipWeight as skip:
             self._skip(report, ref, skip)
             return
+        finally:
+            release_pages(source)
         report.rows.append(WeightResult(ref.name, ref.op, ref.shape, ref.nbytes, after, result.rel_mse))

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import shutil
 import tempfile
 import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,10 +23,11 @@ from google.protobuf.message import DecodeError
 from lowbit.errors import ModelLoadError
 from lowbit.onnx.functions import DOMAIN
 
-__all__ = ["Program", "load"]
+__all__ = ["Program", "load", "release_pages"]
 
 _PLACEHOLDER = "lowbit-placeholder-never-read.bin"
 PROTO_LIMIT_BYTES = 2**31 - 2**24  # protobuf's 2 GiB limit, less headroom for the graph itself
+SPILL_FROM_BYTES = 1 << 16  # smaller compressed tensors (LUTs, scales) stay in memory
 
 
 class Program:
@@ -45,6 +48,7 @@ class Program:
         self.report: Any = None  # the CompressionReport of the pass that produced this program, if any
         self.training_info = list(training_info)  # kept from the file: onnx-ir does not carry it
         self.data_path: Path | None = None  # the external data file the last save wrote
+        self._scratch: Path | None = None  # the data file compressed tensors are spilled to (see spill)
 
     @property
     def graph(self) -> ir.Graph:
@@ -212,6 +216,45 @@ class Program:
             with contextlib.suppress(FileNotFoundError):
                 data.unlink()
 
+    def initializer_ids(self) -> set[int]:
+        """Identities of the initializer values of every graph, to tell which ones a write added."""
+        return {id(v) for v in _initializers(self.model)}
+
+    def spill(self, known: set[int]) -> None:
+        """Move the tensors of the initializers added since ``known`` (:meth:`initializer_ids`), from
+        ``SPILL_FROM_BYTES`` up, to a scratch data file and map them back from there: the compressed weights of a
+        model larger than memory wait for the save on disk (as page cache the kernel can drop), not in the
+        process's own memory. The scratch file lies in a temporary folder beside the model (else the system's),
+        removed when the program is garbage collected or by the next save there after this process is gone."""
+        added = [v for v in _initializers(self.model) if id(v) not in known and v.const_value is not None]
+        large = [v for v in added if v.const_value is not None and v.const_value.nbytes >= SPILL_FROM_BYTES]
+        if not large:
+            return
+        scratch = self._scratch_file()
+        with open(scratch, "ab") as f:
+            for value in large:
+                tensor = value.const_value
+                assert tensor is not None
+                data = tensor.tobytes()
+                offset = f.tell()
+                f.write(data)
+                f.flush()
+                shape = ir.Shape(list(tensor.shape.numpy()))
+                name = tensor.name or value.name or ""
+                spilled = ir.ExternalTensor(
+                    scratch.name, offset, len(data), tensor.dtype, shape=shape, name=name, base_dir=scratch.parent
+                )
+                spilled.numpy()  # mapped now: it stays readable even after the scratch folder is removed
+                value.const_value = spilled
+
+    def _scratch_file(self) -> Path:
+        if self._scratch is None:
+            parent = self.path.parent if self.path is not None and os.access(self.path.parent, os.W_OK) else None
+            folder = Path(tempfile.mkdtemp(dir=parent, prefix=f"{_TEMPORARY_PREFIX}{os.getpid()}-spill-"))
+            weakref.finalize(self, shutil.rmtree, folder, True)
+            self._scratch = folder / "spilled.data"
+        return self._scratch
+
     def stored_nbytes(self) -> int:
         """Bytes of the file this program was loaded from plus the external data files its tensors read."""
         data = {Path(t.path).resolve() for t in self._external_tensors()}
@@ -223,6 +266,20 @@ class Program:
 
     def _keeps_external_data(self) -> bool:
         return any(isinstance(v.const_value, ir.ExternalTensor) for v in _initializers(self.model))
+
+
+def release_pages(tensor: object) -> None:
+    """Drop the pages of a memory-mapped external tensor from this process and from the page cache. A weight's
+    input is read once; without this, compressing a model larger than memory fills both with it. A later read maps
+    the pages back from the file."""
+    if not isinstance(tensor, ir.ExternalTensor) or tensor.raw is None or not tensor.nbytes:
+        return
+    start = (tensor.offset or 0) // mmap.PAGESIZE * mmap.PAGESIZE
+    length = (tensor.offset or 0) + tensor.nbytes - start
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # not on every platform: then pages just stay
+        tensor.raw.madvise(mmap.MADV_DONTNEED, start, min(length, len(tensor.raw) - start))
+        with open(tensor.path, "rb") as f:
+            os.posix_fadvise(f.fileno(), start, length, os.POSIX_FADV_DONTNEED)
 
 
 def _upgraded_function(function: ir.Function, version: int) -> ir.Function:
