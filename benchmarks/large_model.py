@@ -120,11 +120,33 @@ def run(model: Path, output: Path, workers: int) -> dict[str, float]:
     return {"seconds": seconds, **peaks, "cache_after": _cached() - cached_before}
 
 
+def ort_differences(model: Path, output: Path) -> tuple[float, float]:
+    """Relative L2 differences of the palettized model's ONNX Runtime output from the original's and from that of
+    its own decoded weights (``lowbit.decompress_weights``: the graph's decode must reproduce them)."""
+    import onnxruntime as ort
+
+    import lowbit
+
+    decoded = lowbit.decompress_weights(lowbit.load(output)).save(output.with_name("decoded.onnx"))
+    # small inputs: the random stack squares its activations in every MLP and would overflow fp16 otherwise
+    x = {"x": (np.random.default_rng(1).standard_normal((1, HIDDEN)) * 0.01).astype(np.float16)}
+    ys = []
+    for path in (model, output, decoded):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 2
+        ys.append(ort.InferenceSession(str(path), options).run(None, x)[0].astype(np.float64))
+    for path in decoded.parent.glob(decoded.name + "*"):
+        path.unlink()
+    original, palettized, reference = ys
+    return tuple(float(np.linalg.norm(palettized - y) / np.linalg.norm(y)) for y in (original, reference))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/lowbit-7b"))
     parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--check", action="store_true", help="run both models in ONNX Runtime (a few layers only)")
     args = parser.parse_args()
     model = build(args.dir, args.layers)
     weights = args.layers * sum(a * b for a, b in SHAPES.values())
@@ -139,6 +161,10 @@ def main() -> None:
           f"{weights / stats['seconds'] / 1e6:.1f} M weights/s")  # fmt: skip
     print(f"peak anonymous {stats['RssAnon'] / GIB:.2f} GiB, peak file-backed RSS {stats['RssFile'] / GIB:.2f} GiB, "
           f"peak RSS {stats['VmRSS'] / GIB:.2f} GiB")  # fmt: skip
+    if args.check:
+        to_original, to_decoded = ort_differences(model, output)
+        print(f"ONNX Runtime, same input: output relative difference {to_original:.3e} from the original model's, "
+              f"{to_decoded:.3e} from its decoded weights'")  # fmt: skip
     print(f"page cache growth: peak {stats['cache'] / GIB:.2f} GiB, after {stats['cache_after'] / GIB:.2f} GiB "
           f"(output written: {written / GIB:.2f} GiB)")  # fmt: skip
 
