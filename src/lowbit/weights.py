@@ -9,6 +9,7 @@ It imports neither onnx nor torch, so the same array gives the same bytes throug
 from __future__ import annotations
 
 import math
+import mmap
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import numpy as np
 
 from lowbit.config import PalettizeConfig, QuantizeConfig, SparsifyConfig, block_shape
 from lowbit.errors import SkipWeight
+from lowbit.kernels.layout import swapped
 from lowbit.kernels.packing import packed_nbytes
 from lowbit.kernels.palettize import Palettized, palettize, stack_palettized
 from lowbit.kernels.prune import Sparsified, block_mask, magnitude_mask, n_m_mask, sparsify
@@ -121,6 +123,24 @@ class PalettizedWeight:
         )
 
 
+def _transposed(array: np.ndarray, perm: Sequence[int]) -> np.ndarray:
+    """C-contiguous ``array.transpose(perm)``: a 2-D swap in tiles (:func:`~lowbit.kernels.layout.swapped`). A
+    memory-mapped array is read in its own order first: a transposing copy straight from the mapping faults its
+    pages in out of order (measured on a 4096 x 11008 fp16 weight: 0.40 s, against 0.11 s to read it)."""
+    if list(perm) == sorted(perm):
+        return np.ascontiguousarray(array)
+    if _memory_mapped(array):
+        array = np.array(array)
+    return swapped(array) if list(perm) == [1, 0] else np.ascontiguousarray(array.transpose(perm))
+
+
+def _memory_mapped(array: np.ndarray) -> bool:
+    base = array.base
+    while isinstance(base, np.ndarray):
+        base = base.base
+    return isinstance(base.obj if isinstance(base, memoryview) else base, mmap.mmap)
+
+
 def _lut_groups(channels: int, config: PalettizeConfig) -> tuple[int, int]:
     """(LUTs, channels per LUT) for the ``channels`` of the grouping axis; the last LUT of ``group_size`` channels
     may have fewer. :class:`SkipWeight` when they do not split into ``cluster_dim`` vectors."""
@@ -189,7 +209,7 @@ def palettize_weight(
     channels = array.shape[axis]
     groups, per_group = _lut_groups(channels, config)
     forward = _palettize_layout(array.ndim, axis, config)
-    moved = np.ascontiguousarray(array.transpose(forward))
+    moved = _transposed(array, forward)
     canonical = moved.reshape(moved.shape[0], -1)
     imp = None
     if importance is not None:

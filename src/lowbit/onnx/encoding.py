@@ -10,6 +10,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lowbit.kernels.decode import value_table
+from lowbit.kernels.layout import swapped
 from lowbit.kernels.packing import pack_bits, unpack_bits
 from lowbit.onnx import functions as fn
 from lowbit.onnx.decoders import dtype_of, value_shape
@@ -235,7 +236,8 @@ def _group_axis(groups, perm, n_bits: int, canonical_shape, trim) -> int | None:
 
 def _own_layout_indices(packed, n_bits: int, canonical_shape, perm, trim) -> np.ndarray:
     """The kernel's codes (channel-first, maybe padded) laid out as the weight, packed along its last axis."""
-    codes = unpack_bits(packed, n_bits, int(np.prod(canonical_shape))).reshape(canonical_shape).transpose(perm)
+    codes = unpack_bits(packed, n_bits, int(np.prod(canonical_shape))).reshape(canonical_shape)
+    codes = swapped(codes) if list(perm) == [1, 0] else codes.transpose(perm)
     shape = _weight_shape(canonical_shape, perm, trim)
     codes = codes[tuple(slice(0, d) for d in shape)]
     return pack_bits(codes, n_bits).reshape(*shape[:-1], shape[-1] * n_bits // 8)

@@ -19,7 +19,7 @@ from lowbit.errors import SkipWeight
 from lowbit.onnx.discovery import WeightRef
 from lowbit.onnx.functions import FUNCTION_OPSET, MIN_IR_VERSION
 from lowbit.onnx.fused import TARGETS
-from lowbit.onnx.program import PROTO_LIMIT_BYTES, Program, release_pages
+from lowbit.onnx.program import PROTO_LIMIT_BYTES, Program, prefetch_pages, release_pages
 from lowbit.onnx.weight_configs import WeightConfigs
 from lowbit.report import CompressionReport, WeightResult
 from lowbit.weights import check_eligible
@@ -144,7 +144,9 @@ class WeightPass:
             try:
                 config = self._checked_config(ref)
                 assert ref.value is not None and ref.value.const_value is not None
-                yield ref, self.job(ref, ref.value.const_value.numpy(), config)
+                array = ref.value.const_value.numpy()
+                prefetch_pages(ref.value.const_value)
+                yield ref, self.job(ref, array, config)
             except SkipWeight as skip:
                 self._skip(report, ref, skip)
 

@@ -23,7 +23,7 @@ from google.protobuf.message import DecodeError
 from lowbit.errors import ModelLoadError
 from lowbit.onnx.functions import DOMAIN
 
-__all__ = ["Program", "load", "release_pages"]
+__all__ = ["Program", "load", "prefetch_pages", "release_pages"]
 
 _PLACEHOLDER = "lowbit-placeholder-never-read.bin"
 PROTO_LIMIT_BYTES = 2**31 - 2**24  # protobuf's 2 GiB limit, less headroom for the graph itself
@@ -268,18 +268,29 @@ class Program:
         return any(isinstance(v.const_value, ir.ExternalTensor) for v in _initializers(self.model))
 
 
+def prefetch_pages(tensor: object) -> None:
+    """Start reading a memory-mapped external tensor into the page cache, in the background: the kernels then read
+    it from memory. Read on demand instead, a transposing copy faults its pages in one at a time, out of order."""
+    _advise(tensor, mmap.MADV_WILLNEED, None)
+
+
 def release_pages(tensor: object) -> None:
     """Drop the pages of a memory-mapped external tensor from this process and from the page cache. A weight's
     input is read once; without this, compressing a model larger than memory fills both with it. A later read maps
     the pages back from the file."""
+    _advise(tensor, mmap.MADV_DONTNEED, os.POSIX_FADV_DONTNEED)
+
+
+def _advise(tensor: object, memory_advice: int, file_advice: int | None) -> None:
     if not isinstance(tensor, ir.ExternalTensor) or tensor.raw is None or not tensor.nbytes:
         return
     start = (tensor.offset or 0) // mmap.PAGESIZE * mmap.PAGESIZE
     length = (tensor.offset or 0) + tensor.nbytes - start
-    with contextlib.suppress(OSError, ValueError, AttributeError):  # not on every platform: then pages just stay
-        tensor.raw.madvise(mmap.MADV_DONTNEED, start, min(length, len(tensor.raw) - start))
-        with open(tensor.path, "rb") as f:
-            os.posix_fadvise(f.fileno(), start, length, os.POSIX_FADV_DONTNEED)
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # not on every platform: then nothing changes
+        tensor.raw.madvise(memory_advice, start, min(length, len(tensor.raw) - start))
+        if file_advice is not None:
+            with open(tensor.path, "rb") as f:
+                os.posix_fadvise(f.fileno(), start, length, file_advice)
 
 
 def _upgraded_function(function: ir.Function, version: int) -> ir.Function:
