@@ -17,6 +17,7 @@ Error is rel-MSE = sum((w - decoded)^2) / sum(w^2) of the decoded weights:
 from __future__ import annotations
 
 import argparse
+import re
 import resource
 import subprocess
 import sys
@@ -129,11 +130,12 @@ def run_coremltools(weights, cfg) -> tuple[float, float]:
     from coremltools.converters.mil import Builder as mb
 
     seconds, sse, total = 0.0, 0.0, 0.0
+    per_channel = cfg["granularity"] == "per_channel"  # coremltools' name for it: groups of one channel
     op_cfg = cto.coreml.OpPalettizerConfig(
         mode="kmeans",
         nbits=cfg["n_bits"],
-        granularity=cfg["granularity"],
-        group_size=cfg.get("group_size", 32),
+        granularity="per_grouped_channel" if per_channel else cfg["granularity"],
+        group_size=1 if per_channel else cfg.get("group_size", 32),
         num_kmeans_workers=1,
     )
     for w in weights.values():
@@ -246,6 +248,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="1024x1024 synthetic weights instead of 4096x4096")
     parser.add_argument("--skip-peers", action="store_true", help="lowbit and the optimum only")
+    parser.add_argument("--sets", default="", help="only the weight sets whose name matches this regex")
     args = parser.parse_args()
     n = 1024 if args.quick else 4096
     minilm = minilm_linear_weights()
@@ -258,6 +261,8 @@ def main() -> None:
     }
     rows = []
     for set_name, (weights, config_names) in sets.items():
+        if not re.search(args.sets, set_name):
+            continue
         numel = sum(w.size for w in weights.values())
         dense32 = numel * 4
         for cfg_name in config_names:

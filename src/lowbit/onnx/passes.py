@@ -148,6 +148,7 @@ class WeightPass:
                 prefetch_pages(ref.value.const_value)
                 yield ref, self.job(ref, array, config)
             except SkipWeight as skip:
+                release_pages(ref.value.const_value if ref.value is not None else None)
                 self._skip(report, ref, skip)
 
     def _skip(self, report: CompressionReport, ref: WeightRef, skip: SkipWeight) -> None:
@@ -204,7 +205,7 @@ class WeightPass:
             stored = self.stored_nbytes(ref, result, config)
             if stored >= ref.nbytes:
                 raise SkipWeight(f"compressed it would take {stored} bytes, not fewer than its {ref.nbytes}")
-            known = program.initializer_ids() if self.spill else None
+            known = program.initializers() if self.spill else None
             after = self.write(program, ref, result, config)
             if known is not None:
                 program.spill(known)

@@ -48,7 +48,7 @@ class Program:
         self.report: Any = None  # the CompressionReport of the pass that produced this program, if any
         self.training_info = list(training_info)  # kept from the file: onnx-ir does not carry it
         self.data_path: Path | None = None  # the external data file the last save wrote
-        self._scratch: Path | None = None  # the data file compressed tensors are spilled to (see spill)
+        self._scratch: _Scratch | None = None  # where compressed tensors are spilled to (see spill)
 
     @property
     def graph(self) -> ir.Graph:
@@ -216,44 +216,31 @@ class Program:
             with contextlib.suppress(FileNotFoundError):
                 data.unlink()
 
-    def initializer_ids(self) -> set[int]:
-        """Identities of the initializer values of every graph, to tell which ones a write added."""
-        return {id(v) for v in _initializers(self.model)}
+    def initializers(self) -> set[ir.Value]:
+        """The initializer values of every graph (held, so a later comparison cannot meet a reused identity)."""
+        return set(_initializers(self.model))
 
-    def spill(self, known: set[int]) -> None:
-        """Move the tensors of the initializers added since ``known`` (:meth:`initializer_ids`), from
-        ``SPILL_FROM_BYTES`` up, to a scratch data file and map them back from there: the compressed weights of a
-        model larger than memory wait for the save on disk (as page cache the kernel can drop), not in the
+    def spill(self, known: set[ir.Value]) -> None:
+        """Move the tensors of the initializers added since ``known`` (:meth:`initializers`), from
+        ``SPILL_FROM_BYTES`` up, to a scratch data file, read back from there when needed: the compressed weights
+        of a model larger than memory wait for the save on disk (as page cache the kernel can drop), not in the
         process's own memory. The scratch file lies in a temporary folder beside the model (else the system's),
-        removed when the program is garbage collected or by the next save there after this process is gone."""
-        added = [v for v in _initializers(self.model) if id(v) not in known and v.const_value is not None]
+        removed once no tensor in it is left, or by the next save there after this process is gone."""
+        added = [v for v in _initializers(self.model) if v not in known and v.const_value is not None]
         large = [v for v in added if v.const_value is not None and v.const_value.nbytes >= SPILL_FROM_BYTES]
         if not large:
             return
-        scratch = self._scratch_file()
-        with open(scratch, "ab") as f:
+        if self._scratch is None:
+            parent = self.path.parent if self.path is not None and os.access(self.path.parent, os.W_OK) else None
+            self._scratch = _Scratch(parent)
+        with open(self._scratch.path, "ab") as f:
             for value in large:
                 tensor = value.const_value
                 assert tensor is not None
                 data = tensor.tobytes()
                 offset = f.tell()
                 f.write(data)
-                f.flush()
-                shape = ir.Shape(list(tensor.shape.numpy()))
-                name = tensor.name or value.name or ""
-                spilled = ir.ExternalTensor(
-                    scratch.name, offset, len(data), tensor.dtype, shape=shape, name=name, base_dir=scratch.parent
-                )
-                spilled.numpy()  # mapped now: it stays readable even after the scratch folder is removed
-                value.const_value = spilled
-
-    def _scratch_file(self) -> Path:
-        if self._scratch is None:
-            parent = self.path.parent if self.path is not None and os.access(self.path.parent, os.W_OK) else None
-            folder = Path(tempfile.mkdtemp(dir=parent, prefix=f"{_TEMPORARY_PREFIX}{os.getpid()}-spill-"))
-            weakref.finalize(self, shutil.rmtree, folder, True)
-            self._scratch = folder / "spilled.data"
-        return self._scratch
+                value.const_value = _SpilledTensor(self._scratch, offset, len(data), tensor, tensor.name or "")
 
     def stored_nbytes(self) -> int:
         """Bytes of the file this program was loaded from plus the external data files its tensors read."""
@@ -271,26 +258,50 @@ class Program:
 def prefetch_pages(tensor: object) -> None:
     """Start reading a memory-mapped external tensor into the page cache, in the background: the kernels then read
     it from memory. Read on demand instead, a transposing copy faults its pages in one at a time, out of order."""
-    _advise(tensor, mmap.MADV_WILLNEED, None)
+    _advise(tensor, getattr(mmap, "MADV_WILLNEED", None), None)
 
 
 def release_pages(tensor: object) -> None:
     """Drop the pages of a memory-mapped external tensor from this process and from the page cache. A weight's
     input is read once; without this, compressing a model larger than memory fills both with it. A later read maps
     the pages back from the file."""
-    _advise(tensor, mmap.MADV_DONTNEED, os.POSIX_FADV_DONTNEED)
+    _advise(tensor, getattr(mmap, "MADV_DONTNEED", None), getattr(os, "POSIX_FADV_DONTNEED", None))
 
 
-def _advise(tensor: object, memory_advice: int, file_advice: int | None) -> None:
-    if not isinstance(tensor, ir.ExternalTensor) or tensor.raw is None or not tensor.nbytes:
+def _advise(tensor: object, memory_advice: int | None, file_advice: int | None) -> None:
+    """madvise / posix_fadvise over the tensor's bytes where the platform has them (Linux); elsewhere nothing."""
+    if not isinstance(tensor, ir.ExternalTensor) or tensor.raw is None or not tensor.nbytes or memory_advice is None:
         return
     start = (tensor.offset or 0) // mmap.PAGESIZE * mmap.PAGESIZE
     length = (tensor.offset or 0) + tensor.nbytes - start
-    with contextlib.suppress(OSError, ValueError, AttributeError):  # not on every platform: then nothing changes
+    with contextlib.suppress(OSError, ValueError):
         tensor.raw.madvise(memory_advice, start, min(length, len(tensor.raw) - start))
         if file_advice is not None:
             with open(tensor.path, "rb") as f:
                 os.posix_fadvise(f.fileno(), start, length, file_advice)
+
+
+class _SpilledTensor(ir.ExternalTensor):
+    """An external tensor in a program's scratch file; it holds the file's owner, so the file lasts as long as any
+    tensor in it (copies of the program, a model taken out of it) and goes with the last."""
+
+    __slots__ = ("_owner",)
+
+    def __init__(self, owner: _Scratch, offset: int, length: int, tensor: ir.TensorProtocol, name: str) -> None:
+        shape = ir.Shape(list(tensor.shape.numpy()))
+        super().__init__(
+            owner.path.name, offset, length, tensor.dtype, shape=shape, name=name, base_dir=owner.path.parent
+        )
+        self._owner = owner
+
+
+class _Scratch:
+    """The scratch data file of a program's spilled tensors, in a temporary folder removed with this object."""
+
+    def __init__(self, parent: Path | None) -> None:
+        folder = Path(tempfile.mkdtemp(dir=parent, prefix=f"{_TEMPORARY_PREFIX}{os.getpid()}-spill-"))
+        self.path = folder / "spilled.data"
+        weakref.finalize(self, shutil.rmtree, folder, True)
 
 
 def _upgraded_function(function: ir.Function, version: int) -> ir.Function:
@@ -409,8 +420,25 @@ def _remove_stale_temporaries(parent: Path) -> None:
     """Remove temporary folders of saves whose process is gone (killed before it could clean up)."""
     for folder in parent.glob(f"{_TEMPORARY_PREFIX}*"):
         pid = folder.name[len(_TEMPORARY_PREFIX) :].split("-", 1)[0]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+        if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` may still run; True when this platform cannot tell (its folders are kept)."""
+    if pid == os.getpid():
+        return True
+    if Path("/proc/self").is_dir():
+        return Path(f"/proc/{pid}").exists()
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
 
 
 def _is_data_name(name: str, model_name: str) -> bool:
