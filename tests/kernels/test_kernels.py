@@ -199,3 +199,23 @@ def test_compiled_gather_equals_the_reference_decoder(n_bits, dtype):
     lut = rng.standard_normal((groups, 1 << n_bits, 1)).astype(dtype)
     got = gather_packed(pack_bits(codes, n_bits), n_bits, lut[:, :, 0], codes.size).reshape(codes.shape)
     np.testing.assert_array_equal(got.view(np.uint8), lut_decode(codes, lut).view(np.uint8))
+
+
+def test_a_lut_group_without_importance_gets_the_plain_k_means_of_its_own_values():
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((4, 64)) * 0.05).astype(np.float16)
+    importance = np.ones(w.shape)
+    importance[3] = 0.0
+    weighted = palettize(w, 2, groups=4, importance=importance)
+    plain = palettize(w[3:], 2)
+    np.testing.assert_array_equal(weighted.lut[3], plain.lut[0])  # not another group's values
+    np.testing.assert_array_equal(weighted.codes[3], plain.codes[0])
+
+
+def test_a_nan_without_importance_is_still_refused():
+    w = (np.random.default_rng(1).standard_normal((4, 64)) * 0.05).astype(np.float16)
+    w[1, 5] = np.nan
+    importance = np.ones(w.shape)
+    importance[1, 5] = 0.0
+    with pytest.raises(SkipWeight, match="NaN or Inf"):
+        palettize(w, 2, groups=4, importance=importance)

@@ -145,14 +145,19 @@ def distinct_values_any(x: np.ndarray, importance: np.ndarray | None = None) -> 
 
 
 def _drop_weightless(h: Histogram) -> Histogram:
-    """Values whose importance sums to 0 cannot pull a centroid: leave them out of the groups' runs."""
-    keep = h.weights > 0
-    if keep.all():
+    """Values whose importance sums to 0 cannot pull a centroid: leave them out of the groups' runs. A group with no
+    importance at all keeps its values, each weighing 1 (any LUT costs it nothing: the plain k-means is as good as
+    any); a value that is not finite stays, so that the finiteness check still sees it."""
+    weights = h.weights
+    if (weights > 0).all():
         return h
     groups = np.repeat(np.arange(len(h.offsets) - 1), np.diff(h.offsets))
+    group_totals = np.bincount(groups, weights=weights, minlength=len(h.offsets) - 1)
+    weights = np.where(group_totals[groups] > 0, weights, 1.0)
+    keep = (weights > 0) | ~np.isfinite(h.values)
     counts = np.bincount(groups[keep], minlength=len(h.offsets) - 1)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return Histogram(h.values[keep], h.weights[keep], offsets, h.present)
+    return Histogram(h.values[keep], weights[keep], offsets, h.present)
 
 
 @numba.njit(cache=True, nogil=True)
