@@ -19,7 +19,8 @@ from lowbit.errors import SkipWeight
 from lowbit.onnx.discovery import WeightRef
 from lowbit.onnx.functions import FUNCTION_OPSET, MIN_IR_VERSION
 from lowbit.onnx.fused import TARGETS
-from lowbit.onnx.program import PROTO_LIMIT_BYTES, Program, prefetch_pages, release_pages
+from lowbit.onnx.paging import Spill, prefetch_pages, release_pages
+from lowbit.onnx.program import PROTO_LIMIT_BYTES, Program
 from lowbit.onnx.weight_configs import WeightConfigs
 from lowbit.report import CompressionReport, WeightResult
 from lowbit.weights import check_eligible
@@ -80,7 +81,7 @@ class WeightPass:
         self.workers = workers
         self.executor = executor
         self.kernel_threads = 1  # threads a kernel may use: set per run (workers when the kernels run here)
-        self.spill = False  # set per run: see __call__
+        self.spill: Spill | None = None  # set per run: see __call__
 
     def job(self, ref: WeightRef, array: np.ndarray, config: Any) -> Callable[[], Any]:
         """A picklable call of the weight layer that compresses ``array`` (the weight ``ref``) per ``config``."""
@@ -161,7 +162,7 @@ class WeightPass:
         report = CompressionReport()
         refs = self._prepared_weights(program)
         # a model saved with external data keeps its compressed weights on disk until then, not in memory
-        self.spill = program.tensor_nbytes() > PROTO_LIMIT_BYTES
+        self.spill = Spill(program) if program.tensor_nbytes() > PROTO_LIMIT_BYTES else None
         owned = self.executor is None
         # a pool only pays for itself with several weights to share out; with one, its kernel may use threads
         executor = default_executor(min(self.workers, len(refs))) if owned else self.executor
@@ -205,10 +206,10 @@ class WeightPass:
             stored = self.stored_nbytes(ref, result, config)
             if stored >= ref.nbytes:
                 raise SkipWeight(f"compressed it would take {stored} bytes, not fewer than its {ref.nbytes}")
-            known = program.initializers() if self.spill else None
+            known = self.spill.before() if self.spill else None
             after = self.write(program, ref, result, config)
-            if known is not None:
-                program.spill(known)
+            if self.spill and known is not None:
+                self.spill.after(known)
         except SkipWeight as skip:
             self._skip(report, ref, skip)
             return

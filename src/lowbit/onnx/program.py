@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import mmap
 import os
 import shutil
 import tempfile
 import warnings
-import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,11 +21,10 @@ from google.protobuf.message import DecodeError
 from lowbit.errors import ModelLoadError
 from lowbit.onnx.functions import DOMAIN
 
-__all__ = ["Program", "load", "prefetch_pages", "release_pages"]
+__all__ = ["Program", "initializer_values", "load"]
 
 _PLACEHOLDER = "lowbit-placeholder-never-read.bin"
 PROTO_LIMIT_BYTES = 2**31 - 2**24  # protobuf's 2 GiB limit, less headroom for the graph itself
-SPILL_FROM_BYTES = 1 << 16  # smaller compressed tensors (LUTs, scales) stay in memory
 
 
 class Program:
@@ -48,7 +45,6 @@ class Program:
         self.report: Any = None  # the CompressionReport of the pass that produced this program, if any
         self.training_info = list(training_info)  # kept from the file: onnx-ir does not carry it
         self.data_path: Path | None = None  # the external data file the last save wrote
-        self._scratch: _Scratch | None = None  # where compressed tensors are spilled to (see spill)
 
     @property
     def graph(self) -> ir.Graph:
@@ -90,7 +86,7 @@ class Program:
             return
         skeleton = self.model.clone()  # the converter sees no tensor data: placeholders stand in for it
         originals = {}
-        for value in _initializers(skeleton):
+        for value in initializer_values(skeleton):
             tensor = value.const_value
             if tensor is not None and value.name is not None:
                 originals[value.name] = tensor
@@ -110,7 +106,7 @@ class Program:
                 f"failed: {_one_line(err)}"
             ) from err
         model = ir.serde.deserialize_model(converted)
-        for value in _initializers(model):
+        for value in initializer_values(model):
             if value.name in originals:
                 value.const_value = originals[value.name]
         for key, function in self.model.functions.items():  # the converter drops model-local functions
@@ -125,7 +121,7 @@ class Program:
 
     def tensor_nbytes(self) -> int:
         """Bytes of all initializer data, main graph and subgraphs."""
-        return sum(v.const_value.nbytes for v in _initializers(self.model) if v.const_value is not None)
+        return sum(v.const_value.nbytes for v in initializer_values(self.model) if v.const_value is not None)
 
     def save(self, path: str | os.PathLike, external_data: bool | None = None) -> Path:
         """Write the model to ``path`` atomically.
@@ -179,7 +175,7 @@ class Program:
         return dest
 
     def _load_external_tensors(self) -> None:
-        for value in _initializers(self.model):
+        for value in initializer_values(self.model):
             if isinstance(value.const_value, ir.ExternalTensor):
                 value.const_value = ir.tensor(np.array(value.const_value.numpy()), name=value.name)
 
@@ -205,9 +201,9 @@ class Program:
         """Remove the data files of the model ``dest`` replaced (lowbit's naming only). Tensors of this program that
         read one of them are first pointed at the same tensors in the file just written."""
         doomed = {f for f in files if f.parent == dest.parent and _is_data_name(f.name, dest.name)}
-        reading = [v for v in _initializers(self.model) if _reads_any(v.const_value, doomed)]
+        reading = [v for v in initializer_values(self.model) if _reads_any(v.const_value, doomed)]
         if reading:
-            saved = {v.name: v.const_value for v in _initializers(ir.load(dest))}
+            saved = {v.name: v.const_value for v in initializer_values(ir.load(dest))}
             for value in reading:
                 assert value.const_value is not None
                 value.const_value.numpy()  # maps the old file: a copy of this program sharing it keeps its bytes
@@ -216,32 +212,6 @@ class Program:
             with contextlib.suppress(FileNotFoundError):
                 data.unlink()
 
-    def initializers(self) -> set[ir.Value]:
-        """The initializer values of every graph (held, so a later comparison cannot meet a reused identity)."""
-        return set(_initializers(self.model))
-
-    def spill(self, known: set[ir.Value]) -> None:
-        """Move the tensors of the initializers added since ``known`` (:meth:`initializers`), from
-        ``SPILL_FROM_BYTES`` up, to a scratch data file, read back from there when needed: the compressed weights
-        of a model larger than memory wait for the save on disk (as page cache the kernel can drop), not in the
-        process's own memory. The scratch file lies in a temporary folder beside the model (else the system's),
-        removed once no tensor in it is left, or by the next save there after this process is gone."""
-        added = [v for v in _initializers(self.model) if v not in known and v.const_value is not None]
-        large = [v for v in added if v.const_value is not None and v.const_value.nbytes >= SPILL_FROM_BYTES]
-        if not large:
-            return
-        if self._scratch is None:
-            parent = self.path.parent if self.path is not None and os.access(self.path.parent, os.W_OK) else None
-            self._scratch = _Scratch(parent)
-        with open(self._scratch.path, "ab") as f:
-            for value in large:
-                tensor = value.const_value
-                assert tensor is not None
-                data = tensor.tobytes()
-                offset = f.tell()
-                f.write(data)
-                value.const_value = _SpilledTensor(self._scratch, offset, len(data), tensor, tensor.name or "")
-
     def stored_nbytes(self) -> int:
         """Bytes of the file this program was loaded from plus the external data files its tensors read."""
         data = {Path(t.path).resolve() for t in self._external_tensors()}
@@ -249,59 +219,10 @@ class Program:
         return own + sum(f.stat().st_size for f in data if f.is_file())
 
     def _external_tensors(self) -> list[ir.ExternalTensor]:
-        return [v.const_value for v in _initializers(self.model) if isinstance(v.const_value, ir.ExternalTensor)]
+        return [v.const_value for v in initializer_values(self.model) if isinstance(v.const_value, ir.ExternalTensor)]
 
     def _keeps_external_data(self) -> bool:
-        return any(isinstance(v.const_value, ir.ExternalTensor) for v in _initializers(self.model))
-
-
-def prefetch_pages(tensor: object) -> None:
-    """Start reading a memory-mapped external tensor into the page cache, in the background: the kernels then read
-    it from memory. Read on demand instead, a transposing copy faults its pages in one at a time, out of order."""
-    _advise(tensor, getattr(mmap, "MADV_WILLNEED", None), None)
-
-
-def release_pages(tensor: object) -> None:
-    """Drop the pages of a memory-mapped external tensor from this process and from the page cache. A weight's
-    input is read once; without this, compressing a model larger than memory fills both with it. A later read maps
-    the pages back from the file."""
-    _advise(tensor, getattr(mmap, "MADV_DONTNEED", None), getattr(os, "POSIX_FADV_DONTNEED", None))
-
-
-def _advise(tensor: object, memory_advice: int | None, file_advice: int | None) -> None:
-    """madvise / posix_fadvise over the tensor's bytes where the platform has them (Linux); elsewhere nothing."""
-    if not isinstance(tensor, ir.ExternalTensor) or tensor.raw is None or not tensor.nbytes or memory_advice is None:
-        return
-    start = (tensor.offset or 0) // mmap.PAGESIZE * mmap.PAGESIZE
-    length = (tensor.offset or 0) + tensor.nbytes - start
-    with contextlib.suppress(OSError, ValueError):
-        tensor.raw.madvise(memory_advice, start, min(length, len(tensor.raw) - start))
-        if file_advice is not None:
-            with open(tensor.path, "rb") as f:
-                os.posix_fadvise(f.fileno(), start, length, file_advice)
-
-
-class _SpilledTensor(ir.ExternalTensor):
-    """An external tensor in a program's scratch file; it holds the file's owner, so the file lasts as long as any
-    tensor in it (copies of the program, a model taken out of it) and goes with the last."""
-
-    __slots__ = ("_owner",)
-
-    def __init__(self, owner: _Scratch, offset: int, length: int, tensor: ir.TensorProtocol, name: str) -> None:
-        shape = ir.Shape(list(tensor.shape.numpy()))
-        super().__init__(
-            owner.path.name, offset, length, tensor.dtype, shape=shape, name=name, base_dir=owner.path.parent
-        )
-        self._owner = owner
-
-
-class _Scratch:
-    """The scratch data file of a program's spilled tensors, in a temporary folder removed with this object."""
-
-    def __init__(self, parent: Path | None) -> None:
-        folder = Path(tempfile.mkdtemp(dir=parent, prefix=f"{_TEMPORARY_PREFIX}{os.getpid()}-spill-"))
-        self.path = folder / "spilled.data"
-        weakref.finalize(self, shutil.rmtree, folder, True)
+        return any(isinstance(v.const_value, ir.ExternalTensor) for v in initializer_values(self.model))
 
 
 def _upgraded_function(function: ir.Function, version: int) -> ir.Function:
@@ -367,7 +288,7 @@ def load(path: str | os.PathLike) -> Program:
 
 def _check_external_files(model: ir.Model, path: Path) -> None:
     folder = path.resolve().parent
-    for value in _initializers(model):
+    for value in initializer_values(model):
         tensor = value.const_value
         if isinstance(tensor, ir.ExternalTensor):
             data = Path(tensor.path)
@@ -383,7 +304,8 @@ def _check_external_files(model: ir.Model, path: Path) -> None:
                 raise ModelLoadError(f"{path}: external data file {data.name} is truncated (tensor {value.name!r})")
 
 
-def _initializers(model: ir.Model) -> Iterator[ir.Value]:
+def initializer_values(model: ir.Model) -> Iterator[ir.Value]:
+    """The initializer values of every graph of ``model``."""
     for graph in model.graphs():
         yield from graph.initializers.values()
 
@@ -404,12 +326,12 @@ def _one_line(err: BaseException) -> str:
     return text[:200] if text else type(err).__name__
 
 
-_TEMPORARY_PREFIX = ".lowbit-save-"
+TEMPORARY_PREFIX = ".lowbit-save-"
 
 
 @contextlib.contextmanager
 def _temporary_dir(parent: Path) -> Iterator[Path]:
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f"{_TEMPORARY_PREFIX}{os.getpid()}-"))
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f"{TEMPORARY_PREFIX}{os.getpid()}-"))
     try:
         yield tmp
     finally:
@@ -418,8 +340,8 @@ def _temporary_dir(parent: Path) -> Iterator[Path]:
 
 def _remove_stale_temporaries(parent: Path) -> None:
     """Remove temporary folders of saves whose process is gone (killed before it could clean up)."""
-    for folder in parent.glob(f"{_TEMPORARY_PREFIX}*"):
-        pid = folder.name[len(_TEMPORARY_PREFIX) :].split("-", 1)[0]
+    for folder in parent.glob(f"{TEMPORARY_PREFIX}*"):
+        pid = folder.name[len(TEMPORARY_PREFIX) :].split("-", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -483,5 +405,7 @@ def _replaced_data_files(model_file: Path) -> set[Path]:
     except Exception:  # not a model we can read: nothing of ours to clean up
         return set()
     return {
-        Path(v.const_value.path).resolve() for v in _initializers(model) if isinstance(v.const_value, ir.ExternalTensor)
+        Path(v.const_value.path).resolve()
+        for v in initializer_values(model)
+        if isinstance(v.const_value, ir.ExternalTensor)
     }
