@@ -305,3 +305,21 @@ def test_triplet_codes_shared_per_bit_width_and_gone_after_decompress():
     assert (
         sum(v.const_value.nbytes for v in six.graph.initializers.values()) == codes_and_luts
     )  # each weight's codes stored once, the shared tables not at all
+
+
+def test_a_pass_scans_the_model_for_names_once_not_per_name(monkeypatch):
+    """Generated names come from one scan of the model per pass (a scan per name is quadratic in graph size), and
+    they still never collide with the model's own."""
+    scans = []
+    real = encoding._value_names
+    monkeypatch.setattr(encoding, "_value_names", lambda model: scans.append(1) or real(model))
+    rng = np.random.default_rng(0)
+    weights = {f"w{i}": (rng.standard_normal((64, 64)) * 0.02).astype(np.float16) for i in range(12)}
+    weights["w3.lut"] = weights.pop("w3")  # a name the generated ones of another weight would take
+    program = lowbit.Program(make_model(weights, [("MatMul", name, {}) for name in weights]))
+    out = lowbit.sparsify_weights(program, target_sparsity=0.5, palettize_nbits=4)
+    assert len(out.report.compressed) == 12
+    assert len(scans) == 1
+    names = [v.name for g in out.model.graphs() for v in (*g.initializers.values(), *(o for n in g for o in n.outputs))]
+    assert len(names) == len(set(names))
+    check_model(out.model)

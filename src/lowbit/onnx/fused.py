@@ -162,6 +162,7 @@ def write_fused(model: ir.Model, weight: ir.Value, consumer: str, grid: Grid, ta
     uses = list(weight.uses())
     if weight.is_initializer() and weight.name is not None:
         graph.initializers.pop(weight.name)  # every use is replaced below: the codes take its name
+        encoding.release_name(model, weight.name)
     if consumer == "MatMul":
         op, inputs, attributes = MATMUL_NBITS, *_matmul_nbits_inputs(model, graph, base, grid)
         attributes["accuracy_level"] = _ACCURACY_LEVEL[target]

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from lowbit.config import check_bool, check_choice
 from lowbit.errors import SkipWeight
+from lowbit.onnx import encoding
 from lowbit.onnx.discovery import WeightRef
 from lowbit.onnx.functions import FUNCTION_OPSET, MIN_IR_VERSION
 from lowbit.onnx.fused import TARGETS
@@ -168,7 +169,10 @@ class WeightPass:
         executor = default_executor(min(self.workers, len(refs))) if owned else self.executor
         self.kernel_threads = self.workers if executor is None else 1
         try:
-            with tqdm(total=len(refs), desc=self.name, unit="weight", disable=None, leave=False) as bar:
+            with (
+                encoding.writing(program.model),
+                tqdm(total=len(refs), desc=self.name, unit="weight", disable=None, leave=False) as bar,
+            ):
                 for ref, outcome in self._outcomes(refs, report, executor):
                     self._record(program, report, ref, outcome)
                     bar.update()
