@@ -204,6 +204,7 @@ def test_compiled_gather_equals_the_reference_decoder(n_bits, dtype):
 def test_a_lut_group_without_importance_gets_the_plain_k_means_of_its_own_values():
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((4, 64)) * 0.05).astype(np.float16)
+    w[3, :32] = w[3, 0]  # repeated values: each must count, not each distinct value once
     importance = np.ones(w.shape)
     importance[3] = 0.0
     weighted = palettize(w, 2, groups=4, importance=importance)

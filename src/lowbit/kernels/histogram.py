@@ -125,13 +125,15 @@ def distinct_values(bits: np.ndarray, dtype: np.dtype, importance: np.ndarray | 
     Returns a :class:`Histogram` (float64 values and weights).
     """
     weighted = importance is not None
-    imp = np.ascontiguousarray(importance, np.float64) if weighted else np.zeros((1, 1))
+    imp = _counted_where_weightless(np.ascontiguousarray(importance, np.float64)) if weighted else np.zeros((1, 1))
     values, weights, keys, offsets = _distinct(np.ascontiguousarray(bits), imp, weighted, key_values(dtype))
     return _drop_weightless(Histogram(values, weights, offsets, KeyRuns(keys, offsets)))
 
 
 def distinct_values_any(x: np.ndarray, importance: np.ndarray | None = None) -> Histogram:
     """:func:`distinct_values` for values of any float dtype ``(G, n)`` (sorting; slower than the histogram)."""
+    if importance is not None:
+        importance = _counted_where_weightless(np.asarray(importance, np.float64))
     runs = [np.unique(row, return_inverse=True) for row in x.astype(np.float64)]
     values = np.concatenate([u for u, _ in runs])
     weights = np.concatenate(
@@ -145,19 +147,26 @@ def distinct_values_any(x: np.ndarray, importance: np.ndarray | None = None) -> 
 
 
 def _drop_weightless(h: Histogram) -> Histogram:
-    """Values whose importance sums to 0 cannot pull a centroid: leave them out of the groups' runs. A group with no
-    importance at all keeps its values, each weighing 1 (any LUT costs it nothing: the plain k-means is as good as
-    any); a value that is not finite stays, so that the finiteness check still sees it."""
-    weights = h.weights
-    if (weights > 0).all():
+    """Values whose importance sums to 0 cannot pull a centroid: leave them out of the groups' runs. A value that is
+    not finite stays, so that the finiteness check still sees it."""
+    keep = (h.weights > 0) | ~np.isfinite(h.values)
+    if keep.all():
         return h
     groups = np.repeat(np.arange(len(h.offsets) - 1), np.diff(h.offsets))
-    group_totals = np.bincount(groups, weights=weights, minlength=len(h.offsets) - 1)
-    weights = np.where(group_totals[groups] > 0, weights, 1.0)
-    keep = (weights > 0) | ~np.isfinite(h.values)
     counts = np.bincount(groups[keep], minlength=len(h.offsets) - 1)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return Histogram(h.values[keep], weights[keep], offsets, h.present)
+    return Histogram(h.values[keep], h.weights[keep], offsets, h.present)
+
+
+def _counted_where_weightless(importance: np.ndarray) -> np.ndarray:
+    """``importance`` (G, n) with every element of a group whose importance sums to 0 counting 1: any LUT costs such
+    a group nothing, and the plain k-means of its values is as good as any."""
+    weightless = ~(importance.sum(axis=1) > 0)
+    if not weightless.any():
+        return importance
+    counted = importance.copy()
+    counted[weightless] = 1.0
+    return counted
 
 
 @numba.njit(cache=True, nogil=True)

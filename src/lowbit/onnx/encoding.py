@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 import weakref
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -19,16 +20,20 @@ from lowbit.onnx.decoders import dtype_of, value_shape
 
 __all__ = [
     "add_initializer",
+    "claim_name",
     "decode_dtype",
     "decode_input",
     "home_graph",
     "insert_early",
+    "node_name",
+    "release_name",
     "stored_nbytes",
     "unique_name",
     "write_dequantize_linear",
     "write_lut",
     "write_mx",
     "write_sparse",
+    "writing",
 ]
 
 
@@ -43,26 +48,40 @@ def add_initializer(model: ir.Model, graph: ir.Graph, name: str, array: np.ndarr
 
 
 def unique_name(model: ir.Model, name: str) -> str:
-    """``name``, or ``name_1``, ``name_2``... : the first that no value of ``model`` (any graph) is called, nor (while
-    :func:`writing`) any name handed out before."""
+    """A value's name: ``name``, or ``name_1``, ``name_2``... : the first that no value of ``model`` (any graph) is
+    called. While :func:`writing`, the name is recorded."""
     taken = _TAKEN.get(model)
-    candidate, i = name, 1
     names = _value_names(model) if taken is None else taken
-    while candidate in names:
+    candidate, i = name, 1
+    while names[candidate] > 0:
         candidate, i = f"{name}_{i}", i + 1
     if taken is not None:
-        taken.add(candidate)
+        taken[candidate] += 1
     return candidate
 
 
-_TAKEN: weakref.WeakKeyDictionary[ir.Model, set[str | None]] = weakref.WeakKeyDictionary()
+def node_name(model: ir.Model, name: str) -> str:
+    """A node's name: as :func:`unique_name` (checked against the values' names), never recorded."""
+    taken = _TAKEN.get(model)
+    names = _value_names(model) if taken is None else taken
+    candidate, i = name, 1
+    while names[candidate] > 0:
+        candidate, i = f"{name}_{i}", i + 1
+    return candidate
+
+
+_TAKEN: weakref.WeakKeyDictionary[ir.Model, Counter[str | None]] = weakref.WeakKeyDictionary()
 
 
 @contextlib.contextmanager
 def writing(model: ir.Model) -> Iterator[None]:
-    """Within, lowbit alone edits ``model`` (a pass writing its weights): :func:`unique_name` scans the model's names
-    once and keeps the set, where a scan per name costs time quadratic in the graph's size (3,300 nodes and 300
-    weights: 19 s, measured). Names given to values otherwise must be claimed (:func:`claim_name`)."""
+    """Within, lowbit alone edits ``model`` (a pass writing its weights): names come from one scan of the model,
+    counted, where a scan per name costs time quadratic in the graph's size (3,300 nodes and 300 weights: 19 s,
+    measured). A value that gets a name otherwise claims it (:func:`claim_name`); one that leaves the model, or is
+    renamed, releases its old one (:func:`release_name`): the names handed out are those a fresh scan would give."""
+    if model in _TAKEN:
+        yield
+        return
     _TAKEN[model] = _value_names(model)
     try:
         yield
@@ -71,24 +90,25 @@ def writing(model: ir.Model) -> Iterator[None]:
 
 
 def claim_name(model: ir.Model, name: str | None) -> None:
-    """Record ``name`` as taken while :func:`writing` ``model``."""
+    """Count ``name`` as one more value's while :func:`writing` ``model``."""
     taken = _TAKEN.get(model)
     if taken is not None:
-        taken.add(name)
+        taken[name] += 1
 
 
 def release_name(model: ir.Model, name: str | None) -> None:
-    """Record ``name`` as free again while :func:`writing` ``model`` (the value called so left the model)."""
+    """Count ``name`` as one value's fewer while :func:`writing` ``model`` (it left the model or was renamed)."""
     taken = _TAKEN.get(model)
-    if taken is not None:
-        taken.discard(name)
+    if taken is not None and taken[name] > 0:
+        taken[name] -= 1
 
 
-def _value_names(model: ir.Model) -> set[str | None]:
-    names: set[str | None] = set()
+def _value_names(model: ir.Model) -> Counter[str | None]:
+    """How many values of each name ``model`` holds (graph inputs, initializers, node outputs; every graph)."""
+    names: Counter[str | None] = Counter()
     for graph in model.graphs():
         names.update(v.name for v in graph.inputs)
-        names.update(graph.initializers)
+        names.update(iter(graph.initializers))
         names.update(v.name for node in graph for v in node.outputs)
     return names
 
@@ -104,7 +124,7 @@ def decode_input(model: ir.Model, graph: ir.Graph, name: str, array: np.ndarray)
     value = add_initializer(model, graph, name, array)
     if dtype_of(value) != ir.DataType.BFLOAT16:
         return value
-    cast = ir.node("Cast", [value], {"to": ir.DataType.FLOAT}, name=unique_name(model, f"{value.name}.Cast"))
+    cast = ir.node("Cast", [value], {"to": ir.DataType.FLOAT}, name=node_name(model, f"{value.name}.Cast"))
     out = cast.outputs[0]
     out.name, out.dtype, out.shape = unique_name(model, f"{value.name}.float"), ir.DataType.FLOAT, ir.Shape(array.shape)
     insert_early(graph, cast)
@@ -140,7 +160,7 @@ def _emit(
     _insert_before_uses(graph, weight, node)
     _warn_if_not_folded(weight, node)
     if dtype_of(weight) != out.dtype:  # decoded in float: Cast back to the weight's type
-        cast = ir.node("Cast", [out], {"to": dtype_of(weight)}, name=unique_name(model, f"{node.name}.Cast"))
+        cast = ir.node("Cast", [out], {"to": dtype_of(weight)}, name=node_name(model, f"{node.name}.Cast"))
         cast.outputs[0].dtype, cast.outputs[0].shape = dtype_of(weight), out.shape
         graph.insert_after(node, cast)
         out = cast.outputs[0]
@@ -148,8 +168,10 @@ def _emit(
     weight.replace_all_uses_with(out, replace_graph_outputs=True)
     if weight.is_initializer() and name is not None:
         graph.initializers.pop(name)
+        release_name(model, name)
+    release_name(model, out.name)
     out.name = name
-    claim_name(model, name)  # the weight's own, or a stand-in's that no scan saw
+    claim_name(model, name)
     return out
 
 
@@ -181,7 +203,7 @@ def _slice(model: ir.Model, graph: ir.Graph, padded: ir.Value, axis: int, length
         add_initializer(model, graph, f"{base}.{what}", np.array([v], np.int64))
         for what, v in (("starts", 0), ("ends", length), ("axes", axis))
     ]
-    node = ir.node("Slice", [padded, *bounds], name=unique_name(model, f"{base}.Slice"))
+    node = ir.node("Slice", [padded, *bounds], name=node_name(model, f"{base}.Slice"))
     node.outputs[0].dtype = dtype_of(padded)
     return node
 
@@ -303,7 +325,7 @@ def _gather_decode(model, weight, gather: str, packed, lut_value, n_bits: int, c
         [add_initializer(model, graph, f"{base}.indices", stored), lut_value, *extra],
         attributes=attributes,
         domain=fn.DOMAIN,
-        name=unique_name(model, f"{base}.{gather}"),
+        name=node_name(model, f"{base}.{gather}"),
     )
     node.outputs[0].shape = ir.Shape(out_shape)
     node.outputs[0].dtype = dtype_of(lut_value)
@@ -348,7 +370,7 @@ def write_lut(
         [add_initializer(model, graph, f"{base}.indices", packed), lut_value, scale_value],
         attributes={"n_bits": int(n_bits), "shape": [int(d) for d in canonical_shape], "perm": list(perm)},
         domain=fn.DOMAIN,
-        name=unique_name(model, f"{base}.LutToDense"),
+        name=node_name(model, f"{base}.LutToDense"),
     )
     node.outputs[0].shape = ir.Shape([int(canonical_shape[p]) for p in perm])
     return _emit(model, weight, node, replace, trim)
@@ -376,7 +398,7 @@ def write_sparse(
         [add_initializer(model, graph, f"{base}.mask", packed_mask), values_value],
         attributes={"shape": [int(d) for d in shape]},
         domain=fn.DOMAIN,
-        name=unique_name(model, f"{base}.{op}"),
+        name=node_name(model, f"{base}.{op}"),
     )
     node.outputs[0].dtype = dtype_of(values_value)  # the values' type: a quantized chain scatters codes
     node.outputs[0].shape = ir.Shape([int(d) for d in shape])
@@ -418,7 +440,7 @@ def write_mx(
             "to": int(decode_dtype(dtype)),
         },
         domain=fn.DOMAIN,
-        name=unique_name(model, f"{base}.MxDequantize"),
+        name=node_name(model, f"{base}.MxDequantize"),
     )
     node.outputs[0].dtype, node.outputs[0].shape = decode_dtype(dtype), ir.Shape(shape)
     return _emit(model, weight, node, replace, trim)
@@ -436,7 +458,7 @@ def _triplet_codes(model: ir.Model, n_bits: int) -> ir.Value:
             return node.outputs[0]
     fn.use_function(model, fn.TRIPLET_CODES)
     name = f"lowbit.triplet_codes.{n_bits}bit"
-    node = ir.node(fn.TRIPLET_CODES, [], {"n_bits": n_bits}, domain=fn.DOMAIN, name=unique_name(model, name))
+    node = ir.node(fn.TRIPLET_CODES, [], {"n_bits": n_bits}, domain=fn.DOMAIN, name=node_name(model, name))
     out = node.outputs[0]
     out.name, out.dtype, out.shape = unique_name(model, name), ir.DataType.INT32, ir.Shape([131072, 12 // n_bits])
     insert_early(model.graph, node)
@@ -473,7 +495,7 @@ def write_dequantize_linear(
     attributes = {} if axis is None else {"axis": int(axis)}
     if block_size:
         attributes["block_size"] = int(block_size)
-    node = ir.node("DequantizeLinear", inputs, attributes, name=unique_name(model, f"{base}.DequantizeLinear"))
+    node = ir.node("DequantizeLinear", inputs, attributes, name=node_name(model, f"{base}.DequantizeLinear"))
     padded_shape = value_shape(q_value)
     if trim is not None and padded_shape is not None:
         node.outputs[0].shape = ir.Shape(padded_shape)

@@ -175,7 +175,7 @@ def write_fused(model: ir.Model, weight: ir.Value, consumer: str, grid: Grid, ta
             _with_activation(op, inputs, activation),
             attributes,
             domain=MS_DOMAIN,
-            name=encoding.unique_name(model, f"{node.name or base}.{op}"),
+            name=encoding.node_name(model, f"{node.name or base}.{op}"),
         )
         replace_node(node, fused)
     return sum(v.const_value.nbytes for v in _constants(inputs) if v.const_value is not None)
@@ -190,6 +190,7 @@ def _codes_value(model: ir.Model, graph: ir.Graph, name: str, codes: np.ndarray 
     """The codes as the weight's own name: an initializer, or the value computing them renamed."""
     if isinstance(codes, np.ndarray):
         return encoding.add_initializer(model, graph, name, codes)
+    encoding.release_name(model, codes.name)
     codes.name = encoding.unique_name(model, name)
     return codes
 

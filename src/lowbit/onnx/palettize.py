@@ -99,7 +99,7 @@ def _lut_dequantize_chain(model: ir.Model, weight: ir.Value, palettized: Paletti
         ],
         {"to": int(decoders.dtype_of(scale))},
         domain=fn.DOMAIN,
-        name=encoding.unique_name(model, f"{name}.{fn.LUT_DEQUANTIZE}"),
+        name=encoding.node_name(model, f"{name}.{fn.LUT_DEQUANTIZE}"),
     )
     out = node.outputs[0]
     out.name = encoding.unique_name(model, f"{name}.lut")
