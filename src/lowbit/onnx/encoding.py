@@ -76,9 +76,10 @@ _TAKEN: weakref.WeakKeyDictionary[ir.Model, Counter[str | None]] = weakref.WeakK
 @contextlib.contextmanager
 def writing(model: ir.Model) -> Iterator[None]:
     """Within, lowbit alone edits ``model`` (a pass writing its weights): names come from one scan of the model,
-    counted, where a scan per name costs time quadratic in the graph's size (3,300 nodes and 300 weights: 19 s,
-    measured). A value that gets a name otherwise claims it (:func:`claim_name`); one that leaves the model, or is
-    renamed, releases its old one (:func:`release_name`): the names handed out are those a fresh scan would give."""
+    counted, where a scan per name costs time quadratic in the graph's size (palettizing 300 weights in a graph of
+    3,300 nodes: 7.9 s, against 1.4 s with one scan). A value that gets a name otherwise claims it
+    (:func:`claim_name`); one that leaves the model, or is renamed, releases its old one (:func:`release_name`):
+    the names handed out are those a fresh scan would give."""
     if model in _TAKEN:
         yield
         return
