@@ -10,7 +10,9 @@ from numba.extending import overload
 
 from lowbit.kernels.histogram import bit_values
 
-__all__ = ["COMPILED_FROM", "as_readable", "load", "worth_compiling"]
+__all__ = ["COMPILED_FROM", "SAME_SIZE_UINT", "as_readable", "load", "worth_compiling"]
+
+SAME_SIZE_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}  # to copy elements of any type bit for bit
 
 # until a compiled kernel is loaded, weights this small go through numpy: a process that only meets small weights
 # never starts numba's compiler (~0.5 s even with every kernel cached on disk); once it is loaded, every weight goes

@@ -7,11 +7,9 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from lowbit.kernels.elements import as_readable, load, worth_compiling
+from lowbit.kernels.elements import SAME_SIZE_UINT, as_readable, load, worth_compiling
 
 __all__ = ["gather_packed", "packed_error", "squared_error_and_energy"]
-
-_SAME_SIZE_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 _CHUNK = 4096  # codes unpacked at a time into a small buffer; a multiple of 8, so chunks start on a byte
@@ -79,7 +77,7 @@ def gather_packed(
     pack_bits` writes them); ``lut`` is ``[G, 2**n_bits]``, group ``g`` serving codes ``g * count / G`` onwards.
     Values are copied bit for bit (any dtype of 1, 2, 4 or 8 bytes), into ``out`` (1-D, contiguous, the LUT's
     dtype) when given: writing into memory already in use spares a fresh allocation's page faults."""
-    uint = _SAME_SIZE_UINT[lut.dtype.itemsize]
+    uint = SAME_SIZE_UINT[lut.dtype.itemsize]
     if out is None:
         out = np.empty(count, lut.dtype)
     table = np.ascontiguousarray(lut).view(uint)

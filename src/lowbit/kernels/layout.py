@@ -6,12 +6,11 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from lowbit.kernels.elements import worth_compiling
+from lowbit.kernels.elements import SAME_SIZE_UINT, worth_compiling
 
 __all__ = ["swapped"]
 
 _TILE = 32
-_SAME_SIZE_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 @numba.njit(cache=True, nogil=True)
@@ -36,9 +35,9 @@ def _swap(src: np.ndarray, out: np.ndarray, write_order: bool) -> None:
 def swapped(array: np.ndarray) -> np.ndarray:
     """``np.ascontiguousarray(array.T)`` of a 2-D array, bit for bit."""
     itemsize = array.dtype.itemsize
-    if array.ndim != 2 or itemsize not in _SAME_SIZE_UINT or not worth_compiling(array.size, _swap):
+    if array.ndim != 2 or itemsize not in SAME_SIZE_UINT or not worth_compiling(array.size, _swap):
         return np.ascontiguousarray(array.T)
-    uint = _SAME_SIZE_UINT[itemsize]
+    uint = SAME_SIZE_UINT[itemsize]
     out = np.empty(array.shape[::-1], uint)
     _swap(np.ascontiguousarray(array).view(uint), out, itemsize > 1)
     return out.view(array.dtype)

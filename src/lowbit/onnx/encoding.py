@@ -50,13 +50,8 @@ def add_initializer(model: ir.Model, graph: ir.Graph, name: str, array: np.ndarr
 def unique_name(model: ir.Model, name: str) -> str:
     """A value's name: ``name``, or ``name_1``, ``name_2``... : the first that no value of ``model`` (any graph) is
     called. While :func:`writing`, the name is recorded."""
-    taken = _TAKEN.get(model)
-    names = _value_names(model) if taken is None else taken
-    candidate, i = name, 1
-    while names[candidate] > 0:
-        candidate, i = f"{name}_{i}", i + 1
-    if taken is not None:
-        taken[candidate] += 1
+    candidate = node_name(model, name)
+    claim_name(model, candidate)
     return candidate
 
 
