@@ -165,15 +165,16 @@ def _penalized(sums: np.ndarray, m: int, lam: float, b: np.ndarray, arg: np.ndar
     count of ``d[m]``. Kept as ``b[j] = d[j] - cxx[j]``, which the recurrence updates with no ``cxx``:
     ``b[j] = b[i] - (cx[j] - cx[i])^2 / (cw[j] - cw[i]) + lam``; ``arg[j]``: the best split point ``i``.
 
-    ``qi[h:t]`` are the candidate split points still in play, ``qs`` the first ``j`` each one is best for; a new
-    candidate's start is looked for among the first few ends it can start at (:func:`_losing`), else by galloping
-    out from there, then binary search. Ties go to the later candidate."""
+    ``qi[h:t]`` are the candidate split points still in play, ``qs`` the first ``j`` each one is best for (``m + 2``
+    entries: ``qs[t]`` holds ``m + 1``); a new candidate's start is looked for among the first few ends it can start
+    at (:func:`_losing`), else by galloping out from there, then binary search. Ties go to the later candidate."""
     b[0] = 0.0
     head, tail = 0, 1
     qi[0], qs[0] = 0, 1
+    qs[tail] = m + 1  # past the last candidate: never a start
     for j in range(1, m + 1):
-        while tail - head > 1 and qs[head + 1] <= j:
-            head += 1
+        # starts rise along the queue and all after the front's are >= j: the front moves by at most one, no branch
+        head += qs[head + 1] <= j
         i = qi[head]
         s = sums[j, 1] - sums[i, 1]
         b[j] = b[i] - s * s / (sums[j, 0] - sums[i, 0]) + lam
@@ -189,6 +190,7 @@ def _penalized(sums: np.ndarray, m: int, lam: float, b: np.ndarray, arg: np.ndar
         if tail == head:
             qi[tail], qs[tail] = j, start
             tail += 1
+            qs[tail] = m + 1
             continue
         last = qi[tail - 1]
         lo = max(qs[tail - 1], start) + 1
@@ -215,6 +217,7 @@ def _penalized(sums: np.ndarray, m: int, lam: float, b: np.ndarray, arg: np.ndar
                     lo = mid + 1
         qi[tail], qs[tail] = j, lo
         tail += 1
+        qs[tail] = m + 1
     count = 0
     j = m
     while j > 0:
@@ -257,7 +260,7 @@ def _lagrangian(x: np.ndarray, sums: np.ndarray, shift: float, m: int, k: int, c
     b = np.empty(m + 1)
     arg = np.empty(m + 1, np.int32)
     qi = np.empty(m + 1, np.int32)
-    qs = np.empty(m + 1, np.int32)
+    qs = np.empty(m + 2, np.int32)
     # hull points (cost, count) bracketing k: m clusters cost 0, one cluster costs everything
     lo_cost, lo_count = 0.0, m
     hi_cost, hi_count = _cost(0, m, sums), 1
