@@ -86,6 +86,29 @@ def test_lagrangian_solver_reaches_the_layered_optimum(k):
     assert fallbacks < 10
 
 
+@pytest.mark.parametrize(("bins", "slack"), [(6, 1.3), (32, 1.02)])
+def test_the_coarse_copy_restricts_split_points_to_bins_of_the_lloyd_clusters(bins, slack):
+    """The copy the penalty search starts on: a subset of the split points (rows of the prefix sums), both ends
+    kept, at most ``bins`` per cluster; its optimal error for k clusters bounds the full problem's from above,
+    closely with 32 bins (heavy-tailed values: 1.21x with 6 bins, 1.0008x with 32, measured)."""
+    rng = np.random.default_rng(3)
+    x = np.unique(rng.standard_t(3, 20000).astype(np.float16).astype(np.float64))
+    w = rng.integers(1, 20, len(x)).astype(np.float64)
+    k = 16
+    sums, shift = kmeans1d._prefix_sums(x, w)
+    _, bounds = kmeans1d._lloyd(x - shift, sums, len(x), k)
+    coarse, n = kmeans1d._coarse_sums(x - shift, sums, len(x), k, bounds, bins)
+    assert k < n <= k * bins and coarse.shape == (n + 1, 3)
+    rows = np.searchsorted(sums[:, 0], coarse[:, 0])
+    np.testing.assert_array_equal(coarse, sums[rows])
+    assert rows[0] == 0 and rows[-1] == len(x) and np.all(np.diff(rows) > 0)
+    for c in range(k):  # at most ``bins`` split points inside each Lloyd cluster
+        assert np.count_nonzero((rows >= bounds[c]) & (rows < bounds[c + 1])) <= bins
+    _, full = kmeans1d._layered_program(sums, len(x), k)
+    _, restricted = kmeans1d._layered_program(coarse, n, k)
+    assert full[k] <= restricted[k] <= full[k] * slack
+
+
 def test_threads_do_not_change_the_result():
     rng = np.random.default_rng(7)
     parts = [np.unique(np.round(rng.standard_normal(n), 3)) for n in (500, 40, 800, 3, 300)]
