@@ -290,9 +290,12 @@ def _group_axis(groups, perm, n_bits: int, canonical_shape, trim) -> int | None:
 
 def _own_layout_indices(packed, n_bits: int, canonical_shape, perm, trim) -> np.ndarray:
     """The kernel's codes (channel-first, maybe padded) laid out as the weight, packed along its last axis."""
+    shape = _weight_shape(canonical_shape, perm, trim)
+    if list(perm) == sorted(perm) and shape == list(canonical_shape) and n_bits in (1, 2, 4, 8):
+        # the kernel's own layout, rows of whole bytes (the caller checked): packed along the last axis already
+        return packed.reshape(*shape[:-1], shape[-1] * n_bits // 8)
     codes = unpack_bits(packed, n_bits, int(np.prod(canonical_shape))).reshape(canonical_shape)
     codes = swapped(codes) if list(perm) == [1, 0] else codes.transpose(perm)
-    shape = _weight_shape(canonical_shape, perm, trim)
     codes = codes[tuple(slice(0, d) for d in shape)]
     return pack_bits(codes, n_bits).reshape(*shape[:-1], shape[-1] * n_bits // 8)
 
