@@ -209,6 +209,7 @@ def _penalized(sums: np.ndarray, m: int, lam: float, b: np.ndarray, arg: np.ndar
                 tail -= 1
             else:
                 break
+        qs[tail] = m + 1  # the front step reads it: a dropped candidate's start must not stay (j may not be pushed)
         if tail == head:
             qi[tail], qs[tail] = j, start
             tail += 1
@@ -298,7 +299,8 @@ def _coarse_sums(x: np.ndarray, sums: np.ndarray, m: int, k: int, bounds: np.nda
 def _search(sums: np.ndarray, m: int, k: int, lam: float, b, arg, qi, qs) -> float:
     """The first penalty found, from ``lam`` on, whose solve gives exactly ``k`` clusters (``arg`` then holds
     them); 0 when none does."""
-    # hull points (cost, count) bracketing k: m clusters cost 0, one cluster costs everything
+    # hull points (cost, count) bracketing k; to start with, the ends: one cluster costs everything, and m clusters
+    # (a sentinel, never intersected: a coarse copy's m points need not cost 0)
     lo_cost, lo_count = 0.0, m
     hi_cost, hi_count = _cost(0, m, sums), 1
     for _ in range(64):
