@@ -126,7 +126,8 @@ def distinct_values(bits: np.ndarray, dtype: np.dtype, importance: np.ndarray | 
     bits = np.ascontiguousarray(bits)
     values, weights, keys = _output_buffers(bits.shape[0] * min(bits.shape[1], 1 << 16))
     values, weights, keys, offsets = _distinct(bits, imp, weighted, key_values(dtype), values, weights, keys)
-    return _drop_weightless(Histogram(values, weights, offsets, KeyRuns(keys, offsets)))
+    histogram = Histogram(values, weights, offsets, KeyRuns(keys, offsets))
+    return _drop_weightless(histogram) if weighted else histogram  # counts are >= 1
 
 
 def _output_buffers(capacity: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
