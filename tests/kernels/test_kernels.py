@@ -1,5 +1,9 @@
 """Kernels against float64 references: exact 1-D k-means, histograms, code assignment, LUT quantization."""
 
+import os
+import subprocess
+import sys
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -98,6 +102,33 @@ def test_a_candidate_dropping_others_but_never_winning_leaves_the_queue_whole(k)
     w = 10.0 ** rng.uniform(-6, 6, m)
     got = optimal_centroids(x, w, np.array([0, m]), k)[0]
     assert sse_of(x, w, got) <= sse_of(x, w, _layered_centroids(x, w, k)) * (1 + 1e-6)  # sums lose ~1e-8 here
+
+
+_WIDE_RANGE_PROBLEMS = """
+import numpy as np
+from lowbit.kernels.kmeans1d import optimal_centroids
+rng = np.random.default_rng(0)
+for trial in range(240):
+    m = int(rng.integers(20, 400))
+    if trial % 3 == 0:  # two integer blocks far apart
+        split, gap = int(rng.integers(1, m)), 10.0 ** rng.uniform(1, 5)
+        x = np.concatenate([np.arange(split), split - 1 + gap + np.arange(m - split)]).astype(float)
+    elif trial % 3 == 1:  # heavy tails over 8 decades
+        x = np.unique(np.round(rng.standard_t(2, m) * 10.0 ** rng.uniform(0, 8), 0))
+    else:  # steps over 12 decades
+        x = np.cumsum(10.0 ** rng.uniform(-8, 4, m))
+    w = 10.0 ** rng.uniform(-6, 6, len(x))
+    optimal_centroids(x, w, np.array([0, len(x)]), int(rng.choice([4, 8, 16, 24, 32, 64])))
+"""
+
+
+def test_the_solver_reads_nothing_past_its_tables_under_bounds_checking(tmp_path):
+    """Rounding can break "a later split point keeps winning" at the clamped last end, which once pushed a start
+    past ``m`` and read a row past the prefix sums (second reader, 2026-11-30; trial 213 here). numba checks
+    bounds only when asked, in a fresh cache."""
+    env = dict(os.environ, NUMBA_BOUNDSCHECK="1", NUMBA_CACHE_DIR=str(tmp_path))
+    run = subprocess.run([sys.executable, "-c", _WIDE_RANGE_PROBLEMS], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
 
 
 @pytest.mark.parametrize(("bins", "slack"), [(6, 1.3), (32, 1.02)])

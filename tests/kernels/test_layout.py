@@ -8,7 +8,10 @@ from lowbit.kernels import layout
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, ml_dtypes.int4, np.float16, ml_dtypes.bfloat16, np.float32, np.float64])
-@pytest.mark.parametrize("shape", [(1, 1), (33, 70), (64, 32), (3, 1000), (261, 530), (512, 256)])
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 1), (0, 5), (5, 0), (7, 1), (1, 9), (9, 7), (8, 13), (33, 70), (64, 32), (3, 1000), (261, 530), (512, 256)],
+)
 def test_swapped_equals_numpy(monkeypatch, dtype, shape):
     monkeypatch.setattr(layout, "worth_compiling", lambda size, kernel: True)
     rng = np.random.default_rng(0)

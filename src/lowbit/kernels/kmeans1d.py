@@ -174,7 +174,8 @@ def _wins(j: int, last: int, p: int, b: np.ndarray, sums: np.ndarray) -> bool:
 @numba.njit(cache=True, nogil=True, inline="always")
 def _losing(j: int, last: int, first: int, m: int, b: np.ndarray, sums: np.ndarray) -> int:
     """For how many of the ``_SCAN`` cluster ends from ``first`` on (clamped to ``m``) split point ``j`` does not
-    yet beat ``last``: once it does, it keeps doing so, so this is where ``j`` starts winning. No branches."""
+    yet beat ``last``: once it does, it keeps doing so (in exact arithmetic; rounding can break it, so the count can
+    point past ``m``), so this is where ``j`` starts winning. No branches."""
     losing = 0
     for t in range(_SCAN):
         losing += not _wins(j, last, min(first + t, m), b, sums)
@@ -218,8 +219,10 @@ def _penalized(sums: np.ndarray, m: int, lam: float, b: np.ndarray, arg: np.ndar
         last = qi[tail - 1]
         lo = max(qs[tail - 1], start) + 1
         losing = _losing(j, last, lo, m, b, sums)
-        if losing < _SCAN:  # most crossovers are this close: no search (and j wins at lo + losing <= m)
+        if losing < _SCAN:  # most crossovers are this close: no search
             lo += losing
+            if lo > m:  # rounding broke "keeps winning" at the clamped end: j is never better within the range
+                continue
         else:  # gallop out from past the scanned positions, then binary search
             lo += _SCAN
             hi, step = m + 1, 1  # the answer lies in [lo, hi]; m + 1: never in range

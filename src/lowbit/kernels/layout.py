@@ -39,7 +39,12 @@ def _swap(src: np.ndarray, out: np.ndarray) -> None:
 def swapped(array: np.ndarray) -> np.ndarray:
     """``np.ascontiguousarray(array.T)`` of a 2-D array, bit for bit."""
     itemsize = array.dtype.itemsize
-    if array.ndim != 2 or itemsize not in SAME_SIZE_UINT or not worth_compiling(array.size, _swap):
+    if (
+        array.ndim != 2
+        or array.dtype.hasobject
+        or itemsize not in SAME_SIZE_UINT
+        or not worth_compiling(array.size, _swap)
+    ):
         return np.ascontiguousarray(array.T)
     uint = SAME_SIZE_UINT[itemsize]
     out = np.empty(array.shape[::-1], uint)
