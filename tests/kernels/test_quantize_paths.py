@@ -77,3 +77,25 @@ def test_small_weights_use_the_compiled_kernel_once_it_is_loaded():
     assert not elements.worth_compiling(1000, unloaded)  # a small weight in a process with no kernel loaded: numpy
     assert elements.worth_compiling(elements.COMPILED_FROM, unloaded)
     assert elements.worth_compiling(1000, loaded)
+
+
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "float8_e5m2", "float4_e2m1fn"])
+def test_a_nan_weight_is_refused_without_reading_past_the_code_table(bounds_checked, dtype):
+    """The compiled small-float path coded NaN as an index far past the 16/256-entry value table (read before the
+    weight's energy refused it): with numba's bounds checks on, NaN and Inf weights are refused cleanly."""
+    bounds_checked(
+        f"""
+import ml_dtypes, numpy as np
+from lowbit.errors import SkipWeight
+from lowbit.kernels import quantize
+quantize._compiled_for = lambda size: True
+for bad in (np.nan, -np.nan, np.inf):
+    x = np.full((4, 64), 0.5, np.float32)
+    x[1, 7] = bad
+    try:
+        quantize.quantize_linear(x, ml_dtypes.{dtype}, (1, 32))
+    except SkipWeight:
+        continue
+    raise SystemExit(f"{{bad}} was not refused")
+"""
+    )

@@ -189,7 +189,8 @@ def _to_element(r: np.float32, top: float, mantissa: int, min_exponent: int, sig
     """The code of the small float (fp8 / fp4: ``mantissa`` bits, smallest normal ``2^min_exponent``) nearest
     ``r``, half to even, saturating at ``top``; a negative ``r`` (-0 too) gets ``sign_bit``."""
     sign = sign_bit if r.view(np.uint32) >> 31 else 0
-    a = min(abs(np.float64(r)), top)
+    a = abs(np.float64(r))
+    a = a if a <= top else top  # NaN too: its weight is refused afterwards, but the code must index the table
     # subnormal grid: steps of 2^(min_exponent - mantissa) (rint is half to even)
     subnormal = np.int64(np.rint(a * 2.0 ** (mantissa - min_exponent)))
     u = np.int64(np.float32(a).view(np.uint32))
