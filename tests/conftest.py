@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -222,3 +223,16 @@ def minilm_torch():
     os.environ["HF_HUB_OFFLINE"] = "1"
     path = str(gt.get_model_path())
     return transformers.AutoModel.from_pretrained(path).eval(), transformers.AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture
+def bounds_checked(tmp_path: Path) -> Callable[[str], None]:
+    """Run Python ``code`` in a child process whose numba kernels check every index (``NUMBA_BOUNDSCHECK``, compiled
+    afresh in a cache of their own): an out-of-range read or write there is an ``IndexError``, a failed test."""
+
+    def run(code: str) -> None:
+        env = dict(os.environ, NUMBA_BOUNDSCHECK="1", NUMBA_CACHE_DIR=str(tmp_path / "numba"))
+        child = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        assert child.returncode == 0, child.stderr[-2000:]
+
+    return run
