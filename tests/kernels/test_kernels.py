@@ -100,6 +100,23 @@ def test_a_candidate_dropping_others_but_never_winning_leaves_the_queue_whole(k)
     assert sse_of(x, w, got) <= sse_of(x, w, _layered_centroids(x, w, k)) * (1 + 1e-6)  # sums lose ~1e-8 here
 
 
+@pytest.mark.parametrize("bad", [1e17, 0.0, np.nan, -1.0])
+def test_a_weight_the_prefix_sums_would_lose_is_refused_by_name(bad):
+    """A weight below 2^-52 of its group's total vanishes from the running sums: its cluster then weighs 0 and the
+    solve divided by zero (second reader, 2026-11-30: weights over 16 decades). Zero, negative and NaN weights too."""
+    w = np.ones(8)
+    if bad == 1e17:
+        w[0] = bad  # the seven weights of 1 are absorbed by 1e17
+    else:
+        w[3] = bad
+    with pytest.raises(ValueError, match="weights must be > 0"):
+        optimal_centroids(np.arange(8.0), w, np.array([0, 8]), 3)
+    w[:] = 1.0
+    w[0] = 2.0**50  # within range: the heavy value alone, the other seven split in two
+    centroids = optimal_centroids(np.arange(8.0), w, np.array([0, 8]), 3)[0]
+    assert abs(centroids[0]) < 1e-9 and 1.0 <= centroids[1] < centroids[2] <= 7.0
+
+
 _WIDE_RANGE_PROBLEMS = """
 import numpy as np
 from lowbit.kernels.kmeans1d import optimal_centroids

@@ -102,13 +102,20 @@ def _layer(prev: np.ndarray, cur: np.ndarray, arg: np.ndarray, floor: np.ndarray
 @numba.njit(cache=True, nogil=True)
 def _prefix_sums(x: np.ndarray, w: np.ndarray):
     """(sums, shift): ``sums[i]`` = prefix sums of (w, w*d, w*d^2) over values ``0..i-1``, with d = x - shift and
-    shift the weighted mean. One row per split point, so a probe at ``i`` reads one cache line."""
+    shift the weighted mean. One row per split point, so a probe at ``i`` reads one cache line.
+
+    Raises ValueError when a weight is not > 0 or too small to count in the running sum of weights (below 2^-52 of
+    the total: its cluster would weigh nothing)."""
     m = x.shape[0]
     shift = 0.0
     total = 0.0
+    smallest = np.inf
     for i in range(m):
         shift += w[i] * x[i]
         total += w[i]
+        smallest = min(smallest, w[i])
+    if not smallest > total * 2.0**-52:  # NaN too
+        raise ValueError("weights must be > 0 and at least 2^-52 of their group's total")
     shift /= total
     sums = np.empty((m + 1, 3))
     cw = cx = cxx = 0.0  # running sums in registers, not read back from the rows just stored (1.5x faster)
@@ -195,7 +202,7 @@ def _close(i: int, j: int, lam: float, b: np.ndarray, arg: np.ndarray, sums: np.
 
 @numba.njit(cache=True, nogil=True)
 def _penalized(sums: np.ndarray, m: int, lam: float, b: np.ndarray, arg: np.ndarray, qi, qs) -> int:
-    """Solve ``d[j] = min_i d[i] + cost(i, j) + lam`` for j = 1..m with a monotone queue and return the cluster
+    """Solve ``d[j] = min_i d[i] + cost(i, j) + lam`` for j = 1..m (m >= 1) with a monotone queue and return the cluster
     count of ``d[m]``. Kept as ``b[j] = d[j] - cxx[j]``, which the recurrence updates with no ``cxx``:
     ``b[j] = b[i] - (cx[j] - cx[i])^2 / (cw[j] - cw[i]) + lam``; ``arg[j]``: the best split point ``i``.
 
@@ -407,11 +414,13 @@ def optimal_centroids(
     Parameters
     ----------
     values : concatenated distinct values of all groups, each group's run sorted ascending (float64).
-    weights : multiplicity (or importance) of each value, > 0.
+    weights : multiplicity (or importance) of each value, > 0 and at least 2^-52 of its group's total.
     offsets : ``G + 1`` run boundaries into ``values``; every group is non-empty.
     k : number of centroids. A group with ``m <= k`` distinct values gets them exactly, the last one repeated.
     threads : split the groups over this many threads (the compiled solver releases the GIL); the result does
         not depend on it.
+
+    Raises ValueError when a weight breaks its rule above (the prefix sums would lose it).
     """
     values = np.ascontiguousarray(values, np.float64)
     weights = np.ascontiguousarray(weights, np.float64)
