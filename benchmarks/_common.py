@@ -48,6 +48,12 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(headers), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
 
 
+def speedup(slow_seconds: float, fast_seconds: float) -> str:
+    """``slow / fast`` as a table cell: one decimal below 10x (so 0.48 reads 0.5x, not 0x)."""
+    r = slow_seconds / fast_seconds
+    return f"{r:.1f}x" if r < 10 else f"{r:.0f}x"
+
+
 def rel_mse(original: np.ndarray, decoded: np.ndarray) -> float:
     a, b = original.astype(np.float64), decoded.astype(np.float64)
     return float(((a - b) ** 2).sum() / (a**2).sum())

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 
-from _common import gaussian_fp16, one_core, student_t_fp16, table
+from _common import gaussian_fp16, one_core, speedup, student_t_fp16, table
 
 one_core()
 
@@ -101,7 +101,7 @@ def _measure(raw: list[np.ndarray], runs: list[tuple[np.ndarray, np.ndarray]]) -
         f"{floor / 3 / values * 1e9:.1f}",
         f"{group:.0f}",
         f"{baseline:.0f}",
-        f"{baseline / group:.0f}x",
+        speedup(baseline, group),
     ]
 
 

@@ -32,6 +32,7 @@ from _common import (
     minilm_linear_weights,
     one_core,
     rel_mse,
+    speedup,
     student_t_fp16,
     table,
 )
@@ -287,10 +288,10 @@ def main() -> None:
                 ca_secs, ca_err = run_coreai(weights, cfg)
                 row += [
                     f"{numel / ct_secs / 1e6:.2f}",
-                    f"{ct_secs / secs:.0f}x",
+                    speedup(ct_secs, secs),
                     f"{ct_err / stored:.4f}",
                     f"{numel / ca_secs / 1e6:.2f}",
-                    f"{ca_secs / secs:.0f}x",
+                    speedup(ca_secs, secs),
                     f"{ca_err / stored:.4f}",
                 ]
             rows.append(row)

@@ -22,7 +22,17 @@ import sys
 import warnings
 from pathlib import Path
 
-from _common import MIB, best_time, gaussian_fp16, minilm_linear_weights, one_core, rel_mse, student_t_fp16, table
+from _common import (
+    MIB,
+    best_time,
+    gaussian_fp16,
+    minilm_linear_weights,
+    one_core,
+    rel_mse,
+    speedup,
+    student_t_fp16,
+    table,
+)
 
 one_core()
 
@@ -271,10 +281,10 @@ def main() -> None:
                 ca_secs = run_coreai(weights, cfg)
                 row += [
                     f"{numel / ct_secs / 1e6:.1f}",
-                    f"{ct_secs / secs:.0f}x" if ct_secs == ct_secs else "-",
+                    speedup(ct_secs, secs) if ct_secs == ct_secs else "-",
                     f"{ct_err / err:.4f}",
                     f"{numel / ca_secs / 1e6:.1f}",
-                    f"{ca_secs / secs:.0f}x",
+                    speedup(ca_secs, secs),
                 ]
             rows.append(row)
             print(" | ".join(row), file=sys.stderr, flush=True)
