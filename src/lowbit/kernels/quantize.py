@@ -201,16 +201,19 @@ def _to_element(r: np.float32, top: float, mantissa: int, min_exponent: int, sig
 
 
 @numba.njit(cache=True, nogil=True)
-def _quantize_blocks(x, table, scale, zero_point, low, high, element, values, drop, subnormal_below, q):
+def _quantize_blocks(x, table, scale, inverse, zero_point, low, high, element, values, drop, subnormal_below, q):
     """Quantize each block of ``x`` (as in :func:`_block_min_max`) and return (squared error of the decoded weight,
     energy). Integers (``element`` all zero): q = clip(rint(x / scale) + zp); small floats: the code nearest the
     float32 quotient (:func:`_to_element`; ``element``: the type's largest value, mantissa bits, smallest normal
     exponent and sign bit), decoded through ``values`` (float32 value by code). The
-    decoded weight is DequantizeLinear's: the float32 product with the scale, rounded to the output float type."""
+    decoded weight is DequantizeLinear's: the float32 product with the scale, rounded to the output float type.
+    ``inverse``: ``1 / scale`` when every scale is a power of two (E8M0), so the quotient is an exact product (the
+    same bits, without a division per element); else empty."""
     g0, row = x.shape
     g1 = scale.shape[1]
     top, mantissa, min_exponent, sign_bit = element[0], np.int64(element[1]), np.int64(element[2]), np.int64(element[3])
     integer = mantissa == 0
+    exact_inverse = inverse.size > 0
     chunk = 4096
     buf = np.empty(chunk, np.float32)
     sse = 0.0
@@ -226,7 +229,9 @@ def _quantize_blocks(x, table, scale, zero_point, low, high, element, values, dr
                     q[i, t] = np.int64(code)
                     buf[t - start] = np.float32(code - zero_point[i, j]) * np.float32(s)
                 else:
-                    code = _to_element(np.float32(load(x, i, t, table) / s), top, mantissa, min_exponent, sign_bit)
+                    v = load(x, i, t, table)
+                    quotient = v * inverse[i, j] if exact_inverse else v / s
+                    code = _to_element(np.float32(quotient), top, mantissa, min_exponent, sign_bit)
                     q[i, t] = code
                     buf[t - start] = values[code] * np.float32(s)
                 j = j + 1 if j + 1 < g1 else 0
@@ -352,7 +357,8 @@ def _quantize_compiled(x, dtype, layout, resolved, symmetric, scale_dtype, e8m0,
         q = np.empty((g0, b * g1), np.uint8)
     drop, subnormal_below = _OUTPUT_ROUNDING.get(out_dtype, (0, 0))
     zp = np.zeros(scale.shape) if zero_point is None else zero_point
-    sse, energy = _quantize_blocks(rows, table, s64, zp, *elements, drop, subnormal_below, q)
+    inverse = 1.0 / s64 if e8m0 else np.zeros((0, 0))  # powers of two: exact reciprocals
+    sse, energy = _quantize_blocks(rows, table, s64, inverse, zp, *elements, drop, subnormal_below, q)
     check_finite(energy)  # NaN slips through min/max comparisons, not through a sum of squares
     grid = tuple(n // b for n, b in zip(x.shape, resolved, strict=True))
     return LinearQuantized(
