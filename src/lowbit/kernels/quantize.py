@@ -185,19 +185,21 @@ def _round_float32_bits(buf: np.ndarray, drop: int, subnormal_below: int) -> Non
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _to_element(r: np.float32, top: float, mantissa: int, min_exponent: int, sign_bit: int) -> int:
+def _to_element(r: np.float32, top: float, mantissa: int, min_exponent: int, sign_bit: int, per_step: float) -> int:
     """The code of the small float (fp8 / fp4: ``mantissa`` bits, smallest normal ``2^min_exponent``) nearest
-    ``r``, half to even, saturating at ``top``; a negative ``r`` (-0 too) gets ``sign_bit``."""
+    ``r``, half to even, saturating at ``top``; a negative ``r`` (-0 too) gets ``sign_bit``. ``per_step``:
+    ``2^(mantissa - min_exponent)``, subnormal steps per unit, computed once by the caller (a power per element
+    cost ~1.3 ns)."""
     sign = sign_bit if r.view(np.uint32) >> 31 else 0
     a = abs(np.float64(r))
     a = a if a <= top else top  # NaN too: its weight is refused afterwards, but the code must index the table
     # subnormal grid: steps of 2^(min_exponent - mantissa) (rint is half to even)
-    subnormal = np.int64(np.rint(a * 2.0 ** (mantissa - min_exponent)))
+    subnormal = np.int64(np.rint(a * per_step))
     u = np.int64(np.float32(a).view(np.uint32))
     drop = 23 - mantissa
     u = (u + (1 << (drop - 1)) - 1 + ((u >> drop) & 1)) >> drop  # the float32 mantissa rounded, half to even
     normal = (((u >> mantissa) - 127 - min_exponent + 1) << mantissa) | (u & ((1 << mantissa) - 1))
-    return sign | (subnormal if a < 2.0**min_exponent else normal)  # a rounding carry lands on the next exponent
+    return sign | (subnormal if a * per_step < 1 << mantissa else normal)  # a rounding carry lands on the next exponent
 
 
 @numba.njit(cache=True, nogil=True)
@@ -214,6 +216,7 @@ def _quantize_blocks(x, table, scale, inverse, zero_point, low, high, element, v
     top, mantissa, min_exponent, sign_bit = element[0], np.int64(element[1]), np.int64(element[2]), np.int64(element[3])
     integer = mantissa == 0
     exact_inverse = inverse.size > 0
+    per_step = 2.0 ** (mantissa - min_exponent)
     chunk = 4096
     buf = np.empty(chunk, np.float32)
     sse = 0.0
@@ -231,7 +234,7 @@ def _quantize_blocks(x, table, scale, inverse, zero_point, low, high, element, v
                 else:
                     v = load(x, i, t, table)
                     quotient = v * inverse[i, j] if exact_inverse else v / s
-                    code = _to_element(np.float32(quotient), top, mantissa, min_exponent, sign_bit)
+                    code = _to_element(np.float32(quotient), top, mantissa, min_exponent, sign_bit, per_step)
                     q[i, t] = code
                     buf[t - start] = values[code] * np.float32(s)
                 j = j + 1 if j + 1 < g1 else 0
