@@ -323,7 +323,7 @@ def _float_scale(amax: np.ndarray, dtype: np.dtype, e8m0: bool, scale_dtype: np.
     """(stored scale, the same as float64) per block of a small-float element type from the blocks' max-abs."""
     if e8m0:
         scale = _e8m0_exponents(amax, dtype)
-        return scale, np.exp2(scale.astype(np.float64) - E8M0_BIAS)
+        return scale, np.ldexp(1.0, scale.astype(np.int64) - E8M0_BIAS)  # exact powers of two, by construction
     scale = _stored_scale(amax / float(ml_dtypes.finfo(dtype).max), scale_dtype)
     return scale, scale.astype(np.float64)
 
