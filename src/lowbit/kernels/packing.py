@@ -62,7 +62,7 @@ def pack_bits(codes: np.ndarray, n_bits: int) -> np.ndarray:
     grid = np.ascontiguousarray(flat).reshape(groups, per_group)
     out = np.empty((groups, group_bytes), np.uint8)
     # 1, 2 and 4 bits: a group's codes are the bytes of one little-endian word, folded into its low byte by shifts
-    # (3x faster than gathering every code's column: 4-bit 4096^2 9.3 -> 3.1 ms)
+    # instead of gathered column by column (4-bit 4096^2: 9.3 -> 2.1 ms; 2-bit 11 -> 7; 1-bit no faster)
     fold = np.dtype(f"<u{per_group}") if group_bytes == 1 and per_group > 1 else None
     for start in range(0, groups, _CHUNK_GROUPS):
         block = grid[start : start + _CHUNK_GROUPS]
