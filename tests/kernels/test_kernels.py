@@ -1,5 +1,7 @@
 """Kernels against float64 references: exact 1-D k-means, histograms, code assignment, LUT quantization."""
 
+import itertools
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -141,6 +143,19 @@ def test_the_solver_reads_nothing_past_its_tables_under_bounds_checking(bounds_c
     bounds_checked(_WIDE_RANGE_PROBLEMS)
 
 
+def _equal_width_edges(x: np.ndarray, bounds: np.ndarray, bins: int) -> np.ndarray:
+    """The coarse copy's split points by its rule: in each cluster of more than ``bins`` values, the first value at
+    or above each of ``bins`` equal-width bins' low ends (else every value), then the last end."""
+    edges = []
+    for a, b in itertools.pairwise(bounds):
+        if b - a <= bins:
+            edges.append(np.arange(a, b))
+        else:
+            low, width = x[a], x[b - 1] - x[a]
+            edges.append(a + np.searchsorted(x[a:b], low + width * np.arange(bins) / bins))
+    return np.append(np.unique(np.concatenate(edges)), len(x))
+
+
 @pytest.mark.parametrize(("bins", "slack"), [(6, 1.3), (32, 1.02)])
 def test_the_coarse_copy_restricts_split_points_to_bins_of_the_lloyd_clusters(bins, slack):
     """The copy the penalty search starts on: a subset of the split points (rows of the prefix sums), both ends
@@ -159,6 +174,7 @@ def test_the_coarse_copy_restricts_split_points_to_bins_of_the_lloyd_clusters(bi
     assert rows[0] == 0 and rows[-1] == len(x) and np.all(np.diff(rows) > 0)
     for c in range(k):  # at most ``bins`` split points inside each Lloyd cluster
         assert np.count_nonzero((rows >= bounds[c]) & (rows < bounds[c + 1])) <= bins
+    np.testing.assert_array_equal(rows, _equal_width_edges(x - shift, bounds, bins))
     _, full = kmeans1d._layered_program(sums, len(x), k)
     _, restricted = kmeans1d._layered_program(coarse, n, k)
     assert full[k] <= restricted[k] <= full[k] * slack
