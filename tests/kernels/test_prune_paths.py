@@ -65,3 +65,13 @@ def test_kept_values_refuse_non_finite_weights(monkeypatch, bad):
         monkeypatch.setattr(prune, "worth_compiling", lambda size, kernel, compiled=compiled: compiled)
         with pytest.raises(SkipWeight, match="NaN or Inf"):
             prune._kept(w, np.ones(w.shape, bool))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32, np.float64])
+@pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (3, 4), (4, 8), (5, 16), (1, 2), (3, 3)])
+def test_n_m_masks_agree(monkeypatch, dtype, n, m):
+    """The compiled ranks against a stable argsort, on a weight with many exact ties and signed zeros."""
+    w = _weight(dtype, shape=(64, 96))
+    compiled, plain = _both(monkeypatch, prune.n_m_mask, w, n, m)
+    np.testing.assert_array_equal(compiled, plain)
+    assert (compiled.reshape(-1, m).sum(axis=1) == m - n).all()

@@ -104,12 +104,36 @@ def block_mask(w: np.ndarray, target: float, block: int) -> np.ndarray:
     return np.repeat(~pruned, block, axis=0)
 
 
+@numba.njit(cache=True, nogil=True)
+def _n_m_keep(x: np.ndarray, table: np.ndarray, n: int, m: int) -> np.ndarray:
+    """:func:`n_m_mask` on ``x`` as :func:`~lowbit.kernels.elements.as_readable` gives it: each value's rank by
+    float32 magnitude in its group, counted by comparisons (of two equal magnitudes the later ranks above), in
+    place of a stable argsort: 4-6x faster at m = 4 (fp32 / fp16), about as fast at m = 64 (measured on 4096^2)."""
+    rows, k = x.shape
+    keep = np.empty((rows, k), np.bool_)
+    magnitude = np.empty(m, np.float32)
+    for i in range(rows):
+        for g in range(0, k, m):
+            for a in range(m):
+                magnitude[a] = abs(np.float32(load(x, i, g + a, table)))
+            for a in range(m):
+                below = 0
+                for b in range(a):
+                    below += magnitude[b] <= magnitude[a]
+                for b in range(a + 1, m):
+                    below += magnitude[b] < magnitude[a]
+                keep[i, g + a] = below >= n
+    return keep
+
+
 def n_m_mask(w: np.ndarray, n: int, m: int) -> np.ndarray:
     """``w`` is ``[R, K]`` (input channels last): in every ``m`` consecutive values keep the ``m - n`` largest |w|
     (ties: the lower index is pruned first)."""
     rows, k = w.shape
     if k % m:
         raise SkipWeight(f"{k} input channels do not divide by m={m} of the n:m ratio")
+    if worth_compiling(w.size, _n_m_keep):
+        return _n_m_keep(*as_readable(w), n, m)
     groups = np.abs(w.astype(np.float32)).reshape(-1, m)
     order = np.argsort(groups, axis=1, kind="stable")
     keep = np.ones(groups.shape, bool)
