@@ -75,3 +75,19 @@ def test_n_m_masks_agree(monkeypatch, dtype, n, m):
     compiled, plain = _both(monkeypatch, prune.n_m_mask, w, n, m)
     np.testing.assert_array_equal(compiled, plain)
     assert (compiled.reshape(-1, m).sum(axis=1) == m - n).all()
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8, ml_dtypes.int4, np.float16, np.float32])
+def test_kept_elements_agree_with_boolean_indexing(monkeypatch, dtype):
+    x = np.random.default_rng(3).integers(-7, 7, (64, 96)).astype(dtype)
+    keep = np.random.default_rng(4).random(x.shape) < 0.4
+    compiled, plain = _both(monkeypatch, prune.kept_elements, x, keep)
+    assert compiled.dtype == x.dtype and compiled.tobytes() == plain.tobytes() == x[keep].tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32, np.float64])
+def test_zeroed_is_where_bit_for_bit(dtype):
+    w = _weight(dtype, seed=5)
+    keep = np.random.default_rng(6).random(w.shape) < 0.5
+    zeroed = prune._zeroed(w, keep)
+    assert zeroed.dtype == w.dtype and zeroed.tobytes() == np.where(keep, w, 0).astype(w.dtype).tobytes()

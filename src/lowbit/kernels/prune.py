@@ -11,7 +11,7 @@ import numpy as np
 
 from lowbit.errors import SkipWeight
 from lowbit.kernels import check_finite
-from lowbit.kernels.elements import as_readable, load, worth_compiling
+from lowbit.kernels.elements import SAME_SIZE_UINT, as_readable, load, worth_compiling
 from lowbit.kernels.palettize import Palettized, palettize
 from lowbit.kernels.quantize import LinearQuantized, quantize_linear
 
@@ -154,6 +154,12 @@ class Sparsified:
     squared_error: float
     energy: float
 
+    @property
+    def stored_codes(self) -> np.ndarray:
+        """The quantized codes under the mask, row-major (``quantized`` only)."""
+        assert self.quantized is not None
+        return kept_elements(self.quantized.q, self.mask)
+
     def decode(self) -> np.ndarray:
         if self.quantized is not None:
             return np.where(self.mask, self.quantized.decode(), 0).astype(self.quantized.out_dtype)
@@ -179,7 +185,7 @@ def sparsify(
         palettized = palettize(values.reshape(1, -1), palettize_nbits)
     if quantize_dtype is not None:
         block = tuple(1 if a == channel_axis else 0 for a in range(w.ndim))
-        quantized = quantize_linear(np.where(mask, w, 0).astype(w.dtype), quantize_dtype, block)
+        quantized = quantize_linear(_zeroed(w, mask), quantize_dtype, block)
     # zeros decode exactly (symmetric quantization maps 0 to code 0): the error is the dropped values' plus the
     # stored values' own
     stored = palettized or quantized
@@ -187,10 +193,38 @@ def sparsify(
     return Sparsified(mask, kept, palettized, quantized, dropped + (stored.squared_error if stored else 0.0), energy)
 
 
+def _zeroed(w: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """``np.where(keep, w, 0)`` in ``w``'s dtype, bit patterns multiplied by the mask (numpy's ``where`` on 4096^2:
+    65 -> 8 ms fp16, 73 -> 14 ms fp32)."""
+    uint = SAME_SIZE_UINT[w.dtype.itemsize]
+    return (np.ascontiguousarray(w).view(uint) * keep).view(w.dtype)
+
+
+@numba.njit(cache=True, nogil=True)
+def _compact(x: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    out = np.empty(x.shape[0], x.dtype)
+    stored = 0
+    for t in range(x.shape[0]):  # branch-free: which elements are kept is as good as random (as in _kept_values)
+        out[stored] = x[t]
+        stored += keep[t]
+    return out[:stored].copy()
+
+
+def kept_elements(x: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """``x[keep]`` (row-major) for a boolean ``keep`` of ``x``'s shape; compiled for large arrays (numpy's boolean
+    indexing of a random half of 4096^2 int8 codes: 75 ms, compiled: 7 ms)."""
+    if not worth_compiling(x.size, _compact):
+        return x[keep]
+    uint = SAME_SIZE_UINT[x.dtype.itemsize]
+    flat = np.ascontiguousarray(x).reshape(-1).view(uint)
+    return _compact(flat, np.ascontiguousarray(keep).reshape(-1)).view(x.dtype)
+
+
 @numba.njit(cache=True, nogil=True)
 def _kept_values(x, table, keep):
     """(mask, values, dropped, energy) of :func:`_kept` for ``x`` as :func:`~lowbit.kernels.elements.as_readable`
-    gives it, shaped ``(1, n)``: one pass."""
+    gives it, shaped ``(1, n)``: one pass (the values compacted as :func:`_compact` does, in the same loop: 6-9 %
+    faster than a second pass)."""
     n = x.shape[1]
     mask = np.empty(n, np.bool_)
     values = np.empty(n, x.dtype)

@@ -50,7 +50,7 @@ class SparsifyPass(WeightPass):
                 model,
                 ref.value,
                 packed_mask=packed_mask,
-                values=result.quantized.q[result.mask],
+                values=result.stored_codes,
                 shape=ref.shape,
                 replace=False,
             )
