@@ -202,6 +202,20 @@ def _to_element(r: np.float32, top: float, mantissa: int, min_exponent: int, sig
     return sign | (subnormal if a * per_step < 1 << mantissa else normal)  # a rounding carry lands on the next exponent
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _encode(v, s, inv, zp, low, high, small_float, values):
+    """(code, decoded float32) of value ``v`` with scale ``s`` (as :func:`_quantize_blocks` describes);
+    ``small_float``: (top, mantissa, min_exponent, sign_bit, per_step, exact_inverse) of :func:`_to_element`, mantissa
+    0 for integers."""
+    top, mantissa, min_exponent, sign_bit, per_step, exact_inverse = small_float
+    if mantissa == 0:
+        code = min(max(np.rint(v / s) + zp, low), high)
+        return np.int64(code), np.float32(code - zp) * np.float32(s)
+    quotient = v * inv if exact_inverse else v / s
+    c = _to_element(np.float32(quotient), top, mantissa, min_exponent, sign_bit, per_step)
+    return c, values[c] * np.float32(s)
+
+
 @numba.njit(cache=True, nogil=True)
 def _quantize_blocks(x, table, scale, inverse, zero_point, low, high, element, values, drop, subnormal_below, q):
     """Quantize each block of ``x`` (as in :func:`_block_min_max`) and return (squared error of the decoded weight,
@@ -210,34 +224,37 @@ def _quantize_blocks(x, table, scale, inverse, zero_point, low, high, element, v
     exponent and sign bit), decoded through ``values`` (float32 value by code). The
     decoded weight is DequantizeLinear's: the float32 product with the scale, rounded to the output float type.
     ``inverse``: ``1 / scale`` when every scale is a power of two (E8M0), so the quotient is an exact product (the
-    same bits, without a division per element); else empty."""
+    same bits, without a division per element); else empty.
+
+    A row is encoded in segments: with one scale per row (``g1 == 1``), chunks whose scale is read once; else one
+    segment per run of ``g1`` elements, whose scales are read by position (5-21 % less time than one loop tracking
+    each element's block: 4096^2 int8 and MXFP4, fp16 and fp32, measured)."""
     g0, row = x.shape
     g1 = scale.shape[1]
     top, mantissa, min_exponent, sign_bit = element[0], np.int64(element[1]), np.int64(element[2]), np.int64(element[3])
-    integer = mantissa == 0
     exact_inverse = inverse.size > 0
-    per_step = 2.0 ** (mantissa - min_exponent)
-    chunk = 4096
-    buf = np.empty(chunk, np.float32)
+    small_float = (top, mantissa, min_exponent, sign_bit, 2.0 ** (mantissa - min_exponent), exact_inverse)
+    step = 4096 if g1 == 1 else g1
+    buf = np.empty(step, np.float32)
     sse = 0.0
     energy = 0.0
     for i in range(g0):
-        j = 0  # the block of element t is t % g1, tracked without dividing
-        for start in range(0, row, chunk):
-            stop = min(start + chunk, row)
-            for t in range(start, stop):
-                s = scale[i, j]
-                if integer:
-                    code = min(max(np.rint(load(x, i, t, table) / s) + zero_point[i, j], low), high)
-                    q[i, t] = np.int64(code)
-                    buf[t - start] = np.float32(code - zero_point[i, j]) * np.float32(s)
-                else:
-                    v = load(x, i, t, table)
-                    quotient = v * inverse[i, j] if exact_inverse else v / s
-                    code = _to_element(np.float32(quotient), top, mantissa, min_exponent, sign_bit, per_step)
-                    q[i, t] = code
-                    buf[t - start] = values[code] * np.float32(s)
-                j = j + 1 if j + 1 < g1 else 0
+        for start in range(0, row, step):
+            stop = min(start + step, row)
+            if g1 == 1:
+                s, zp = scale[i, 0], zero_point[i, 0]
+                inv = inverse[i, 0] if exact_inverse else 0.0
+                for t in range(start, stop):
+                    c, d = _encode(load(x, i, t, table), s, inv, zp, low, high, small_float, values)
+                    q[i, t] = c
+                    buf[t - start] = d
+            else:
+                for j in range(stop - start):
+                    inv = inverse[i, j] if exact_inverse else 0.0
+                    v = load(x, i, start + j, table)
+                    c, d = _encode(v, scale[i, j], inv, zero_point[i, j], low, high, small_float, values)
+                    q[i, start + j] = c
+                    buf[j] = d
             _round_float32_bits(buf[: stop - start], drop, subnormal_below)
             for t in range(start, stop):
                 v = load(x, i, t, table)
