@@ -91,3 +91,23 @@ def test_zeroed_is_where_bit_for_bit(dtype):
     keep = np.random.default_rng(6).random(w.shape) < 0.5
     zeroed = prune._zeroed(w, keep)
     assert zeroed.dtype == w.dtype and zeroed.tobytes() == np.where(keep, w, 0).astype(w.dtype).tobytes()
+
+
+def test_kept_elements_refuse_a_mask_of_another_shape(monkeypatch):
+    x = np.arange(16, dtype=np.int8).reshape(4, 4)
+    for compiled in (True, False):
+        monkeypatch.setattr(prune, "worth_compiling", lambda size, kernel, compiled=compiled: compiled)
+        with pytest.raises(ValueError, match=r"keep has shape \(2, 4\), expected the values' \(4, 4\)"):
+            prune.kept_elements(x, np.ones((2, 4), bool))
+
+
+def test_n_m_groups_past_the_compiled_size_are_sorted(monkeypatch):
+    """Large groups take the argsort (the comparisons grow as m^2); the mask is the same rule."""
+    calls = []
+    monkeypatch.setattr(prune, "worth_compiling", lambda size, kernel: calls.append(kernel) or True)
+    m = 2 * prune.N_M_COMPILED_UP_TO
+    w = _weight(np.float32, shape=(4, 2 * m))
+    keep = prune.n_m_mask(w, m // 2, m)
+    assert not calls and (keep.reshape(-1, m).sum(axis=1) == m // 2).all()
+    prune.n_m_mask(w, 2, 4)
+    assert calls == [prune._n_m_keep]

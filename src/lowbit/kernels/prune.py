@@ -15,7 +15,9 @@ from lowbit.kernels.elements import SAME_SIZE_UINT, as_readable, load, worth_com
 from lowbit.kernels.palettize import Palettized, palettize
 from lowbit.kernels.quantize import LinearQuantized, quantize_linear
 
-__all__ = ["Sparsified", "block_mask", "magnitude_mask", "n_m_mask", "sparsify"]
+__all__ = ["Sparsified", "block_mask", "kept_elements", "magnitude_mask", "n_m_mask", "sparsify"]
+
+N_M_COMPILED_UP_TO = 64  # n:m groups up to this size are ranked by comparisons (:func:`_n_m_keep`), larger ones sorted
 
 
 def _smallest(scores: np.ndarray, count: int) -> np.ndarray:
@@ -108,7 +110,8 @@ def block_mask(w: np.ndarray, target: float, block: int) -> np.ndarray:
 def _n_m_keep(x: np.ndarray, table: np.ndarray, n: int, m: int) -> np.ndarray:
     """:func:`n_m_mask` on ``x`` as :func:`~lowbit.kernels.elements.as_readable` gives it: each value's rank by
     float32 magnitude in its group, counted by comparisons (of two equal magnitudes the later ranks above), in
-    place of a stable argsort: 4-6x faster at m = 4 (fp32 / fp16), about as fast at m = 64 (measured on 4096^2)."""
+    place of a stable argsort: 4-6x faster at m = 4 (fp32 / fp16), about as fast at m = 64 (measured on 4096^2); its
+    m^2 comparisons per group lose beyond (2x slower at m = 128), so larger groups are sorted."""
     rows, k = x.shape
     keep = np.empty((rows, k), np.bool_)
     magnitude = np.empty(m, np.float32)
@@ -132,7 +135,7 @@ def n_m_mask(w: np.ndarray, n: int, m: int) -> np.ndarray:
     rows, k = w.shape
     if k % m:
         raise SkipWeight(f"{k} input channels do not divide by m={m} of the n:m ratio")
-    if worth_compiling(w.size, _n_m_keep):
+    if m <= N_M_COMPILED_UP_TO and worth_compiling(w.size, _n_m_keep):
         return _n_m_keep(*as_readable(w), n, m)
     groups = np.abs(w.astype(np.float32)).reshape(-1, m)
     order = np.argsort(groups, axis=1, kind="stable")
@@ -212,7 +215,10 @@ def _compact(x: np.ndarray, keep: np.ndarray) -> np.ndarray:
 
 def kept_elements(x: np.ndarray, keep: np.ndarray) -> np.ndarray:
     """``x[keep]`` (row-major) for a boolean ``keep`` of ``x``'s shape; compiled for large arrays (numpy's boolean
-    indexing of a random half of 4096^2 int8 codes: 75 ms, compiled: 7 ms)."""
+    indexing of a random half of 4096^2 int8 codes: 75 ms, compiled: 7 ms). Raises ValueError when the shapes
+    differ."""
+    if keep.shape != x.shape:
+        raise ValueError(f"keep has shape {keep.shape}, expected the values' {x.shape}")
     if not worth_compiling(x.size, _compact):
         return x[keep]
     uint = SAME_SIZE_UINT[x.dtype.itemsize]
