@@ -204,9 +204,9 @@ def _to_element(r: np.float32, top: float, mantissa: int, min_exponent: int, sig
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def _encode(v, s, inv, zp, low, high, small_float, values):
-    """(code, decoded float32) of value ``v`` with scale ``s`` (as :func:`_quantize_blocks` describes);
-    ``small_float``: (top, mantissa, min_exponent, sign_bit, per_step, exact_inverse) of :func:`_to_element`, mantissa
-    0 for integers."""
+    """(code, decoded float32) of value ``v`` with scale ``s`` (as :func:`_quantize_blocks` describes).
+    ``small_float``: :func:`_to_element`'s (top, mantissa, min_exponent, sign_bit, per_step), mantissa 0 for
+    integers, then whether ``inv`` is the scale's exact inverse."""
     top, mantissa, min_exponent, sign_bit, per_step, exact_inverse = small_float
     if mantissa == 0:
         code = min(max(np.rint(v / s) + zp, low), high)
