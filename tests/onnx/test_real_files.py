@@ -61,6 +61,9 @@ PASSES = {
     "sparse-50-int8": lambda p: lowbit.sparsify_weights(
         p, target_sparsity=0.5, quantize_dtype="int8", weight_num_threshold=256
     ),
+    "sparse-2of4-int8": lambda p: lowbit.sparsify_weights(
+        p, target_sparsity=0.0, n_m_ratio=(2, 4), quantize_dtype="int8", weight_num_threshold=256
+    ),
 }
 
 _NUMPY = {
