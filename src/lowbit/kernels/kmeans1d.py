@@ -46,6 +46,10 @@ _COARSE_BINS = 32
 _COARSE_FROM = 6
 _COARSE_MIN_BINS = 6
 _COARSE_UP_TO = 64
+# a cluster of up to this many values per coarse bin finds its bin edges by one walk, a larger one by a binary search
+# per bin (measured on fp16 Gaussian groups of 1,000 to 22,000 distinct values, k = 4 to 64: the walk is faster up
+# to ~26 values per bin, the searches from ~42)
+_COARSE_WALK_UP_TO = 32
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -304,8 +308,16 @@ def _coarse_sums(x: np.ndarray, sums: np.ndarray, m: int, k: int, bounds: np.nda
     for c in range(k):
         a, b = bounds[c], bounds[c + 1]
         low, width = x[min(a, m - 1)], x[max(b - 1, 0)] - x[min(a, m - 1)]
+        walk = b - a <= _COARSE_WALK_UP_TO * bins
+        e = a
         for r in range(min(b - a, bins)):
-            e = a + r if b - a <= bins else a + np.searchsorted(x[a:b], low + width * r / bins)
+            if b - a <= bins:
+                e = a + r
+            elif walk:  # the first value at or above the bin's low end, by one walk along the cluster
+                while e < b and x[e] < low + width * r / bins:
+                    e += 1
+            else:
+                e = a + np.searchsorted(x[a:b], low + width * r / bins)
             if n == 0 or e > edges[n - 1]:
                 edges[n] = e
                 n += 1
