@@ -119,7 +119,7 @@ def _sparsify(args: argparse.Namespace) -> int:
 
 def _weight_configs(args: argparse.Namespace):
     """The per-weight configs of ``--config FILE.yaml`` and ``--skip REGEX`` (skips first: they win)."""
-    from lowbit.onnx.weight_configs import WeightConfigs
+    from lowbit.weight_configs import WeightConfigs
 
     configs = WeightConfigs.from_yaml(args.config) if args.config is not None else WeightConfigs()
     skips: dict = dict.fromkeys(args.skip)

@@ -271,7 +271,7 @@ def test_training_info_is_kept_unless_it_updates_a_compressed_weight(tmp_path):
 def test_a_model_saved_with_external_data_keeps_compressed_weights_on_disk(tmp_path, monkeypatch, compress, options):
     """Above protobuf's limit (lowered here) compressed tensors are spilled to a scratch file and read from there: the
     saved model is the same, the scratch folder lasts while any tensor in it does, and the input stays readable."""
-    from lowbit.onnx import passes
+    from lowbit.onnx import backend
 
     rng = np.random.default_rng(0)
     weights = {f"w{i}": (rng.standard_normal((256, 512)) * 0.02).astype(np.float16) for i in range(3)}
@@ -279,7 +279,7 @@ def test_a_model_saved_with_external_data_keeps_compressed_weights_on_disk(tmp_p
     src = tmp_path / "big.onnx"
     ir.save(model, src, external_data="big.onnx.data")
     plain = compress(lowbit.load(src), **options).save(tmp_path / "plain" / "out.onnx")
-    monkeypatch.setattr(passes, "PROTO_LIMIT_BYTES", 1000)
+    monkeypatch.setattr(backend, "PROTO_LIMIT_BYTES", 1000)
     source = lowbit.load(src)
     out = compress(source, **options)
     spilled = [v for v in out.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)]
@@ -313,11 +313,11 @@ def test_large_model_measures_fail_soft_where_the_platform_lacks_them(tmp_path, 
     and a save beside the model keeps this process's own scratch folder."""
     import mmap
 
-    from lowbit.onnx import passes, program
+    from lowbit.onnx import backend, program
 
     for module, name in ((mmap, "MADV_WILLNEED"), (mmap, "MADV_DONTNEED"), (os, "POSIX_FADV_DONTNEED")):
         monkeypatch.delattr(module, name, raising=False)
-    monkeypatch.setattr(passes, "PROTO_LIMIT_BYTES", 1000)
+    monkeypatch.setattr(backend, "PROTO_LIMIT_BYTES", 1000)
     real_is_dir = Path.is_dir
     monkeypatch.setattr(Path, "is_dir", lambda self: False if str(self) == "/proc/self" else real_is_dir(self))
     w = (np.random.default_rng(0).standard_normal((256, 512)) * 0.02).astype(np.float16)

@@ -9,7 +9,7 @@ from conftest import make_model, ort_session
 
 import lowbit
 from lowbit.cli import main
-from lowbit.onnx.weight_configs import WeightConfigs
+from lowbit.weight_configs import WeightConfigs
 
 RNG = np.random.default_rng(0)
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
 from typing import Any
 
@@ -11,46 +10,31 @@ import numpy as np
 import onnx_ir as ir
 
 from lowbit.config import PalettizeConfig
+from lowbit.driver import ALGORITHMS, compress
 from lowbit.kernels.palettize import Palettized
 from lowbit.onnx import decoders, encoding, fused
 from lowbit.onnx import functions as fn
+from lowbit.onnx.backend import OnnxBackend, OnnxWriter, target_program
 from lowbit.onnx.discovery import WeightRef
-from lowbit.onnx.passes import WeightPass, target_program
 from lowbit.onnx.program import Program
-from lowbit.onnx.weight_configs import WeightConfigs, as_weight_configs
-from lowbit.report import CompressionReport
 from lowbit.types import CompressionGranularity, DType
-from lowbit.weights import PalettizedWeight, palettize_weight
+from lowbit.weight_configs import WeightConfigs, as_weight_configs
+from lowbit.weights import PalettizedWeight
 
-__all__ = ["PalettizePass", "palettize_weights", "write_palettized"]
+__all__ = ["PalettizeWriter", "palettize_weights", "write_palettized"]
 
 FP8_CAST_OPSET = 19  # Cast from fp8
 
 
-class PalettizePass(WeightPass):
-    """Replace each eligible weight by ``lowbit.LutToDense(indices, lut, scale)`` per a :class:`PalettizeConfig`."""
+class PalettizeWriter(OnnxWriter):
+    """Each palettized weight as ``lowbit.LutToDense(indices, lut, scale)`` (or one of its faster forms), or in
+    ONNX Runtime's fused kernels where ``target`` asks for them and the weight fits one."""
 
-    name = "palettize"
-
-    def __init__(
-        self,
-        config: PalettizeConfig,
-        executor: Executor | None = None,
-        configs: WeightConfigs | None = None,
-        target: str = fused.TARGETS[0],
-    ) -> None:
-        super().__init__(config, config.num_kmeans_workers, executor, configs, target)
-
-    def requirements_of(self, config: PalettizeConfig, program: Program) -> tuple[int, int]:
+    def requirements_of(self, config: PalettizeConfig, weights: Sequence[WeightRef], program: Program):
         """A LUT of fp8 codes needs opset 19 (``Cast`` from fp8 in ``lowbit.LutDequantize``)."""
         if config.lut_dtype in (DType.FP8_E4M3FN, DType.FP8_E5M2):
             return FP8_CAST_OPSET, 9
-        return super().requirements_of(config, program)
-
-    def job(self, ref: WeightRef, array: np.ndarray, config: PalettizeConfig):
-        return functools.partial(
-            palettize_weight, array, ref.output_axis, config, name=ref.name, threads=self.kernel_threads
-        )
+        return super().requirements_of(config, weights, program)
 
     def write(self, program: Program, ref: WeightRef, result: PalettizedWeight, config: PalettizeConfig) -> int:
         assert ref.value is not None
@@ -149,7 +133,7 @@ def palettize_weights(
     rounding_precision : accepted for compatibility with the reference API (default 4). lowbit's fast mode rounds
         to fp16 instead of to decimal places, which keeps small weights' resolution.
     in_place : False (default) returns a new Program, leaving ``program`` untouched; True rewrites ``program``.
-    configs : per-weight parameters: a :class:`~lowbit.onnx.weight_configs.WeightConfigs` (or its dict form)
+    configs : per-weight parameters: a :class:`~lowbit.weight_configs.WeightConfigs` (or its dict form)
         whose entries override this call's parameters for weights by op type or name, or leave weights out
         (``None``). Default None: every weight with this call's parameters.
     mode : ``"kmeans"`` (default), ``"uniform"`` (evenly spaced LUT from min to max), ``"unique"`` (exact LUT of a
@@ -183,7 +167,8 @@ def palettize_weights(
         rounding_precision=rounding_precision,
         mode=mode,
     )
+    writer = PalettizeWriter(target)
     result = target_program(program, in_place)
-    report: CompressionReport = PalettizePass(config, executor, as_weight_configs(configs), target=target)(result)
-    result.report = report
+    backend = OnnxBackend(result, writer)
+    result.report = compress(backend, ALGORITHMS["palettize"], config, as_weight_configs(configs), executor)
     return result

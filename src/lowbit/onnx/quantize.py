@@ -7,8 +7,7 @@ blocked form into ``MatMulNBits``); FP4 (MXFP4) and E8M0 scales, which ONNX Runt
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,35 +15,34 @@ import numpy as np
 import onnx_ir as ir
 
 from lowbit.config import QuantizeConfig
-from lowbit.errors import SkipWeight
+from lowbit.driver import ALGORITHMS, compress
 from lowbit.kernels.decode import value_table
 from lowbit.kernels.packing import pack_bits
 from lowbit.onnx import encoding, fused
+from lowbit.onnx.backend import OnnxBackend, OnnxWriter, target_program
 from lowbit.onnx.discovery import WeightRef, has_fp16_weights
-from lowbit.onnx.passes import WeightPass, target_program
 from lowbit.onnx.program import Program
-from lowbit.onnx.weight_configs import WeightConfigs, as_weight_configs
-from lowbit.report import CompressionReport
 from lowbit.types import CompressionGranularity, DType, QScheme
-from lowbit.weights import QuantizedWeight, quantize_weight
+from lowbit.weight_configs import WeightConfigs, as_weight_configs
+from lowbit.weights import QuantizedWeight
 
-__all__ = ["QuantizePass", "quantize_weights"]
+__all__ = ["QuantizeWriter", "quantize_weights"]
 
 
-class QuantizePass(WeightPass):
-    """Replace each eligible weight by its quantized form per a :class:`QuantizeConfig`."""
+class QuantizeWriter(OnnxWriter):
+    """Each quantized weight as ``DequantizeLinear`` (``lowbit.MxDequantize`` for fp4 / E8M0), or in ONNX Runtime's
+    fused kernels where ``target`` asks for them and the weight fits one."""
 
-    name = "quantize"
     _last_fused: tuple[QuantizedWeight | None, tuple[str, fused.Grid] | None] = (None, None)
 
-    def requirements_of(self, config: QuantizeConfig, program: Program) -> tuple[int, int]:
+    def requirements_of(self, config: QuantizeConfig, weights: Sequence[WeightRef], program: Program):
         """int4 / blocked DequantizeLinear need opset 21 (IR 10 / 9); fp8 elements or 16-bit scales 19 (IR 9);
         lowbit.MxDequantize only the functions' opset 13. With an ONNX Runtime target, weights that all go to fused
         kernels need no opset (IR 10 for int4 embedding tables)."""
-        if self._all_fused(config, program):
+        if self._all_fused(config, weights):
             return 0, 10 if config.dtype in (DType.INT4, DType.UINT4) else 3
         if config.e8m0:
-            return super().requirements_of(config, program)
+            return super().requirements_of(config, weights, program)
         if config.dtype in (DType.INT4, DType.UINT4):
             return 21, 10
         if config.granularity == CompressionGranularity.PER_BLOCK:
@@ -55,16 +53,12 @@ class QuantizePass(WeightPass):
             return 19, 8
         return 13, 7
 
-    def _all_fused(self, config: QuantizeConfig, program: Program) -> bool:
-        """Whether every weight this pass compresses with ``config`` will be written as a fused kernel."""
+    def _all_fused(self, config: QuantizeConfig, weights: Sequence[WeightRef]) -> bool:
+        """Whether every weight of ``weights`` (those compressed with ``config``) will be written as a fused
+        kernel."""
         if config.e8m0 or config.dtype not in (DType.INT4, DType.UINT4, DType.INT8, DType.UINT8):
             return False
-        for ref in program.weights():
-            try:
-                if self._checked_config(ref) != config:
-                    continue
-            except SkipWeight:
-                continue
+        for ref in weights:
             assert ref.value is not None
             inner = ref.shape[ref.input_axis]
             blocked = config.granularity == CompressionGranularity.PER_BLOCK
@@ -74,9 +68,6 @@ class QuantizePass(WeightPass):
             if fused.fused_block(inner, block) is None:
                 return False
         return True
-
-    def job(self, ref: WeightRef, array: np.ndarray, config: QuantizeConfig):
-        return functools.partial(quantize_weight, array, ref.output_axis, ref.input_axis, config)
 
     def stored_nbytes(self, ref: WeightRef, weight: QuantizedWeight, config: QuantizeConfig) -> int:
         if weight.quantized.e8m0:  # counting the element type's value table, shared once per model
@@ -214,7 +205,7 @@ def quantize_weights(
     scale_search : integer dtypes: per block, keep the share (60-100 %) of its range that gives the least squared
         error, clipping outliers (data-free; default False: the full range, round-to-nearest).
     in_place : False (default) returns a new Program; True rewrites ``program``.
-    configs : per-weight parameters: a :class:`~lowbit.onnx.weight_configs.WeightConfigs` (or its dict form)
+    configs : per-weight parameters: a :class:`~lowbit.weight_configs.WeightConfigs` (or its dict form)
         whose entries override this call's parameters for weights by op type or name, or leave weights out
         (``None``). Default None: every weight with this call's parameters.
     target : ``"portable"`` (default: standard ONNX ops and lowbit's decode functions, any runtime; ONNX Runtime
@@ -242,7 +233,7 @@ def quantize_weights(
         scale_dtype=scale_dtype,  # type: ignore[arg-type]
         scale_search=scale_search,
     )
+    writer = QuantizeWriter(target)
     result = target_program(program, in_place)
-    report: CompressionReport = QuantizePass(config, configs=as_weight_configs(configs), target=target)(result)
-    result.report = report
+    result.report = compress(OnnxBackend(result, writer), ALGORITHMS["quantize"], config, as_weight_configs(configs))
     return result

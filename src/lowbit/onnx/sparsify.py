@@ -3,43 +3,38 @@ with the non-zeros palettized or quantized."""
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
 from lowbit.config import SparsifyConfig
+from lowbit.driver import ALGORITHMS, compress
 from lowbit.kernels.packing import pack_bits
 from lowbit.onnx import encoding
+from lowbit.onnx.backend import OnnxBackend, OnnxWriter, target_program
 from lowbit.onnx.discovery import WeightRef, has_fp16_weights
-from lowbit.onnx.passes import WeightPass, target_program
 from lowbit.onnx.program import Program
-from lowbit.onnx.weight_configs import WeightConfigs, as_weight_configs
-from lowbit.report import CompressionReport
 from lowbit.types import DType
-from lowbit.weights import SparsifiedWeight, sparsify_weight
+from lowbit.weight_configs import WeightConfigs, as_weight_configs
+from lowbit.weights import SparsifiedWeight
 
-__all__ = ["SparsifyPass", "sparsify_weights"]
+__all__ = ["SparsifyWriter", "sparsify_weights"]
 
 
 FP16_SCALE_OPSET = 19  # DequantizeLinear with an fp16 scale
 
 
-class SparsifyPass(WeightPass):
-    """Replace each eligible weight by ``lowbit.SparseToDense(mask, values)`` per a :class:`SparsifyConfig`."""
+class SparsifyWriter(OnnxWriter):
+    """Each sparsified weight as ``lowbit.SparseToDense(mask, values)``, its values dense, palettized or (through
+    ``DequantizeLinear``) int8."""
 
-    name = "sparsify"
-
-    def requirements_of(self, config: SparsifyConfig, program: Program) -> tuple[int, int]:
+    def requirements_of(self, config: SparsifyConfig, weights: Sequence[WeightRef], program: Program):
         """Quantized non-zeros of an fp16 weight: DequantizeLinear with an fp16 scale needs opset 19."""
         if config.quantize_dtype is not None and has_fp16_weights(program):
             return FP16_SCALE_OPSET, 9
-        return super().requirements_of(config, program)
-
-    def job(self, ref: WeightRef, array: np.ndarray, config: SparsifyConfig):
-        return functools.partial(sparsify_weight, array, ref.output_axis, ref.input_axis, config)
+        return super().requirements_of(config, weights, program)
 
     def write(self, program: Program, ref: WeightRef, weight: SparsifiedWeight, config: SparsifyConfig) -> int:
         assert ref.value is not None
@@ -115,7 +110,7 @@ def sparsify_weights(
         non-zeros only).
     weight_num_threshold : weights with at most this many elements are left alone (default 1024).
     in_place : False (default) returns a new Program; True rewrites ``program``.
-    configs : per-weight parameters: a :class:`~lowbit.onnx.weight_configs.WeightConfigs` (or its dict form)
+    configs : per-weight parameters: a :class:`~lowbit.weight_configs.WeightConfigs` (or its dict form)
         whose entries override this call's parameters for weights by op type or name, or leave weights out
         (``None``). Default None: every weight with this call's parameters.
 
@@ -134,6 +129,6 @@ def sparsify_weights(
         weight_num_threshold=weight_num_threshold,
     )
     target = target_program(program, in_place)
-    report: CompressionReport = SparsifyPass(config, configs=as_weight_configs(configs))(target)
-    target.report = report
+    backend = OnnxBackend(target, SparsifyWriter())
+    target.report = compress(backend, ALGORITHMS["sparsify"], config, as_weight_configs(configs))
     return target

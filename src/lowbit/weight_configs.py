@@ -1,4 +1,5 @@
-"""Per-weight parameters on the graph path: ``WeightConfigs`` says which weights a pass compresses and with what."""
+"""Per-weight parameters on the graph path (any backend): ``WeightConfigs`` says which weights a pass compresses
+and with what."""
 
 from __future__ import annotations
 

@@ -1,0 +1,250 @@
+"""One compression driver over any program format.
+
+The driver finds a program's weights through a :class:`Backend`, picks each weight's config (name > type > global),
+checks it, reads it, hands it to the weight layer (optionally in parallel through a ``concurrent.futures.Executor``),
+asks the backend to write the result in its place, and reports. A backend only discovers, reads, writes and states
+what its program needs (ONNX: :mod:`lowbit.onnx.backend`; Core AI: :mod:`lowbit.coreai`): the algorithm, its
+checks and its codes live here and in :mod:`lowbit.weights`, once for every format. Imports neither onnx nor torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
+
+import numpy as np
+from tqdm import tqdm
+
+from lowbit.errors import SkipWeight
+from lowbit.report import CompressionReport, WeightResult
+from lowbit.weight_configs import WeightConfigs
+from lowbit.weights import check_eligible, palettize_weight, quantize_weight, sparsify_weight
+
+__all__ = ["ALGORITHMS", "Algorithm", "Backend", "Weight", "compress"]
+
+
+class Weight(Protocol):
+    """What the driver reads of a backend's weight: a stable ``name`` (configs and the report use it), the
+    consumer's op type(s) ``op`` (several joined with ``+``), the channel axes, sizes, and ``compression`` (None for a
+    dense weight, else a short description of its encoding)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def op(self) -> str: ...
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+    @property
+    def output_axis(self) -> int: ...
+    @property
+    def input_axis(self) -> int: ...
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def compression(self) -> str | None: ...
+
+
+W = TypeVar("W", bound=Weight)
+
+
+class Backend(Protocol[W]):
+    """A program format as the driver sees it, over its own kind of :class:`Weight`. Each method is one step; none
+    decides *what* the codes are."""
+
+    def weights(self) -> Sequence[W]:
+        """Every weight of the program, in program order, with its channel axes."""
+        ...
+
+    def element_dtype(self, weight: W) -> np.dtype | None:
+        """The numpy dtype of ``weight``'s elements (None when it has none)."""
+        ...
+
+    def prepare(self, plan: Sequence[tuple[W, Any]]) -> bool:
+        """Make the program able to hold the encodings of ``plan`` ((weight, config) pairs to compress), e.g. raise
+        its opset. True when that rewrote the program, so that its weights must be found anew."""
+        ...
+
+    def read(self, weight: W) -> np.ndarray:
+        """``weight``'s values (may be memory-mapped; the backend may start paging them in)."""
+        ...
+
+    def release(self, weight: W) -> None:
+        """``weight``'s input is no longer needed: drop what memory it holds."""
+        ...
+
+    def stored_nbytes(self, weight: W, result: Any, config: Any) -> int:
+        """Bytes ``result`` will take in the program once written (a weight is never made larger)."""
+        ...
+
+    def write(self, weight: W, result: Any, config: Any) -> int:
+        """Put ``result`` in the program in place of ``weight``; return the bytes it occupies now."""
+        ...
+
+    def writing(self) -> contextlib.AbstractContextManager[Any]:
+        """The context the writes of one pass run in."""
+        ...
+
+
+def _palettize_job(array: np.ndarray, weight: Weight, config: Any, threads: int) -> Callable[[], Any]:
+    return functools.partial(palettize_weight, array, weight.output_axis, config, name=weight.name, threads=threads)
+
+
+def _quantize_job(array: np.ndarray, weight: Weight, config: Any, threads: int) -> Callable[[], Any]:
+    return functools.partial(quantize_weight, array, weight.output_axis, weight.input_axis, config)
+
+
+def _sparsify_job(array: np.ndarray, weight: Weight, config: Any, threads: int) -> Callable[[], Any]:
+    return functools.partial(sparsify_weight, array, weight.output_axis, weight.input_axis, config)
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """A compression as the driver runs it: ``job(array, weight, config, threads)`` returns a picklable call of the
+    weight layer; ``workers(config)`` is how many weights it runs at once by default."""
+
+    name: str
+    job: Callable[[np.ndarray, Weight, Any, int], Callable[[], Any]]
+    workers: Callable[[Any], int] = lambda config: 1
+
+
+ALGORITHMS: dict[str, Algorithm] = {
+    "palettize": Algorithm("palettize", _palettize_job, lambda config: config.num_kmeans_workers),
+    "quantize": Algorithm("quantize", _quantize_job),
+    "sparsify": Algorithm("sparsify", _sparsify_job),
+}
+
+
+def default_executor(workers: int) -> Executor | None:
+    """A pool of ``workers`` threads (None for one worker: run in this thread). The kernels release the GIL, so
+    threads run them in parallel without pickling, without re-importing the user's script (which a process pool
+    does: a script with no ``if __name__ == "__main__":`` guard would run again in every worker) and without
+    worker processes that could outlive a killed parent."""
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lowbit") if workers > 1 else None
+
+
+def compress(
+    backend: Backend[W],
+    algorithm: Algorithm,
+    config: Any,
+    configs: WeightConfigs | None = None,
+    executor: Executor | None = None,
+) -> CompressionReport:
+    """Compress every eligible weight of ``backend``'s program with ``algorithm`` in place; return the report.
+
+    ``config`` is the call's config (a frozen dataclass of :mod:`lowbit.config` with ``weight_num_threshold``);
+    ``configs`` varies it per weight or leaves weights out; ``executor`` runs the weight layer (default: a pool of
+    ``algorithm.workers(config)`` threads). A weight that cannot be compressed is reported as skipped, with a
+    warning naming it and why (not for weights left out on purpose).
+    """
+    return _Driver(backend, algorithm, config, configs, executor).run()
+
+
+class _Driver(Generic[W]):
+    def __init__(
+        self, backend: Backend[W], algorithm: Algorithm, config: Any, configs: WeightConfigs | None, executor
+    ) -> None:
+        self.backend, self.algorithm = backend, algorithm
+        self.selection = (configs or WeightConfigs()).selection(config)
+        self.workers = algorithm.workers(config)
+        self.executor = executor
+        self.kernel_threads = 1  # threads a kernel may use: the workers when the kernels run in this thread
+
+    def config_for(self, weight: W) -> Any:
+        """The config of ``weight`` (None: left out by the per-weight configs)."""
+        return self.selection.lookup(weight.name, weight.op.split("+"))
+
+    def checked_config(self, weight: W) -> Any:
+        """The config ``weight`` is compressed with; :class:`SkipWeight` when it is not to be compressed."""
+        if weight.compression is not None:
+            raise SkipWeight(f"already compressed ({weight.compression})")
+        config = self.config_for(weight)
+        if config is None:
+            raise SkipWeight("left out by the per-weight configs", warn=False)
+        check_eligible(weight.shape, self.backend.element_dtype(weight), config.weight_num_threshold)
+        return config
+
+    def plan(self, weights: Sequence[W]) -> list[tuple[W, Any]]:
+        planned = []
+        for weight in weights:
+            with contextlib.suppress(SkipWeight):
+                planned.append((weight, self.checked_config(weight)))
+        return planned
+
+    def run(self) -> CompressionReport:
+        report = CompressionReport()
+        weights = self.backend.weights()
+        plan = self.plan(weights)
+        if plan and self.backend.prepare(plan):  # never change a program this pass leaves as it is
+            weights = self.backend.weights()
+        owned = self.executor is None
+        # a pool only pays for itself with several weights to share out; with one, its kernel may use threads
+        executor = default_executor(min(self.workers, len(weights))) if owned else self.executor
+        self.kernel_threads = self.workers if executor is None else 1
+        try:
+            with (
+                self.backend.writing(),
+                tqdm(total=len(weights), desc=self.algorithm.name, unit="weight", disable=None, leave=False) as bar,
+            ):
+                for weight, outcome in self.outcomes(weights, report, executor):
+                    self.record(report, weight, outcome)
+                    bar.update()
+                bar.update(len(weights) - bar.n)
+        finally:
+            if owned and executor is not None:
+                executor.shutdown()
+        self.selection.warn_unmatched("op_name_configs", "weight", stacklevel=4)
+        order = {weight.name: i for i, weight in enumerate(weights)}
+        report.rows.sort(key=lambda r: order.get(r.name, math.inf))
+        return report
+
+    def jobs(self, weights: Sequence[W], report: CompressionReport) -> Iterator[tuple[W, Callable]]:
+        for weight in weights:
+            try:
+                config = self.checked_config(weight)
+                yield weight, self.algorithm.job(self.backend.read(weight), weight, config, self.kernel_threads)
+            except SkipWeight as skip:
+                self.backend.release(weight)
+                self.skip(report, weight, skip)
+
+    def outcomes(self, weights, report, executor: Executor | None) -> Iterator[tuple[W, Callable[[], Any]]]:
+        """Each weight's result getter, in weight order; at most ``2 x workers`` jobs in flight, to bound memory."""
+        if executor is None:
+            yield from self.jobs(weights, report)
+            return
+        window = max(2, 2 * self.workers)
+        pending: list[tuple[W, Future]] = []
+        for weight, job in self.jobs(weights, report):
+            pending.append((weight, executor.submit(job)))
+            if len(pending) >= window:
+                weight0, future = pending.pop(0)
+                yield weight0, future.result
+        for weight0, future in pending:
+            yield weight0, future.result
+
+    def record(self, report: CompressionReport, weight: W, outcome: Callable[[], Any]) -> None:
+        try:
+            result = outcome()
+            config = self.config_for(weight)
+            stored = self.backend.stored_nbytes(weight, result, config)
+            if stored >= weight.nbytes:
+                raise SkipWeight(f"compressed it would take {stored} bytes, not fewer than its {weight.nbytes}")
+            after = self.backend.write(weight, result, config)
+        except SkipWeight as skip:
+            self.skip(report, weight, skip)
+            return
+        finally:
+            self.backend.release(weight)
+        report.rows.append(WeightResult(weight.name, weight.op, weight.shape, weight.nbytes, after, result.rel_mse))
+
+    def skip(self, report: CompressionReport, weight: W, skip: SkipWeight) -> None:
+        if skip.warn:
+            warnings.warn(f"weight {weight.name!r} skipped: {skip.reason}", UserWarning, stacklevel=6)
+        report.rows.append(
+            WeightResult(weight.name, weight.op, weight.shape, weight.nbytes, weight.nbytes, skipped=skip.reason)
+        )
