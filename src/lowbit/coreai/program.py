@@ -1,0 +1,158 @@
+"""A Core AI program as lowbit handles it: an ``AIProgram`` (usable wherever one is expected) that lowbit can
+walk, copy, optimize and save atomically, and the Core AI backend of :mod:`lowbit.driver`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from coreai.authoring import AIModelAsset, AIProgram
+
+from lowbit.coreai import _mlir, encoding
+from lowbit.coreai.discovery import CoreAIWeight, find_weights
+from lowbit.errors import ModelLoadError, SkipWeight
+from lowbit.report import CompressionReport
+
+__all__ = ["CoreAIBackend", "Program", "load"]
+
+SUFFIX = ".aimodel"
+_TEMPORARY_PREFIX = ".lowbit-tmp-"
+
+
+class Program(AIProgram):
+    """An ``AIProgram`` with lowbit's additions: :meth:`weights`, :meth:`copy`, :meth:`optimize`, an atomic
+    :meth:`save` / :meth:`save_asset`, and ``report`` (the last compression's :class:`CompressionReport`)."""
+
+    report: CompressionReport | None = None
+
+    @classmethod
+    def of(cls, program: AIProgram) -> Program:
+        """``program`` as a :class:`Program` (the same module, not a copy)."""
+        if isinstance(program, Program):
+            return program
+        if not isinstance(program, AIProgram):
+            raise TypeError(f"coreai_program must be a coreai AIProgram, got {type(program).__name__}")
+        return cls(program._module)
+
+    def weights(self) -> list[CoreAIWeight]:
+        """Every weight (dense or compressed) with its consumer op, channel axes, size and encoding."""
+        return find_weights(self)
+
+    def copy(self) -> Program:
+        """An independent copy (its own module)."""
+        return Program(_mlir.clone(self)._module)
+
+    def optimize(self) -> Program:
+        """Drop dead constants (the weights a compression replaced); returns this program."""
+        _mlir.remove_dead_constants(self)
+        return self
+
+    def stored_nbytes(self) -> int:
+        """Bytes of the weights as stored (compressed ones as encoded)."""
+        return sum(w.nbytes for w in self.weights())
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the ``.aimodel`` folder atomically: a complete new folder is written beside ``path`` and swapped
+        in, so an interrupted save leaves the old asset intact. Raises ``ValueError`` when the program does not
+        verify or ``path`` does not end in ``.aimodel``; ``ModelLoadError`` when ``path`` is inside an asset being
+        read."""
+        dest = Path(path)
+        if dest.suffix != SUFFIX:
+            raise ValueError(f"path must end in {SUFFIX}, got {str(path)!r}")
+        _mlir.verify(self)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=_TEMPORARY_PREFIX))
+        try:
+            AIProgram.save_asset(self, staging / dest.name)
+            _swap_in(staging / dest.name, dest, staging)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return dest
+
+    def save_asset(self, path: Path, *args: Any, **kwargs: Any) -> AIModelAsset:  # type: ignore[override]
+        """:meth:`save`, returning the saved ``AIModelAsset`` as coreai's ``save_asset`` does."""
+        if args or kwargs:  # metadata / minimum_os: coreai's own (non-atomic) save
+            return AIProgram.save_asset(self, Path(path), *args, **kwargs)
+        return AIModelAsset.load(self.save(path))
+
+
+def _swap_in(new: Path, dest: Path, staging: Path) -> None:
+    """Move the folder ``new`` to ``dest``; an existing ``dest`` is moved aside first and removed after."""
+    if not dest.exists():
+        new.rename(dest)
+        return
+    old = staging / "replaced"
+    dest.rename(old)
+    try:
+        new.rename(dest)
+    except OSError:
+        old.rename(dest)
+        raise
+
+
+def load(path: str | os.PathLike) -> Program:
+    """Load a ``.aimodel`` folder. ``ModelLoadError`` (a one-line reason) when it is missing, not a Core AI asset, or
+    its bytecode does not load or match its hash."""
+    source = Path(path)
+    if not source.exists():
+        raise ModelLoadError(f"{source}: no such file or folder")
+    if not source.is_dir() or not (source / "main.mlirb").is_file():
+        raise ModelLoadError(f"{source}: not a Core AI asset (a .aimodel folder holding main.mlirb)")
+    try:
+        return Program.of(AIModelAsset.load(source).program)
+    except Exception as err:
+        raise ModelLoadError(f"{source}: cannot load the Core AI asset: {_one_line(err)}") from err
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+class CoreAIBackend:
+    """:class:`lowbit.driver.Backend` over a Core AI :class:`Program`."""
+
+    def __init__(self, program: Program) -> None:
+        self.program = program
+
+    def weights(self) -> list[CoreAIWeight]:
+        return self.program.weights()
+
+    def element_dtype(self, weight: CoreAIWeight) -> np.dtype | None:
+        return weight.dtype
+
+    def prepare(self, plan: Sequence[tuple[CoreAIWeight, Any]]) -> bool:
+        """A Core AI program needs nothing raised: every encoding is in the dialect."""
+        return False
+
+    def read(self, weight: CoreAIWeight) -> np.ndarray:
+        return _mlir.read_constant(weight.constant)
+
+    def release(self, weight: CoreAIWeight) -> None:
+        """The constant's bytes belong to the module until it is optimized or saved: nothing to drop here."""
+
+    def stored_nbytes(self, weight: CoreAIWeight, result: Any, config: Any) -> int:
+        return encoding.stored_nbytes(result)
+
+    def write(self, weight: CoreAIWeight, result: Any, config: Any) -> int:
+        try:
+            return encoding.write(weight, result)
+        except (TypeError, ValueError) as err:
+            raise SkipWeight(f"Core AI cannot hold this encoding: {_one_line(err)}") from err
+
+    def writing(self) -> contextlib.AbstractContextManager[Any]:
+        return _verified(self.program)
+
+
+@contextlib.contextmanager
+def _verified(program: Program) -> Iterator[None]:
+    """Runs the writes, then drops the replaced constants and checks the program verifies."""
+    yield
+    program.optimize()
+    _mlir.verify(program)
