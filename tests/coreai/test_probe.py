@@ -8,6 +8,10 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import pytest
+
+pytest.importorskip("coreai.authoring", reason="needs lowbit[coreai] (coreai-core, Python >= 3.11)")
+pytest.importorskip("coreai_torch", reason="needs coreai-torch (Python >= 3.11)")
+
 from conftest import probe_weights, run_asset
 
 import lowbit.coreai as lc
