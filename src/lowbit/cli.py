@@ -19,38 +19,65 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _is_coreai(path: Path) -> bool:
+    """A Core AI asset: a ``.aimodel`` path, or a folder holding ``main.mlirb``."""
+    return path.suffix == ".aimodel" or (path.is_dir() and (path / "main.mlirb").is_file())
+
+
+def _door(args: argparse.Namespace, path: Path):
+    """The module whose ``load`` / ``*_weights`` handle ``path``: lowbit.coreai for a Core AI asset, else ONNX's.
+    A Core AI output must not lie inside its input asset."""
+    if not _is_coreai(path):
+        import lowbit
+
+        return lowbit
+    output = getattr(args, "output", None)
+    if output is not None and output.resolve().is_relative_to(path.resolve()) and output.resolve() != path.resolve():
+        raise ValueError(f"the output {str(output)!r} lies inside the input asset {str(path)!r}")
+    if getattr(args, "target", "portable") != "portable":
+        raise ValueError("--target chooses ONNX Runtime's kernels: it applies to .onnx files only")
+    try:
+        import lowbit.coreai
+    except ImportError as err:
+        raise ValueError(f"{path}: Core AI assets need lowbit[coreai] (coreai-core, Python >= 3.11): {err}") from err
+    return lowbit.coreai
+
+
 def _inspect(args: argparse.Namespace) -> int:
-    from lowbit.onnx.program import load
     from lowbit.onnx.report import weights_table
 
-    program = load(args.model)
+    door = _door(args, args.model)
+    program = door.load(args.model)
     weights = program.weights()
     if not weights:
-        print(f"{args.model}: no weights found (no constant feeds Conv/ConvTranspose/Gemm/MatMul/Gather/LSTM/GRU/RNN)")
+        print(f"{args.model}: no weights found (no constant feeds a conv, matmul, embedding or recurrent op)")
         return 0
     weight_bytes = sum(w.nbytes for w in weights)
-    print(weights_table(weights, max(program.tensor_nbytes() - weight_bytes, 0)))
+    coreai = _is_coreai(args.model)
+    total = _disk_bytes(args.model / "main.mlirb") if coreai else program.tensor_nbytes()
+    print(weights_table(weights, max(total - weight_bytes, 0)))
     return 0
 
 
-def _decompress(args: argparse.Namespace) -> int:
-    from lowbit.onnx.decompress import decompress_weights
-    from lowbit.onnx.program import load
+def _disk_bytes(path: Path) -> int:
+    """Bytes of a file, or of every file in a folder."""
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
-    program = load(args.input)
-    dense = decompress_weights(program, in_place=True)
+
+def _decompress(args: argparse.Namespace) -> int:
+    door = _door(args, args.input)
+    program = door.load(args.input)
+    dense = door.decompress_weights(program, in_place=True)
     out = dense.save(args.output)
-    print(f"wrote {out} ({out.stat().st_size} bytes)")
+    print(f"wrote {out} ({_disk_bytes(out)} bytes)")
     return 0
 
 
 def _palettize(args: argparse.Namespace) -> int:
-    from lowbit.onnx.palettize import palettize_weights
-    from lowbit.onnx.program import load
-
-    program = load(args.input)
-    before = program.stored_nbytes()
-    result = palettize_weights(
+    door = _door(args, args.input)
+    program = door.load(args.input)
+    before = _input_bytes(program, args.input)
+    result = door.palettize_weights(
         program,
         lut_dtype=args.lut_dtype,
         n_bits=args.n_bits,
@@ -64,18 +91,26 @@ def _palettize(args: argparse.Namespace) -> int:
         mode=args.mode,
         in_place=True,
         configs=_weight_configs(args),
-        target=args.target,
+        **_target(args),
     )
     return _save_and_report(result, args, before)
 
 
-def _quantize(args: argparse.Namespace) -> int:
-    from lowbit.onnx.program import load
-    from lowbit.onnx.quantize import quantize_weights
+def _target(args: argparse.Namespace) -> dict:
+    """``target=`` for the ONNX door (Core AI has one target)."""
+    return {} if _is_coreai(args.input) else {"target": args.target}
 
-    program = load(args.input)
-    before = program.stored_nbytes()
-    result = quantize_weights(
+
+def _input_bytes(program, path: Path) -> int:
+    """The input's bytes: an ONNX model's data files included, a Core AI asset's files."""
+    return _disk_bytes(path) if _is_coreai(path) else program.stored_nbytes()
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    door = _door(args, args.input)
+    program = door.load(args.input)
+    before = _input_bytes(program, args.input)
+    result = door.quantize_weights(
         program,
         dtype=args.dtype,
         qscheme=args.qscheme,
@@ -86,24 +121,22 @@ def _quantize(args: argparse.Namespace) -> int:
         scale_search=args.scale_search,
         in_place=True,
         configs=_weight_configs(args),
-        target=args.target,
+        **_target(args),
     )
     return _save_and_report(result, args, before)
 
 
 def _sparsify(args: argparse.Namespace) -> int:
-    from lowbit.onnx.program import load
-    from lowbit.onnx.sparsify import sparsify_weights
-
     n_m = None
     if args.n_m is not None:
         parts = args.n_m.split(":")
         if len(parts) != 2 or not all(p.isdigit() for p in parts):
             raise ValueError(f"--n-m must look like 2:4, got {args.n_m!r}")
         n_m = (int(parts[0]), int(parts[1]))
-    program = load(args.input)
-    before = program.stored_nbytes()
-    result = sparsify_weights(
+    door = _door(args, args.input)
+    program = door.load(args.input)
+    before = _input_bytes(program, args.input)
+    result = door.sparsify_weights(
         program,
         target_sparsity=args.target_sparsity,
         block_size=args.block_size,
@@ -130,7 +163,8 @@ def _save_and_report(result, args: argparse.Namespace, before: int) -> int:
     """Save ``result``; print its report and the size change (``before``: the input's bytes, data files included)."""
     out = result.save(args.output)
     print(result.report.table())
-    after = out.stat().st_size + (result.data_path.stat().st_size if result.data_path else 0)
+    data_path = getattr(result, "data_path", None)
+    after = _disk_bytes(out) + (data_path.stat().st_size if data_path else 0)
     print(f"wrote {out}: {before} -> {after} bytes, data files included ({before / after:.2f}x smaller)")
     return 0
 

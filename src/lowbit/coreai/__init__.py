@@ -18,6 +18,7 @@ from lowbit.config import PalettizeConfig, QuantizeConfig, SparsifyConfig, check
 from lowbit.coreai.discovery import CoreAIWeight
 from lowbit.coreai.program import CoreAIBackend, Program, load
 from lowbit.driver import ALGORITHMS, compress
+from lowbit.errors import ModelLoadError
 from lowbit.types import CompressionGranularity, DType, QScheme
 from lowbit.weight_configs import WeightConfigs, as_weight_configs
 
@@ -25,6 +26,7 @@ __all__ = [
     "CompressionGranularity",
     "CoreAIWeight",
     "DType",
+    "ModelLoadError",
     "Program",
     "QScheme",
     "decompress_weights",

@@ -4,6 +4,7 @@ walk, copy, optimize and save atomically, and the Core AI backend of :mod:`lowbi
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -96,14 +97,30 @@ def _swap_in(new: Path, dest: Path, staging: Path) -> None:
         raise
 
 
+_BYTECODE_MAGIC = b"ML\xefR"
+
+
 def load(path: str | os.PathLike) -> Program:
     """Load a ``.aimodel`` folder. ``ModelLoadError`` (a one-line reason) when it is missing, not a Core AI asset, or
-    its bytecode does not load or match its hash."""
+    its bytecode is not MLIR bytecode or does not match its hash (checked first: coreai-core aborts the process on
+    malformed bytecode)."""
     source = Path(path)
     if not source.exists():
         raise ModelLoadError(f"{source}: no such file or folder")
-    if not source.is_dir() or not (source / "main.mlirb").is_file():
+    bytecode = source / "main.mlirb"
+    if not source.is_dir() or not bytecode.is_file():
         raise ModelLoadError(f"{source}: not a Core AI asset (a .aimodel folder holding main.mlirb)")
+    with open(bytecode, "rb") as f:
+        if f.read(len(_BYTECODE_MAGIC)) != _BYTECODE_MAGIC:
+            raise ModelLoadError(f"{source}: cannot load the Core AI asset: main.mlirb is not MLIR bytecode")
+        f.seek(0)
+        sha = hashlib.sha256()
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            sha.update(chunk)
+    digest = sha.digest()
+    recorded = source / "main.hash"
+    if recorded.is_file() and recorded.read_bytes() != digest:
+        raise ModelLoadError(f"{source}: cannot load the Core AI asset: main.mlirb does not match main.hash")
     try:
         return Program.of(AIModelAsset.load(source).program)
     except Exception as err:

@@ -5,6 +5,8 @@ the decode; the verifier accepts every program."""
 
 from __future__ import annotations
 
+import functools
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ import pytest
 pytest.importorskip("coreai.authoring", reason="needs lowbit[coreai] (coreai-core, Python >= 3.11)")
 pytest.importorskip("coreai_torch", reason="needs coreai-torch (Python >= 3.11)")
 
-from conftest import probe_weights, run_asset
+from coreai_support import make_probe, probe_weights, run_asset
 
 import lowbit.coreai as lc
 from lowbit.config import PalettizeConfig, QuantizeConfig, SparsifyConfig
@@ -55,6 +57,14 @@ CASES = (
     [("palettize", c) for c in PALETTIZE] + [("quantize", c) for c in QUANTIZE] + [("sparsify", c) for c in SPARSIFY]
 )
 DTYPES = ["fp32", "fp16", "bf16"]
+
+
+@pytest.fixture(scope="session")
+def probe_program():
+    """dtype name -> (the converted probe AIProgram, its feeds, the dense weights by module name), made once."""
+    return functools.cache(make_probe)
+
+
 CONFIGS = {"palettize": PalettizeConfig, "quantize": QuantizeConfig, "sparsify": SparsifyConfig}
 
 

@@ -1,22 +1,17 @@
-"""Core AI fixtures: programs converted from torch with coreai-torch, and the Core AI runtime (coreai-core's CPU
-runtime, which executes ``.aimodel`` on Linux) as the oracle. Skipped, with the reason, where the ``coreai`` extra
-cannot install (Python < 3.11)."""
+"""Core AI test support: programs converted from torch with coreai-torch, and the Core AI runtime (coreai-core's CPU
+runtime, which executes ``.aimodel`` on Linux) as the oracle. Import it after ``pytest.importorskip`` of coreai-core
+and coreai-torch: the tests skip, with the reason, where the ``coreai`` extra cannot install (Python < 3.11)."""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
 
+import coreai_torch
 import numpy as np
-import pytest
 import torch
-
-try:
-    import coreai_torch
-    from coreai.authoring import AIModelAsset
-    from coreai.runtime import NDArray
-except ImportError:  # the test modules skip, naming what is missing (pytest.importorskip)
-    pass
+from coreai.authoring import AIModelAsset
+from coreai.runtime import NDArray
 
 
 def convert(model: torch.nn.Module, args: tuple):
@@ -37,6 +32,9 @@ async def _run(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray
 def run_asset(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     """The runtime's outputs of the saved asset at ``path``, in output order."""
     return list(asyncio.run(_run(path, feeds)).values())
+
+
+PROBE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class Probe(torch.nn.Module):
@@ -73,27 +71,7 @@ def probe_weights(outputs: list[np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-@pytest.fixture(scope="session")
-def probe_program():
-    """dtype name -> (the converted probe AIProgram, its feeds, the dense weights by module name)."""
-    made = {}
-
-    def make(dtype_name: str):
-        if dtype_name not in made:
-            dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
-            torch.manual_seed(0)
-            model = Probe().to(dtype)
-            args = probe_inputs(dtype)
-            feeds = dict(zip(["eye", "ids", "conv_in", "deconv_in"], _numpy(args), strict=True))
-            feeds["ids"] = feeds["ids"].astype(np.int32)
-            dense = {n: _numpy([m.weight.detach()])[0] for n, m in model.named_children()}
-            made[dtype_name] = (convert(model, args), feeds, dense)
-        return made[dtype_name]
-
-    return make
-
-
-def _numpy(tensors) -> list[np.ndarray]:
+def as_numpy(tensors) -> list[np.ndarray]:
     import ml_dtypes
 
     out = []
@@ -103,3 +81,15 @@ def _numpy(tensors) -> list[np.ndarray]:
         else:
             out.append(t.numpy())
     return out
+
+
+def make_probe(dtype_name: str) -> tuple:
+    """(the converted probe ``AIProgram`` in ``dtype_name``, its feeds, the dense weights by module name)."""
+    dtype = PROBE_DTYPES[dtype_name]
+    torch.manual_seed(0)
+    model = Probe().to(dtype)
+    args = probe_inputs(dtype)
+    feeds = dict(zip(["eye", "ids", "conv_in", "deconv_in"], as_numpy(args), strict=True))
+    feeds["ids"] = feeds["ids"].astype(np.int32)
+    dense = {n: as_numpy([m.weight.detach()])[0] for n, m in model.named_children()}
+    return convert(model, args), feeds, dense
