@@ -1,0 +1,66 @@
+"""all-MiniLM-L6-v2 converted with coreai-torch and compressed with lowbit.coreai: the runtime's output of the
+compressed program equals the output of the same program holding lowbit's decoded weights, and 4-bit grouped(16)
+palettization, the 30,522-row embedding included (ragged last group: coreai-opt skips it, and its default output
+is NaN here), keeps the sentence embeddings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("coreai.authoring", reason="needs lowbit[coreai] (coreai-core, Python >= 3.11)")
+pytest.importorskip("coreai_torch", reason="needs coreai-torch (Python >= 3.11)")
+
+import torch
+from _common import minilm_encoder
+from _text import english_sentences
+from coreai_support import convert, run_asset
+
+import lowbit.coreai as lc
+
+LENGTH = 48  # tokens per sentence (padded), a static shape
+
+
+@pytest.fixture(scope="module")
+def minilm(minilm_torch, tmp_path_factory):
+    """(the converted MiniLM saved as .aimodel, feeds of 16 sentences, torch's fp32 mean-pooled embeddings)."""
+    bert, tokenizer = minilm_torch
+    bert.config._attn_implementation = "eager"
+    batch = tokenizer(
+        english_sentences(16), padding="max_length", max_length=LENGTH, truncation=True, return_tensors="pt"
+    )
+    ids, mask = batch["input_ids"].to(torch.int32), batch["attention_mask"].to(torch.int32)
+    encoder = minilm_encoder(bert).eval()
+    path = tmp_path_factory.mktemp("minilm") / "minilm.aimodel"
+    convert(encoder, (ids, mask)).save_asset(path)
+    with torch.no_grad():
+        hidden = encoder(ids, mask).numpy()
+    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    return path, feeds, _pooled(hidden, feeds["attention_mask"])
+
+
+def _pooled(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    weights = mask[..., None].astype(np.float32)
+    mean = (hidden * weights).sum(1) / weights.sum(1)
+    return mean / np.linalg.norm(mean, axis=1, keepdims=True)
+
+
+def test_palettized_minilm_on_the_runtime(minilm, tmp_path):
+    path, feeds, reference = minilm
+    (dense_hidden,) = run_asset(path, feeds)
+    assert float((_pooled(dense_hidden, feeds["attention_mask"]) * reference).sum(1).min()) > 0.9999
+    program = lc.load(path)
+    weights = program.weights()
+    # 36 Linear weights, the word and token-type embeddings (the position embedding is folded by the converter)
+    assert len(weights) == 38 and {w.op for w in weights} == {"broadcasting_batch_matmul", "gather_nd"}
+    small = lc.palettize_weights(program, n_bits=4, granularity="per_grouped_channel", group_size=16)
+    embedding = next(r for r in small.report.rows if r.shape == (30522, 384))
+    assert embedding.skipped is None
+    saved = small.save(tmp_path / "minilm_4bit.aimodel")
+    (hidden,) = run_asset(saved, feeds)
+    assert np.isfinite(hidden).all()
+    cosine = float((_pooled(hidden, feeds["attention_mask"]) * reference).sum(1).mean())
+    assert cosine >= 0.955, cosine
+    decoded = lc.decompress_weights(lc.load(saved)).save(tmp_path / "decoded.aimodel")
+    (again,) = run_asset(decoded, feeds)
+    np.testing.assert_array_equal(hidden, again)
