@@ -206,7 +206,8 @@ def _tensor_type(shape: Sequence[int], element: str) -> Any:
 
 def constant(array: np.ndarray, name: str, element: str | None = None) -> Value:
     """A resource constant holding ``array`` (at the current insertion point); ``element`` names the MLIR element
-    type when it is not the array's own (sub-byte codes are given one per uint8 / int8 and packed LSB-first)."""
+    type when it is not the array's own (sub-byte codes are given one per uint8 / int8 and packed LSB-first).
+    ``name`` is the blob's key in the file (MLIR makes it unique): keep it short, every weight stores its own."""
     array = np.ascontiguousarray(array)
     element = element or _NAMES[array.dtype]
     bits = _ELEMENTS[element][1]

@@ -98,5 +98,5 @@ def decompress(program: Program) -> None:
     """Replace every compressed weight of ``program`` by a constant of its decoded values, in place."""
     for weight in program.weights():
         if weight.compression is not None:
-            _mlir.replace_value(weight.value, evaluate(weight.value), weight.name)
+            _mlir.replace_value(weight.value, evaluate(weight.value), "weight")
     program.optimize()

@@ -52,17 +52,17 @@ def _per_axis(values: np.ndarray, rank: int, axis: int) -> np.ndarray:
     return values.reshape(shape)
 
 
-def _dequantized(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, out: str, name: str) -> Value:
+def _dequantized(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, out: str) -> Value:
     """``blockwise_shift_scale`` of constant codes ``q`` with a ``scale`` grid of ``q``'s rank."""
-    data = _mlir.constant(q, f"{name}.q", _code_element(q))
+    data = _mlir.constant(q, "q", _code_element(q))
     element = _code_element(q)
     offset1 = (
         _zero(scale.shape, element)
         if zero_point is None or not zero_point.any()
-        else (_mlir.constant(zero_point.astype(q.dtype), f"{name}.zero_point", element))
+        else (_mlir.constant(zero_point.astype(q.dtype), "zero_point", element))
     )
     scale_element = "f8E8M0FNU" if scale.dtype == np.uint8 else None
-    scales = _mlir.constant(scale, f"{name}.scale", scale_element)
+    scales = _mlir.constant(scale, "scale", scale_element)
     return _mlir.ops.blockwise_shift_scale(data, scales, offset1, _zero(scale.shape, out))
 
 
@@ -70,19 +70,19 @@ def _code_element(q: np.ndarray) -> str:
     return _mlir.element_name(q.dtype)
 
 
-def _lut_decode(p: Palettized, index_shape: tuple[int, ...], axis: int, out: str, name: str, codes) -> Value:
+def _lut_decode(p: Palettized, index_shape: tuple[int, ...], axis: int, out: str, codes: np.ndarray) -> Value:
     """``lut_to_dense`` of ``codes`` (in ``index_shape``) over ``p``'s LUTs, grouped along ``axis``."""
     groups, k, vector = p.lut.shape
     rank = len(index_shape)
     lut_shape = (*(groups if a == axis else 1 for a in range(rank)), k, vector)
-    indices = _mlir.constant(codes, f"{name}.indices", f"ui{p.n_bits}")
+    indices = _mlir.constant(codes, "indices", f"ui{p.n_bits}")
     if p.lut_quantized is None:
-        lut = _mlir.constant(p.lut.reshape(lut_shape), f"{name}.lut", out)
+        lut = _mlir.constant(p.lut.reshape(lut_shape), "lut", out)
     else:
         quantized = p.lut_quantized
         scale = quantized.scale.reshape((*lut_shape[:-2], 1, 1))
         zero_point = None if quantized.zero_point is None else quantized.zero_point.reshape(scale.shape)
-        lut = _dequantized(quantized.q.reshape(lut_shape), scale, zero_point, out, f"{name}.lut")
+        lut = _dequantized(quantized.q.reshape(lut_shape), scale, zero_point, out)
     return _mlir.ops.lut_to_dense(indices, lut, _mlir.scalar(axis, "si16"))
 
 
@@ -93,14 +93,14 @@ def _palettized(ref: CoreAIWeight, weight: PalettizedWeight, out: str) -> Value:
     canonical_codes = p.codes.reshape((padded[0] // vector, *padded[1:]))
     codes = canonical_codes.transpose(weight.back)  # the weight's own layout, output axis shortened by the vectors
     own_padded = tuple(padded[i] for i in weight.back)
-    value = _lut_decode(p, codes.shape, ref.output_axis, out, ref.name, np.ascontiguousarray(codes))
+    value = _lut_decode(p, codes.shape, ref.output_axis, out, np.ascontiguousarray(codes))
     assert _mlir.tensor_shape(value) == own_padded
     value = _sliced(value, ref.shape)
     if p.scale is not None:  # as the kernel decodes: the product in the LUT's dtype
         scale = _per_axis(
             np.asarray(p.scale, p.lut.dtype)[: ref.shape[ref.output_axis]], len(ref.shape), ref.output_axis
         )
-        value = _mlir.ops.broadcasting_mul(value, _mlir.constant(scale, f"{ref.name}.channel_scale", out))
+        value = _mlir.ops.broadcasting_mul(value, _mlir.constant(scale, "channel_scale", out))
     return value
 
 
@@ -113,28 +113,28 @@ def _quantized(ref: CoreAIWeight, weight: QuantizedWeight, out: str) -> Value:
     q: LinearQuantized = weight.quantized
     grid = _grid(q)
     zero_point = None if q.zero_point is None else q.zero_point.reshape(grid)
-    value = _dequantized(q.q, q.scale.reshape(grid), zero_point, out, ref.name)
+    value = _dequantized(q.q, q.scale.reshape(grid), zero_point, out)
     return _sliced(value, ref.shape)
 
 
 def _sparse(ref: CoreAIWeight, weight: SparsifiedWeight, out: str) -> Value:
     s = weight.sparsified
-    mask = _mlir.constant(s.mask.astype(np.uint8), f"{ref.name}.mask", "ui1")
+    mask = _mlir.constant(s.mask.astype(np.uint8), "mask", "ui1")
     if s.palettized is not None:
         p = s.palettized
         count = p.codes_shape[1]
-        values = _lut_decode(p, (count,), 0, out, ref.name, p.codes.reshape(count))
+        values = _lut_decode(p, (count,), 0, out, p.codes.reshape(count))
     elif s.quantized is not None:
-        codes = _mlir.constant(s.stored_codes, f"{ref.name}.codes")
+        codes = _mlir.constant(s.stored_codes, "codes")
         dense_codes = _mlir.ops.sparse_with_bitmask_to_dense(_mlir.ops.build_sparse_with_bitmask(codes, mask))
         scale = s.quantized.scale.reshape(
             tuple(n // b for n, b in zip(s.quantized.q.shape, s.quantized.block, strict=True))
         )
-        scales = _mlir.constant(scale, f"{ref.name}.scale")
+        scales = _mlir.constant(scale, "scale")
         return _mlir.ops.blockwise_shift_scale(dense_codes, scales, _zero(scale.shape, "si8"), _zero(scale.shape, out))
     else:
         assert s.values is not None
-        values = _mlir.constant(s.values, f"{ref.name}.values")
+        values = _mlir.constant(s.values, "values")
     return _mlir.ops.sparse_with_bitmask_to_dense(_mlir.ops.build_sparse_with_bitmask(values, mask))
 
 
