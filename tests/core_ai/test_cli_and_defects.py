@@ -36,7 +36,7 @@ def _decoded(path, feeds) -> dict[str, np.ndarray]:
 
 
 def test_cli_compresses_inspects_and_decompresses_aimodel(capsys, tmp_path, probe_path):
-    path, feeds, dense = probe_path
+    path, feeds, _ = probe_path
     out = tmp_path / "small.aimodel"
     code, text, _ = _run(capsys, "palettize", path, out, "--n-bits", "3", "--weight-num-threshold", "512")
     assert code == 0 and "4 compressed, 0 skipped" in text
