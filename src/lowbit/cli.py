@@ -15,6 +15,13 @@ __all__ = ["main"]
 
 
 class _Parser(argparse.ArgumentParser):
+    """One line and exit 2 on a usage error; options are never abbreviated (``--target`` is not
+    ``--target-sparsity``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message}\n")
 
@@ -74,6 +81,8 @@ def _decompress(args: argparse.Namespace) -> int:
 
 
 def _palettize(args: argparse.Namespace) -> int:
+    if args.group_size is not None and args.granularity.replace("_", "-") != "per-grouped-channel":
+        raise ValueError(f"--group-size applies to --granularity per-grouped-channel, not {args.granularity}")
     door = _door(args, args.input)
     program = door.load(args.input)
     before = _input_bytes(program, args.input)
@@ -82,7 +91,7 @@ def _palettize(args: argparse.Namespace) -> int:
         lut_dtype=args.lut_dtype,
         n_bits=args.n_bits,
         granularity=args.granularity,
-        group_size=args.group_size,
+        group_size=32 if args.group_size is None else args.group_size,
         cluster_dim=args.cluster_dim,
         enable_per_channel_scale=args.per_channel_scale,
         weight_num_threshold=args.weight_num_threshold,
@@ -127,6 +136,8 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def _sparsify(args: argparse.Namespace) -> int:
+    if (args.target_sparsity is None) == (args.n_m is None):
+        raise ValueError("give one of --target-sparsity (unstructured or blocks) and --n-m (n of every m pruned)")
     n_m = None
     if args.n_m is not None:
         parts = args.n_m.split(":")
@@ -138,7 +149,7 @@ def _sparsify(args: argparse.Namespace) -> int:
     before = _input_bytes(program, args.input)
     result = door.sparsify_weights(
         program,
-        target_sparsity=args.target_sparsity,
+        target_sparsity=0.0 if args.target_sparsity is None else args.target_sparsity,
         block_size=args.block_size,
         n_m_ratio=n_m,
         quantize_dtype=args.quantize_dtype,
@@ -210,7 +221,7 @@ def _parser() -> argparse.ArgumentParser:
         default="per-tensor",
         help="per-tensor (default), per-channel or per-grouped-channel",
     )
-    p.add_argument("--group-size", type=int, default=32, help="channels per LUT for per-grouped-channel")
+    p.add_argument("--group-size", type=int, default=None, help="channels per LUT for per-grouped-channel (default 32)")
     p.add_argument("--cluster-dim", type=int, default=1, help="vector palettization: values per LUT entry")
     p.add_argument("--lut-dtype", default=None, help="quantize LUT entries: int8, uint8, fp8_e4m3fn, fp8_e5m2")
     p.add_argument("--per-channel-scale", action="store_true", help="scale each output channel to max-abs 1 first")
@@ -241,7 +252,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sparsify", help="magnitude pruning stored as a 1-bit mask plus the non-zeros")
     p.add_argument("input", type=Path)
     p.add_argument("output", type=Path)
-    p.add_argument("--target-sparsity", type=float, required=True, help="fraction of zeros, in [0, 1)")
+    p.add_argument("--target-sparsity", type=float, default=None, help="fraction of zeros, in [0, 1)")
     p.add_argument("--block-size", type=int, default=1, help="prune blocks of this many output channels")
     p.add_argument("--n-m", default=None, help="n:m structured sparsity along input channels, e.g. 2:4")
     p.add_argument("--quantize-dtype", default=None, help="int8: also quantize the non-zeros (per channel)")

@@ -199,6 +199,31 @@ def test_palettize_bad_options(capsys, tmp_path, digits_path, flags, message):
     assert not (tmp_path / "p.onnx").exists()
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["sparsify", "--target", "onnxruntime"], "unrecognized arguments: --target"),  # not --target-sparsity
+        (["sparsify", "--target", "0.5"], "unrecognized arguments: --target"),
+        (["sparsify"], "give one of --target-sparsity"),
+        (["sparsify", "--n-m", "2:4", "--target-sparsity", "0.5"], "give one of --target-sparsity"),
+        (["palettize", "--group-size", "16"], "--group-size applies to --granularity per-grouped-channel"),
+        (["quantize", "--dtype", "int8", "--block", "16"], "unrecognized arguments: --block"),
+    ],
+)
+def test_options_are_never_abbreviated_or_silently_ignored(capsys, tmp_path, digits_path, argv, message):
+    try:
+        code, _, err = _run(capsys, argv[0], digits_path, tmp_path / "o.onnx", *argv[1:])
+    except SystemExit as usage:  # argparse's own errors
+        code, err = usage.code, capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_n_m_sparsity_needs_no_target_sparsity(capsys, tmp_path, digits_path):
+    code, out, _ = _run(capsys, "sparsify", digits_path, tmp_path / "s.onnx", "--n-m", "2:4")
+    assert code == 0 and "compressed" in out
+
+
 def test_a_model_onnx_ir_cannot_represent_is_refused_with_the_reason(capsys):
     import onnxruntime
 
