@@ -66,6 +66,68 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from lowbit.report_page import write_html, write_pngs
+
+    door = _door(args, args.model)
+    program = door.load(args.model)
+    rows, histograms = _page_rows(door, program, args)
+    out = write_html(rows, args.output, f"{args.model.name}: lowbit compression report", histograms)
+    print(f"wrote {out} ({len(rows)} weights)")
+    for png in write_pngs(rows, args.png, histograms) if args.png is not None else []:
+        print(f"wrote {png}")
+    return 0
+
+
+def _page_rows(door, program, args: argparse.Namespace):
+    """The report page's rows of ``program`` (errors against ``--reference``) and the ``--weight`` histograms."""
+    import numpy as np
+
+    from lowbit.report_page import Histogram, PageRow, kind_of
+
+    weights = program.weights()
+    if not weights:
+        raise ValueError(f"{args.model}: no weights found: nothing to report")
+    decoded = program.weight_arrays() if args.reference is not None or args.weight else {}
+    reference = _door(args, args.reference).load(args.reference).weight_arrays() if args.reference else {}
+    rows = []
+    for w in weights:
+        ref, dec = reference.get(w.name), decoded.get(w.name)
+        error = None
+        if ref is not None and dec is not None and ref.shape == dec.shape:
+            diff = dec.astype(np.float64) - ref.astype(np.float64)
+            energy = float(np.vdot(ref.astype(np.float64), ref.astype(np.float64)))
+            error = float(np.vdot(diff, diff)) / energy if energy else 0.0
+        dense_bytes = int(np.ceil(w.numel * _itemsize(w.dtype)))
+        rows.append(
+            PageRow(
+                w.name,
+                w.op,
+                tuple(w.shape),
+                kind_of(w.compression),
+                w.compression or "dense",
+                w.numel,
+                dense_bytes,
+                w.nbytes,
+                error,
+            )
+        )
+    histograms = []
+    for name in args.weight:
+        if name not in decoded:
+            raise ValueError(f"--weight {name!r}: no such weight (see lowbit inspect)")
+        values = reference.get(name, decoded[name])
+        kind = next(r.kind for r in rows if r.name == name)
+        centroids = np.unique(decoded[name]) if kind == "palettized" else np.empty(0)
+        histograms.append(Histogram(name, values, centroids if len(centroids) <= 256 else np.empty(0)))
+    return rows, histograms
+
+
+def _itemsize(dtype) -> float:
+    """Bytes per element of an ONNX element type or a numpy dtype (both have ``itemsize``; ONNX's 4-bit: 0.5)."""
+    return float(dtype.itemsize)
+
+
 def _disk_bytes(path: Path) -> int:
     """Bytes of a file, or of every file in a folder."""
     return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -263,6 +325,21 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="print each weight: op, shape, dtype, compression, bits per weight, bytes")
     p.add_argument("model", type=Path)
     p.set_defaults(run=_inspect)
+    p = sub.add_parser("report", help="write an HTML page (and PNGs) of where the bytes and the error went")
+    p.add_argument("model", type=Path)
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="REPORT.html")
+    p.add_argument("--reference", type=Path, default=None, help="the dense model: per-weight relative error")
+    p.add_argument(
+        "--weight",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="histogram of this weight's values with its LUT's centroids; repeatable",
+    )
+    p.add_argument(
+        "--png", type=Path, default=None, metavar="DIR", help="also write the charts as PNG (lowbit[report])"
+    )
+    p.set_defaults(run=_report)
     p = sub.add_parser("decompress", help="turn every compressed weight back into a dense initializer")
     p.add_argument("input", type=Path)
     p.add_argument("output", type=Path)
@@ -285,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)  # unwind (temporary files removed) instead of dying on the spot
     try:
         return int(args.run(args))
-    except (LowbitError, ValueError, TypeError, OSError) as err:
+    except (LowbitError, ValueError, TypeError, OSError, ImportError) as err:
         print(f"lowbit {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -109,14 +109,15 @@ class Algorithm:
     weight layer; ``workers(config)`` is how many weights it runs at once by default."""
 
     name: str
+    kind: str  # what it makes of a weight, for the report: palettized, quantized, sparse
     job: Callable[[np.ndarray, Weight, Any, int], Callable[[], Any]]
     workers: Callable[[Any], int] = lambda config: 1
 
 
 ALGORITHMS: dict[str, Algorithm] = {
-    "palettize": Algorithm("palettize", _palettize_job, lambda config: config.num_kmeans_workers),
-    "quantize": Algorithm("quantize", _quantize_job),
-    "sparsify": Algorithm("sparsify", _sparsify_job),
+    "palettize": Algorithm("palettize", "palettized", _palettize_job, lambda config: config.num_kmeans_workers),
+    "quantize": Algorithm("quantize", "quantized", _quantize_job),
+    "sparsify": Algorithm("sparsify", "sparse", _sparsify_job),
 }
 
 
@@ -240,7 +241,11 @@ class _Driver(Generic[W]):
             return
         finally:
             self.backend.release(weight)
-        report.rows.append(WeightResult(weight.name, weight.op, weight.shape, weight.nbytes, after, result.rel_mse))
+        report.rows.append(
+            WeightResult(
+                weight.name, weight.op, weight.shape, weight.nbytes, after, result.rel_mse, None, self.algorithm.kind
+            )
+        )
 
     def skip(self, report: CompressionReport, weight: W, skip: SkipWeight) -> None:
         if skip.warn:

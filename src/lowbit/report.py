@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 __all__ = ["CompressionReport", "WeightResult", "format_table"]
 
@@ -24,7 +26,8 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: S
 
 @dataclass
 class WeightResult:
-    """One row of a :class:`CompressionReport`: ``op`` is the consumer (an ONNX op type or a torch module class)."""
+    """One row of a :class:`CompressionReport`: ``op`` is the consumer (an ONNX op type, a Core AI op or a torch
+    module class); ``compression`` the kind of a compressed weight (``palettized``, ``quantized``, ``sparse``)."""
 
     name: str
     op: str
@@ -33,6 +36,7 @@ class WeightResult:
     bytes_after: int
     rel_mse: float | None = None
     skipped: str | None = None
+    compression: str | None = None
 
 
 @dataclass
@@ -74,3 +78,10 @@ class CompressionReport:
             f"{body}\n{len(self.compressed)} compressed, {len(self.skipped)} skipped; "
             f"weights {before} -> {after} bytes ({ratio})"
         )
+
+    def to_html(self, path: str | os.PathLike, title: str = "lowbit compression report") -> Path:
+        """Write this report as one self-contained HTML page (totals, a per-weight chart of bits per weight and
+        relative error, the table); returns its path. See :mod:`lowbit.report_page`."""
+        from lowbit.report_page import rows_of_report, write_html
+
+        return write_html(rows_of_report(self), path, title)

@@ -45,6 +45,12 @@ class Program(AIProgram):
         """Every weight (dense or compressed) with its consumer op, channel axes, size and encoding."""
         return find_weights(self)
 
+    def weight_arrays(self) -> dict[str, np.ndarray]:
+        """Every weight's dense values by name, compressed ones decoded (as ``decompress_weights`` decodes them)."""
+        from lowbit.coreai.decode import evaluate
+
+        return {w.name: np.asarray(evaluate(w.value)) for w in self.weights()}
+
     def copy(self) -> Program:
         """An independent copy (its own module)."""
         return Program(_mlir.clone(self)._module)

@@ -60,6 +60,17 @@ class Program:
 
         return find_weights(self)
 
+    def weight_arrays(self) -> dict[str, np.ndarray]:
+        """Every weight's dense values by name, compressed ones decoded (as ``decompress_weights`` decodes them)."""
+        from lowbit.onnx.decompress import decompress_weights
+
+        dense = decompress_weights(self)
+        return {
+            w.name: w.value.const_value.numpy()
+            for w in dense.weights()
+            if w.value is not None and w.value.const_value is not None
+        }
+
     def copy(self) -> Program:
         """A structurally independent copy that shares (does not duplicate) the tensors' bytes."""
         return Program(self.model.clone(), self.path, self.training_info)

@@ -151,7 +151,9 @@ def _write_palettes(program: Program, records: dict[int, _Palettized]) -> Compre
         if weight is not None:
             out = write_palettized(program.model, ref, weight)
             report.rows.append(
-                WeightResult(ref.name, ref.op, ref.shape, ref.nbytes, stored_nbytes(out), weight.rel_mse)
+                WeightResult(
+                    ref.name, ref.op, ref.shape, ref.nbytes, stored_nbytes(out), weight.rel_mse, None, "palettized"
+                )
             )
     return report
 

@@ -26,7 +26,7 @@ def report(model: nn.Module) -> CompressionReport:
             op = type(module).__name__
             if weight.name in records:
                 record = records[weight.name]
-                rows.append(WeightResult(name, op, shape, before, record.nbytes, record.rel_mse))
+                rows.append(WeightResult(name, op, shape, before, record.nbytes, record.rel_mse, None, "palettized"))
             else:
                 reason = skipped.get(weight.name, "not palettized")
                 rows.append(WeightResult(name, op, shape, before, before, skipped=reason))
