@@ -28,6 +28,7 @@ from pathlib import Path
 
 from _common import minilm_encoder, one_core, table
 
+ALL_CORES = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
 one_core()
 
 import numpy as np  # noqa: E402
@@ -73,9 +74,15 @@ asyncio.run(main())
 """
 
 
+def _every_core() -> None:
+    if ALL_CORES is not None:
+        os.sched_setaffinity(0, ALL_CORES)
+
+
 def run(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    """The program's first output on Core AI's runtime, in a child process: a program the runtime cannot run
-    (coreai-opt's MXFP4 of an fp16 weight) aborts the process that runs it."""
+    """The program's first output on Core AI's runtime, in a child process on every core: coreai-core 1.0.0b3's
+    runtime aborts now and then when it is held to one core ("C++ exception handling detected but the Swift runtime
+    was compiled with exceptions disabled"), and a program it cannot run would take this process with it."""
     np.savez(path.parent / "feeds.npz", **feeds)
     out = path.parent / "output.npy"
     out.unlink(missing_ok=True)
@@ -83,9 +90,11 @@ def run(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
         [sys.executable, "-c", _RUNNER, str(path), str(path.parent / "feeds.npz"), str(out)],
         capture_output=True,
         text=True,
+        preexec_fn=_every_core,
     )
     if child.returncode != 0:
-        raise RuntimeError(f"the runtime failed (exit {child.returncode})")
+        last = (child.stderr.strip().splitlines() or [""])[-1][:60]
+        raise RuntimeError(f"the runtime failed (exit {child.returncode}: {last})")
     return np.load(out)
 
 
@@ -182,10 +191,64 @@ def measure(tool, dense_path: Path, feeds, error, work: Path) -> tuple[float, fl
     return compress, total, size, result
 
 
+_COMPRESS_AND_SAVE = """
+import resource, sys
+from pathlib import Path
+from coreai.authoring import AIModelAsset
+tool, src, dst = sys.argv[1:4]
+program = AIModelAsset.load(Path(src)).program
+if tool == "lowbit":
+    import lowbit.coreai as lc
+    out = lc.quantize_weights(program, dtype="int4", granularity="per_block", block_size=32, in_place=True)
+elif tool == "coreai-opt":
+    from coreai_opt import coreai_utils as opt
+    out = opt.quantize_weights(coreai_program=program, dtype=opt.DType.INT4,
+                               granularity=opt.CompressionGranularity.PER_BLOCK, block_size=32, in_place=True)
+else:
+    out = program
+out.save_asset(Path(dst))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def memory(work: Path) -> list[list[str]]:
+    """Peak RSS of load + int4 block-32 + save of a 1 GiB program (16 fp32 Linear 4096 x 4096), each tool in a
+    fresh process; "none" loads and saves without compressing."""
+    layers = torch.nn.Sequential(*(torch.nn.Linear(4096, 4096, bias=False) for _ in range(16)))
+    x = torch.randn(1, 4096)
+    path = work / "big.aimodel"
+    _convert(layers, (x,)).save_asset(path)
+    del layers
+    size = sum(f.stat().st_size for f in path.iterdir())
+    rows = []
+    for tool in ("none", "lowbit", "coreai-opt"):
+        out = work / f"big-{tool}.aimodel"
+        child = subprocess.run(
+            [sys.executable, "-c", _COMPRESS_AND_SAVE, tool, str(path), str(out)], capture_output=True, text=True
+        )
+        peak = int(child.stdout.split()[-1]) if child.returncode == 0 else 0
+        shutil.rmtree(out, ignore_errors=True)
+        rows.append(
+            [
+                "1 GiB program",
+                f"int4 block-32 + save: {tool}",
+                f"{size / 2**30:.2f} GiB",
+                f"{peak / 2**30:.2f} GiB",
+                f"{peak / size:.2f}x",
+            ]
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="MiniLM only")
+    parser.add_argument("--memory", action="store_true", help="only the peak-RSS rows of a 1 GiB program")
     args = parser.parse_args()
+    if args.memory:
+        with tempfile.TemporaryDirectory() as tmp:
+            print(table(["program", "row", "asset", "peak RSS", "x asset"], memory(Path(tmp))))
+        return
     cases = {"MiniLM fp32": minilm_case()}
     if not args.quick:
         cases["Linear 4096^2 fp16"] = linear_case()
