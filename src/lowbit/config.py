@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -21,6 +22,13 @@ __all__ = [
 ]
 
 E = TypeVar("E", bound=enum.Enum)
+C = TypeVar("C")
+
+
+def config_of(cls: type[C], call: Mapping[str, Any]) -> C:
+    """A config dataclass built from a public function's parameters (its ``locals()``), field by field: the one
+    place the graph doors turn their arguments into a validated config."""
+    return cls(**{f.name: call[f.name] for f in dataclasses.fields(cls) if f.name in call})  # type: ignore[arg-type]
 
 
 def _shown(values: Collection[Any]) -> str:

@@ -15,7 +15,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
@@ -29,25 +29,27 @@ from lowbit.weights import check_eligible, palettize_weight, quantize_weight, sp
 __all__ = ["ALGORITHMS", "Algorithm", "Backend", "Weight", "compress"]
 
 
-class Weight(Protocol):
-    """What the driver reads of a backend's weight: a stable ``name`` (configs and the report use it), the
-    consumer's op type(s) ``op`` (several joined with ``+``), the channel axes, sizes, and ``compression`` (None for a
-    dense weight, else a short description of its encoding)."""
+@dataclass(frozen=True)
+class Weight:
+    """A weight as a backend finds it: a stable ``name`` (configs and the report use it), its ``shape`` and element
+    ``dtype`` (the backend's own type), the consumer's op type(s) ``op`` (several joined with ``+``), the channel
+    axes, ``numel``, ``nbytes`` (what it occupies in the file), ``compression`` (None for a dense weight, else a
+    short description of its encoding) and ``value`` (the backend's handle on it)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: Any
+    op: str
+    output_axis: int
+    input_axis: int
+    numel: int
+    nbytes: int
+    compression: str | None = None
+    value: Any = field(default=None, repr=False, compare=False)
 
     @property
-    def name(self) -> str: ...
-    @property
-    def op(self) -> str: ...
-    @property
-    def shape(self) -> tuple[int, ...]: ...
-    @property
-    def output_axis(self) -> int: ...
-    @property
-    def input_axis(self) -> int: ...
-    @property
-    def nbytes(self) -> int: ...
-    @property
-    def compression(self) -> str | None: ...
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes / self.numel if self.numel else 0.0
 
 
 W = TypeVar("W", bound=Weight)

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from concurrent.futures import Executor
 from typing import Any
 
-from lowbit.config import PalettizeConfig, QuantizeConfig, SparsifyConfig, check_bool
+from lowbit.config import PalettizeConfig, QuantizeConfig, SparsifyConfig, check_bool, config_of
 from lowbit.coreai.discovery import CoreAIWeight
 from lowbit.coreai.program import CoreAIBackend, Program, load
 from lowbit.driver import ALGORITHMS, compress
@@ -85,19 +85,7 @@ def palettize_weights(
     Returns the compressed :class:`Program`; ``result.report`` is the per-weight report. Raises ``ValueError`` /
     ``TypeError`` for an invalid parameter (naming it and the allowed values) before any work is done.
     """
-    config = PalettizeConfig(
-        lut_dtype=lut_dtype,  # type: ignore[arg-type]
-        n_bits=n_bits,
-        granularity=granularity,  # type: ignore[arg-type]
-        group_size=group_size,
-        cluster_dim=cluster_dim,
-        enable_per_channel_scale=enable_per_channel_scale,
-        weight_num_threshold=weight_num_threshold,
-        num_kmeans_workers=num_kmeans_workers,
-        enable_fast_kmeans_mode=enable_fast_kmeans_mode,
-        rounding_precision=rounding_precision,
-        mode=mode,
-    )
+    config = config_of(PalettizeConfig, locals())
     return _run(coreai_program, in_place, "palettize", config, configs, executor)
 
 
@@ -127,15 +115,7 @@ def quantize_weights(
 
     Returns the quantized :class:`Program`. Raises ``ValueError`` / ``TypeError`` as :func:`lowbit.quantize_weights`.
     """
-    config = QuantizeConfig(
-        dtype=dtype,  # type: ignore[arg-type]
-        qscheme=qscheme,  # type: ignore[arg-type]
-        granularity=granularity,  # type: ignore[arg-type]
-        block_size=block_size,
-        weight_num_threshold=weight_num_threshold,
-        scale_dtype=scale_dtype,  # type: ignore[arg-type]
-        scale_search=scale_search,
-    )
+    config = config_of(QuantizeConfig, locals())
     return _run(coreai_program, in_place, "quantize", config, configs)
 
 
@@ -165,14 +145,8 @@ def sparsify_weights(
         if n_m_ratio is None:
             raise ValueError("target_sparsity must be a number in [0, 1) unless n_m_ratio is given, got None")
         target_sparsity = 0.0
-    config = SparsifyConfig(
-        target_sparsity=target_sparsity,
-        block_size=1 if block_size is None else block_size,
-        n_m_ratio=n_m_ratio,
-        quantize_dtype=quantize_dtype,  # type: ignore[arg-type]
-        palettize_nbits=palettize_nbits,
-        weight_num_threshold=weight_num_threshold,
-    )
+    block_size = 1 if block_size is None else block_size
+    config = config_of(SparsifyConfig, locals())
     return _run(coreai_program, in_place, "sparsify", config, configs)
 
 

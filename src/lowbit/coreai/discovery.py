@@ -18,12 +18,11 @@ import math
 import warnings
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from lowbit.coreai import _mlir
+from lowbit.driver import Weight
 
 __all__ = ["OP_TABLE", "CoreAIWeight", "find_weights"]
 
@@ -48,28 +47,10 @@ def short_op(name: str) -> str:
 
 
 @dataclass(frozen=True)
-class CoreAIWeight:
-    """A weight of a Core AI program (the driver's :class:`~lowbit.driver.Weight`).
-
-    ``op``: the consumers' op names (``batch_matmul``, ``conv2d``, ...; several joined with ``+``).
-    ``compression``: None for a dense constant, else its encoding. ``nbytes``: what it takes in the file.
-    ``value``: the MLIR value the consumers read (the constant's result, or the decode chain's output).
-    """
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: np.dtype | None
-    op: str
-    output_axis: int
-    input_axis: int
-    numel: int
-    nbytes: int
-    compression: str | None = None
-    value: Any = field(default=None, repr=False, compare=False)
-
-    @property
-    def bits_per_weight(self) -> float:
-        return 8.0 * self.nbytes / self.numel if self.numel else 0.0
+class CoreAIWeight(Weight):
+    """A weight of a Core AI program (:class:`lowbit.driver.Weight`): ``dtype`` a numpy dtype (None when lowbit has
+    none for it), ``op`` the consumers' op names (``batch_matmul``, ``conv2d``, ...), ``value`` the MLIR value the
+    consumers read (the constant's result, or the decode chain's output)."""
 
     @property
     def constant(self) -> Any:

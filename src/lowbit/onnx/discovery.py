@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
+from lowbit.driver import Weight
 from lowbit.onnx import fused
 from lowbit.onnx.decoders import decoder_for, dtype_of, value_shape
 from lowbit.onnx.encoding import stored_nbytes
@@ -64,28 +65,10 @@ _PASS_THROUGH = {"Cast", "Identity", "Transpose"}
 
 
 @dataclass(frozen=True)
-class WeightRef:
-    """A weight of the program.
-
-    ``name`` is the constant's name (for a compressed weight: the decode node's output). ``op`` is the consumer's
-    op type (several consumers: joined with ``+``). ``compression`` is ``None`` for a dense weight, else a short
-    description of its encoding; ``nbytes`` is what the weight occupies in the file.
-    """
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: ir.DataType
-    op: str
-    output_axis: int
-    input_axis: int
-    numel: int
-    nbytes: int
-    compression: str | None = None
-    value: ir.Value | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def bits_per_weight(self) -> float:
-        return 8.0 * self.nbytes / self.numel if self.numel else 0.0
+class WeightRef(Weight):
+    """A weight of an ONNX program (:class:`lowbit.driver.Weight`): ``name`` is the constant's name (for a
+    compressed weight: the decode node's output), ``dtype`` its ``onnx_ir.DataType``, ``op`` the consumer's op type,
+    ``value`` its ``onnx_ir.Value``."""
 
 
 def _is_constant(value: ir.Value) -> bool:

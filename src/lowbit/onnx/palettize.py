@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.config import PalettizeConfig
+from lowbit.config import PalettizeConfig, config_of
 from lowbit.driver import ALGORITHMS, compress
 from lowbit.kernels.palettize import Palettized
 from lowbit.onnx import decoders, encoding, fused
@@ -154,19 +154,7 @@ def palettize_weights(
     Raises ``ValueError`` / ``TypeError`` for an invalid parameter (naming it and the allowed values), before any
     work is done.
     """
-    config = PalettizeConfig(
-        lut_dtype=lut_dtype,  # type: ignore[arg-type]
-        n_bits=n_bits,
-        granularity=granularity,  # type: ignore[arg-type]
-        group_size=group_size,
-        cluster_dim=cluster_dim,
-        enable_per_channel_scale=enable_per_channel_scale,
-        weight_num_threshold=weight_num_threshold,
-        num_kmeans_workers=num_kmeans_workers,
-        enable_fast_kmeans_mode=enable_fast_kmeans_mode,
-        rounding_precision=rounding_precision,
-        mode=mode,
-    )
+    config = config_of(PalettizeConfig, locals())
     writer = PalettizeWriter(target)
     result = target_program(program, in_place)
     backend = OnnxBackend(result, writer)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.config import QuantizeConfig
+from lowbit.config import QuantizeConfig, config_of
 from lowbit.driver import ALGORITHMS, compress
 from lowbit.kernels.decode import value_table
 from lowbit.kernels.packing import pack_bits
@@ -224,15 +224,7 @@ def quantize_weights(
     ``block_size < 1``; ``PER_GROUPED_CHANNEL``; and when the model's opset cannot be raised to what the encoding
     needs. ``TypeError`` for arguments of the wrong type.
     """
-    config = QuantizeConfig(
-        dtype=dtype,  # type: ignore[arg-type]
-        qscheme=qscheme,  # type: ignore[arg-type]
-        granularity=granularity,  # type: ignore[arg-type]
-        block_size=block_size,
-        weight_num_threshold=weight_num_threshold,
-        scale_dtype=scale_dtype,  # type: ignore[arg-type]
-        scale_search=scale_search,
-    )
+    config = config_of(QuantizeConfig, locals())
     writer = QuantizeWriter(target)
     result = target_program(program, in_place)
     result.report = compress(OnnxBackend(result, writer), ALGORITHMS["quantize"], config, as_weight_configs(configs))

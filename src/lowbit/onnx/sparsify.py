@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.config import SparsifyConfig
+from lowbit.config import SparsifyConfig, config_of
 from lowbit.driver import ALGORITHMS, compress
 from lowbit.kernels.packing import pack_bits
 from lowbit.onnx import encoding
@@ -120,14 +120,7 @@ def sparsify_weights(
     both ``quantize_dtype`` and ``palettize_nbits``, or an unsupported value of either; ``TypeError`` for arguments
     of the wrong type.
     """
-    config = SparsifyConfig(
-        target_sparsity=target_sparsity,
-        block_size=block_size,
-        n_m_ratio=n_m_ratio,
-        quantize_dtype=quantize_dtype,  # type: ignore[arg-type]
-        palettize_nbits=palettize_nbits,
-        weight_num_threshold=weight_num_threshold,
-    )
+    config = config_of(SparsifyConfig, locals())
     target = target_program(program, in_place)
     backend = OnnxBackend(target, SparsifyWriter())
     target.report = compress(backend, ALGORITHMS["sparsify"], config, as_weight_configs(configs))
