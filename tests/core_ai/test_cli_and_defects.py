@@ -15,6 +15,7 @@ from coreai_support import convert, make_probe, probe_weights, run_asset
 import lowbit.coreai as lc
 from lowbit.cli import main
 from lowbit.coreai import _mlir
+from lowbit.coreai.decode import evaluate
 
 
 @pytest.fixture(scope="module")
@@ -184,3 +185,40 @@ def test_bf16_weights_are_compressed_and_replaced_constants_are_gone(tmp_path):
             np.abs(w.astype(np.float32) - dense[k].astype(np.float32)).max()
             < 0.05 * np.abs(dense[k].astype(np.float32)).max()
         )
+
+
+@pytest.mark.parametrize(
+    "compress",
+    [
+        lambda opt, p: opt.palettize_weights(
+            coreai_program=p, lut_dtype=None, n_bits=4, weight_num_threshold=512, enable_fast_kmeans_mode=False
+        ),
+        lambda opt, p: opt.palettize_weights(
+            coreai_program=p,
+            lut_dtype=opt.DType.INT8,
+            n_bits=2,
+            weight_num_threshold=512,
+            granularity=opt.CompressionGranularity.PER_GROUPED_CHANNEL,
+            group_size=8,
+            enable_fast_kmeans_mode=False,
+        ),
+        lambda opt, p: opt.quantize_weights(coreai_program=p, dtype=opt.DType.INT8, weight_num_threshold=512),
+        lambda opt, p: opt.sparsify_weights(
+            coreai_program=p, target_sparsity=0.5, quantize_dtype=opt.DType.INT8, weight_num_threshold=512
+        ),
+    ],
+    ids=["palettize", "palettize-int8-lut", "int8", "sparse-int8"],
+)
+def test_what_coreai_opt_wrote_is_read_and_decompressed_as_the_runtime_decodes_it(compress, tmp_path):
+    """Runs where coreai-opt is installed (the benchmark environment; it is no lowbit dependency)."""
+    opt = pytest.importorskip("coreai_opt.coreai_utils", reason="coreai-opt lives in the benchmark environment only")
+    program, feeds, _ = make_probe("fp32")
+    path = tmp_path / "opt.aimodel"
+    compress(opt, program).save_asset(path)
+    written = lc.load(path)
+    assert sum(w.compression is not None for w in written.weights()) >= 3
+    runtime = _decoded(path, feeds)
+    for w, decoded in zip(written.weights(), runtime.values(), strict=True):
+        assert np.array_equal(evaluate(w.value), decoded)
+    dense = _decoded(lc.decompress_weights(written).save(tmp_path / "dense.aimodel"), feeds)
+    assert all(np.array_equal(a, b) for a, b in zip(runtime.values(), dense.values(), strict=True))
