@@ -222,3 +222,21 @@ def test_what_coreai_opt_wrote_is_read_and_decompressed_as_the_runtime_decodes_i
         assert np.array_equal(evaluate(w.value), decoded)
     dense = _decoded(lc.decompress_weights(written).save(tmp_path / "dense.aimodel"), feeds)
     assert all(np.array_equal(a, b) for a, b in zip(runtime.values(), dense.values(), strict=True))
+
+
+def test_per_weight_configs_by_core_ai_op_and_by_location_name(probe_path):
+    path, _, _ = probe_path
+    configs = {
+        "op_type_configs": {"gather_nd": {"n_bits": 8}, "conv_transpose2d": None},
+        "op_name_configs": {r"main/Probe\$1\.Conv2d\$1/.*": {"n_bits": 2}},
+    }
+    small = lc.palettize_weights(lc.load(path), n_bits=4, weight_num_threshold=512, configs=configs)
+    found = {w.op: w.compression for w in small.weights()}
+    assert found == {
+        "broadcasting_batch_matmul": "lut ui4",
+        "gather_nd": "lut ui8",
+        "conv2d": "lut ui2",
+        "conv_transpose2d": None,
+    }
+    with pytest.warns(UserWarning, match="matches no weight"):
+        lc.palettize_weights(lc.load(path), weight_num_threshold=512, configs={"op_name_configs": {"fc1": None}})
