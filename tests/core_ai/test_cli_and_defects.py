@@ -45,7 +45,7 @@ def test_cli_compresses_inspects_and_decompresses_aimodel(capsys, tmp_path, prob
     assert code == 0 and text.count("lut ui3") == 4 and "4 weights (4 compressed)" in text
     code, text, _ = _run(capsys, "report", out, "-o", tmp_path / "r.html", "--reference", path)
     page = (tmp_path / "r.html").read_text()
-    assert code == 0 and page.count("lut ui3") == 4 and "e-0" in page  # the error against the dense program
+    assert code == 0 and page.count("<td>lut ui3</td>") == 4 and "e-02</td>" in page  # errors against the dense
     code, text, _ = _run(capsys, "decompress", out, tmp_path / "dense.aimodel")
     assert code == 0
     decoded = _decoded(tmp_path / "dense.aimodel", feeds)
