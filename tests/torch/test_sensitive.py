@@ -107,3 +107,33 @@ def test_bad_calibration_inputs_are_named():
     with pytest.warns(UserWarning, match="lowbit computes sensitivities in this process"):
         palettizer.compress([(x, y)], _mse, num_sensitivity_workers=2)
     assert np.isfinite(x.numpy()).all()
+
+
+def test_a_sensitivity_file_beats_the_dataloader_and_a_missing_one_is_written(tmp_path):
+    """As coremltools: ``compress(dataloader, loss_fn, sensitivity_path=X)`` reads X when it exists (issue 25, 9)."""
+    model, x, y = _task()
+    config = SKMPalettizerConfig.from_dict({"global_config": {"n_bits": 2}, "calibration_nsamples": 4})
+    path = tmp_path / "s.pt"
+    items = [(x[i : i + 1], y[i : i + 1] + 0.1) for i in range(8)]
+    first = SKMPalettizer(model, config).compress(items, _mse, sensitivity_path=path)  # computed, then saved
+    assert path.is_file()
+    saved = torch.load(path, weights_only=True)
+    torch.save({k: torch.ones_like(v) for k, v in saved.items()}, path)  # uniform sensitivities: plain k-means
+    second = SKMPalettizer(model, config).compress(items, _mse, sensitivity_path=path)
+    other_data = [(x[i : i + 1] * 3, y[i : i + 1]) for i in range(8, 12)]
+    third = SKMPalettizer(model, config).compress(other_data, _mse, sensitivity_path=path)
+    assert torch.equal(second[0].weight, third[0].weight)  # the file was used, not the dataloader
+    assert not torch.equal(first[0].weight, second[0].weight)
+
+
+def test_nothing_to_palettize_returns_the_model_unchanged():
+    """All configs None, or only float64 weights: no calibration, no error (issue 25, 7)."""
+    model, x, y = _task()
+    left_out = SKMPalettizerConfig.from_dict({"module_type_configs": {"Linear": None}})
+    out = SKMPalettizer(model, left_out).compress([(x, y)], _mse)
+    assert torch.equal(out[0].weight, model[0].weight)
+    double, _, _ = _task()
+    double = double.double()
+    with pytest.warns(UserWarning, match="dtype float64 is not float32/float16/bfloat16"):
+        out = SKMPalettizer(double).compress([(x.double(), y.double())], _mse)
+    assert torch.equal(out[0].weight, double[0].weight)

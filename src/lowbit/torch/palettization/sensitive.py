@@ -6,6 +6,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -85,7 +86,9 @@ class SKMPalettizer(PalettizerBase[SKMPalettizerConfig]):
         ----------
         dataloader, loss_fn : calibration data and ``loss_fn(model, item)`` -> scalar loss; see
             :meth:`compute_sensitivity`. Not needed when ``sensitivity_path`` names a saved sensitivity file.
-        sensitivity_path : a file :meth:`compute_sensitivity` saved; used instead of calibrating.
+        sensitivity_path : a file :meth:`compute_sensitivity` saved: when it exists it is used instead of
+            calibrating (as coremltools does, even with a dataloader); when it does not, the sensitivities are
+            computed from the dataloader and saved there.
         num_kmeans_workers : threads for each weight's per-group k-means (default 1; results do not depend on it).
         num_sensitivity_workers, fsdp_auto_wrap_policy : see :meth:`compute_sensitivity`.
         inplace : palettize ``model`` itself (default False: a deep copy).
@@ -95,12 +98,17 @@ class SKMPalettizer(PalettizerBase[SKMPalettizerConfig]):
         """
         model = self._target_model(inplace)
         targets = list(self._targets(model))
-        if sensitivity_path is not None and dataloader is None:
+        if not targets:  # nothing to palettize (every config None, no float weight): nothing to calibrate
+            self._model = model
+            return model
+        if sensitivity_path is not None and (dataloader is None or Path(sensitivity_path).is_file()):
             sensitivities = torch.load(sensitivity_path, map_location="cpu", weights_only=True)
         else:
             sensitivities = self._sensitivities(
                 model, targets, dataloader, loss_fn, num_sensitivity_workers, fsdp_auto_wrap_policy
             )
+            if sensitivity_path is not None:
+                torch.save(sensitivities, sensitivity_path)
         missing = [t.name for t in targets if t.name not in sensitivities]
         if missing:
             raise ValueError(f"the sensitivities hold no entry for weight {missing[0]!r}")
