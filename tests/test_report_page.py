@@ -253,3 +253,57 @@ def test_kinds_and_report_rows():
     rows = rows_of_report(report)
     assert [(r.kind, r.skipped) for r in rows] == [("palettized", None), ("dense", "64 elements <= 1024")]
     assert rows[0].bits_per_weight == pytest.approx(8 * 2100 / 4096)
+
+
+def test_layer_output_error_on_calibration_data_is_each_layers_own(tmp_path, capsys):
+    """``--calibration``: each layer's output error on the reference activations, against numpy (issue 27)."""
+    from conftest import make_model
+
+    rng = np.random.default_rng(0)
+    weights = {
+        "a": rng.standard_normal((64, 48)).astype(np.float32),
+        "b": rng.standard_normal((48, 32)).astype(np.float32),
+    }
+    model = make_model(weights, [("MatMul", "a", {})])
+    graph = model.graph  # chain b after a: y = (x @ a) @ b, so b's input is a's (reference) output
+    first = graph.node(0)
+    import onnx_ir as ir
+
+    b = graph.initializers["b"]
+    second = ir.node("MatMul", [first.outputs[0], b], name="n1")
+    graph.append(second)
+    second.outputs[0].name = "y"
+    second.outputs[0].dtype = ir.DataType.FLOAT
+    graph.outputs[:] = [second.outputs[0]]
+    dense_path, small_path = tmp_path / "dense.onnx", tmp_path / "small.onnx"
+    lowbit.Program(model).save(dense_path)
+    small = lowbit.quantize_weights(lowbit.load(dense_path), dtype="int4", granularity="per_block", block_size=16)
+    small.save(small_path)
+    x = rng.standard_normal((5, 64)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x0=x)
+    page = tmp_path / "r.html"
+    assert (
+        main(
+            [
+                "report",
+                str(small_path),
+                "-o",
+                str(page),
+                "--reference",
+                str(dense_path),
+                "--calibration",
+                str(tmp_path / "calib.npz"),
+            ]
+        )
+        == 0
+    )
+    decoded = lowbit.load(small_path).weight_arrays()
+    h = x @ weights["a"]
+    expected = {
+        "a": np.sum((x @ decoded["a"] - h) ** 2) / np.sum(h**2),
+        "b": np.sum((h @ decoded["b"] - h @ weights["b"]) ** 2) / np.sum((h @ weights["b"]) ** 2),
+    }
+    got = {cells[1]: float(cells[9]) for cells in _table(page)}
+    assert got == pytest.approx(expected, rel=1e-4)
+    assert main(["report", str(small_path), "-o", str(page), "--calibration", str(tmp_path / "calib.npz")]) == 2
+    assert "--calibration needs --reference" in capsys.readouterr().err

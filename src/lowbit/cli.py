@@ -88,7 +88,7 @@ def _page_rows(door, program, args: argparse.Namespace):
     weights = program.weights()
     if not weights:
         raise ValueError(f"{args.model}: no weights found: nothing to report")
-    decoded = program.weight_arrays() if args.reference is not None or args.weight else {}
+    decoded = program.weight_arrays() if args.reference is not None or args.weight or args.calibration else {}
     reference = _door(args, args.reference).load(args.reference).weight_arrays() if args.reference else {}
     rows = []
     for w in weights:
@@ -112,6 +112,8 @@ def _page_rows(door, program, args: argparse.Namespace):
                 error,
             )
         )
+    if args.calibration is not None:
+        rows = _with_output_errors(rows, decoded, args)
     histograms = []
     for name in args.weight:
         if name not in decoded:
@@ -121,6 +123,23 @@ def _page_rows(door, program, args: argparse.Namespace):
         centroids = np.unique(decoded[name]) if kind == "palettized" else np.empty(0)
         histograms.append(Histogram(name, values, centroids if len(centroids) <= 256 else np.empty(0)))
     return rows, histograms
+
+
+def _with_output_errors(rows: list, decoded: dict, args: argparse.Namespace) -> list:
+    """``rows`` with each weight's layer output error on ``--calibration`` (an .npz of the reference model's
+    inputs, one array per input name: one feed)."""
+    import dataclasses
+
+    import numpy as np
+
+    from lowbit.onnx.layer_error import layer_output_errors
+
+    if args.reference is None or _is_coreai(args.reference):
+        raise ValueError("--calibration needs --reference DENSE.onnx (the layer output error is measured on ONNX)")
+    with np.load(args.calibration) as data:
+        feed = {k: data[k] for k in data.files}
+    errors = layer_output_errors(decoded, _door(args, args.reference).load(args.reference), [feed])
+    return [dataclasses.replace(r, output_error=errors.get(r.name)) for r in rows]
 
 
 def _itemsize(dtype) -> float:
@@ -338,6 +357,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--png", type=Path, default=None, metavar="DIR", help="also write the charts as PNG (lowbit[report])"
+    )
+    p.add_argument(
+        "--calibration",
+        type=Path,
+        default=None,
+        metavar="FILE.npz",
+        help="the reference model's inputs (one array per input name): each layer's output error on them",
     )
     p.set_defaults(run=_report)
     p = sub.add_parser("decompress", help="turn every compressed weight back into a dense initializer")

@@ -43,6 +43,7 @@ class PageRow:
     bytes_after: int
     rel_mse: float | None = None
     skipped: str | None = None
+    output_error: float | None = None  # relative squared error of the layer's output on calibration data
 
     @property
     def bits_per_weight(self) -> float:
@@ -99,6 +100,10 @@ def _fmt_error(row: PageRow) -> str:
     return "" if row.rel_mse is None else f"{row.rel_mse:.3e}"
 
 
+def _fmt_output(row: PageRow) -> str:
+    return "" if row.output_error is None else f"{row.output_error:.3e}"
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -111,7 +116,8 @@ def _tip(row: PageRow) -> str:
     shape = "x".join(map(str, row.shape))
     status = row.skipped or row.compression
     error = f", rel-MSE {_fmt_error(row)}" if row.rel_mse is not None else ""
-    return html.escape(f"{row.name} | {row.op} | {shape} | {status} | {_fmt_bits(row)} bits/weight{error}")
+    output = f", output error {_fmt_output(row)}" if row.output_error is not None else ""
+    return html.escape(f"{row.name} | {row.op} | {shape} | {status} | {_fmt_bits(row)} bits/weight{error}{output}")
 
 
 def _bits_panel(rows: Sequence[PageRow], top: float) -> str:
@@ -129,7 +135,8 @@ def _bits_panel(rows: Sequence[PageRow], top: float) -> str:
 
 
 def _error_panel(rows: Sequence[PageRow], top: float) -> str:
-    known = [r.rel_mse for r in rows if r.rel_mse is not None and r.rel_mse > 0]
+    """Weight error (dots) and, where measured, the layer's output error on data (rings), on one log axis."""
+    known = [e for r in rows for e in (r.rel_mse, r.output_error) if e is not None and e > 0]
     if not known:
         return (
             f'<text x="{_LEFT}" y="{top + _PANEL / 2}" class="note">relative error unknown: give --reference '
@@ -141,14 +148,18 @@ def _error_panel(rows: Sequence[PageRow], top: float) -> str:
     parts = [_axis(top, "rel-MSE (log)", ticks, (low, high), True)]
     step = (_WIDTH - _LEFT - 8) / max(len(rows), 1)
     for i, r in enumerate(rows):
-        if r.rel_mse is None or r.rel_mse <= 0:
-            continue
-        y = top + _PANEL * (high - math.log10(r.rel_mse)) / (high - low)
-        parts.append(
-            f'<circle cx="{_LEFT + (i + 0.45) * step:.2f}" cy="{y:.2f}" r="3" fill="{COLOURS[r.kind]}">'
-            f"<title>{_tip(r)}</title></circle>"
-        )
+        for error, style in ((r.rel_mse, f'fill="{COLOURS[r.kind]}"'), (r.output_error, _RING.format(COLOURS[r.kind]))):
+            if error is None or error <= 0:
+                continue
+            y = top + _PANEL * (high - math.log10(error)) / (high - low)
+            parts.append(
+                f'<circle cx="{_LEFT + (i + 0.45) * step:.2f}" cy="{y:.2f}" r="3" {style}><title>{_tip(r)}</title>'
+                "</circle>"
+            )
     return "".join(parts)
+
+
+_RING = 'fill="none" stroke="{}" stroke-width="1.5"'  # the output error's marker
 
 
 def _axis(top: float, label: str, ticks, scale, log: bool) -> str:
@@ -241,24 +252,26 @@ def render(rows: Sequence[PageRow], title: str, histograms: Sequence[Histogram] 
     )
     skipped = "".join(f"<li>{n} x {html.escape(str(reason))}</li>" for reason, n in reasons.most_common())
     legend = "".join(f'<span><i style="background:{c}"></i>{k}</span>' for k, c in COLOURS.items())
+    legend += "<span>dots: weight rel-MSE; rings: the layer's output error on calibration data</span>"
     body_rows = "".join(
         "<tr>"
         f"<td>{i}</td><td>{html.escape(r.name)}</td><td>{html.escape(r.op)}</td>"
         f"<td>{'x'.join(map(str, r.shape))}</td><td>{html.escape(r.skipped or r.compression)}</td>"
         f'<td class="n">{_fmt_bits(r)}</td><td class="n">{r.bytes_before}</td><td class="n">{r.bytes_after}</td>'
-        f'<td class="n">{_fmt_error(r)}</td></tr>'
+        f'<td class="n">{_fmt_error(r)}</td><td class="n">{_fmt_output(r)}</td></tr>'
         for i, r in enumerate(rows)
     )
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
-        f'<h1>{html.escape(title)}</h1>'
+        f"<h1>{html.escape(title)}</h1>"
         f'<div class="totals">{cards}</div>'
         + (f"<h2>Left alone</h2><ul>{skipped}</ul>" if skipped else "")
         + f'<h2>Per weight, in the model\'s order</h2><div class="legend">{legend}</div>{_chart(rows)}'
         + ("<h2>Values and centroids</h2>" + "".join(_histogram_svg(h) for h in histograms) if histograms else "")
         + '<h2>Weights</h2><table id="weights"><thead><tr><th>#</th><th>weight</th><th>op</th><th>shape</th>'
-        "<th>compression</th><th>bits/w</th><th>bytes before</th><th>bytes after</th><th>rel-MSE</th></tr></thead>"
+        "<th>compression</th><th>bits/w</th><th>bytes before</th><th>bytes after</th><th>rel-MSE</th>"
+        "<th>output error</th></tr></thead>"
         f"<tbody>{body_rows}</tbody></table></body></html>"
     )
 
