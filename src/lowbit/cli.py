@@ -130,15 +130,13 @@ def _with_output_errors(rows: list, decoded: dict, args: argparse.Namespace) -> 
     inputs, one array per input name: one feed)."""
     import dataclasses
 
-    import numpy as np
-
     from lowbit.onnx.layer_error import layer_output_errors
 
     if args.reference is None or _is_coreai(args.reference):
         raise ValueError("--calibration needs --reference DENSE.onnx (the layer output error is measured on ONNX)")
-    with np.load(args.calibration) as data:
-        feed = {k: data[k] for k in data.files}
-    errors = layer_output_errors(decoded, _door(args, args.reference).load(args.reference), [feed])
+    errors = layer_output_errors(
+        decoded, _door(args, args.reference).load(args.reference), [_npz_feed(args.calibration)]
+    )
     return [dataclasses.replace(r, output_error=errors.get(r.name)) for r in rows]
 
 
@@ -182,8 +180,25 @@ def _palettize(args: argparse.Namespace) -> int:
         in_place=True,
         configs=_weight_configs(args),
         **_target(args),
+        **_calibration(args),
     )
     return _save_and_report(result, args, before)
+
+
+def _calibration(args: argparse.Namespace) -> dict:
+    """``calibration_data=`` from ``--calibration FILE.npz`` (one feed: an array per model input; ONNX only)."""
+    if args.calibration is None:
+        return {}
+    if _is_coreai(args.input):
+        raise ValueError("--calibration runs the model in ONNX Runtime: it applies to .onnx files only")
+    return {"calibration_data": [_npz_feed(args.calibration)]}
+
+
+def _npz_feed(path: Path) -> dict:
+    import numpy as np
+
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files}
 
 
 def _target(args: argparse.Namespace) -> dict:
@@ -310,6 +325,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-num-threshold", type=int, default=1024, help="leave weights this small alone")
     p.add_argument("--workers", type=int, default=4, help="k-means worker threads (default 4)")
     p.add_argument("--exact", action="store_true", help="cluster fp32 weights' raw values, not fp16-rounded ones")
+    p.add_argument(
+        "--calibration",
+        type=Path,
+        default=None,
+        metavar="FILE.npz",
+        help="the model's inputs (one array per input name): activation-aware k-means (ONNX)",
+    )
     _add_selection(p)
     _add_target(p)
     p.set_defaults(run=_palettize)

@@ -13,7 +13,7 @@ import contextlib
 import functools
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from lowbit.errors import SkipWeight
 from lowbit.report import CompressionReport, WeightResult
+from lowbit.statistics import InputMoments
 from lowbit.weight_configs import WeightConfigs
 from lowbit.weights import check_eligible, palettize_weight, quantize_weight, sparsify_weight
 
@@ -93,26 +94,40 @@ class Backend(Protocol[W]):
         ...
 
 
-def _palettize_job(array: np.ndarray, weight: Weight, config: Any, threads: int) -> Callable[[], Any]:
-    return functools.partial(palettize_weight, array, weight.output_axis, config, name=weight.name, threads=threads)
+ACTIVATION_DAMPING = 0.01  # palettization on activation statistics: see the README ("Data-aware compression")
 
 
-def _quantize_job(array: np.ndarray, weight: Weight, config: Any, threads: int) -> Callable[[], Any]:
+def _palettize_job(array: np.ndarray, weight: Weight, config: Any, threads: int, stats: InputMoments | None):
+    importance = None if stats is None else stats.importance(weight.shape, weight.input_axis)
+    return functools.partial(
+        palettize_weight,
+        array,
+        weight.output_axis,
+        config,
+        name=weight.name,
+        threads=threads,
+        importance=importance,
+        damping=ACTIVATION_DAMPING,
+    )
+
+
+def _quantize_job(array: np.ndarray, weight: Weight, config: Any, threads: int, stats: InputMoments | None):
     return functools.partial(quantize_weight, array, weight.output_axis, weight.input_axis, config)
 
 
-def _sparsify_job(array: np.ndarray, weight: Weight, config: Any, threads: int) -> Callable[[], Any]:
+def _sparsify_job(array: np.ndarray, weight: Weight, config: Any, threads: int, stats: InputMoments | None):
     return functools.partial(sparsify_weight, array, weight.output_axis, weight.input_axis, config)
 
 
 @dataclass(frozen=True)
 class Algorithm:
-    """A compression as the driver runs it: ``job(array, weight, config, threads)`` returns a picklable call of the
-    weight layer; ``workers(config)`` is how many weights it runs at once by default."""
+    """A compression as the driver runs it: ``job(array, weight, config, threads, statistics)`` returns a picklable
+    call of the weight layer (``statistics``: the weight's :class:`~lowbit.statistics.InputMoments` from calibration
+    data, or None); ``workers(config)`` is how many weights it runs at once by default."""
 
     name: str
     kind: str  # what it makes of a weight, for the report: palettized, quantized, sparse
-    job: Callable[[np.ndarray, Weight, Any, int], Callable[[], Any]]
+    job: Callable[[np.ndarray, Weight, Any, int, InputMoments | None], Callable[[], Any]]
     workers: Callable[[Any], int] = lambda config: 1
 
 
@@ -137,22 +152,24 @@ def compress(
     config: Any,
     configs: WeightConfigs | None = None,
     executor: Executor | None = None,
+    statistics: Mapping[str, InputMoments] | None = None,
 ) -> CompressionReport:
     """Compress every eligible weight of ``backend``'s program with ``algorithm`` in place; return the report.
 
     ``config`` is the call's config (a frozen dataclass of :mod:`lowbit.config` with ``weight_num_threshold``);
     ``configs`` varies it per weight or leaves weights out; ``executor`` runs the weight layer (default: a pool of
-    ``algorithm.workers(config)`` threads). A weight that cannot be compressed is reported as skipped, with a
+    ``algorithm.workers(config)`` threads); ``statistics`` holds calibration statistics by weight name (weights
+    without an entry are compressed data-free). A weight that cannot be compressed is reported as skipped, with a
     warning naming it and why (not for weights left out on purpose).
     """
-    return _Driver(backend, algorithm, config, configs, executor).run()
+    return _Driver(backend, algorithm, config, configs, executor, statistics or {}).run()
 
 
 class _Driver(Generic[W]):
     def __init__(
-        self, backend: Backend[W], algorithm: Algorithm, config: Any, configs: WeightConfigs | None, executor
+        self, backend: Backend[W], algorithm: Algorithm, config: Any, configs: WeightConfigs | None, executor, stats
     ) -> None:
-        self.backend, self.algorithm = backend, algorithm
+        self.backend, self.algorithm, self.statistics = backend, algorithm, stats
         self.selection = (configs or WeightConfigs()).selection(config)
         self.workers = algorithm.workers(config)
         self.executor = executor
@@ -210,7 +227,8 @@ class _Driver(Generic[W]):
         for weight in weights:
             try:
                 config = self.checked_config(weight)
-                yield weight, self.algorithm.job(self.backend.read(weight), weight, config, self.kernel_threads)
+                array, stats = self.backend.read(weight), self.statistics.get(weight.name)
+                yield weight, self.algorithm.job(array, weight, config, self.kernel_threads, stats)
             except SkipWeight as skip:
                 self.backend.release(weight)
                 self.skip(report, weight, skip)

@@ -79,7 +79,7 @@ def _weight_layer_decode(kind: str, params: dict, weight, array: np.ndarray) -> 
     if kind == "sparsify" and fields.get("target_sparsity") is None:
         fields["target_sparsity"] = 0.0
     config = CONFIGS[kind](**fields)
-    return ALGORITHMS[kind].job(array, weight, config, 1)().decode()
+    return ALGORITHMS[kind].job(array, weight, config, 1, None)().decode()
 
 
 def _rounded_separately(value) -> np.ndarray:

@@ -16,6 +16,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
+from lowbit.onnx.calibration import capturing_session, session
 from lowbit.onnx.discovery import OP_TABLE
 from lowbit.onnx.program import Program
 
@@ -37,18 +38,11 @@ class _Layer:
     def run(self, samples: Mapping[str, np.ndarray], compressed: np.ndarray, opset: Mapping[str, int]) -> None:
         """Add one feed's output error."""
         if not self.sessions:
-            self.sessions = [_session(_single_node(self, w, samples, opset)) for w in (self.dense, compressed)]
+            self.sessions = [session(_single_node(self, w, samples, opset)) for w in (self.dense, compressed)]
         reference, ours = (s.run(None, dict(samples))[0].astype(np.float64) for s in self.sessions)
         diff = ours - reference
         self.squared_error += float(np.vdot(diff, diff))
         self.energy += float(np.vdot(reference, reference))
-
-
-def _session(model: ir.Model) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    return ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), options, ["CPUExecutionProvider"])
 
 
 def _layers(reference: Program) -> list[_Layer]:
@@ -94,18 +88,6 @@ def _single_node(layer: _Layer, weight: np.ndarray, samples: Mapping[str, np.nda
     return ir.Model(graph, ir_version=10)
 
 
-def _capturing(reference: Program, names: set[str]) -> ort.InferenceSession:
-    """A session of ``reference`` that also outputs the values named ``names`` (main-graph values)."""
-    model = reference.copy().model
-    graph = model.graph
-    produced = {out.name: out for node in graph for out in node.outputs}
-    for name in sorted(names):
-        value = produced.get(name)
-        if value is not None and value not in graph.outputs:
-            graph.outputs.append(value)
-    return _session(model)
-
-
 def layer_output_errors(
     compressed: Mapping[str, np.ndarray], reference: Program, feeds: Iterable[Mapping[str, np.ndarray]]
 ) -> dict[str, float]:
@@ -113,7 +95,7 @@ def layer_output_errors(
     model's inputs), for every weight of ``reference`` read directly by one op of the table whose decoded values
     ``compressed`` holds (by name, e.g. ``Program.weight_arrays()``). ``ValueError`` when ``feeds`` is empty."""
     layers = [layer for layer in _layers(reference) if layer.weight in compressed]
-    capture = _capturing(reference, {name for layer in layers for name in layer.activations})
+    capture = capturing_session(reference, {name for layer in layers for name in layer.activations})
     names = [o.name for o in capture.get_outputs()]
     opset = dict(reference.graph.opset_imports)
     count = 0

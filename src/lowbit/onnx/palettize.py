@@ -15,6 +15,7 @@ from lowbit.kernels.palettize import Palettized
 from lowbit.onnx import decoders, encoding, fused
 from lowbit.onnx import functions as fn
 from lowbit.onnx.backend import OnnxBackend, OnnxWriter, target_program
+from lowbit.onnx.calibration import collect_input_moments
 from lowbit.onnx.discovery import WeightRef
 from lowbit.onnx.program import Program
 from lowbit.types import CompressionGranularity, DType
@@ -110,6 +111,7 @@ def palettize_weights(
     mode: str = "kmeans",
     executor: Executor | None = None,
     target: str = fused.TARGETS[0],
+    calibration_data: Any = None,
 ) -> Program:
     """Palettize the weights of ``program``: each becomes a LUT of ``2**n_bits`` entries plus n-bit indices.
 
@@ -148,6 +150,11 @@ def palettize_weights(
         A weight with an int8 / uint8 ``lut_dtype`` (scalar LUTs, no per-channel scale, 1/2/4/8-bit
         indices) of a ``MatMul`` becomes an 8-bit ``MatMulNBits``, of an embedding ``Gather`` an 8-bit
         ``GatherBlockQuantized``. Other weights get the portable encoding.
+    calibration_data : None (default: data-free, as before, bit for bit) or the model's inputs: an iterable of
+        ``{input name: array}`` dicts or an ONNX Runtime ``CalibrationDataReader``. The model runs on them in ONNX
+        Runtime first; each MatMul / Gemm / Conv weight's k-means is then weighted by its input channels' mean
+        squared activation (activation-aware k-means: the layer's output error, not the weight's, is minimized).
+        Other weights are palettized data-free.
 
     Returns the compressed Program; ``result.report`` holds the per-weight :class:`CompressionReport`.
 
@@ -157,6 +164,7 @@ def palettize_weights(
     config = config_of(PalettizeConfig, locals())
     writer = PalettizeWriter(target)
     result = target_program(program, in_place)
+    statistics = None if calibration_data is None else collect_input_moments(result, calibration_data)
     backend = OnnxBackend(result, writer)
-    result.report = compress(backend, ALGORITHMS["palettize"], config, as_weight_configs(configs), executor)
+    result.report = compress(backend, ALGORITHMS["palettize"], config, as_weight_configs(configs), executor, statistics)
     return result

@@ -1,0 +1,46 @@
+"""Per-weight statistics from calibration data, in one slot every algorithm reads (issue 26): each front end
+(ONNX Runtime on the graph path, forward hooks on torch) fills it, the weight layer uses it.
+
+Today one statistic: the diagonal of ``X^T X`` of a weight's input activations, one entry per input channel (the
+weight's input axis), accumulated over the calibration rows. It says how much each input channel's weights move the
+layer's output: the squared output error of a weight change ``dW`` is ``sum_k (X^T X)_kk dW_k^2`` when the
+channels are uncorrelated, so palettization weighted by it minimizes the output error rather than the weight error
+(the activation-aware weighting of AWQ / SqueezeLLM, from activations instead of gradients). Imports neither onnx
+nor torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["InputMoments"]
+
+
+@dataclass
+class InputMoments:
+    """Running ``sum_rows x_k^2`` per input channel ``k`` of a weight, and how many rows were seen."""
+
+    squares: np.ndarray  # float64 [input channels]
+    rows: int = 0
+
+    @classmethod
+    def empty(cls, channels: int) -> InputMoments:
+        return cls(np.zeros(channels, np.float64), 0)
+
+    def add(self, activations: np.ndarray, channel_axis: int) -> None:
+        """Accumulate a batch of activations whose ``channel_axis`` holds the input channels."""
+        x = np.moveaxis(np.asarray(activations, dtype=np.float64), channel_axis, -1)
+        x = x.reshape(-1, x.shape[-1])
+        self.squares += np.einsum("ij,ij->j", x, x)
+        self.rows += x.shape[0]
+
+    def importance(self, shape: tuple[int, ...], input_axis: int) -> np.ndarray:
+        """Each element's weight in the k-means, ``shape``-shaped: its input channel's mean squared activation."""
+        mean = self.squares / max(self.rows, 1)
+        if mean.size != shape[input_axis]:
+            raise ValueError(f"statistics of {mean.size} input channels for an input axis of {shape[input_axis]}")
+        view = [1] * len(shape)
+        view[input_axis] = -1
+        return np.broadcast_to(mean.reshape(view), shape)
