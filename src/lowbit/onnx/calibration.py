@@ -12,10 +12,11 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
+from lowbit.onnx.discovery import WeightRef
 from lowbit.onnx.program import Program
 from lowbit.statistics import InputMoments
 
-__all__ = ["capturing_session", "collect_input_moments", "feeds_of", "session"]
+__all__ = ["capturing_session", "collect_input_moments", "feeds_of", "session", "sole_consumers"]
 
 
 def session(model: ir.Model) -> ort.InferenceSession:
@@ -67,7 +68,7 @@ class _Tap:
     channels: int
 
 
-def _tap(ref, node: ir.Node) -> _Tap | None:
+def _tap(ref: WeightRef, node: ir.Node) -> _Tap | None:
     """The activation input of ``node`` whose channels meet ``ref``'s input axis (None: no statistic for it)."""
     x = node.inputs[0] if node.inputs else None
     if x is None or not x.name or x.const_value is not None:
@@ -84,16 +85,19 @@ def _tap(ref, node: ir.Node) -> _Tap | None:
     return None
 
 
-def _taps(program: Program) -> list[_Tap]:
-    taps = []
+def sole_consumers(program: Program) -> Iterator[tuple[WeightRef, ir.Node]]:
+    """Each dense weight of ``program`` read by exactly one node, in the main graph, with that node."""
     for ref in program.weights():
         value = ref.value
         if value is None or value.const_value is None or ref.compression is not None:
             continue
         consumers = {use.node for use in value.uses()}
-        if len(consumers) == 1 and (node := consumers.pop()).graph is program.graph and (tap := _tap(ref, node)):
-            taps.append(tap)
-    return taps
+        if len(consumers) == 1 and (node := consumers.pop()).graph is program.graph:
+            yield ref, node
+
+
+def _taps(program: Program) -> list[_Tap]:
+    return [tap for ref, node in sole_consumers(program) if (tap := _tap(ref, node)) is not None]
 
 
 def collect_input_moments(program: Program, calibration_data: Any) -> dict[str, InputMoments]:

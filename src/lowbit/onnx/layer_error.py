@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from lowbit.onnx.calibration import capturing_session, session
+from lowbit.onnx.calibration import capturing_session, session, sole_consumers
 from lowbit.onnx.discovery import OP_TABLE
 from lowbit.onnx.program import Program
 
@@ -48,18 +48,10 @@ class _Layer:
 def _layers(reference: Program) -> list[_Layer]:
     """The dense weights of ``reference`` read directly by one op of the table in the main graph."""
     layers = []
-    for ref in reference.weights():
-        value = ref.value
-        if value is None or value.const_value is None or ref.compression is not None:
-            continue
-        consumers = {use.node for use in value.uses() if use.node.op_type in OP_TABLE}
-        if len(consumers) != 1:
-            continue
-        node = consumers.pop()
-        if node.graph is not reference.graph:
-            continue
-        activations = [v.name for v in node.inputs if v is not None and v.const_value is None and v.name]
-        layers.append(_Layer(ref.name, node, value.const_value.numpy(), activations))
+    for ref, node in sole_consumers(reference):
+        if node.op_type in OP_TABLE:
+            activations = [v.name for v in node.inputs if v is not None and v.const_value is None and v.name]
+            layers.append(_Layer(ref.name, node, ref.value.const_value.numpy(), activations))
     return layers
 
 
