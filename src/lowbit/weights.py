@@ -336,22 +336,33 @@ def _mask_along(w: np.ndarray, axis: int, to_front: bool, make_mask) -> np.ndarr
     return make_mask(rows).reshape(moved.shape).transpose(back)
 
 
-def sparsify_weight(array: np.ndarray, output_axis: int, input_axis: int, config: SparsifyConfig) -> SparsifiedWeight:
+def sparsify_weight(
+    array: np.ndarray,
+    output_axis: int,
+    input_axis: int,
+    config: SparsifyConfig,
+    importance: np.ndarray | None = None,
+) -> SparsifiedWeight:
     """Prune one weight as ``config`` says (unstructured, blocks of output channels, or n:m along the input
-    channels), its non-zeros optionally palettized or quantized.
+    channels), its non-zeros optionally palettized or quantized. ``importance`` (``array``'s shape, e.g. each input
+    channel's mean squared activation) ranks the elements by ``|w| * sqrt(importance)`` instead of ``|w|``: the
+    activation-aware pruning of Wanda, which keeps the weights whose removal moves the layer's output most.
 
     Raises :class:`~lowbit.errors.SkipWeight` when the channels do not divide into the blocks or the n:m groups,
     or the values are not finite.
     """
+    scores = array
+    if importance is not None:
+        scores = (np.abs(array.astype(np.float32)) * np.sqrt(importance.astype(np.float32))).astype(np.float32)
     if config.n_m_ratio is not None:
         n, m = config.n_m_ratio
-        mask = _mask_along(array, input_axis, False, lambda rows: n_m_mask(rows, n, m))
+        mask = _mask_along(scores, input_axis, False, lambda rows: n_m_mask(rows, n, m))
     elif config.block_size > 1:
         mask = _mask_along(
-            array, output_axis, True, lambda rows: block_mask(rows, config.target_sparsity, config.block_size)
+            scores, output_axis, True, lambda rows: block_mask(rows, config.target_sparsity, config.block_size)
         )
     else:
-        mask = magnitude_mask(array, config.target_sparsity)
+        mask = magnitude_mask(scores, config.target_sparsity)
     dtype = None if config.quantize_dtype is None else config.quantize_dtype.numpy
     result = sparsify(
         np.ascontiguousarray(array), np.ascontiguousarray(mask), config.palettize_nbits, dtype, output_axis

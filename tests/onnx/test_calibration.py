@@ -12,11 +12,14 @@ from lowbit.onnx.calibration import collect_input_moments
 from lowbit.onnx.layer_error import layer_output_errors
 
 
-def _skewed(seed: int = 0) -> tuple[lowbit.Program, list[dict[str, np.ndarray]]]:
+def _skewed(seed: int = 0, shuffled: bool = False) -> tuple[lowbit.Program, list[dict[str, np.ndarray]]]:
     """A MatMul whose input channels differ in scale by 100x, and the weights of the loud channels are the small
-    ones (as in trained networks): plain k-means spends its levels on the wrong weights."""
+    ones (as in trained networks): plain k-means spends its levels on the wrong weights. ``shuffled``: the scales in
+    random channel order (neighbouring channels then differ, as n:m groups need to tell)."""
     rng = np.random.default_rng(seed)
     scales = np.logspace(-1, 1, 64).astype(np.float32)
+    if shuffled:
+        scales = rng.permutation(scales)
     w = (rng.standard_normal((64, 48)) * 0.1 / scales[:, None]).astype(np.float32)
     program = lowbit.Program(make_model({"w": w}, [("MatMul", "w", {})]))
     feeds = [{"x0": (rng.standard_normal((32, 64)) * scales).astype(np.float32)} for _ in range(4)]
@@ -138,3 +141,16 @@ def test_cli_palettize_with_calibration(tmp_path, capsys):
     plain, aware = (lowbit.load(tmp_path / f"{n}.onnx").weight_arrays()["w"] for n in ("plain", "aware"))
     expected = lowbit.palettize_weights(program, calibration_data=feeds[:1]).weight_arrays()["w"]
     assert aware.tobytes() == expected.tobytes() != plain.tobytes()
+
+
+@pytest.mark.parametrize("params", [{"target_sparsity": 0.5}, {"target_sparsity": 0.0, "n_m_ratio": (2, 4)}])
+def test_activation_aware_pruning_lowers_the_layer_output_error(params):
+    """Wanda: pruned by |w| times the input channel's RMS activation, not by |w| alone."""
+    program, feeds = _skewed(shuffled=True)
+    plain = lowbit.sparsify_weights(program, **params)
+    aware = lowbit.sparsify_weights(program, calibration_data=feeds[:2], **params)
+    plain_error = layer_output_errors(plain.weight_arrays(), program, feeds[2:])["w"]
+    aware_error = layer_output_errors(aware.weight_arrays(), program, feeds[2:])["w"]
+    assert aware_error < 0.5 * plain_error, (aware_error, plain_error)
+    kept = aware.weight_arrays()["w"] != 0
+    assert kept.mean() == pytest.approx(0.5)

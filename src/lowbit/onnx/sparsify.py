@@ -14,6 +14,7 @@ from lowbit.driver import ALGORITHMS, compress
 from lowbit.kernels.packing import pack_bits
 from lowbit.onnx import encoding
 from lowbit.onnx.backend import OnnxBackend, OnnxWriter, target_program
+from lowbit.onnx.calibration import collect_input_moments
 from lowbit.onnx.discovery import WeightRef, has_fp16_weights
 from lowbit.onnx.program import Program
 from lowbit.types import DType
@@ -93,6 +94,7 @@ def sparsify_weights(
     weight_num_threshold: int = 1024,
     in_place: bool = False,
     configs: WeightConfigs | Mapping[str, Any] | None = None,
+    calibration_data: Any = None,
 ) -> Program:
     """Prune the smallest-magnitude weights to zero and store each weight as a 1-bit mask plus its non-zeros.
 
@@ -113,6 +115,9 @@ def sparsify_weights(
     configs : per-weight parameters: a :class:`~lowbit.weight_configs.WeightConfigs` (or its dict form)
         whose entries override this call's parameters for weights by op type or name, or leave weights out
         (``None``). Default None: every weight with this call's parameters.
+    calibration_data : None (default: magnitude pruning, as before) or the model's inputs (as for
+        :func:`lowbit.palettize_weights`): each MatMul / Gemm / Conv weight is then pruned by ``|w|`` times its
+        input channel's root mean squared activation (Wanda), for unstructured, block and n:m sparsity alike.
 
     Returns the sparse Program; ``result.report`` holds the per-weight :class:`CompressionReport`.
 
@@ -122,6 +127,7 @@ def sparsify_weights(
     """
     config = config_of(SparsifyConfig, locals())
     target = target_program(program, in_place)
+    statistics = None if calibration_data is None else collect_input_moments(target, calibration_data)
     backend = OnnxBackend(target, SparsifyWriter())
-    target.report = compress(backend, ALGORITHMS["sparsify"], config, as_weight_configs(configs))
+    target.report = compress(backend, ALGORITHMS["sparsify"], config, as_weight_configs(configs), None, statistics)
     return target
