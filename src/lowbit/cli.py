@@ -253,6 +253,7 @@ def _sparsify(args: argparse.Namespace) -> int:
         weight_num_threshold=args.weight_num_threshold,
         in_place=True,
         configs=_weight_configs(args),
+        **_calibration(args),
     )
     return _save_and_report(result, args, before)
 
@@ -293,6 +294,16 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_calibration(p: argparse.ArgumentParser, use: str) -> None:
+    p.add_argument(
+        "--calibration",
+        type=Path,
+        default=None,
+        metavar="FILE.npz",
+        help=f"the model's inputs (one array per input name): {use}",
+    )
+
+
 def _add_target(p: argparse.ArgumentParser) -> None:
     from lowbit.onnx.fused import TARGETS
 
@@ -325,13 +336,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-num-threshold", type=int, default=1024, help="leave weights this small alone")
     p.add_argument("--workers", type=int, default=4, help="k-means worker threads (default 4)")
     p.add_argument("--exact", action="store_true", help="cluster fp32 weights' raw values, not fp16-rounded ones")
-    p.add_argument(
-        "--calibration",
-        type=Path,
-        default=None,
-        metavar="FILE.npz",
-        help="the model's inputs (one array per input name): activation-aware k-means (ONNX)",
-    )
+    _add_calibration(p, "activation-aware k-means (ONNX)")
     _add_selection(p)
     _add_target(p)
     p.set_defaults(run=_palettize)
@@ -360,6 +365,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--n-m", default=None, help="n:m structured sparsity along input channels, e.g. 2:4")
     p.add_argument("--quantize-dtype", default=None, help="int8: also quantize the non-zeros (per channel)")
     p.add_argument("--palettize-nbits", type=int, default=None, help="also palettize the non-zeros (1..8 bits)")
+    _add_calibration(p, "activation-aware pruning, Wanda (ONNX)")
     p.add_argument("--weight-num-threshold", type=int, default=1024, help="leave weights this small alone")
     _add_selection(p)
     p.set_defaults(run=_sparsify)
@@ -380,13 +386,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--png", type=Path, default=None, metavar="DIR", help="also write the charts as PNG (lowbit[report])"
     )
-    p.add_argument(
-        "--calibration",
-        type=Path,
-        default=None,
-        metavar="FILE.npz",
-        help="the reference model's inputs (one array per input name): each layer's output error on them",
-    )
+    _add_calibration(p, "each layer's output error on them (with --reference)")
     p.set_defaults(run=_report)
     p = sub.add_parser("decompress", help="turn every compressed weight back into a dense initializer")
     p.add_argument("input", type=Path)
