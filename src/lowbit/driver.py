@@ -108,6 +108,7 @@ def _palettize_job(array: np.ndarray, weight: Weight, config: Any, threads: int,
         threads=threads,
         importance=importance,
         damping=ACTIVATION_DAMPING,
+        gram=None if stats is None else stats.gram,
     )
 
 

@@ -24,16 +24,20 @@ class InputMoments:
 
     squares: np.ndarray  # float64 [input channels]
     rows: int = 0
+    gram: np.ndarray | None = None  # float64 [input channels, input channels]: the whole X^T X, when kept
 
     @classmethod
-    def empty(cls, channels: int) -> InputMoments:
-        return cls(np.zeros(channels, np.float64), 0)
+    def empty(cls, channels: int, full: bool = False) -> InputMoments:
+        """No rows yet; ``full`` also keeps the whole ``X^T X`` (for error feedback)."""
+        return cls(np.zeros(channels, np.float64), 0, np.zeros((channels, channels)) if full else None)
 
     def add(self, activations: np.ndarray, channel_axis: int) -> None:
         """Accumulate a batch of activations whose ``channel_axis`` holds the input channels."""
         x = np.moveaxis(np.asarray(activations, dtype=np.float64), channel_axis, -1)
         x = x.reshape(-1, x.shape[-1])
         self.squares += np.einsum("ij,ij->j", x, x)
+        if self.gram is not None:
+            self.gram += x.T @ x
         self.rows += x.shape[0]
 
     def importance(self, shape: tuple[int, ...], input_axis: int) -> np.ndarray:

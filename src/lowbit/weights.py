@@ -8,6 +8,7 @@ It imports neither onnx nor torch, so the same array gives the same bytes throug
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import mmap
 import zlib
@@ -18,8 +19,9 @@ import numpy as np
 
 from lowbit.config import PalettizeConfig, QuantizeConfig, SparsifyConfig, block_shape
 from lowbit.errors import SkipWeight
+from lowbit.kernels.feedback import nearest_in_luts, ordered_feedback_codes
 from lowbit.kernels.layout import swapped
-from lowbit.kernels.packing import packed_nbytes
+from lowbit.kernels.packing import pack_bits, packed_nbytes
 from lowbit.kernels.palettize import Palettized, palettize, stack_palettized
 from lowbit.kernels.prune import Sparsified, block_mask, magnitude_mask, n_m_mask, sparsify
 from lowbit.kernels.quantize import LinearQuantized, quantize_linear
@@ -186,6 +188,7 @@ def palettize_weight(
     importance: np.ndarray | None = None,
     threads: int = 1,
     damping: float = 0.0,
+    gram: np.ndarray | None = None,
 ) -> PalettizedWeight:
     """Palettize one weight as ``config`` says.
 
@@ -201,6 +204,10 @@ def palettize_weight(
     threads : threads for the per-group k-means; the result does not depend on it.
     damping : with ``importance``: each LUT group's mean importance times ``damping`` is added to every element's
         (default 0: none, beyond a 1e-6 floor that keeps every value in play).
+    gram : optional ``X^T X`` of a 2-D weight's input activations (input channels x input channels): the codes are
+        then chosen with error feedback across the input channels (:mod:`lowbit.kernels.feedback`), the LUTs kept,
+        so that the layer's output error is minimized. Scalar LUTs without per-channel scale only; otherwise
+        ignored.
 
     Raises :class:`~lowbit.errors.SkipWeight` when the channels do not split into the configured groups or
     vectors, the values are not finite, or ``mode="unique"`` finds too many distinct values.
@@ -237,7 +244,35 @@ def palettize_weight(
 
     solved = [solve(*part) for part in parts if part[1] > part[0]]
     result = solved[0] if len(solved) == 1 else stack_palettized(solved, groups * per_group // config.cluster_dim)
-    return PalettizedWeight(tuple(array.shape), tuple(forward), result)
+    weight = PalettizedWeight(tuple(array.shape), tuple(forward), result)
+    if gram is not None and array.ndim == 2 and config.cluster_dim == 1 and not config.enable_per_channel_scale:
+        outputs_first = forward[0] == axis
+        weight = _with_feedback(
+            weight, canonical[:channels] if outputs_first else canonical, gram, per_group, outputs_first
+        )
+    return weight
+
+
+def _with_feedback(
+    weight: PalettizedWeight, canonical: np.ndarray, gram: np.ndarray, per_group: int, outputs_first: bool
+) -> PalettizedWeight:
+    """``weight`` (2-D, scalar LUTs) with its codes re-chosen by error feedback over the input channels; LUTs
+    unchanged. ``canonical``: the kernel's 2-D view, output channels first (``outputs_first``) or, one LUT for the
+    whole weight, input channels first."""
+    p = weight.palettized
+    by_input = canonical.T if outputs_first else canonical  # [input channels, output channels]
+    outputs = by_input.shape[1]
+    group = np.arange(outputs) // per_group if outputs_first else np.zeros(outputs, np.int64)
+    luts = p.lut[group, :, 0]  # each output channel's LUT
+    codes = ordered_feedback_codes(by_input, gram, nearest_in_luts(luts))
+    diff = luts[np.arange(outputs)[None, :], codes].astype(np.float64) - by_input.astype(np.float64)
+    all_codes = p.codes.copy()
+    laid_out = codes.T if outputs_first else codes
+    all_codes[: laid_out.shape[0]] = laid_out
+    updated = dataclasses.replace(
+        p, packed=pack_bits(all_codes.astype(np.uint8), p.n_bits), squared_error=float(np.vdot(diff, diff))
+    )
+    return PalettizedWeight(weight.shape, weight.forward, updated)
 
 
 # ------------------------------------------------------------------------------------------------- quantization

@@ -22,7 +22,7 @@ def _skewed(seed: int = 0, shuffled: bool = False) -> tuple[lowbit.Program, list
         scales = rng.permutation(scales)
     w = (rng.standard_normal((64, 48)) * 0.1 / scales[:, None]).astype(np.float32)
     program = lowbit.Program(make_model({"w": w}, [("MatMul", "w", {})]))
-    feeds = [{"x0": (rng.standard_normal((32, 64)) * scales).astype(np.float32)} for _ in range(4)]
+    feeds = [{"x0": (rng.standard_normal((64, 64)) * scales).astype(np.float32)} for _ in range(6)]
     return program, feeds
 
 
@@ -57,12 +57,15 @@ def test_input_moments_are_the_activations_sum_of_squares_per_input_channel():
 def test_activation_aware_kmeans_lowers_the_layer_output_error():
     program, feeds = _skewed()
     plain = lowbit.palettize_weights(program, n_bits=4)
-    aware = lowbit.palettize_weights(program, n_bits=4, calibration_data=feeds[:2])
-    held_out = feeds[2:]
+    aware = lowbit.palettize_weights(program, n_bits=4, calibration_data=feeds[:4])
+    held_out = feeds[4:]
     plain_error = layer_output_errors(plain.weight_arrays(), program, held_out)["w"]
     aware_error = layer_output_errors(aware.weight_arrays(), program, held_out)["w"]
-    assert aware_error < 0.5 * plain_error, (aware_error, plain_error)  # measured: 0.055 against 0.255
+    assert aware_error < 0.5 * plain_error, (aware_error, plain_error)  # measured: 0.060 against 0.242
     assert aware.report.rows[0].rel_mse > plain.report.rows[0].rel_mse  # the weight error is not what it minimizes
+    decoded = aware.weight_arrays()["w"].astype(np.float64)
+    dense = program.weight_arrays()["w"].astype(np.float64)
+    assert aware.report.rows[0].rel_mse == pytest.approx(np.sum((decoded - dense) ** 2) / np.sum(dense**2), rel=1e-9)
 
 
 def test_without_calibration_data_nothing_changes_and_bad_data_is_refused():
@@ -125,7 +128,7 @@ def test_calibrated_minilm_keeps_its_embeddings_better(minilm_onnx, minilm_torch
     aware = float(
         (embeddings(lowbit.palettize_weights(dense, calibration_data=calibration, **kw)) * reference).sum(1).mean()
     )
-    assert aware > plain + 0.005, (aware, plain)  # measured: 0.9651 against 0.9571
+    assert aware > 0.98 > 0.96 > plain, (aware, plain)  # measured: 0.9871 against 0.9571
 
 
 def test_cli_palettize_with_calibration(tmp_path, capsys):
@@ -148,9 +151,9 @@ def test_activation_aware_pruning_lowers_the_layer_output_error(params):
     """Wanda: pruned by |w| times the input channel's RMS activation, not by |w| alone."""
     program, feeds = _skewed(shuffled=True)
     plain = lowbit.sparsify_weights(program, **params)
-    aware = lowbit.sparsify_weights(program, calibration_data=feeds[:2], **params)
-    plain_error = layer_output_errors(plain.weight_arrays(), program, feeds[2:])["w"]
-    aware_error = layer_output_errors(aware.weight_arrays(), program, feeds[2:])["w"]
+    aware = lowbit.sparsify_weights(program, calibration_data=feeds[:4], **params)
+    plain_error = layer_output_errors(plain.weight_arrays(), program, feeds[4:])["w"]
+    aware_error = layer_output_errors(aware.weight_arrays(), program, feeds[4:])["w"]
     assert aware_error < 0.5 * plain_error, (aware_error, plain_error)
     kept = aware.weight_arrays()["w"] != 0
     assert kept.mean() == pytest.approx(0.5)

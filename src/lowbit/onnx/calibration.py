@@ -66,6 +66,7 @@ class _Tap:
     activation: str
     channel_axis: int
     channels: int
+    full: bool = False  # keep the whole X^T X: a 2-D weight's error feedback needs it
 
 
 def _tap(ref: WeightRef, node: ir.Node) -> _Tap | None:
@@ -75,10 +76,10 @@ def _tap(ref: WeightRef, node: ir.Node) -> _Tap | None:
         return None
     channels = ref.shape[ref.input_axis]
     if node.op_type == "MatMul" and node.inputs[1] is ref.value:
-        return _Tap(ref.name, x.name, -1, channels)
+        return _Tap(ref.name, x.name, -1, channels, len(ref.shape) == 2)
     if node.op_type == "Gemm" and node.inputs[1] is ref.value:
         trans_a = node.attributes.get("transA")
-        return _Tap(ref.name, x.name, 0 if trans_a is not None and trans_a.as_int() else -1, channels)
+        return _Tap(ref.name, x.name, 0 if trans_a is not None and trans_a.as_int() else -1, channels, True)
     group = node.attributes.get("group")
     if node.op_type == "Conv" and node.inputs[1] is ref.value and (group is None or group.as_int() == 1):
         return _Tap(ref.name, x.name, 1, channels)
@@ -109,7 +110,7 @@ def collect_input_moments(program: Program, calibration_data: Any) -> dict[str, 
     capture = capturing_session(program, (t.activation for t in taps))
     names = [o.name for o in capture.get_outputs()]
     inputs = {i.name for i in capture.get_inputs()}
-    moments = {t.weight: InputMoments.empty(t.channels) for t in taps}
+    moments = {t.weight: InputMoments.empty(t.channels, full=t.full) for t in taps}
     feeds = 0
     for feed in feeds_of(calibration_data):
         given = {k: np.asarray(v) for k, v in feed.items() if k in inputs}
