@@ -113,7 +113,8 @@ def _palettize_job(array: np.ndarray, weight: Weight, config: Any, threads: int,
 
 
 def _quantize_job(array: np.ndarray, weight: Weight, config: Any, threads: int, stats: InputMoments | None):
-    return functools.partial(quantize_weight, array, weight.output_axis, weight.input_axis, config)
+    gram = None if stats is None else stats.gram
+    return functools.partial(quantize_weight, array, weight.output_axis, weight.input_axis, config, gram)
 
 
 def _sparsify_job(array: np.ndarray, weight: Weight, config: Any, threads: int, stats: InputMoments | None):

@@ -19,12 +19,12 @@ import numpy as np
 
 from lowbit.config import PalettizeConfig, QuantizeConfig, SparsifyConfig, block_shape
 from lowbit.errors import SkipWeight
-from lowbit.kernels.feedback import nearest_in_luts, ordered_feedback_codes
+from lowbit.kernels.feedback import nearest_in_luts, nearest_on_linear_grid, ordered_feedback_codes
 from lowbit.kernels.layout import swapped
 from lowbit.kernels.packing import pack_bits, packed_nbytes
 from lowbit.kernels.palettize import Palettized, palettize, stack_palettized
 from lowbit.kernels.prune import Sparsified, block_mask, magnitude_mask, n_m_mask, sparsify
-from lowbit.kernels.quantize import LinearQuantized, quantize_linear
+from lowbit.kernels.quantize import LinearQuantized, element_range, quantize_linear
 from lowbit.types import FLOAT_WEIGHT_DTYPES, CompressionGranularity, DType, QScheme
 
 __all__ = [
@@ -315,9 +315,13 @@ class QuantizedWeight:
         return np.ascontiguousarray(self.quantized.decode()[tuple(slice(0, n) for n in self.shape)])
 
 
-def quantize_weight(array: np.ndarray, output_axis: int, input_axis: int, config: QuantizeConfig) -> QuantizedWeight:
+def quantize_weight(
+    array: np.ndarray, output_axis: int, input_axis: int, config: QuantizeConfig, gram: np.ndarray | None = None
+) -> QuantizedWeight:
     """Quantize one weight as ``config`` says: one scale per tensor, per ``output_axis`` channel, or per channel
-    and ``block_size`` elements along ``input_axis`` (the last block may be shorter).
+    and ``block_size`` elements along ``input_axis`` (the last block may be shorter). ``gram``: optional ``X^T X``
+    of a 2-D weight's input activations: the integer codes are then chosen with error feedback across the input
+    channels (GPTQ's), the scales kept (integer dtypes; otherwise ignored).
 
     Raises :class:`~lowbit.errors.SkipWeight` when the values are not finite.
     """
@@ -331,7 +335,32 @@ def quantize_weight(array: np.ndarray, output_axis: int, input_axis: int, config
     quantized = quantize_linear(
         padded, config.dtype.numpy, block, symmetric=symmetric, e8m0=config.e8m0, search=config.scale_search
     )
+    if gram is not None and array.ndim == 2 and config.dtype in (DType.INT8, DType.UINT8, DType.INT4, DType.UINT4):
+        quantized = _quantized_with_feedback(quantized, padded, gram, input_axis, symmetric)
+        diff = quantized.decode()[tuple(slice(0, n) for n in array.shape)].astype(np.float64) - array
+        quantized = dataclasses.replace(quantized, squared_error=float(np.vdot(diff, diff)))
     return QuantizedWeight(quantized, tuple(array.shape))
+
+
+def _quantized_with_feedback(
+    q: LinearQuantized, padded: np.ndarray, gram: np.ndarray, input_axis: int, symmetric: bool
+) -> LinearQuantized:
+    """``q``'s codes re-chosen by error feedback over the input channels (axis ``input_axis`` of a 2-D weight),
+    its scales and zero points kept."""
+    low, high, _ = element_range(q.q.dtype, symmetric)
+
+    def per_element(grid: np.ndarray) -> np.ndarray:
+        return np.repeat(np.repeat(grid.reshape(q.grid_shape()[::2]), q.block[0], 0), q.block[1], 1)
+
+    scale = per_element(q.scale.astype(np.float64))
+    zero_point = np.zeros_like(scale) if q.zero_point is None else per_element(q.zero_point.astype(np.float64))
+    channels = padded.shape[input_axis]
+    full = np.zeros((channels, channels))
+    full[: len(gram), : len(gram)] = gram  # padding channels: never active
+    by_input = (lambda a: a.T) if input_axis == 1 else (lambda a: a)
+    nearest = nearest_on_linear_grid(by_input(scale), by_input(zero_point), low, high)
+    codes = by_input(ordered_feedback_codes(by_input(padded), full, nearest))
+    return dataclasses.replace(q, q=codes.astype(q.q.dtype))
 
 
 # ------------------------------------------------------------------------------------------------ sparsification

@@ -37,7 +37,7 @@ def test_the_factor_is_the_upper_cholesky_factor_of_the_damped_inverse():
 def test_feedback_lowers_the_output_error_below_plain_rounding(seed):
     x, w, luts = _layer(seed)
     nearest = nearest_in_luts(luts)
-    plain = np.stack([nearest(row)[0] for row in w])
+    plain = np.stack([nearest(row, k)[0] for k, row in enumerate(w)])
     gram = x.T @ x
     fed = feedback_codes(w, inverse_factor(gram), nearest)
     ordered = ordered_feedback_codes(w, gram, nearest)
@@ -49,7 +49,7 @@ def test_feedback_lowers_the_output_error_below_plain_rounding(seed):
 def test_uncorrelated_channels_give_plain_rounding_and_dead_channels_are_safe():
     _, w, luts = _layer(1)
     nearest = nearest_in_luts(luts)
-    plain = np.stack([nearest(row)[0] for row in w])
+    plain = np.stack([nearest(row, k)[0] for k, row in enumerate(w)])
     gram = np.diag(np.linspace(1.0, 5.0, w.shape[0]))
     np.testing.assert_array_equal(feedback_codes(w, inverse_factor(gram), nearest), plain)
     gram[3, 3] = 0.0  # a channel the calibration data never activated

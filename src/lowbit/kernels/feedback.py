@@ -11,9 +11,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["feedback_codes", "inverse_factor", "nearest_in_luts", "ordered_feedback_codes"]
+__all__ = ["feedback_codes", "inverse_factor", "nearest_in_luts", "nearest_on_linear_grid", "ordered_feedback_codes"]
 
-Nearest = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+Nearest = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]  # (values of input channel k, k) -> codes, values
 
 
 def inverse_factor(gram: np.ndarray, damping: float = 0.01) -> np.ndarray:
@@ -30,18 +30,22 @@ def inverse_factor(gram: np.ndarray, damping: float = 0.01) -> np.ndarray:
     return np.linalg.cholesky((inverse + inverse.T) / 2).T
 
 
-def feedback_codes(w: np.ndarray, factor: np.ndarray, nearest: Nearest, block: int = 128) -> np.ndarray:
+def feedback_codes(
+    w: np.ndarray, factor: np.ndarray, nearest: Nearest, block: int = 128, channels: np.ndarray | None = None
+) -> np.ndarray:
     """Codes of ``w`` ``[K, N]`` (rows: the K input channels, coded in order), each row's rounding error fed to the
-    rows after it through ``factor`` (:func:`inverse_factor`); ``nearest(values[N]) -> (codes[N], decoded[N])``
-    is the grid. Updates run lazily in blocks of ``block`` rows (GPTQ's)."""
+    rows after it through ``factor`` (:func:`inverse_factor`); ``nearest(values[N], k) -> (codes[N], decoded[N])``
+    is the grid of input channel ``k`` (``channels[row]``: a row's channel when ``w``'s rows are reordered). Updates
+    run lazily in blocks of ``block`` rows (GPTQ's)."""
     work = np.array(w, dtype=np.float64, copy=True)
     rows = work.shape[0]
+    channel_of = np.arange(rows) if channels is None else channels
     codes = np.empty(work.shape, np.int64)
     for start in range(0, rows, block):
         stop = min(start + block, rows)
         errors = np.empty((stop - start, work.shape[1]), np.float64)
         for i, k in enumerate(range(start, stop)):
-            codes[k], decoded = nearest(work[k])
+            codes[k], decoded = nearest(work[k], int(channel_of[k]))
             errors[i] = (work[k] - decoded) / factor[k, k]
             work[k + 1 : stop] -= np.outer(factor[k, k + 1 : stop], errors[i])
         work[stop:] -= factor[start:stop, stop:].T @ errors
@@ -53,9 +57,25 @@ def nearest_in_luts(luts: np.ndarray) -> Nearest:
     luts = np.asarray(luts, dtype=np.float64)
     columns = np.arange(luts.shape[0])
 
-    def nearest(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def nearest(values: np.ndarray, channel: int) -> tuple[np.ndarray, np.ndarray]:
         codes = np.abs(values[:, None] - luts).argmin(axis=1)
         return codes, luts[columns, codes]
+
+    return nearest
+
+
+def nearest_on_linear_grid(scale: np.ndarray, zero_point: np.ndarray, low: int, high: int) -> Nearest:
+    """The grid of a linear quantizer: ``scale`` / ``zero_point`` ``[K, N]`` per element (each block's repeated),
+    codes rounded half to even and clipped to ``[low, high]`` (an all-zero block, scale 0, codes its zero point)."""
+    scale = np.asarray(scale, dtype=np.float64)
+    zero_point = np.asarray(zero_point, dtype=np.float64)
+
+    def nearest(values: np.ndarray, channel: int) -> tuple[np.ndarray, np.ndarray]:
+        s, z = scale[channel], zero_point[channel]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            steps = np.where(s != 0, np.rint(values / s), 0.0)
+        codes = np.clip(steps + z, low, high)
+        return codes.astype(np.int64), (codes - z) * s
 
     return nearest
 
@@ -65,7 +85,7 @@ def ordered_feedback_codes(w: np.ndarray, gram: np.ndarray, nearest: Nearest, da
     (``diag(X^T X)``, GPTQ's act-order: the channels that matter most are coded while the most rows can still absorb
     their error); codes returned in ``w``'s own order."""
     order = np.argsort(-np.diag(gram), kind="stable")
-    codes = feedback_codes(w[order], inverse_factor(gram[np.ix_(order, order)], damping), nearest)
+    codes = feedback_codes(w[order], inverse_factor(gram[np.ix_(order, order)], damping), nearest, channels=order)
     ordered = np.empty_like(codes)
     ordered[order] = codes
     return ordered

@@ -20,6 +20,7 @@ from lowbit.kernels.decode import value_table
 from lowbit.kernels.packing import pack_bits
 from lowbit.onnx import encoding, fused
 from lowbit.onnx.backend import OnnxBackend, OnnxWriter, target_program
+from lowbit.onnx.calibration import collect_input_moments
 from lowbit.onnx.discovery import WeightRef, has_fp16_weights
 from lowbit.onnx.program import Program
 from lowbit.types import CompressionGranularity, DType, QScheme
@@ -186,6 +187,7 @@ def quantize_weights(
     in_place: bool = False,
     configs: WeightConfigs | Mapping[str, Any] | None = None,
     target: str = fused.TARGETS[0],
+    calibration_data: Any = None,
 ) -> Program:
     """Linearly quantize the weights of ``program``.
 
@@ -217,6 +219,10 @@ def quantize_weights(
         embedding ``Gather`` ``GatherBlockQuantized``, when their blocks are a power of two >= 16 (a per-channel
         or per-tensor scale is repeated over such blocks). Other weights get the portable encoding.
 
+    calibration_data : None (default: round to nearest, as before) or the model's inputs (as for
+        :func:`lowbit.palettize_weights`): the integer codes of each 2-D MatMul / Gemm weight are then chosen with
+        error feedback across its input channels (GPTQ's, act-order), the scales kept.
+
     Returns the quantized Program; ``result.report`` holds the per-weight :class:`CompressionReport`.
 
     Raises ``ValueError`` for an unsupported ``dtype``; a float dtype with ``ASYMMETRIC``; a ``scale_dtype`` for an
@@ -227,5 +233,7 @@ def quantize_weights(
     config = config_of(QuantizeConfig, locals())
     writer = QuantizeWriter(target)
     result = target_program(program, in_place)
-    result.report = compress(OnnxBackend(result, writer), ALGORITHMS["quantize"], config, as_weight_configs(configs))
+    statistics = None if calibration_data is None else collect_input_moments(result, calibration_data)
+    backend = OnnxBackend(result, writer)
+    result.report = compress(backend, ALGORITHMS["quantize"], config, as_weight_configs(configs), None, statistics)
     return result
