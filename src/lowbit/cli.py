@@ -227,6 +227,7 @@ def _quantize(args: argparse.Namespace) -> int:
         in_place=True,
         configs=_weight_configs(args),
         **_target(args),
+        **_calibration(args),
     )
     return _save_and_report(result, args, before)
 
@@ -353,6 +354,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="integers: per block, the clipping range with the least squared error (data-free)",
     )
+    _add_calibration(p, "integer codes with error feedback, GPTQ (ONNX)")
     p.add_argument("--weight-num-threshold", type=int, default=1024, help="leave weights this small alone")
     _add_selection(p)
     _add_target(p)
