@@ -13,7 +13,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from lowbit.onnx.discovery import WeightRef
-from lowbit.onnx.program import Program
+from lowbit.onnx.program import PROTO_LIMIT_BYTES, Program
 from lowbit.statistics import InputMoments
 
 __all__ = ["capturing_session", "collect_input_moments", "feeds_of", "session", "sole_consumers"]
@@ -28,7 +28,10 @@ def session(model: ir.Model) -> ort.InferenceSession:
 
 
 def capturing_session(program: Program, names: Iterable[str]) -> ort.InferenceSession:
-    """A session of a copy of ``program`` that also outputs the main-graph values named ``names``."""
+    """A session of a copy of ``program`` that also outputs the main-graph values named ``names``. ``ValueError``
+    for a model past protobuf's 2 GB (the session is built from memory: not supported yet)."""
+    if program.tensor_nbytes() > PROTO_LIMIT_BYTES:
+        raise ValueError("calibration of a model whose tensors exceed 2 GB is not supported yet")
     model = program.copy().model
     graph = model.graph
     produced = {out.name: out for node in graph for out in node.outputs}
