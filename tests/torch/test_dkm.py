@@ -291,3 +291,11 @@ def test_attention_out_projection_and_threshold():
         assert "in_proj_weight" in palettization_of(final.attention)
         assert bool(palettization_of(final.attention.out_proj)) == out_proj
         assert (len(torch.unique(final.attention.out_proj.weight)) <= 4) == out_proj
+
+
+def test_dkm_on_a_meta_device_model_says_so():
+    """Issue 25, item 10: PTQ and SKM refuse a meta-device model with a clear ValueError; DKM does too."""
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    with pytest.raises(ValueError, match=r"parameter '0\.weight' is on the meta device"):
+        DKMPalettizer(model).prepare()

@@ -127,6 +127,19 @@ class Target:
         return f"{self.module_name}.{self.weight.name}" if self.module_name else self.weight.name
 
 
+def target_model(model: nn.Module, inplace: bool) -> nn.Module:
+    """The model a palettizer works on: ``model`` itself when ``inplace``, else a deep copy. ``ValueError`` when a
+    parameter is on the meta device (no values to palettize), ``TypeError`` when ``inplace`` is not a bool."""
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    for name, param in model.named_parameters():
+        if param.device.type == "meta":
+            raise ValueError(
+                f"parameter {name!r} is on the meta device: it has no values to palettize; load the weights first"
+            )
+    return model if inplace else copy.deepcopy(model)
+
+
 class PalettizerBase(Generic[MC]):
     """Base of :class:`PostTrainingPalettizer` and :class:`SKMPalettizer`."""
 
@@ -149,14 +162,7 @@ class PalettizerBase(Generic[MC]):
         return report(self._model)
 
     def _target_model(self, inplace: bool) -> nn.Module:
-        if not isinstance(inplace, bool):
-            raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
-        for name, param in self._model.named_parameters():
-            if param.device.type == "meta":
-                raise ValueError(
-                    f"parameter {name!r} is on the meta device: it has no values to palettize; load the weights first"
-                )
-        return self._model if inplace else copy.deepcopy(self._model)
+        return target_model(self._model, inplace)
 
     def _targets(self, model: nn.Module, record: bool = True) -> Iterator[Target]:
         """Every weight to palettize, with its module's config; weights that cannot be are recorded as skipped

@@ -23,7 +23,7 @@ from lowbit.errors import SkipWeight
 from lowbit.kernels.kmeans1d import optimal_centroids
 from lowbit.report import CompressionReport
 from lowbit.torch.modules import is_supported, module_weights, numpy_dtype, to_numpy
-from lowbit.torch.palettization._base import RECORD, _record
+from lowbit.torch.palettization._base import RECORD, _record, target_model
 from lowbit.torch.palettization.dkm_config import DKMPalettizerConfig, ModuleDKMPalettizerConfig, config_for_size
 from lowbit.types import CompressionGranularity
 from lowbit.weights import check_eligible, palettize_weight
@@ -347,8 +347,9 @@ class DKMPalettizer:
     def prepare(self, inplace: bool = False) -> nn.Module:
         """Register a :class:`FakePalettize` on every configured weight; returns the model (a deep copy unless
         ``inplace``). Weights below their config's ``weight_threshold`` stay as they are; a weight whose channels do
-        not split into the configured groups and vectors is left with a ``UserWarning`` naming it."""
-        model = self._model if inplace else copy.deepcopy(self._model)
+        not split into the configured groups and vectors is left with a ``UserWarning`` naming it. ``ValueError``
+        when a parameter is on the meta device."""
+        model = target_model(self._model, inplace)
         for module_name, config in self._config.resolve(model, is_supported).items():
             module = model.get_submodule(module_name)
             for weight in module_weights(module):
