@@ -119,7 +119,8 @@ def _quantize_job(array: np.ndarray, weight: Weight, config: Any, threads: int, 
 
 def _sparsify_job(array: np.ndarray, weight: Weight, config: Any, threads: int, stats: InputMoments | None):
     importance = None if stats is None else stats.importance(weight.shape, weight.input_axis)
-    return functools.partial(sparsify_weight, array, weight.output_axis, weight.input_axis, config, importance)
+    gram = None if stats is None else stats.gram
+    return functools.partial(sparsify_weight, array, weight.output_axis, weight.input_axis, config, importance, gram)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,12 @@ import numpy as np
 
 from lowbit.config import PalettizeConfig, QuantizeConfig, SparsifyConfig, block_shape
 from lowbit.errors import SkipWeight
-from lowbit.kernels.feedback import nearest_in_luts, nearest_on_linear_grid, ordered_feedback_codes
+from lowbit.kernels.feedback import (
+    nearest_in_luts,
+    nearest_on_linear_grid,
+    ordered_feedback_codes,
+    ordered_feedback_values,
+)
 from lowbit.kernels.layout import swapped
 from lowbit.kernels.packing import pack_bits, packed_nbytes
 from lowbit.kernels.palettize import Palettized, palettize, stack_palettized
@@ -406,11 +411,14 @@ def sparsify_weight(
     input_axis: int,
     config: SparsifyConfig,
     importance: np.ndarray | None = None,
+    gram: np.ndarray | None = None,
 ) -> SparsifiedWeight:
     """Prune one weight as ``config`` says (unstructured, blocks of output channels, or n:m along the input
     channels), its non-zeros optionally palettized or quantized. ``importance`` (``array``'s shape, e.g. each input
     channel's mean squared activation) ranks the elements by ``|w| * sqrt(importance)`` instead of ``|w|``: the
     activation-aware pruning of Wanda, which keeps the weights whose removal moves the layer's output most.
+    ``gram``: optional ``X^T X`` of a 2-D weight's input activations: the kept weights are then updated to make up
+    for the pruned ones (SparseGPT's error feedback across the input channels), before any joint quantization.
 
     Raises :class:`~lowbit.errors.SkipWeight` when the channels do not divide into the blocks or the n:m groups,
     or the values are not finite.
@@ -428,7 +436,27 @@ def sparsify_weight(
     else:
         mask = magnitude_mask(scores, config.target_sparsity)
     dtype = None if config.quantize_dtype is None else config.quantize_dtype.numpy
+    updated = array if gram is None or array.ndim != 2 else _pruned_with_feedback(array, mask, gram, input_axis)
     result = sparsify(
-        np.ascontiguousarray(array), np.ascontiguousarray(mask), config.palettize_nbits, dtype, output_axis
+        np.ascontiguousarray(updated), np.ascontiguousarray(mask), config.palettize_nbits, dtype, output_axis
     )
+    if updated is not array:  # the error is the original weight's
+        original = array.astype(np.float64)
+        diff = result.decode().astype(np.float64) - original
+        result = dataclasses.replace(
+            result, squared_error=float(np.vdot(diff, diff)), energy=float(np.vdot(original, original))
+        )
     return SparsifiedWeight(result)
+
+
+def _pruned_with_feedback(array: np.ndarray, mask: np.ndarray, gram: np.ndarray, input_axis: int) -> np.ndarray:
+    """``array`` (2-D) with its pruned weights zeroed one input channel at a time and the error fed to the kept
+    weights of the channels after it; in ``array``'s dtype."""
+    by_input = (lambda a: a.T) if input_axis == 1 else (lambda a: a)
+    keep = by_input(mask)
+
+    def project(values: np.ndarray, channel: int) -> tuple[np.ndarray, np.ndarray]:
+        return np.zeros(values.shape, np.int64), np.where(keep[channel], values, 0.0)
+
+    values = ordered_feedback_values(by_input(array).astype(np.float64), gram, project)
+    return np.ascontiguousarray(by_input(values)).astype(array.dtype)

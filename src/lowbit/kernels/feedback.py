@@ -11,7 +11,14 @@ from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["feedback_codes", "inverse_factor", "nearest_in_luts", "nearest_on_linear_grid", "ordered_feedback_codes"]
+__all__ = [
+    "feedback_codes",
+    "inverse_factor",
+    "nearest_in_luts",
+    "nearest_on_linear_grid",
+    "ordered_feedback_codes",
+    "ordered_feedback_values",
+]
 
 Nearest = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]  # (values of input channel k, k) -> codes, values
 
@@ -37,6 +44,11 @@ def feedback_codes(
     rows after it through ``factor`` (:func:`inverse_factor`); ``nearest(values[N], k) -> (codes[N], decoded[N])``
     is the grid of input channel ``k`` (``channels[row]``: a row's channel when ``w``'s rows are reordered). Updates
     run lazily in blocks of ``block`` rows (GPTQ's)."""
+    return _feedback(w, factor, nearest, block, channels)[0]
+
+
+def _feedback(w, factor, nearest: Nearest, block: int, channels) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, decoded values) of :func:`feedback_codes`."""
     work = np.array(w, dtype=np.float64, copy=True)
     rows = work.shape[0]
     channel_of = np.arange(rows) if channels is None else channels
@@ -48,8 +60,9 @@ def feedback_codes(
             codes[k], decoded = nearest(work[k], int(channel_of[k]))
             errors[i] = (work[k] - decoded) / factor[k, k]
             work[k + 1 : stop] -= np.outer(factor[k, k + 1 : stop], errors[i])
+            work[k] = decoded
         work[stop:] -= factor[start:stop, stop:].T @ errors
-    return codes
+    return codes, work
 
 
 def nearest_in_luts(luts: np.ndarray) -> Nearest:
@@ -84,8 +97,18 @@ def ordered_feedback_codes(w: np.ndarray, gram: np.ndarray, nearest: Nearest, da
     """:func:`feedback_codes` with the input channels coded in decreasing order of their activations' energy
     (``diag(X^T X)``, GPTQ's act-order: the channels that matter most are coded while the most rows can still absorb
     their error); codes returned in ``w``'s own order."""
+    return _ordered(w, gram, nearest, damping)[0]
+
+
+def ordered_feedback_values(w: np.ndarray, gram: np.ndarray, project: Nearest, damping: float = 0.01) -> np.ndarray:
+    """The values :func:`ordered_feedback_codes` ends with, for a grid given as a projection (e.g. pruning:
+    ``project(values, k)`` zeroes channel ``k``'s pruned weights, SparseGPT's update of the kept ones)."""
+    return _ordered(w, gram, project, damping)[1]
+
+
+def _ordered(w: np.ndarray, gram: np.ndarray, nearest: Nearest, damping: float) -> tuple[np.ndarray, np.ndarray]:
     order = np.argsort(-np.diag(gram), kind="stable")
-    codes = feedback_codes(w[order], inverse_factor(gram[np.ix_(order, order)], damping), nearest, channels=order)
-    ordered = np.empty_like(codes)
-    ordered[order] = codes
-    return ordered
+    factor = inverse_factor(gram[np.ix_(order, order)], damping)
+    codes, values = _feedback(w[order], factor, nearest, 128, order)
+    back = np.argsort(order)
+    return codes[back], values[back]
