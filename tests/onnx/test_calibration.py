@@ -217,3 +217,31 @@ def test_pruning_with_error_feedback_updates_the_kept_weights(params):
     diff = decoded.astype(np.float64) - dense
     assert fed.report.rows[0].rel_mse == pytest.approx(np.sum(diff**2) / np.sum(dense.astype(np.float64) ** 2))
     assert ALGORITHMS["sparsify"].kind == "sparse"
+
+
+def test_feeds_that_do_not_match_the_model_inputs_are_refused_in_one_line(tmp_path, capsys):
+    from lowbit.cli import main
+
+    program, feeds = _skewed()
+    with pytest.raises(ValueError, match="a calibration feed has no model input named 'x'; the model's inputs: x0"):
+        lowbit.palettize_weights(program, calibration_data=[{"x": feeds[0]["x0"]}])
+    with pytest.raises(ValueError, match="lacks the model input 'x0'"):
+        lowbit.quantize_weights(program, dtype="int8", calibration_data=[{}])
+    src = program.save(tmp_path / "m.onnx")
+    np.savez(tmp_path / "bad.npz", input_ids=np.zeros((1, 4), np.int64))
+    assert (
+        main(
+            [
+                "sparsify",
+                str(src),
+                str(tmp_path / "o.onnx"),
+                "--target-sparsity",
+                "0.5",
+                "--calibration",
+                str(tmp_path / "bad.npz"),
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "no model input named 'input_ids'" in err and err.count("\n") == 1

@@ -16,7 +16,7 @@ from lowbit.onnx.discovery import WeightRef
 from lowbit.onnx.program import PROTO_LIMIT_BYTES, Program
 from lowbit.statistics import InputMoments
 
-__all__ = ["capturing_session", "collect_input_moments", "feeds_of", "session", "sole_consumers"]
+__all__ = ["capturing_session", "checked_feed", "collect_input_moments", "feeds_of", "session", "sole_consumers"]
 
 
 def session(model: ir.Model) -> ort.InferenceSession:
@@ -104,6 +104,15 @@ def _taps(program: Program) -> list[_Tap]:
     return [tap for ref, node in sole_consumers(program) if (tap := _tap(ref, node)) is not None]
 
 
+def checked_feed(feed: Mapping[str, Any], inputs: set[str]) -> dict[str, np.ndarray]:
+    """``feed`` as arrays; ``ValueError`` naming the model's inputs when it misses one or names another."""
+    unknown, missing = sorted(set(feed) - inputs), sorted(inputs - set(feed))
+    if unknown or missing:
+        problem = f"has no model input named {unknown[0]!r}" if unknown else f"lacks the model input {missing[0]!r}"
+        raise ValueError(f"a calibration feed {problem}; the model's inputs: {', '.join(sorted(inputs))}")
+    return {k: np.asarray(v) for k, v in feed.items()}
+
+
 def collect_input_moments(program: Program, calibration_data: Any) -> dict[str, InputMoments]:
     """Each MatMul / Gemm / Conv (group 1) weight's :class:`InputMoments` over ``calibration_data`` (see
     :func:`feeds_of`), by weight name. Other weights (embeddings, weights shared or reached through a Cast or
@@ -116,7 +125,7 @@ def collect_input_moments(program: Program, calibration_data: Any) -> dict[str, 
     moments = {t.weight: InputMoments.empty(t.channels, full=t.full) for t in taps}
     feeds = 0
     for feed in feeds_of(calibration_data):
-        given = {k: np.asarray(v) for k, v in feed.items() if k in inputs}
+        given = checked_feed(feed, inputs)
         values = dict(given)
         values.update(zip(names, capture.run(None, given), strict=True))
         for tap in taps:

@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from lowbit.onnx.calibration import capturing_session, session, sole_consumers
+from lowbit.onnx.calibration import capturing_session, checked_feed, session, sole_consumers
 from lowbit.onnx.discovery import OP_TABLE
 from lowbit.onnx.program import Program
 
@@ -89,11 +89,12 @@ def layer_output_errors(
     layers = [layer for layer in _layers(reference) if layer.weight in compressed]
     capture = capturing_session(reference, {name for layer in layers for name in layer.activations})
     names = [o.name for o in capture.get_outputs()]
+    inputs = {i.name for i in capture.get_inputs()}
     opset = dict(reference.graph.opset_imports)
     count = 0
     for feed in feeds:
         count += 1
-        results = {k: np.asarray(v) for k, v in feed.items()}
+        results = checked_feed(feed, inputs)
         results.update(zip(names, capture.run(None, dict(results)), strict=True))
         for layer in layers:
             samples = {name: results[name] for name in layer.activations if name in results}
