@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from lowbit.errors import SkipWeight
 from lowbit.report import CompressionReport, WeightResult
-from lowbit.statistics import InputMoments
+from lowbit.statistics import ACTIVATION_DAMPING, InputMoments
 from lowbit.weight_configs import WeightConfigs
 from lowbit.weights import check_eligible, palettize_weight, quantize_weight, sparsify_weight
 
@@ -92,9 +92,6 @@ class Backend(Protocol[W]):
     def writing(self) -> contextlib.AbstractContextManager[Any]:
         """The context the writes of one pass run in."""
         ...
-
-
-ACTIVATION_DAMPING = 0.01  # palettization on activation statistics: see the README ("Data-aware compression")
 
 
 def _palettize_job(array: np.ndarray, weight: Weight, config: Any, threads: int, stats: InputMoments | None):

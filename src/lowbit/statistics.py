@@ -15,7 +15,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["InputMoments"]
+__all__ = ["ACTIVATION_DAMPING", "InputMoments"]
+
+# k-means weighted by activations: 1 % of each LUT group's mean weight is added to every element's, so that no input
+# channel drops out (measured on MiniLM 4-bit grouped(16): 0.01 / 0.1 / 1.0 give cosine 0.9651 / 0.9654 / 0.9612
+# with the weighting alone; on a layer with 100x channel scales 0.01 halves 0.1's output error)
+ACTIVATION_DAMPING = 0.01
 
 
 @dataclass

@@ -155,3 +155,28 @@ def test_wrong_argument_types_are_named():
         PostTrainingPalettizer("model.pt")
     with pytest.raises(TypeError, match="config must be a PostTrainingPalettizerConfig"):
         PostTrainingPalettizer(nn.Linear(4, 4), {"global_config": {}})
+
+
+def test_calibration_data_lowers_the_output_error_and_leaves_no_hooks():
+    """lowbit's extension: PostTrainingPalettizer.compress(calibration_data=...) (issue 26, torch door)."""
+    gen = torch.Generator().manual_seed(0)
+    mixing = torch.randn(16, 64, generator=gen)  # inputs driven by 16 hidden factors: correlated channels
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.ReLU(), torch.nn.Linear(48, 8)).train()
+
+    def inputs(n):
+        return torch.randn(n, 16, generator=gen) @ mixing + 0.05 * torch.randn(n, 64, generator=gen)
+
+    calibration, held_out = [inputs(32) for _ in range(8)], inputs(256)
+    config = PostTrainingPalettizerConfig.from_dict({"global_config": {"n_bits": 3}})
+    plain = PostTrainingPalettizer(model, config).compress()
+    aware = PostTrainingPalettizer(model, config).compress(calibration_data=calibration)
+    with torch.no_grad():
+        reference = model(held_out)
+        plain_error = ((plain(held_out) - reference) ** 2).mean() / (reference**2).mean()
+        aware_error = ((aware(held_out) - reference) ** 2).mean() / (reference**2).mean()
+    assert aware_error < 0.7 * plain_error, (float(aware_error), float(plain_error))  # measured: 0.0058 vs 0.020
+    assert model.training and not model[0]._forward_hooks and not aware[0]._forward_hooks
+    for layer in (aware[0], aware[2]):  # still 3-bit palettes
+        assert len(torch.unique(layer.weight)) <= 8
+    with pytest.raises(ValueError, match="calibration_data yielded nothing"):
+        PostTrainingPalettizer(model, config).compress(calibration_data=[])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -16,6 +16,7 @@ from torch import nn
 from lowbit.config import PalettizeConfig, check_choice, check_int
 from lowbit.errors import SkipWeight
 from lowbit.report import CompressionReport
+from lowbit.statistics import ACTIVATION_DAMPING, InputMoments
 from lowbit.torch.config import ModelConfig, ModuleConfig
 from lowbit.torch.modules import ModuleWeight, from_numpy, is_supported, module_weights, numpy_dtype, to_numpy
 from lowbit.types import CompressionGranularity, DType
@@ -180,21 +181,32 @@ class PalettizerBase(Generic[MC]):
                 yield target
 
     def _palettize(
-        self, targets: list[Target], importance: Callable[[Target], np.ndarray | None], threads: int
+        self,
+        targets: list[Target],
+        importance: Callable[[Target], np.ndarray | None],
+        threads: int,
+        statistics: Mapping[str, InputMoments] | None = None,
     ) -> None:
-        """Palettize each target, its k-means on ``threads`` threads; record the result on its module."""
+        """Palettize each target, its k-means on ``threads`` threads; record the result on its module. A target
+        with ``statistics`` (calibration) gets activation-weighted k-means and error feedback on its codes."""
         check_int("num_kmeans_workers", threads, 1)
         for target in targets:
             param = target.weight.parameter
+            stats = (statistics or {}).get(target.name)
+            weights = importance(target)
+            damping = target.config.importance_damping()
+            if stats is not None:
+                weights, damping = stats.importance(tuple(param.shape), target.weight.input_axis), ACTIVATION_DAMPING
             try:
                 result = palettize_weight(
                     to_numpy(param),
                     target.axis,
                     target.config.weight_config(),
                     name=target.name,
-                    importance=importance(target),
+                    importance=weights,
                     threads=threads,
-                    damping=target.config.importance_damping(),
+                    damping=damping,
+                    gram=None if stats is None else stats.gram,
                 )
             except SkipWeight as skip:
                 _skip(target, skip)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from lowbit.config import check_bool, check_int
+from lowbit.torch.calibration import collect_linear_moments
 from lowbit.torch.config import ModelConfig, ModuleConfig
 from lowbit.torch.palettization._base import KMeansModuleConfig, PalettizerBase
 
@@ -62,18 +64,37 @@ class PostTrainingPalettizer(PalettizerBase[PostTrainingPalettizerConfig]):
 
     config_class = PostTrainingPalettizerConfig
 
-    def compress(self, num_kmeans_workers: int = 1, inplace: bool = False) -> nn.Module:
+    def compress(
+        self,
+        num_kmeans_workers: int = 1,
+        inplace: bool = False,
+        calibration_data: Iterable[Any] | None = None,
+        forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+    ) -> nn.Module:
         """Palettize and return the model: a deep copy (default) or, with ``inplace=True``, the model itself.
 
         ``num_kmeans_workers`` threads share each weight's per-group k-means (the compiled kernel releases the
         GIL); the result does not depend on it.
+
+        ``calibration_data`` (lowbit's extension; default None: data-free, as coremltools): items run through
+        ``forward_fn(model, item)`` (default ``model(**item)`` / ``model(*item)`` / ``model(item)``) while forward
+        hooks collect each palettized ``nn.Linear`` weight's input ``X^T X``; those weights then get
+        activation-weighted k-means and error feedback on their codes (see the README's "Data-aware compression").
+        Other weights are palettized data-free.
 
         Raises ``ValueError`` when a parameter is on the meta device. A weight that cannot be palettized as
         configured (channels that do not divide by cluster_dim, NaN / Inf values, an integer dtype) is left as it
         is with a ``UserWarning`` naming it and the reason.
         """
         model = self._target_model(inplace)
+        targets = list(self._targets(model))
+        statistics = None
+        if calibration_data is not None:
+            linears = {
+                t.name: t.module for t in targets if isinstance(t.module, nn.Linear) and t.weight.name == "weight"
+            }
+            statistics = collect_linear_moments(model, linears, calibration_data, forward_fn)
         with torch.no_grad():
-            self._palettize(list(self._targets(model)), lambda target: None, num_kmeans_workers)
+            self._palettize(targets, lambda target: None, num_kmeans_workers, statistics)
         self._model = model
         return model
