@@ -141,8 +141,9 @@ def _with_output_errors(rows: list, decoded: dict, args: argparse.Namespace) -> 
 
 
 def _itemsize(dtype) -> float:
-    """Bytes per element of an ONNX element type or a numpy dtype (both have ``itemsize``; ONNX's 4-bit: 0.5)."""
-    return float(dtype.itemsize)
+    """Bytes per element of an ONNX element type or a numpy dtype (both have ``itemsize``; ONNX's 4-bit: 0.5);
+    0 for an element type lowbit does not know (the row then shows no dense size)."""
+    return 0.0 if dtype is None else float(dtype.itemsize)
 
 
 def _disk_bytes(path: Path) -> int:
@@ -195,9 +196,13 @@ def _calibration(args: argparse.Namespace) -> dict:
 
 
 def _npz_feed(path: Path) -> dict:
+    """The one feed of an .npz of named arrays (one per model input)."""
     import numpy as np
 
-    with np.load(path) as data:
+    data = np.load(path, allow_pickle=False)
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: --calibration wants an .npz of named arrays (one per model input), not an .npy")
+    with data:
         return {k: data[k] for k in data.files}
 
 

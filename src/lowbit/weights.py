@@ -250,12 +250,24 @@ def palettize_weight(
     solved = [solve(*part) for part in parts if part[1] > part[0]]
     result = solved[0] if len(solved) == 1 else stack_palettized(solved, groups * per_group // config.cluster_dim)
     weight = PalettizedWeight(tuple(array.shape), tuple(forward), result)
-    if gram is not None and array.ndim == 2 and config.cluster_dim == 1 and not config.enable_per_channel_scale:
+    checked = _checked_gram(gram, array.shape[1 - axis]) if array.ndim == 2 else None
+    if checked is not None and config.cluster_dim == 1 and not config.enable_per_channel_scale:
         outputs_first = forward[0] == axis
         weight = _with_feedback(
-            weight, canonical[:channels] if outputs_first else canonical, gram, per_group, outputs_first
+            weight, canonical[:channels] if outputs_first else canonical, checked, per_group, outputs_first
         )
     return weight
+
+
+def _checked_gram(gram: np.ndarray | None, channels: int) -> np.ndarray | None:
+    """``gram`` when it is a finite ``channels x channels`` matrix; ``ValueError`` naming the sizes otherwise."""
+    if gram is None:
+        return None
+    if np.shape(gram) != (channels, channels):
+        raise ValueError(f"gram must be {channels} x {channels} (the weight's input channels), got {np.shape(gram)}")
+    if not np.isfinite(gram).all():
+        raise ValueError("gram (X^T X of the calibration activations) is not finite")
+    return gram
 
 
 def _with_feedback(
@@ -340,8 +352,10 @@ def quantize_weight(
     quantized = quantize_linear(
         padded, config.dtype.numpy, block, symmetric=symmetric, e8m0=config.e8m0, search=config.scale_search
     )
-    if gram is not None and array.ndim == 2 and config.dtype in (DType.INT8, DType.UINT8, DType.INT4, DType.UINT4):
-        quantized = _quantized_with_feedback(quantized, padded, gram, input_axis, symmetric)
+    integer = config.dtype in (DType.INT8, DType.UINT8, DType.INT4, DType.UINT4)
+    checked = _checked_gram(gram, array.shape[input_axis]) if array.ndim == 2 else None
+    if checked is not None and integer:
+        quantized = _quantized_with_feedback(quantized, padded, checked, input_axis, symmetric)
         diff = quantized.decode()[tuple(slice(0, n) for n in array.shape)].astype(np.float64) - array
         quantized = dataclasses.replace(quantized, squared_error=float(np.vdot(diff, diff)))
     return QuantizedWeight(quantized, tuple(array.shape))
@@ -436,7 +450,8 @@ def sparsify_weight(
     else:
         mask = magnitude_mask(scores, config.target_sparsity)
     dtype = None if config.quantize_dtype is None else config.quantize_dtype.numpy
-    updated = array if gram is None or array.ndim != 2 else _pruned_with_feedback(array, mask, gram, input_axis)
+    checked = _checked_gram(gram, array.shape[input_axis]) if array.ndim == 2 else None
+    updated = array if checked is None else _pruned_with_feedback(array, mask, checked, input_axis)
     result = sparsify(
         np.ascontiguousarray(updated), np.ascontiguousarray(mask), config.palettize_nbits, dtype, output_axis
     )

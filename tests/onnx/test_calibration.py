@@ -245,3 +245,46 @@ def test_feeds_that_do_not_match_the_model_inputs_are_refused_in_one_line(tmp_pa
     )
     err = capsys.readouterr().err
     assert "no model input named 'input_ids'" in err and err.count("\n") == 1
+
+
+def test_bad_calibration_data_is_refused_with_the_reason(tmp_path, capsys):
+    """Found by a second reader: non-finite activations, inputs ONNX Runtime cannot take, an .npy, a gram of the
+    wrong size, and an activation named like the layer check's own output."""
+    from lowbit.cli import main
+    from lowbit.config import QuantizeConfig
+    from lowbit.weights import quantize_weight
+
+    program, feeds = _skewed()
+    poisoned = {"x0": feeds[0]["x0"].copy()}
+    poisoned["x0"][3, 5] = np.nan
+    with pytest.raises(ValueError, match="activations of 'w' are not finite on calibration feed 1"):
+        lowbit.quantize_weights(program, dtype="int4", calibration_data=[feeds[1], poisoned])
+    with pytest.raises(ValueError, match=r"ONNX Runtime cannot run the model on calibration feed 0: .*double"):
+        lowbit.palettize_weights(program, calibration_data=[{"x0": feeds[0]["x0"].astype(np.float64)}])
+    src = program.save(tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", feeds[0]["x0"])
+    assert (
+        main(
+            [
+                "quantize",
+                str(src),
+                str(tmp_path / "q.onnx"),
+                "--dtype",
+                "int8",
+                "--calibration",
+                str(tmp_path / "x.npy"),
+            ]
+        )
+        == 2
+    )
+    assert "wants an .npz of named arrays" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"gram must be 64 x 64"):
+        quantize_weight(feeds[0]["x0"][:, :48] * 0 + 1, 1, 0, QuantizeConfig(dtype="int8"), gram=np.eye(7))
+    renamed = lowbit.Program(make_model({"w": program.weight_arrays()["w"]}, [("MatMul", "w", {})]))
+    renamed.graph.inputs[0].name = "lowbit.layer_output.0"  # the name the layer check gives its output first
+    errors = layer_output_errors(
+        lowbit.quantize_weights(renamed, dtype="int4").weight_arrays(),
+        renamed,
+        [{"lowbit.layer_output.0": feeds[0]["x0"]}],
+    )
+    assert 0 < errors["w"] < 1

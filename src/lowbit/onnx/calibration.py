@@ -16,7 +16,15 @@ from lowbit.onnx.discovery import WeightRef
 from lowbit.onnx.program import PROTO_LIMIT_BYTES, Program
 from lowbit.statistics import InputMoments
 
-__all__ = ["capturing_session", "checked_feed", "collect_input_moments", "feeds_of", "session", "sole_consumers"]
+__all__ = [
+    "capturing_session",
+    "checked_feed",
+    "collect_input_moments",
+    "feeds_of",
+    "run_checked",
+    "session",
+    "sole_consumers",
+]
 
 
 def session(model: ir.Model) -> ort.InferenceSession:
@@ -122,21 +130,34 @@ def collect_input_moments(program: Program, calibration_data: Any) -> dict[str, 
     capture = capturing_session(program, (t.activation for t in taps))
     names = [o.name for o in capture.get_outputs()]
     inputs = {i.name for i in capture.get_inputs()}
-    moments = {t.weight: InputMoments.empty(t.channels, full=t.full) for t in taps}
+    # weights that read the same activation (q / k / v, gate / up) share one accumulator
+    shared: dict[tuple[str, int, bool], InputMoments] = {}
+    for t in taps:
+        shared.setdefault((t.activation, t.channel_axis, t.full), InputMoments.empty(t.channels, full=t.full))
     feeds = 0
     for feed in feeds_of(calibration_data):
-        given = checked_feed(feed, inputs)
-        values = dict(given)
-        values.update(zip(names, capture.run(None, given), strict=True))
-        for tap in taps:
-            x = values[tap.activation]
-            if x.shape[tap.channel_axis] != tap.channels:
-                raise ValueError(
-                    f"activations of {tap.weight!r} have {x.shape[tap.channel_axis]} channels, "
-                    f"its weight {tap.channels}"
+        values = run_checked(capture, checked_feed(feed, inputs), names, feeds)
+        for (activation, axis, _), moments in shared.items():
+            x = values[activation]
+            if x.shape[axis] != len(moments.squares) or not np.isfinite(x).all():
+                tap = next(t for t in taps if t.activation == activation)
+                problem = (
+                    "are not finite" if x.shape[axis] == len(moments.squares) else f"have {x.shape[axis]} channels"
                 )
-            moments[tap.weight].add(x, tap.channel_axis)
+                raise ValueError(f"activations of {tap.weight!r} {problem} on calibration feed {feeds}")
+            moments.add(x, axis)
         feeds += 1
     if feeds == 0:
         raise ValueError("calibration_data yielded no feed")
-    return moments
+    return {t.weight: shared[(t.activation, t.channel_axis, t.full)] for t in taps}
+
+
+def run_checked(capture: ort.InferenceSession, feed: dict[str, np.ndarray], names: list[str], index: int) -> dict:
+    """The feed's inputs and the captured values by name; ``ValueError`` (ONNX Runtime's reason, one line) when
+    the model cannot run on it (an input of the wrong dtype or shape)."""
+    try:
+        outputs = capture.run(None, feed)
+    except Exception as err:  # onnxruntime's own exception types
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"ONNX Runtime cannot run the model on calibration feed {index}: {reason}") from err
+    return {**feed, **dict(zip(names, outputs, strict=True))}

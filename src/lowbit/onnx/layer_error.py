@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from lowbit.onnx.calibration import capturing_session, checked_feed, session, sole_consumers
+from lowbit.onnx.calibration import capturing_session, checked_feed, run_checked, session, sole_consumers
 from lowbit.onnx.discovery import OP_TABLE
 from lowbit.onnx.program import Program
 
@@ -75,7 +75,10 @@ def _single_node(layer: _Layer, weight: np.ndarray, samples: Mapping[str, np.nda
         values.append(new)
     attributes = list(layer.node.attributes.values())
     node = ir.Node(layer.node.domain, layer.node.op_type, values, attributes, num_outputs=len(layer.node.outputs))
-    node.outputs[0].name = "y"
+    taken = {v.name for v in layer.node.inputs if v is not None}
+    node.outputs[0].name = next(
+        n for n in (f"lowbit.layer_output.{i}" for i in range(len(taken) + 1)) if n not in taken
+    )
     graph = ir.Graph(inputs, [node.outputs[0]], nodes=[node], initializers=initializers, opset_imports=opset)
     return ir.Model(graph, ir_version=10)
 
@@ -94,8 +97,7 @@ def layer_output_errors(
     count = 0
     for feed in feeds:
         count += 1
-        results = checked_feed(feed, inputs)
-        results.update(zip(names, capture.run(None, dict(results)), strict=True))
+        results = run_checked(capture, checked_feed(feed, inputs), names, count - 1)
         for layer in layers:
             samples = {name: results[name] for name in layer.activations if name in results}
             if len(samples) == len(layer.activations):

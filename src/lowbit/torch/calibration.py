@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -41,8 +42,10 @@ def collect_linear_moments(
 
     def hook_for(name: str) -> Callable:
         def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
-            x = inputs[0].detach()
-            moments[name].add(x.to(torch.float64).cpu().numpy(), -1)
+            x = inputs[0].detach().to(torch.float64).cpu().numpy()
+            if not np.isfinite(x).all():
+                raise ValueError(f"the input activations of {name!r} are not finite on a calibration item")
+            moments[name].add(x, -1)
 
         return hook
 
