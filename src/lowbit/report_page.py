@@ -314,10 +314,20 @@ def write_pngs(rows: Sequence[PageRow], folder: str | os.PathLike, histograms: S
     bits.bar(x, [r.bits_per_weight for r in rows], color=colours, width=0.85)
     bits.set_ylabel("bits / weight")
     known = [(i, r.rel_mse) for i, r in enumerate(rows) if r.rel_mse]
+    outputs = [(i, r.output_error) for i, r in enumerate(rows) if r.output_error]
     if known:
         errors.scatter([i for i, _ in known], [e for _, e in known], c=[colours[i] for i, _ in known], s=12)
+    if outputs:  # the layer's output error on calibration data: rings, as on the page
+        errors.scatter(
+            [i for i, _ in outputs],
+            [e for _, e in outputs],
+            facecolors="none",
+            edgecolors=[colours[i] for i, _ in outputs],
+            s=16,
+        )
+    if known or outputs:
         errors.set_yscale("log")
-    errors.set_ylabel("rel-MSE")
+    errors.set_ylabel("rel-MSE (dots), output error (rings)")
     errors.set_xlabel("weight (model order)")
     fig.tight_layout()
     written = [out / "weights.png"]
