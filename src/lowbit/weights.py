@@ -259,6 +259,12 @@ def palettize_weight(
     return weight
 
 
+def _by_input(a: np.ndarray, input_axis: int) -> np.ndarray:
+    """A 2-D weight (or a grid of its shape) with its input channels first, or back (the view is its own
+    inverse)."""
+    return a.T if input_axis == 1 else a
+
+
 def _checked_gram(gram: np.ndarray | None, channels: int) -> np.ndarray | None:
     """``gram`` when it is a finite ``channels x channels`` matrix; ``ValueError`` naming the sizes otherwise."""
     if gram is None:
@@ -376,9 +382,8 @@ def _quantized_with_feedback(
     channels = padded.shape[input_axis]
     full = np.zeros((channels, channels))
     full[: len(gram), : len(gram)] = gram  # padding channels: never active
-    by_input = (lambda a: a.T) if input_axis == 1 else (lambda a: a)
-    nearest = nearest_on_linear_grid(by_input(scale), by_input(zero_point), low, high)
-    codes = by_input(ordered_feedback_codes(by_input(padded), full, nearest))
+    nearest = nearest_on_linear_grid(_by_input(scale, input_axis), _by_input(zero_point, input_axis), low, high)
+    codes = _by_input(ordered_feedback_codes(_by_input(padded, input_axis), full, nearest), input_axis)
     return dataclasses.replace(q, q=codes.astype(q.q.dtype))
 
 
@@ -467,11 +472,10 @@ def sparsify_weight(
 def _pruned_with_feedback(array: np.ndarray, mask: np.ndarray, gram: np.ndarray, input_axis: int) -> np.ndarray:
     """``array`` (2-D) with its pruned weights zeroed one input channel at a time and the error fed to the kept
     weights of the channels after it; in ``array``'s dtype."""
-    by_input = (lambda a: a.T) if input_axis == 1 else (lambda a: a)
-    keep = by_input(mask)
+    keep = _by_input(mask, input_axis)
 
     def project(values: np.ndarray, channel: int) -> tuple[np.ndarray, np.ndarray]:
         return np.zeros(values.shape, np.int64), np.where(keep[channel], values, 0.0)
 
-    values = ordered_feedback_values(by_input(array).astype(np.float64), gram, project)
-    return np.ascontiguousarray(by_input(values)).astype(array.dtype)
+    values = ordered_feedback_values(_by_input(array, input_axis).astype(np.float64), gram, project)
+    return np.ascontiguousarray(_by_input(values, input_axis)).astype(array.dtype)
