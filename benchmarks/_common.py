@@ -108,3 +108,40 @@ def export_minilm_onnx(bert, path: Path) -> Path:
             dynamic_axes={"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}},
         )
     return path
+
+
+def mean_pooled(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Sentence embeddings of ``hidden`` ``[batch, tokens, dim]``: the mean over each sentence's tokens (``mask``
+    ``[batch, tokens]``), scaled to unit length, in float64."""
+    weights = mask[..., None].astype(np.float64)
+    mean = (hidden.astype(np.float64) * weights).sum(1) / weights.sum(1)
+    return mean / np.linalg.norm(mean, axis=1, keepdims=True)
+
+
+def minilm_calibration_split(tokenizer) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+    """(evaluation feeds: 64 sentences in batches of 16, calibration feeds: 88 other sentences in batches of 8) of
+    the English text on the machine, tokenized for the MiniLM ONNX model (``input_ids``, ``attention_mask``)."""
+    from _text import english_sentences
+
+    sentences = english_sentences(152)
+
+    def batch(texts: list[str]) -> dict[str, np.ndarray]:
+        b = tokenizer(texts, padding=True, return_tensors="np")
+        return {"input_ids": b["input_ids"].astype(np.int64), "attention_mask": b["attention_mask"].astype(np.int64)}
+
+    evaluation = [batch(sentences[i : i + 16]) for i in range(0, 64, 16)]
+    return evaluation, [batch(sentences[i : i + 8]) for i in range(64, 152, 8)]
+
+
+def onnx_sentence_embeddings(model, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
+    """:func:`mean_pooled` embeddings of an ONNX sentence encoder (an ``onnx_ir`` model) over ``feeds``, in ONNX
+    Runtime with basic optimizations (the weights decoded at load, float products)."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    session = ort.InferenceSession(
+        ir.serde.serialize_model(model).SerializeToString(), options, ["CPUExecutionProvider"]
+    )
+    return np.concatenate([mean_pooled(session.run(None, f)[0], f["attention_mask"]) for f in feeds])

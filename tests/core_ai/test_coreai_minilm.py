@@ -12,7 +12,7 @@ pytest.importorskip("coreai.authoring", reason="needs lowbit[coreai] (coreai-cor
 pytest.importorskip("coreai_torch", reason="needs coreai-torch (Python >= 3.11)")
 
 import torch
-from _common import minilm_encoder
+from _common import mean_pooled, minilm_encoder
 from _text import english_sentences
 from coreai_support import convert, run_asset
 
@@ -36,19 +36,13 @@ def minilm(minilm_torch, tmp_path_factory):
     with torch.no_grad():
         hidden = encoder(ids, mask).numpy()
     feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
-    return path, feeds, _pooled(hidden, feeds["attention_mask"])
-
-
-def _pooled(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    weights = mask[..., None].astype(np.float32)
-    mean = (hidden * weights).sum(1) / weights.sum(1)
-    return mean / np.linalg.norm(mean, axis=1, keepdims=True)
+    return path, feeds, mean_pooled(hidden, feeds["attention_mask"])
 
 
 def test_palettized_minilm_on_the_runtime(minilm, tmp_path):
     path, feeds, reference = minilm
     (dense_hidden,) = run_asset(path, feeds)
-    assert float((_pooled(dense_hidden, feeds["attention_mask"]) * reference).sum(1).min()) > 0.9999
+    assert float((mean_pooled(dense_hidden, feeds["attention_mask"]) * reference).sum(1).min()) > 0.9999
     program = lc.load(path)
     weights = program.weights()
     # 36 Linear weights, the word and token-type embeddings (the position embedding is folded by the converter)
@@ -59,7 +53,7 @@ def test_palettized_minilm_on_the_runtime(minilm, tmp_path):
     saved = small.save(tmp_path / "minilm_4bit.aimodel")
     (hidden,) = run_asset(saved, feeds)
     assert np.isfinite(hidden).all()
-    cosine = float((_pooled(hidden, feeds["attention_mask"]) * reference).sum(1).mean())
+    cosine = float((mean_pooled(hidden, feeds["attention_mask"]) * reference).sum(1).mean())
     assert cosine >= 0.955, cosine
     decoded = lc.decompress_weights(lc.load(saved)).save(tmp_path / "decoded.aimodel")
     (again,) = run_asset(decoded, feeds)

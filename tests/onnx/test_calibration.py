@@ -108,32 +108,13 @@ def test_without_calibration_data_nothing_changes_and_bad_data_is_refused():
 
 def test_calibrated_minilm_keeps_its_embeddings_better(minilm_onnx, minilm_torch):
     """all-MiniLM-L6-v2, 4-bit grouped(16): calibrated on 88 sentences, evaluated on 64 others."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    from _text import english_sentences
+    from _common import minilm_calibration_split, onnx_sentence_embeddings
 
     _, tokenizer = minilm_torch
-    sentences = english_sentences(152)
-
-    def batch(texts):
-        b = tokenizer(texts, padding=True, return_tensors="np")
-        return {"input_ids": b["input_ids"].astype(np.int64), "attention_mask": b["attention_mask"].astype(np.int64)}
-
-    evaluation = [batch(sentences[i : i + 16]) for i in range(0, 64, 16)]
-    calibration = [batch(sentences[i : i + 8]) for i in range(64, 152, 8)]
+    evaluation, calibration = minilm_calibration_split(tokenizer)
 
     def embeddings(program):
-        from conftest import ort_session
-
-        session = ort_session(program.model, "basic")
-        out = []
-        for feed in evaluation:
-            hidden, mask = session.run(None, feed)[0], feed["attention_mask"][..., None]
-            mean = (hidden * mask).sum(1) / mask.sum(1)
-            out.append(mean / np.linalg.norm(mean, axis=1, keepdims=True))
-        return np.concatenate(out)
+        return onnx_sentence_embeddings(program.model, evaluation)
 
     dense = lowbit.load(minilm_onnx)
     reference = embeddings(dense)
