@@ -299,3 +299,40 @@ def test_dkm_on_a_meta_device_model_says_so():
         model = torch.nn.Sequential(torch.nn.Linear(64, 64))
     with pytest.raises(ValueError, match=r"parameter '0\.weight' is on the meta device"):
         DKMPalettizer(model).prepare()
+
+
+def test_finalize_into_a_copy_leaves_the_prepared_model_training():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    config = DKMPalettizerConfig.from_dict({"global_config": {"n_bits": 2, "weight_threshold": 0}})
+    palettizer = DKMPalettizer(model, config)
+    prepared = palettizer.prepare()
+    palettizer.step()
+    optimizer = torch.optim.SGD(prepared.parameters(), lr=0.01)
+    prepared(torch.randn(4, 64)).sum().backward()
+    optimizer.step()
+    finalized = palettizer.finalize()
+    assert all(len(torch.unique(finalized[i].weight)) <= 4 for i in (0, 2))
+    prepared(torch.randn(4, 64)).sum().backward()  # the prepared model still trains
+    optimizer.step()
+    assert torch.nn.utils.parametrize.is_parametrized(prepared[0], "weight")
+    assert not torch.nn.utils.parametrize.is_parametrized(finalized[0])
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_finalize_a_recurrent_layer_after_a_training_step(inplace):
+    torch.manual_seed(0)
+    model = torch.nn.LSTM(16, 32, batch_first=True)
+    config = DKMPalettizerConfig.from_dict({"global_config": {"n_bits": 2, "weight_threshold": 0}})
+    palettizer = DKMPalettizer(model, config)
+    prepared = palettizer.prepare()
+    palettizer.step()
+    prepared(torch.randn(2, 5, 16))[0].sum().backward()
+    finalized = palettizer.finalize(inplace=inplace)
+    x = torch.randn(2, 5, 16)
+    plain = torch.nn.LSTM(16, 32, batch_first=True)
+    plain.load_state_dict(finalized.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(finalized(x)[0], plain(x)[0], rtol=0, atol=0)
+    assert set(palettization_of(finalized)) == {"weight_ih_l0", "weight_hh_l0"}
+    assert all(len(torch.unique(w)) <= 4 for w in (finalized.weight_ih_l0, finalized.weight_hh_l0))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from typing import Any
 
 import numpy as np
 import torch
@@ -382,7 +383,7 @@ class DKMPalettizer:
         """Replace each palettized weight by its hard-assigned LUT values, remove the parametrizations and record
         each palettization (LUT + indices) for :func:`lowbit.torch.export_onnx`; returns the plain model."""
         model = self._model if model is None else model
-        model = model if inplace else copy.deepcopy(model)
+        model = model if inplace else _independent_copy(model)
         for module in model.modules():
             if not parametrize.is_parametrized(module):
                 continue
@@ -405,6 +406,25 @@ class DKMPalettizer:
         from lowbit.torch.report import report
 
         return report(self._model)
+
+
+def _independent_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of a prepared model that finalizing cannot reach back through: each parametrized module gets its
+    own class (torch's parametrize shares one class between a module and its copies, and removing a parametrization
+    edits that class), and tensors computed from the parametrizations (a recurrent layer's ``_flat_weights`` after a
+    step), which cannot be deep-copied, are copied detached (the next forward recomputes them)."""
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for value in module.__dict__.values():
+            for tensor in value if isinstance(value, list) else [value]:
+                if isinstance(tensor, torch.Tensor) and tensor.grad_fn is not None:
+                    memo[id(tensor)] = tensor.detach()
+    replica = copy.deepcopy(model, memo)
+    for module in replica.modules():
+        if parametrize.is_parametrized(module):
+            cls = type(module)
+            module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+    return replica
 
 
 def _record_lut(module: nn.Module, name: str, fake: FakePalettize) -> None:
