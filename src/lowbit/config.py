@@ -18,6 +18,7 @@ __all__ = [
     "check_bool",
     "check_choice",
     "check_int",
+    "integral",
     "to_enum",
 ]
 
@@ -49,6 +50,16 @@ def check_int(name: str, value: Any, minimum: int | None = None) -> int:
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
+
+
+def integral(name: str, value: Any) -> int:
+    """An int given as an int, an integer-valued float (``4.0``) or a decimal string (``"4"``), as coremltools'
+    configs take it; ``TypeError`` for a bool or any other value."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("+-").isdecimal():
+        return int(value)
+    return check_int(name, value)
 
 
 def check_bool(name: str, value: Any) -> bool:

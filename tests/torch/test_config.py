@@ -17,7 +17,9 @@ from lowbit.torch.palettization import (  # noqa: E402
 
 INVALID = [
     ({"n_bits": 5}, "n_bits must be one of"),
-    ({"n_bits": "4"}, "n_bits must be an int"),
+    ({"n_bits": "four"}, "n_bits must be an int"),
+    ({"n_bits": 4.5}, "n_bits must be an int"),
+    ({"n_bits": True}, "n_bits must be an int"),
     ({"granularity": "per_block"}, "granularity must be one of"),
     ({"granularity": "per_grouped_channel"}, "group_size must be set"),
     ({"granularity": "per_grouped_channel", "group_size": 0}, "group_size must be >= 1"),
@@ -119,3 +121,18 @@ def test_setters_chain_and_round_trip_through_dict_and_yaml(tmp_path):
     }
     skm = SKMPalettizerConfig.from_dict({"calibration_nsamples": 16, "global_config": {"n_bits": 3}})
     assert SKMPalettizerConfig.from_dict(skm.as_dict()).calibration_nsamples == 16
+
+
+@pytest.mark.parametrize("n_bits", ["4", 4.0, 4])
+def test_n_bits_and_lut_dtype_spelled_as_coremltools_takes_them(n_bits):
+    from lowbit.torch.palettization import ModuleDKMPalettizerConfig
+
+    for cls in (ModulePostTrainingPalettizerConfig, ModuleSKMPalettizerConfig, ModuleDKMPalettizerConfig):
+        assert cls(n_bits=n_bits).n_bits == 4
+    for spelling in ("INT8", "int8", torch.int8):
+        assert ModulePostTrainingPalettizerConfig(lut_dtype=spelling).weight_config().lut_dtype.name == "INT8"
+    for spelling in ("int8", torch.int8, "I8"):
+        assert ModuleDKMPalettizerConfig(lut_dtype=spelling).lut_dtype == "i8"
+    assert ModuleDKMPalettizerConfig(lut_dtype=torch.float16).lut_dtype == "f16"
+    with pytest.raises(ValueError, match="lut_dtype must be one of"):
+        ModuleDKMPalettizerConfig(lut_dtype="int4")

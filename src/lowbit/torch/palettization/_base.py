@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lowbit.config import PalettizeConfig, check_choice, check_int
+from lowbit.config import PalettizeConfig, check_choice, check_int, integral
 from lowbit.errors import SkipWeight
 from lowbit.report import CompressionReport
 from lowbit.statistics import ACTIVATION_DAMPING, InputMoments
@@ -36,7 +36,7 @@ LUT_DTYPES = {None: None, "int8": DType.INT8, "uint8": DType.UINT8}
 
 def lut_dtype_of(value: Any) -> DType | None:
     """The :class:`DType` of a ``lut_dtype`` option: None, ``torch.int8`` / ``torch.uint8`` or their names."""
-    key = str(value).removeprefix("torch.") if value is not None else None
+    key = str(value).removeprefix("torch.").lower() if value is not None else None
     return LUT_DTYPES[check_choice("lut_dtype", key, LUT_DTYPES)]
 
 
@@ -72,6 +72,7 @@ class KMeansModuleConfig(ModuleConfig):
     enable_per_channel_scale: bool = False
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "n_bits", integral("n_bits", self.n_bits))
         granularity = self.granularity
         if isinstance(granularity, CompressionGranularity):
             granularity = granularity.name.lower()

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from lowbit.config import PALETTIZE_N_BITS, check_bool, check_choice, check_int
+from lowbit.config import PALETTIZE_N_BITS, check_bool, check_choice, check_int, integral
 from lowbit.torch.config import ModelConfig, ModuleConfig
 
 __all__ = ["DKMPalettizerConfig", "ModuleDKMPalettizerConfig"]
@@ -18,6 +18,8 @@ __all__ = ["DKMPalettizerConfig", "ModuleDKMPalettizerConfig"]
 PALETT_MODES = ("dkm", "gsm", "hard")
 KMEANS_INITS = ("auto", "opt1d", "cpu.kmeans++", "kmeans++")
 LUT_DTYPES = ("f32", "f16", "bf16", "i8", "u8")
+# the torch dtypes (or their names) that coremltools also takes for each
+LUT_DTYPE_NAMES = {"float32": "f32", "float16": "f16", "half": "f16", "bfloat16": "bf16", "int8": "i8", "uint8": "u8"}
 SCALING_SCHEMES = ("min_max", "abs")
 # options accepted at their default only, with why (activation quantization, distributed and batching modes)
 NOT_IMPLEMENTED = {
@@ -115,7 +117,8 @@ class ModuleDKMPalettizerConfig(ModuleConfig):
                     f"{default!r}); see the README's DKM section"
                 )
         if self.n_bits is not None:
-            check_choice("n_bits", check_int("n_bits", self.n_bits), PALETTIZE_N_BITS)
+            object.__setattr__(self, "n_bits", integral("n_bits", self.n_bits))
+            check_choice("n_bits", self.n_bits, PALETTIZE_N_BITS)
         check_int("weight_threshold", self.weight_threshold, 0)
         check_choice("granularity", self.granularity, ("per_tensor", "per_grouped_channel"))
         if (self.granularity == "per_grouped_channel") != (self.group_size is not None):
@@ -129,6 +132,8 @@ class ModuleDKMPalettizerConfig(ModuleConfig):
             check_int("cluster_dim", self.cluster_dim, 1)
             if self.cluster_dim > 1 and self.enable_per_channel_scale:
                 raise ValueError("cluster_dim > 1 cannot be combined with enable_per_channel_scale")
+        lut_dtype = str(self.lut_dtype).removeprefix("torch.").lower()
+        object.__setattr__(self, "lut_dtype", LUT_DTYPE_NAMES.get(lut_dtype, lut_dtype))
         check_choice("lut_dtype", self.lut_dtype, LUT_DTYPES)
         check_int("kmeans_max_iter", self.kmeans_max_iter, 1)
         _check_float("prune_threshold", self.prune_threshold)
