@@ -175,3 +175,32 @@ def test_every_pass_on_a_real_file(dist, file, fixed, tmp_path):
 )
 def test_every_pass_on_more_real_files(dist, file, fixed, tmp_path):
     _check_file(dist, file, fixed, tmp_path)
+
+
+@pytest.mark.parametrize("file", ["silero_vad.onnx", "silero_vad_half.onnx", "silero_vad_openvino_16k.onnx"])
+def test_weights_cut_into_gate_blocks_are_found_and_compressed(file, tmp_path):
+    """Silero VAD feeds its LSTM W / R through Slice -> Concat -> Unsqueeze (PyTorch's gate order to ONNX's): 45 %
+    of silero_vad.onnx. They are found with the LSTM's channel axes, compressed whole (the Slices read the decoded
+    tensor), found again in the output, and decompress back to the original's size."""
+    src = _located("silero-vad", f"silero_vad/data/{file}")
+    rnn = [w for w in lowbit.load(src).weights() if "rnn.weight" in w.name]
+    assert rnn and all((w.output_axis, w.input_axis, w.shape) == (0, 1, (512, 128)) for w in rnn)
+    for name, bound in (("palettize-4", 0.25), ("int8", 0.35)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dest = PASSES[name](lowbit.load(src)).save(tmp_path / f"{name}.onnx")
+        assert dest.stat().st_size <= bound * src.stat().st_size, name
+        again = [w for w in lowbit.load(dest).weights() if "rnn.weight" in w.name]
+        assert len(again) == len(rnn) and all(w.compression for w in again), name
+        dense = lowbit.decompress_weights(lowbit.load(dest)).save(tmp_path / f"{name}.dense.onnx")
+        assert dense.stat().st_size <= 1.01 * src.stat().st_size, name
+        session = _session(src, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+        samples = next(s.shape[1] for s in session.get_inputs() if s.name == "input")
+        samples = samples if isinstance(samples, int) else 512  # a chunk at 16 kHz
+        audio = np.random.default_rng(0).standard_normal((1, samples)).astype(np.float32) * 0.1
+        fixed = {"sr": np.array(16000), "input": audio, "state": np.zeros((2, 1, 128), np.float32)}
+        feeds = _feeds(session, fixed)
+        want = _session(dense, ort.GraphOptimizationLevel.ORT_DISABLE_ALL).run(None, feeds)
+        got = _session(dest, ort.GraphOptimizationLevel.ORT_ENABLE_ALL).run(None, feeds)
+        for g, w in zip(got, want, strict=True):
+            assert _relative_error(g, w) < 1e-5, name

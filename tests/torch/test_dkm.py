@@ -331,7 +331,7 @@ def test_finalize_a_recurrent_layer_after_a_training_step(inplace):
     finalized = palettizer.finalize(inplace=inplace)
     x = torch.randn(2, 5, 16)
     plain = torch.nn.LSTM(16, 32, batch_first=True)
-    plain.load_state_dict(finalized.state_dict())
+    plain.load_state_dict(finalized.state_dict(), strict=False)  # without the palettization records
     with torch.no_grad():
         torch.testing.assert_close(finalized(x)[0], plain(x)[0], rtol=0, atol=0)
     assert set(palettization_of(finalized)) == {"weight_ih_l0", "weight_hh_l0"}

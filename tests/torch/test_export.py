@@ -45,19 +45,6 @@ def test_export_leaves_every_module_in_its_own_mode(tmp_path):
     _assert_ort_runs_it_as_torch(tmp_path / "m.onnx", model, x)
 
 
-def test_recurrent_weights_the_exporter_restacks_are_palettized_losslessly(tmp_path):
-    torch.manual_seed(0)
-    lstm = _palettized(nn.LSTM(16, 32, batch_first=True), granularity="per_grouped_channel", group_size=32)
-    x = torch.randn(2, 5, 16)
-    program = lowbit.torch.export_onnx(Wrapper(lstm).eval(), (x,), tmp_path / "lstm.onnx", input_names=["x"])
-    compressed = {r.name: r for r in program.report.rows}
-    assert len(compressed) == 2 and all(r.rel_mse == 0.0 for r in compressed.values())  # W and R, exact LUTs
-    with torch.no_grad():
-        expected = Wrapper(lstm).eval()(x).numpy()
-    got = ort_session(tmp_path / "lstm.onnx", "all").run(None, {"x": x.numpy()})[0]
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
-
-
 def test_a_second_palettization_is_exported_with_the_new_luts(tmp_path):
     torch.manual_seed(0)
     model = _palettized(nn.Sequential(nn.Linear(64, 64)))
@@ -82,3 +69,114 @@ def test_a_ragged_last_group_exports_with_its_own_lut(tmp_path):
     (weight,) = lowbit.load(tmp_path / "m.onnx").weights()
     assert weight.compression == "palettized 4-bit, 4 LUT(s)"
     _assert_ort_runs_it_as_torch(tmp_path / "m.onnx", model, x)
+
+
+FUNCTIONS_NBYTES = 8192  # the decode functions' definitions and the graph: a fixed cost, whatever the weights
+
+
+def _stored_nbytes(program, model: nn.Module) -> tuple[int, int]:
+    """(bytes of the palettized weights as written, bytes of the model's parameters that are not palettized)."""
+    records = lowbit.torch.palettization_of(model)
+    dense = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if name not in records)
+    return sum(r.bytes_after for r in program.report.rows), dense
+
+
+@pytest.mark.parametrize(("n_bits", "group_size"), [(4, 16), (3, 8)])
+def test_palettes_survive_state_dict_torch_save_deepcopy_and_pickle(tmp_path, n_bits, group_size):
+    import copy
+    import io
+
+    torch.manual_seed(0)
+
+    def make():
+        return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128)).eval()
+
+    options = {"granularity": "per_grouped_channel", "group_size": group_size, "n_bits": n_bits}
+    palettized = _palettized(make(), **options)
+    records = lowbit.torch.palettization_of(palettized)
+    assert set(records) == {"0.weight", "2.weight"}
+    torch.save(palettized.state_dict(), tmp_path / "sd.pt")
+    with pytest.raises(RuntimeError, match="lowbit_palettized_weight"):  # a plain load says what it cannot take
+        make().load_state_dict(torch.load(tmp_path / "sd.pt", weights_only=True))
+    fresh = lowbit.torch.load_state_dict(make(), tmp_path / "sd.pt")
+    buffer = io.BytesIO()
+    torch.save(palettized, buffer)
+    buffer.seek(0)
+    copies = {
+        "state_dict": fresh,
+        "deepcopy": copy.deepcopy(palettized),
+        "pickle": torch.load(buffer, weights_only=False),
+    }
+    x = torch.randn(3, 64)
+    for how, model in copies.items():
+        again = lowbit.torch.palettization_of(model)
+        for name, record in records.items():
+            assert again[name].palettized.n_bits == n_bits, how
+            np.testing.assert_array_equal(again[name].palettized.lut, record.palettized.lut)
+            np.testing.assert_array_equal(again[name].palettized.packed, record.palettized.packed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            program = lowbit.torch.export_onnx(model, (x,), tmp_path / f"{how}.onnx", input_names=["x"])
+        assert {r.name for r in program.report.rows} == {"0.weight", "2.weight"}, how
+        palette_bytes = sum(r.nbytes for r in records.values())
+        stored, dense = _stored_nbytes(program, model)
+        assert stored <= 1.1 * palette_bytes, how
+        assert (tmp_path / f"{how}.onnx").stat().st_size <= 1.1 * (palette_bytes + dense) + FUNCTIONS_NBYTES, how
+        _assert_ort_runs_it_as_torch(tmp_path / f"{how}.onnx", model, x)
+
+
+def test_a_weight_trained_after_palettization_is_exported_dense_with_a_warning(tmp_path):
+    torch.manual_seed(0)
+    model = _palettized(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval())
+    with torch.no_grad():
+        model[0].weight.add_(0.01 * torch.randn_like(model[0].weight))
+    x = torch.randn(2, 64)
+    with pytest.warns(UserWarning, match=r"weight '0.weight' changed since it was palettized"):
+        program = lowbit.torch.export_onnx(model, (x,), tmp_path / "m.onnx", input_names=["x"])
+    assert [r.name for r in program.report.rows] == ["2.weight"]
+    _assert_ort_runs_it_as_torch(tmp_path / "m.onnx", model, x)
+
+
+def test_a_corrupt_record_is_refused_on_load():
+    model = _palettized(nn.Sequential(nn.Linear(64, 64)))
+    state = model.state_dict()
+    state["0.lowbit_palettized_weight"] = torch.zeros(16, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="not a lowbit palettization record"):
+        lowbit.torch.load_state_dict(nn.Sequential(nn.Linear(64, 64)), state)
+
+
+GROUPED16 = {"n_bits": 4, "granularity": "per_grouped_channel", "group_size": 16}
+RECURRENT = {
+    "bidirectional LSTM 8-bit": (lambda: nn.LSTM(64, 128, batch_first=True, bidirectional=True), {"n_bits": 8}),
+    "bidirectional LSTM grouped(16)": (lambda: nn.LSTM(64, 128, batch_first=True, bidirectional=True), GROUPED16),
+    "2-layer bidirectional LSTM": (
+        lambda: nn.LSTM(64, 64, num_layers=2, batch_first=True, bidirectional=True),
+        GROUPED16,
+    ),
+    "bidirectional GRU": (lambda: nn.GRU(64, 64, batch_first=True, bidirectional=True), GROUPED16),
+    "small LSTM 4-bit": (lambda: nn.LSTM(16, 32, batch_first=True), {"n_bits": 4}),
+}
+
+
+@pytest.mark.parametrize("case", list(RECURRENT))
+def test_recurrent_layers_export_at_their_requested_bits(tmp_path, case):
+    make, options = RECURRENT[case]
+    torch.manual_seed(0)
+    model = Wrapper(_palettized(make(), **options)).eval()
+    records = lowbit.torch.palettization_of(model)
+    x = torch.randn(2, 7, model.inner.input_size)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*stored dense")
+        program = lowbit.torch.export_onnx(model, (x,), tmp_path / "rnn.onnx", input_names=["x"])
+    palette_bytes = sum(r.nbytes for r in records.values())
+    stored, dense = _stored_nbytes(program, model)
+    assert len(program.report.rows) == len(records) // (2 if model.inner.bidirectional else 1)
+    assert all(r.compression == "palettized" for r in program.report.rows)
+    assert stored <= 1.1 * palette_bytes  # each direction at its own bits, not a lossless wider LUT
+    assert (tmp_path / "rnn.onnx").stat().st_size <= 1.1 * (palette_bytes + dense) + FUNCTIONS_NBYTES
+    _assert_ort_runs_it_as_torch(tmp_path / "rnn.onnx", model, x)
+    reloaded = lowbit.load(tmp_path / "rnn.onnx")
+    assert all(w.compression.startswith(f"palettized {options['n_bits']}-bit") for w in reloaded.weights())
+    dense_file = tmp_path / "dense.onnx"
+    lowbit.decompress_weights(reloaded).save(dense_file)
+    _assert_ort_runs_it_as_torch(dense_file, model, x)

@@ -258,27 +258,49 @@ def _slice_shape(node: ir.Node) -> tuple[int, ...] | None:
 
 
 _SLICE = Decoder("slice", lambda node: "", _decode_slice, _slice_shape)
+_RESHAPE = Decoder(
+    "reshape",
+    lambda node: "",
+    lambda node, inputs: np.ascontiguousarray(inputs[0]).reshape(_constant_ints(node.inputs[1])),
+    lambda node: tuple(_constant_ints(node.inputs[1])),
+)
 
 
-def _is_decode_slice(node: ir.Node) -> bool:
-    """A Slice that trims a decode node's padded output (a ragged last group or block) to the weight's shape."""
-    if len(node.inputs) != 4 or any(v is None or v.const_value is None for v in node.inputs[1:]):
+def _wraps_decoder(node: ir.Node) -> bool:
+    """Whether ``node`` reads, besides constants, the output of a decode node that nothing else reads."""
+    if any(v is None or v.const_value is None for v in node.inputs[1:]):
         return False
     source = node.inputs[0]
     producer = source.producer() if source is not None else None
-    return producer is not None and _is_decoder(producer)
+    return source is not None and producer is not None and _is_decoder(producer) and len(source.uses()) == 1
+
+
+def _is_decode_slice(node: ir.Node) -> bool:
+    """A Slice that trims a decode node's padded output (a ragged last group or block) to the weight's shape: from
+    0, the decode's only reader (a model's own Slices of a weight, e.g. gate blocks, are not)."""
+    return len(node.inputs) == 4 and _wraps_decoder(node) and not any(_constant_ints(node.inputs[1]))
+
+
+def _is_decode_reshape(node: ir.Node) -> bool:
+    """A Reshape of a lowbit decode node's output to the weight's shape (a recurrent layer's directions decoded as
+    one); a model's own Reshape after a DequantizeLinear is not one."""
+    producer = node.inputs[0].producer() if node.inputs[0] is not None else None
+    return len(node.inputs) == 2 and _wraps_decoder(node) and producer is not None and producer.domain == fn.DOMAIN
 
 
 def _is_decoder(node: ir.Node) -> bool:
-    """A decode node proper (not one of the Cast / Slice that wrap one)."""
-    return node.op_type not in ("Cast", "Slice") and decoder_for(node) is not None
+    """A decode node proper (not one of the Cast / Slice / Reshape that wrap one)."""
+    return node.op_type not in _WRAPPERS and decoder_for(node) is not None
 
 
 def decoder_for(node: ir.Node) -> Decoder | None:
     """The decoder of a decode node, or None when ``node`` is not one."""
     domain = "" if node.domain == "ai.onnx" else node.domain
-    if (domain, node.op_type) == ("", "Cast"):
-        return _CAST if _is_decode_cast(node) else None
-    if (domain, node.op_type) == ("", "Slice"):
-        return _SLICE if _is_decode_slice(node) else None
+    if domain == "" and node.op_type in _WRAPPERS:
+        wrapper = {"Cast": _CAST, "Slice": _SLICE, "Reshape": _RESHAPE}[node.op_type]
+        return wrapper if _WRAPPERS[node.op_type](node) else None
     return _DECODERS.get((domain, node.op_type))
+
+
+# the plain ops lowbit puts around a decode node, and how to tell them from a model's own
+_WRAPPERS = {"Cast": _is_decode_cast, "Slice": _is_decode_slice, "Reshape": _is_decode_reshape}

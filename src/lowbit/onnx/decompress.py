@@ -8,7 +8,7 @@ import onnx_ir.passes.common as common_passes
 
 from lowbit.onnx import fused
 from lowbit.onnx.decoders import decoder_for
-from lowbit.onnx.program import Program
+from lowbit.onnx.program import Program, remove_unused_subgraph_initializers
 
 __all__ = ["decompress_weights"]
 
@@ -65,4 +65,5 @@ def decompress_weights(program: Program, in_place: bool = False) -> Program:
             common_passes.RemoveUnusedOpsetsPass(),
         ]
     )(target.model)
+    remove_unused_subgraph_initializers(target.model)
     return target

@@ -61,7 +61,7 @@ OP_TABLE: dict[str, tuple[WeightInput, ...]] = {
     "RNN": (WeightInput(1, _recurrent_axes), WeightInput(2, _recurrent_axes)),
 }
 
-_PASS_THROUGH = {"Cast", "Identity", "Transpose"}
+_PASS_THROUGH = {"Cast", "Identity", "Transpose", "Unsqueeze", "Slice", "Concat"}
 
 
 @dataclass(frozen=True)
@@ -127,31 +127,76 @@ def _carried_from(value: ir.Value, owners: dict[int, ir.Node], opset: int) -> ir
     return owner.inputs[first_node_in + k] if passed is value else None
 
 
-def _trace(value: ir.Value, owners: dict[int, ir.Node], opset: int) -> tuple[ir.Value, list[list[int] | None]] | None:
-    """Follow ``value`` up through pass-through ops (and into the values a Loop/Scan carries unchanged) to a
-    constant or a decode node's output.
+# a step from a consumer's input up to its source: ("transpose", perm or None for reversed) or ("unsqueeze", axes)
+Step = tuple[str, list[int] | None]
 
-    Returns the source and the ``perm`` of each Transpose passed (consumer first; ``None``: reversed axes).
+
+def _trace(value: ir.Value, owners: dict[int, ir.Node], opset: int) -> list[tuple[ir.Value, list[Step]]]:
+    """Follow ``value`` up through pass-through ops (Cast, Identity, Transpose, Unsqueeze; Slice and Concat, as a
+    model that cuts a weight into gate blocks and restacks them does; into the values a Loop/Scan carries unchanged)
+    to constants or decode nodes' outputs.
+
+    Returns each source (a Concat has several) with the steps passed on the way (consumer first).
     """
-    perms: list[list[int] | None] = []
-    while True:
+    found: list[tuple[ir.Value, list[Step]]] = []
+    pending: list[tuple[ir.Value, list[Step]]] = [(value, [])]
+    while pending:
+        value, steps = pending.pop()
         if _is_constant(value):
-            return value, perms
+            found.append((value, steps))
+            continue
         producer = value.producer()
         if producer is None:
             carried = _carried_from(value, owners, opset) if value.is_graph_input() else None
-            if carried is None:
-                return None
-            value = carried
+            if carried is not None:
+                pending.append((carried, steps))
             continue
         if decoder_for(producer) is not None and _inputs_constant(producer):
-            return value, perms
+            found.append((value, steps))
+            continue
         if not (_is_default_domain(producer) and producer.op_type in _PASS_THROUGH) or producer.inputs[0] is None:
+            continue
+        step = _step(producer)
+        if step is _OPAQUE:
+            continue
+        sources = producer.inputs if producer.op_type == "Concat" else producer.inputs[:1]
+        pending.extend((v, steps + ([step] if step else [])) for v in reversed(sources) if v is not None)
+    return found
+
+
+_OPAQUE: Step = ("opaque", None)
+
+
+def _step(node: ir.Node) -> Step | None:
+    """How ``node`` moves its input's axes: a :data:`Step`, None when it keeps them, ``_OPAQUE`` when unknown."""
+    if node.op_type == "Transpose":
+        perm = node.attributes.get("perm")
+        return "transpose", list(perm.as_ints()) if perm is not None else None
+    if node.op_type != "Unsqueeze":
+        return None
+    attribute = node.attributes.get("axes")  # before opset 13 an attribute, then an input
+    if attribute is not None:
+        return "unsqueeze", list(attribute.as_ints())
+    axes = node.inputs[1] if len(node.inputs) > 1 else None
+    if axes is None or axes.const_value is None:
+        return _OPAQUE
+    return "unsqueeze", [int(a) for a in axes.const_value.numpy().reshape(-1)]
+
+
+def _source_axes(axes: tuple[int, int], steps: list[Step], rank: int) -> tuple[int, int] | None:
+    """The consumer's ``(output, input)`` axes carried through ``steps`` to the source (``rank``: the consumer
+    input's rank); None when a channel axis is one an Unsqueeze inserted."""
+    for kind, argument in steps:
+        if kind == "transpose":
+            perm = argument if argument is not None else list(range(rank))[::-1]
+            axes = (perm[axes[0]], perm[axes[1]])
+            continue
+        inserted = sorted(a % rank for a in argument or [])
+        if axes[0] in inserted or axes[1] in inserted:
             return None
-        if producer.op_type == "Transpose":
-            perm_attr = producer.attributes.get("perm")
-            perms.append(list(perm_attr.as_ints()) if perm_attr is not None else None)
-        value = producer.inputs[0]
+        axes = (axes[0] - sum(i < axes[0] for i in inserted), axes[1] - sum(i < axes[1] for i in inserted))
+        rank -= len(inserted)
+    return axes
 
 
 def _inputs_constant(node: ir.Node) -> bool:
@@ -183,17 +228,15 @@ def _candidates(graph: ir.Graph) -> Iterator[tuple[ir.Node, ir.Value, tuple[int,
         for slot in OP_TABLE[node.op_type]:
             if slot.index >= len(node.inputs) or node.inputs[slot.index] is None:
                 continue
-            traced = _trace(node.inputs[slot.index], owners, opset)  # type: ignore[arg-type]
-            shape = value_shape(traced[0]) if traced is not None else None
-            if traced is None or not shape:
-                continue
-            axes = slot.axes(node, len(shape))
-            if axes is None:
-                continue
-            for perm in traced[1]:
-                perm = perm if perm is not None else list(range(len(shape)))[::-1]
-                axes = (perm[axes[0]], perm[axes[1]])
-            yield node, traced[0], shape, axes
+            for source, steps in _trace(node.inputs[slot.index], owners, opset):  # type: ignore[arg-type]
+                shape = value_shape(source)
+                if not shape:
+                    continue
+                rank = len(shape) + sum(len(argument or []) for kind, argument in steps if kind == "unsqueeze")
+                axes = slot.axes(node, rank)
+                axes = None if axes is None else _source_axes(axes, steps, rank)
+                if axes is not None:
+                    yield node, source, shape, axes
 
 
 def find_weights(program) -> list[WeightRef]:

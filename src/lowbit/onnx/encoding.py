@@ -133,18 +133,23 @@ def home_graph(model: ir.Model, weight: ir.Value) -> ir.Graph:
 
 
 def _emit(
-    model: ir.Model, weight: ir.Value, node: ir.Node, replace: bool, trim: tuple[int, int] | None = None
+    model: ir.Model,
+    weight: ir.Value,
+    node: ir.Node,
+    replace: bool,
+    trim: tuple[int, int] | None = None,
+    reshape: Sequence[int] | None = None,
 ) -> ir.Value:
     """Insert ``node``; when ``replace``, its output takes the place (and the name) of ``weight``. ``trim``:
     (axis, length): ``node`` decodes a padded tensor (a ragged last group or block), sliced to ``length`` along
-    ``axis``."""
+    ``axis``. ``reshape``: ``node`` decodes the weight in another shape, reshaped to this one."""
     graph, out = home_graph(model, weight), node.outputs[0]
     if out.dtype is None:  # a decode node yields the weight's (decode) type unless its writer said otherwise
         out.dtype = decode_dtype(dtype_of(weight))
-    if trim is not None and replace:
-        out.name = unique_name(model, f"{node.name}.padded")
+    if replace and (trim is not None or reshape is not None):
+        out.name = unique_name(model, f"{node.name}.{'padded' if trim else 'unshaped'}")
         insert_early(graph, node)
-        node = _slice(model, graph, out, *trim)
+        node = _slice(model, graph, out, *trim) if trim else _reshape(model, graph, out, reshape or ())
         out = node.outputs[0]
     shape = value_shape(weight)
     if out.shape is None and shape is not None:
@@ -201,6 +206,15 @@ def _slice(model: ir.Model, graph: ir.Graph, padded: ir.Value, axis: int, length
     ]
     node = ir.node("Slice", [padded, *bounds], name=node_name(model, f"{base}.Slice"))
     node.outputs[0].dtype = dtype_of(padded)
+    return node
+
+
+def _reshape(model: ir.Model, graph: ir.Graph, data: ir.Value, shape: Sequence[int]) -> ir.Node:
+    """``Reshape(data, shape)``."""
+    base = data.name or "weight"
+    target = add_initializer(model, graph, f"{base}.shape", np.array(shape, np.int64))
+    node = ir.node("Reshape", [data, target], name=node_name(model, f"{base}.Reshape"))
+    node.outputs[0].dtype = dtype_of(data)
     return node
 
 
@@ -343,6 +357,7 @@ def write_lut(
     perm: Sequence[int],
     replace: bool = True,
     trim: tuple[int, int] | None = None,
+    reshape: Sequence[int] | None = None,
 ) -> ir.Value:
     """Encode ``weight`` as ``lowbit.LutToDense`` (or a lighter byte-table decode of the same indices and LUT);
     returns the node's output (named like the weight when replaced).
@@ -350,13 +365,14 @@ def write_lut(
     ``lut`` is ``[G, K, cluster_dim]`` in the weight dtype, or a value computing it (a LUT-quantization chain).
     ``scale`` is the per-channel factor ``[C]`` (``None``: a shared one-element 1.0). ``trim``: (axis, length) when
     ``canonical_shape`` is padded (a ragged last LUT group): the decode is sliced to the weight's shape.
+    ``reshape``: the weight's shape when the decode has another (same elements, same order).
     """
     graph, base = home_graph(model, weight), weight.name or "weight"
     lut_value = lut if isinstance(lut, ir.Value) else decode_input(model, graph, f"{base}.lut", lut)
     gather = _byte_table_decode(lut_value, scale, trim, perm, n_bits, canonical_shape)
     if gather is not None:
         node, trim = _gather_decode(model, weight, gather, packed, lut_value, n_bits, canonical_shape, perm, trim)
-        return _emit(model, weight, node, replace, trim)
+        return _emit(model, weight, node, replace, trim, reshape)
     fn.use_function(model, fn.LUT_TO_DENSE)
     if scale is None:
         dtype = dtype_of(lut_value).numpy()
@@ -372,7 +388,7 @@ def write_lut(
         name=node_name(model, f"{base}.LutToDense"),
     )
     node.outputs[0].shape = ir.Shape([int(canonical_shape[p]) for p in perm])
-    return _emit(model, weight, node, replace, trim)
+    return _emit(model, weight, node, replace, trim, reshape)
 
 
 def write_sparse(

@@ -46,8 +46,11 @@ class PalettizeWriter(OnnxWriter):
         return encoding.stored_nbytes(write_palettized(program.model, ref, result))
 
 
-def write_palettized(model: ir.Model, ref: WeightRef, weight: PalettizedWeight) -> ir.Value:
-    """Encode ``weight`` (the compression of the constant ``ref``) as ``lowbit.LutToDense`` in place of ``ref``."""
+def write_palettized(
+    model: ir.Model, ref: WeightRef, weight: PalettizedWeight, reshape: Sequence[int] | None = None
+) -> ir.Value:
+    """Encode ``weight`` (the compression of the constant ``ref``) as ``lowbit.LutToDense`` in place of ``ref``;
+    ``reshape``: ``ref``'s shape when ``weight`` is the same elements in another shape."""
     assert ref.value is not None
     palettized = weight.palettized
     lut: np.ndarray | ir.Value = palettized.lut
@@ -63,6 +66,7 @@ def write_palettized(model: ir.Model, ref: WeightRef, weight: PalettizedWeight) 
         canonical_shape=weight.padded_shape,
         perm=weight.back,
         trim=None if weight.padded_shape == weight.canonical_shape else (weight.forward[0], weight.canonical_shape[0]),
+        reshape=reshape,
     )
 
 

@@ -85,6 +85,7 @@ class Program:
                 common_passes.RemoveUnusedOpsetsPass(),
             ]
         )(self.model)
+        remove_unused_subgraph_initializers(self.model)
         return self
 
     def require_opset(self, version: int) -> None:
@@ -420,3 +421,14 @@ def _replaced_data_files(model_file: Path) -> set[Path]:
         for v in initializer_values(model)
         if isinstance(v.const_value, ir.ExternalTensor)
     }
+
+
+def remove_unused_subgraph_initializers(model: ir.Model) -> None:
+    """Drop the initializers of If / Loop / Scan bodies that nothing reads (onnx-ir's unused-node pass keeps them,
+    e.g. a decoded weight's codes after decompression)."""
+    for graph in model.graphs():
+        if graph is model.graph:
+            continue
+        for name, value in list(graph.initializers.items()):
+            if not value.uses() and not value.is_graph_output():
+                graph.initializers.pop(name)

@@ -7,7 +7,6 @@ import math
 import os
 import tempfile
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,8 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from lowbit.kernels.packing import pack_bits
+from lowbit.kernels.palettize import Palettized
 from lowbit.report import CompressionReport, WeightResult
-from lowbit.torch.palettization._base import palettization_of
+from lowbit.torch.records import palettization_of, stale
 from lowbit.weights import PalettizedWeight
 
 if TYPE_CHECKING:
@@ -66,10 +67,21 @@ def _abs_sum(array: np.ndarray) -> float:
     return float(np.abs(array.astype(np.float64)).sum())
 
 
-def _records(model: nn.Module) -> Iterator[_Palettized]:
-    for module_name, module in model.named_modules():
-        for param_name, weight in palettization_of(module).items():
-            yield _Palettized(f"{module_name}.{param_name}" if module_name else param_name, weight)
+def _records(model: nn.Module) -> dict[str, _Palettized]:
+    """The model's palettization records by parameter name, without those whose parameter changed since (with a
+    warning: such a weight is exported dense)."""
+    records = {}
+    for name, weight in palettization_of(model).items():
+        if stale(weight, model.get_parameter(name)):
+            warnings.warn(
+                f"weight {name!r} changed since it was palettized (trained or edited after): it is exported dense; "
+                "palettize it again (or finalize DKM) before exporting",
+                UserWarning,
+                stacklevel=3,
+            )
+            continue
+        records[name] = _Palettized(name, weight)
+    return records
 
 
 def export_onnx(
@@ -96,17 +108,20 @@ def export_onnx(
         ``onnxscript``).
     export_kwargs : passed on to ``torch.onnx.export`` (``input_names``, ``output_names``, ``dynamic_axes``, ...).
 
-    An exported weight is matched to a recorded palettization when it holds the same values, as they are or
-    transposed. A weight that matches none but holds at most 256 distinct values (e.g. an LSTM's gates, which the
-    exporter reorders and stacks) is palettized losslessly in ``unique`` mode. A recorded palettization that
-    matches nothing while a dense weight of its size remains draws a warning naming it (one the traced forward
-    does not use, e.g. an unused pooler, is simply not in the file).
+    An exported weight is matched to the palettization recorded for the parameter of its name (the exporter keeps
+    parameter names), else to one holding the same values, as they are or transposed (a weight the exporter
+    transposed into a new initializer). A palettized parameter whose values changed since (trained after
+    palettization) is exported dense with a warning naming it. A recurrent layer's weights, which the exporter
+    reorders by gate and stacks by direction, keep each direction's LUTs (one decode, reshaped). A weight that
+    matches none but holds at most 256 distinct values is palettized losslessly in ``unique`` mode. A recorded
+    palettization that matches nothing while a dense weight of its size remains draws a warning naming it (one the
+    traced forward does not use, e.g. an unused pooler, is simply not in the file).
 
     Returns the saved :class:`~lowbit.Program`; its ``report`` lists what each weight became.
     """
     from lowbit.onnx.program import load
 
-    records = {id(r): r for r in _records(model)}
+    records = _records(model)
     with tempfile.TemporaryDirectory() as tmp:
         exported = Path(tmp) / "exported.onnx"
         modes = [(m, m.training) for m in model.modules()]  # the exporter restores only the top module's mode
@@ -135,8 +150,9 @@ def export_onnx(
     return program
 
 
-def _write_palettes(program: Program, records: dict[int, _Palettized]) -> CompressionReport:
-    """Encode each weight of ``program`` that matches a record (removed from ``records``) or has few values."""
+def _write_palettes(program: Program, records: dict[str, _Palettized]) -> CompressionReport:
+    """Encode each weight of ``program`` that matches a record (removed from ``records``): the record of its name,
+    else one holding its values; or that has few values."""
     from lowbit.onnx.encoding import stored_nbytes
     from lowbit.onnx.palettize import write_palettized
 
@@ -145,11 +161,14 @@ def _write_palettes(program: Program, records: dict[int, _Palettized]) -> Compre
         if ref.value is None or ref.value.const_value is None or ref.compression is not None:
             continue
         array = ref.value.const_value.numpy()
-        weight = _match(array, records)
+        weight, reshape = _named(ref.name, array, records) or _match(array, records), None
+        if weight is None:
+            weight = _restacked(ref.op, array, records)
+            reshape = None if weight is None else array.shape
         if weight is None:
             weight = _unique(ref, array)
         if weight is not None:
-            out = write_palettized(program.model, ref, weight)
+            out = write_palettized(program.model, ref, weight, reshape)
             report.rows.append(
                 WeightResult(
                     ref.name, ref.op, ref.shape, ref.nbytes, stored_nbytes(out), weight.rel_mse, None, "palettized"
@@ -158,7 +177,17 @@ def _write_palettes(program: Program, records: dict[int, _Palettized]) -> Compre
     return report
 
 
-def _match(array: np.ndarray, candidates: dict[int, _Palettized]) -> PalettizedWeight | None:
+def _named(name: str, array: np.ndarray, candidates: dict[str, _Palettized]) -> PalettizedWeight | None:
+    """The record of the parameter ``name`` when the exporter kept its values (as they are or transposed)."""
+    record = candidates.get(name)
+    perm = None if record is None or record.size != array.size else record.layout_of(array)
+    if record is None or perm is None:
+        return None
+    del candidates[name]
+    return record.weight.permuted(perm)
+
+
+def _match(array: np.ndarray, candidates: dict[str, _Palettized]) -> PalettizedWeight | None:
     total = _abs_sum(array)
     for key, record in list(candidates.items()):
         if record.size != array.size or not math.isclose(record.abs_sum, total, rel_tol=1e-9):
@@ -167,6 +196,60 @@ def _match(array: np.ndarray, candidates: dict[int, _Palettized]) -> PalettizedW
         if perm is not None:
             del candidates[key]
             return record.weight.permuted(perm)
+    return None
+
+
+# the exporter's gate order from torch's, by recurrent op: LSTM (i, f, g, o) -> (i, o, f, c), GRU (r, z, n) -> (z, r, n)
+_GATE_BLOCKS = {"LSTM": (0, 3, 1, 2), "GRU": (1, 0, 2), "RNN": (0,)}
+
+
+def _restacked(op: str, array: np.ndarray, candidates: dict[str, _Palettized]) -> PalettizedWeight | None:
+    """A recurrent layer's ``W`` / ``R`` as the exporter writes it, ``[directions, gates * hidden, inputs]`` with
+    each direction's gate blocks in ONNX's order, as one palettization of the ``[directions * gates * hidden,
+    inputs]`` view: each direction's recorded codes and LUTs, rows and LUT groups reordered alike. None when a
+    direction matches no record whose LUT groups stay whole under the reordering (the records are then left)."""
+    blocks = _GATE_BLOCKS.get(op)
+    if blocks is None or array.ndim != 3:
+        return None
+    parts = [_gate_match(array[d], blocks, candidates) for d in range(array.shape[0])]
+    if any(p is None for p in parts) or len({p[1].palettized.n_bits for p in parts if p}) != 1:
+        return None
+    codes, luts, error, energy = [], [], 0.0, 0.0
+    for key, weight, rows, groups in (p for p in parts if p):
+        del candidates[key]
+        palettized = weight.palettized
+        by_row = palettized.codes if weight.forward == (0, 1) else palettized.codes.T  # one LUT: any layout
+        codes.append(by_row[rows])
+        luts.append(palettized.lut[groups])
+        error, energy = error + palettized.squared_error, energy + palettized.energy
+    stacked = np.concatenate(codes)
+    n_bits = parts[0][1].palettized.n_bits if parts[0] else 0
+    palettized = Palettized(
+        pack_bits(stacked, n_bits), stacked.shape, np.concatenate(luts), None, n_bits, None, error, energy
+    )
+    return PalettizedWeight(stacked.shape, (0, 1), palettized)
+
+
+def _gate_match(
+    part: np.ndarray, blocks: tuple[int, ...], candidates: dict[str, _Palettized]
+) -> tuple[str, PalettizedWeight, np.ndarray, np.ndarray] | None:
+    """(key, record, row order, LUT group order) of the record whose rows, gate blocks reordered, are ``part``."""
+    rows = part.shape[0]
+    block = rows // len(blocks)
+    order = np.concatenate([np.arange(b * block, (b + 1) * block) for b in blocks])
+    total = _abs_sum(part)
+    for key, record in candidates.items():
+        weight, palettized = record.weight, record.weight.palettized
+        if weight.shape != part.shape or not math.isclose(record.abs_sum, total, rel_tol=1e-9):
+            continue
+        groups = palettized.lut.shape[0]
+        plain = palettized.scale is None and palettized.lut_quantized is None and palettized.lut.shape[2] == 1
+        whole = weight.padded_shape == weight.canonical_shape and (
+            groups == 1 or (weight.forward == (0, 1) and block % (rows // groups) == 0)
+        )
+        if plain and whole and _same_bits(record.dense[order], part):
+            per_group = rows // groups
+            return key, weight, order, order[::per_group] // per_group
     return None
 
 

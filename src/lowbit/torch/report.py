@@ -6,7 +6,8 @@ from torch import nn
 
 from lowbit.report import CompressionReport, WeightResult
 from lowbit.torch.modules import is_supported, module_weights
-from lowbit.torch.palettization._base import SKIPPED, palettization_of
+from lowbit.torch.palettization._base import SKIPPED
+from lowbit.torch.records import palettization_of
 
 __all__ = ["report"]
 

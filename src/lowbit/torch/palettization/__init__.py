@@ -2,7 +2,6 @@
 :class:`DKMPalettizer`, with the configs of
 ``coremltools.optimize.torch.palettization`` (a user of it changes only the import)."""
 
-from lowbit.torch.palettization._base import palettization_of
 from lowbit.torch.palettization.dkm import DKMPalettizer
 from lowbit.torch.palettization.dkm_config import DKMPalettizerConfig, ModuleDKMPalettizerConfig
 from lowbit.torch.palettization.post_training import (
@@ -11,6 +10,7 @@ from lowbit.torch.palettization.post_training import (
     PostTrainingPalettizerConfig,
 )
 from lowbit.torch.palettization.sensitive import ModuleSKMPalettizerConfig, SKMPalettizer, SKMPalettizerConfig
+from lowbit.torch.records import load_state_dict, palettization_of
 
 __all__ = [
     "DKMPalettizer",
@@ -22,5 +22,6 @@ __all__ = [
     "PostTrainingPalettizerConfig",
     "SKMPalettizer",
     "SKMPalettizerConfig",
+    "load_state_dict",
     "palettization_of",
 ]

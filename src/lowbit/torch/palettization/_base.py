@@ -19,12 +19,12 @@ from lowbit.report import CompressionReport
 from lowbit.statistics import ACTIVATION_DAMPING, InputMoments
 from lowbit.torch.config import ModelConfig, ModuleConfig
 from lowbit.torch.modules import ModuleWeight, from_numpy, is_supported, module_weights, numpy_dtype, to_numpy
+from lowbit.torch.records import store_palettization
 from lowbit.types import CompressionGranularity, DType
 from lowbit.weights import PalettizedWeight, check_eligible, palettize_weight
 
-__all__ = ["RECORD", "SKIPPED", "KMeansModuleConfig", "PalettizerBase", "Target"]
+__all__ = ["SKIPPED", "KMeansModuleConfig", "PalettizerBase", "Target"]
 
-RECORD = "lowbit_palettization"  # module attribute: {parameter name: PalettizedWeight}
 SKIPPED = "lowbit_skipped"  # module attribute: {parameter name: why it was left as it is}
 
 MC = TypeVar("MC", bound=ModelConfig)  # whose module configs are KMeansModuleConfig
@@ -213,7 +213,7 @@ class PalettizerBase(Generic[MC]):
                 _skip(target, skip)
                 continue
             _write(param, result)
-            _record(target.module, RECORD, target.weight.name, result)
+            store_palettization(target.module, target.weight.name, result)
 
 
 def _write(param: nn.Parameter, result: PalettizedWeight) -> None:
@@ -225,17 +225,12 @@ def _write(param: nn.Parameter, result: PalettizedWeight) -> None:
             param.copy_(from_numpy(result.decode(), param))
 
 
-def _record(module: nn.Module, attribute: str, key: str, value: Any) -> None:
-    records = module.__dict__.setdefault(attribute, {})
-    records[key] = value
+def record_skip(module: nn.Module, name: str, reason: str) -> None:
+    """Note on ``module`` why its weight ``name`` was left as it is (for the report)."""
+    module.__dict__.setdefault(SKIPPED, {})[name] = reason
 
 
 def _skip(target: Target, skip: SkipWeight) -> None:
     if skip.warn:
         warnings.warn(f"weight {target.name!r} skipped: {skip.reason}", UserWarning, stacklevel=4)
-    _record(target.module, SKIPPED, target.weight.name, skip.reason)
-
-
-def palettization_of(module: nn.Module) -> dict[str, PalettizedWeight]:
-    """The palettization recorded on ``module`` by a palettizer: parameter name -> :class:`PalettizedWeight`."""
-    return dict(module.__dict__.get(RECORD, {}))
+    record_skip(target.module, target.weight.name, skip.reason)

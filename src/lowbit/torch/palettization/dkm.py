@@ -24,8 +24,9 @@ from lowbit.errors import SkipWeight
 from lowbit.kernels.kmeans1d import optimal_centroids
 from lowbit.report import CompressionReport
 from lowbit.torch.modules import is_supported, module_weights, numpy_dtype, to_numpy
-from lowbit.torch.palettization._base import RECORD, _record, target_model
+from lowbit.torch.palettization._base import target_model
 from lowbit.torch.palettization.dkm_config import DKMPalettizerConfig, ModuleDKMPalettizerConfig, config_for_size
+from lowbit.torch.records import store_palettization
 from lowbit.types import CompressionGranularity
 from lowbit.weights import check_eligible, palettize_weight
 
@@ -443,6 +444,6 @@ def _record_lut(module: nn.Module, name: str, fake: FakePalettize) -> None:
     try:
         if fake.config.enable_per_channel_scale:
             raise SkipWeight("a per-channel scale makes more than 2**n_bits distinct values per LUT")
-        _record(module, RECORD, name, palettize_weight(to_numpy(param), fake.axis, config))
+        store_palettization(module, name, palettize_weight(to_numpy(param), fake.axis, config))
     except SkipWeight as skip:
         warnings.warn(f"weight {name!r}: its palettization is not recorded ({skip.reason})", UserWarning, stacklevel=3)
