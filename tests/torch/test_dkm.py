@@ -336,3 +336,37 @@ def test_finalize_a_recurrent_layer_after_a_training_step(inplace):
         torch.testing.assert_close(finalized(x)[0], plain(x)[0], rtol=0, atol=0)
     assert set(palettization_of(finalized)) == {"weight_ih_l0", "weight_hh_l0"}
     assert all(len(torch.unique(w)) <= 4 for w in (finalized.weight_ih_l0, finalized.weight_hh_l0))
+
+
+def test_report_during_training_and_after_finalize_and_finalize_warnings():
+    from lowbit.torch.palettization import FakePalettize
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    config = DKMPalettizerConfig.from_dict({"global_config": {"n_bits": 2, "weight_threshold": 0, "milestone": 2}})
+    with pytest.warns(UserWarning, match="finalize\\(\\) found no weight DKM trains: call prepare\\(\\) first"):
+        DKMPalettizer(model, config).finalize()
+    palettizer = DKMPalettizer(model, config)
+    prepared = palettizer.prepare()
+    assert isinstance(prepared[0].parametrizations.weight[0], FakePalettize)
+    rows = palettizer.report().rows
+    assert [r.name for r in rows] == ["0.weight", "2.weight"]
+    assert all("k-means from step 2" in r.op and r.rel_mse is None for r in rows)
+    optimizer = torch.optim.SGD(prepared.parameters(), lr=0.01)
+    for _ in range(3):
+        palettizer.step()
+        prepared(torch.randn(4, 64)).sum().backward()
+        optimizer.step()
+    rows = palettizer.report().rows
+    assert all("4 clusters x 1 LUT(s)" in r.op and "training" in r.op for r in rows)
+    assert all(0 < r.rel_mse < 1 and r.bytes_after < r.bytes_before for r in rows)
+    latent = prepared[0].parametrizations.weight.original.detach().clone()
+    final = palettizer.finalize()
+    recorded = {r.name: r.rel_mse for r in palettizer.report().rows}
+    hard = final[0].weight.detach().double()
+    expected = float(((hard - latent.double()) ** 2).sum() / (latent.double() ** 2).sum())
+    assert recorded["0.weight"] == pytest.approx(expected, rel=1e-9) and recorded["0.weight"] > 0
+    early = DKMPalettizer(model, config)
+    early.prepare()
+    with pytest.warns(UserWarning, match=r"weight '0.weight' is finalized before its milestone \(step 0 of 2\)"):
+        early.finalize()

@@ -1,5 +1,7 @@
 """PostTrainingPalettizer over every supported module, and what it leaves behind."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -9,6 +11,8 @@ from torch import nn  # noqa: E402
 import lowbit.torch  # noqa: E402
 from lowbit.torch.modules import module_weights  # noqa: E402
 from lowbit.torch.palettization import (  # noqa: E402
+    DKMPalettizer,
+    DKMPalettizerConfig,
     ModulePostTrainingPalettizerConfig,
     PostTrainingPalettizer,
     PostTrainingPalettizerConfig,
@@ -180,3 +184,52 @@ def test_calibration_data_lowers_the_output_error_and_leaves_no_hooks():
         assert len(torch.unique(layer.weight)) <= 8
     with pytest.raises(ValueError, match="calibration_data yielded nothing"):
         PostTrainingPalettizer(model, config).compress(calibration_data=[])
+
+
+def test_weights_computed_by_a_parametrization_are_reported_not_skipped_silently():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.utils.parametrizations.weight_norm(nn.Linear(64, 64)), nn.ReLU(), nn.Linear(64, 64), nn.Linear(64, 8)
+    )
+    with pytest.warns(UserWarning, match=r"weight '0.weight' skipped: computed by a parametrization \(_WeightNorm\)"):
+        small = PostTrainingPalettizer(model).compress()
+    rows = {r.name: r for r in lowbit.torch.report(small).rows}
+    assert "remove_parametrizations" in rows["0.weight"].skipped
+    assert rows["2.weight"].compression == "palettized" and rows["3.weight"].compression == "palettized"
+    with pytest.warns(UserWarning, match=r"weight '0.weight' skipped: computed by a parametrization"):
+        DKMPalettizer(model, DKMPalettizerConfig.from_dict({"global_config": {"weight_threshold": 0}})).prepare()
+
+
+class TiedLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(512, 64)
+        self.head = nn.Linear(64, 512, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, x):
+        return self.head(self.embed(x))
+
+
+def test_a_tied_weight_is_palettized_once_under_the_first_modules_config(tmp_path):
+    torch.manual_seed(0)
+    config = PostTrainingPalettizerConfig.from_dict(
+        {"global_config": {"n_bits": 4}, "module_type_configs": {"Embedding": {"n_bits": 2}}}
+    )
+    with pytest.warns(UserWarning, match=r"'head.weight'.* tied to 'embed.weight'.*the first module in model order"):
+        small = PostTrainingPalettizer(TiedLM(), config).compress()
+    assert small.head.weight is small.embed.weight and len(torch.unique(small.embed.weight)) <= 4
+    assert set(lowbit.torch.palettization_of(small)) == {"embed.weight"}
+    report = lowbit.torch.report(small)
+    rows = {r.name: r for r in report.rows}
+    assert rows["head.weight"].bytes_before == 0 and "tied to 'embed.weight'" in rows["head.weight"].skipped
+    assert sum(r.bytes_before for r in report.rows) == 512 * 64 * 4  # the shared weight counted once
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # same config: no warning
+        PostTrainingPalettizer(TiedLM()).compress()
+    x = torch.randint(0, 512, (2, 5))
+    program = lowbit.torch.export_onnx(small.eval(), (x,), tmp_path / "tied.onnx", input_names=["x"])
+    # the exporter writes the tied weight twice (the Gather's, and the head's MatMul operand transposed): both 2-bit
+    assert len(program.report.rows) == 2 and program.report.rows[0].name == "embed.weight"
+    assert all(r.bytes_after <= 512 * 64 * 2 / 8 + 64 for r in program.report.rows)
+    assert (tmp_path / "tied.onnx").stat().st_size < 2 * 512 * 64 * 2 / 8 + 8192

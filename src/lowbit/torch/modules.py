@@ -9,8 +9,17 @@ import ml_dtypes
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
-__all__ = ["ModuleWeight", "from_numpy", "is_supported", "module_weights", "numpy_dtype", "to_numpy"]
+__all__ = [
+    "ModuleWeight",
+    "computed_weights",
+    "from_numpy",
+    "is_supported",
+    "module_weights",
+    "numpy_dtype",
+    "to_numpy",
+]
 
 # (output-channel axis, input-channel axis) of the weights of each supported module class, as in the graph path's
 # op table: a transposed convolution's weight is [C_in, C_out / groups, k...].
@@ -61,18 +70,47 @@ def module_weights(module: nn.Module) -> Iterator[ModuleWeight]:
     axes = _axes(module)
     if axes is None:
         return
-    if isinstance(module, nn.MultiheadAttention):
-        names: tuple[str, ...] = _ATTENTION_WEIGHTS
-    elif isinstance(module, nn.RNNBase):
-        names = tuple(n for n in module._flat_weights_names if n.startswith("weight_"))
-    else:
-        names = ("weight",)
-    for name in names:
+    for name in _weight_names(module):
+        owner_name, _, leaf = name.rpartition(".")
+        if parametrize.is_parametrized(module.get_submodule(owner_name), leaf):
+            continue  # computed: see computed_weights
         try:
             param = module.get_parameter(name)
         except AttributeError:  # e.g. in_proj_weight of an attention with separate q/k/v projections
             continue
         yield ModuleWeight(name, param, *axes)
+
+
+def _weight_names(module: nn.Module) -> tuple[str, ...]:
+    if isinstance(module, nn.MultiheadAttention):
+        return _ATTENTION_WEIGHTS
+    if isinstance(module, nn.RNNBase):
+        return tuple(n for n in module._flat_weights_names if n.startswith("weight_"))
+    return ("weight",)
+
+
+def computed_weights(module: nn.Module) -> Iterator[tuple[str, str]]:
+    """The weights of a supported module that are not parameters but computed, with why they are left as they
+    are: by a parametrization (``torch.nn.utils.parametrize``, ``parametrizations.weight_norm``, ...) or in a
+    forward pre-hook (the older ``torch.nn.utils.weight_norm``)."""
+    if _axes(module) is None:
+        return
+    for name in _weight_names(module):
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        if parametrize.is_parametrized(owner, leaf):
+            kinds = ", ".join(type(p).__name__ for p in owner.parametrizations[leaf])  # type: ignore[index, union-attr]
+            yield (
+                name,
+                (
+                    f"computed by a parametrization ({kinds}): remove it first "
+                    f"(torch.nn.utils.parametrize.remove_parametrizations(module, {leaf!r}))"
+                ),
+            )
+        elif isinstance(getattr(owner, leaf, None), torch.Tensor) and not isinstance(
+            getattr(owner, leaf), nn.Parameter
+        ):
+            yield name, "computed before each forward (e.g. torch.nn.utils.weight_norm): remove that hook first"
 
 
 _NUMPY_DTYPES = {

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from lowbit.report import CompressionReport, WeightResult
-from lowbit.torch.modules import is_supported, module_weights
+from lowbit.torch.modules import computed_weights, is_supported, module_weights
 from lowbit.torch.palettization._base import SKIPPED
 from lowbit.torch.records import palettization_of
 
@@ -14,21 +15,57 @@ __all__ = ["report"]
 
 def report(model: nn.Module) -> CompressionReport:
     """One row per weight of every supported module of ``model``: palettized (bytes of the dense and of the
-    palettized form, relative MSE) or not (why). ``report(model).table()`` prints it as the graph path does."""
-    rows = []
+    palettized form, relative MSE), in DKM training (what ``finalize()`` would store now, and the error of the hard
+    assignment), or not palettized (why). A weight tied to one listed before it counts its bytes once.
+    ``report(model).table()`` prints it as the graph path does."""
+    rows, seen = [], set()
     for module_name, module in model.named_modules():
         if not is_supported(module):
             continue
         records, skipped = palettization_of(module), module.__dict__.get(SKIPPED, {})
+        op = type(module).__name__.removeprefix("Parametrized")
+
+        def qualified(name: str, module_name: str = module_name) -> str:
+            return f"{module_name}.{name}" if module_name else name
+
+        for name, reason in computed_weights(module):
+            training = _in_training(module, name, qualified(name), op)
+            if training is None:
+                owner_name, _, leaf = name.rpartition(".")
+                shape = tuple(getattr(module.get_submodule(owner_name), leaf).shape)
+                training = WeightResult(qualified(name), op, shape, 0, 0, skipped=reason)
+            rows.append(training)
         for weight in module_weights(module):
             param = weight.parameter
-            name = f"{module_name}.{weight.name}" if module_name else weight.name
             shape, before = tuple(param.shape), param.numel() * param.element_size()
-            op = type(module).__name__
+            if id(param) in seen:
+                before = 0
+            seen.add(id(param))
             if weight.name in records:
                 record = records[weight.name]
-                rows.append(WeightResult(name, op, shape, before, record.nbytes, record.rel_mse, None, "palettized"))
+                after, error = record.nbytes, record.rel_mse
+                rows.append(WeightResult(qualified(weight.name), op, shape, before, after, error, None, "palettized"))
             else:
                 reason = skipped.get(weight.name, "not palettized")
-                rows.append(WeightResult(name, op, shape, before, before, skipped=reason))
+                rows.append(WeightResult(qualified(weight.name), op, shape, before, before, skipped=reason))
     return CompressionReport(rows)
+
+
+def _in_training(module: nn.Module, name: str, qualified: str, op: str) -> WeightResult | None:
+    """The row of a weight DKM is training (a :class:`FakePalettize` parametrization), else None."""
+    from lowbit.torch.palettization.dkm import FakePalettize
+
+    owner_name, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_name)
+    if not parametrize.is_parametrized(owner, leaf):
+        return None
+    chain: parametrize.ParametrizationList = owner.parametrizations[leaf]  # type: ignore[index, assignment]
+    fake = next((p for p in chain if isinstance(p, FakePalettize)), None)
+    if fake is None:
+        return None
+    latent = chain.original
+    status, after, error = fake.describe(latent)
+    before = latent.numel() * latent.element_size()
+    return WeightResult(
+        qualified, f"{op} [DKM: {status}]", tuple(latent.shape), before, after, error, None, "palettized"
+    )

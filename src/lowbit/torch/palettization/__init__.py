@@ -2,7 +2,7 @@
 :class:`DKMPalettizer`, with the configs of
 ``coremltools.optimize.torch.palettization`` (a user of it changes only the import)."""
 
-from lowbit.torch.palettization.dkm import DKMPalettizer
+from lowbit.torch.palettization.dkm import DKMPalettizer, FakePalettize
 from lowbit.torch.palettization.dkm_config import DKMPalettizerConfig, ModuleDKMPalettizerConfig
 from lowbit.torch.palettization.post_training import (
     ModulePostTrainingPalettizerConfig,
@@ -15,6 +15,7 @@ from lowbit.torch.records import load_state_dict, palettization_of
 __all__ = [
     "DKMPalettizer",
     "DKMPalettizerConfig",
+    "FakePalettize",
     "ModuleDKMPalettizerConfig",
     "ModulePostTrainingPalettizerConfig",
     "ModuleSKMPalettizerConfig",

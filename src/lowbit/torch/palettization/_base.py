@@ -18,7 +18,15 @@ from lowbit.errors import SkipWeight
 from lowbit.report import CompressionReport
 from lowbit.statistics import ACTIVATION_DAMPING, InputMoments
 from lowbit.torch.config import ModelConfig, ModuleConfig
-from lowbit.torch.modules import ModuleWeight, from_numpy, is_supported, module_weights, numpy_dtype, to_numpy
+from lowbit.torch.modules import (
+    ModuleWeight,
+    computed_weights,
+    from_numpy,
+    is_supported,
+    module_weights,
+    numpy_dtype,
+    to_numpy,
+)
 from lowbit.torch.records import store_palettization
 from lowbit.types import CompressionGranularity, DType
 from lowbit.weights import PalettizedWeight, check_eligible, palettize_weight
@@ -169,12 +177,21 @@ class PalettizerBase(Generic[MC]):
     def _targets(self, model: nn.Module, record: bool = True) -> Iterator[Target]:
         """Every weight to palettize, with its module's config; weights that cannot be are recorded as skipped
         (with a warning) when ``record``, else left out silently (a model that is only measured stays as it is)."""
+        tied: dict[int, Target] = {}  # parameter -> the first target holding it
         for module_name, config in self._config.resolve(model, is_supported).items():
             module = model.get_submodule(module_name)
+            for name, reason in computed_weights(module):
+                if record:
+                    qualified = f"{module_name}.{name}" if module_name else name
+                    warnings.warn(f"weight {qualified!r} skipped: {reason}", UserWarning, stacklevel=3)
+                    record_skip(module, name, reason)
             for weight in module_weights(module):
                 target = Target(module_name, module, weight, config)
                 try:
                     check_eligible(weight.parameter.shape, numpy_dtype(weight.parameter.dtype), 0)
+                    first = tied.setdefault(id(weight.parameter), target)
+                    if first is not target:
+                        raise _tied(target, first)
                 except SkipWeight as skip:
                     if record:
                         _skip(target, skip)
@@ -223,6 +240,18 @@ def _write(param: nn.Parameter, result: PalettizedWeight) -> None:
             result.decode_into(param.detach().numpy())
         else:
             param.copy_(from_numpy(result.decode(), param))
+
+
+def _tied(target: Target, first: Target) -> SkipWeight:
+    """The skip of a weight tied to (the same parameter as) an earlier one: palettized once, under the first
+    module's config in model order; a warning when the two configs differ."""
+    differ = first.config != target.config or first.axis != target.axis
+    reason = f"tied to {first.name!r} (one parameter): palettized once, as {first.name!r}"
+    if differ:
+        reason += (
+            f", with that module's config ({target.name!r} asked for another; the first module in model order wins)"
+        )
+    return SkipWeight(reason, warn=differ)
 
 
 def record_skip(module: nn.Module, name: str, reason: str) -> None:

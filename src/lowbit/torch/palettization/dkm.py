@@ -11,6 +11,7 @@ parametrizations and records the palettization so :func:`lowbit.torch.export_onn
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from typing import Any
 
@@ -23,7 +24,7 @@ from lowbit.config import PalettizeConfig
 from lowbit.errors import SkipWeight
 from lowbit.kernels.kmeans1d import optimal_centroids
 from lowbit.report import CompressionReport
-from lowbit.torch.modules import is_supported, module_weights, numpy_dtype, to_numpy
+from lowbit.torch.modules import computed_weights, is_supported, module_weights, numpy_dtype, to_numpy
 from lowbit.torch.palettization._base import target_model
 from lowbit.torch.palettization.dkm_config import DKMPalettizerConfig, ModuleDKMPalettizerConfig, config_for_size
 from lowbit.torch.records import store_palettization
@@ -223,6 +224,20 @@ class FakePalettize(nn.Module):
         return (_Take.apply(out, inverse, kept) + direct).reshape(g, n, 1), centroids
 
     @torch.no_grad()
+    def describe(self, latent: torch.Tensor) -> tuple[str, int, float | None]:
+        """(status, bytes ``finalize`` would store, relative MSE of the hard assignment of ``latent``, the trained
+        weight; None before the k-means starts) for the report during training."""
+        k, groups = 1 << self.n_bits, self.centroids.shape[0]
+        lut_bytes = groups * k * self.cluster_dim * latent.element_size()
+        stored = -(-latent.numel() // self.cluster_dim * self.n_bits // 8) + lut_bytes
+        status = f"{k} clusters x {groups} LUT(s), cluster_dim {self.cluster_dim}, {latent.numel()} parameters"
+        if not bool(self.initialized):
+            return f"{status}, k-means from step {self.config.milestone}", stored, None
+        hard, dense = self.hard(latent).double(), latent.detach().double()
+        energy = float((dense**2).sum())
+        return f"{status}, training", stored, float(((hard - dense) ** 2).sum()) / energy if energy else 0.0
+
+    @torch.no_grad()
     def hard(self, weight: torch.Tensor) -> torch.Tensor:
         """The weight with every vector replaced by its nearest (snapped) centroid: the finalized values."""
         scale = self._scale(weight)
@@ -352,20 +367,28 @@ class DKMPalettizer:
         not split into the configured groups and vectors is left with a ``UserWarning`` naming it. ``ValueError``
         when a parameter is on the meta device."""
         model = target_model(self._model, inplace)
+        tied: dict[int, str] = {}
         for module_name, config in self._config.resolve(model, is_supported).items():
             module = model.get_submodule(module_name)
+            for name, reason in computed_weights(module):
+                warnings.warn(f"weight {_qualified(module_name, name)!r} skipped: {reason}", UserWarning, stacklevel=2)
             for weight in module_weights(module):
                 chosen = config_for_size(config, weight.parameter.numel())
                 if chosen is None:
                     continue
                 axis = weight.input_axis if chosen.channel_axis == 1 else weight.output_axis
+                qualified = _qualified(module_name, weight.name)
                 try:
                     check_eligible(weight.parameter.shape, numpy_dtype(weight.parameter.dtype), 0)
+                    first = tied.setdefault(id(weight.parameter), qualified)
+                    if first != qualified:
+                        raise SkipWeight(
+                            f"tied to {first!r} (one parameter), which DKM palettizes: this module trains on the "
+                            "dense weight until finalize() writes the palettized values into the shared parameter"
+                        )
                     fake = FakePalettize(chosen, chosen.bits_for(module), weight.parameter, axis)
                 except SkipWeight as skip:
-                    warnings.warn(
-                        f"weight {module_name}.{weight.name} skipped: {skip.reason}", UserWarning, stacklevel=2
-                    )
+                    warnings.warn(f"weight {qualified!r} skipped: {skip.reason}", UserWarning, stacklevel=2)
                     continue
                 owner_name, _, name = weight.name.rpartition(".")  # an attention's out_proj.weight
                 parametrize.register_parametrization(module.get_submodule(owner_name), name, fake)
@@ -385,7 +408,8 @@ class DKMPalettizer:
         each palettization (LUT + indices) for :func:`lowbit.torch.export_onnx`; returns the plain model."""
         model = self._model if model is None else model
         model = model if inplace else _independent_copy(model)
-        for module in model.modules():
+        finalized = 0
+        for module_name, module in model.named_modules():
             if not parametrize.is_parametrized(module):
                 continue
             lists: nn.ModuleDict = module.parametrizations  # type: ignore[assignment]
@@ -394,16 +418,33 @@ class DKMPalettizer:
                 fakes = [p for p in chain if isinstance(p, FakePalettize)]
                 if not fakes:
                     continue
-                hard = fakes[0].hard(chain.original)
+                qualified = _qualified(module_name, name)
+                if not bool(fakes[0].enabled):
+                    warnings.warn(
+                        f"weight {qualified!r} is finalized before its milestone (step {self._steps} of "
+                        f"{fakes[0].config.milestone}): it never trained palettized, its LUT is plain k-means",
+                        UserWarning,
+                        stacklevel=2,
+                    )
+                latent = chain.original.detach().clone()
+                hard = fakes[0].hard(latent)
                 parametrize.remove_parametrizations(module, name, leave_parametrized=False)
                 with torch.no_grad():
                     getattr(module, name).copy_(hard)
-                _record_lut(module, name, fakes[0])
+                _record_lut(module, name, qualified, fakes[0], latent)
+                finalized += 1
+        if not finalized:
+            warnings.warn(
+                "finalize() found no weight DKM trains: call prepare() first (and train the model it returns)",
+                UserWarning,
+                stacklevel=2,
+            )
         self._model = model
         return model
 
     def report(self) -> CompressionReport:
-        """The per-weight report of the finalized model (see :func:`lowbit.torch.report`)."""
+        """The per-weight report of the model: during training each weight's state and the error of its hard
+        assignment now; after :meth:`finalize` what was recorded (see :func:`lowbit.torch.report`)."""
         from lowbit.torch.report import report
 
         return report(self._model)
@@ -428,9 +469,14 @@ def _independent_copy(model: nn.Module) -> nn.Module:
     return replica
 
 
-def _record_lut(module: nn.Module, name: str, fake: FakePalettize) -> None:
+def _qualified(module_name: str, name: str) -> str:
+    return f"{module_name}.{name}" if module_name else name
+
+
+def _record_lut(module: nn.Module, name: str, qualified: str, fake: FakePalettize, latent: torch.Tensor) -> None:
     """Record the finalized weight's LUTs and indices: its values are exactly the LUT entries, so the weight layer's
-    ``unique`` mode recovers them bit for bit."""
+    ``unique`` mode recovers them bit for bit; the recorded error is the hard assignment's against ``latent``, the
+    weight as trained."""
     param = getattr(module, name)
     per_group = fake.config.group_size
     config = PalettizeConfig(
@@ -444,6 +490,13 @@ def _record_lut(module: nn.Module, name: str, fake: FakePalettize) -> None:
     try:
         if fake.config.enable_per_channel_scale:
             raise SkipWeight("a per-channel scale makes more than 2**n_bits distinct values per LUT")
-        store_palettization(module, name, palettize_weight(to_numpy(param), fake.axis, config))
+        exact = palettize_weight(to_numpy(param), fake.axis, config)
     except SkipWeight as skip:
-        warnings.warn(f"weight {name!r}: its palettization is not recorded ({skip.reason})", UserWarning, stacklevel=3)
+        warnings.warn(
+            f"weight {qualified!r}: its palettization is not recorded ({skip.reason})", UserWarning, stacklevel=3
+        )
+        return
+    dense, hard = latent.detach().double(), param.detach().double()
+    error = float(((hard - dense) ** 2).sum())
+    palettized = dataclasses.replace(exact.palettized, squared_error=error, energy=float((dense**2).sum()))
+    store_palettization(module, name, dataclasses.replace(exact, palettized=palettized))
