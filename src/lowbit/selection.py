@@ -65,9 +65,12 @@ class Selection(Generic[T]):
     type_configs: Mapping[Any, T | None] = field(default_factory=dict)
     name_configs: Mapping[str, T | None] = field(default_factory=dict)
     used: set[str] = field(default_factory=set)
+    types_seen: set[Any] = field(default_factory=set)  # type keys some looked-up weight or module has
 
     def lookup(self, name: str, types: Iterable[Any]) -> T | None:
         """The config of the weight or module ``name`` whose type keys are ``types`` (first match wins)."""
+        types = list(types)
+        self.types_seen.update(key for key in types if key in self.type_configs)
         if name in self.name_configs:
             self.used.add(name)
             return self.name_configs[name]

@@ -136,3 +136,18 @@ def test_n_bits_and_lut_dtype_spelled_as_coremltools_takes_them(n_bits):
     assert ModuleDKMPalettizerConfig(lut_dtype=torch.float16).lut_dtype == "f16"
     with pytest.raises(ValueError, match="lut_dtype must be one of"):
         ModuleDKMPalettizerConfig(lut_dtype="int4")
+
+
+@pytest.mark.parametrize("key", ["Linaer", "torch.nn.Linear", nn.LayerNorm])
+def test_a_type_key_that_matches_no_supported_module_warns(key):
+    from lowbit.torch.palettization import PostTrainingPalettizer
+
+    config = PostTrainingPalettizerConfig.from_dict({"module_type_configs": {key: {"n_bits": 2}}})
+    with pytest.warns(UserWarning, match=r"module_type_configs: '.*' matches no supported module"):
+        PostTrainingPalettizer(nn.Sequential(nn.Linear(64, 64), nn.LayerNorm(64)), config).compress()
+
+
+def test_class_keyed_type_configs_round_trip_equal():
+    config = PostTrainingPalettizerConfig(module_type_configs={nn.Linear: ModulePostTrainingPalettizerConfig(n_bits=2)})
+    assert PostTrainingPalettizerConfig.from_dict(config.as_dict()) == config
+    assert list(config.module_type_configs) == ["Linear"]

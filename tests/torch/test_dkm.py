@@ -370,3 +370,31 @@ def test_report_during_training_and_after_finalize_and_finalize_warnings():
     early.prepare()
     with pytest.warns(UserWarning, match=r"weight '0.weight' is finalized before its milestone \(step 0 of 2\)"):
         early.finalize()
+
+
+def test_an_attention_reconstructs_each_weight_once_per_forward(monkeypatch):
+    from lowbit.torch.palettization import FakePalettize
+
+    class Attention(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention = torch.nn.MultiheadAttention(64, 4, batch_first=True)
+
+        def forward(self, x):
+            return self.attention(x, x, x)[0]
+
+    palettizer = DKMPalettizer(Attention(), DKMPalettizerConfig.from_dict({"global_config": {"weight_threshold": 0}}))
+    model = palettizer.prepare()
+    palettizer.step()
+    calls = []
+    reconstruct = FakePalettize._reconstruct
+    monkeypatch.setattr(FakePalettize, "_reconstruct", lambda self, w: calls.append(w.shape) or reconstruct(self, w))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    before = model.attention.in_proj_weight.detach().clone()
+    for _ in range(2):  # a second step: a fresh reconstruction from the updated weight, no stale graph
+        calls.clear()
+        model(torch.randn(2, 5, 64)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        assert sorted(calls) == [(64, 64), (192, 64)]
+    assert not torch.equal(model.attention.in_proj_weight.detach(), before)  # outside a forward: computed afresh

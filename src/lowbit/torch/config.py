@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
@@ -50,19 +51,20 @@ class ModuleConfig:
         return cls.from_dict(load_yaml(path_or_stream) or {})
 
 
-ModuleKey = type[torch.nn.Module] | str
+ModuleKey = type[torch.nn.Module] | str  # kept as the class name
 
 
 @dataclass
 class ModelConfig(Generic[C]):
     """Which module config each module gets: ``module_name_configs`` (exact fully qualified names, or regular
-    expressions matching a whole name) over ``module_type_configs`` (module classes or their names; the exact
-    class, not subclasses) over ``global_config``. A ``None`` value means: do not compress that module. A config
-    with none of the three set gets the default module config as its global config."""
+    expressions matching a whole name) over ``module_type_configs`` (module classes or their names, kept as names so
+    that ``from_dict(as_dict())`` is equal; the exact class, not subclasses) over ``global_config``. A ``None``
+    value means: do not compress that module. A config with none of the three set gets the default module config
+    as its global config."""
 
     module_config: ClassVar[type[ModuleConfig]]
     global_config: C | None = None
-    module_type_configs: dict[ModuleKey, C | None] = field(default_factory=dict)
+    module_type_configs: dict[str, C | None] = field(default_factory=dict)
     module_name_configs: dict[str, C | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -114,9 +116,7 @@ class ModelConfig(Generic[C]):
         return {
             **extra,
             "global_config": plain(self.global_config),
-            "module_type_configs": {
-                (k if isinstance(k, str) else k.__name__): plain(v) for k, v in self.module_type_configs.items()
-            },
+            "module_type_configs": {k: plain(v) for k, v in self.module_type_configs.items()},
             "module_name_configs": {k: plain(v) for k, v in self.module_name_configs.items()},
         }
 
@@ -145,23 +145,33 @@ class ModelConfig(Generic[C]):
     def resolve(self, model: torch.nn.Module, supported: Callable[[torch.nn.Module], bool]) -> dict[str, C]:
         """The config of each ``supported`` module of ``model`` by name (modules set to ``None`` left out).
 
-        A name config that matches no module draws a warning naming it (a typo would otherwise go unnoticed).
+        A name or type config that matches no supported module draws a warning naming it (a typo would otherwise go
+        unnoticed).
         """
         selection = Selection(self.global_config, self.module_type_configs, self.module_name_configs)
         chosen: dict[str, C] = {}
         for name, module in model.named_modules():
             if not supported(module):
                 continue
-            config = selection.lookup(name, (type(module), type(module).__name__))
+            config = selection.lookup(name, (type(module).__name__,))
             if config is not None:
                 chosen[name] = config
         selection.warn_unmatched("module_name_configs", "supported module", stacklevel=4)
+        for key in self.module_type_configs.keys() - selection.types_seen:
+            warnings.warn(
+                f"module_type_configs: {key!r} matches no supported module of the model (keys are module classes "
+                "or their class names, e.g. 'Linear')",
+                UserWarning,
+                stacklevel=3,
+            )
         return chosen
 
 
-def _type_key(key: Any) -> ModuleKey:
-    if isinstance(key, str) or (isinstance(key, type) and issubclass(key, torch.nn.Module)):
+def _type_key(key: Any) -> str:
+    if isinstance(key, str):
         return key
+    if isinstance(key, type) and issubclass(key, torch.nn.Module):
+        return key.__name__
     raise TypeError(f"module_type_configs keys must be torch.nn.Module classes or class names, got {key!r}")
 
 

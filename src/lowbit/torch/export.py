@@ -119,7 +119,7 @@ def export_onnx(
 
     Returns the saved :class:`~lowbit.Program`; its ``report`` lists what each weight became.
     """
-    from lowbit.onnx.program import load
+    from lowbit.onnx.program import PROTO_LIMIT_BYTES, load
 
     records = _records(model)
     with tempfile.TemporaryDirectory() as tmp:
@@ -146,7 +146,8 @@ def export_onnx(
                     stacklevel=2,
                 )
         program.optimize()
-        program.save(path)
+        # external data only where protobuf needs it (the dynamo exporter writes a data file even for a small model)
+        program.save(path, external_data=program.tensor_nbytes() > PROTO_LIMIT_BYTES)
     return program
 
 

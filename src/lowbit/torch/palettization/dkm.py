@@ -60,6 +60,21 @@ class FakePalettize(nn.Module):
         # does not guard on a step count
         self.enabled: torch.Tensor
         self.register_buffer("enabled", torch.tensor(config.milestone == 0, device=weight.device))
+        # while the module that reads the weight runs its forward, every read gets one reconstruction
+        self.caching, self._cached = False, []  # a list: a Module would register a parameter put in an attribute
+
+    def cache_during(self, module: nn.Module) -> None:
+        """Compute the reconstruction once per forward of ``module`` (an attention reads its weights several times),
+        never across forwards: each forward's graph is its own."""
+
+        def start(*_: object) -> None:
+            self.caching, self.cached = True, None
+
+        def stop(*_: object) -> None:
+            self.caching, self._cached = False, []  # a list: a Module would register a parameter put in an attribute
+
+        module.register_forward_pre_hook(start)
+        module.register_forward_hook(stop, always_call=True)
 
     # ------------------------------------------------------------------------------------------------ layout
     def groups_of(self, weight: torch.Tensor) -> torch.Tensor:
@@ -178,6 +193,14 @@ class FakePalettize(nn.Module):
         return centroids
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.caching and self._cached:
+            return self._cached[0]
+        out = self._reconstruct(weight)
+        if self.caching:
+            self._cached.append(out)
+        return out
+
+    def _reconstruct(self, weight: torch.Tensor) -> torch.Tensor:
         if not bool(self.enabled):
             return weight
         if not self.training:  # evaluation sees what finalize will write, and moves no centroid
@@ -392,6 +415,7 @@ class DKMPalettizer:
                     continue
                 owner_name, _, name = weight.name.rpartition(".")  # an attention's out_proj.weight
                 parametrize.register_parametrization(module.get_submodule(owner_name), name, fake)
+                fake.cache_during(module)
                 self._fakes.append(fake)
         self._model = model
         return model
