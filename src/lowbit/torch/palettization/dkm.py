@@ -61,7 +61,8 @@ class FakePalettize(nn.Module):
         self.enabled: torch.Tensor
         self.register_buffer("enabled", torch.tensor(config.milestone == 0, device=weight.device))
         # while the module that reads the weight runs its forward, every read gets one reconstruction
-        self.caching, self._cached = False, []  # a list: a Module would register a parameter put in an attribute
+        self.caching = False
+        self._cached: list[torch.Tensor] = []  # a list: a Module would register a parameter put in an attribute
 
     def cache_during(self, module: nn.Module) -> None:
         """Compute the reconstruction once per forward of ``module`` (an attention reads its weights several times),
@@ -71,7 +72,8 @@ class FakePalettize(nn.Module):
             self.caching, self.cached = True, None
 
         def stop(*_: object) -> None:
-            self.caching, self._cached = False, []  # a list: a Module would register a parameter put in an attribute
+            self.caching = False
+        self._cached: list[torch.Tensor] = []  # a list: a Module would register a parameter put in an attribute
 
         module.register_forward_pre_hook(start)
         module.register_forward_hook(stop, always_call=True)
