@@ -69,11 +69,12 @@ class FakePalettize(nn.Module):
         never across forwards: each forward's graph is its own."""
 
         def start(*_: object) -> None:
-            self.caching, self.cached = True, None
+            self.caching = True
+            self._cached.clear()
 
         def stop(*_: object) -> None:
             self.caching = False
-        self._cached: list[torch.Tensor] = []  # a list: a Module would register a parameter put in an attribute
+            self._cached.clear()
 
         module.register_forward_pre_hook(start)
         module.register_forward_hook(stop, always_call=True)
