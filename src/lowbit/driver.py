@@ -89,6 +89,10 @@ class Backend(Protocol[W]):
         """Put ``result`` in the program in place of ``weight``; return the bytes it occupies now."""
         ...
 
+    def note(self, weight: W) -> str | None:
+        """What the report should say about how ``weight`` was written (e.g. a fallback encoding), or None."""
+        ...
+
     def writing(self) -> contextlib.AbstractContextManager[Any]:
         """The context the writes of one pass run in."""
         ...
@@ -264,7 +268,15 @@ class _Driver(Generic[W]):
             self.backend.release(weight)
         report.rows.append(
             WeightResult(
-                weight.name, weight.op, weight.shape, weight.nbytes, after, result.rel_mse, None, self.algorithm.kind
+                weight.name,
+                weight.op,
+                weight.shape,
+                weight.nbytes,
+                after,
+                result.rel_mse,
+                None,
+                self.algorithm.kind,
+                self.backend.note(weight),
             )
         )
 

@@ -37,6 +37,7 @@ class WeightResult:
     rel_mse: float | None = None
     skipped: str | None = None
     compression: str | None = None
+    note: str | None = None  # how a compressed weight was written, when the user should know (a fallback)
 
 
 @dataclass
@@ -62,7 +63,7 @@ class CompressionReport:
                 str(r.bytes_before),
                 str(r.bytes_after),
                 "" if r.rel_mse is None else f"{r.rel_mse:.3e}",
-                r.skipped or "compressed",
+                r.skipped or ("compressed" if r.note is None else f"compressed; {r.note}"),
             ]
             for r in self.rows
         ]

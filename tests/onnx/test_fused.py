@@ -83,10 +83,24 @@ def test_weights_the_kernels_cannot_take_keep_the_portable_encoding():
     out = lowbit.quantize_weights(program, dtype="int8", target="onnxruntime")
     assert not any(n.domain == MS_DOMAIN for n in out.graph)
     assert sum(n.op_type == "DequantizeLinear" for n in out.graph) == 2
+    notes = {r.name: r.note for r in out.report.rows}  # each fallback is said, with its reason, per weight
+    assert notes["conv"] == (
+        "portable encoding, no onnxruntime kernel: a 4-D weight (the kernels take 2-D MatMul / Gather weights)"
+    )
+    assert notes["odd"].startswith("portable encoding, no onnxruntime kernel: the kernels take int4 / int8 codes")
+    assert "compressed; portable encoding, no onnxruntime kernel: a 4-D weight" in out.report.table()
     block20 = lowbit.quantize_weights(
         _program(), dtype="int4", granularity="per_block", block_size=20, target="onnxruntime"
     )
     assert not any(n.domain == MS_DOMAIN for n in block20.graph)
+    assert all("blocks of a power of two" in r.note for r in block20.report.rows)
+    gemm = lowbit.Program(make_model({"w": weights["odd"]}, [("Gemm", "w", {})]))
+    palettized = lowbit.palettize_weights(gemm, n_bits=4, lut_dtype="int8", target="onnxruntime")
+    assert palettized.report.rows[0].note.endswith(
+        "read by Gemm (input 1), not as a MatMul right operand or an axis-0 Gather table"
+    )
+    portable = lowbit.quantize_weights(lowbit.Program(make_model(weights, [("Conv", "conv", {})])), dtype="int8")
+    assert portable.report.rows[0].note is None  # the portable target asked for nothing else
 
 
 def test_fp16_weights(tmp_path):

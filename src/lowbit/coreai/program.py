@@ -169,6 +169,9 @@ class CoreAIBackend:
         except (TypeError, ValueError) as err:
             raise SkipWeight(f"Core AI cannot hold this encoding: {_one_line(err)}") from err
 
+    def note(self, weight: CoreAIWeight) -> None:
+        return None
+
     def writing(self) -> contextlib.AbstractContextManager[Any]:
         return _verified(self.program)
 

@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lowbit.config import check_bool, check_choice
-from lowbit.onnx import encoding
+from lowbit.onnx import encoding, fused
 from lowbit.onnx.discovery import WeightRef
 from lowbit.onnx.functions import FUNCTION_OPSET, MIN_IR_VERSION
 from lowbit.onnx.fused import TARGETS
@@ -45,6 +45,15 @@ class OnnxWriter:
 
     def __init__(self, target: str = TARGETS[0]) -> None:
         self.target = check_choice("target", target, TARGETS)
+        self.notes: dict[str, str] = {}  # weight name -> what the report says about how it was written
+
+    def portable_for(self, ref: WeightRef, layout_reason: str) -> None:
+        """Note that ``ref`` got the portable encoding although ``target`` asks for ONNX Runtime's kernels, and why
+        (``layout_reason`` when its readers would allow a kernel but the compression's layout does not)."""
+        if self.target != TARGETS[0]:
+            assert ref.value is not None
+            why = fused.why_not_fused(ref.value) or layout_reason
+            self.notes[ref.name] = f"portable encoding, no {self.target} kernel: {why}"
 
     def requirements_of(self, config: Any, weights: Sequence[WeightRef], program: Program) -> tuple[int, int]:
         """(default-domain opset, IR version) that ``weights``, compressed per ``config``, need."""
@@ -115,6 +124,9 @@ class OnnxBackend:
         if self.spill and known is not None:
             self.spill.after(known)
         return after
+
+    def note(self, weight: WeightRef) -> str | None:
+        return self.writer.notes.pop(weight.name, None)
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:

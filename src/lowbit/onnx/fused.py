@@ -47,6 +47,7 @@ __all__ = [
     "unfuse",
     "unfused_weight",
     "weight_axes",
+    "why_not_fused",
     "write_fused",
 ]
 
@@ -63,24 +64,37 @@ _FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
 def fused_consumer(weight: ir.Value, target: str) -> str | None:
     """``"MatMul"`` or ``"Gather"`` when ``target`` is an ONNX Runtime one and every use of the 2-D float / fp16
     constant ``weight`` is a ``MatMul`` right operand or an axis-0 ``Gather`` table (what the fused kernels
-    replace), else None."""
-    if target not in _ACCURACY_LEVEL:
+    replace), else None (:func:`why_not_fused` says why)."""
+    if target not in _ACCURACY_LEVEL or why_not_fused(weight) is not None:
         return None
+    return "MatMul" if all(node.op_type == "MatMul" for node, _ in weight.uses()) else "Gather"
+
+
+def why_not_fused(weight: ir.Value) -> str | None:
+    """Why ONNX Runtime's fused kernels cannot hold the constant ``weight`` (None when they can, by its shape,
+    type and readers; the encoding's own layout is checked by its writer)."""
     shape = value_shape(weight)
-    if shape is None or len(shape) != 2 or dtype_of(weight) not in _FLOATS or weight.is_graph_output():
-        return None
+    if shape is None or len(shape) != 2:
+        return f"a {len(shape or ())}-D weight (the kernels take 2-D MatMul / Gather weights)"
+    if dtype_of(weight) not in _FLOATS:
+        return f"a {dtype_of(weight).name.lower()} weight (the kernels take float32 / float16)"
+    if weight.is_graph_output():
+        return "a graph output"
     ops = set()
     for node, index in weight.uses():
-        if node.domain not in ("", "ai.onnx"):
-            return None
         axis = node.attributes.get("axis")
-        if node.op_type == "MatMul" and index == 1:
+        if node.domain in ("", "ai.onnx") and node.op_type == "MatMul" and index == 1:
             ops.add("MatMul")
-        elif node.op_type == "Gather" and index == 0 and (axis is None or axis.as_int() == 0):
+        elif (
+            node.domain in ("", "ai.onnx")
+            and node.op_type == "Gather"
+            and index == 0
+            and (axis is None or axis.as_int() == 0)
+        ):
             ops.add("Gather")
         else:
-            return None
-    return ops.pop() if len(ops) == 1 else None
+            return f"read by {node.op_type} (input {index}), not as a MatMul right operand or an axis-0 Gather table"
+    return "read by both MatMul and Gather" if len(ops) > 1 else None
 
 
 def fused_block(inner: int, block: int) -> int | None:

@@ -43,6 +43,7 @@ class PalettizeWriter(OnnxWriter):
         grid = fused.palettized_grid(program.model, ref.value, result, consumer, ref.output_axis) if consumer else None
         if consumer is not None and grid is not None:
             return fused.write_fused(program.model, ref.value, consumer, grid, self.target)
+        self.portable_for(ref, "the kernels hold scalar int8 / uint8 LUTs of 1, 2, 4 or 8 bits, whole groups")
         return encoding.stored_nbytes(write_palettized(program.model, ref, result))
 
 

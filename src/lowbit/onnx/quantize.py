@@ -101,6 +101,9 @@ class QuantizeWriter(OnnxWriter):
         result = weight.quantized
         if (kernel := self._fused(ref, weight, config)) is not None:
             return fused.write_fused(program.model, ref.value, *kernel, self.target)
+        self.portable_for(
+            ref, "the kernels take int4 / int8 codes in blocks of a power of two >= 16 dividing the input channels"
+        )
         if result.e8m0:
             n_bits = config.dtype.bits
             out = encoding.write_mx(
