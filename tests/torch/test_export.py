@@ -180,3 +180,46 @@ def test_recurrent_layers_export_at_their_requested_bits(tmp_path, case):
     dense_file = tmp_path / "dense.onnx"
     lowbit.decompress_weights(reloaded).save(dense_file)
     _assert_ort_runs_it_as_torch(dense_file, model, x)
+
+
+BN_CASES = {
+    "per tensor": {"n_bits": 4},
+    "grouped(16)": GROUPED16,
+    "per tensor, input-channel axis": {"n_bits": 4, "channel_axis": 1},
+}
+
+
+@pytest.mark.parametrize("case", list(BN_CASES))
+def test_batchnorm_folded_into_a_palettized_conv_keeps_its_palette(tmp_path, case):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(16, 32, 3), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 32, 3), nn.BatchNorm2d(32), nn.ReLU()
+    )
+    model.train()
+    model(torch.randn(8, 16, 12, 12))  # BatchNorm statistics that are not the identity
+    model.eval()
+    palettized = _palettized(model, **BN_CASES[case])
+    x = torch.randn(2, 16, 12, 12)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*stored dense")
+        program = lowbit.torch.export_onnx(palettized, (x,), tmp_path / "bn.onnx", input_names=["x"])
+    records = lowbit.torch.palettization_of(palettized)
+    assert len(program.report.rows) == 2  # the default export folds BatchNorm: each conv keeps its codes and LUTs
+    stored, dense = _stored_nbytes(program, palettized)
+    palette_bytes = sum(r.nbytes for r in records.values()) + 2 * 32 * 4  # plus one factor per output channel
+    assert stored <= palette_bytes + 64
+    assert (tmp_path / "bn.onnx").stat().st_size <= 1.1 * (palette_bytes + dense) + FUNCTIONS_NBYTES
+    _assert_ort_runs_it_as_torch(tmp_path / "bn.onnx", palettized, x)
+
+
+def test_a_folded_weight_the_palette_cannot_express_is_stored_dense_with_a_warning(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 32, 3), nn.BatchNorm2d(32)).eval()
+    with torch.no_grad():
+        model[1].running_var.uniform_(0.5, 2.0)
+    options = {"n_bits": 4, "channel_axis": 1, "granularity": "per_grouped_channel", "group_size": 4}
+    palettized = _palettized(model, **options)  # LUTs along the input channels: a per-output factor mixes them
+    x = torch.randn(1, 16, 8, 8)
+    with pytest.warns(UserWarning, match=r"palettized weight '0.weight' matches no weight .* stored dense"):
+        lowbit.torch.export_onnx(palettized, (x,), tmp_path / "bn.onnx", input_names=["x"])
+    _assert_ort_runs_it_as_torch(tmp_path / "bn.onnx", palettized, x)

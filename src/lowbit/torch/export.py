@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -111,7 +112,9 @@ def export_onnx(
     An exported weight is matched to the palettization recorded for the parameter of its name (the exporter keeps
     parameter names), else to one holding the same values, as they are or transposed (a weight the exporter
     transposed into a new initializer). A palettized parameter whose values changed since (trained after
-    palettization) is exported dense with a warning naming it. A recurrent layer's weights, which the exporter
+    palettization) is exported dense with a warning naming it. A BatchNorm the exporter folds into a palettized
+    convolution (the default) becomes the per-channel scale of its codes and LUTs, checked bit for bit. A recurrent
+    layer's weights, which the exporter
     reorders by gate and stacks by direction, keep each direction's LUTs (one decode, reshaped). A weight that
     matches none but holds at most 256 distinct values is palettized losslessly in ``unique`` mode. A recorded
     palettization that matches nothing while a dense weight of its size remains draws a warning naming it (one the
@@ -141,7 +144,9 @@ def export_onnx(
             if record.size in dense_sizes:  # else the traced forward does not use it: nothing to store
                 warnings.warn(
                     f"palettized weight {record.name!r} matches no weight of the exported graph (the exporter "
-                    "changed its values): it is stored dense",
+                    "changed its values): it is stored dense. A BatchNorm folded into a conv keeps the palette when "
+                    "its LUTs run along the output channels (channel_axis=0, or one LUT); else export with "
+                    "do_constant_folding=False to keep the BatchNorm apart",
                     UserWarning,
                     stacklevel=2,
                 )
@@ -163,6 +168,8 @@ def _write_palettes(program: Program, records: dict[str, _Palettized]) -> Compre
             continue
         array = ref.value.const_value.numpy()
         weight, reshape = _named(ref.name, array, records) or _match(array, records), None
+        if weight is None:
+            weight = _rescaled(array, ref.output_axis, records)
         if weight is None:
             weight = _restacked(ref.op, array, records)
             reshape = None if weight is None else array.shape
@@ -197,6 +204,60 @@ def _match(array: np.ndarray, candidates: dict[str, _Palettized]) -> PalettizedW
         if perm is not None:
             del candidates[key]
             return record.weight.permuted(perm)
+    return None
+
+
+def _rescaled(array: np.ndarray, output_axis: int, candidates: dict[str, _Palettized]) -> PalettizedWeight | None:
+    """A record whose output channels the exporter multiplied each by a factor (a BatchNorm folded into the
+    convolution before it) as the same codes and LUTs with that factor as the per-channel scale: ``lut[codes] *
+    factor`` rounds as the exporter's ``weight * factor`` does, checked bit for bit. Only for a record grouped
+    along the output channels (or with one LUT) and without a scale of its own."""
+    if array.dtype != np.float32:
+        return None
+    for key, record in list(candidates.items()):
+        weight, palettized = record.weight, record.weight.palettized
+        if weight.shape != array.shape or palettized.scale is not None or palettized.lut.shape[2] != 1:
+            continue
+        if weight.forward[0] != output_axis and palettized.lut.shape[0] > 1:
+            continue
+        factor = _channel_factor(record.dense, array, output_axis)
+        if factor is None:
+            continue
+        del candidates[key]
+        moved = weight if weight.forward[0] == output_axis else _channel_first(weight, output_axis)
+        return dataclasses.replace(moved, palettized=dataclasses.replace(moved.palettized, scale=factor))
+    return None
+
+
+def _channel_first(weight: PalettizedWeight, axis: int) -> PalettizedWeight:
+    """A one-LUT palettization re-laid with ``axis`` first (its codes transposed, the LUT as it is)."""
+    palettized = weight.palettized
+    codes = palettized.codes.reshape(weight.canonical_shape).transpose(weight.back)
+    forward = (axis, *(a for a in range(codes.ndim) if a != axis))
+    rows = codes.transpose(forward).reshape(codes.shape[axis], -1)
+    relaid = dataclasses.replace(palettized, packed=pack_bits(rows, palettized.n_bits), codes_shape=rows.shape)
+    return PalettizedWeight(weight.shape, forward, relaid)
+
+
+def _channel_factor(dense: np.ndarray, folded: np.ndarray, axis: int) -> np.ndarray | None:
+    """The float32 ``f`` with ``dense * f`` (``f`` along ``axis``) bit-identical to ``folded``, or None. Each
+    channel's factor is read off its largest element and tried one ulp either side."""
+    rows, target = np.moveaxis(dense, axis, 0).reshape(dense.shape[axis], -1), np.moveaxis(folded, axis, 0)
+    target = target.reshape(rows.shape)
+    pick = np.abs(rows).argmax(1)
+    pivot = rows[np.arange(len(rows)), pick].astype(np.float64)
+    if not pivot.all():
+        return None
+    factor = (target[np.arange(len(rows)), pick] / pivot).astype(np.float32)
+    for _ in range(2):
+        wrong = ((rows * factor[:, None]) != target).any(1)
+        if not wrong.any():
+            return factor
+        for step in (np.inf, -np.inf):
+            nudged = factor.copy()
+            nudged[wrong] = np.nextafter(factor[wrong], np.float32(step))
+            fixed = wrong & ~((rows * nudged[:, None]) != target).any(1)
+            factor[fixed] = nudged[fixed]
     return None
 
 
