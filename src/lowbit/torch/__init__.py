@@ -2,7 +2,8 @@
 palettized model, and export to ONNX with the palettes intact. Imports torch; the rest of lowbit does not."""
 
 from lowbit.torch.export import export_onnx
+from lowbit.torch.export_coreai import export_coreai
 from lowbit.torch.palettization import load_state_dict, palettization_of
 from lowbit.torch.report import report
 
-__all__ = ["export_onnx", "load_state_dict", "palettization_of", "report"]
+__all__ = ["export_coreai", "export_onnx", "load_state_dict", "palettization_of", "report"]

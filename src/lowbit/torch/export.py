@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
 import os
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -68,7 +70,33 @@ def _abs_sum(array: np.ndarray) -> float:
     return float(np.abs(array.astype(np.float64)).sum())
 
 
-def _records(model: nn.Module) -> dict[str, _Palettized]:
+@contextlib.contextmanager
+def modes_kept(model: nn.Module) -> Iterator[None]:
+    """Restore every module's training mode afterwards (an exporter restores only the top module's)."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def warn_unmatched(records: dict[str, _Palettized], dense_sizes: set[int]) -> None:
+    """Warn for each record no exported weight matched while a dense weight of its size remains (else the traced
+    forward does not use it: nothing to store)."""
+    for record in records.values():
+        if record.size in dense_sizes:
+            warnings.warn(
+                f"palettized weight {record.name!r} matches no weight of the exported graph (the exporter "
+                "changed its values): it is stored dense. A BatchNorm folded into a conv keeps the palette when "
+                "its LUTs run along the output channels (channel_axis=0, or one LUT); else export with "
+                "do_constant_folding=False to keep the BatchNorm apart",
+                UserWarning,
+                stacklevel=3,
+            )
+
+
+def records_of(model: nn.Module) -> dict[str, _Palettized]:
     """The model's palettization records by parameter name, without those whose parameter changed since (with a
     warning: such a weight is exported dense)."""
     records = {}
@@ -114,8 +142,8 @@ def export_onnx(
     transposed into a new initializer). A palettized parameter whose values changed since (trained after
     palettization) is exported dense with a warning naming it. A BatchNorm the exporter folds into a palettized
     convolution (the default) becomes the per-channel scale of its codes and LUTs, checked bit for bit. A recurrent
-    layer's weights, which the exporter
-    reorders by gate and stacks by direction, keep each direction's LUTs (one decode, reshaped). A weight that
+    layer's weights, which the exporter reorders by gate and stacks by direction, keep each direction's LUTs (one
+    decode, reshaped). A weight that
     matches none but holds at most 256 distinct values is palettized losslessly in ``unique`` mode. A recorded
     palettization that matches nothing while a dense weight of its size remains draws a warning naming it (one the
     traced forward does not use, e.g. an unused pooler, is simply not in the file).
@@ -124,32 +152,17 @@ def export_onnx(
     """
     from lowbit.onnx.program import PROTO_LIMIT_BYTES, load
 
-    records = _records(model)
+    records = records_of(model)
     with tempfile.TemporaryDirectory() as tmp:
         exported = Path(tmp) / "exported.onnx"
-        modes = [(m, m.training) for m in model.modules()]  # the exporter restores only the top module's mode
-        try:
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)  # the exporter's own, about itself
-                torch.onnx.export(
-                    model, example_inputs, str(exported), opset_version=opset_version, dynamo=dynamo, **export_kwargs
-                )
-        finally:
-            for module, training in modes:
-                module.training = training
+        with modes_kept(model), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # the exporter's own, about itself
+            torch.onnx.export(
+                model, example_inputs, str(exported), opset_version=opset_version, dynamo=dynamo, **export_kwargs
+            )
         program = load(exported)
         program.report = _write_palettes(program, records)
-        dense_sizes = {w.numel for w in program.weights() if w.compression is None}
-        for record in records.values():
-            if record.size in dense_sizes:  # else the traced forward does not use it: nothing to store
-                warnings.warn(
-                    f"palettized weight {record.name!r} matches no weight of the exported graph (the exporter "
-                    "changed its values): it is stored dense. A BatchNorm folded into a conv keeps the palette when "
-                    "its LUTs run along the output channels (channel_axis=0, or one LUT); else export with "
-                    "do_constant_folding=False to keep the BatchNorm apart",
-                    UserWarning,
-                    stacklevel=2,
-                )
+        warn_unmatched(records, {w.numel for w in program.weights() if w.compression is None})
         program.optimize()
         # external data only where protobuf needs it (the dynamo exporter writes a data file even for a small model)
         program.save(path, external_data=program.tensor_nbytes() > PROTO_LIMIT_BYTES)
@@ -167,9 +180,7 @@ def _write_palettes(program: Program, records: dict[str, _Palettized]) -> Compre
         if ref.value is None or ref.value.const_value is None or ref.compression is not None:
             continue
         array = ref.value.const_value.numpy()
-        weight, reshape = _named(ref.name, array, records) or _match(array, records), None
-        if weight is None:
-            weight = _rescaled(array, ref.output_axis, records)
+        weight, reshape = _named(ref.name, array, records) or matched(array, ref.output_axis, records), None
         if weight is None:
             weight = _restacked(ref.op, array, records)
             reshape = None if weight is None else array.shape
@@ -193,6 +204,43 @@ def _named(name: str, array: np.ndarray, candidates: dict[str, _Palettized]) -> 
         return None
     del candidates[name]
     return record.weight.permuted(perm)
+
+
+def matched(array: np.ndarray, output_axis: int, candidates: dict[str, _Palettized]) -> PalettizedWeight | None:
+    """The record (removed from ``candidates``) whose values ``array`` holds, as they are, transposed, or with
+    each output channel (``output_axis``) multiplied by a factor; in the record's shape or with size-1 axes
+    inserted (a Conv1d's weight held as a 2-D convolution's)."""
+    found = _match(array, candidates) or _rescaled(array, output_axis, candidates)
+    if found is not None:
+        return found
+    views = {}
+    for key, record in candidates.items():
+        unsqueezed = _unsqueezed(record.weight, array.shape)
+        if unsqueezed is not None:
+            views[key] = _Palettized(record.name, unsqueezed)
+    offered = set(views)
+    found = _match(array, views) or _rescaled(array, output_axis, views)
+    for key in offered - views.keys():  # the one matched
+        del candidates[key]
+    return found
+
+
+def _unsqueezed(weight: PalettizedWeight, shape: tuple[int, ...]) -> PalettizedWeight | None:
+    """``weight`` seen with the size-1 axes of ``shape`` inserted (same elements, same order), or None when
+    ``shape`` is not ``weight.shape`` so extended."""
+    if len(shape) <= len(weight.shape):
+        return None
+    where, old = [], 0
+    for axis, size in enumerate(shape):
+        if old < len(weight.shape) and size == weight.shape[old]:
+            where.append(axis)
+            old += 1
+        elif size != 1:
+            return None
+    if old != len(weight.shape):
+        return None
+    units = tuple(a for a in range(len(shape)) if a not in where)
+    return PalettizedWeight(shape, tuple(where[a] for a in weight.forward) + units, weight.palettized)
 
 
 def _match(array: np.ndarray, candidates: dict[str, _Palettized]) -> PalettizedWeight | None:

@@ -1,0 +1,94 @@
+"""lowbit.torch.export_coreai: a palettized torch model converted by coreai-torch with every recorded palette written
+into the .aimodel; the Core AI runtime's output is the finalized torch model's, and the program's weights decode to
+the torch weights bit for bit."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+pytest.importorskip("coreai.authoring", reason="needs lowbit[coreai] (coreai-core, Python >= 3.11)")
+pytest.importorskip("coreai_torch", reason="needs coreai-torch (Python >= 3.11)")
+
+import torch
+from coreai_support import run_asset
+from torch import nn
+
+import lowbit.coreai
+import lowbit.torch
+from lowbit.torch.palettization import (
+    DKMPalettizer,
+    DKMPalettizerConfig,
+    PostTrainingPalettizer,
+    PostTrainingPalettizerConfig,
+)
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(100, 32)
+        self.conv = nn.Conv1d(32, 48, 3)
+        self.norm = nn.BatchNorm1d(48)
+        self.head = nn.Linear(48, 10)
+
+    def forward(self, ids):
+        x = self.norm(self.conv(self.embed(ids).transpose(1, 2)))
+        return self.head(torch.relu(x).mean(-1))
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    net = Net()
+    net.train()
+    net(torch.randint(0, 100, (8, 12)))  # BatchNorm statistics that are not the identity
+    return net.eval()
+
+
+def _check(model: nn.Module, tmp_path, ids: torch.Tensor) -> None:
+    model.head.train()  # a module in its own mode: exported in eval mode, left as it was
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*stored dense")
+        program = lowbit.torch.export_coreai(model, (ids,), tmp_path / "net.aimodel")
+    assert model.head.training and not model.conv.training
+    model.head.eval()
+    records = lowbit.torch.palettization_of(model)
+    assert len(program.report.rows) == len(records) == 3
+    assert sum(r.bytes_after for r in program.report.rows) <= sum(r.nbytes for r in records.values()) + 48 * 4 + 64
+    (got,) = run_asset(tmp_path / "net.aimodel", {"ids": ids.numpy().astype(np.int32)})  # Core AI: int32 ids
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(ids).numpy(), rtol=1e-5, atol=1e-5)
+    decoded = lowbit.coreai.load(tmp_path / "net.aimodel").weight_arrays()
+    torch_weights = {
+        p.detach().numpy().tobytes(): name
+        for name, p in model.named_parameters()
+        if name in ("embed.weight", "head.weight")
+    }
+    exact = [torch_weights.get(np.ascontiguousarray(a).tobytes()) for a in decoded.values()]
+    assert {"embed.weight", "head.weight"} <= set(exact)  # the LUTs and indices of the records, bit for bit
+
+
+def test_post_training_palettes_reach_the_core_ai_runtime(tmp_path):
+    config = PostTrainingPalettizerConfig.from_dict(
+        {"global_config": {"n_bits": 4, "granularity": "per_grouped_channel", "group_size": 16}}
+    )
+    model = PostTrainingPalettizer(_net(), config).compress()
+    _check(model, tmp_path, torch.randint(0, 100, (2, 12)))
+
+
+def test_dkm_finalized_palettes_reach_the_core_ai_runtime(tmp_path):
+    model = _net()
+    config = DKMPalettizerConfig.from_dict({"global_config": {"n_bits": 2, "weight_threshold": 0}})
+    palettizer = DKMPalettizer(model, config)
+    prepared = palettizer.prepare()
+    palettizer.step()
+    prepared.train()
+    optimizer = torch.optim.SGD(prepared.parameters(), lr=0.01)
+    for _ in range(2):
+        prepared(torch.randint(0, 100, (8, 12))).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    final = palettizer.finalize().eval()
+    _check(final, tmp_path, torch.randint(0, 100, (2, 12)))
