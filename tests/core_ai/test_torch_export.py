@@ -92,3 +92,27 @@ def test_dkm_finalized_palettes_reach_the_core_ai_runtime(tmp_path):
         optimizer.zero_grad()
     final = palettizer.finalize().eval()
     _check(final, tmp_path, torch.randint(0, 100, (2, 12)))
+
+
+def test_sixteen_bit_casting_then_conversion_runs_on_the_core_ai_runtime(tmp_path):
+    """The Core AI flow: export, cast to 16 bits, convert, compress, run: within float16 tolerance of float32."""
+    import coreai_torch
+    from conftest import digits_split, digits_torch_model
+
+    _, _, images, _ = digits_split()
+    x = torch.from_numpy(images[:64]).float()
+    model = digits_torch_model()
+    exported = lowbit.torch.cast_to_16_bit_precision(torch.export.export(model, (x,)))
+    program = (
+        coreai_torch.TorchConverter()
+        .add_exported_program(exported.run_decompositions(coreai_torch.get_decomp_table()))
+        .to_coreai()
+    )
+    small = lowbit.coreai.palettize_weights(program, n_bits=8)
+    assert all(w.dtype == np.float16 for w in small.weights())
+    (got,) = run_asset(small.save(tmp_path / "digits16.aimodel"), {"x": x.numpy().astype(np.float16)})
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert got.dtype == np.float16
+    np.testing.assert_allclose(got.astype(np.float32), want, rtol=0, atol=0.02 * np.abs(want).max())
+    assert (got.argmax(1) == want.argmax(1)).mean() >= 0.98
