@@ -144,10 +144,30 @@ def test_config_validation_and_round_trip():
         ModuleDKMPalettizerConfig(n_bits=9)
     with pytest.raises(ValueError, match="group_size must be set"):
         ModuleDKMPalettizerConfig(granularity="per_grouped_channel")
-    with pytest.raises(NotImplementedError, match="quantize_activations"):
-        ModuleDKMPalettizerConfig(quantize_activations=True)
-    with pytest.raises(NotImplementedError, match="palett_dist"):
-        ModuleDKMPalettizerConfig(palett_dist=True)
+    invalid = [
+        ({"partition_size": 4}, "partition_size is deprecated .* set group_size instead"),
+        ({"cluster_dtype": "oc_last"}, "cluster_dtype is deprecated .* set lut_dtype instead"),
+        ({"dtype": torch.float32}, "dtype must be one of"),
+        ({"dtype": "quint8"}, r"-128 / 127"),  # quint8 wants 0 .. 255, as coremltools refuses at prepare
+        ({"quant_min": -200}, "quant_min / quant_max must satisfy -128 <= quant_min"),
+        ({"quant_min": 1}, "quant_min <= 0"),
+        ({"cluster_permute": (0, 0)}, "cluster_permute must be a permutation"),
+        ({"palett_max_mem": 0.0}, r"palett_max_mem must be in \(0, 1\]"),
+        ({"percentage_palett_enable": 1.5}, r"percentage_palett_enable must be in \(0, 1\]"),
+        ({"palett_cluster_tol": 2.0}, r"palett_cluster_tol must be in \[0, 1\]"),
+        ({"kmeans_batch_threshold": 0}, "kmeans_batch_threshold must be >= 1"),
+    ]
+    for options, message in invalid:
+        with pytest.raises(ValueError, match=message):
+            ModuleDKMPalettizerConfig(**options)
+    with pytest.raises(TypeError, match="cluster_permute must be None or a tuple of axes"):
+        ModuleDKMPalettizerConfig(cluster_permute="01")
+    assert ModuleDKMPalettizerConfig(dtype="quint8", quant_min=0, quant_max=255).dtype == torch.quint8
+    for options in ({"palett_lambda": 0.5}, {"add_extra_centroid": True}, {"kmeans_error_bnd": 0.1}):
+        with pytest.warns(UserWarning, match=f"{next(iter(options))}=.* has no effect"):
+            ModuleDKMPalettizerConfig(**options)
+    quantized = ModuleDKMPalettizerConfig(quantize_activations=True, dtype=torch.quint8, quant_min=0, quant_max=255)
+    assert ModuleDKMPalettizerConfig.from_dict(quantized.as_dict()) == quantized
     with pytest.raises(ValueError, match="unknown"):
         ModuleDKMPalettizerConfig.from_dict({"n_bit": 2})
     config = DKMPalettizerConfig.from_dict(

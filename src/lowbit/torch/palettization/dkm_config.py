@@ -1,10 +1,10 @@
 """The configs of :class:`~lowbit.torch.palettization.DKMPalettizer`: every option of
-``coremltools.optimize.torch.palettization.ModuleDKMPalettizerConfig``, validated up front. An option lowbit does not
-implement yet raises ``NotImplementedError`` naming it when set to anything but its default (never silently
-ignored)."""
+``coremltools.optimize.torch.palettization.ModuleDKMPalettizerConfig`` with the meaning coremltools 9.0 gives it,
+validated up front."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -21,24 +21,16 @@ LUT_DTYPES = ("f32", "f16", "bf16", "i8", "u8")
 # the torch dtypes (or their names) that coremltools also takes for each
 LUT_DTYPE_NAMES = {"float32": "f32", "float16": "f16", "half": "f16", "bfloat16": "bf16", "int8": "i8", "uint8": "u8"}
 SCALING_SCHEMES = ("min_max", "abs")
-# options accepted at their default only, with why (activation quantization, distributed and batching modes)
-NOT_IMPLEMENTED = {
-    "quant_min": -128,
-    "quant_max": 127,
-    "dtype": torch.qint8,
-    "quantize_activations": False,
-    "cluster_permute": None,
-    "palett_max_mem": 1.0,
-    "palett_lambda": 0.0,
-    "add_extra_centroid": False,
-    "palett_cluster_tol": 0.0,
-    "palett_batch_mode": False,
-    "palett_dist": False,
-    "percentage_palett_enable": 1.0,
-    "kmeans_batch_threshold": 4,
-    "kmeans_error_bnd": 0.0,
-    "partition_size": None,
-    "cluster_dtype": None,
+# the activations' fake-quantization types, and their integer ranges
+ACTIVATION_DTYPES = {"qint8": torch.qint8, "quint8": torch.quint8}
+ACTIVATION_RANGES = {torch.qint8: (-128, 127), torch.quint8: (0, 255)}
+# options coremltools 9.0 refuses whenever set (a DeprecationWarning raised), with what replaced them
+DEPRECATED = {"partition_size": "group_size", "cluster_dtype": "lut_dtype"}
+# options coremltools 9.0 accepts and never acts on in DKM, with why: accepted here too, with a warning when set
+NO_EFFECT = {
+    "palett_lambda": (0.0, "coremltools 9.0 never reads it"),
+    "add_extra_centroid": (False, "coremltools 9.0 reads it only in joint pruning, which DKMPalettizer does not do"),
+    "kmeans_error_bnd": (0.0, "coremltools 9.0's DKM never reaches the k-means branch that reads it"),
 }
 
 
@@ -54,15 +46,21 @@ def _check_float(name: str, value: Any, minimum: float = 0.0) -> float:
 class ModuleDKMPalettizerConfig(ModuleConfig):
     """How one module's weights are palettized during training (see ``spec/torch-api.md`` for every option).
 
-    Implemented: ``n_bits`` (None: 4 for Linear, 2 otherwise), ``weight_threshold``, ``granularity``
-    (``"per_tensor"`` / ``"per_grouped_channel"``), ``group_size``, ``channel_axis``, ``enable_per_channel_scale``
-    with ``per_channel_scaling_factor_scheme``, ``milestone``, ``cluster_dim``, ``lut_dtype``, ``kmeans_max_iter``,
-    ``prune_threshold``, ``kmeans_init``, ``kmeans_opt1d_threshold``, ``kmeans_n_init``, ``enforce_zero``,
-    ``palett_mode``, ``palett_tau``, ``palett_epsilon``, ``zero_threshold``, and eDKM's ``palett_unique``
-    (attention over distinct 16-bit values), ``palett_shard`` (its index list sharded across ``torch.distributed``
-    ranks between forward and backward) and ``palett_min_tsize`` (index lists of at least this many entries kept as
-    int32). The others (see ``NOT_IMPLEMENTED``) raise ``NotImplementedError`` naming them unless left at their
-    defaults.
+    Every option acts as in coremltools 9.0 (see :mod:`lowbit.torch.palettization.fake_palettize` for the DKM step
+    and the README's DKM section for each option): ``n_bits`` (None: 4 for Linear, 2 otherwise),
+    ``weight_threshold``, ``granularity``, ``group_size``, ``channel_axis``, ``enable_per_channel_scale`` with
+    ``per_channel_scaling_factor_scheme``, ``milestone``, ``cluster_dim``, ``cluster_permute`` (LUT groups along its
+    first axis), ``lut_dtype``, ``kmeans_max_iter``, ``prune_threshold`` (off the distance to centroid 0),
+    ``zero_threshold`` (the attention's floor), ``kmeans_init``, ``kmeans_opt1d_threshold``, ``kmeans_n_init``,
+    ``enforce_zero``, ``palett_mode``, ``palett_tau``, ``palett_epsilon`` (the inertia's change that stops the
+    iterations), ``palett_cluster_tol`` (duplicate centroids repaired), ``percentage_palett_enable`` (the first
+    groups train, the rest keep their first LUT), ``palett_max_mem`` (the fraction of the attention held at once),
+    ``quantize_activations`` with ``quant_min`` / ``quant_max`` / ``dtype`` (the module's output fake-quantized),
+    eDKM's ``palett_unique``, ``palett_shard``, ``palett_min_tsize``; ``palett_batch_mode``, ``palett_dist`` and
+    ``kmeans_batch_threshold`` only distribute work in coremltools (lowbit computes every group at once: the same
+    result); ``palett_lambda``, ``add_extra_centroid`` and ``kmeans_error_bnd`` have no effect in coremltools' DKM
+    and none here (a warning when set); ``partition_size`` and ``cluster_dtype`` are refused, as coremltools 9.0
+    refuses them.
 
     Raises ``ValueError`` / ``TypeError`` naming the option and its allowed values.
     """
@@ -108,14 +106,32 @@ class ModuleDKMPalettizerConfig(ModuleConfig):
     cluster_dtype: Any = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.dtype, str):  # as as_dict() writes it
-            object.__setattr__(self, "dtype", getattr(torch, self.dtype.removeprefix("torch."), self.dtype))
-        for name, default in NOT_IMPLEMENTED.items():
+        for name, replacement in DEPRECATED.items():
+            if getattr(self, name) is not None:
+                raise ValueError(f"{name} is deprecated (coremltools 9.0 refuses it too): set {replacement} instead")
+        for name, (default, why) in NO_EFFECT.items():
             if getattr(self, name) != default:
-                raise NotImplementedError(
-                    f"{name}={getattr(self, name)!r} is not implemented by lowbit's DKMPalettizer (only its default "
-                    f"{default!r}); see the README's DKM section"
-                )
+                warnings.warn(f"{name}={getattr(self, name)!r} has no effect: {why}", UserWarning, stacklevel=3)
+        self._check_activation_quantization()
+        if self.cluster_permute is not None:
+            permute = self.cluster_permute
+            if not isinstance(permute, list | tuple) or any(
+                isinstance(a, bool) or not isinstance(a, int) for a in permute
+            ):
+                raise TypeError(f"cluster_permute must be None or a tuple of axes, got {permute!r}")
+            if sorted(permute) != list(range(len(permute))):
+                raise ValueError(f"cluster_permute must be a permutation of 0..{len(permute) - 1}, got {permute!r}")
+            object.__setattr__(self, "cluster_permute", tuple(permute))
+        for name in ("palett_max_mem", "percentage_palett_enable"):
+            if not 0 < _check_float(name, getattr(self, name)) <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        if _check_float("palett_cluster_tol", self.palett_cluster_tol) > 1:
+            raise ValueError(f"palett_cluster_tol must be in [0, 1], got {self.palett_cluster_tol}")
+        for name in ("quantize_activations", "add_extra_centroid", "palett_batch_mode", "palett_dist"):
+            check_bool(name, getattr(self, name))
+        check_int("kmeans_batch_threshold", self.kmeans_batch_threshold, 1)
+        _check_float("kmeans_error_bnd", self.kmeans_error_bnd)
+        _check_float("palett_lambda", self.palett_lambda)
         if self.n_bits is not None:
             object.__setattr__(self, "n_bits", integral("n_bits", self.n_bits))
             check_choice("n_bits", self.n_bits, PALETTIZE_N_BITS)
@@ -154,6 +170,22 @@ class ModuleDKMPalettizerConfig(ModuleConfig):
             raise ValueError("palett_shard shards palett_unique's index list: set palett_unique=True with it")
         check_choice("per_channel_scaling_factor_scheme", self.per_channel_scaling_factor_scheme, SCALING_SCHEMES)
         _check_float("zero_threshold", self.zero_threshold)
+
+    def _check_activation_quantization(self) -> None:
+        """``dtype`` (``qint8`` / ``quint8``, or their names) and a ``quant_min`` .. ``quant_max`` range inside it
+        that holds 0: checked whether or not ``quantize_activations`` is set, as coremltools checks them."""
+        dtype = self.dtype
+        if isinstance(dtype, str):  # a name, as as_dict() writes it
+            dtype = ACTIVATION_DTYPES.get(dtype.removeprefix("torch.").lower(), dtype)
+        object.__setattr__(self, "dtype", check_choice("dtype", dtype, ACTIVATION_RANGES))
+        low, high = ACTIVATION_RANGES[self.dtype]
+        check_int("quant_min", self.quant_min)
+        check_int("quant_max", self.quant_max)
+        if not low <= self.quant_min <= 0 <= self.quant_max <= high or self.quant_min >= self.quant_max:
+            raise ValueError(
+                f"quant_min / quant_max must satisfy {low} <= quant_min <= 0 <= quant_max <= {high} for {self.dtype} "
+                f"and quant_min < quant_max, got {self.quant_min} / {self.quant_max}"
+            )
 
     def bits_for(self, module: torch.nn.Module) -> int:
         """``n_bits``, or its default for ``module``: 4 for a Linear, 2 otherwise."""
