@@ -147,7 +147,7 @@ def test_prune_threshold_and_zero_threshold_as_coremltools_uses_them():
     assert zeros[0.05] > zeros[1e-7] > 0  # off the zero centroid's distance: more weights join it
     _, prepared = _prepared(base, zero_threshold=0.05)
     fake = _fake(prepared[0])
-    distances = torch.rand(1, 10, 4) * 100
+    distances = torch.rand(1, 4, 10) * 100
     assert float(fake._attention(distances).min()) == pytest.approx(0.05)  # the attention's floor
 
 
@@ -163,7 +163,7 @@ def test_prune_threshold_zero_keeps_exact_zeros_alone_on_the_zero_centroid():
         prepared.train()(torch.randn(2, 64))
         groups = fake.groups_of(prepared[0].parametrizations.weight.original.detach())
         attention = fake._attention(fake._distances(groups, fake._snap(fake.centroids)))
-        on_zero[prune] = float(attention[..., 0][groups[..., 0] != 0].max())
+        on_zero[prune] = float(attention[:, 0][groups[..., 0] != 0].max())
     assert on_zero[0.0] <= 1e-6 < 0.5 < on_zero[1e-7]  # only exact zeros on the zero centroid, else near ones too
 
 
