@@ -182,8 +182,18 @@ def _palettize(args: argparse.Namespace) -> int:
         configs=_weight_configs(args),
         **_target(args),
         **_calibration(args),
+        **_outliers(args),
     )
     return _save_and_report(result, args, before)
+
+
+def _outliers(args: argparse.Namespace) -> dict:
+    """``outlier_fraction=`` from ``--outlier-fraction`` (ONNX only)."""
+    if not args.outlier_fraction:
+        return {}
+    if _is_coreai(args.input):
+        raise ValueError("--outlier-fraction adds a sparse correction the Core AI door does not write yet: .onnx only")
+    return {"outlier_fraction": args.outlier_fraction}
 
 
 def _calibration(args: argparse.Namespace) -> dict:
@@ -342,6 +352,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-num-threshold", type=int, default=1024, help="leave weights this small alone")
     p.add_argument("--workers", type=int, default=4, help="k-means worker threads (default 4)")
     p.add_argument("--exact", action="store_true", help="cluster fp32 weights' raw values, not fp16-rounded ones")
+    p.add_argument(
+        "--outlier-fraction",
+        type=float,
+        default=0.0,
+        help="keep this fraction (up to 0.1) of each weight exact beside its LUTs, the worst-served ones (ONNX)",
+    )
     _add_calibration(p, "activation-aware k-means (ONNX)")
     _add_selection(p)
     _add_target(p)

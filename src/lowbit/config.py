@@ -87,6 +87,7 @@ PALETTIZE_GRANULARITIES = (
 )
 LUT_DTYPES = (None, DType.INT8, DType.UINT8, DType.FP8_E4M3FN, DType.FP8_E5M2)
 PALETTIZE_MODES = ("kmeans", "uniform", "unique")
+MAX_OUTLIER_FRACTION = 0.1  # beyond, a sparse encoding of its own serves the weight better
 
 
 @dataclass(frozen=True)
@@ -104,8 +105,16 @@ class PalettizeConfig:
     enable_fast_kmeans_mode: bool = True
     rounding_precision: int = 4
     mode: str = "kmeans"
+    outlier_fraction: float = 0.0
 
     def __post_init__(self) -> None:
+        fraction = self.outlier_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, int | float):
+            raise TypeError(f"outlier_fraction must be a number, got {type(fraction).__name__} {fraction!r}")
+        if not 0 <= fraction <= MAX_OUTLIER_FRACTION:
+            raise ValueError(f"outlier_fraction must be in [0, {MAX_OUTLIER_FRACTION}], got {fraction}")
+        if fraction and self.mode != "kmeans":
+            raise ValueError(f"outlier_fraction needs mode='kmeans', got mode={self.mode!r}")
         lut_dtype = self.lut_dtype if self.lut_dtype is None else to_enum("lut_dtype", self.lut_dtype, DType)
         object.__setattr__(self, "lut_dtype", check_choice("lut_dtype", lut_dtype, LUT_DTYPES))
         check_choice("n_bits", check_int("n_bits", self.n_bits), PALETTIZE_N_BITS)

@@ -20,8 +20,10 @@ import numpy as np
 from lowbit.config import PalettizeConfig, QuantizeConfig, SparsifyConfig, block_shape
 from lowbit.errors import SkipWeight
 from lowbit.kernels.feedback import (
+    keeping_exact,
     nearest_in_luts,
     nearest_on_linear_grid,
+    ordered_feedback,
     ordered_feedback_codes,
     ordered_feedback_values,
 )
@@ -30,6 +32,7 @@ from lowbit.kernels.packing import pack_bits, packed_nbytes
 from lowbit.kernels.palettize import Palettized, palettize, stack_palettized
 from lowbit.kernels.prune import Sparsified, block_mask, magnitude_mask, n_m_mask, sparsify
 from lowbit.kernels.quantize import LinearQuantized, element_range, quantize_linear
+from lowbit.outliers import Outliers, choose_outliers, outliers_of
 from lowbit.types import FLOAT_WEIGHT_DTYPES, CompressionGranularity, DType, QScheme
 
 __all__ = [
@@ -81,6 +84,7 @@ class PalettizedWeight:
     shape: tuple[int, ...]
     forward: tuple[int, ...]
     palettized: Palettized
+    outliers: Outliers | None = None  # elements kept exact beside the LUTs (``outlier_fraction``)
 
     @property
     def canonical_shape(self) -> tuple[int, ...]:
@@ -103,18 +107,25 @@ class PalettizedWeight:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the compressed form: packed codes, the LUT (quantized where it is) and the per-channel scale."""
-        return self.palettized.nbytes
+        """Bytes of the compressed form: packed codes, the LUT (quantized where it is), the per-channel scale and
+        the outliers."""
+        return self.palettized.nbytes + (0 if self.outliers is None else self.outliers.nbytes)
 
     def decode(self) -> np.ndarray:
-        """The dense weight, in the weight's own layout and dtype."""
+        """The dense weight, in the weight's own layout and dtype (outliers included)."""
         channels = self.canonical_shape[0]
-        return self.palettized.decode().reshape(self.padded_shape)[:channels].transpose(self.back)
+        dense = self.palettized.decode().reshape(self.padded_shape)[:channels].transpose(self.back)
+        return dense if self.outliers is None else self.outliers.add_to(dense)
+
+    def without_outliers(self) -> PalettizedWeight:
+        """The LUTs and codes alone (what ``lut_to_dense`` decodes before the outliers are added)."""
+        return dataclasses.replace(self, outliers=None)
 
     def decode_into(self, out: np.ndarray) -> None:
         """Write the dense weight into ``out`` (the weight's shape and dtype), decoding in place when the layout
         allows (a C-contiguous ``out`` in the kernel's own layout)."""
         in_place = out.flags.c_contiguous and self.forward == tuple(range(out.ndim)) and self.palettized.scale is None
+        in_place = in_place and self.outliers is None
         in_place = in_place and self.padded_shape == self.canonical_shape
         if in_place and out.dtype == self.palettized.lut.dtype and self.palettized.lut.shape[2] == 1:
             self.palettized.decode(out=out)
@@ -125,8 +136,9 @@ class PalettizedWeight:
         """The same compression, seen as a compression of ``array.transpose(perm)`` (e.g. an exporter's transposed
         copy of the weight): codes and LUTs are unchanged, only the layout bookkeeping moves."""
         inverse = np.argsort(perm)
+        outliers = None if self.outliers is None else self.outliers.permuted(self.shape, tuple(perm))
         return PalettizedWeight(
-            tuple(self.shape[a] for a in perm), tuple(int(inverse[a]) for a in self.forward), self.palettized
+            tuple(self.shape[a] for a in perm), tuple(int(inverse[a]) for a in self.forward), self.palettized, outliers
         )
 
 
@@ -230,6 +242,9 @@ def palettize_weight(
     rows = canonical.shape[0]  # the channels, or (one LUT, own layout) the weight's first axis
     full = channels // per_group * per_group  # the channels of whole groups; a ragged last group is solved alone
     parts = [(0, full, full // per_group), (full, channels, 1)] if full < channels else [(0, rows, groups)]
+    checked = _checked_gram(gram, array.shape[1 - axis]) if array.ndim == 2 else None
+    feedback = checked is not None and config.cluster_dim == 1 and not config.enable_per_channel_scale
+    outputs_first = forward[0] == axis
 
     def solve(start: int, stop: int, lut_groups: int) -> Palettized:
         part_importance = None if imp is None else _damped(imp[start:stop], lut_groups, damping)
@@ -247,16 +262,43 @@ def palettize_weight(
             threads=threads,
         )
 
-    solved = [solve(*part) for part in parts if part[1] > part[0]]
-    result = solved[0] if len(solved) == 1 else stack_palettized(solved, groups * per_group // config.cluster_dim)
-    weight = PalettizedWeight(tuple(array.shape), tuple(forward), result)
-    checked = _checked_gram(gram, array.shape[1 - axis]) if array.ndim == 2 else None
-    if checked is not None and config.cluster_dim == 1 and not config.enable_per_channel_scale:
-        outputs_first = forward[0] == axis
-        weight = _with_feedback(
-            weight, canonical[:channels] if outputs_first else canonical, checked, per_group, outputs_first
-        )
-    return weight
+    def solved(exact: np.ndarray | None = None) -> tuple[PalettizedWeight, np.ndarray | None]:
+        """The palettization (error feedback included) and, with ``exact``, the values feedback ends with."""
+        parts_solved = [solve(*part) for part in parts if part[1] > part[0]]
+        stacked = groups * per_group // config.cluster_dim
+        result = parts_solved[0] if len(parts_solved) == 1 else stack_palettized(parts_solved, stacked)
+        weight = PalettizedWeight(tuple(array.shape), tuple(forward), result)
+        if not feedback:
+            return weight, None
+        assert checked is not None
+        view = canonical[:channels] if outputs_first else canonical
+        return _with_feedback(weight, view, checked, per_group, outputs_first, exact)
+
+    weight, _ = solved()
+    if not config.outlier_fraction:
+        return weight
+    sensitivity = _sensitivity(array, importance, checked if feedback else None, axis)
+    mask = choose_outliers((array.astype(np.float64) - weight.decode()) ** 2 * sensitivity, config.outlier_fraction)
+    by_canonical = mask.transpose(forward).reshape(canonical.shape)
+    imp = (np.ones(canonical.shape) if imp is None else imp) * ~by_canonical  # the LUTs fit the rest
+    weight, values = solved(by_canonical[:channels] if feedback else None)
+    target = array if values is None else values.reshape(moved.shape).transpose(weight.back)
+    outliers = outliers_of(target, weight.decode(), mask)
+    with_outliers = dataclasses.replace(weight, outliers=outliers)
+    error = with_outliers.decode().astype(np.float64) - array.astype(np.float64)
+    palettized = dataclasses.replace(weight.palettized, squared_error=float(np.vdot(error, error)))
+    return dataclasses.replace(with_outliers, palettized=palettized)
+
+
+def _sensitivity(array: np.ndarray, importance: np.ndarray | None, gram: np.ndarray | None, axis: int) -> np.ndarray:
+    """How much each element's squared error counts when outliers are chosen: ``importance``, or the energy of
+    the input channel it multiplies (``diag(X^T X)``, a 2-D weight with calibration), or 1."""
+    if importance is not None:
+        return np.asarray(importance, np.float64)
+    if gram is not None:
+        energy = np.diag(gram).astype(np.float64)
+        return energy[None, :] if axis == 0 else energy[:, None]
+    return np.ones(1)
 
 
 def _by_input(a: np.ndarray, input_axis: int) -> np.ndarray:
@@ -277,25 +319,34 @@ def _checked_gram(gram: np.ndarray | None, channels: int) -> np.ndarray | None:
 
 
 def _with_feedback(
-    weight: PalettizedWeight, canonical: np.ndarray, gram: np.ndarray, per_group: int, outputs_first: bool
-) -> PalettizedWeight:
+    weight: PalettizedWeight,
+    canonical: np.ndarray,
+    gram: np.ndarray,
+    per_group: int,
+    outputs_first: bool,
+    exact: np.ndarray | None = None,
+) -> tuple[PalettizedWeight, np.ndarray]:
     """``weight`` (2-D, scalar LUTs) with its codes re-chosen by error feedback over the input channels; LUTs
     unchanged. ``canonical``: the kernel's 2-D view, output channels first (``outputs_first``) or, one LUT for the
-    whole weight, input channels first."""
+    whole weight, input channels first. ``exact``: a mask over ``canonical`` of elements kept as they are (outliers:
+    no rounding error to feed on). Also returns the values the feedback ends with (``canonical``'s layout)."""
     p = weight.palettized
     by_input = canonical.T if outputs_first else canonical  # [input channels, output channels]
     outputs = by_input.shape[1]
     group = np.arange(outputs) // per_group if outputs_first else np.zeros(outputs, np.int64)
     luts = p.lut[group, :, 0]  # each output channel's LUT
-    codes = ordered_feedback_codes(by_input, gram, nearest_in_luts(luts))
-    diff = luts[np.arange(outputs)[None, :], codes].astype(np.float64) - by_input.astype(np.float64)
+    nearest = nearest_in_luts(luts)
+    if exact is not None:
+        nearest = keeping_exact(nearest, exact.T if outputs_first else exact)
+    codes, values = ordered_feedback(by_input, gram, nearest)
+    diff = values - by_input.astype(np.float64)
     all_codes = p.codes.copy()
     laid_out = codes.T if outputs_first else codes
     all_codes[: laid_out.shape[0]] = laid_out
     updated = dataclasses.replace(
         p, packed=pack_bits(all_codes.astype(np.uint8), p.n_bits), squared_error=float(np.vdot(diff, diff))
     )
-    return PalettizedWeight(weight.shape, weight.forward, updated)
+    return PalettizedWeight(weight.shape, weight.forward, updated), values.T if outputs_first else values
 
 
 # ------------------------------------------------------------------------------------------------- quantization

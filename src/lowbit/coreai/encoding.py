@@ -147,7 +147,9 @@ _WRITERS: dict[type, Callable[[CoreAIWeight, Any, str], Value]] = {
 
 def write(ref: CoreAIWeight, result: Any) -> int:
     """Replace the constant of ``ref`` by the decode ops of ``result`` (a weight-layer result); returns the bytes
-    they store."""
+    they store. ``TypeError`` for a palettization with outliers (not written on Core AI yet)."""
+    if isinstance(result, PalettizedWeight) and result.outliers is not None:
+        raise TypeError("a palettization with outliers (outlier_fraction) is not written on Core AI yet")
     out = _mlir.element_name(ref.dtype) if ref.dtype is not None else "f32"
     return discovery.stored_nbytes(_mlir.replace(ref.constant, lambda: _WRITERS[type(result)](ref, result, out)))
 

@@ -14,8 +14,10 @@ import numpy as np
 __all__ = [
     "feedback_codes",
     "inverse_factor",
+    "keeping_exact",
     "nearest_in_luts",
     "nearest_on_linear_grid",
+    "ordered_feedback",
     "ordered_feedback_codes",
     "ordered_feedback_values",
 ]
@@ -98,6 +100,24 @@ def ordered_feedback_codes(w: np.ndarray, gram: np.ndarray, nearest: Nearest, da
     (``diag(X^T X)``, GPTQ's act-order: the channels that matter most are coded while the most rows can still absorb
     their error); codes returned in ``w``'s own order."""
     return _ordered(w, gram, nearest, damping)[0]
+
+
+def keeping_exact(nearest: Nearest, exact: np.ndarray) -> Nearest:
+    """``nearest`` except where ``exact`` ``[K, N]`` is set: those values stay as they are (outliers kept exact),
+    so they push no error onto the rows after them."""
+
+    def near(values: np.ndarray, channel: int) -> tuple[np.ndarray, np.ndarray]:
+        codes, decoded = nearest(values, channel)
+        return codes, np.where(exact[channel], values, decoded)
+
+    return near
+
+
+def ordered_feedback(
+    w: np.ndarray, gram: np.ndarray, nearest: Nearest, damping: float = 0.01
+) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, the values the feedback ends with) of :func:`ordered_feedback_codes`."""
+    return _ordered(w, gram, nearest, damping)
 
 
 def ordered_feedback_values(w: np.ndarray, gram: np.ndarray, project: Nearest, damping: float = 0.01) -> np.ndarray:

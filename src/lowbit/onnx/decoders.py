@@ -288,6 +288,17 @@ def _is_decode_reshape(node: ir.Node) -> bool:
     return len(node.inputs) == 2 and _wraps_decoder(node) and producer is not None and producer.domain == fn.DOMAIN
 
 
+def _is_decode_add(node: ir.Node) -> bool:
+    """An Add of two decode nodes' outputs, each read by nothing else (a palettization plus its outliers)."""
+    if len(node.inputs) != 2:
+        return False
+    for value in node.inputs:
+        producer = value.producer() if value is not None else None
+        if value is None or producer is None or decoder_for(producer) is None or len(value.uses()) != 1:
+            return False
+    return True
+
+
 def _is_decoder(node: ir.Node) -> bool:
     """A decode node proper (not one of the Cast / Slice / Reshape that wrap one)."""
     return node.op_type not in _WRAPPERS and decoder_for(node) is not None
@@ -297,10 +308,22 @@ def decoder_for(node: ir.Node) -> Decoder | None:
     """The decoder of a decode node, or None when ``node`` is not one."""
     domain = "" if node.domain == "ai.onnx" else node.domain
     if domain == "" and node.op_type in _WRAPPERS:
-        wrapper = {"Cast": _CAST, "Slice": _SLICE, "Reshape": _RESHAPE}[node.op_type]
+        wrapper = {"Cast": _CAST, "Slice": _SLICE, "Reshape": _RESHAPE, "Add": _ADD}[node.op_type]
         return wrapper if _WRAPPERS[node.op_type](node) else None
     return _DECODERS.get((domain, node.op_type))
 
 
 # the plain ops lowbit puts around a decode node, and how to tell them from a model's own
-_WRAPPERS = {"Cast": _is_decode_cast, "Slice": _is_decode_slice, "Reshape": _is_decode_reshape}
+def _decode_add(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray:
+    first, second = inputs
+    assert first is not None and second is not None
+    return np.add(first, second, dtype=first.dtype)
+
+
+_ADD = Decoder("add", lambda node: "", _decode_add, lambda node: value_shape(node.inputs[0]))
+_WRAPPERS = {
+    "Cast": _is_decode_cast,
+    "Slice": _is_decode_slice,
+    "Reshape": _is_decode_reshape,
+    "Add": _is_decode_add,
+}

@@ -146,7 +146,7 @@ def _emit(
     graph, out = home_graph(model, weight), node.outputs[0]
     if out.dtype is None:  # a decode node yields the weight's (decode) type unless its writer said otherwise
         out.dtype = decode_dtype(dtype_of(weight))
-    if replace and (trim is not None or reshape is not None):
+    if trim is not None or reshape is not None:
         out.name = unique_name(model, f"{node.name}.{'padded' if trim else 'unshaped'}")
         insert_early(graph, node)
         node = _slice(model, graph, out, *trim) if trim else _reshape(model, graph, out, reshape or ())
@@ -418,6 +418,13 @@ def write_sparse(
     node.outputs[0].dtype = dtype_of(values_value)  # the values' type: a quantized chain scatters codes
     node.outputs[0].shape = ir.Shape([int(d) for d in shape])
     return _emit(model, weight, node, replace)
+
+
+def write_sum(model: ir.Model, weight: ir.Value, first: ir.Value, second: ir.Value) -> ir.Value:
+    """``Add(first, second)`` in place of ``weight``: a decode plus the corrections of its outliers."""
+    node = ir.node("Add", [first, second], name=node_name(model, f"{weight.name or 'weight'}.Add"))
+    node.outputs[0].dtype = dtype_of(first)
+    return _emit(model, weight, node, replace=True)
 
 
 def write_mx(

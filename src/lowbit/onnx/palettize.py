@@ -39,11 +39,16 @@ class PalettizeWriter(OnnxWriter):
 
     def write(self, program: Program, ref: WeightRef, result: PalettizedWeight, config: PalettizeConfig) -> int:
         assert ref.value is not None
-        consumer = fused.fused_consumer(ref.value, self.target)
+        consumer = fused.fused_consumer(ref.value, self.target) if result.outliers is None else None
         grid = fused.palettized_grid(program.model, ref.value, result, consumer, ref.output_axis) if consumer else None
         if consumer is not None and grid is not None:
             return fused.write_fused(program.model, ref.value, consumer, grid, self.target)
-        self.portable_for(ref, "the kernels hold scalar int8 / uint8 LUTs of 1, 2, 4 or 8 bits, whole groups")
+        self.portable_for(
+            ref,
+            "outliers need the portable encoding"
+            if result.outliers is not None
+            else "the kernels hold scalar int8 / uint8 LUTs of 1, 2, 4 or 8 bits, whole groups",
+        )
         return encoding.stored_nbytes(write_palettized(program.model, ref, result))
 
 
@@ -53,11 +58,11 @@ def write_palettized(
     """Encode ``weight`` (the compression of the constant ``ref``) as ``lowbit.LutToDense`` in place of ``ref``;
     ``reshape``: ``ref``'s shape when ``weight`` is the same elements in another shape."""
     assert ref.value is not None
-    palettized = weight.palettized
+    palettized, outliers = weight.palettized, weight.outliers
     lut: np.ndarray | ir.Value = palettized.lut
     if palettized.lut_quantized is not None:
         lut = _lut_dequantize_chain(model, ref.value, palettized)
-    return encoding.write_lut(
+    decoded = encoding.write_lut(
         model,
         ref.value,
         packed=palettized.packed,
@@ -66,9 +71,16 @@ def write_palettized(
         n_bits=palettized.n_bits,
         canonical_shape=weight.padded_shape,
         perm=weight.back,
+        replace=outliers is None,
         trim=None if weight.padded_shape == weight.canonical_shape else (weight.forward[0], weight.canonical_shape[0]),
         reshape=reshape,
     )
+    if outliers is None:
+        return decoded
+    corrections = encoding.write_sparse(
+        model, ref.value, packed_mask=outliers.mask, values=outliers.values, shape=weight.shape, replace=False
+    )
+    return encoding.write_sum(model, ref.value, decoded, corrections)
 
 
 def _lut_dequantize_chain(model: ir.Model, weight: ir.Value, palettized: Palettized) -> ir.Value:
@@ -117,6 +129,7 @@ def palettize_weights(
     executor: Executor | None = None,
     target: str = fused.TARGETS[0],
     calibration_data: Any = None,
+    outlier_fraction: float = 0.0,
 ) -> Program:
     """Palettize the weights of ``program``: each becomes a LUT of ``2**n_bits`` entries plus n-bit indices.
 
@@ -160,6 +173,11 @@ def palettize_weights(
         Runtime first; each MatMul / Gemm / Conv weight's k-means is then weighted by its input channels' mean
         squared activation (activation-aware k-means: the layer's output error, not the weight's, is minimized).
         Other weights are palettized data-free.
+    outlier_fraction : 0 (default) or up to 0.1: this fraction of each weight's elements, those whose squared
+        error (weighted by their input channel's activation energy with ``calibration_data``) is largest, are kept
+        exact in a sparse correction added to the LUT decode (``Add(LutToDense, SparseToDense)``, folded by ONNX
+        Runtime; the LUTs are then fitted to the other weights). Costs one bit per weight for the mask plus the
+        kept values; ``mode="kmeans"`` only.
 
     Returns the compressed Program; ``result.report`` holds the per-weight :class:`CompressionReport`.
 

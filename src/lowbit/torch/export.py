@@ -266,6 +266,8 @@ def _rescaled(array: np.ndarray, output_axis: int, candidates: dict[str, _Palett
         weight, palettized = record.weight, record.weight.palettized
         if weight.shape != array.shape or palettized.scale is not None or palettized.lut.shape[2] != 1:
             continue
+        if weight.outliers is not None:  # the factor would scale the corrections too
+            continue
         if weight.forward[0] != output_axis and palettized.lut.shape[0] > 1:
             continue
         factor = _channel_factor(record.dense, array, output_axis)
@@ -354,6 +356,7 @@ def _gate_match(
             continue
         groups = palettized.lut.shape[0]
         plain = palettized.scale is None and palettized.lut_quantized is None and palettized.lut.shape[2] == 1
+        plain = plain and weight.outliers is None
         whole = weight.padded_shape == weight.canonical_shape and (
             groups == 1 or (weight.forward == (0, 1) and block % (rows // groups) == 0)
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -57,7 +58,11 @@ def export_coreai(model: nn.Module, example_inputs: Any, path: str | os.PathLike
                 continue
             weight = matched(backend.read(ref), ref.output_axis, records)
             if weight is not None:
-                after = write(ref, weight)
+                try:
+                    after = write(ref, weight)
+                except (TypeError, ValueError) as error:
+                    warnings.warn(f"weight {ref.name!r} is stored dense: {error}", UserWarning, stacklevel=2)
+                    continue
                 row = WeightResult(ref.name, ref.op, ref.shape, ref.nbytes, after, weight.rel_mse, None, "palettized")
                 report.rows.append(row)
     warn_unmatched(records, {w.numel for w in program.weights() if w.compression is None})

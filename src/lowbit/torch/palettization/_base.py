@@ -67,6 +67,9 @@ class KMeansModuleConfig(ModuleConfig):
     cluster_dim : None or 1 (scalar, exact k-means) or ``> 1``: LUT entries are vectors of this many channels
         along ``channel_axis``. Not with ``enable_per_channel_scale``.
     enable_per_channel_scale : divide each channel by its max-abs before clustering (default False).
+    outlier_fraction : lowbit's extension (default 0): this fraction (up to 0.1) of the weight's elements, those
+        the LUTs serve worst (weighted by sensitivity or activation energy where known), kept exact beside the LUTs;
+        recorded with the palettization and written by ``export_onnx``.
 
     Raises ``ValueError`` / ``TypeError`` naming the option and its allowed values.
     """
@@ -78,6 +81,7 @@ class KMeansModuleConfig(ModuleConfig):
     channel_axis: int = 0
     cluster_dim: int | None = None
     enable_per_channel_scale: bool = False
+    outlier_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "n_bits", integral("n_bits", self.n_bits))
@@ -113,6 +117,7 @@ class KMeansModuleConfig(ModuleConfig):
             group_size=self.group_size or 1,
             cluster_dim=self.cluster_dim or 1,
             enable_per_channel_scale=self.enable_per_channel_scale,
+            outlier_fraction=self.outlier_fraction,
             weight_num_threshold=0,
             **self._kmeans_options(),
         )
