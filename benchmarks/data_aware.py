@@ -29,9 +29,17 @@ ROWS = {
         "palettize_weights",
         {"n_bits": 4, "granularity": "per_grouped_channel", "group_size": 16},
     ),
+    "palettize 4-bit grouped(16) + 0.5 % outliers": (
+        "palettize_weights",
+        {"n_bits": 4, "granularity": "per_grouped_channel", "group_size": 16, "outlier_fraction": 0.005},
+    ),
     "palettize 3-bit grouped(16)": (
         "palettize_weights",
         {"n_bits": 3, "granularity": "per_grouped_channel", "group_size": 16},
+    ),
+    "palettize 3-bit grouped(16) + 0.5 % outliers": (
+        "palettize_weights",
+        {"n_bits": 3, "granularity": "per_grouped_channel", "group_size": 16, "outlier_fraction": 0.005},
     ),
     "int4 block-32": ("quantize_weights", {"dtype": "int4", "granularity": "per_block", "block_size": 32}),
     "int4 block-32 asymmetric": (

@@ -20,7 +20,7 @@ from lowbit.weights import PalettizedWeight
 __all__ = ["palettized_from_bytes", "palettized_to_bytes"]
 
 _FORMAT = "lowbit.palettized/1"
-_ARRAYS = ("packed", "lut", "scale", "lut_q", "lut_scale", "lut_zero_point", "outlier_mask", "outlier_values")
+_ARRAYS = ("packed", "lut", "scale", "lut_q", "lut_scale", "lut_zero_point", "outlier_positions", "outlier_values")
 
 
 def _dtype(name: str) -> np.dtype:
@@ -38,7 +38,7 @@ def palettized_to_bytes(weight: PalettizedWeight) -> bytes:
         "lut_q": None if q is None else q.q,
         "lut_scale": None if q is None else q.scale,
         "lut_zero_point": None if q is None else q.zero_point,
-        "outlier_mask": None if weight.outliers is None else weight.outliers.mask,
+        "outlier_positions": None if weight.outliers is None else weight.outliers.positions,
         "outlier_values": None if weight.outliers is None else weight.outliers.values,
     }
     present = {k: np.ascontiguousarray(v) for k, v in arrays.items() if v is not None}
@@ -86,8 +86,7 @@ def palettized_from_bytes(blob: bytes | memoryview) -> PalettizedWeight:
         header["squared_error"],
         header["energy"],
     )
-    shape = tuple(header["shape"])
     outliers = None
-    if "outlier_mask" in arrays:
-        outliers = Outliers(arrays["outlier_mask"], arrays["outlier_values"], int(np.prod(shape, dtype=np.int64)))
-    return PalettizedWeight(shape, tuple(header["forward"]), palettized, outliers)
+    if "outlier_positions" in arrays:
+        outliers = Outliers(arrays["outlier_positions"], arrays["outlier_values"])
+    return PalettizedWeight(tuple(header["shape"]), tuple(header["forward"]), palettized, outliers)

@@ -115,7 +115,7 @@ class PalettizedWeight:
         """The dense weight, in the weight's own layout and dtype (outliers included)."""
         channels = self.canonical_shape[0]
         dense = self.palettized.decode().reshape(self.padded_shape)[:channels].transpose(self.back)
-        return dense if self.outliers is None else self.outliers.add_to(dense)
+        return dense if self.outliers is None else self.outliers.applied(dense)
 
     def without_outliers(self) -> PalettizedWeight:
         """The LUTs and codes alone (what ``lut_to_dense`` decodes before the outliers are added)."""
@@ -283,8 +283,7 @@ def palettize_weight(
     imp = (np.ones(canonical.shape) if imp is None else imp) * ~by_canonical  # the LUTs fit the rest
     weight, values = solved(by_canonical[:channels] if feedback else None)
     target = array if values is None else values.reshape(moved.shape).transpose(weight.back)
-    outliers = outliers_of(target, weight.decode(), mask)
-    with_outliers = dataclasses.replace(weight, outliers=outliers)
+    with_outliers = dataclasses.replace(weight, outliers=outliers_of(target.astype(array.dtype), mask))
     error = with_outliers.decode().astype(np.float64) - array.astype(np.float64)
     palettized = dataclasses.replace(weight.palettized, squared_error=float(np.vdot(error, error)))
     return dataclasses.replace(with_outliers, palettized=palettized)

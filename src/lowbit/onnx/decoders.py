@@ -188,6 +188,22 @@ _TRIPLET_CODES = Decoder(
 )
 _SPARSE = Decoder("sparse", _describe_sparse, _decode_sparse, lambda node: tuple(_ints(node, "shape")))
 _LUT_GATHER = Decoder("palettized", _describe_lut, _decode_lut_gather, lambda n: tuple(_ints(n, "shape")))
+
+
+def _decode_outliers(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray:
+    decoded, positions, values = inputs
+    assert decoded is not None and positions is not None and values is not None
+    out = np.array(decoded, copy=True, order="C")
+    out.reshape(-1)[positions.astype(np.int64)] = values
+    return out
+
+
+def _describe_outliers(node: ir.Node) -> str:
+    positions = node.inputs[1]
+    count = positions.shape[0] if positions is not None and positions.shape is not None else "?"
+    return f"{count} outliers kept exact"
+
+
 _DECODERS = {
     (fn.DOMAIN, fn.LUT_TO_DENSE): Decoder("palettized", _describe_lut, _decode_lut, _permuted_shape),
     (fn.DOMAIN, fn.LUT_GATHER): _LUT_GATHER,
@@ -207,6 +223,9 @@ _DECODERS = {
     (fn.DOMAIN, fn.SPARSE_GATHER): _SPARSE,
     (fn.DOMAIN, fn.MX_DEQUANTIZE): Decoder("mx", _describe_mx, _decode_mx, lambda node: tuple(_ints(node, "shape"))),
     ("", "DequantizeLinear"): Decoder("linear", _describe_dq, _decode_dq, _dq_shape),
+    (fn.DOMAIN, fn.WITH_OUTLIERS): Decoder(
+        "outliers", _describe_outliers, _decode_outliers, lambda node: value_shape(node.inputs[0])
+    ),
 }
 
 
@@ -288,17 +307,6 @@ def _is_decode_reshape(node: ir.Node) -> bool:
     return len(node.inputs) == 2 and _wraps_decoder(node) and producer is not None and producer.domain == fn.DOMAIN
 
 
-def _is_decode_add(node: ir.Node) -> bool:
-    """An Add of two decode nodes' outputs, each read by nothing else (a palettization plus its outliers)."""
-    if len(node.inputs) != 2:
-        return False
-    for value in node.inputs:
-        producer = value.producer() if value is not None else None
-        if value is None or producer is None or decoder_for(producer) is None or len(value.uses()) != 1:
-            return False
-    return True
-
-
 def _is_decoder(node: ir.Node) -> bool:
     """A decode node proper (not one of the Cast / Slice / Reshape that wrap one)."""
     return node.op_type not in _WRAPPERS and decoder_for(node) is not None
@@ -308,22 +316,14 @@ def decoder_for(node: ir.Node) -> Decoder | None:
     """The decoder of a decode node, or None when ``node`` is not one."""
     domain = "" if node.domain == "ai.onnx" else node.domain
     if domain == "" and node.op_type in _WRAPPERS:
-        wrapper = {"Cast": _CAST, "Slice": _SLICE, "Reshape": _RESHAPE, "Add": _ADD}[node.op_type]
+        wrapper = {"Cast": _CAST, "Slice": _SLICE, "Reshape": _RESHAPE}[node.op_type]
         return wrapper if _WRAPPERS[node.op_type](node) else None
     return _DECODERS.get((domain, node.op_type))
 
 
 # the plain ops lowbit puts around a decode node, and how to tell them from a model's own
-def _decode_add(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray:
-    first, second = inputs
-    assert first is not None and second is not None
-    return np.add(first, second, dtype=first.dtype)
-
-
-_ADD = Decoder("add", lambda node: "", _decode_add, lambda node: value_shape(node.inputs[0]))
 _WRAPPERS = {
     "Cast": _is_decode_cast,
     "Slice": _is_decode_slice,
     "Reshape": _is_decode_reshape,
-    "Add": _is_decode_add,
 }

@@ -420,10 +420,22 @@ def write_sparse(
     return _emit(model, weight, node, replace)
 
 
-def write_sum(model: ir.Model, weight: ir.Value, first: ir.Value, second: ir.Value) -> ir.Value:
-    """``Add(first, second)`` in place of ``weight``: a decode plus the corrections of its outliers."""
-    node = ir.node("Add", [first, second], name=node_name(model, f"{weight.name or 'weight'}.Add"))
-    node.outputs[0].dtype = dtype_of(first)
+def write_outliers(model: ir.Model, weight: ir.Value, decoded: ir.Value, positions: np.ndarray, values: np.ndarray):
+    """``lowbit.WithOutliers(decoded, positions, values)`` in place of ``weight``: a decode with some elements
+    replaced by their exact values."""
+    fn.use_function(model, fn.WITH_OUTLIERS)
+    graph, base = home_graph(model, weight), weight.name or "weight"
+    node = ir.node(
+        fn.WITH_OUTLIERS,
+        [
+            decoded,
+            add_initializer(model, graph, f"{base}.outlier_positions", positions),
+            decode_input(model, graph, f"{base}.outlier_values", values),
+        ],
+        domain=fn.DOMAIN,
+        name=node_name(model, f"{base}.{fn.WITH_OUTLIERS}"),
+    )
+    node.outputs[0].dtype = dtype_of(decoded)
     return _emit(model, weight, node, replace=True)
 
 

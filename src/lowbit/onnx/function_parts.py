@@ -25,6 +25,7 @@ LUT_DEQUANTIZE = "LutDequantize"
 BYTE_ALIGNED_BITS = (1, 2, 4, 8)  # n_bits whose codes never straddle a byte: what LutGather takes
 SPARSE_TO_DENSE = "SparseToDense"
 SPARSE_GATHER = "SparseGather"
+WITH_OUTLIERS = "WithOutliers"
 MX_DEQUANTIZE = "MxDequantize"
 
 

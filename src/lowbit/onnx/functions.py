@@ -31,6 +31,7 @@ from lowbit.onnx.function_parts import (
     TRIPLET_BITS,
     TRIPLET_CODES,
     UNPACK_BITS,
+    WITH_OUTLIERS,
     byte_fields,
     byte_table_values,
     const,
@@ -55,6 +56,7 @@ __all__ = [
     "SPARSE_TO_DENSE",
     "TRIPLET_BITS",
     "TRIPLET_CODES",
+    "WITH_OUTLIERS",
     "use_function",
 ]
 
@@ -123,6 +125,28 @@ def _sparse_to_dense() -> onnx.FunctionProto:
             n("Reshape", ["flat", "shape"], ["dense"]),
         ],
         ["shape"],
+    )
+
+
+def _with_outliers() -> onnx.FunctionProto:
+    """dense = WithOutliers(decoded, positions, values): ``decoded`` with the elements at the flat int32
+    ``positions`` (C order) replaced by ``values`` (a palettization's outliers, kept exact)."""
+    n = helper.make_node
+    return function(
+        WITH_OUTLIERS,
+        ["decoded", "positions", "values"],
+        ["dense"],
+        [
+            const("flat_shape", np.array([-1], np.int64)),
+            const("axis1", np.array([1], np.int64)),
+            n("Shape", ["decoded"], ["shape"]),
+            n("Reshape", ["decoded", "flat_shape"], ["flat"]),
+            n("Cast", ["positions"], ["positions64"], to=TensorProto.INT64),
+            n("Unsqueeze", ["positions64", "axis1"], ["indices"]),
+            n("ScatterND", ["flat", "indices", "values"], ["scattered"]),
+            n("Reshape", ["scattered", "shape"], ["dense"]),
+        ],
+        [],
     )
 
 
@@ -219,6 +243,7 @@ _BUILDERS = {
     LUT_DEQUANTIZE: (lut.lut_dequantize, ()),
     SPARSE_TO_DENSE: (_sparse_to_dense, (UNPACK_BITS,)),
     SPARSE_GATHER: (_sparse_gather, ()),
+    WITH_OUTLIERS: (_with_outliers, ()),
     MX_DEQUANTIZE: (_mx_dequantize, ()),
 }
 

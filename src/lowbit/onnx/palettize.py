@@ -77,10 +77,7 @@ def write_palettized(
     )
     if outliers is None:
         return decoded
-    corrections = encoding.write_sparse(
-        model, ref.value, packed_mask=outliers.mask, values=outliers.values, shape=weight.shape, replace=False
-    )
-    return encoding.write_sum(model, ref.value, decoded, corrections)
+    return encoding.write_outliers(model, ref.value, decoded, outliers.positions, outliers.values)
 
 
 def _lut_dequantize_chain(model: ir.Model, weight: ir.Value, palettized: Palettized) -> ir.Value:
