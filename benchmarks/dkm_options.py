@@ -55,6 +55,8 @@ ROWS: dict[str, tuple[dict, dict]] = {
     "milestone 20": ({"milestone": 20}, {}),
     "kmeans_init kmeans++": ({"kmeans_init": "kmeans++"}, {}),
     "palett_mode hard": ({"palett_mode": "hard"}, {}),
+    "palett_mode topk": ({"palett_mode": "topk"}, {}),
+    "palett_mode gsm": ({"palett_mode": "gsm"}, {}),
     "palett_unique": ({"palett_unique": True}, {}),
 }
 TOOLS = {"coremltools": "coremltools.optimize.torch.palettization", "lowbit": "lowbit.torch.palettization"}

@@ -85,6 +85,7 @@ def test_training_sees_plain_parameters_and_milestone_delays_palettization():
     "options",
     [
         {"palett_mode": "hard"},
+        {"palett_mode": "topk"},
         {"palett_mode": "gsm"},
         {"granularity": "per_grouped_channel", "group_size": 8},
         {"cluster_dim": 2, "kmeans_init": "kmeans++", "kmeans_n_init": 2},

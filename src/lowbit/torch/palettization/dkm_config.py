@@ -15,7 +15,7 @@ from lowbit.torch.config import ModelConfig, ModuleConfig
 
 __all__ = ["DKMPalettizerConfig", "ModuleDKMPalettizerConfig"]
 
-PALETT_MODES = ("dkm", "gsm", "hard")
+PALETT_MODES = ("dkm", "topk", "hard", "gsm")
 KMEANS_INITS = ("auto", "opt1d", "cpu.kmeans++", "kmeans++")
 LUT_DTYPES = ("f32", "f16", "bf16", "i8", "u8")
 # the torch dtypes (or their names) that coremltools also takes for each

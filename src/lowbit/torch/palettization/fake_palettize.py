@@ -144,7 +144,7 @@ class FakePalettize(nn.Module):
             frozen = groups[self.active :]
             if len(frozen):
                 centroids = self._snap(self.centroids[self.active :])
-                self.frozen_codes.copy_(self._distances(frozen, centroids, sparse=False).argmin(1))
+                self.frozen_codes.copy_(_nearest(self._distances(frozen, centroids, sparse=False))[:, 0])
             self.initialized.fill_(True)
 
     @torch.no_grad()
@@ -191,14 +191,17 @@ class FakePalettize(nn.Module):
         return squares
 
     def _attention(self, distances: torch.Tensor) -> torch.Tensor:
-        """The soft assignment ``[G, K, n]`` per ``palett_mode``: ``dkm`` ``softmax(-D / tau)`` floored at
-        ``zero_threshold``; ``hard`` one-hot, straight through; ``gsm`` Gumbel-softmax while training."""
+        """The soft assignment ``[G, K, n]`` per ``palett_mode``, as coremltools computes it: ``dkm``
+        ``softmax(-D / tau)`` floored at ``zero_threshold``; ``topk`` that softmax over the two nearest centroids
+        only; ``hard`` one-hot (the weights learn through the centroids, the cluster means); ``gsm`` Gumbel-softmax
+        while training."""
         logits = distances / -self.config.palett_tau
         mode = self.config.palett_mode
         if mode == "hard":
-            hard = torch.zeros_like(logits).scatter_(1, logits.argmax(1, keepdim=True), 1.0)
-            soft = logits.softmax(1)
-            return hard + (soft - soft.detach())
+            return torch.zeros_like(logits).scatter_(1, _nearest(-logits.detach()), 1.0)
+        if mode == "topk":
+            values, nearest = logits.topk(2, dim=1)
+            return torch.zeros_like(logits).scatter(1, nearest, values.softmax(1))
         if mode == "gsm" and self.training:
             return nn.functional.gumbel_softmax(logits, tau=1.0, dim=1)
         return logits.softmax(1).clamp_min(self.config.zero_threshold)
@@ -220,7 +223,7 @@ class FakePalettize(nn.Module):
         """One chunk's share of a DKM iteration: ``A (w x)``, ``sum w A`` and the inertia ``sum w min D``."""
         distances = self._distances(x, centroids)
         weighted = self._attention(distances) * weights.transpose(1, 2)
-        inertia = (distances.detach().min(1).values * weights[..., 0]).sum()
+        inertia = (distances.detach().amin(1) * weights[..., 0]).sum()
         return weighted @ x, weighted.sum(2)[..., None], inertia
 
     def _reconstruction(self, x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
@@ -332,8 +335,16 @@ class FakePalettize(nn.Module):
         groups = self.groups_of(scaled.float())
         self._start(groups)
         centroids = self._snap(self.centroids.to(groups.dtype))
-        nearest = self._distances(groups, centroids, sparse=False).argmin(1)
+        nearest = _nearest(self._distances(groups, centroids, sparse=False))[:, 0]
         nearest[self.active :] = self.frozen_codes.long()
         out = torch.gather(centroids, 1, nearest[..., None].expand(-1, -1, self.cluster_dim))
         out = self.weight_of(out, scaled).to(weight.dtype)
         return out if scale is None else out * scale
+
+
+def _nearest(distances: torch.Tensor) -> torch.Tensor:
+    """``[G, 1, n]``: each vector's nearest centroid (the first on a tie) of ``[G, K, n]`` distances. Through
+    ``amin`` (torch reduces a short leading axis 50x faster with it than with ``argmin``)."""
+    index = torch.arange(distances.shape[1], device=distances.device, dtype=distances.dtype)[None, :, None]
+    nearest = distances == distances.amin(1, keepdim=True)  # (float indices: torch's integer amin is slow too)
+    return torch.where(nearest, index, distances.shape[1]).amin(1, keepdim=True).long()
