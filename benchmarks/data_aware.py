@@ -76,9 +76,11 @@ def main() -> None:
                 seconds = time.perf_counter() - start
                 cosine = float((embeddings(small) * reference).sum(1).mean())
                 cells += [f"{cosine:.4f}", f"{seconds:.1f}"]
-            rows.append(cells)
-            print(cells, flush=True)
-    print(table(["row", "cos data-free", "s", "cos calibrated", "s"], rows))
+            compressed = small.report.compressed  # bits per weight of the compressed weights, tables included
+            bits = 8 * sum(r.bytes_after for r in compressed) / sum(int(np.prod(r.shape)) for r in compressed)
+            rows.append([*cells, f"{bits:.2f}"])
+            print(rows[-1], flush=True)
+    print(table(["row", "cos data-free", "s", "cos calibrated", "s", "bits/w"], rows))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Outliers", "choose_outliers", "outliers_of"]
+__all__ = ["Outliers", "choose_outliers", "outliers_of", "sensitivity_of"]
 
 
 @dataclass(frozen=True)
@@ -55,3 +55,15 @@ def outliers_of(values: np.ndarray, mask: np.ndarray) -> Outliers:
         raise ValueError(f"outliers need int32 positions: the weight has {mask.size} elements")
     positions = np.flatnonzero(mask.reshape(-1))
     return Outliers(positions.astype(np.int32), np.ascontiguousarray(values.reshape(-1)[positions]))
+
+
+def sensitivity_of(importance: np.ndarray | None, gram: np.ndarray | None, output_axis: int) -> np.ndarray:
+    """How much each element's squared error counts when outliers are chosen (broadcastable to the weight):
+    ``importance``, or the energy of the input channel it multiplies (``diag(X^T X)`` of a 2-D weight with
+    calibration), or 1."""
+    if importance is not None:
+        return np.asarray(importance, np.float64)
+    if gram is not None:
+        energy = np.diag(gram).astype(np.float64)
+        return energy[None, :] if output_axis == 0 else energy[:, None]
+    return np.ones(1)

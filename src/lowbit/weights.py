@@ -32,7 +32,7 @@ from lowbit.kernels.packing import pack_bits, packed_nbytes
 from lowbit.kernels.palettize import Palettized, palettize, stack_palettized
 from lowbit.kernels.prune import Sparsified, block_mask, magnitude_mask, n_m_mask, sparsify
 from lowbit.kernels.quantize import LinearQuantized, element_range, quantize_linear
-from lowbit.outliers import Outliers, choose_outliers, outliers_of
+from lowbit.outliers import Outliers, choose_outliers, outliers_of, sensitivity_of
 from lowbit.types import FLOAT_WEIGHT_DTYPES, CompressionGranularity, DType, QScheme
 
 __all__ = [
@@ -277,7 +277,7 @@ def palettize_weight(
     weight, _ = solved()
     if not config.outlier_fraction:
         return weight
-    sensitivity = _sensitivity(array, importance, checked if feedback else None, axis)
+    sensitivity = sensitivity_of(importance, checked if feedback else None, axis)
     mask = choose_outliers((array.astype(np.float64) - weight.decode()) ** 2 * sensitivity, config.outlier_fraction)
     by_canonical = mask.transpose(forward).reshape(canonical.shape)
     imp = (np.ones(canonical.shape) if imp is None else imp) * ~by_canonical  # the LUTs fit the rest
@@ -287,17 +287,6 @@ def palettize_weight(
     error = with_outliers.decode().astype(np.float64) - array.astype(np.float64)
     palettized = dataclasses.replace(weight.palettized, squared_error=float(np.vdot(error, error)))
     return dataclasses.replace(with_outliers, palettized=palettized)
-
-
-def _sensitivity(array: np.ndarray, importance: np.ndarray | None, gram: np.ndarray | None, axis: int) -> np.ndarray:
-    """How much each element's squared error counts when outliers are chosen: ``importance``, or the energy of
-    the input channel it multiplies (``diag(X^T X)``, a 2-D weight with calibration), or 1."""
-    if importance is not None:
-        return np.asarray(importance, np.float64)
-    if gram is not None:
-        energy = np.diag(gram).astype(np.float64)
-        return energy[None, :] if axis == 0 else energy[:, None]
-    return np.ones(1)
 
 
 def _by_input(a: np.ndarray, input_axis: int) -> np.ndarray:
