@@ -57,4 +57,5 @@ bench: $(BENCH)/.ready
 		&& ../$(BENCH)/bin/python quantize.py && ../$(BENCH)/bin/python sparsify.py \
 		&& ../$(BENCH)/bin/python torch_palettize.py && ../$(BENCH)/bin/python ort_quantize.py \
 		&& ../$(BENCH)/bin/python runtime.py && ../$(BENCH)/bin/python dkm_memory.py && ../$(BENCH)/bin/python dkm_minilm.py \
+		&& ../$(BENCH)/bin/python dkm_options.py \
 		&& ../$(BENCH)/bin/python coreai_compare.py
