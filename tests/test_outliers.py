@@ -132,3 +132,15 @@ def test_torch_record_keeps_the_outliers_through_export(tmp_path):
     np.testing.assert_allclose(
         ort_session(tmp_path / "t.onnx", "all").run(None, {"x": x.numpy()})[0], want, rtol=1e-5, atol=1e-6
     )
+
+
+def test_outliers_with_calibration_on_a_weight_with_more_inputs_than_outputs():
+    """Per tensor the weight keeps its own layout (input channels first for a MatMul): the outliers' mask follows."""
+    weight = (RNG.standard_t(3, (64, 40)) * 0.05).astype(np.float32)  # MatMul B: 64 inputs, 40 outputs
+    x = RNG.standard_normal((256, 64)).astype(np.float32)
+    gram = x.T.astype(np.float64) @ x
+    config = PalettizeConfig(n_bits=3, outlier_fraction=0.01, weight_num_threshold=0)
+    result = palettize_weight(weight, 1, config, gram=gram)
+    plain = palettize_weight(weight, 1, PalettizeConfig(n_bits=3, weight_num_threshold=0), gram=gram)
+    errors = [float(((x @ r.decode() - x @ weight) ** 2).sum()) for r in (result, plain)]
+    assert len(result.outliers.positions) == round(0.01 * weight.size) and errors[0] < errors[1]

@@ -281,7 +281,8 @@ def palettize_weight(
     mask = choose_outliers((array.astype(np.float64) - weight.decode()) ** 2 * sensitivity, config.outlier_fraction)
     by_canonical = mask.transpose(forward).reshape(canonical.shape)
     imp = (np.ones(canonical.shape) if imp is None else imp) * ~by_canonical  # the LUTs fit the rest
-    weight, values = solved(by_canonical[:channels] if feedback else None)
+    exact = (by_canonical[:channels] if outputs_first else by_canonical) if feedback else None  # as solved's view
+    weight, values = solved(exact)
     target = array if values is None else values.reshape(moved.shape).transpose(weight.back)
     with_outliers = dataclasses.replace(weight, outliers=outliers_of(target.astype(array.dtype), mask))
     error = with_outliers.decode().astype(np.float64) - array.astype(np.float64)

@@ -103,3 +103,37 @@ def test_minilm_in_16_bits(minilm_torch):
     cosine = torch.nn.functional.cosine_similarity(got.float().flatten(1), want.flatten(1))
     assert float(cosine.min()) > 0.9999
     assert float((got.float() - want).abs().max()) < 0.05
+
+
+class _Edges(nn.Module):
+    """What the second reader found: a non-persistent float buffer, an int -> float op with no dtype argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.register_buffer("shift", torch.tensor([0.5, 1.0, 1.5, 2.0]), persistent=False)
+
+    def forward(self, x, ids):
+        return self.linear(x + self.shift) + self.linear(ids / 7)
+
+
+def test_non_persistent_buffers_and_int_to_float_ops_are_cast_consistently():
+    x, ids = torch.randn(2, 4), torch.arange(8, dtype=torch.int32).reshape(2, 4)
+    exported = torch.export.export(_Edges().eval(), (x, ids))
+    want = exported.module()(x, ids)
+    lowbit.torch.cast_to_16_bit_precision(exported)
+    assert exported.constants["shift"].dtype == torch.float16
+    got = exported.module()(x.half(), ids)  # a division is no int16 arithmetic: the ids stay int32
+    torch.testing.assert_close(got.float(), want, rtol=2e-3, atol=2e-3)
+
+
+def test_an_ignored_op_with_several_outputs_runs_in_float32_between_casts():
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 4)).eval()
+    x = torch.randn(3, 8)
+    exported = torch.export.export(model, (x,)).run_decompositions()
+    want = exported.module()(x)
+    lowbit.torch.cast_to_16_bit_precision(exported, ignored_ops=aten.native_layer_norm.default)
+    norm = next(n for n in exported.graph.nodes if n.target == aten.native_layer_norm.default)
+    assert norm.meta["val"][0].dtype == torch.float32
+    got = exported.module()(x.half())
+    torch.testing.assert_close(got.float(), want, rtol=2e-3, atol=2e-3)

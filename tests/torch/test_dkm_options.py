@@ -176,3 +176,13 @@ def test_work_distribution_options_give_the_same_result(options):
         _train(palettizer, prepared, 2)
         weights[bool(chosen)] = palettizer.finalize()[0].weight.detach()
     assert torch.equal(weights[True], weights[False])
+
+
+def test_keep_sparsity_with_a_zero_zero_threshold():
+    torch.manual_seed(0)
+    palettizer, prepared = _prepared(
+        nn.Sequential(nn.Linear(32, 32)), enforce_zero=True, prune_threshold=0.0, zero_threshold=0.0
+    )
+    _train(palettizer, prepared, 2)
+    weight = palettizer.finalize()[0].weight
+    assert torch.isfinite(weight).all() and len(torch.unique(weight)) <= 4

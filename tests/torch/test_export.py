@@ -223,3 +223,27 @@ def test_a_folded_weight_the_palette_cannot_express_is_stored_dense_with_a_warni
     with pytest.warns(UserWarning, match=r"palettized weight '0.weight' matches no weight .* stored dense"):
         lowbit.torch.export_onnx(palettized, (x,), tmp_path / "bn.onnx", input_names=["x"])
     _assert_ort_runs_it_as_torch(tmp_path / "bn.onnx", palettized, x)
+
+
+def test_a_folded_batchnorm_over_a_ragged_last_lut_group(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 10, 3), nn.BatchNorm2d(10)).eval()
+    with torch.no_grad():
+        model[1].running_var.uniform_(0.5, 2.0)
+    palettized = _palettized(model, granularity="per_grouped_channel", group_size=4)  # groups of 4, 4, 2
+    x = torch.randn(1, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*stored dense")
+        program = lowbit.torch.export_onnx(palettized, (x,), tmp_path / "ragged.onnx", input_names=["x"])
+    assert len(program.report.rows) == 1
+    _assert_ort_runs_it_as_torch(tmp_path / "ragged.onnx", palettized, x)
+
+
+def test_a_record_whose_weight_is_parametrized_since_is_exported_as_computed(tmp_path):
+    model = _palettized(nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8)).eval())
+    nn.utils.parametrizations.weight_norm(model[0])
+    x = torch.randn(2, 32)
+    with pytest.warns(UserWarning, match=r"weight '0.weight' is computed by a parametrization now"):
+        program = lowbit.torch.export_onnx(model, (x,), tmp_path / "p.onnx", input_names=["x"])
+    assert [r.name for r in program.report.rows] == ["2.weight"]
+    _assert_ort_runs_it_as_torch(tmp_path / "p.onnx", model, x)

@@ -17,8 +17,9 @@ arithmetic; values that index (``embedding``, ``gather``, ``index_select``, ``in
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Collection
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import fx
@@ -97,11 +98,14 @@ def _dtype(node: Any) -> torch.dtype | None:
 def _state(ep: ExportedProgram) -> dict[str, tuple[dict[str, Any], str]]:
     """Placeholder name -> (the dict holding its tensor, key) for parameters, buffers and lifted constants."""
     held = {}
+    kinds = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
     for spec in ep.graph_signature.input_specs:
-        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER) and spec.target in ep.state_dict:
-            held[spec.arg.name] = (ep.state_dict, spec.target)
-        elif spec.kind == InputKind.CONSTANT_TENSOR and spec.target in ep.constants:
-            held[spec.arg.name] = (ep.constants, spec.target)
+        if spec.kind not in kinds or spec.target is None:
+            continue
+        for store in (ep.state_dict, ep.constants):  # a non-persistent buffer is among the constants
+            if spec.target in store:
+                held[spec.arg.name] = (store, spec.target)
+                break
     return held
 
 
@@ -114,7 +118,7 @@ def cast_fp32_to_fp16(exported_program: ExportedProgram, ignored_ops: IgnoredOps
     """The float16 half of :func:`cast_to_16_bit_precision` (see the module's description); in place, returned."""
     ep, is_ignored = _checked(exported_program), _ignored(ignored_ops)
     graph, held = ep.graph, _state(ep)
-    dtypes: dict[fx.Node, torch.dtype | None] = {}
+    dtypes: dict[fx.Node, Any] = {}  # a tensor's float type after the pass; a tuple's: one per element
     for node in list(graph.nodes):
         if node.op == "placeholder":
             dtypes[node] = _placeholder_fp16(node, held)
@@ -147,30 +151,60 @@ def _retype(placeholder: fx.Node, dtype: torch.dtype) -> None:
         placeholder.meta["val"] = value.to(dtype)
 
 
-def _op_fp16(
-    graph: fx.Graph, node: fx.Node, dtypes: dict[fx.Node, torch.dtype | None], is_ignored: Callable[[fx.Node], bool]
-) -> torch.dtype | None:
-    """Rewrite ``node`` to run in float16, or in float32 between casts; returns its output's float type."""
+def _op_fp16(graph: fx.Graph, node: fx.Node, dtypes: dict[fx.Node, Any], is_ignored: Callable[[fx.Node], bool]) -> Any:
+    """Rewrite ``node`` to run in float16, or in float32 between casts; returns its output's float type (a tuple of
+    them for an op with several outputs)."""
+    if node.target is operator.getitem and isinstance(dtypes.get(node.args[0]), _Outputs):  # type: ignore[arg-type]
+        outputs = dtypes[node.args[0]]  # type: ignore[index]
+        element = outputs.dtypes[node.args[1]]  # type: ignore[index]
+        return _cast_down(graph, node, dtypes) if element == torch.float32 and outputs.cast_down else element
     inputs = [a for a in node.all_input_nodes if dtypes.get(a) in (torch.float16, torch.float32)]
     scalars = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, float)]
     too_big = any(FP16_MAX < abs(s) < SENTINEL for s in scalars)
-    out = _dtype(node)
+    value, out = node.meta.get("val"), _dtype(node)
     if any(dtypes[a] == torch.float32 for a in inputs) or too_big or is_ignored(node):
         mixed = any(dtypes[a] == torch.float16 for a in inputs)
         for a in inputs:
             if dtypes[a] == torch.float16:
                 node.replace_input_with(a, _cast(graph, a, torch.float32, node))
+        if isinstance(value, list | tuple):  # each float32 element cast down where it is taken out
+            return _Outputs(tuple(_dtype_of(v) for v in value), mixed or not inputs)
         if out == torch.float32 and (mixed or not inputs):
-            following = node.next
-            down = _cast(graph, node, torch.float16, following)
-            node.replace_all_uses_with(down, delete_user_cb=lambda user: user is not down)
-            dtypes[down] = torch.float16
-        return torch.float32 if out == torch.float32 else out
+            return _cast_down(graph, node, dtypes)
+        return out
     node.args = tuple(_fp16_argument(a) for a in node.args)
     node.kwargs = {k: _fp16_argument(v) for k, v in node.kwargs.items()}
-    if out == torch.float32 and not inputs and "dtype" in _schema_arguments(node) and "dtype" not in node.kwargs:
-        node.kwargs = {**node.kwargs, "dtype": torch.float16}  # a creation op's default float type
-    return torch.float16 if out in (torch.float32, torch.float16) else out
+    if isinstance(value, list | tuple):
+        return _Outputs(tuple(_half(_dtype_of(v)) if inputs else _dtype_of(v) for v in value), not inputs)
+    if out == torch.float32 and not inputs:  # made here from no float input: a creation op, or int -> float
+        if "dtype" not in _schema_arguments(node):
+            return _cast_down(graph, node, dtypes)
+        if "dtype" not in node.kwargs:
+            node.kwargs = {**node.kwargs, "dtype": torch.float16}
+    return _half(out)
+
+
+class _Outputs(NamedTuple):
+    """The float types of an op's several outputs, and whether a float32 one is cast down where it is taken."""
+
+    dtypes: tuple[torch.dtype | None, ...]
+    cast_down: bool
+
+
+def _dtype_of(value: Any) -> torch.dtype | None:
+    return value.dtype if isinstance(value, torch.Tensor) else None
+
+
+def _half(dtype: torch.dtype | None) -> torch.dtype | None:
+    return torch.float16 if dtype == torch.float32 else dtype
+
+
+def _cast_down(graph: fx.Graph, node: fx.Node, dtypes: dict[fx.Node, Any]) -> torch.dtype:
+    """Cast ``node``'s float32 output to float16 for every use; ``node`` itself stays float32."""
+    down = _cast(graph, node, torch.float16, node.next)
+    node.replace_all_uses_with(down, delete_user_cb=lambda user: user is not down)
+    dtypes[down] = torch.float16
+    return torch.float32
 
 
 def _schema_arguments(node: fx.Node) -> set[str]:

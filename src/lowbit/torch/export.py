@@ -101,7 +101,17 @@ def records_of(model: nn.Module) -> dict[str, _Palettized]:
     warning: such a weight is exported dense)."""
     records = {}
     for name, weight in palettization_of(model).items():
-        if stale(weight, model.get_parameter(name)):
+        try:
+            parameter = model.get_parameter(name)
+        except AttributeError:  # computed now (a parametrization added since): not the recorded values
+            warnings.warn(
+                f"weight {name!r} is computed by a parametrization now, not the palettized parameter: it is "
+                "exported as computed, dense",
+                UserWarning,
+                stacklevel=3,
+            )
+            continue
+        if stale(weight, parameter):
             warnings.warn(
                 f"weight {name!r} changed since it was palettized (trained or edited after): it is exported dense; "
                 "palettize it again (or finalize DKM) before exporting",
@@ -240,7 +250,7 @@ def _unsqueezed(weight: PalettizedWeight, shape: tuple[int, ...]) -> PalettizedW
     if old != len(weight.shape):
         return None
     units = tuple(a for a in range(len(shape)) if a not in where)
-    return PalettizedWeight(shape, tuple(where[a] for a in weight.forward) + units, weight.palettized)
+    return PalettizedWeight(shape, tuple(where[a] for a in weight.forward) + units, weight.palettized, weight.outliers)
 
 
 def _match(array: np.ndarray, candidates: dict[str, _Palettized]) -> PalettizedWeight | None:
@@ -275,7 +285,9 @@ def _rescaled(array: np.ndarray, output_axis: int, candidates: dict[str, _Palett
             continue
         del candidates[key]
         moved = weight if weight.forward[0] == output_axis else _channel_first(weight, output_axis)
-        return dataclasses.replace(moved, palettized=dataclasses.replace(moved.palettized, scale=factor))
+        padding = moved.padded_shape[0] - len(factor)  # a ragged last LUT group's rows, sliced off at decode
+        scale = np.concatenate([factor, np.ones(padding, factor.dtype)])
+        return dataclasses.replace(moved, palettized=dataclasses.replace(moved.palettized, scale=scale))
     return None
 
 

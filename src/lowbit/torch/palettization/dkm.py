@@ -192,7 +192,8 @@ def _quantize_output(module: nn.Module, config: ModuleDKMPalettizerConfig) -> No
         qscheme=torch.per_tensor_affine,
     )
     quantizer = FakeQuantize(observer=observer, quant_min=config.quant_min, quant_max=config.quant_max)
-    module.add_module(ACTIVATION_QUANTIZER, quantizer)
+    device = next(module.parameters()).device
+    module.add_module(ACTIVATION_QUANTIZER, quantizer.to(device))
     module.register_forward_hook(_fake_quantized_output)
 
 

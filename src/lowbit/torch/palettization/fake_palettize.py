@@ -186,7 +186,8 @@ class FakePalettize(nn.Module):
             shift[0] = self.config.prune_threshold
             return squares - shift
         if sparse and self.config.enforce_zero:
-            far = (x != 0).any(-1)[:, None] * (1 / self.config.zero_threshold)
+            infinite = 1 / self.config.zero_threshold if self.config.zero_threshold > 0 else math.inf
+            far = torch.where((x != 0).any(-1)[:, None], infinite, 0.0)
             return torch.cat([torch.where(far > 0, far, squares[:, :1]), squares[:, 1:]], dim=1)
         return squares
 
