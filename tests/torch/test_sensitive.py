@@ -137,3 +137,17 @@ def test_nothing_to_palettize_returns_the_model_unchanged():
     with pytest.warns(UserWarning, match="dtype float64 is not float32/float16/bfloat16"):
         out = SKMPalettizer(double).compress([(x.double(), y.double())], _mse)
     assert torch.equal(out[0].weight, double[0].weight)
+
+
+def test_sensitivity_weighted_outliers_lower_the_task_loss():
+    """SKM's sensitivities also choose the outliers (``outlier_fraction``): the task loss drops again."""
+    model, x, y = _task()
+    gen = torch.Generator().manual_seed(1)
+    items = [(x[i : i + 1], y[i : i + 1] + 0.05 * torch.randn(1, 32, generator=gen)) for i in range(128)]
+    losses = {}
+    for fraction in (0.0, 0.01):
+        options = {"global_config": {"n_bits": 2, "outlier_fraction": fraction}}
+        skm = SKMPalettizer(model, SKMPalettizerConfig.from_dict(options)).compress(items, _mse)
+        with torch.no_grad():
+            losses[fraction] = float(((skm[0](x) - y) ** 2).mean())
+    assert losses[0.01] < 0.9 * losses[0.0], losses
