@@ -24,22 +24,17 @@ import lowbit
 warnings.filterwarnings("ignore")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+GROUPED16 = {"granularity": "per_grouped_channel", "group_size": 16}
 ROWS = {
-    "palettize 4-bit grouped(16)": (
-        "palettize_weights",
-        {"n_bits": 4, "granularity": "per_grouped_channel", "group_size": 16},
-    ),
+    "palettize 4-bit grouped(16)": ("palettize_weights", {"n_bits": 4, **GROUPED16}),
     "palettize 4-bit grouped(16) + 0.5 % outliers": (
         "palettize_weights",
-        {"n_bits": 4, "granularity": "per_grouped_channel", "group_size": 16, "outlier_fraction": 0.005},
+        {"n_bits": 4, **GROUPED16, "outlier_fraction": 0.005},
     ),
-    "palettize 3-bit grouped(16)": (
-        "palettize_weights",
-        {"n_bits": 3, "granularity": "per_grouped_channel", "group_size": 16},
-    ),
+    "palettize 3-bit grouped(16)": ("palettize_weights", {"n_bits": 3, **GROUPED16}),
     "palettize 3-bit grouped(16) + 0.5 % outliers": (
         "palettize_weights",
-        {"n_bits": 3, "granularity": "per_grouped_channel", "group_size": 16, "outlier_fraction": 0.005},
+        {"n_bits": 3, **GROUPED16, "outlier_fraction": 0.005},
     ),
     "int4 block-32": ("quantize_weights", {"dtype": "int4", "granularity": "per_block", "block_size": 32}),
     "int4 block-32 asymmetric": (

@@ -212,11 +212,17 @@ def test_batchnorm_folded_into_a_palettized_conv_keeps_its_palette(tmp_path, cas
     _assert_ort_runs_it_as_torch(tmp_path / "bn.onnx", palettized, x)
 
 
-def test_a_folded_weight_the_palette_cannot_express_is_stored_dense_with_a_warning(tmp_path):
+def _conv_batchnorm(inputs: int, outputs: int) -> nn.Module:
+    """A conv and a BatchNorm whose variances are not 1 (the export folds a factor per channel into the conv)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(16, 32, 3), nn.BatchNorm2d(32)).eval()
+    model = nn.Sequential(nn.Conv2d(inputs, outputs, 3), nn.BatchNorm2d(outputs)).eval()
     with torch.no_grad():
         model[1].running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def test_a_folded_weight_the_palette_cannot_express_is_stored_dense_with_a_warning(tmp_path):
+    model = _conv_batchnorm(16, 32)
     options = {"n_bits": 4, "channel_axis": 1, "granularity": "per_grouped_channel", "group_size": 4}
     palettized = _palettized(model, **options)  # LUTs along the input channels: a per-output factor mixes them
     x = torch.randn(1, 16, 8, 8)
@@ -226,10 +232,7 @@ def test_a_folded_weight_the_palette_cannot_express_is_stored_dense_with_a_warni
 
 
 def test_a_folded_batchnorm_over_a_ragged_last_lut_group(tmp_path):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 10, 3), nn.BatchNorm2d(10)).eval()
-    with torch.no_grad():
-        model[1].running_var.uniform_(0.5, 2.0)
+    model = _conv_batchnorm(3, 10)
     palettized = _palettized(model, granularity="per_grouped_channel", group_size=4)  # groups of 4, 4, 2
     x = torch.randn(1, 3, 8, 8)
     with warnings.catch_warnings():

@@ -13,6 +13,7 @@ import onnx_ir as ir
 from lowbit.kernels.decode import dequantize_linear, lut_decode, mx_decode, sparse_decode
 from lowbit.kernels.packing import unpack_bits
 from lowbit.onnx import functions as fn
+from lowbit.outliers import Outliers
 
 __all__ = ["Decoder", "decoder_for", "dtype_of", "int_attribute", "value_shape"]
 
@@ -193,9 +194,7 @@ _LUT_GATHER = Decoder("palettized", _describe_lut, _decode_lut_gather, lambda n:
 def _decode_outliers(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray:
     decoded, positions, values = inputs
     assert decoded is not None and positions is not None and values is not None
-    out = np.array(decoded, copy=True, order="C")
-    out.reshape(-1)[positions.astype(np.int64)] = values
-    return out
+    return Outliers(positions, values).applied(decoded)
 
 
 def _describe_outliers(node: ir.Node) -> str:

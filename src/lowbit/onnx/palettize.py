@@ -172,9 +172,9 @@ def palettize_weights(
         Other weights are palettized data-free.
     outlier_fraction : 0 (default) or up to 0.1: this fraction of each weight's elements, those whose squared
         error (weighted by their input channel's activation energy with ``calibration_data``) is largest, are kept
-        exact in a sparse correction added to the LUT decode (``Add(LutToDense, SparseToDense)``, folded by ONNX
-        Runtime; the LUTs are then fitted to the other weights). Costs one bit per weight for the mask plus the
-        kept values; ``mode="kmeans"`` only.
+        exact: ``lowbit.WithOutliers(decoded, positions, values)`` puts their values back after the LUT decode
+        (folded by ONNX Runtime; the LUTs are then fitted to the other weights). Costs an int32 position and a value
+        per outlier; ``mode="kmeans"`` only.
 
     Returns the compressed Program; ``result.report`` holds the per-weight :class:`CompressionReport`.
 

@@ -20,7 +20,7 @@ from torch import nn
 from lowbit.kernels.packing import pack_bits
 from lowbit.kernels.palettize import Palettized
 from lowbit.report import CompressionReport, WeightResult
-from lowbit.torch.records import palettization_of, stale
+from lowbit.torch.records import palettization_of, same_bits, stale
 from lowbit.weights import PalettizedWeight
 
 if TYPE_CHECKING:
@@ -55,14 +55,9 @@ class _Palettized:
         for perm in dict.fromkeys([tuple(range(rank)), tuple(reversed(range(rank)))]):
             candidate = self.dense.transpose(perm)
             same_type = candidate.shape == array.shape and candidate.dtype == array.dtype
-            if same_type and _same_bits(candidate, array):
+            if same_type and same_bits(candidate, array):
                 return perm
         return None
-
-
-def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
-    """Bit-for-bit equality (NaN payloads and signed zeros included)."""
-    return np.array_equal(np.ascontiguousarray(a).view(np.uint8), np.ascontiguousarray(b).view(np.uint8))
 
 
 def _abs_sum(array: np.ndarray) -> float:
@@ -153,10 +148,9 @@ def export_onnx(
     palettization) is exported dense with a warning naming it. A BatchNorm the exporter folds into a palettized
     convolution (the default) becomes the per-channel scale of its codes and LUTs, checked bit for bit. A recurrent
     layer's weights, which the exporter reorders by gate and stacks by direction, keep each direction's LUTs (one
-    decode, reshaped). A weight that
-    matches none but holds at most 256 distinct values is palettized losslessly in ``unique`` mode. A recorded
-    palettization that matches nothing while a dense weight of its size remains draws a warning naming it (one the
-    traced forward does not use, e.g. an unused pooler, is simply not in the file).
+    decode, reshaped). A weight that matches none but holds at most 256 distinct values is palettized losslessly in
+    ``unique`` mode. A recorded palettization that matches nothing while a dense weight of its size remains draws a
+    warning naming it (one the traced forward does not use, e.g. an unused pooler, is simply not in the file).
 
     Returns the saved :class:`~lowbit.Program`; its ``report`` lists what each weight became.
     """
@@ -372,7 +366,7 @@ def _gate_match(
         whole = weight.padded_shape == weight.canonical_shape and (
             groups == 1 or (weight.forward == (0, 1) and block % (rows // groups) == 0)
         )
-        if plain and whole and _same_bits(record.dense[order], part):
+        if plain and whole and same_bits(record.dense[order], part):
             per_group = rows // groups
             return key, weight, order, order[::per_group] // per_group
     return None

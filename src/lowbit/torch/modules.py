@@ -18,6 +18,7 @@ __all__ = [
     "is_supported",
     "module_weights",
     "numpy_dtype",
+    "qualified_name",
     "to_numpy",
 ]
 
@@ -45,6 +46,12 @@ def _axes(module: nn.Module) -> tuple[int, int] | None:
         if cls in _AXES:
             return _AXES[cls]
     return None
+
+
+def qualified_name(module_name: str, name: str) -> str:
+    """``name`` (a parameter's, relative to its module) as seen from the model: ``"0.weight"``, or ``"weight"`` for
+    the model itself."""
+    return f"{module_name}.{name}" if module_name else name
 
 
 def is_supported(module: nn.Module) -> bool:

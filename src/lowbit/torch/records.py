@@ -16,7 +16,7 @@ from torch import nn
 from lowbit.weight_bytes import palettized_from_bytes, palettized_to_bytes
 from lowbit.weights import PalettizedWeight
 
-__all__ = ["PREFIX", "load_state_dict", "palettization_of", "stale", "store_palettization"]
+__all__ = ["PREFIX", "load_state_dict", "palettization_of", "same_bits", "stale", "store_palettization"]
 
 PREFIX = "lowbit_palettized_"
 
@@ -53,9 +53,12 @@ def stale(weight: PalettizedWeight, parameter: torch.Tensor) -> bool:
     if current.shape != weight.shape:
         return True
     decoded = weight.decode()
-    return decoded.dtype != current.dtype or not np.array_equal(
-        np.ascontiguousarray(decoded).view(np.uint8), np.ascontiguousarray(current).view(np.uint8)
-    )
+    return decoded.dtype != current.dtype or not same_bits(decoded, current)
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bit-for-bit equality of two arrays of one shape and dtype (NaN payloads and signed zeros included)."""
+    return np.array_equal(np.ascontiguousarray(a).view(np.uint8), np.ascontiguousarray(b).view(np.uint8))
 
 
 def load_state_dict(

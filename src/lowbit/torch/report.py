@@ -6,7 +6,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lowbit.report import CompressionReport, WeightResult
-from lowbit.torch.modules import computed_weights, is_supported, module_weights
+from lowbit.torch.modules import computed_weights, is_supported, module_weights, qualified_name
 from lowbit.torch.palettization._base import SKIPPED
 from lowbit.torch.records import palettization_of
 
@@ -24,19 +24,15 @@ def report(model: nn.Module) -> CompressionReport:
             continue
         records, skipped = palettization_of(module), module.__dict__.get(SKIPPED, {})
         op = type(module).__name__.removeprefix("Parametrized")
-
-        def qualified(name: str, module_name: str = module_name) -> str:
-            return f"{module_name}.{name}" if module_name else name
-
         for name, reason in computed_weights(module):
-            training = _in_training(module, name, qualified(name), op)
+            training = _in_training(module, name, qualified_name(module_name, name), op)
             if training is None:
                 owner_name, _, leaf = name.rpartition(".")
                 shape = tuple(getattr(module.get_submodule(owner_name), leaf).shape)
-                training = WeightResult(qualified(name), op, shape, 0, 0, skipped=reason)
+                training = WeightResult(qualified_name(module_name, name), op, shape, 0, 0, skipped=reason)
             rows.append(training)
         for weight in module_weights(module):
-            param = weight.parameter
+            param, name = weight.parameter, qualified_name(module_name, weight.name)
             shape, before = tuple(param.shape), param.numel() * param.element_size()
             if id(param) in seen:
                 before = 0
@@ -44,10 +40,10 @@ def report(model: nn.Module) -> CompressionReport:
             if weight.name in records:
                 record = records[weight.name]
                 after, error = record.nbytes, record.rel_mse
-                rows.append(WeightResult(qualified(weight.name), op, shape, before, after, error, None, "palettized"))
+                rows.append(WeightResult(name, op, shape, before, after, error, None, "palettized"))
             else:
                 reason = skipped.get(weight.name, "not palettized")
-                rows.append(WeightResult(qualified(weight.name), op, shape, before, before, skipped=reason))
+                rows.append(WeightResult(name, op, shape, before, before, skipped=reason))
     return CompressionReport(rows)
 
 

@@ -25,6 +25,7 @@ from lowbit.torch.modules import (
     is_supported,
     module_weights,
     numpy_dtype,
+    qualified_name,
     to_numpy,
 )
 from lowbit.torch.records import store_palettization
@@ -139,7 +140,7 @@ class Target:
 
     @property
     def name(self) -> str:
-        return f"{self.module_name}.{self.weight.name}" if self.module_name else self.weight.name
+        return qualified_name(self.module_name, self.weight.name)
 
 
 def target_model(model: nn.Module, inplace: bool) -> nn.Module:
@@ -187,7 +188,7 @@ class PalettizerBase(Generic[MC]):
             module = model.get_submodule(module_name)
             for name, reason in computed_weights(module):
                 if record:
-                    qualified = f"{module_name}.{name}" if module_name else name
+                    qualified = qualified_name(module_name, name)
                     warnings.warn(f"weight {qualified!r} skipped: {reason}", UserWarning, stacklevel=3)
                     record_skip(module, name, reason)
             for weight in module_weights(module):

@@ -25,7 +25,7 @@ from torch.nn.utils import parametrize
 from lowbit.config import PalettizeConfig
 from lowbit.errors import SkipWeight
 from lowbit.report import CompressionReport
-from lowbit.torch.modules import computed_weights, is_supported, module_weights, numpy_dtype, to_numpy
+from lowbit.torch.modules import computed_weights, is_supported, module_weights, numpy_dtype, qualified_name, to_numpy
 from lowbit.torch.palettization._base import target_model
 from lowbit.torch.palettization.dkm_config import DKMPalettizerConfig, ModuleDKMPalettizerConfig, config_for_size
 from lowbit.torch.palettization.fake_palettize import FakePalettize
@@ -64,12 +64,14 @@ class DKMPalettizer:
         for module_name, config in self._config.resolve(model, is_supported).items():
             module = model.get_submodule(module_name)
             for name, reason in computed_weights(module):
-                warnings.warn(f"weight {_qualified(module_name, name)!r} skipped: {reason}", UserWarning, stacklevel=2)
+                warnings.warn(
+                    f"weight {qualified_name(module_name, name)!r} skipped: {reason}", UserWarning, stacklevel=2
+                )
             for weight in module_weights(module):
                 chosen = config_for_size(config, weight.parameter.numel())
                 if chosen is None:
                     continue
-                qualified = _qualified(module_name, weight.name)
+                qualified = qualified_name(module_name, weight.name)
                 try:
                     axis = _grouping_axis(chosen, weight.parameter.dim(), weight.input_axis, weight.output_axis)
                     check_eligible(weight.parameter.shape, numpy_dtype(weight.parameter.dtype), 0)
@@ -114,7 +116,7 @@ class DKMPalettizer:
                 fakes = [p for p in chain if isinstance(p, FakePalettize)]
                 if not fakes:
                     continue
-                qualified = _qualified(module_name, name)
+                qualified = qualified_name(module_name, name)
                 if not bool(fakes[0].enabled):
                     warnings.warn(
                         f"weight {qualified!r} is finalized before its milestone (step {self._steps} of "
@@ -202,10 +204,6 @@ def _fake_quantized_output(module: nn.Module, args: Any, output: Any) -> Any:
     if quantizer is None or not isinstance(output, torch.Tensor):
         return output
     return quantizer(output)
-
-
-def _qualified(module_name: str, name: str) -> str:
-    return f"{module_name}.{name}" if module_name else name
 
 
 def _record_lut(module: nn.Module, name: str, qualified: str, fake: FakePalettize, latent: torch.Tensor) -> None:

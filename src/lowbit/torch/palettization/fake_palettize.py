@@ -152,8 +152,12 @@ class FakePalettize(nn.Module):
         """``palett_cluster_tol``: when a training group has fewer than ``K * (1 - tol)`` distinct centroids, the
         first centroid of each duplicated value moves halfway to the next larger distinct one (the largest wraps
         to the smallest), as coremltools does before each DKM forward."""
-        k = 1 << self.n_bits
-        for group in self.centroids[: self.active]:
+        k, training = 1 << self.n_bits, self.centroids[: self.active]
+        equal = (training[:, :, None] == training[:, None]).all(-1) & ~torch.eye(
+            k, dtype=torch.bool, device=training.device
+        )
+        for index in torch.nonzero(equal.any((1, 2)))[:, 0].tolist():  # only the groups holding duplicates
+            group = training[index]
             distinct, inverse, counts = torch.unique(group, dim=0, return_inverse=True, return_counts=True)
             if len(distinct) >= k * (1 - self.config.palett_cluster_tol):
                 continue
