@@ -183,6 +183,7 @@ def _palettize(args: argparse.Namespace) -> int:
         **_target(args),
         **_calibration(args),
         **_outliers(args),
+        bits_per_weight=args.bits_per_weight,
     )
     return _save_and_report(result, args, before)
 
@@ -357,6 +358,12 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="keep this fraction (up to 0.1) of each weight exact beside its LUTs, the worst-served ones (ONNX)",
+    )
+    p.add_argument(
+        "--bits-per-weight",
+        type=float,
+        default=None,
+        help="mixed bits: choose 2, 3, 4, 6 or 8 bits per weight (not --n-bits) to fit this budget, tables included",
     )
     _add_calibration(p, "activation-aware k-means (ONNX)")
     _add_selection(p)

@@ -10,6 +10,7 @@ checks and its codes live here and in :mod:`lowbit.weights`, once for every form
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import warnings
@@ -21,6 +22,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import numpy as np
 from tqdm import tqdm
 
+from lowbit.budget import allocate, allocation_note, measured_choices
 from lowbit.errors import SkipWeight
 from lowbit.report import CompressionReport, WeightResult
 from lowbit.statistics import ACTIVATION_DAMPING, InputMoments
@@ -124,20 +126,42 @@ def _sparsify_job(array: np.ndarray, weight: Weight, config: Any, threads: int, 
     return functools.partial(sparsify_weight, array, weight.output_axis, weight.input_axis, config, importance, gram)
 
 
+def _measure_job(array: np.ndarray, weight: Weight, config: Any, threads: int, stats: InputMoments | None):
+    return functools.partial(
+        measured_choices,
+        array,
+        weight.output_axis,
+        weight.input_axis,
+        config,
+        name=weight.name,
+        stats=stats,
+        damping=ACTIVATION_DAMPING,
+        threads=threads,
+    )
+
+
+Job = Callable[[np.ndarray, Weight, Any, int, InputMoments | None], Callable[[], Any]]
+
+
 @dataclass(frozen=True)
 class Algorithm:
     """A compression as the driver runs it: ``job(array, weight, config, threads, statistics)`` returns a picklable
     call of the weight layer (``statistics``: the weight's :class:`~lowbit.statistics.InputMoments` from calibration
-    data, or None); ``workers(config)`` is how many weights it runs at once by default."""
+    data, or None); ``workers(config)`` is how many weights it runs at once by default; ``measure`` (same
+    arguments), where the algorithm has a width to choose, returns the call measuring each width's
+    :class:`~lowbit.budget.Choice` for a bits-per-weight budget."""
 
     name: str
     kind: str  # what it makes of a weight, for the report: palettized, quantized, sparse
-    job: Callable[[np.ndarray, Weight, Any, int, InputMoments | None], Callable[[], Any]]
+    job: Job
     workers: Callable[[Any], int] = lambda config: 1
+    measure: Job | None = None
 
 
 ALGORITHMS: dict[str, Algorithm] = {
-    "palettize": Algorithm("palettize", "palettized", _palettize_job, lambda config: config.num_kmeans_workers),
+    "palettize": Algorithm(
+        "palettize", "palettized", _palettize_job, lambda config: config.num_kmeans_workers, _measure_job
+    ),
     "quantize": Algorithm("quantize", "quantized", _quantize_job),
     "sparsify": Algorithm("sparsify", "sparse", _sparsify_job),
 }
@@ -158,31 +182,48 @@ def compress(
     configs: WeightConfigs | None = None,
     executor: Executor | None = None,
     statistics: Mapping[str, InputMoments] | None = None,
+    bits_per_weight: float | None = None,
 ) -> CompressionReport:
     """Compress every eligible weight of ``backend``'s program with ``algorithm`` in place; return the report.
 
     ``config`` is the call's config (a frozen dataclass of :mod:`lowbit.config` with ``weight_num_threshold``);
     ``configs`` varies it per weight or leaves weights out; ``executor`` runs the weight layer (default: a pool of
     ``algorithm.workers(config)`` threads); ``statistics`` holds calibration statistics by weight name (weights
-    without an entry are compressed data-free). A weight that cannot be compressed is reported as skipped, with a
-    warning naming it and why (not for weights left out on purpose).
+    without an entry are compressed data-free); ``bits_per_weight`` (an algorithm with ``measure`` only) first
+    measures every eligible weight at each width and chooses each one's width so that their compressed bytes stay
+    within that many bits per element (:func:`lowbit.budget.allocate`; ``ValueError`` when no choice fits). A weight
+    that cannot be compressed is reported as skipped, with a warning naming it and why (not for weights left out on
+    purpose).
     """
-    return _Driver(backend, algorithm, config, configs, executor, statistics or {}).run()
+    return _Driver(backend, algorithm, config, configs, executor, statistics or {}, bits_per_weight).run()
 
 
 class _Driver(Generic[W]):
     def __init__(
-        self, backend: Backend[W], algorithm: Algorithm, config: Any, configs: WeightConfigs | None, executor, stats
+        self,
+        backend: Backend[W],
+        algorithm: Algorithm,
+        config: Any,
+        configs: WeightConfigs | None,
+        executor,
+        stats,
+        bits_per_weight: float | None,
     ) -> None:
+        if bits_per_weight is not None and algorithm.measure is None:
+            raise ValueError(f"bits_per_weight needs an algorithm with widths to choose, not {algorithm.name!r}")
         self.backend, self.algorithm, self.statistics = backend, algorithm, stats
+        self.bits_per_weight = bits_per_weight
+        self.allocation: dict[str, int] = {}  # weight name -> n_bits chosen for the budget
         self.selection = (configs or WeightConfigs()).selection(config)
         self.workers = algorithm.workers(config)
         self.executor = executor
         self.kernel_threads = 1  # threads a kernel may use: the workers when the kernels run in this thread
 
     def config_for(self, weight: W) -> Any:
-        """The config of ``weight`` (None: left out by the per-weight configs)."""
-        return self.selection.lookup(weight.name, weight.op.split("+"))
+        """The config of ``weight`` (None: left out by the per-weight configs), at its allocated width."""
+        config = self.selection.lookup(weight.name, weight.op.split("+"))
+        bits = self.allocation.get(weight.name)
+        return config if config is None or bits is None else dataclasses.replace(config, n_bits=bits)
 
     def checked_config(self, weight: W) -> Any:
         """The config ``weight`` is compressed with; :class:`SkipWeight` when it is not to be compressed."""
@@ -204,19 +245,21 @@ class _Driver(Generic[W]):
     def run(self) -> CompressionReport:
         report = CompressionReport()
         weights = self.backend.weights()
-        plan = self.plan(weights)
-        if plan and self.backend.prepare(plan):  # never change a program this pass leaves as it is
-            weights = self.backend.weights()
         owned = self.executor is None
         # a pool only pays for itself with several weights to share out; with one, its kernel may use threads
         executor = default_executor(min(self.workers, len(weights))) if owned else self.executor
         self.kernel_threads = self.workers if executor is None else 1
         try:
+            if self.bits_per_weight is not None:
+                self.allocate(self.plan(weights), executor)
+            plan = self.plan(weights)
+            if plan and self.backend.prepare(plan):  # never change a program this pass leaves as it is
+                weights = self.backend.weights()
             with (
                 self.backend.writing(),
                 tqdm(total=len(weights), desc=self.algorithm.name, unit="weight", disable=None, leave=False) as bar,
             ):
-                for weight, outcome in self.outcomes(weights, report, executor):
+                for weight, outcome in self.outcomes(self.jobs(weights, report), executor):
                     self.record(report, weight, outcome)
                     bar.update()
                 bar.update(len(weights) - bar.n)
@@ -228,24 +271,45 @@ class _Driver(Generic[W]):
         report.rows.sort(key=lambda r: order.get(r.name, math.inf))
         return report
 
-    def jobs(self, weights: Sequence[W], report: CompressionReport) -> Iterator[tuple[W, Callable]]:
+    def allocate(self, plan: Sequence[tuple[W, Any]], executor: Executor | None) -> None:
+        """Measure each planned weight at every width and choose its width for the budget (``self.allocation``).
+        A weight the measurement skips is left to the main pass, which skips it again and reports why."""
+        assert self.algorithm.measure is not None and self.bits_per_weight is not None
+        measure = self.algorithm.measure
+        choices = {}
+        for weight, outcome in self.outcomes(self.jobs([w for w, _ in plan], None, measure), executor):
+            try:
+                choices[weight.name] = outcome()
+            except SkipWeight:
+                continue
+            finally:
+                self.backend.release(weight)
+        numel = sum(weight.numel for weight, _ in plan if weight.name in choices)
+        self.allocation = allocate(choices, self.bits_per_weight * numel / 8)
+
+    def jobs(
+        self, weights: Sequence[W], report: CompressionReport | None, job: Job | None = None
+    ) -> Iterator[tuple[W, Callable]]:
+        """Each weight's call of the weight layer (``job``, default the algorithm's); a weight that is not to be
+        compressed is released and, with a ``report``, reported as skipped."""
         for weight in weights:
             try:
                 config = self.checked_config(weight)
                 array, stats = self.backend.read(weight), self.statistics.get(weight.name)
-                yield weight, self.algorithm.job(array, weight, config, self.kernel_threads, stats)
+                yield weight, (job or self.algorithm.job)(array, weight, config, self.kernel_threads, stats)
             except SkipWeight as skip:
                 self.backend.release(weight)
-                self.skip(report, weight, skip)
+                if report is not None:
+                    self.skip(report, weight, skip)
 
-    def outcomes(self, weights, report, executor: Executor | None) -> Iterator[tuple[W, Callable[[], Any]]]:
-        """Each weight's result getter, in weight order; at most ``2 x workers`` jobs in flight, to bound memory."""
+    def outcomes(self, jobs: Iterator[tuple[W, Callable]], executor: Executor | None) -> Iterator[tuple[W, Callable]]:
+        """Each job's result getter, in order; at most ``2 x workers`` jobs in flight, to bound memory."""
         if executor is None:
-            yield from self.jobs(weights, report)
+            yield from jobs
             return
         window = max(2, 2 * self.workers)
         pending: list[tuple[W, Future]] = []
-        for weight, job in self.jobs(weights, report):
+        for weight, job in jobs:
             pending.append((weight, executor.submit(job)))
             if len(pending) >= window:
                 weight0, future = pending.pop(0)
@@ -276,9 +340,14 @@ class _Driver(Generic[W]):
                 result.rel_mse,
                 None,
                 self.algorithm.kind,
-                self.backend.note(weight),
+                "; ".join(filter(None, [self.allocated(weight), self.backend.note(weight)])) or None,
             )
         )
+
+    def allocated(self, weight: W) -> str | None:
+        """The report's note of a width chosen for the budget."""
+        bits = self.allocation.get(weight.name)
+        return None if bits is None or self.bits_per_weight is None else allocation_note(bits, self.bits_per_weight)
 
     def skip(self, report: CompressionReport, weight: W, skip: SkipWeight) -> None:
         if skip.warn:

@@ -20,6 +20,7 @@ from lowbit.coreai.decode import evaluate
 CASES = [
     ("palettize_weights", {"n_bits": 3, "granularity": "per_grouped_channel", "group_size": 16}),
     ("palettize_weights", {"n_bits": 4, "lut_dtype": "int8", "enable_per_channel_scale": True}),
+    ("palettize_weights", {"bits_per_weight": 3.5, "granularity": "per_grouped_channel", "group_size": 16}),
     ("quantize_weights", {"dtype": "int4", "granularity": "per_block", "block_size": 24}),
     ("quantize_weights", {"dtype": "fp4_e2m1fn", "granularity": "per_block", "block_size": 32}),
     ("sparsify_weights", {"target_sparsity": 0.5, "quantize_dtype": "int8"}),
@@ -36,13 +37,14 @@ MODULE_OF = {
 
 def _onnx_program(dense: dict[str, np.ndarray]) -> lowbit.Program:
     """The probe's weights in an ONNX graph, each at its ONNX consumer's layout: a MatMul takes the Linear's
-    weight transposed ([in, out]); the embedding and the conv keep theirs."""
+    weight transposed ([in, out]); the embedding and the convolutions keep theirs."""
     weights = {
         "linear": np.ascontiguousarray(dense["linear"].T),
         "embedding": dense["embedding"],
         "conv": dense["conv"],
+        "deconv": dense["deconv"],
     }
-    ops = [("MatMul", "linear", {}), ("Gather", "embedding", {}), ("Conv", "conv", {})]
+    ops = [("MatMul", "linear", {}), ("Gather", "embedding", {}), ("Conv", "conv", {}), ("ConvTranspose", "deconv", {})]
     return lowbit.Program(make_model(weights, ops))
 
 
@@ -53,11 +55,11 @@ def test_the_same_weights_decode_the_same_through_onnx_and_core_ai(function, par
     onnx_out = getattr(lowbit, function)(_onnx_program(dense), weight_num_threshold=512, **params)
     onnx_dense = lowbit.decompress_weights(onnx_out).graph.initializers
     core_weights = {MODULE_OF[w.op]: w for w in core.weights()}
-    for module, transposed in (("linear", True), ("embedding", False), ("conv", False)):
+    for module, transposed in (("linear", True), ("embedding", False), ("conv", False), ("deconv", False)):
         ours = onnx_dense[module].const_value.numpy()
         theirs = evaluate(core_weights[module].value)
         np.testing.assert_array_equal(ours.T if transposed else ours, theirs)
     errors = {r.name: r.rel_mse for r in onnx_out.report.rows}
     core_errors = {MODULE_OF[r.op]: r.rel_mse for r in core.report.rows}
-    for module in ("linear", "embedding", "conv"):
+    for module in ("linear", "embedding", "conv", "deconv"):
         assert errors[module] == pytest.approx(core_errors[module], rel=1e-12)

@@ -84,3 +84,32 @@ def test_conv_weight_gives_the_same_packed_bytes_through_either_door():
     np.testing.assert_array_equal(
         _initializer(small, "0.weight.lut").view(np.uint16), record.palettized.lut.view(np.uint16)
     )
+
+
+def test_mixed_bits_choose_the_same_widths_and_codes_through_either_door():
+    rng = np.random.default_rng(5)
+    shapes = [(64, 96), (96, 64), (48, 96)]  # Linear [out, in], chained
+    tails = (3, 30, 5)  # degrees of freedom: unlike tails, unlike errors at each width
+    weights = [(rng.standard_t(df, shape) * 0.05).astype(np.float32) for df, shape in zip(tails, shapes, strict=True)]
+    model = torch.nn.Sequential(*(torch.nn.Linear(s[1], s[0], bias=False) for s in shapes))
+    with torch.no_grad():
+        for linear, w in zip(model, weights, strict=True):
+            linear.weight.copy_(torch.from_numpy(w))
+    config = {"granularity": "per_grouped_channel", "group_size": 16}
+    palettizer = PostTrainingPalettizer(model, PostTrainingPalettizerConfig.from_dict({"global_config": config}))
+    palettized = palettizer.compress(bits_per_weight=4)
+    torch_rows = {r.name.split(".")[0]: r for r in palettizer.report().rows}
+    program = lowbit.Program(
+        make_model(
+            {str(i): np.ascontiguousarray(w.T) for i, w in enumerate(weights)},
+            [("MatMul", str(i), {}) for i in range(3)],
+        )
+    )
+    small = lowbit.palettize_weights(program, bits_per_weight=4, num_kmeans_workers=1, **config)
+    graph_rows = {r.name: r for r in small.report.rows}
+    dense = lowbit.decompress_weights(small).graph.initializers
+    for i in range(3):
+        assert torch_rows[str(i)].note == graph_rows[str(i)].note and "bits/weight budget" in graph_rows[str(i)].note
+        record = palettization_of(palettized[i])["weight"]
+        np.testing.assert_array_equal(dense[str(i)].const_value.numpy().T, record.decode())
+    assert len({r.note for r in graph_rows.values()}) > 1  # mixed

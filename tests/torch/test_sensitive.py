@@ -151,3 +151,47 @@ def test_sensitivity_weighted_outliers_lower_the_task_loss():
         with torch.no_grad():
             losses[fraction] = float(((skm[0](x) - y) ** 2).mean())
     assert losses[0.01] < 0.9 * losses[0.0], losses
+
+
+class _TwoBranches(nn.Module):
+    """Two Linear layers of one shape whose outputs are summed, the second scaled down 10x: its errors cost the loss
+    100x less."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loud, self.quiet = nn.Linear(64, 32, bias=False), nn.Linear(64, 32, bias=False)
+
+    def forward(self, x):
+        return self.loud(x) + 0.1 * self.quiet(x)
+
+
+def test_a_budget_gives_the_bits_to_the_weight_the_loss_feels():
+    gen = torch.Generator().manual_seed(2)
+    model = _TwoBranches()
+    x = torch.randn(256, 64, generator=gen)
+    with torch.no_grad():
+        y = model(x)
+    items = [(x[i : i + 1], y[i : i + 1] + 0.05 * torch.randn(1, 32, generator=gen)) for i in range(64)]
+    options = SKMPalettizerConfig.from_dict({"global_config": {"n_bits": 3}})
+    uniform = SKMPalettizer(model, options).compress(items, _mse)
+    palettizer = SKMPalettizer(model, options)
+    mixed = palettizer.compress(items, _mse, bits_per_weight=3.3)
+    rows = {r.name: r for r in palettizer.report().rows}
+    assert 8 * sum(r.bytes_after for r in rows.values()) <= 3.3 * 2 * 64 * 32
+    widths = {name: int(row.note.split("-bit")[0]) for name, row in rows.items()}
+    assert widths["loud.weight"] > widths["quiet.weight"], widths
+    with torch.no_grad():
+        loss_uniform, loss_mixed = (float(((m(x) - y) ** 2).mean()) for m in (uniform, mixed))
+    assert loss_mixed < 0.7 * loss_uniform, (loss_mixed, loss_uniform)
+
+
+def test_post_training_with_calibration_meets_a_budget_and_notes_the_widths():
+    model, x, _ = _task()
+    model = nn.Sequential(model[0], nn.ReLU(), nn.Linear(32, 64, bias=False))
+    palettizer = PostTrainingPalettizer(model)
+    palettizer.compress(calibration_data=[x[i : i + 32] for i in range(0, 256, 32)], bits_per_weight=3.5)
+    rows = palettizer.report().compressed
+    assert len(rows) == 2 and all("bits/weight budget" in r.note for r in rows)
+    assert 8 * sum(r.bytes_after for r in rows) <= 3.5 * 2 * 64 * 32
+    with pytest.raises(ValueError, match="bits_per_weight must be a finite number above 2"):
+        PostTrainingPalettizer(model).compress(bits_per_weight=2)

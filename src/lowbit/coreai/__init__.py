@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from concurrent.futures import Executor
 from typing import Any
 
+from lowbit.budget import check_bits_per_weight
 from lowbit.config import PalettizeConfig, QuantizeConfig, SparsifyConfig, check_bool, config_of
 from lowbit.coreai.discovery import CoreAIWeight
 from lowbit.coreai.program import CoreAIBackend, Program, load
@@ -43,11 +44,12 @@ def _target(coreai_program: Any, in_place: bool) -> Program:
     return program if in_place else program.copy()
 
 
-def _run(coreai_program: Any, in_place: bool, algorithm: str, config: Any, configs, executor=None) -> Program:
+def _run(
+    coreai_program: Any, in_place: bool, algorithm: str, config: Any, configs, executor=None, bits_per_weight=None
+) -> Program:
     program = _target(coreai_program, in_place)
-    program.report = compress(
-        CoreAIBackend(program), ALGORITHMS[algorithm], config, as_weight_configs(configs), executor
-    )
+    backend, weight_configs = CoreAIBackend(program), as_weight_configs(configs)
+    program.report = compress(backend, ALGORITHMS[algorithm], config, weight_configs, executor, None, bits_per_weight)
     return program
 
 
@@ -67,6 +69,7 @@ def palettize_weights(
     configs: WeightConfigs | Mapping[str, Any] | None = None,
     mode: str = "kmeans",
     executor: Executor | None = None,
+    bits_per_weight: float | None = None,
 ) -> Program:
     """Palettize the weights of a Core AI program: each becomes ``lut_to_dense`` over a LUT of ``2**n_bits``
     entries and n-bit indices in the weight's own layout.
@@ -80,13 +83,15 @@ def palettize_weights(
     ``weight_num_threshold`` (default 1024), ``num_kmeans_workers`` (default 4 threads), ``enable_fast_kmeans_mode``
     (default True), ``rounding_precision`` (accepted, default 4), ``in_place`` (default False: a copy is
     compressed), and lowbit's ``configs`` (``op_type_configs`` keyed by Core AI op names such as ``"gather_nd"``,
-    ``op_name_configs`` by weight names, see :mod:`lowbit.coreai.discovery`), ``mode`` and ``executor``.
+    ``op_name_configs`` by weight names, see :mod:`lowbit.coreai.discovery`), ``mode``, ``executor`` and
+    ``bits_per_weight`` (mixed bits to a budget, data-free here).
 
     Returns the compressed :class:`Program`; ``result.report`` is the per-weight report. Raises ``ValueError`` /
     ``TypeError`` for an invalid parameter (naming it and the allowed values) before any work is done.
     """
     config = config_of(PalettizeConfig, locals())
-    return _run(coreai_program, in_place, "palettize", config, configs, executor)
+    budget = check_bits_per_weight(bits_per_weight)
+    return _run(coreai_program, in_place, "palettize", config, configs, executor, budget)
 
 
 def quantize_weights(

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from lowbit.budget import check_bits_per_weight
 from lowbit.config import PalettizeConfig, config_of
 from lowbit.driver import ALGORITHMS, compress
 from lowbit.kernels.palettize import Palettized
@@ -127,6 +128,7 @@ def palettize_weights(
     target: str = fused.TARGETS[0],
     calibration_data: Any = None,
     outlier_fraction: float = 0.0,
+    bits_per_weight: float | None = None,
 ) -> Program:
     """Palettize the weights of ``program``: each becomes a LUT of ``2**n_bits`` entries plus n-bit indices.
 
@@ -175,6 +177,12 @@ def palettize_weights(
         exact: ``lowbit.WithOutliers(decoded, positions, values)`` puts their values back after the LUT decode
         (folded by ONNX Runtime; the LUTs are then fitted to the other weights). Costs an int32 position and a value
         per outlier; ``mode="kmeans"`` only.
+    bits_per_weight : None (default: every weight at ``n_bits``) or a budget above 2: mixed bits. Each weight is
+        palettized at 2, 3, 4, 6 and 8 bits (its other parameters as given), each width's bytes and error measured
+        (the relative output error with ``calibration_data``, else the relative weight error), and the widths chosen
+        so that the compressed weights take at most this many bits per element, tables and outliers included, with
+        the smallest summed error (``n_bits`` is then not used). The report notes each weight's width.
+        ``ValueError`` when even 2 bits everywhere exceeds it.
 
     Returns the compressed Program; ``result.report`` holds the per-weight :class:`CompressionReport`.
 
@@ -182,9 +190,11 @@ def palettize_weights(
     work is done.
     """
     config = config_of(PalettizeConfig, locals())
+    budget = check_bits_per_weight(bits_per_weight)
     writer = PalettizeWriter(target)
     result = target_program(program, in_place)
     statistics = None if calibration_data is None else collect_input_moments(result, calibration_data)
     backend = OnnxBackend(result, writer)
-    result.report = compress(backend, ALGORITHMS["palettize"], config, as_weight_configs(configs), executor, statistics)
+    algorithm, weight_configs = ALGORITHMS["palettize"], as_weight_configs(configs)
+    result.report = compress(backend, algorithm, config, weight_configs, executor, statistics, budget)
     return result

@@ -5,9 +5,10 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.utils import parametrize
 
+from lowbit.budget import allocation_note
 from lowbit.report import CompressionReport, WeightResult
 from lowbit.torch.modules import computed_weights, is_supported, module_weights, qualified_name
-from lowbit.torch.palettization._base import SKIPPED
+from lowbit.torch.palettization._base import ALLOCATED, SKIPPED
 from lowbit.torch.records import palettization_of
 
 __all__ = ["report"]
@@ -23,6 +24,7 @@ def report(model: nn.Module) -> CompressionReport:
         if not is_supported(module):
             continue
         records, skipped = palettization_of(module), module.__dict__.get(SKIPPED, {})
+        allocated = module.__dict__.get(ALLOCATED, {})
         op = type(module).__name__.removeprefix("Parametrized")
         for name, reason in computed_weights(module):
             training = _in_training(module, name, qualified_name(module_name, name), op)
@@ -40,7 +42,8 @@ def report(model: nn.Module) -> CompressionReport:
             if weight.name in records:
                 record = records[weight.name]
                 after, error = record.nbytes, record.rel_mse
-                rows.append(WeightResult(name, op, shape, before, after, error, None, "palettized"))
+                note = allocation_note(*allocated[weight.name]) if weight.name in allocated else None
+                rows.append(WeightResult(name, op, shape, before, after, error, None, "palettized", note))
             else:
                 reason = skipped.get(weight.name, "not palettized")
                 rows.append(WeightResult(name, op, shape, before, before, skipped=reason))

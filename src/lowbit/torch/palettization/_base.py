@@ -4,6 +4,7 @@ write the palettized values back into the parameter, and record what was done on
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lowbit.budget import allocate, measured_choices
 from lowbit.config import PalettizeConfig, check_choice, check_int, integral
 from lowbit.errors import SkipWeight
 from lowbit.report import CompressionReport
@@ -32,9 +34,10 @@ from lowbit.torch.records import store_palettization
 from lowbit.types import CompressionGranularity, DType
 from lowbit.weights import PalettizedWeight, check_eligible, palettize_weight
 
-__all__ = ["SKIPPED", "KMeansModuleConfig", "PalettizerBase", "Target"]
+__all__ = ["ALLOCATED", "SKIPPED", "KMeansModuleConfig", "PalettizerBase", "Target"]
 
 SKIPPED = "lowbit_skipped"  # module attribute: {parameter name: why it was left as it is}
+ALLOCATED = "lowbit_allocated"  # module attribute: {parameter name: (n_bits, bits_per_weight budget)}
 
 MC = TypeVar("MC", bound=ModelConfig)  # whose module configs are KMeansModuleConfig
 
@@ -210,22 +213,28 @@ class PalettizerBase(Generic[MC]):
         importance: Callable[[Target], np.ndarray | None],
         threads: int,
         statistics: Mapping[str, InputMoments] | None = None,
+        bits_per_weight: float | None = None,
     ) -> None:
         """Palettize each target, its k-means on ``threads`` threads; record the result on its module. A target
-        with ``statistics`` (calibration) gets activation-weighted k-means and error feedback on its codes."""
+        with ``statistics`` (calibration) gets activation-weighted k-means and error feedback on its codes. With
+        ``bits_per_weight``, each target's width is first chosen for that budget (:mod:`lowbit.budget`)."""
         check_int("num_kmeans_workers", threads, 1)
+        statistics = statistics or {}
+        widths = (
+            {} if bits_per_weight is None else _allocated(targets, importance, threads, statistics, bits_per_weight)
+        )
         for target in targets:
             param = target.weight.parameter
-            stats = (statistics or {}).get(target.name)
-            weights = importance(target)
-            damping = target.config.importance_damping()
-            if stats is not None:
-                weights, damping = stats.importance(tuple(param.shape), target.weight.input_axis), ACTIVATION_DAMPING
+            stats = statistics.get(target.name)
+            weights, damping = _weighting(target, importance, stats)
+            config = target.config.weight_config()
+            if target.name in widths:
+                config = dataclasses.replace(config, n_bits=widths[target.name])
             try:
                 result = palettize_weight(
                     to_numpy(param),
                     target.axis,
-                    target.config.weight_config(),
+                    config,
                     name=target.name,
                     importance=weights,
                     threads=threads,
@@ -237,6 +246,49 @@ class PalettizerBase(Generic[MC]):
                 continue
             _write(param, result)
             store_palettization(target.module, target.weight.name, result)
+            if target.name in widths:
+                target.module.__dict__.setdefault(ALLOCATED, {})[target.weight.name] = (config.n_bits, bits_per_weight)
+
+
+def _weighting(
+    target: Target, importance: Callable[[Target], np.ndarray | None], stats: InputMoments | None
+) -> tuple[np.ndarray | None, float]:
+    """The k-means weights of ``target`` and their damping: its activation statistics when calibrated, else the
+    palettizer's ``importance`` (SKM's sensitivity)."""
+    if stats is not None:
+        return stats.importance(tuple(target.weight.parameter.shape), target.weight.input_axis), ACTIVATION_DAMPING
+    return importance(target), target.config.importance_damping()
+
+
+def _allocated(
+    targets: list[Target],
+    importance: Callable[[Target], np.ndarray | None],
+    threads: int,
+    statistics: Mapping[str, InputMoments],
+    bits_per_weight: float,
+) -> dict[str, int]:
+    """Each target's width for the budget: every target measured at each width (its error weighted by its
+    statistics or sensitivity), then :func:`lowbit.budget.allocate`. Targets the measure skips keep their width."""
+    choices, numel = {}, 0
+    for target in targets:
+        param, stats = target.weight.parameter, statistics.get(target.name)
+        sensitivity, damping = (None, ACTIVATION_DAMPING) if stats is not None else _weighting(target, importance, None)
+        try:
+            choices[target.name] = measured_choices(
+                to_numpy(param),
+                target.axis,
+                target.weight.input_axis,
+                target.config.weight_config(),
+                name=target.name,
+                stats=stats,
+                sensitivity=sensitivity,
+                damping=damping,
+                threads=threads,
+            )
+        except SkipWeight:
+            continue
+        numel += param.numel()
+    return allocate(choices, bits_per_weight * numel / 8)
 
 
 def _write(param: nn.Parameter, result: PalettizedWeight) -> None:

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from lowbit.budget import check_bits_per_weight
 from lowbit.config import check_bool, check_int
 from lowbit.torch.calibration import collect_linear_moments
 from lowbit.torch.config import ModelConfig, ModuleConfig
@@ -70,6 +71,7 @@ class PostTrainingPalettizer(PalettizerBase[PostTrainingPalettizerConfig]):
         inplace: bool = False,
         calibration_data: Iterable[Any] | None = None,
         forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+        bits_per_weight: float | None = None,
     ) -> nn.Module:
         """Palettize and return the model: a deep copy (default) or, with ``inplace=True``, the model itself.
 
@@ -82,10 +84,18 @@ class PostTrainingPalettizer(PalettizerBase[PostTrainingPalettizerConfig]):
         activation-weighted k-means and error feedback on their codes (see the README's "Data-aware compression").
         Other weights are palettized data-free.
 
-        Raises ``ValueError`` when a parameter is on the meta device. A weight that cannot be palettized as
+        ``bits_per_weight`` (lowbit's extension; default None: every weight at its ``n_bits``): mixed bits. Each
+        weight is palettized at 2, 3, 4, 6 and 8 bits, its relative error measured at each (of the layer's output
+        with ``calibration_data``, else of the weight), and the widths chosen so that the palettized weights take at
+        most this many bits per element (LUTs included) with the smallest summed error. The report notes each
+        weight's width.
+
+        Raises ``ValueError`` when a parameter is on the meta device, or ``bits_per_weight`` is not above 2 or below
+        what 2 bits everywhere take. A weight that cannot be palettized as
         configured (channels that do not divide by cluster_dim, NaN / Inf values, an integer dtype) is left as it
         is with a ``UserWarning`` naming it and the reason.
         """
+        budget = check_bits_per_weight(bits_per_weight)
         model = self._target_model(inplace)
         targets = list(self._targets(model))
         statistics = None
@@ -95,6 +105,6 @@ class PostTrainingPalettizer(PalettizerBase[PostTrainingPalettizerConfig]):
             }
             statistics = collect_linear_moments(model, linears, calibration_data, forward_fn)
         with torch.no_grad():
-            self._palettize(targets, lambda target: None, num_kmeans_workers, statistics)
+            self._palettize(targets, lambda target: None, num_kmeans_workers, statistics, budget)
         self._model = model
         return model

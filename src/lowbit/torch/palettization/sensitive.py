@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from lowbit.budget import check_bits_per_weight
 from lowbit.config import check_int
 from lowbit.torch.config import ModelConfig, ModuleConfig
 from lowbit.torch.modules import to_numpy
@@ -79,6 +80,7 @@ class SKMPalettizer(PalettizerBase[SKMPalettizerConfig]):
         num_sensitivity_workers: int = 1,
         inplace: bool = False,
         fsdp_auto_wrap_policy: Any = None,
+        bits_per_weight: float | None = None,
     ) -> nn.Module:
         """Measure sensitivities (or load them) and palettize; returns a deep copy (default) or the model itself.
 
@@ -92,10 +94,16 @@ class SKMPalettizer(PalettizerBase[SKMPalettizerConfig]):
         num_kmeans_workers : threads for each weight's per-group k-means (default 1; results do not depend on it).
         num_sensitivity_workers, fsdp_auto_wrap_policy : see :meth:`compute_sensitivity`.
         inplace : palettize ``model`` itself (default False: a deep copy).
+        bits_per_weight : lowbit's extension, mixed bits (default None: every weight at its ``n_bits``): each weight
+            palettized at 2, 3, 4, 6 and 8 bits, its sensitivity-weighted error measured at each, and the widths
+            chosen so that the palettized weights take at most this many bits per element (LUTs included) with the
+            smallest summed error; the report notes each weight's width.
 
-        Raises ``ValueError`` when a parameter is on the meta device, the dataloader yields nothing, or the
-        sensitivity file lacks a weight; ``TypeError`` when neither calibration data nor a sensitivity file is given.
+        Raises ``ValueError`` when a parameter is on the meta device, the dataloader yields nothing, the
+        sensitivity file lacks a weight, or ``bits_per_weight`` is not above 2 or below what 2 bits everywhere
+        take; ``TypeError`` when neither calibration data nor a sensitivity file is given.
         """
+        budget = check_bits_per_weight(bits_per_weight)
         model = self._target_model(inplace)
         targets = list(self._targets(model))
         if not targets:  # nothing to palettize (every config None, no float weight): nothing to calibrate
@@ -113,7 +121,8 @@ class SKMPalettizer(PalettizerBase[SKMPalettizerConfig]):
         if missing:
             raise ValueError(f"the sensitivities hold no entry for weight {missing[0]!r}")
         with torch.no_grad():
-            self._palettize(targets, lambda target: to_numpy(sensitivities[target.name]), num_kmeans_workers)
+            sensitivity = lambda target: to_numpy(sensitivities[target.name])  # noqa: E731
+            self._palettize(targets, sensitivity, num_kmeans_workers, bits_per_weight=budget)
         self._model = model
         return model
 

@@ -1,0 +1,191 @@
+"""Mixed bits to a budget (issue 26): each weight is palettized at every width of :data:`BUDGET_BITS`, each result's
+bytes and error are measured, and the widths are chosen so that the weights' total size stays within
+``bits_per_weight`` times their element count while the summed error is smallest. Both doors call it, so the same
+weights and statistics get the same allocation. Imports neither onnx nor torch.
+
+The error of a width is what the data says about the weight:
+
+- a per-element ``sensitivity`` (SKM's diagonal Fisher: the loss change, comparable across weights): ``sum s dW^2``;
+- input-activation statistics (calibration): the layer's relative output error ``||X dW|| / ||X W||`` squared,
+  from ``X^T X`` (its diagonal for a weight of more than two axes);
+- nothing: the relative weight error (the output error for white inputs).
+
+Relative errors make weights with unlike output scales comparable; each counts once per weight, so a small weight
+with a large error is upgraded before a large one gains a little (see ``benchmarks/data_aware.py``'s mixed rows).
+
+The allocation solves this multiple-choice knapsack by dynamic programming over the budget (tested against brute
+force).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lowbit.config import PalettizeConfig
+from lowbit.statistics import InputMoments
+
+__all__ = [
+    "BUDGET_BITS",
+    "Choice",
+    "allocate",
+    "allocation_note",
+    "check_bits_per_weight",
+    "measured_choices",
+    "relative_output_error",
+]
+
+BUDGET_BITS = (2, 3, 4, 6, 8)  # the widths a budget chooses from
+
+
+def check_bits_per_weight(value: Any) -> float | None:
+    """``bits_per_weight`` as given (None: no budget), else ``TypeError`` / ``ValueError``: a finite number above
+    the narrowest width, ``BUDGET_BITS[0]`` (its tables take some bits too)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"bits_per_weight must be a number or None, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or value <= BUDGET_BITS[0]:
+        raise ValueError(
+            f"bits_per_weight must be a finite number above {BUDGET_BITS[0]} (the widths are {set(BUDGET_BITS)}; "
+            f"tables, scales and outliers count too), got {value}"
+        )
+    return float(value)
+
+
+def allocation_note(n_bits: int, bits_per_weight: float) -> str:
+    """What a report says about a width chosen for the budget."""
+    return f"{n_bits}-bit for the {bits_per_weight:g} bits/weight budget"
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One width of one weight: its ``n_bits``, the bytes of its compressed form and its error."""
+
+    n_bits: int
+    nbytes: int
+    error: float
+
+
+def relative_output_error(array: np.ndarray, decoded: np.ndarray, input_axis: int, stats: InputMoments | None) -> float:
+    """``||X (decoded - array)||^2 / ||X array||^2`` over the calibration rows of ``stats`` (the full ``X^T X`` of
+    a 2-D weight when kept, else its diagonal); without ``stats`` the relative weight error."""
+    w = np.moveaxis(array.astype(np.float64), input_axis, 0).reshape(array.shape[input_axis], -1)
+    d = np.moveaxis(decoded.astype(np.float64), input_axis, 0).reshape(w.shape) - w
+    if stats is None:
+        return float(np.vdot(d, d) / max(np.vdot(w, w), np.finfo(np.float64).tiny))
+    if stats.gram is not None and array.ndim == 2:
+        error, energy = np.vdot(d, stats.gram @ d), np.vdot(w, stats.gram @ w)
+    else:
+        error, energy = stats.squares @ (d * d).sum(1), stats.squares @ (w * w).sum(1)
+    return float(error / max(energy, np.finfo(np.float64).tiny))
+
+
+def measured_choices(
+    array: np.ndarray,
+    output_axis: int,
+    input_axis: int,
+    config: PalettizeConfig,
+    name: str = "",
+    stats: InputMoments | None = None,
+    sensitivity: np.ndarray | None = None,
+    damping: float = 0.0,
+    threads: int = 1,
+) -> tuple[Choice, ...]:
+    """``array`` palettized as ``config`` says at each width of :data:`BUDGET_BITS` (activation- or
+    sensitivity-weighted as the final pass will be, without its error feedback), with bytes and error. Raises
+    what :func:`~lowbit.weights.palettize_weight` raises."""
+    from lowbit.weights import palettize_weight
+
+    importance = sensitivity if stats is None else stats.importance(array.shape, input_axis)
+    choices = []
+    for bits in BUDGET_BITS:
+        result = palettize_weight(
+            array,
+            output_axis,
+            dataclasses.replace(config, n_bits=bits),
+            name=name,
+            importance=importance,
+            threads=threads,
+            damping=damping,
+        )
+        decoded = result.decode()
+        if sensitivity is not None:
+            diff = decoded.astype(np.float64) - array.astype(np.float64)
+            error = float(np.vdot(diff * sensitivity, diff))
+        else:
+            error = relative_output_error(array, decoded, input_axis, stats)
+        choices.append(Choice(bits, result.nbytes, error))
+    return tuple(choices)
+
+
+UNITS = 1 << 16  # the budget's resolution in the allocation's dynamic program
+
+
+def allocate(choices: Mapping[str, Sequence[Choice]], budget_bytes: float) -> dict[str, int]:
+    """``{weight name: n_bits}`` whose bytes sum to at most ``budget_bytes`` with the smallest summed error.
+
+    A dynamic program over the budget in :data:`UNITS` steps, each choice's bytes rounded up to a whole step. The
+    table runs one step per weight past the budget (as far as the rounding can push an allocation that fits), and
+    the largest capacity whose best allocation fits in exact bytes is taken: the optimum itself whenever that is
+    the one found there, never worse than the optimum of the budget less one step per weight. The bytes left over
+    are then spent on the single changes that save the most error per byte. ``ValueError`` when every weight's
+    smallest choice together exceeds the budget."""
+    names = list(choices)
+    smallest = sum(min(c.nbytes for c in choices[name]) for name in names)
+    if smallest > budget_bytes:
+        raise ValueError(
+            f"bits_per_weight is too small: every weight at its narrowest ({BUDGET_BITS[0]} bits) already takes "
+            f"{smallest} bytes, over the budget of {budget_bytes:.0f}"
+        )
+    unit, capacity = budget_bytes / UNITS, UNITS + len(names)
+    error = np.zeros(capacity + 1)  # the least summed error of the weights so far within each number of steps
+    picks = []
+    for name in names:
+        units = [math.ceil(c.nbytes / unit - 1e-9) for c in choices[name]]
+        best, pick = np.full(capacity + 1, np.inf), np.zeros(capacity + 1, np.int8)
+        for j, (u, c) in enumerate(zip(units, choices[name], strict=True)):
+            if u <= capacity:
+                candidate = error[: capacity + 1 - u] + c.error
+                better = candidate < best[u:]
+                best[u:][better], pick[u:][better] = candidate[better], j
+        error = best
+        picks.append((units, pick))
+
+    def allocation(steps: int) -> dict[str, Choice]:
+        at = {}
+        for name, (units, pick) in zip(reversed(names), reversed(picks), strict=True):
+            at[name] = choices[name][int(pick[steps])]
+            steps -= units[int(pick[steps])]
+        return at
+
+    for steps in range(capacity, -1, -1):
+        if np.isfinite(error[steps]):
+            at = allocation(steps)
+            if sum(c.nbytes for c in at.values()) <= budget_bytes:
+                return _filled(choices, at, budget_bytes)
+    # only the rounding kept every allocation out: the smallest choices fit in exact bytes
+    return _filled(choices, {n: min(choices[n], key=lambda c: (c.nbytes, c.error)) for n in names}, budget_bytes)
+
+
+def _filled(choices: Mapping[str, Sequence[Choice]], at: dict[str, Choice], budget_bytes: float) -> dict[str, int]:
+    """``at`` with the bytes the rounding left over spent: the single changes of one weight's choice that fit and
+    save the most error per byte, one at a time."""
+    spent = sum(c.nbytes for c in at.values())
+    while True:
+        moves = [
+            ((at[name].error - c.error) / max(c.nbytes - at[name].nbytes, 1), name, c)
+            for name, options in choices.items()
+            for c in options
+            if c.error < at[name].error and spent - at[name].nbytes + c.nbytes <= budget_bytes
+        ]
+        if not moves:
+            return {name: c.n_bits for name, c in at.items()}
+        _, name, c = max(moves, key=lambda m: m[0])
+        spent += c.nbytes - at[name].nbytes
+        at[name] = c

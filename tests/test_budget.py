@@ -1,0 +1,214 @@
+"""Mixed bits to a budget (issue 26): the allocation against brute force, the measured errors against float64
+references, and the budget met through each door."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from conftest import make_model, ort_session
+
+import lowbit
+from lowbit.budget import (
+    BUDGET_BITS,
+    UNITS,
+    Choice,
+    allocate,
+    check_bits_per_weight,
+    measured_choices,
+    relative_output_error,
+)
+from lowbit.cli import main
+from lowbit.config import PalettizeConfig
+from lowbit.statistics import InputMoments
+
+RNG = np.random.default_rng(26)
+
+
+def _random_choices(rng: np.random.Generator, weights: int) -> dict[str, list[Choice]]:
+    """Weights with five widths each: bytes growing with the width, errors falling (not always convexly)."""
+    out = {}
+    for i in range(weights):
+        numel = int(rng.integers(100, 2000))
+        overhead = int(rng.integers(0, 200))
+        errors = np.sort(rng.uniform(0, 1, len(BUDGET_BITS)))[::-1] * rng.uniform(0.1, 10)
+        out[f"w{i}"] = [
+            Choice(b, numel * b // 8 + overhead, float(e)) for b, e in zip(BUDGET_BITS, errors, strict=True)
+        ]
+    return out
+
+
+def _brute_force(choices: dict[str, list[Choice]], budget: float) -> float:
+    """The smallest summed error of any allocation within ``budget`` (inf when none fits)."""
+    best = math.inf
+    for combo in itertools.product(*choices.values()):
+        if sum(c.nbytes for c in combo) <= budget:
+            best = min(best, sum(c.error for c in combo))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_allocation_fits_the_budget_and_is_optimal_up_to_its_rounding(seed):
+    rng = np.random.default_rng(seed)
+    choices = _random_choices(rng, 5)
+    smallest = sum(min(c.nbytes for c in options) for options in choices.values())
+    largest = sum(max(c.nbytes for c in options) for options in choices.values())
+    rounding = len(choices) * largest / UNITS  # each weight's bytes rounded up to a step of the budget, at most
+    for budget in np.linspace(smallest, largest, 9):
+        widths = allocate(choices, budget)
+        chosen = [next(c for c in choices[name] if c.n_bits == bits) for name, bits in widths.items()]
+        assert sum(c.nbytes for c in chosen) <= budget
+        error = sum(c.error for c in chosen)
+        assert error <= _brute_force(choices, budget - rounding) + 1e-12
+        assert error >= _brute_force(choices, budget) - 1e-12  # (the optimum is a lower bound: a sanity check)
+    assert all(bits == BUDGET_BITS[-1] for bits in allocate(choices, largest).values())
+    assert all(bits == BUDGET_BITS[0] for bits in allocate(choices, smallest).values())
+
+
+def test_a_budget_no_allocation_fits_is_refused():
+    choices = _random_choices(np.random.default_rng(0), 3)
+    smallest = sum(min(c.nbytes for c in options) for options in choices.values())
+    with pytest.raises(ValueError, match="bits_per_weight is too small"):
+        allocate(choices, smallest - 1)
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "message"),
+    [
+        (True, TypeError, "bits_per_weight must be a number or None"),
+        ("3.5", TypeError, "bits_per_weight must be a number or None"),
+        (2, ValueError, "bits_per_weight must be a finite number above 2"),
+        (1.5, ValueError, "bits_per_weight must be a finite number above 2"),
+        (math.nan, ValueError, "bits_per_weight must be a finite number above 2"),
+        (math.inf, ValueError, "bits_per_weight must be a finite number above 2"),
+    ],
+)
+def test_invalid_budgets_are_refused_naming_the_parameter(value, error, message):
+    with pytest.raises(error, match=message):
+        check_bits_per_weight(value)
+    program = lowbit.Program(make_model({"w": RNG.standard_normal((64, 48)).astype(np.float32)}, [("MatMul", "w", {})]))
+    with pytest.raises(error, match=message):
+        lowbit.palettize_weights(program, bits_per_weight=value)
+
+
+def test_the_relative_output_error_is_that_of_the_layer_outputs():
+    x = RNG.standard_normal((512, 32)) @ RNG.standard_normal((32, 32))  # correlated inputs
+    w = RNG.standard_normal((32, 24))  # MatMul [in, out]: input axis 0
+    decoded = w + RNG.standard_normal(w.shape) * 0.05
+    full = InputMoments.empty(32, full=True)
+    full.add(x, -1)
+    expected = np.sum((x @ (decoded - w)) ** 2) / np.sum((x @ w) ** 2)
+    assert relative_output_error(w, decoded, 0, full) == pytest.approx(expected, rel=1e-9)
+    # a Linear's [out, in] layout, input axis 1: the same number
+    assert relative_output_error(w.T, decoded.T, 1, full) == pytest.approx(expected, rel=1e-9)
+    diagonal = InputMoments.empty(32)
+    diagonal.add(x, -1)
+    scale = (x**2).sum(0)
+    expected_diagonal = scale @ ((decoded - w) ** 2).sum(1) / (scale @ (w**2).sum(1))
+    assert relative_output_error(w, decoded, 0, diagonal) == pytest.approx(expected_diagonal, rel=1e-9)
+    relative = np.sum((decoded - w) ** 2) / np.sum(w**2)
+    assert relative_output_error(w, decoded, 0, None) == pytest.approx(relative, rel=1e-9)
+
+
+def test_each_width_costs_more_bytes_and_errs_less():
+    w = RNG.standard_normal((96, 64)).astype(np.float32)
+    choices = measured_choices(w, 0, 1, PalettizeConfig(granularity="per_grouped_channel", group_size=16))
+    assert [c.n_bits for c in choices] == list(BUDGET_BITS)
+    assert all(a.nbytes < b.nbytes and a.error > b.error for a, b in itertools.pairwise(choices))
+    sensitivity = RNG.uniform(0, 1, w.shape)
+    weighted = measured_choices(w, 0, 1, PalettizeConfig(), sensitivity=sensitivity)
+    plain = lowbit.weights.palettize_weight(w, 0, PalettizeConfig(n_bits=4), importance=sensitivity)
+    diff = plain.decode().astype(np.float64) - w
+    assert weighted[BUDGET_BITS.index(4)].error == pytest.approx(float(np.sum(sensitivity * diff**2)), rel=1e-9)
+
+
+def _uneven_program() -> tuple[lowbit.Program, dict[str, np.ndarray]]:
+    """Four MatMul weights of one shape and unlike distributions (k-means serves them unequally well)."""
+    rng = np.random.default_rng(7)
+    weights = {
+        "gauss": rng.standard_normal((128, 96)),
+        "uniform": rng.uniform(-1, 1, (128, 96)),
+        "laplace": rng.laplace(size=(128, 96)),
+        "heavy": rng.standard_t(3, (128, 96)),
+    }
+    weights = {k: (v * 0.05).astype(np.float32) for k, v in weights.items()}
+    return lowbit.Program(make_model(weights, [("MatMul", name, {}) for name in weights])), weights
+
+
+@pytest.mark.parametrize("budget", [3.0, 3.5, 5.0])
+def test_the_graph_door_meets_the_budget_and_the_file_runs(tmp_path, budget):
+    program, weights = _uneven_program()
+    small = lowbit.palettize_weights(program, bits_per_weight=budget, num_kmeans_workers=2)
+    rows = small.report.compressed
+    assert len(rows) == 4
+    numel = sum(w.size for w in weights.values())
+    assert 8 * sum(r.bytes_after for r in rows) <= budget * numel
+    widths = {r.name: int(r.note.split("-bit")[0]) for r in rows}
+    assert all("bits/weight budget" in r.note for r in rows)
+    assert set(widths.values()) <= set(BUDGET_BITS)
+    inspected = {w.name: w.compression for w in small.weights()}
+    for name, bits in widths.items():
+        assert inspected[name].startswith(f"palettized {bits}-bit")
+    path = small.save(tmp_path / "mixed.onnx")
+    session = ort_session(path)
+    dense = lowbit.decompress_weights(small)
+    feeds = {i.name: RNG.standard_normal((5, 128)).astype(np.float32) for i in session.get_inputs()}
+    for output, name in zip(session.run(None, feeds), weights, strict=True):
+        expected = feeds[f"x{list(weights).index(name)}"] @ dense.graph.initializers[name].const_value.numpy()
+        np.testing.assert_allclose(output, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_bits_are_never_worse_than_a_uniform_width_and_spend_a_larger_budget_where_it_helps():
+    program, _ = _uneven_program()
+    sizes, errors = {}, {}
+    for bits in (3, 4):
+        uniform = lowbit.palettize_weights(program, n_bits=bits).report.compressed
+        sizes[bits], errors[bits] = sum(r.bytes_after for r in uniform), sum(r.rel_mse for r in uniform)
+    numel = sum(int(np.prod(r.shape)) for r in uniform)
+    for size, bound in ((sizes[3], errors[3]), ((sizes[3] + sizes[4]) / 2, 0.8 * errors[3])):
+        mixed = lowbit.palettize_weights(program, bits_per_weight=8 * size / numel).report.compressed
+        assert sum(r.bytes_after for r in mixed) <= size
+        assert sum(r.rel_mse for r in mixed) <= bound
+    assert len({r.note for r in mixed}) > 1  # the widths differ between the weights
+
+
+def _output_errors(small: lowbit.Program, weights: dict[str, np.ndarray], feeds: list[dict]) -> float:
+    """The summed relative output error of ``small``'s decoded weights over ``feeds`` (float64)."""
+    dense = lowbit.decompress_weights(small).graph.initializers
+    total = 0.0
+    for i, (name, w) in enumerate(weights.items()):
+        x = np.concatenate([f[f"x{i}"] for f in feeds]).astype(np.float64)
+        diff = x @ (dense[name].const_value.numpy().astype(np.float64) - w)
+        total += float(np.sum(diff**2) / np.sum((x @ w.astype(np.float64)) ** 2))
+    return total
+
+
+def test_calibration_allocates_for_the_layer_outputs():
+    """Inputs of uneven scale, loud where the weights are small: the allocation from calibration data has a lower
+    summed output error than the data-free one, at the same budget."""
+    program, weights = _uneven_program()
+    scales = np.logspace(-1, 1, 128)
+    feeds = []
+    for _ in range(4):
+        feeds.append(
+            {f"x{i}": (RNG.standard_normal((32, 128)) * RNG.permutation(scales)).astype(np.float32) for i in range(4)}
+        )
+    data_free = lowbit.palettize_weights(program, bits_per_weight=3.5)
+    calibrated = lowbit.palettize_weights(program, bits_per_weight=3.5, calibration_data=feeds)
+    numel = sum(w.size for w in weights.values())
+    for small in (data_free, calibrated):
+        assert 8 * sum(r.bytes_after for r in small.report.compressed) <= 3.5 * numel
+    assert _output_errors(calibrated, weights, feeds) < _output_errors(data_free, weights, feeds)
+
+
+def test_the_cli_takes_a_budget_and_refuses_a_bad_one(capsys, tmp_path, digits_path):
+    out = tmp_path / "mixed.onnx"
+    assert main(["palettize", str(digits_path), str(out), "--bits-per-weight", "3.5"]) == 0
+    stdout = capsys.readouterr().out
+    assert "bits/weight budget" in stdout
+    assert main(["palettize", str(digits_path), str(tmp_path / "bad.onnx"), "--bits-per-weight", "1.5"]) == 2
+    err = capsys.readouterr().err
+    assert "bits_per_weight must be a finite number above 2" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "bad.onnx").exists()
