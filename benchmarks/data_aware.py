@@ -36,6 +36,11 @@ ROWS = {
         "palettize_weights",
         {"n_bits": 3, **GROUPED16, "outlier_fraction": 0.005},
     ),
+    "palettize mixed bits 3.04 b/w grouped(16) (3-bit's size)": (
+        "palettize_weights",
+        {"bits_per_weight": 3.04, **GROUPED16},
+    ),
+    "palettize mixed bits 3.5 b/w grouped(16)": ("palettize_weights", {"bits_per_weight": 3.5, **GROUPED16}),
     "int4 block-32": ("quantize_weights", {"dtype": "int4", "granularity": "per_block", "block_size": 32}),
     "int4 block-32 asymmetric": (
         "quantize_weights",

@@ -1,5 +1,6 @@
 """PostTrainingPalettizer over every supported module, and what it leaves behind."""
 
+import copy
 import warnings
 
 import numpy as np
@@ -246,3 +247,96 @@ def test_a_tied_weight_is_palettized_once_under_the_first_modules_config(tmp_pat
     assert len(program.report.rows) == 2 and program.report.rows[0].name == "embed.weight"
     assert all(r.bytes_after <= 512 * 64 * 2 / 8 + 64 for r in program.report.rows)
     assert (tmp_path / "tied.onnx").stat().st_size < 2 * 512 * 64 * 2 / 8 + 8192
+
+
+class _Blocks(nn.Module):
+    """A toy decoder: an input Linear, then a ModuleList of residual blocks of two Linears each, then a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(32, 48)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({"up": nn.Linear(48, 64), "down": nn.Linear(64, 48)}) for _ in range(3)
+        )
+        self.head = nn.Linear(48, 8)
+
+    def forward(self, x):
+        h = self.proj(x)
+        for block in self.blocks:
+            h = h + block["down"](torch.relu(block["up"](h)))
+        return self.head(h)
+
+
+def _linears(model: nn.Module) -> dict[str, nn.Linear]:
+    return {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def test_sequential_calibration_groups_by_block_in_call_order_and_stops_early():
+    from lowbit.torch.calibration import collect_linear_moments, in_sequence
+
+    torch.manual_seed(0)
+    model, x = _Blocks(), torch.randn(16, 32)
+    groups = in_sequence(model, _linears(model), x)
+    assert [list(g) for g in groups] == [
+        ["proj.weight"],
+        ["blocks.0.up.weight", "blocks.0.down.weight"],
+        ["blocks.1.up.weight", "blocks.1.down.weight"],
+        ["blocks.2.up.weight", "blocks.2.down.weight"],
+        ["head.weight"],
+    ]
+    calls = []
+    model.head.register_forward_hook(lambda *args: calls.append("head"))
+    items = [torch.randn(16, 32) for _ in range(3)]
+    early = collect_linear_moments(model, groups[1], items, stop_early=True)
+    assert not calls  # the forward stopped once block 0 had seen its inputs
+    full = collect_linear_moments(model, groups[1], items)
+    assert len(calls) == 3
+    for name in groups[1]:
+        np.testing.assert_array_equal(early[name].gram, full[name].gram)
+        assert early[name].rows == full[name].rows == 48
+
+
+def test_each_block_is_palettized_from_the_inputs_the_blocks_before_it_give_once_palettized():
+    """Sequential calibration, checked against the weight layer called by hand: block 1's statistics are those of
+    its input after the palettized proj and block 0 (as llmcompressor's sequential pipeline does); within a block,
+    the statistics are taken before any of its weights is palettized."""
+    from lowbit.config import PalettizeConfig
+    from lowbit.statistics import ACTIVATION_DAMPING, InputMoments
+    from lowbit.weights import palettize_weight
+
+    torch.manual_seed(1)
+    model = _Blocks()
+    items = [torch.randn(16, 32) for _ in range(4)]
+    config = PostTrainingPalettizerConfig.from_dict({"global_config": {"n_bits": 3}})
+    palettized = PostTrainingPalettizer(model, config).compress(calibration_data=iter(items))  # a one-shot iterator
+    by_hand = copy.deepcopy(model)
+
+    def palettize(linear: nn.Linear, inputs: list[torch.Tensor], name: str) -> None:
+        moments = InputMoments.empty(linear.in_features, full=True)
+        for x in inputs:
+            moments.add(x.double().numpy(), -1)
+        weight = linear.weight.detach().numpy()
+        result = palettize_weight(
+            weight,
+            0,
+            PalettizeConfig(n_bits=3, weight_num_threshold=0),
+            name=name,
+            importance=moments.importance(weight.shape, 1),
+            damping=ACTIVATION_DAMPING,
+            gram=moments.gram,
+        )
+        with torch.no_grad():
+            linear.weight.copy_(torch.from_numpy(result.decode()))
+
+    with torch.no_grad():
+        palettize(by_hand.proj, items, "proj.weight")
+        hidden = [by_hand.proj(x) for x in items]
+        for i, block in enumerate(by_hand.blocks):
+            middle = [torch.relu(block["up"](h)) for h in hidden]  # one block's statistics are taken at once
+            palettize(block["up"], hidden, f"blocks.{i}.up.weight")
+            palettize(block["down"], middle, f"blocks.{i}.down.weight")
+            middle = [torch.relu(block["up"](h)) for h in hidden]
+            hidden = [h + block["down"](m) for h, m in zip(hidden, middle, strict=True)]
+        palettize(by_hand.head, hidden, "head.weight")
+    for name, linear in _linears(palettized).items():
+        torch.testing.assert_close(linear.weight, _linears(by_hand)[name].weight, rtol=0, atol=0, msg=name)

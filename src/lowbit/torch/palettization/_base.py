@@ -34,7 +34,7 @@ from lowbit.torch.records import store_palettization
 from lowbit.types import CompressionGranularity, DType
 from lowbit.weights import PalettizedWeight, check_eligible, palettize_weight
 
-__all__ = ["ALLOCATED", "SKIPPED", "KMeansModuleConfig", "PalettizerBase", "Target"]
+__all__ = ["ALLOCATED", "SKIPPED", "KMeansModuleConfig", "PalettizerBase", "Target", "allocated_widths"]
 
 SKIPPED = "lowbit_skipped"  # module attribute: {parameter name: why it was left as it is}
 ALLOCATED = "lowbit_allocated"  # module attribute: {parameter name: (n_bits, bits_per_weight budget)}
@@ -213,16 +213,14 @@ class PalettizerBase(Generic[MC]):
         importance: Callable[[Target], np.ndarray | None],
         threads: int,
         statistics: Mapping[str, InputMoments] | None = None,
+        widths: Mapping[str, int] | None = None,
         bits_per_weight: float | None = None,
     ) -> None:
         """Palettize each target, its k-means on ``threads`` threads; record the result on its module. A target
-        with ``statistics`` (calibration) gets activation-weighted k-means and error feedback on its codes. With
-        ``bits_per_weight``, each target's width is first chosen for that budget (:mod:`lowbit.budget`)."""
+        with ``statistics`` (calibration) gets activation-weighted k-means and error feedback on its codes; one in
+        ``widths`` (chosen for the ``bits_per_weight`` budget, see :func:`allocated_widths`) gets that width."""
         check_int("num_kmeans_workers", threads, 1)
-        statistics = statistics or {}
-        widths = (
-            {} if bits_per_weight is None else _allocated(targets, importance, threads, statistics, bits_per_weight)
-        )
+        statistics, widths = statistics or {}, widths or {}
         for target in targets:
             param = target.weight.parameter
             stats = statistics.get(target.name)
@@ -260,15 +258,18 @@ def _weighting(
     return importance(target), target.config.importance_damping()
 
 
-def _allocated(
+def allocated_widths(
     targets: list[Target],
     importance: Callable[[Target], np.ndarray | None],
     threads: int,
     statistics: Mapping[str, InputMoments],
-    bits_per_weight: float,
+    bits_per_weight: float | None,
 ) -> dict[str, int]:
-    """Each target's width for the budget: every target measured at each width (its error weighted by its
-    statistics or sensitivity), then :func:`lowbit.budget.allocate`. Targets the measure skips keep their width."""
+    """Each target's width for the ``bits_per_weight`` budget (None: no budget, ``{}``): every target measured at
+    each width (its error weighted by its statistics or sensitivity), then :func:`lowbit.budget.allocate`. Targets
+    the measure skips keep their width."""
+    if bits_per_weight is None:
+        return {}
     choices, numel = {}, 0
     for target in targets:
         param, stats = target.weight.parameter, statistics.get(target.name)

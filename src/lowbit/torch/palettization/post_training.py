@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -11,9 +11,9 @@ from torch import nn
 
 from lowbit.budget import check_bits_per_weight
 from lowbit.config import check_bool, check_int
-from lowbit.torch.calibration import collect_linear_moments
+from lowbit.torch.calibration import collect_linear_moments, in_sequence
 from lowbit.torch.config import ModelConfig, ModuleConfig
-from lowbit.torch.palettization._base import KMeansModuleConfig, PalettizerBase
+from lowbit.torch.palettization._base import KMeansModuleConfig, PalettizerBase, Target, allocated_widths
 
 __all__ = [
     "ModulePostTrainingPalettizerConfig",
@@ -98,13 +98,44 @@ class PostTrainingPalettizer(PalettizerBase[PostTrainingPalettizerConfig]):
         budget = check_bits_per_weight(bits_per_weight)
         model = self._target_model(inplace)
         targets = list(self._targets(model))
-        statistics = None
-        if calibration_data is not None:
-            linears = {
-                t.name: t.module for t in targets if isinstance(t.module, nn.Linear) and t.weight.name == "weight"
-            }
-            statistics = collect_linear_moments(model, linears, calibration_data, forward_fn)
         with torch.no_grad():
-            self._palettize(targets, lambda target: None, num_kmeans_workers, statistics, budget)
+            if calibration_data is None:
+                widths = allocated_widths(targets, _data_free, num_kmeans_workers, {}, budget)
+                self._palettize(targets, _data_free, num_kmeans_workers, None, widths, budget)
+            else:
+                self._calibrated(model, targets, calibration_data, forward_fn, num_kmeans_workers, budget)
         self._model = model
         return model
+
+    def _calibrated(
+        self,
+        model: nn.Module,
+        targets: list[Target],
+        calibration_data: Iterable[Any],
+        forward_fn: Callable[[nn.Module, Any], Any] | None,
+        threads: int,
+        budget: float | None,
+    ) -> None:
+        """Palettize ``targets`` block after block (:func:`~lowbit.torch.calibration.in_sequence`): each block's
+        Linear weights from the statistics of inputs that went through the blocks already palettized, so that
+        each corrects the error of those before it, and only one block's ``X^T X`` is held at a time. With a
+        budget, the widths are chosen first from one pass over the dense model (the diagonals only)."""
+        items = calibration_data if isinstance(calibration_data, Sequence) else list(calibration_data)
+        if not items:
+            raise ValueError("calibration_data yielded nothing")
+        by_name = {t.name: t for t in targets}
+        linears = {t.name: t.module for t in targets if isinstance(t.module, nn.Linear) and t.weight.name == "weight"}
+        diagonals = {} if budget is None else collect_linear_moments(model, linears, items, forward_fn, full=False)
+        widths = allocated_widths(targets, _data_free, threads, diagonals, budget)
+        done: set[str] = set()
+        for group in in_sequence(model, linears, items[0], forward_fn):
+            statistics = collect_linear_moments(model, group, items, forward_fn, stop_early=True)
+            self._palettize([by_name[name] for name in group], _data_free, threads, statistics, widths, budget)
+            done.update(group)
+        rest = [t for t in targets if t.name not in done]  # not Linear, or not called: data-free
+        self._palettize(rest, _data_free, threads, None, widths, budget)
+
+
+def _data_free(target: Target) -> None:
+    """No per-element importance: plain k-means (or, with calibration, the activation statistics)."""
+    return None

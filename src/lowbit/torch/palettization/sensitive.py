@@ -16,7 +16,7 @@ from lowbit.budget import check_bits_per_weight
 from lowbit.config import check_int
 from lowbit.torch.config import ModelConfig, ModuleConfig
 from lowbit.torch.modules import to_numpy
-from lowbit.torch.palettization._base import KMeansModuleConfig, PalettizerBase, Target
+from lowbit.torch.palettization._base import KMeansModuleConfig, PalettizerBase, Target, allocated_widths
 
 __all__ = ["ModuleSKMPalettizerConfig", "SKMPalettizer", "SKMPalettizerConfig"]
 
@@ -122,7 +122,8 @@ class SKMPalettizer(PalettizerBase[SKMPalettizerConfig]):
             raise ValueError(f"the sensitivities hold no entry for weight {missing[0]!r}")
         with torch.no_grad():
             sensitivity = lambda target: to_numpy(sensitivities[target.name])  # noqa: E731
-            self._palettize(targets, sensitivity, num_kmeans_workers, bits_per_weight=budget)
+            widths = allocated_widths(targets, sensitivity, num_kmeans_workers, {}, budget)
+            self._palettize(targets, sensitivity, num_kmeans_workers, None, widths, budget)
         self._model = model
         return model
 
