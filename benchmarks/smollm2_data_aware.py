@@ -69,7 +69,7 @@ def lowbit_row(module: dict, bits_per_weight: float | None = None) -> Callable:
         palettizer = PostTrainingPalettizer(model, config)
         out = palettizer.compress(
             num_kmeans_workers=2,
-            calibration_data=[{"input_ids": window[None]} for window in calibration],
+            calibration_data=[{"input_ids": window[None], "use_cache": False} for window in calibration],
             bits_per_weight=bits_per_weight,
         )
         rows = lt.report(out).compressed

@@ -272,11 +272,12 @@ def _linears(model: nn.Module) -> dict[str, nn.Linear]:
 
 
 def test_sequential_calibration_groups_by_block_in_call_order_and_stops_early():
-    from lowbit.torch.calibration import collect_linear_moments, in_sequence
+    from lowbit.torch.calibration import collect_linear_moments
+    from lowbit.torch.sequential import in_sequence
 
     torch.manual_seed(0)
     model, x = _Blocks(), torch.randn(16, 32)
-    groups = in_sequence(model, _linears(model), x)
+    groups = [group.linears for group in in_sequence(model, _linears(model), x)]
     assert [list(g) for g in groups] == [
         ["proj.weight"],
         ["blocks.0.up.weight", "blocks.0.down.weight"],
@@ -340,3 +341,55 @@ def test_each_block_is_palettized_from_the_inputs_the_blocks_before_it_give_once
         palettize(by_hand.head, hidden, "head.weight")
     for name, linear in _linears(palettized).items():
         torch.testing.assert_close(linear.weight, _linears(by_hand)[name].weight, rtol=0, atol=0, msg=name)
+
+
+class _Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(48, 64), nn.Linear(64, 48)
+
+    def forward(self, h, gain=None, past_key_values=None):
+        u = self.up(h)
+        if past_key_values is not None:  # a key/value cache stand-in: what it holds (from this block's weights)
+            seen = past_key_values.setdefault(id(self), [])  # changes the output, as stale keys would
+            seen.append(u)
+            u = torch.stack(seen).mean(0)
+        return h + gain * self.down(torch.relu(u))
+
+
+class _Chain(nn.Module):
+    """The toy decoder with blocks that are called: each one's first input is the previous one's output, its other
+    arguments shared (as a transformer's layers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(32, 48)
+        self.layers = nn.ModuleList(_Residual() for _ in range(3))
+        self.head = nn.Linear(48, 8)
+
+    def forward(self, x, use_cache=False):
+        h, gain, cache = self.proj(x), torch.full((48,), 0.5), {} if use_cache else None
+        for layer in self.layers:
+            h = layer(h, gain=gain, past_key_values=cache)
+        return self.head(h)
+
+
+def test_a_chain_of_blocks_is_calibrated_from_kept_inputs_as_from_the_whole_model(monkeypatch):
+    from lowbit.torch.palettization import post_training
+    from lowbit.torch.sequential import chained, in_sequence
+
+    torch.manual_seed(3)
+    model, items = _Chain(), [torch.randn(16, 32) for _ in range(4)]
+    blocks = [g.block for g in in_sequence(model, _linears(model), items[0]) if g.is_block]
+    assert blocks == ["layers.0", "layers.1", "layers.2"]
+    assert chained(model, blocks, items[0])
+    assert chained(model, blocks, (items[0], True))  # a key/value cache is dropped when a block runs again
+    assert not chained(_Blocks(), ["blocks.0", "blocks.1"], items[0])  # its blocks are never called
+    config = PostTrainingPalettizerConfig.from_dict({"global_config": {"n_bits": 3}})
+    kept = PostTrainingPalettizer(model, config).compress(calibration_data=items)
+    cached = PostTrainingPalettizer(model, config).compress(calibration_data=[(x, True) for x in items])
+    monkeypatch.setattr(post_training, "chained", lambda *args: False)  # each block's inputs from the whole model
+    whole = PostTrainingPalettizer(model, config).compress(calibration_data=items)
+    for name, linear in _linears(kept).items():
+        torch.testing.assert_close(linear.weight, _linears(whole)[name].weight, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(linear.weight, _linears(cached)[name].weight, rtol=0, atol=0, msg=name)

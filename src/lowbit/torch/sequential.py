@@ -1,0 +1,186 @@
+"""Sequential calibration on the torch door (issue 26; llmcompressor's sequential pipeline): the palettized weights
+are taken block after block (a transformer's layers), each block's statistics from inputs that went through the
+blocks already palettized, so that each block's error feedback also corrects the error of those before it, and only
+one block's ``X^T X`` is held at a time.
+
+When the blocks form a chain (each block's first input is the previous block's output, its other arguments shared,
+as in a decoder's stack of layers), each item's inputs to the current block are kept and advanced through it once
+it is palettized: every block runs twice per item in all. Otherwise each block's statistics come from the whole
+model run again up to that block.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.statistics import InputMoments
+from lowbit.torch.calibration import Enough, LinearMoments, evaluating, forward_of, run_items
+
+__all__ = ["BlockInputs", "Group", "chained", "in_sequence"]
+
+# arguments of a block that carry state from call to call (a key/value cache): dropped when a block is run again
+_STATE = ("past_key_values", "past_key_value", "layer_past")
+
+
+@dataclass(frozen=True)
+class Group:
+    """Linear modules palettized together: those of one ``block`` (a child of the model's outermost
+    ``nn.ModuleList``, ``is_block``), or a single module outside any (``block`` is its name)."""
+
+    block: str
+    is_block: bool
+    linears: dict[str, nn.Linear]
+
+
+def in_sequence(
+    model: nn.Module, linears: Mapping[str, nn.Linear], first_item: Any, forward_fn: Callable | None = None
+) -> list[Group]:
+    """The ``linears`` in the order one forward of ``first_item`` calls them, grouped: consecutive modules under
+    one child of the model's outermost ``nn.ModuleList`` form one group, any other module its own. Modules the
+    forward does not call are left out."""
+    order: list[str] = []
+
+    def hook_for(name: str) -> Callable:
+        def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+            if name not in order:
+                order.append(name)
+
+        return hook
+
+    handles = [linear.register_forward_hook(hook_for(name)) for name, linear in linears.items()]
+    run_items(model, handles, [first_item], forward_of(forward_fn))
+    names = {id(module): name for name, module in model.named_modules()}
+    groups: list[Group] = []
+    for name in order:
+        module_name = names[id(linears[name])]
+        block = _block_of(model, module_name)
+        if not groups or groups[-1].block != block:
+            groups.append(Group(block, block != module_name, {}))
+        groups[-1].linears[name] = linears[name]
+    return groups
+
+
+def _block_of(model: nn.Module, module_name: str) -> str:
+    """The child of the outermost ``nn.ModuleList`` on the path to ``module_name`` (``"model.layers.3"``), or
+    ``module_name`` itself when no ModuleList holds it."""
+    parts = module_name.split(".")
+    for i in range(len(parts) - 1):
+        if isinstance(model.get_submodule(".".join(parts[:i])), nn.ModuleList):
+            return ".".join(parts[: i + 1])
+    return module_name
+
+
+def _stateless(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A block's keyword arguments without a key/value cache (run again, it would grow)."""
+    out = {key: None if key in _STATE else value for key, value in kwargs.items()}
+    if "use_cache" in out:
+        out["use_cache"] = False
+    return out
+
+
+def _first(output: Any) -> Any:
+    """A block's output as the next block's first input (the first element of a tuple)."""
+    return output[0] if isinstance(output, tuple | list) else output
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
+    if isinstance(a, tuple | list) and isinstance(b, tuple | list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, bool | int | float | str | type(None)) and isinstance(b, bool | int | float | str | type(None)):
+        return a == b
+    return False
+
+
+@dataclass
+class _Call:
+    args: tuple
+    kwargs: dict[str, Any]
+    output: Any = None
+    calls: int = 0
+
+
+def chained(model: nn.Module, blocks: Sequence[str], first_item: Any, forward_fn: Callable | None = None) -> bool:
+    """Whether ``blocks`` (in call order) form a chain on one forward of ``first_item``: each called once, each
+    one's first input the previous one's output (its first element, for a tuple) and its other arguments the same,
+    and the first block's output the same when it is run again on its inputs without a key/value cache."""
+    if not blocks:
+        return False
+    calls: dict[str, _Call] = {}
+
+    def pre(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            call = calls.setdefault(name, _Call(args, kwargs))
+            call.calls += 1
+
+        return hook
+
+    def post(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            calls[name].output = output
+
+        return hook
+
+    modules = [model.get_submodule(block) for block in blocks]
+    handles = [m.register_forward_pre_hook(pre(b), with_kwargs=True) for b, m in zip(blocks, modules, strict=True)]
+    handles += [m.register_forward_hook(post(b), with_kwargs=True) for b, m in zip(blocks, modules, strict=True)]
+    run_items(model, handles, [first_item], forward_of(forward_fn))
+    if any(calls.get(block, _Call((), {})).calls != 1 for block in blocks):
+        return False
+    for before, after in itertools.pairwise(blocks):
+        a, b = calls[before], calls[after]
+        if not b.args or not _same(b.args[0], _first(a.output)) or not _same(a.args[1:], b.args[1:]):
+            return False
+        if a.kwargs.keys() != b.kwargs.keys() or not all(_same(a.kwargs[k], b.kwargs[k]) for k in a.kwargs):
+            return False
+    first = calls[blocks[0]]
+    if not first.args:
+        return False
+    with evaluating(model):
+        again, recorded = _first(modules[0](*first.args, **_stateless(first.kwargs))), _first(first.output)
+    return (
+        isinstance(again, torch.Tensor)
+        and isinstance(recorded, torch.Tensor)
+        and again.shape == recorded.shape
+        and bool(torch.allclose(again, recorded, rtol=1e-4, atol=1e-6))
+    )
+
+
+class BlockInputs:
+    """Each calibration item's inputs (positional, keyword) to the current block of a chain, taken with one forward
+    per item that stops at ``block``, then advanced block by block."""
+
+    def __init__(self, model: nn.Module, block: str, items: Sequence[Any], forward_fn: Callable | None) -> None:
+        self.model = model
+        self.inputs: list[tuple[tuple, dict[str, Any]]] = []
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            self.inputs.append((args, _stateless(kwargs)))
+            raise Enough
+
+        handle = model.get_submodule(block).register_forward_pre_hook(hook, with_kwargs=True)
+        run_items(model, [handle], items, forward_of(forward_fn))
+
+    def moments(self, block: str, linears: Mapping[str, nn.Linear]) -> dict[str, InputMoments]:
+        """The ``linears``' input moments (whole ``X^T X``) over every item, running ``block`` alone."""
+        hooks = LinearMoments(linears)
+        module = self.model.get_submodule(block)
+        with evaluating(self.model, hooks.register()):
+            for args, kwargs in self.inputs:
+                module(*args, **kwargs)
+        return hooks.moments
+
+    def advance(self, block: str) -> None:
+        """Run ``block`` (palettized by now) on every item's inputs: its outputs are the next block's inputs."""
+        module = self.model.get_submodule(block)
+        with evaluating(self.model):
+            self.inputs = [((_first(module(*args, **kwargs)), *args[1:]), kwargs) for args, kwargs in self.inputs]
