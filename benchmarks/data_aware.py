@@ -41,6 +41,10 @@ ROWS = {
         {"bits_per_weight": 3.04, **GROUPED16},
     ),
     "palettize mixed bits 3.5 b/w grouped(16)": ("palettize_weights", {"bits_per_weight": 3.5, **GROUPED16}),
+    "palettize mixed bits 4.07 b/w grouped(16) (4-bit's size)": (
+        "palettize_weights",
+        {"bits_per_weight": 4.07, **GROUPED16},
+    ),
     "int4 block-32": ("quantize_weights", {"dtype": "int4", "granularity": "per_block", "block_size": 32}),
     "int4 block-32 asymmetric": (
         "quantize_weights",

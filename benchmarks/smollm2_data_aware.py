@@ -218,7 +218,7 @@ def main() -> None:
     calibration = calibration.view(CALIBRATION, WINDOW)
     fp32 = perplexity(model, evaluation)
     log(f"fp32 ppl {fp32:.3f}")
-    rows = [["fp32", "32", f"{fp32:.2f}", "1.000", "", ""]]
+    rows = [["fp32", "32", f"{fp32:.3f}", "1.0000", "", ""]]
     for key in keys:
         label, run = ROWS[key]
         start = time.perf_counter()
@@ -231,7 +231,7 @@ def main() -> None:
         seconds = time.perf_counter() - start
         ppl = perplexity(out, evaluation)
         del out
-        rows.append([label, f"{bits:.3f}", f"{ppl:.2f}", f"{ppl / fp32:.3f}", f"{seconds:.0f}", note])
+        rows.append([label, f"{bits:.3f}", f"{ppl:.3f}", f"{ppl / fp32:.4f}", f"{seconds:.0f}", note])
         log(rows[-1])
     print(table(["row", "bits/w", "ppl", "x fp32", "s", "note"], rows))
 
