@@ -40,7 +40,12 @@ from _smollm2 import load_smollm2, perplexity
 from _text import calibration_text, english_text
 
 import lowbit.torch as lt
-from lowbit.torch.palettization import PostTrainingPalettizer, PostTrainingPalettizerConfig
+from lowbit.torch.palettization import (
+    PostTrainingPalettizer,
+    PostTrainingPalettizerConfig,
+    SKMPalettizer,
+    SKMPalettizerConfig,
+)
 
 warnings.filterwarnings("ignore")
 logging.disable(logging.WARNING)
@@ -72,10 +77,36 @@ def lowbit_row(module: dict, bits_per_weight: float | None = None) -> Callable:
             calibration_data=[{"input_ids": window[None], "use_cache": False} for window in calibration],
             bits_per_weight=bits_per_weight,
         )
-        rows = lt.report(out).compressed
-        bits = 8 * sum(r.bytes_after for r in rows) / sum(torch.Size(r.shape).numel() for r in rows)
-        widths = sorted({int(r.note.split("-bit")[0]) for r in rows if r.note})
-        return out, bits, f"widths {widths}" if widths else ""
+        return out, *_bits_and_widths(out)
+
+    return run
+
+
+def _bits_and_widths(model: torch.nn.Module) -> tuple[float, str]:
+    """The palettized weights' bits per weight (LUTs included) and, for a budget, the widths chosen."""
+    rows = lt.report(model).compressed
+    bits = 8 * sum(r.bytes_after for r in rows) / sum(torch.Size(r.shape).numel() for r in rows)
+    widths = sorted({int(r.note.split("-bit")[0]) for r in rows if r.note})
+    return bits, f"widths {widths}" if widths else ""
+
+
+def skm_row(module: dict, bits_per_weight: float | None = None) -> Callable:
+    """SKMPalettizer: k-means weighted by the Fisher information of the language-modelling loss on the calibration
+    windows; with a budget, each width's error is the Fisher-weighted one (the loss change)."""
+
+    def run(model, calibration, _tokenizer):
+        config = SKMPalettizerConfig.from_dict(
+            {"global_config": module, "module_name_configs": SKIP, "calibration_nsamples": len(calibration)}
+        )
+        palettizer = SKMPalettizer(model, config)
+
+        def loss_fn(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+            return m(input_ids=x, labels=x, use_cache=False).loss
+
+        out = palettizer.compress(
+            list(calibration[:, None]), loss_fn, num_kmeans_workers=2, bits_per_weight=bits_per_weight
+        )
+        return out, *_bits_and_widths(out)
 
     return run
 
@@ -192,6 +223,7 @@ ROWS: dict[str, tuple[str, Callable]] = {
     "lb3pc8": ("lowbit PTQ 3-bit per-channel int8 LUT, calibrated", lowbit_row({"n_bits": 3, **PER_CHANNEL_INT8})),
     "lbmix": ("lowbit PTQ mixed bits, 3.5 b/w, grouped(16), calibrated", lowbit_row(GROUPED16, 3.5)),
     "lbmixpc8": ("lowbit PTQ mixed bits, 3.5 b/w, per-channel int8 LUT, calibrated", lowbit_row(PER_CHANNEL_INT8, 3.5)),
+    "skmmixpc8": ("lowbit SKM mixed bits, 3.5 b/w, per-channel int8 LUT", skm_row(PER_CHANNEL_INT8, 3.5)),
     "rtn4a": ("RTN int4 g64 asymmetric", rtn_row(4, False)),
     "rtn4s": ("RTN int4 g64 symmetric", rtn_row(4, True)),
     "gptq4a": ("llmcompressor GPTQ int4 g64 asymmetric", gptq_row(4, False)),
