@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,15 +75,38 @@ class Choice:
 def relative_output_error(array: np.ndarray, decoded: np.ndarray, input_axis: int, stats: InputMoments | None) -> float:
     """``||X (decoded - array)||^2 / ||X array||^2`` over the calibration rows of ``stats`` (the full ``X^T X`` of
     a 2-D weight when kept, else its diagonal); without ``stats`` the relative weight error."""
+    return _error_measure(array, input_axis, stats, None)(decoded)
+
+
+def _error_measure(
+    array: np.ndarray, input_axis: int, stats: InputMoments | None, sensitivity: np.ndarray | None
+) -> Callable[[np.ndarray], float]:
+    """The error of a decode of ``array``: ``sum sensitivity dW^2`` with a ``sensitivity``, else the relative
+    output error (:func:`relative_output_error`). What does not depend on the decode is computed once."""
+    if sensitivity is not None:
+        exact = array.astype(np.float64)
+
+        def weighted(decoded: np.ndarray) -> float:
+            diff = decoded.astype(np.float64) - exact
+            return float(np.vdot(diff * sensitivity, diff))
+
+        return weighted
     w = np.moveaxis(array.astype(np.float64), input_axis, 0).reshape(array.shape[input_axis], -1)
-    d = np.moveaxis(decoded.astype(np.float64), input_axis, 0).reshape(w.shape) - w
-    if stats is None:
-        return float(np.vdot(d, d) / max(np.vdot(w, w), np.finfo(np.float64).tiny))
-    if stats.gram is not None and array.ndim == 2:
-        error, energy = np.vdot(d, stats.gram @ d), np.vdot(w, stats.gram @ w)
-    else:
-        error, energy = stats.squares @ (d * d).sum(1), stats.squares @ (w * w).sum(1)
-    return float(error / max(energy, np.finfo(np.float64).tiny))
+    gram = None if stats is None or array.ndim != 2 else stats.gram
+
+    def energy(x: np.ndarray) -> float:
+        if stats is None:
+            return float(np.vdot(x, x))
+        if gram is not None:
+            return float(np.vdot(x, gram @ x))
+        return float(stats.squares @ (x * x).sum(1))
+
+    reference = max(energy(w), np.finfo(np.float64).tiny)
+
+    def relative(decoded: np.ndarray) -> float:
+        return energy(np.moveaxis(decoded.astype(np.float64), input_axis, 0).reshape(w.shape) - w) / reference
+
+    return relative
 
 
 def measured_choices(
@@ -103,6 +126,7 @@ def measured_choices(
     from lowbit.weights import palettize_weight
 
     importance = sensitivity if stats is None else stats.importance(array.shape, input_axis)
+    error_of = _error_measure(array, input_axis, stats, sensitivity)
     choices = []
     for bits in BUDGET_BITS:
         result = palettize_weight(
@@ -114,13 +138,7 @@ def measured_choices(
             threads=threads,
             damping=damping,
         )
-        decoded = result.decode()
-        if sensitivity is not None:
-            diff = decoded.astype(np.float64) - array.astype(np.float64)
-            error = float(np.vdot(diff * sensitivity, diff))
-        else:
-            error = relative_output_error(array, decoded, input_axis, stats)
-        choices.append(Choice(bits, result.nbytes, error))
+        choices.append(Choice(bits, result.nbytes, error_of(result.decode())))
     return tuple(choices)
 
 
