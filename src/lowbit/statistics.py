@@ -45,6 +45,14 @@ class InputMoments:
             self.gram += x.T @ x
         self.rows += x.shape[0]
 
+    def merge(self, other: InputMoments) -> None:
+        """Add ``other``'s rows (the same input channels, and a whole ``X^T X`` where this one keeps it)."""
+        self.squares += other.squares
+        if self.gram is not None:
+            assert other.gram is not None
+            self.gram += other.gram
+        self.rows += other.rows
+
     def importance(self, shape: tuple[int, ...], input_axis: int) -> np.ndarray:
         """Each element's weight in the k-means, ``shape``-shaped: its input channel's mean squared activation."""
         mean = self.squares / max(self.rows, 1)

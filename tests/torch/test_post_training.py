@@ -393,3 +393,33 @@ def test_a_chain_of_blocks_is_calibrated_from_kept_inputs_as_from_the_whole_mode
     for name, linear in _linears(kept).items():
         torch.testing.assert_close(linear.weight, _linears(whole)[name].weight, rtol=0, atol=0, msg=name)
         torch.testing.assert_close(linear.weight, _linears(cached)[name].weight, rtol=0, atol=0, msg=name)
+
+
+def test_modules_reading_one_input_share_its_moments_and_an_in_place_change_is_seen(monkeypatch):
+    """q / k / v read one tensor: its X^T X is computed once per item, and each weight's moments are still those
+    of its own input, also when a tensor is changed in place between two readers."""
+    from lowbit.statistics import InputMoments
+    from lowbit.torch.calibration import collect_linear_moments
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.k, self.v, self.after = (nn.Linear(8, 8) for _ in range(4))
+
+        def forward(self, x):
+            h = x.clone()
+            out = self.q(h) + self.k(h) + self.v(h)
+            h.mul_(2.0)  # in place: the same tensor object, other values
+            return out + self.after(h)
+
+    torch.manual_seed(4)
+    model, items = Shared(), [torch.randn(5, 8) for _ in range(3)]
+    adds = []
+    original = InputMoments.add
+    monkeypatch.setattr(InputMoments, "add", lambda self, *a: (adds.append(1), original(self, *a)))
+    moments = collect_linear_moments(model, _linears(model), items)
+    assert len(adds) == 2 * len(items)  # one for q / k / v, one for the doubled tensor
+    xs = np.concatenate([x.double().numpy() for x in items])
+    for name, scale in (("q.weight", 1), ("k.weight", 1), ("v.weight", 1), ("after.weight", 2)):
+        np.testing.assert_allclose(moments[name].gram, (scale * xs).T @ (scale * xs), rtol=1e-12)
+        assert moments[name].rows == 15

@@ -84,14 +84,17 @@ def run_items(
 
 class LinearMoments:
     """Forward hooks on Linear modules that accumulate each one's input :class:`InputMoments` (``full``: the whole
-    ``X^T X``, else its diagonal), by weight name. ``stop_early``: once every module has seen this item's input
-    the forward ends (:class:`Enough`; a module called twice in one forward counts its first call only); call
-    :meth:`item_done` after each item."""
+    ``X^T X``, else its diagonal), by weight name. Modules that read one tensor in an item (a transformer's q / k /
+    v) share its moments, computed once. ``stop_early``: once every module has seen this item's input the forward
+    ends (:class:`Enough`; a module called twice in one forward counts its first call only); call :meth:`item_done`
+    after each item."""
 
     def __init__(self, linears: Mapping[str, nn.Linear], full: bool = True, stop_early: bool = False) -> None:
-        self.linears, self.stop_early = linears, stop_early
+        self.linears, self.full, self.stop_early = linears, full, stop_early
         self.moments = {name: InputMoments.empty(linear.in_features, full=full) for name, linear in linears.items()}
         self.seen: set[str] = set()
+        # this item's inputs by id: the tensor, its version (bumped by in-place ops), its moments
+        self.parts: dict[int, tuple[torch.Tensor, int, InputMoments]] = {}
 
     def register(self) -> list[Any]:
         """Register the hooks; returns their handles."""
@@ -99,15 +102,27 @@ class LinearMoments:
 
     def item_done(self) -> None:
         self.seen.clear()
+        self.parts.clear()
+
+    def _part(self, name: str, tensor: torch.Tensor) -> InputMoments:
+        """The moments of ``tensor`` (this item's input of ``name``), computed once per tensor and item (again
+        when it was changed in place since)."""
+        known = self.parts.get(id(tensor))
+        if known is not None and known[0] is tensor and known[1] == tensor._version:
+            return known[2]
+        x = tensor.detach().to(torch.float64).cpu().numpy()
+        if not np.isfinite(x).all():
+            raise ValueError(f"the input activations of {name!r} are not finite on a calibration item")
+        part = InputMoments.empty(x.shape[-1], full=self.full)
+        part.add(x, -1)
+        self.parts[id(tensor)] = (tensor, tensor._version, part)
+        return part
 
     def _hook(self, name: str) -> Callable:
         def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
             if name in self.seen:
                 return
-            x = inputs[0].detach().to(torch.float64).cpu().numpy()
-            if not np.isfinite(x).all():
-                raise ValueError(f"the input activations of {name!r} are not finite on a calibration item")
-            self.moments[name].add(x, -1)
+            self.moments[name].merge(self._part(name, inputs[0]))
             if self.stop_early:
                 self.seen.add(name)
                 if len(self.seen) == len(self.moments):

@@ -177,6 +177,7 @@ class BlockInputs:
         with evaluating(self.model, hooks.register()):
             for args, kwargs in self.inputs:
                 module(*args, **kwargs)
+                hooks.item_done()
         return hooks.moments
 
     def advance(self, block: str) -> None:
