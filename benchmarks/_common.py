@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +38,37 @@ def best_time(fn: Callable[[], object], repeat: int = 2) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+class PeakRSS:
+    """``with PeakRSS() as peak: ...`` then ``peak.added``: the largest resident set size (bytes) the process reached
+    inside the block, less the size it had on entry; sampled every 5 ms from ``/proc/self/statm`` (Linux), so a spike
+    shorter than that may be missed."""
+
+    def __enter__(self) -> PeakRSS:
+        self.start = self.peak = _resident()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _resident())
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _resident())
+
+    @property
+    def added(self) -> int:
+        return self.peak - self.start
+
+
+def _resident() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:

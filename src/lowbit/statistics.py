@@ -21,6 +21,8 @@ __all__ = ["ACTIVATION_DAMPING", "InputMoments"]
 # channel drops out (measured on MiniLM 4-bit grouped(16): 0.01 / 0.1 / 1.0 give cosine 0.9651 / 0.9654 / 0.9612
 # with the weighting alone; on a layer with 100x channel scales 0.01 halves 0.1's output error)
 ACTIVATION_DAMPING = 0.01
+GRAM_CHUNK = 1024  # rows of X whose X^T X is taken in float32 before it is added to the float64 sum
+FLOAT32_SAFE = 1e18  # activations above this magnitude: X^T X in float64 (their squares overflow float32)
 
 
 @dataclass
@@ -37,12 +39,19 @@ class InputMoments:
         return cls(np.zeros(channels, np.float64), 0, np.zeros((channels, channels)) if full else None)
 
     def add(self, activations: np.ndarray, channel_axis: int) -> None:
-        """Accumulate a batch of activations whose ``channel_axis`` holds the input channels."""
-        x = np.moveaxis(np.asarray(activations, dtype=np.float64), channel_axis, -1)
+        """Accumulate a batch of activations whose ``channel_axis`` holds the input channels. ``X^T X`` is summed
+        in float64 over chunks of :data:`GRAM_CHUNK` rows whose products run in float32 (3x faster; the feedback
+        damps the matrix by 1 % of its diagonal, far above float32's rounding), float64 where float32 would
+        overflow."""
+        x = np.moveaxis(np.asarray(activations), channel_axis, -1)
         x = x.reshape(-1, x.shape[-1])
-        self.squares += np.einsum("ij,ij->j", x, x)
+        wide = x.astype(np.float64)
+        self.squares += np.einsum("ij,ij->j", wide, wide)
         if self.gram is not None:
-            self.gram += x.T @ x
+            narrow = wide if np.abs(wide).max(initial=0.0) > FLOAT32_SAFE else x.astype(np.float32)
+            for start in range(0, len(narrow), GRAM_CHUNK):
+                chunk = narrow[start : start + GRAM_CHUNK]
+                self.gram += np.ascontiguousarray(chunk.T) @ chunk
         self.rows += x.shape[0]
 
     def merge(self, other: InputMoments) -> None:

@@ -19,14 +19,7 @@ import numpy as np
 
 from lowbit.config import PalettizeConfig, QuantizeConfig, SparsifyConfig, block_shape
 from lowbit.errors import SkipWeight
-from lowbit.kernels.feedback import (
-    keeping_exact,
-    nearest_in_luts,
-    nearest_on_linear_grid,
-    ordered_feedback,
-    ordered_feedback_codes,
-    ordered_feedback_values,
-)
+from lowbit.kernels.feedback import linear_grid, lut_grid, ordered_feedback, pruning_grid
 from lowbit.kernels.layout import swapped
 from lowbit.kernels.packing import pack_bits, packed_nbytes
 from lowbit.kernels.palettize import Palettized, palettize, stack_palettized
@@ -324,10 +317,8 @@ def _with_feedback(
     outputs = by_input.shape[1]
     group = np.arange(outputs) // per_group if outputs_first else np.zeros(outputs, np.int64)
     luts = p.lut[group, :, 0]  # each output channel's LUT
-    nearest = nearest_in_luts(luts)
-    if exact is not None:
-        nearest = keeping_exact(nearest, exact.T if outputs_first else exact)
-    codes, values = ordered_feedback(by_input, gram, nearest)
+    grid = lut_grid(luts, None if exact is None else exact.T if outputs_first else exact)
+    codes, values = ordered_feedback(by_input, gram, grid)
     diff = values - by_input.astype(np.float64)
     all_codes = p.codes.copy()
     laid_out = codes.T if outputs_first else codes
@@ -422,8 +413,8 @@ def _quantized_with_feedback(
     channels = padded.shape[input_axis]
     full = np.zeros((channels, channels))
     full[: len(gram), : len(gram)] = gram  # padding channels: never active
-    nearest = nearest_on_linear_grid(_by_input(scale, input_axis), _by_input(zero_point, input_axis), low, high)
-    codes = _by_input(ordered_feedback_codes(_by_input(padded, input_axis), full, nearest), input_axis)
+    grid = linear_grid(_by_input(scale, input_axis), _by_input(zero_point, input_axis), low, high)
+    codes = _by_input(ordered_feedback(_by_input(padded, input_axis), full, grid)[0], input_axis)
     return dataclasses.replace(q, q=codes.astype(q.q.dtype))
 
 
@@ -512,10 +503,6 @@ def sparsify_weight(
 def _pruned_with_feedback(array: np.ndarray, mask: np.ndarray, gram: np.ndarray, input_axis: int) -> np.ndarray:
     """``array`` (2-D) with its pruned weights zeroed one input channel at a time and the error fed to the kept
     weights of the channels after it; in ``array``'s dtype."""
-    keep = _by_input(mask, input_axis)
-
-    def project(values: np.ndarray, channel: int) -> tuple[np.ndarray, np.ndarray]:
-        return np.zeros(values.shape, np.int64), np.where(keep[channel], values, 0.0)
-
-    values = ordered_feedback_values(_by_input(array, input_axis).astype(np.float64), gram, project)
+    grid = pruning_grid(_by_input(mask, input_axis))
+    values = ordered_feedback(_by_input(array, input_axis).astype(np.float64), gram, grid)[1]
     return np.ascontiguousarray(_by_input(values, input_axis)).astype(array.dtype)

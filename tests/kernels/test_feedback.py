@@ -1,13 +1,22 @@
 """Error feedback across input channels (GPTQ's) against float64 references: the factor is the inverse's
-Cholesky factor, feedback lowers the output error of every test layer below plain rounding to the same grid, and
-with uncorrelated channels it is plain rounding."""
+Cholesky factor, the compiled kernel is the textbook recurrence written out in numpy (every grid: LUTs, a linear
+grid, outliers kept exact, pruning), its lazy blocks change only the rounding, feedback lowers the output error of
+every test layer below plain rounding to the same grid, and with uncorrelated channels it is plain rounding."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from lowbit.kernels.feedback import feedback_codes, inverse_factor, nearest_in_luts, ordered_feedback_codes
+from lowbit.kernels.feedback import (
+    Grid,
+    feedback,
+    inverse_factor,
+    linear_grid,
+    lut_grid,
+    ordered_feedback,
+    pruning_grid,
+)
 
 
 def _layer(seed: int, k: int = 48, n: int = 24, rows: int = 256):
@@ -36,11 +45,11 @@ def test_the_factor_is_the_upper_cholesky_factor_of_the_damped_inverse():
 @pytest.mark.parametrize("seed", range(6))
 def test_feedback_lowers_the_output_error_below_plain_rounding(seed):
     x, w, luts = _layer(seed)
-    nearest = nearest_in_luts(luts)
-    plain = np.stack([nearest(row, k)[0] for k, row in enumerate(w)])
+    grid = lut_grid(luts)
+    plain = np.stack([grid.nearest(row, k)[0] for k, row in enumerate(w)])
     gram = x.T @ x
-    fed = feedback_codes(w, inverse_factor(gram), nearest)
-    ordered = ordered_feedback_codes(w, gram, nearest)
+    fed = feedback(w, inverse_factor(gram), grid)[0]
+    ordered = ordered_feedback(w, gram, grid)[0]
     base = _output_error(x, w, plain, luts)
     assert _output_error(x, w, fed, luts) < 0.9 * base
     assert _output_error(x, w, ordered, luts) < 0.9 * base
@@ -48,10 +57,65 @@ def test_feedback_lowers_the_output_error_below_plain_rounding(seed):
 
 def test_uncorrelated_channels_give_plain_rounding_and_dead_channels_are_safe():
     _, w, luts = _layer(1)
-    nearest = nearest_in_luts(luts)
-    plain = np.stack([nearest(row, k)[0] for k, row in enumerate(w)])
+    grid = lut_grid(luts)
+    plain = np.stack([grid.nearest(row, k)[0] for k, row in enumerate(w)])
     gram = np.diag(np.linspace(1.0, 5.0, w.shape[0]))
-    np.testing.assert_array_equal(feedback_codes(w, inverse_factor(gram), nearest), plain)
+    np.testing.assert_array_equal(feedback(w, inverse_factor(gram), grid)[0], plain)
     gram[3, 3] = 0.0  # a channel the calibration data never activated
     assert np.isfinite(inverse_factor(gram)).all()
-    np.testing.assert_array_equal(ordered_feedback_codes(w, gram, nearest), plain)
+    np.testing.assert_array_equal(ordered_feedback(w, gram, grid)[0], plain)
+
+
+def _grids(seed: int, k: int, n: int) -> dict[str, tuple[Grid, object]]:
+    """Each grid with its rounding written out in numpy: ``(values, channel) -> (codes, decoded)``."""
+    rng = np.random.default_rng(seed)
+    luts = rng.standard_normal((n, 8)) * 0.1  # unsorted
+    exact = rng.random((k, n)) < 0.05
+    scale = np.abs(rng.standard_normal((k, n))) * 0.03
+    scale[0, :2] = 0.0  # an all-zero block
+    zero = rng.integers(0, 16, (k, n)).astype(np.float64)
+    keep = rng.random((k, n)) < 0.5
+
+    def in_luts(values, channel, keep_exact=None):
+        codes = np.abs(values[:, None] - luts).argmin(axis=1)
+        decoded = luts[np.arange(n), codes]
+        return codes, decoded if keep_exact is None else np.where(keep_exact[channel], values, decoded)
+
+    def on_linear_grid(values, channel):
+        s, z = scale[channel], zero[channel]
+        steps = np.where(s != 0, np.rint(values / np.where(s != 0, s, 1.0)), 0.0)
+        codes = np.clip(steps + z, 0, 15)
+        return codes.astype(np.int64), (codes - z) * s
+
+    return {
+        "luts": (lut_grid(luts), in_luts),
+        "outliers": (lut_grid(luts, exact), lambda v, c: in_luts(v, c, exact)),
+        "linear": (linear_grid(scale, zero, 0, 15), on_linear_grid),
+        "pruning": (pruning_grid(keep), lambda v, c: (np.zeros(n, np.int64), np.where(keep[c], v, 0.0))),
+    }
+
+
+def _recurrence(w, factor, nearest, channels):
+    """The textbook recurrence: row k rounded, its error over the pivot pushed onto every later row at once."""
+    work, codes = w.astype(np.float64).copy(), np.empty(w.shape, np.int64)
+    for k in range(len(work)):
+        codes[k], decoded = nearest(work[k], channels[k])
+        error = (work[k] - decoded) / factor[k, k]
+        work[k + 1 :] -= np.outer(factor[k, k + 1 :], error)
+        work[k] = decoded
+    return codes, work
+
+
+@pytest.mark.parametrize("kind", ["luts", "outliers", "linear", "pruning"])
+def test_the_compiled_kernel_is_the_recurrence_on_every_grid(kind):
+    x, w, _ = _layer(3, k=40, n=12)
+    grid, nearest = _grids(4, 40, 12)[kind]
+    order = np.random.default_rng(5).permutation(40)  # rows in another order than the channels
+    factor = inverse_factor((x.T @ x)[np.ix_(order, order)])
+    want_codes, want_values = _recurrence(w[order], factor, nearest, order)
+    codes, values = feedback(w[order], factor, grid, block=64, channels=order)  # one block: no lazy updates
+    np.testing.assert_array_equal(codes, want_codes)
+    np.testing.assert_allclose(values, want_values, rtol=0, atol=1e-12)
+    lazy_codes, lazy_values = feedback(w[order], factor, grid, block=7, channels=order)
+    assert np.mean(lazy_codes == want_codes) > 0.99  # the lazy blocks reorder sums: rounding-level changes only
+    np.testing.assert_allclose(lazy_values[lazy_codes == want_codes], want_values[lazy_codes == want_codes], atol=1e-9)

@@ -398,7 +398,7 @@ def test_a_chain_of_blocks_is_calibrated_from_kept_inputs_as_from_the_whole_mode
 def test_modules_reading_one_input_share_its_moments_and_an_in_place_change_is_seen(monkeypatch):
     """q / k / v read one tensor: its X^T X is computed once per item, and each weight's moments are still those
     of its own input, also when a tensor is changed in place between two readers."""
-    from lowbit.statistics import InputMoments
+    from lowbit.torch import calibration
     from lowbit.torch.calibration import collect_linear_moments
 
     class Shared(nn.Module):
@@ -415,11 +415,12 @@ def test_modules_reading_one_input_share_its_moments_and_an_in_place_change_is_s
     torch.manual_seed(4)
     model, items = Shared(), [torch.randn(5, 8) for _ in range(3)]
     adds = []
-    original = InputMoments.add
-    monkeypatch.setattr(InputMoments, "add", lambda self, *a: (adds.append(1), original(self, *a)))
+    original = calibration.moments_of
+    monkeypatch.setattr(calibration, "moments_of", lambda *a: (adds.append(1), original(*a))[1])
     moments = collect_linear_moments(model, _linears(model), items)
     assert len(adds) == 2 * len(items)  # one for q / k / v, one for the doubled tensor
     xs = np.concatenate([x.double().numpy() for x in items])
     for name, scale in (("q.weight", 1), ("k.weight", 1), ("v.weight", 1), ("after.weight", 2)):
-        np.testing.assert_allclose(moments[name].gram, (scale * xs).T @ (scale * xs), rtol=1e-12)
+        want = (scale * xs).T @ (scale * xs)  # float32 products: to float32's precision of the diagonal
+        np.testing.assert_allclose(moments[name].gram, want, rtol=1e-6, atol=1e-6 * want.diagonal().max())
         assert moments[name].rows == 15

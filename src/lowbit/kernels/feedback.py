@@ -2,27 +2,77 @@
 error pushed onto the channels not yet coded, in proportion to how the calibration activations correlate them, so
 that the layer's output error ``||X W - X W_q||`` is what is kept small rather than each weight's own error.
 
-Arrays in, arrays out: the grid (a LUT per output channel, or a linear quantizer's) is given as a function.
+Arrays in, arrays out. The grid the weights land on is data (:class:`Grid`: a LUT per output channel, a linear
+quantizer's scales and zero points, or pruning's kept set), so the row-by-row loop runs compiled.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from dataclasses import dataclass, field
 
+import numba
 import numpy as np
 
-__all__ = [
-    "feedback_codes",
-    "inverse_factor",
-    "keeping_exact",
-    "nearest_in_luts",
-    "nearest_on_linear_grid",
-    "ordered_feedback",
-    "ordered_feedback_codes",
-    "ordered_feedback_values",
-]
+__all__ = ["Grid", "feedback", "inverse_factor", "linear_grid", "lut_grid", "ordered_feedback", "pruning_grid"]
 
-Nearest = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]  # (values of input channel k, k) -> codes, values
+BLOCK = 128  # rows whose updates run eagerly; the rows after a block get its updates in one product (GPTQ's lazy)
+
+
+def _none(dtype: type = np.float64) -> np.ndarray:
+    return np.zeros((0, 0), dtype)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Where the weights of a ``[K, N]`` matrix (rows: its K input channels) may land.
+
+    ``luts`` ``[N, L]``: each output channel's scalar LUT (nearest entry, the first on a tie); else (no columns)
+    the linear grid of ``scale`` / ``zero_point`` ``[K, N]`` per element, codes rounded half to even and clipped to
+    ``[low, high]`` (scale 0: the zero point). ``exact`` ``[K, N]`` (or empty): elements kept as they are (outliers,
+    or pruning's kept weights), which push no error on. Built by :func:`lut_grid`, :func:`linear_grid` and
+    :func:`pruning_grid`; ``scale``, ``zero_point`` and ``exact`` are indexed by input channel, not by row order.
+    """
+
+    luts: np.ndarray = field(default_factory=_none)
+    scale: np.ndarray = field(default_factory=_none)
+    zero_point: np.ndarray = field(default_factory=_none)
+    low: int = 0
+    high: int = 0
+    exact: np.ndarray = field(default_factory=lambda: _none(np.bool_))
+
+    def nearest(self, values: np.ndarray, channel: int) -> tuple[np.ndarray, np.ndarray]:
+        """(codes, decoded values) of one input channel's ``values`` [N] with no feedback (plain rounding)."""
+        codes = np.empty(values.shape, np.int64)
+        work = np.array(values, np.float64, ndmin=2)
+        _rows(work, np.ones((1, 1)), np.array([channel]), 0, 1, *self._arrays(), codes[None], np.empty_like(work))
+        return codes, work[0]
+
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int, np.ndarray]:
+        return self.luts, self.scale, self.zero_point, self.low, self.high, self.exact
+
+
+def lut_grid(luts: np.ndarray, exact: np.ndarray | None = None) -> Grid:
+    """The grid of scalar LUTs, one per output channel: ``luts`` ``[N, L]`` (sorted or not); ``exact`` as in
+    :class:`Grid`."""
+    return _with_exact(Grid(luts=np.ascontiguousarray(luts, dtype=np.float64)), exact)
+
+
+def linear_grid(scale: np.ndarray, zero_point: np.ndarray, low: int, high: int) -> Grid:
+    """The grid of a linear quantizer: ``scale`` / ``zero_point`` ``[K, N]`` per element (each block's repeated),
+    codes in ``[low, high]``."""
+    as_float = [np.ascontiguousarray(a, dtype=np.float64) for a in (scale, zero_point)]
+    return Grid(scale=as_float[0], zero_point=as_float[1], low=int(low), high=int(high))
+
+
+def pruning_grid(keep: np.ndarray) -> Grid:
+    """Pruning as a grid: ``keep`` ``[K, N]`` weights stay (updated by the feedback), the others go to zero
+    (SparseGPT's update of the kept weights)."""
+    return lut_grid(np.zeros((keep.shape[1], 1)), keep)
+
+
+def _with_exact(grid: Grid, exact: np.ndarray | None) -> Grid:
+    return grid if exact is None else dataclasses.replace(grid, exact=np.ascontiguousarray(exact, np.bool_))
 
 
 def inverse_factor(gram: np.ndarray, damping: float = 0.01) -> np.ndarray:
@@ -39,96 +89,69 @@ def inverse_factor(gram: np.ndarray, damping: float = 0.01) -> np.ndarray:
     return np.linalg.cholesky((inverse + inverse.T) / 2).T
 
 
-def feedback_codes(
-    w: np.ndarray, factor: np.ndarray, nearest: Nearest, block: int = 128, channels: np.ndarray | None = None
-) -> np.ndarray:
-    """Codes of ``w`` ``[K, N]`` (rows: the K input channels, coded in order), each row's rounding error fed to the
-    rows after it through ``factor`` (:func:`inverse_factor`); ``nearest(values[N], k) -> (codes[N], decoded[N])``
-    is the grid of input channel ``k`` (``channels[row]``: a row's channel when ``w``'s rows are reordered). Updates
-    run lazily in blocks of ``block`` rows (GPTQ's)."""
-    return _feedback(w, factor, nearest, block, channels)[0]
-
-
-def _feedback(w, factor, nearest: Nearest, block: int, channels) -> tuple[np.ndarray, np.ndarray]:
-    """(codes, decoded values) of :func:`feedback_codes`."""
-    work = np.array(w, dtype=np.float64, copy=True)
+def feedback(
+    w: np.ndarray, factor: np.ndarray, grid: Grid, block: int = BLOCK, channels: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, the values the feedback ends with) of ``w`` ``[K, N]`` (rows: the K input channels, coded in
+    order), each row's rounding error fed to the rows after it through ``factor`` (:func:`inverse_factor`);
+    ``channels[row]``: a row's input channel when ``w``'s rows are reordered (default: in order). Updates within
+    ``block`` rows run eagerly, then reach the rows after in one product (GPTQ's lazy batches); ``block >= K`` is
+    the plain recurrence."""
+    work = np.array(w, dtype=np.float64, copy=True, order="C")
     rows = work.shape[0]
-    channel_of = np.arange(rows) if channels is None else channels
+    channel_of = np.arange(rows) if channels is None else np.asarray(channels, np.int64)
     codes = np.empty(work.shape, np.int64)
+    errors = np.empty((min(block, rows), work.shape[1]), np.float64)
+    factor = np.ascontiguousarray(factor, dtype=np.float64)
     for start in range(0, rows, block):
         stop = min(start + block, rows)
-        errors = np.empty((stop - start, work.shape[1]), np.float64)
-        for i, k in enumerate(range(start, stop)):
-            codes[k], decoded = nearest(work[k], int(channel_of[k]))
-            errors[i] = (work[k] - decoded) / factor[k, k]
-            work[k + 1 : stop] -= np.outer(factor[k, k + 1 : stop], errors[i])
-            work[k] = decoded
-        work[stop:] -= factor[start:stop, stop:].T @ errors
+        _rows(work, factor, channel_of, start, stop, *grid._arrays(), codes, errors)
+        work[stop:] -= factor[start:stop, stop:].T @ errors[: stop - start]
     return codes, work
 
 
-def nearest_in_luts(luts: np.ndarray) -> Nearest:
-    """The grid of scalar LUTs, one per output channel: ``luts`` ``[N, L]`` (sorted or not)."""
-    luts = np.asarray(luts, dtype=np.float64)
-    columns = np.arange(luts.shape[0])
-
-    def nearest(values: np.ndarray, channel: int) -> tuple[np.ndarray, np.ndarray]:
-        codes = np.abs(values[:, None] - luts).argmin(axis=1)
-        return codes, luts[columns, codes]
-
-    return nearest
-
-
-def nearest_on_linear_grid(scale: np.ndarray, zero_point: np.ndarray, low: int, high: int) -> Nearest:
-    """The grid of a linear quantizer: ``scale`` / ``zero_point`` ``[K, N]`` per element (each block's repeated),
-    codes rounded half to even and clipped to ``[low, high]`` (an all-zero block, scale 0, codes its zero point)."""
-    scale = np.asarray(scale, dtype=np.float64)
-    zero_point = np.asarray(zero_point, dtype=np.float64)
-
-    def nearest(values: np.ndarray, channel: int) -> tuple[np.ndarray, np.ndarray]:
-        s, z = scale[channel], zero_point[channel]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            steps = np.where(s != 0, np.rint(values / s), 0.0)
-        codes = np.clip(steps + z, low, high)
-        return codes.astype(np.int64), (codes - z) * s
-
-    return nearest
-
-
-def ordered_feedback_codes(w: np.ndarray, gram: np.ndarray, nearest: Nearest, damping: float = 0.01) -> np.ndarray:
-    """:func:`feedback_codes` with the input channels coded in decreasing order of their activations' energy
-    (``diag(X^T X)``, GPTQ's act-order: the channels that matter most are coded while the most rows can still absorb
-    their error); codes returned in ``w``'s own order."""
-    return _ordered(w, gram, nearest, damping)[0]
-
-
-def keeping_exact(nearest: Nearest, exact: np.ndarray) -> Nearest:
-    """``nearest`` except where ``exact`` ``[K, N]`` is set: those values stay as they are (outliers kept exact),
-    so they push no error onto the rows after them."""
-
-    def near(values: np.ndarray, channel: int) -> tuple[np.ndarray, np.ndarray]:
-        codes, decoded = nearest(values, channel)
-        return codes, np.where(exact[channel], values, decoded)
-
-    return near
-
-
 def ordered_feedback(
-    w: np.ndarray, gram: np.ndarray, nearest: Nearest, damping: float = 0.01
+    w: np.ndarray, gram: np.ndarray, grid: Grid, damping: float = 0.01
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(codes, the values the feedback ends with) of :func:`ordered_feedback_codes`."""
-    return _ordered(w, gram, nearest, damping)
-
-
-def ordered_feedback_values(w: np.ndarray, gram: np.ndarray, project: Nearest, damping: float = 0.01) -> np.ndarray:
-    """The values :func:`ordered_feedback_codes` ends with, for a grid given as a projection (e.g. pruning:
-    ``project(values, k)`` zeroes channel ``k``'s pruned weights, SparseGPT's update of the kept ones)."""
-    return _ordered(w, gram, project, damping)[1]
-
-
-def _ordered(w: np.ndarray, gram: np.ndarray, nearest: Nearest, damping: float) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`feedback` with the input channels coded in decreasing order of their activations' energy
+    (``diag(X^T X)``, GPTQ's act-order: the channels that matter most are coded while the most rows can still absorb
+    their error); codes and values returned in ``w``'s own order."""
     order = np.argsort(-np.diag(gram), kind="stable")
     factor = inverse_factor(gram[np.ix_(order, order)], damping)
-    codes, values = _feedback(w[order], factor, nearest, 128, order)
+    codes, values = feedback(w[order], factor, grid, BLOCK, order)
     back = np.argsort(order)
     return codes[back], values[back]
+
+
+@numba.njit(cache=True, nogil=True)
+def _rows(work, factor, channel_of, start, stop, luts, scale, zero_point, low, high, exact, codes, errors):
+    """Rows ``start..stop`` of :func:`feedback`: each row rounded to the grid, its error (over the factor's
+    diagonal) into ``errors`` and onto the block's later rows."""
+    n = work.shape[1]
+    for i in range(stop - start):
+        k = start + i
+        channel = channel_of[k]
+        pivot = factor[k, k]
+        for j in range(n):
+            value = work[k, j]
+            if luts.shape[1] > 0:
+                code, best = 0, abs(value - luts[j, 0])
+                for entry in range(1, luts.shape[1]):
+                    distance = abs(value - luts[j, entry])
+                    if distance < best:
+                        code, best = entry, distance
+                decoded = luts[j, code]
+            else:
+                s, z = scale[channel, j], zero_point[channel, j]
+                steps = np.rint(value / s) if s != 0 else 0.0
+                clipped = min(max(steps + z, low), high)
+                code, decoded = int(clipped), (clipped - z) * s
+            if exact.shape[0] > 0 and exact[channel, j]:
+                decoded = value
+            codes[k, j] = code
+            errors[i, j] = (value - decoded) / pivot
+            work[k, j] = decoded
+        for later in range(k + 1, stop):
+            f = factor[k, later]
+            for j in range(n):
+                work[later, j] -= f * errors[i, j]
