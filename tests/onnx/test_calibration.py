@@ -68,6 +68,32 @@ def test_input_moments_are_the_activations_sum_of_squares_per_input_channel():
     assert (moments["m"].rows, moments["g"].rows, moments["c"].rows) == (30, 21, 216)
 
 
+def test_the_capture_session_reads_the_weights_in_place_and_computes_the_same_moments():
+    """The capture feeds the program's float weights to ONNX Runtime instead of copying them into its model: the
+    arrays fed are the program's own memory, the session's model holds none of them, small constants stay in it,
+    and the values computed and the moments are those of the model."""
+    from lowbit.onnx.calibration import FED_WEIGHT_BYTES, Capture
+
+    rng = np.random.default_rng(2)
+    big = rng.standard_normal((128, 256)).astype(np.float32)  # 128 KiB: fed
+    small = rng.standard_normal((256, 8)).astype(np.float32)  # 8 KiB: stays a constant
+    assert big.nbytes >= FED_WEIGHT_BYTES > small.nbytes
+    program = lowbit.Program(make_model({"big": big, "small": small}, [("MatMul", "big", {}), ("MatMul", "small", {})]))
+    product = program.graph.node(0).outputs[0].name
+    capture = Capture(program, [product])
+    assert set(capture.weights) == {"big"} and capture.inputs == {"x0", "x1"}
+    assert np.shares_memory(capture.weights["big"], program.graph.initializers["big"].const_value.numpy())
+    assert {i.name for i in capture.session.get_inputs()} == {"x0", "x1", "big"}
+    feed = {
+        "x0": rng.standard_normal((5, 128)).astype(np.float32),
+        "x1": rng.standard_normal((3, 256)).astype(np.float32),
+    }
+    np.testing.assert_allclose(capture.run(feed, 0)[product], feed["x0"] @ big, rtol=1e-5, atol=1e-5)
+    moments = collect_input_moments(program, [feed])
+    np.testing.assert_allclose(moments["big"].gram, feed["x0"].T.astype(np.float64) @ feed["x0"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(moments["small"].squares, (feed["x1"].astype(np.float64) ** 2).sum(0), rtol=1e-12)
+
+
 def test_activation_aware_kmeans_lowers_the_layer_output_error():
     program, feeds = _skewed()
     plain = lowbit.palettize_weights(program, n_bits=4)

@@ -17,11 +17,10 @@ from lowbit.onnx.program import PROTO_LIMIT_BYTES, Program
 from lowbit.statistics import InputMoments
 
 __all__ = [
-    "capturing_session",
+    "Capture",
     "checked_feed",
     "collect_input_moments",
     "feeds_of",
-    "run_checked",
     "session",
     "sole_consumers",
 ]
@@ -35,19 +34,56 @@ def session(model: ir.Model) -> ort.InferenceSession:
     return ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), options, ["CPUExecutionProvider"])
 
 
-def capturing_session(program: Program, names: Iterable[str]) -> ort.InferenceSession:
-    """A session of a copy of ``program`` that also outputs the main-graph values named ``names``. ``ValueError``
-    for a model past protobuf's 2 GB (the session is built from memory: not supported yet)."""
-    if program.tensor_nbytes() > PROTO_LIMIT_BYTES:
-        raise ValueError("calibration of a model whose tensors exceed 2 GB is not supported yet")
-    model = program.copy().model
-    graph = model.graph
-    produced = {out.name: out for node in graph for out in node.outputs}
-    for name in sorted(set(names)):
-        value = produced.get(name)
-        if value is not None and value not in graph.outputs:
-            graph.outputs.append(value)
-    return session(model)
+FED_WEIGHT_BYTES = 1 << 16  # float initializers at least this large are fed to the capture, not copied into it
+_FEEDABLE = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE}
+
+
+class Capture:
+    """A session of a copy of ``program`` that also outputs the main-graph values named ``names``.
+
+    The program's float weights (initializers of :data:`FED_WEIGHT_BYTES` or more) become graph inputs fed on every
+    run from the program's own arrays, which ONNX Runtime reads in place: the session holds no second copy of the
+    weights (nor does the protobuf it is built from), memory-mapped external data stays on disk until read, and only
+    the graph and its small constants count against protobuf's 2 GB. ``ValueError`` when even those exceed it."""
+
+    def __init__(self, program: Program, names: Iterable[str]) -> None:
+        model = program.copy().model
+        graph = model.graph
+        produced = {out.name: out for node in graph for out in node.outputs}
+        for name in sorted(set(names)):
+            value = produced.get(name)
+            if value is not None and value not in graph.outputs:
+                graph.outputs.append(value)
+        self.weights: dict[str, np.ndarray] = {}
+        for name, value in list(graph.initializers.items()):
+            tensor = value.const_value
+            if tensor is None or tensor.dtype not in _FEEDABLE or tensor.nbytes < FED_WEIGHT_BYTES:
+                continue
+            self.weights[name] = tensor.numpy()
+            graph.initializers.pop(name)
+            value.const_value = None
+            value.type, value.shape = ir.TensorType(tensor.dtype), ir.Shape(tensor.shape)  # as an input needs
+            if value not in graph.inputs:  # an initializer listed as an input too (IR < 4) already is one
+                graph.inputs.append(value)
+        if (
+            sum(v.const_value.nbytes for v in graph.initializers.values() if v.const_value is not None)
+            > PROTO_LIMIT_BYTES
+        ):
+            raise ValueError("calibration of a model whose small constants exceed 2 GB is not supported")
+        self.session = session(model)
+        self.names = [o.name for o in self.session.get_outputs()]
+        self.inputs = {i.name for i in self.session.get_inputs()} - self.weights.keys()
+
+    def run(self, feed: Mapping[str, Any], index: int) -> dict[str, np.ndarray]:
+        """The feed's inputs and the captured values by name. ``ValueError`` when the feed names an input the model
+        does not have or lacks one, or ONNX Runtime cannot run the model on it (its reason, one line)."""
+        checked = checked_feed(feed, self.inputs)
+        try:
+            outputs = self.session.run(None, checked | self.weights)
+        except Exception as err:  # onnxruntime's own exception types
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ValueError(f"ONNX Runtime cannot run the model on calibration feed {index}: {reason}") from err
+        return {**checked, **dict(zip(self.names, outputs, strict=True))}
 
 
 def feeds_of(calibration_data: Any) -> Iterator[Mapping[str, np.ndarray]]:
@@ -127,16 +163,14 @@ def collect_input_moments(program: Program, calibration_data: Any) -> dict[str, 
     Transpose, inside subgraphs) get none and are compressed data-free. ``ValueError`` when the data holds no
     feed, or a feed's activations do not have the weight's input channels."""
     taps = _taps(program)
-    capture = capturing_session(program, (t.activation for t in taps))
-    names = [o.name for o in capture.get_outputs()]
-    inputs = {i.name for i in capture.get_inputs()}
+    capture = Capture(program, (t.activation for t in taps))
     # weights that read the same activation (q / k / v, gate / up) share one accumulator
     shared: dict[tuple[str, int, bool], InputMoments] = {}
     for t in taps:
         shared.setdefault((t.activation, t.channel_axis, t.full), InputMoments.empty(t.channels, full=t.full))
     feeds = 0
     for feed in feeds_of(calibration_data):
-        values = run_checked(capture, checked_feed(feed, inputs), names, feeds)
+        values = capture.run(feed, feeds)
         for (activation, axis, _), moments in shared.items():
             x = values[activation]
             if x.shape[axis] != len(moments.squares) or not np.isfinite(x).all():
@@ -150,14 +184,3 @@ def collect_input_moments(program: Program, calibration_data: Any) -> dict[str, 
     if feeds == 0:
         raise ValueError("calibration_data yielded no feed")
     return {t.weight: shared[(t.activation, t.channel_axis, t.full)] for t in taps}
-
-
-def run_checked(capture: ort.InferenceSession, feed: dict[str, np.ndarray], names: list[str], index: int) -> dict:
-    """The feed's inputs and the captured values by name; ``ValueError`` (ONNX Runtime's reason, one line) when
-    the model cannot run on it (an input of the wrong dtype or shape)."""
-    try:
-        outputs = capture.run(None, feed)
-    except Exception as err:  # onnxruntime's own exception types
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ValueError(f"ONNX Runtime cannot run the model on calibration feed {index}: {reason}") from err
-    return {**feed, **dict(zip(names, outputs, strict=True))}

@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from lowbit.onnx.calibration import capturing_session, checked_feed, run_checked, session, sole_consumers
+from lowbit.onnx.calibration import Capture, session, sole_consumers
 from lowbit.onnx.discovery import OP_TABLE
 from lowbit.onnx.program import Program
 
@@ -90,14 +90,12 @@ def layer_output_errors(
     model's inputs), for every weight of ``reference`` read directly by one op of the table whose decoded values
     ``compressed`` holds (by name, e.g. ``Program.weight_arrays()``). ``ValueError`` when ``feeds`` is empty."""
     layers = [layer for layer in _layers(reference) if layer.weight in compressed]
-    capture = capturing_session(reference, {name for layer in layers for name in layer.activations})
-    names = [o.name for o in capture.get_outputs()]
-    inputs = {i.name for i in capture.get_inputs()}
+    capture = Capture(reference, {name for layer in layers for name in layer.activations})
     opset = dict(reference.graph.opset_imports)
     count = 0
     for feed in feeds:
         count += 1
-        results = run_checked(capture, checked_feed(feed, inputs), names, count - 1)
+        results = capture.run(feed, count - 1)
         for layer in layers:
             samples = {name: results[name] for name in layer.activations if name in results}
             if len(samples) == len(layer.activations):
