@@ -62,7 +62,7 @@ class Capture:
             self.weights[name] = tensor.numpy()
             graph.initializers.pop(name)
             value.const_value = None
-            value.type, value.shape = ir.TensorType(tensor.dtype), ir.Shape(tensor.shape)  # as an input needs
+            value.type, value.shape = ir.TensorType(tensor.dtype), ir.Shape(tensor.shape.numpy())  # as an input needs
             if value not in graph.inputs:  # an initializer listed as an input too (IR < 4) already is one
                 graph.inputs.append(value)
         if (
