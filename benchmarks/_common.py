@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,18 @@ class PeakRSS:
 def _resident() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def chosen_rows(rows: Mapping[str, object]) -> list[str]:
+    """The row keys ``--only KEY,KEY,...`` names on the command line (default: every row, in order); exits with
+    a usage error naming the rows for an unknown key."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--only", default=",".join(rows), help=f"comma-separated rows of {', '.join(rows)}")
+    keys = [k for k in parser.parse_args().only.split(",") if k]
+    unknown = [k for k in keys if k not in rows]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; the rows are {', '.join(rows)}")
+    return keys
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:

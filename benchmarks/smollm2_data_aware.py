@@ -19,7 +19,6 @@ their grid than on an unquantized checkpoint would; the palettized rows do not s
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
@@ -36,7 +35,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
-from _common import MIB, PeakRSS, table
+from _common import MIB, PeakRSS, chosen_rows, table
 from _smollm2 import load_smollm2, perplexity
 from _text import calibration_text, english_text
 
@@ -237,12 +236,7 @@ ROWS: dict[str, tuple[str, Callable]] = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--only", default=",".join(ROWS), help=f"comma-separated rows of {', '.join(ROWS)}")
-    keys = [k for k in parser.parse_args().only.split(",") if k]
-    unknown = [k for k in keys if k not in ROWS]
-    if unknown:
-        parser.error(f"unknown rows {unknown}; the rows are {', '.join(ROWS)}")
+    keys = chosen_rows(ROWS)
 
     tokenizer, model = load_smollm2()
     evaluation = tokenizer(english_text(), return_tensors="pt").input_ids[0][: EVALUATION * WINDOW]

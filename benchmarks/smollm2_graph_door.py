@@ -21,7 +21,6 @@ the first row, memory the allocator kept from the rows before hides what a row a
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -35,7 +34,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import numpy as np
 import onnxruntime as ort
-from _common import MIB, PeakRSS, table
+from _common import MIB, PeakRSS, chosen_rows, table
 from _smollm2 import export_smollm2_onnx, kv_shape, llm_feeds, load_smollm2
 from _text import calibration_text, english_text
 
@@ -104,12 +103,7 @@ def bits_per_weight(program: lowbit.Program) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--only", default=",".join(ROWS), help=f"comma-separated rows of {', '.join(ROWS)}")
-    keys = [k for k in parser.parse_args().only.split(",") if k]
-    unknown = [k for k in keys if k not in ROWS]
-    if unknown:
-        parser.error(f"unknown rows {unknown}; the rows are {', '.join(ROWS)}")
+    keys = chosen_rows(ROWS)
 
     tokenizer, model = load_smollm2()
     shape = kv_shape(model.config)
