@@ -21,8 +21,10 @@ __all__ = ["ACTIVATION_DAMPING", "InputMoments"]
 # channel drops out (measured on MiniLM 4-bit grouped(16): 0.01 / 0.1 / 1.0 give cosine 0.9651 / 0.9654 / 0.9612
 # with the weighting alone; on a layer with 100x channel scales 0.01 halves 0.1's output error)
 ACTIVATION_DAMPING = 0.01
-GRAM_CHUNK = 1024  # rows of X whose X^T X is taken in float32 before it is added to the float64 sum
-FLOAT32_SAFE = 1e18  # activations above this magnitude: X^T X in float64 (their squares overflow float32)
+GRAM_CHUNK = 1024  # rows of X whose X^T X is taken in one product before it is added to the sum
+# activations above this magnitude turn X^T X to float64: their squares, summed over up to 1e8 rows, could overflow
+# float32 (3.4e38)
+FLOAT32_SAFE = 1e15
 
 
 @dataclass
@@ -31,24 +33,26 @@ class InputMoments:
 
     squares: np.ndarray  # float64 [input channels]
     rows: int = 0
-    gram: np.ndarray | None = None  # float64 [input channels, input channels]: the whole X^T X, when kept
+    # [input channels, input channels]: the whole X^T X, when kept; float32 (float64 once activations exceed
+    # FLOAT32_SAFE): the feedback damps it by 1 % of its diagonal, far above float32's rounding, and a model's
+    # matrices, all held until the compression, take half the memory (SmolLM2-135M: 400 MB, not 800)
+    gram: np.ndarray | None = None
 
     @classmethod
     def empty(cls, channels: int, full: bool = False) -> InputMoments:
         """No rows yet; ``full`` also keeps the whole ``X^T X`` (for error feedback)."""
-        return cls(np.zeros(channels, np.float64), 0, np.zeros((channels, channels)) if full else None)
+        return cls(np.zeros(channels, np.float64), 0, np.zeros((channels, channels), np.float32) if full else None)
 
     def add(self, activations: np.ndarray, channel_axis: int) -> None:
         """Accumulate a batch of activations whose ``channel_axis`` holds the input channels. ``X^T X`` is summed
-        in float64 over chunks of :data:`GRAM_CHUNK` rows whose products run in float32 (3x faster; the feedback
-        damps the matrix by 1 % of its diagonal, far above float32's rounding), float64 where float32 would
-        overflow."""
+        over chunks of :data:`GRAM_CHUNK` rows, in float32 unless the activations exceed :data:`FLOAT32_SAFE`."""
         x = np.moveaxis(np.asarray(activations), channel_axis, -1)
         x = x.reshape(-1, x.shape[-1])
         wide = x.astype(np.float64)
         self.squares += np.einsum("ij,ij->j", wide, wide)
         if self.gram is not None:
-            narrow = wide if np.abs(wide).max(initial=0.0) > FLOAT32_SAFE else x.astype(np.float32)
+            self._widen(np.abs(wide).max(initial=0.0) > FLOAT32_SAFE)
+            narrow = x.astype(self.gram.dtype)
             for start in range(0, len(narrow), GRAM_CHUNK):
                 chunk = narrow[start : start + GRAM_CHUNK]
                 self.gram += np.ascontiguousarray(chunk.T) @ chunk
@@ -59,8 +63,14 @@ class InputMoments:
         self.squares += other.squares
         if self.gram is not None:
             assert other.gram is not None
+            self._widen(other.gram.dtype == np.float64)
             self.gram += other.gram
         self.rows += other.rows
+
+    def _widen(self, needed: bool) -> None:
+        """Hold ``X^T X`` in float64 from now on, when ``needed``."""
+        if needed and self.gram is not None and self.gram.dtype != np.float64:
+            self.gram = self.gram.astype(np.float64)
 
     def importance(self, shape: tuple[int, ...], input_axis: int) -> np.ndarray:
         """Each element's weight in the k-means, ``shape``-shaped: its input channel's mean squared activation."""

@@ -84,17 +84,17 @@ def run_items(
 
 def moments_of(activations: torch.Tensor, full: bool) -> InputMoments:
     """The :class:`InputMoments` of ``activations`` (input channels last), as :meth:`InputMoments.add` computes
-    them (the same float64 sums of float32 chunks), but in torch: numpy's BLAS threads then stay idle between
-    forwards, where their spinning would slow torch's own threads two-fold."""
+    them (the same sums of float32 chunks, float64 past :data:`FLOAT32_SAFE`), but in torch: numpy's BLAS threads
+    then stay idle between forwards, where their spinning would slow torch's own threads two-fold."""
     x = activations.reshape(-1, activations.shape[-1]).cpu()
     wide = x.to(torch.float64)
     squares = (wide * wide).sum(0).numpy()
     if not full:
         return InputMoments(squares, x.shape[0])
     narrow = wide if float(wide.abs().max()) > FLOAT32_SAFE else x.to(torch.float32)
-    gram = torch.zeros((x.shape[1], x.shape[1]), dtype=torch.float64)
+    gram = torch.zeros((x.shape[1], x.shape[1]), dtype=narrow.dtype)
     for chunk in narrow.split(GRAM_CHUNK):
-        gram += (chunk.T @ chunk).to(torch.float64)
+        gram += chunk.T @ chunk
     return InputMoments(squares, x.shape[0], gram.numpy())
 
 
