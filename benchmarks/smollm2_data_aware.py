@@ -219,6 +219,10 @@ def gptq_row(bits: int, symmetric: bool) -> Callable:
 ROWS: dict[str, tuple[str, Callable]] = {
     "lb4g16": ("lowbit PTQ 4-bit grouped(16), calibrated", lowbit_row({"n_bits": 4, **GROUPED16})),
     "lb4pc8": ("lowbit PTQ 4-bit per-channel int8 LUT, calibrated", lowbit_row({"n_bits": 4, **PER_CHANNEL_INT8})),
+    "lb4pc8o": (
+        "lowbit PTQ 4-bit per-channel int8 LUT + 0.3 % outliers, calibrated",
+        lowbit_row({"n_bits": 4, **PER_CHANNEL_INT8, "outlier_fraction": 0.003}),
+    ),
     "lb3g16": ("lowbit PTQ 3-bit grouped(16), calibrated", lowbit_row({"n_bits": 3, **GROUPED16})),
     "lb3pc8": ("lowbit PTQ 3-bit per-channel int8 LUT, calibrated", lowbit_row({"n_bits": 3, **PER_CHANNEL_INT8})),
     "lbmix": ("lowbit PTQ mixed bits, 3.5 b/w, grouped(16), calibrated", lowbit_row(GROUPED16, 3.5)),

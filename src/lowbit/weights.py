@@ -19,11 +19,11 @@ import numpy as np
 
 from lowbit.config import PalettizeConfig, QuantizeConfig, SparsifyConfig, block_shape
 from lowbit.errors import SkipWeight
-from lowbit.kernels.feedback import linear_grid, lut_grid, ordered_feedback, pruning_grid
+from lowbit.kernels.feedback import BLOCK, Select, linear_grid, lut_grid, ordered_feedback, pruning_grid
 from lowbit.kernels.layout import swapped
 from lowbit.kernels.packing import pack_bits, packed_nbytes
 from lowbit.kernels.palettize import Palettized, palettize, stack_palettized
-from lowbit.kernels.prune import Sparsified, block_mask, magnitude_mask, n_m_mask, sparsify
+from lowbit.kernels.prune import Sparsified, block_mask, column_mask, magnitude_mask, n_m_mask, sparsify
 from lowbit.kernels.quantize import LinearQuantized, element_range, quantize_linear
 from lowbit.outliers import Outliers, choose_outliers, outliers_of, sensitivity_of
 from lowbit.types import FLOAT_WEIGHT_DTYPES, CompressionGranularity, DType, QScheme
@@ -487,7 +487,9 @@ def sparsify_weight(
         mask = magnitude_mask(scores, config.target_sparsity)
     dtype = None if config.quantize_dtype is None else config.quantize_dtype.numpy
     checked = _checked_gram(gram, array.shape[input_axis]) if array.ndim == 2 else None
-    updated = array if checked is None else _pruned_with_feedback(array, mask, checked, input_axis)
+    updated = array
+    if checked is not None:
+        mask, updated = _pruned_with_feedback(array, mask, checked, input_axis, config)
     result = sparsify(
         np.ascontiguousarray(updated), np.ascontiguousarray(mask), config.palettize_nbits, dtype, output_axis
     )
@@ -500,9 +502,33 @@ def sparsify_weight(
     return SparsifiedWeight(result)
 
 
-def _pruned_with_feedback(array: np.ndarray, mask: np.ndarray, gram: np.ndarray, input_axis: int) -> np.ndarray:
-    """``array`` (2-D) with its pruned weights zeroed one input channel at a time and the error fed to the kept
-    weights of the channels after it; in ``array``'s dtype."""
+def _adaptive_selection(config: SparsifyConfig) -> tuple[Select | None, int | None]:
+    """(How :func:`_pruned_with_feedback` chooses each block's kept weights, the block it needs: None for the
+    default, in act-order)."""
+    if config.n_m_ratio is not None:
+        n, m = config.n_m_ratio
+
+        def n_of_m(values: np.ndarray, pivots: np.ndarray) -> np.ndarray:
+            return n_m_mask(np.ascontiguousarray((values / pivots[:, None]).T), n, m).T
+
+        return n_of_m, m * max(1, BLOCK // m)  # whole groups of m consecutive input channels in every block
+    if config.block_size > 1:
+        return None, None
+    return (lambda values, pivots: column_mask(values / pivots[:, None], config.target_sparsity)), None
+
+
+def _pruned_with_feedback(
+    array: np.ndarray, mask: np.ndarray, gram: np.ndarray, input_axis: int, config: SparsifyConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """(kept mask, values) of ``array`` (2-D) pruned one input channel at a time, each channel's error fed to the
+    kept weights of the channels after it, in ``array``'s dtype. Unstructured and n:m pruning choose the kept weights
+    block by block as the feedback reaches them, by SparseGPT's ``|w| / [H^-1]_kk`` on the updated weights: 1 -
+    target of each output channel's weights in each block kept (compared within an output channel, as Wanda does),
+    or m - n of each m input channels; blocks of output channels keep ``mask``."""
+    select, block = _adaptive_selection(config)
     grid = pruning_grid(_by_input(mask, input_axis))
-    values = ordered_feedback(_by_input(array, input_axis).astype(np.float64), gram, grid)[1]
-    return np.ascontiguousarray(_by_input(values, input_axis)).astype(array.dtype)
+    values = ordered_feedback(_by_input(array, input_axis).astype(np.float64), gram, grid, select=select, block=block)[
+        1
+    ]
+    kept = np.ascontiguousarray(_by_input(grid.exact, input_axis))
+    return kept, np.ascontiguousarray(_by_input(values, input_axis)).astype(array.dtype)

@@ -1,7 +1,8 @@
 """Error feedback across input channels (GPTQ's) against float64 references: the factor is the inverse's
 Cholesky factor, the compiled kernel is the textbook recurrence written out in numpy (every grid: LUTs, a linear
-grid, outliers kept exact, pruning), its lazy blocks change only the rounding, feedback lowers the output error of
-every test layer below plain rounding to the same grid, and with uncorrelated channels it is plain rounding."""
+grid, outliers kept exact, pruning, pruning whose kept set is chosen block by block), its lazy blocks change only
+the rounding, feedback lowers the output error of every test layer below plain rounding to the same grid, and with
+uncorrelated channels it is plain rounding."""
 
 from __future__ import annotations
 
@@ -119,3 +120,32 @@ def test_the_compiled_kernel_is_the_recurrence_on_every_grid(kind):
     lazy_codes, lazy_values = feedback(w[order], factor, grid, block=7, channels=order)
     assert np.mean(lazy_codes == want_codes) > 0.99  # the lazy blocks reorder sums: rounding-level changes only
     np.testing.assert_allclose(lazy_values[lazy_codes == want_codes], want_values[lazy_codes == want_codes], atol=1e-9)
+
+
+def test_a_selected_pruning_chooses_each_block_from_the_values_the_feedback_reached():
+    """SparseGPT's adaptive mask: the recurrence, with each block's kept set chosen when the block starts from its
+    rows' current values over their pivots."""
+    x, w, _ = _layer(6, k=40, n=12)
+    factor = inverse_factor(x.T @ x)
+    seen = []
+
+    def select(values, pivots):
+        seen.append(values.shape[0])
+        score = np.abs(values / pivots[:, None])
+        return score >= np.median(score, axis=0)  # half of each column
+
+    grid = pruning_grid(np.zeros(w.shape, bool))
+    _, values = feedback(w, factor, grid, block=8, channels=np.arange(40), select=select)
+    assert seen == [8] * 5
+    work = w.copy()
+    keep = np.zeros(w.shape, bool)
+    for k in range(40):
+        if k % 8 == 0:
+            score = np.abs(work[k : k + 8] / np.diag(factor)[k : k + 8, None])
+            keep[k : k + 8] = score >= np.median(score, axis=0)
+        decoded = np.where(keep[k], work[k], 0.0)
+        work[k + 1 :] -= np.outer(factor[k, k + 1 :], (work[k] - decoded) / factor[k, k])
+        work[k] = decoded
+    np.testing.assert_array_equal(grid.exact, keep)
+    np.testing.assert_allclose(values, work, atol=1e-9)
+    assert keep.mean() == 0.5

@@ -167,15 +167,18 @@ def test_cli_palettize_with_calibration(tmp_path, capsys):
     assert aware.tobytes() == expected.tobytes() != plain.tobytes()
 
 
-@pytest.mark.parametrize("params", [{"target_sparsity": 0.5}, {"target_sparsity": 0.0, "n_m_ratio": (2, 4)}])
-def test_activation_aware_pruning_lowers_the_layer_output_error(params):
-    """Wanda: pruned by |w| times the input channel's RMS activation, not by |w| alone."""
+@pytest.mark.parametrize(
+    ("params", "bound"),
+    [({"target_sparsity": 0.5}, 0.4), ({"target_sparsity": 0.0, "n_m_ratio": (2, 4)}, 0.6)],
+)
+def test_activation_aware_pruning_lowers_the_layer_output_error(params, bound):
+    """Pruned by |w| against the input channel's activations (SparseGPT's |w| / [H^-1]_kk), not by |w| alone."""
     program, feeds = _skewed(shuffled=True)
     plain = lowbit.sparsify_weights(program, **params)
     aware = lowbit.sparsify_weights(program, calibration_data=feeds[:4], **params)
     plain_error = layer_output_errors(plain.weight_arrays(), program, feeds[4:])["w"]
     aware_error = layer_output_errors(aware.weight_arrays(), program, feeds[4:])["w"]
-    assert aware_error < 0.5 * plain_error, (aware_error, plain_error)
+    assert aware_error < bound * plain_error, (aware_error, plain_error)  # measured: 0.32x, 2:4 0.53x
     kept = aware.weight_arrays()["w"] != 0
     assert kept.mean() == pytest.approx(0.5)
 
@@ -203,9 +206,14 @@ def test_quantization_with_error_feedback_lowers_the_layer_output_error(params):
     assert fed.report.rows[0].bytes_after == rtn.report.rows[0].bytes_after  # the same scales and sizes
 
 
-@pytest.mark.parametrize("params", [{"target_sparsity": 0.5}, {"target_sparsity": 0.0, "n_m_ratio": (2, 4)}])
-def test_pruning_with_error_feedback_updates_the_kept_weights(params):
-    """SparseGPT's update on top of Wanda's mask: the same mask, lower output error on correlated inputs."""
+@pytest.mark.parametrize(
+    ("params", "bound"),
+    [({"target_sparsity": 0.5}, 0.3), ({"target_sparsity": 0.0, "n_m_ratio": (2, 4)}, 0.7)],
+)
+def test_pruning_with_error_feedback_chooses_and_updates_the_kept_weights(params, bound):
+    """SparseGPT: the kept weights chosen block by block as the feedback reaches them, and updated to make up for
+    the pruned ones; far lower output error than Wanda's mask alone on inputs driven by a few hidden factors (as
+    transformer activations are), with the sparsity pattern asked for."""
     program, feeds = _correlated(latent=16)
     from lowbit.config import SparsifyConfig
     from lowbit.driver import ALGORITHMS
@@ -217,10 +225,14 @@ def test_pruning_with_error_feedback_updates_the_kept_weights(params):
     wanda = sparsify_weight(dense, 1, 0, SparsifyConfig(**params), moments.importance(dense.shape, 0))
     fed = lowbit.sparsify_weights(program, calibration_data=feeds[:4], **params)
     decoded = fed.weight_arrays()["w"]
-    np.testing.assert_array_equal(decoded != 0, wanda.sparsified.mask)  # the mask is Wanda's
+    kept = decoded != 0
+    if "n_m_ratio" in params:
+        assert (kept.reshape(16, 4, 48).sum(1) == 2).all()  # 2 of every 4 input channels, in every output channel
+    else:
+        assert (kept.sum(0) == 32).all()  # half of each output channel's weights
     wanda_error = layer_output_errors({"w": wanda.decode()}, program, feeds[4:])["w"]
     fed_error = layer_output_errors({"w": decoded}, program, feeds[4:])["w"]
-    assert fed_error < 0.8 * wanda_error, (fed_error, wanda_error)  # measured: 0.044 vs 0.071, 2:4 0.075 vs 0.118
+    assert fed_error < bound * wanda_error, (fed_error, wanda_error)  # measured: 0.014 vs 0.071, 2:4 0.070 vs 0.118
     diff = decoded.astype(np.float64) - dense
     assert fed.report.rows[0].rel_mse == pytest.approx(np.sum(diff**2) / np.sum(dense.astype(np.float64) ** 2))
     assert ALGORITHMS["sparsify"].kind == "sparse"

@@ -94,6 +94,15 @@ def magnitude_mask(w: np.ndarray, target: float) -> np.ndarray:
     return ~_smallest(magnitude, count)
 
 
+def column_mask(w: np.ndarray, target: float) -> np.ndarray:
+    """``w`` is ``[R, N]``: in each column keep all but the ``round(target * R)`` smallest |w| (ties: the lower
+    index is pruned first), so every column is pruned alike."""
+    order = np.argsort(np.abs(w), axis=0, kind="stable")
+    keep = np.ones(w.shape, np.bool_)
+    np.put_along_axis(keep, order[: round(target * w.shape[0])], False, axis=0)
+    return keep
+
+
 def block_mask(w: np.ndarray, target: float, block: int) -> np.ndarray:
     """``w`` is ``[C, R]`` (output channels first): prune whole blocks of ``block`` consecutive channels by L2 norm,
     ``round(target * blocks)`` of them."""
