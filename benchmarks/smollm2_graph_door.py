@@ -57,10 +57,10 @@ def palettized(n_bits: int = 4, **options: object) -> Callable:
     return run
 
 
-def quantized(qscheme: str) -> Callable:
+def quantized(qscheme: str, **options: object) -> Callable:
     def run(program: lowbit.Program, calibration: list[dict]) -> lowbit.Program:
         return lowbit.quantize_weights(
-            program, "INT4", qscheme, "PER_BLOCK", block_size=64, configs=SKIP, calibration_data=calibration
+            program, "INT4", qscheme, "PER_BLOCK", block_size=64, configs=SKIP, calibration_data=calibration, **options
         )
 
     return run
@@ -72,6 +72,14 @@ ROWS: dict[str, tuple[str, Callable]] = {
     "pc8_3": ("palettize 3-bit per-channel, int8 LUTs, calibrated", palettized(n_bits=3, **PER_CHANNEL_INT8)),
     "int4s": ("int4 block 64 symmetric, calibrated (GPTQ codes)", quantized("SYMMETRIC")),
     "int4a": ("int4 block 64 asymmetric, calibrated (GPTQ codes)", quantized("ASYMMETRIC")),
+    "int4s_search": (
+        "int4 block 64 symmetric, searched scales, calibrated (GPTQ codes)",
+        quantized("SYMMETRIC", scale_search=True),
+    ),
+    "int4a_search": (
+        "int4 block 64 asymmetric, searched scales, calibrated (GPTQ codes)",
+        quantized("ASYMMETRIC", scale_search=True),
+    ),
 }
 
 

@@ -126,17 +126,18 @@ def test_a_selected_pruning_chooses_each_block_from_the_values_the_feedback_reac
     """SparseGPT's adaptive mask: the recurrence, with each block's kept set chosen when the block starts from its
     rows' current values over their pivots."""
     x, w, _ = _layer(6, k=40, n=12)
-    factor = inverse_factor(x.T @ x)
     seen = []
 
-    def select(values, pivots):
-        seen.append(values.shape[0])
+    def select(grid, channels, values, pivots):
+        seen.append(channels.tolist())
         score = np.abs(values / pivots[:, None])
-        return score >= np.median(score, axis=0)  # half of each column
+        grid.exact[channels] = score >= np.median(score, axis=0)  # half of each column
 
     grid = pruning_grid(np.zeros(w.shape, bool))
-    _, values = feedback(w, factor, grid, block=8, channels=np.arange(40), select=select)
-    assert seen == [8] * 5
+    order = np.arange(40)[::-1]  # rows in another order than the channels
+    w, factor = w[order], inverse_factor((x.T @ x)[np.ix_(order, order)])
+    _, values = feedback(w, factor, grid, block=8, channels=order, refresh=select)
+    assert seen == [order[i : i + 8].tolist() for i in range(0, 40, 8)]
     work = w.copy()
     keep = np.zeros(w.shape, bool)
     for k in range(40):
@@ -146,6 +147,6 @@ def test_a_selected_pruning_chooses_each_block_from_the_values_the_feedback_reac
         decoded = np.where(keep[k], work[k], 0.0)
         work[k + 1 :] -= np.outer(factor[k, k + 1 :], (work[k] - decoded) / factor[k, k])
         work[k] = decoded
-    np.testing.assert_array_equal(grid.exact, keep)
+    np.testing.assert_array_equal(grid.exact[order], keep)
     np.testing.assert_allclose(values, work, atol=1e-9)
     assert keep.mean() == 0.5

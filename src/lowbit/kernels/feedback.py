@@ -17,7 +17,7 @@ import numpy as np
 
 __all__ = [
     "Grid",
-    "Select",
+    "Refresh",
     "feedback",
     "inverse_factor",
     "linear_grid",
@@ -27,9 +27,10 @@ __all__ = [
 ]
 
 BLOCK = 128  # rows whose updates run eagerly; the rows after a block get its updates in one product (GPTQ's lazy)
-# a pruning's choice of the weights kept in one block: (the block's values as the feedback has reached them
-# [rows, N], their rows' pivots: the factor's diagonal [rows]) -> keep [rows, N]
-Select = Callable[[np.ndarray, np.ndarray], np.ndarray]
+# a grid chosen block by block as the feedback reaches each block: (the grid, the block's input channels [rows],
+# their values then [rows, N], their pivots: the factor's diagonal [rows]) -> None, the grid's entries of those
+# channels rewritten (pruning's kept set, a linear quantizer's group scales)
+Refresh = Callable[["Grid", np.ndarray, np.ndarray, np.ndarray], None]
 
 
 def _none(dtype: type = np.float64) -> np.ndarray:
@@ -108,15 +109,14 @@ def feedback(
     grid: Grid,
     block: int = BLOCK,
     channels: np.ndarray | None = None,
-    select: Select | None = None,
+    refresh: Refresh | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(codes, the values the feedback ends with) of ``w`` ``[K, N]`` (rows: the K input channels, coded in
     order), each row's rounding error fed to the rows after it through ``factor`` (:func:`inverse_factor`);
     ``channels[row]``: a row's input channel when ``w``'s rows are reordered (default: in order). Updates within
     ``block`` rows run eagerly, then reach the rows after in one product (GPTQ's lazy batches); ``block >= K`` is
-    the plain recurrence. ``select`` (pruning, ``grid.exact`` its kept set): each block's kept weights are chosen
-    when the block is reached, from its values then and the factor's diagonal (SparseGPT's adaptive mask), and
-    written into ``grid.exact``."""
+    the plain recurrence. ``refresh`` rewrites the grid of each block's channels when the block is reached, from
+    their values then (SparseGPT's adaptive mask, GPTQ's group scales)."""
     work = np.array(w, dtype=np.float64, copy=True, order="C")
     rows = work.shape[0]
     channel_of = np.arange(rows) if channels is None else np.asarray(channels, np.int64)
@@ -125,8 +125,8 @@ def feedback(
     factor = np.ascontiguousarray(factor, dtype=np.float64)
     for start in range(0, rows, block):
         stop = min(start + block, rows)
-        if select is not None:
-            grid.exact[channel_of[start:stop]] = select(work[start:stop], np.diag(factor)[start:stop])
+        if refresh is not None:
+            refresh(grid, channel_of[start:stop], work[start:stop], np.diag(factor)[start:stop])
         _rows(work, factor, channel_of, start, stop, *grid._arrays(), codes, errors)
         work[stop:] -= factor[start:stop, stop:].T @ errors[: stop - start]
     return codes, work
@@ -137,17 +137,17 @@ def ordered_feedback(
     gram: np.ndarray,
     grid: Grid,
     damping: float = 0.01,
-    select: Select | None = None,
+    refresh: Refresh | None = None,
     block: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`feedback` with the input channels coded in decreasing order of their activations' energy
     (``diag(X^T X)``, GPTQ's act-order: the channels that matter most are coded while the most rows can still absorb
     their error); codes and values returned in ``w``'s own order. A ``block`` (default :data:`BLOCK`) codes the
-    channels in their own order instead, in blocks of that many (a ``select`` choosing among consecutive channels
+    channels in their own order instead, in blocks of that many (a ``refresh`` of groups of consecutive channels
     needs them so)."""
     order = np.argsort(-np.diag(gram), kind="stable") if block is None else np.arange(len(gram))
     factor = inverse_factor(gram[np.ix_(order, order)], damping)
-    codes, values = feedback(w[order], factor, grid, block or BLOCK, order, select)
+    codes, values = feedback(w[order], factor, grid, block or BLOCK, order, refresh)
     back = np.argsort(order)
     return codes[back], values[back]
 

@@ -1,0 +1,105 @@
+"""Linear quantization of one weight: blocks, padding, and GPTQ's error feedback with calibration."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from lowbit.config import QuantizeConfig, block_shape
+from lowbit.kernels.feedback import linear_grid, ordered_feedback
+from lowbit.kernels.packing import packed_nbytes
+from lowbit.kernels.quantize import LinearQuantized, element_range, quantize_linear
+from lowbit.types import CompressionGranularity, DType, QScheme
+from lowbit.weights.common import by_input, checked_gram, relative
+
+__all__ = ["QuantizedWeight", "quantize_weight"]
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A linearly quantized weight in its own layout (:class:`~lowbit.kernels.quantize.LinearQuantized`). With a
+    ragged last block, ``quantized`` covers the weight zero-padded along the blocked axis to whole blocks (zeros
+    change no block's scale and cost no error) and ``shape`` is the weight's own."""
+
+    quantized: LinearQuantized
+    shape: tuple[int, ...]
+
+    @property
+    def rel_mse(self) -> float:
+        return relative(self.quantized.squared_error, self.quantized.energy)
+
+    @property
+    def codes_nbytes(self) -> int:
+        """Bytes of the packed codes alone."""
+        q = self.quantized.q
+        return packed_nbytes(q.size, DType.of(q.dtype).bits)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored form: packed codes, scales and zero points."""
+        q = self.quantized
+        zero_points = 0 if q.zero_point is None else packed_nbytes(q.zero_point.size, DType.of(q.q.dtype).bits)
+        return self.codes_nbytes + q.scale.nbytes + zero_points
+
+    @property
+    def trim(self) -> tuple[int, int] | None:
+        """(axis, length) that cuts the padded decode back to ``shape`` (None: not padded)."""
+        padded = self.quantized.q.shape
+        axis = next((a for a, (n, m) in enumerate(zip(padded, self.shape, strict=True)) if n != m), None)
+        return None if axis is None else (axis, self.shape[axis])
+
+    def decode(self) -> np.ndarray:
+        return np.ascontiguousarray(self.quantized.decode()[tuple(slice(0, n) for n in self.shape)])
+
+
+def quantize_weight(
+    array: np.ndarray, output_axis: int, input_axis: int, config: QuantizeConfig, gram: np.ndarray | None = None
+) -> QuantizedWeight:
+    """Quantize one weight as ``config`` says: one scale per tensor, per ``output_axis`` channel, or per channel
+    and ``block_size`` elements along ``input_axis`` (the last block may be shorter). ``gram``: optional ``X^T X``
+    of a 2-D weight's input activations: the integer codes are then chosen with error feedback across the input
+    channels (GPTQ's), the scales kept (integer dtypes; otherwise ignored).
+
+    Raises :class:`~lowbit.errors.SkipWeight` when the values are not finite.
+    """
+    padded = array
+    block_size = min(config.block_size, array.shape[input_axis])  # an axis shorter than a block is one block
+    if config.granularity == CompressionGranularity.PER_BLOCK and array.shape[input_axis] % block_size:
+        short = -array.shape[input_axis] % block_size
+        padded = np.pad(array, [(0, short if a == input_axis else 0) for a in range(array.ndim)])
+    block = block_shape(config.granularity, array.ndim, output_axis, input_axis, block_size)
+    symmetric = config.qscheme == QScheme.SYMMETRIC
+    quantized = quantize_linear(
+        padded, config.dtype.numpy, block, symmetric=symmetric, e8m0=config.e8m0, search=config.scale_search
+    )
+    integer = config.dtype in (DType.INT8, DType.UINT8, DType.INT4, DType.UINT4)
+    checked = checked_gram(gram, array.shape[input_axis]) if array.ndim == 2 else None
+    if checked is not None and integer:
+        quantized = _quantized_with_feedback(quantized, padded, checked, input_axis, symmetric)
+        diff = quantized.decode()[tuple(slice(0, n) for n in array.shape)].astype(np.float64) - array
+        quantized = dataclasses.replace(quantized, squared_error=float(np.vdot(diff, diff)))
+    return QuantizedWeight(quantized, tuple(array.shape))
+
+
+def _quantized_with_feedback(
+    q: LinearQuantized, padded: np.ndarray, gram: np.ndarray, input_axis: int, symmetric: bool
+) -> LinearQuantized:
+    """``q``'s codes re-chosen by error feedback over the input channels (axis ``input_axis`` of a 2-D weight),
+    in act-order, its scales and zero points kept. (Scales found anew for each block of input channels when the
+    feedback reaches it, the channels then taken in order as GPTQ's groups are, measured far worse on SmolLM2-135M
+    int4 block 64: 1.227x / 1.197x fp32 perplexity symmetric / asymmetric, against 1.083x / 1.105x.)"""
+    low, high, _ = element_range(q.q.dtype, symmetric)
+
+    def per_element(grid: np.ndarray) -> np.ndarray:
+        return np.repeat(np.repeat(grid.reshape(q.grid_shape()[::2]), q.block[0], 0), q.block[1], 1)
+
+    scale = per_element(q.scale.astype(np.float64))
+    zero_point = np.zeros_like(scale) if q.zero_point is None else per_element(q.zero_point.astype(np.float64))
+    channels = padded.shape[input_axis]
+    full = np.zeros((channels, channels))
+    full[: len(gram), : len(gram)] = gram  # padding channels: never active
+    grid = linear_grid(by_input(scale, input_axis), by_input(zero_point, input_axis), low, high)
+    codes = by_input(ordered_feedback(by_input(padded, input_axis), full, grid)[0], input_axis)
+    return dataclasses.replace(q, q=codes.astype(q.q.dtype))

@@ -1,0 +1,133 @@
+"""Pruning of one weight: magnitude, Wanda's and SparseGPT's masks, n:m and blocks, the kept values compressed
+jointly."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from lowbit.config import SparsifyConfig
+from lowbit.kernels.feedback import BLOCK, Grid, Refresh, ordered_feedback, pruning_grid
+from lowbit.kernels.packing import packed_nbytes
+from lowbit.kernels.prune import Sparsified, block_mask, column_mask, magnitude_mask, n_m_mask, sparsify
+from lowbit.weights.common import by_input, checked_gram, moved_axis_perms, relative
+
+__all__ = ["SparsifiedWeight", "sparsify_weight"]
+
+
+@dataclass(frozen=True)
+class SparsifiedWeight:
+    """A pruned weight in its own layout (:class:`~lowbit.kernels.prune.Sparsified`)."""
+
+    sparsified: Sparsified
+
+    @property
+    def rel_mse(self) -> float:
+        return relative(self.sparsified.squared_error, self.sparsified.energy)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored form: the 1-bit mask and the non-zeros (as they are, palettized or quantized)."""
+        s = self.sparsified
+        mask = packed_nbytes(s.mask.size, 1)
+        if s.palettized is not None:
+            return mask + s.palettized.nbytes
+        if s.quantized is not None:
+            return mask + int(s.mask.sum()) * s.quantized.q.dtype.itemsize + s.quantized.scale.nbytes
+        assert s.values is not None
+        return mask + s.values.nbytes
+
+    def decode(self) -> np.ndarray:
+        return self.sparsified.decode()
+
+
+def _mask_along(w: np.ndarray, axis: int, to_front: bool, make_mask) -> np.ndarray:
+    """``make_mask`` applied to ``w`` viewed as 2-D with ``axis`` first (or last), mapped back to ``w``'s layout."""
+    forward, back = moved_axis_perms(w.ndim, axis, to_front)
+    moved = w.transpose(forward)
+    rows = moved.reshape(w.shape[axis], -1) if to_front else moved.reshape(-1, w.shape[axis])
+    return make_mask(rows).reshape(moved.shape).transpose(back)
+
+
+def sparsify_weight(
+    array: np.ndarray,
+    output_axis: int,
+    input_axis: int,
+    config: SparsifyConfig,
+    importance: np.ndarray | None = None,
+    gram: np.ndarray | None = None,
+) -> SparsifiedWeight:
+    """Prune one weight as ``config`` says (unstructured, blocks of output channels, or n:m along the input
+    channels), its non-zeros optionally palettized or quantized. ``importance`` (``array``'s shape, e.g. each input
+    channel's mean squared activation) ranks the elements by ``|w| * sqrt(importance)`` instead of ``|w|``: the
+    activation-aware pruning of Wanda, which keeps the weights whose removal moves the layer's output most.
+    ``gram``: optional ``X^T X`` of a 2-D weight's input activations: the kept weights are then updated to make up
+    for the pruned ones (SparseGPT's error feedback across the input channels), before any joint quantization.
+
+    Raises :class:`~lowbit.errors.SkipWeight` when the channels do not divide into the blocks or the n:m groups,
+    or the values are not finite.
+    """
+    scores = array
+    if importance is not None:
+        scores = (np.abs(array.astype(np.float32)) * np.sqrt(importance.astype(np.float32))).astype(np.float32)
+    if config.n_m_ratio is not None:
+        n, m = config.n_m_ratio
+        mask = _mask_along(scores, input_axis, False, lambda rows: n_m_mask(rows, n, m))
+    elif config.block_size > 1:
+        mask = _mask_along(
+            scores, output_axis, True, lambda rows: block_mask(rows, config.target_sparsity, config.block_size)
+        )
+    else:
+        mask = magnitude_mask(scores, config.target_sparsity)
+    dtype = None if config.quantize_dtype is None else config.quantize_dtype.numpy
+    checked = checked_gram(gram, array.shape[input_axis]) if array.ndim == 2 else None
+    updated = array
+    if checked is not None:
+        mask, updated = _pruned_with_feedback(array, mask, checked, input_axis, config)
+    result = sparsify(
+        np.ascontiguousarray(updated), np.ascontiguousarray(mask), config.palettize_nbits, dtype, output_axis
+    )
+    if updated is not array:  # the error is the original weight's
+        original = array.astype(np.float64)
+        diff = result.decode().astype(np.float64) - original
+        result = dataclasses.replace(
+            result, squared_error=float(np.vdot(diff, diff)), energy=float(np.vdot(original, original))
+        )
+    return SparsifiedWeight(result)
+
+
+def _adaptive_selection(config: SparsifyConfig) -> tuple[Refresh | None, int | None]:
+    """(How :func:`_pruned_with_feedback` chooses each block's kept weights, the block it needs: None for the
+    default, in act-order)."""
+    if config.n_m_ratio is not None:
+        n, m = config.n_m_ratio
+
+        def n_of_m(grid: Grid, channels: np.ndarray, values: np.ndarray, pivots: np.ndarray) -> None:
+            grid.exact[channels] = n_m_mask(np.ascontiguousarray((values / pivots[:, None]).T), n, m).T
+
+        return n_of_m, m * max(1, BLOCK // m)  # whole groups of m consecutive input channels in every block
+    if config.block_size > 1:
+        return None, None
+
+    def per_channel(grid: Grid, channels: np.ndarray, values: np.ndarray, pivots: np.ndarray) -> None:
+        grid.exact[channels] = column_mask(values / pivots[:, None], config.target_sparsity)
+
+    return per_channel, None
+
+
+def _pruned_with_feedback(
+    array: np.ndarray, mask: np.ndarray, gram: np.ndarray, input_axis: int, config: SparsifyConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """(kept mask, values) of ``array`` (2-D) pruned one input channel at a time, each channel's error fed to the
+    kept weights of the channels after it, in ``array``'s dtype. Unstructured and n:m pruning choose the kept weights
+    block by block as the feedback reaches them, by SparseGPT's ``|w| / [H^-1]_kk`` on the updated weights: 1 -
+    target of each output channel's weights in each block kept (compared within an output channel, as Wanda does),
+    or m - n of each m input channels; blocks of output channels keep ``mask``."""
+    refresh, block = _adaptive_selection(config)
+    grid = pruning_grid(by_input(mask, input_axis))
+    weights = by_input(array, input_axis).astype(np.float64)
+    values = ordered_feedback(weights, gram, grid, refresh=refresh, block=block)[1]
+    kept = np.ascontiguousarray(by_input(grid.exact, input_axis))
+    return kept, np.ascontiguousarray(by_input(values, input_axis)).astype(array.dtype)
