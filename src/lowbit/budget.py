@@ -120,12 +120,12 @@ def measured_choices(
     damping: float = 0.0,
     threads: int = 1,
 ) -> tuple[Choice, ...]:
-    """``array`` palettized as ``config`` says at each width of :data:`BUDGET_BITS` (activation- or
-    sensitivity-weighted as the final pass will be, without its error feedback), with bytes and error. Raises
-    what :func:`~lowbit.weights.palettize_weight` raises."""
+    """``array`` palettized as ``config`` says at each width of :data:`BUDGET_BITS` (weighted as the final pass
+    will be, without its error feedback: by the calibration ``stats``, else by ``sensitivity`` damped by
+    ``damping``), with bytes and error. Raises what :func:`~lowbit.weights.palettize_weight` raises."""
     from lowbit.weights import palettize_weight
 
-    importance = sensitivity if stats is None else stats.importance(array.shape, input_axis)
+    importance, damping = (sensitivity, damping) if stats is None else stats.weighting(array.shape, input_axis)
     error_of = _error_measure(array, input_axis, stats, sensitivity)
     choices = []
     for bits in BUDGET_BITS:

@@ -72,6 +72,11 @@ class InputMoments:
         if needed and self.gram is not None and self.gram.dtype != np.float64:
             self.gram = self.gram.astype(np.float64)
 
+    def weighting(self, shape: tuple[int, ...], input_axis: int) -> tuple[np.ndarray, float]:
+        """(each element's weight in the k-means, :meth:`importance`, and the damping that goes with it,
+        :data:`ACTIVATION_DAMPING`): what palettization reads from calibration, on every door."""
+        return self.importance(shape, input_axis), ACTIVATION_DAMPING
+
     def importance(self, shape: tuple[int, ...], input_axis: int) -> np.ndarray:
         """Each element's weight in the k-means, ``shape``-shaped: its input channel's mean squared activation."""
         mean = self.squares / max(self.rows, 1)

@@ -18,7 +18,7 @@ from lowbit.budget import allocate, measured_choices
 from lowbit.config import PalettizeConfig, check_choice, check_int, integral
 from lowbit.errors import SkipWeight
 from lowbit.report import CompressionReport
-from lowbit.statistics import ACTIVATION_DAMPING, InputMoments
+from lowbit.statistics import InputMoments
 from lowbit.torch.config import ModelConfig, ModuleConfig
 from lowbit.torch.modules import (
     ModuleWeight,
@@ -254,7 +254,7 @@ def _weighting(
     """The k-means weights of ``target`` and their damping: its activation statistics when calibrated, else the
     palettizer's ``importance`` (SKM's sensitivity)."""
     if stats is not None:
-        return stats.importance(tuple(target.weight.parameter.shape), target.weight.input_axis), ACTIVATION_DAMPING
+        return stats.weighting(tuple(target.weight.parameter.shape), target.weight.input_axis)
     return importance(target), target.config.importance_damping()
 
 
@@ -273,7 +273,7 @@ def allocated_widths(
     choices, numel = {}, 0
     for target in targets:
         param, stats = target.weight.parameter, statistics.get(target.name)
-        sensitivity, damping = (None, ACTIVATION_DAMPING) if stats is not None else _weighting(target, importance, None)
+        sensitivity, damping = (None, 0.0) if stats is not None else _weighting(target, importance, None)
         try:
             choices[target.name] = measured_choices(
                 to_numpy(param),
