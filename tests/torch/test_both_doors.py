@@ -113,3 +113,44 @@ def test_mixed_bits_choose_the_same_widths_and_codes_through_either_door():
         record = palettization_of(palettized[i])["weight"]
         np.testing.assert_array_equal(dense[str(i)].const_value.numpy().T, record.decode())
     assert len({r.note for r in graph_rows.values()}) > 1  # mixed
+
+
+@pytest.mark.parametrize("config", [dict(n_bits=3, granularity="per_grouped_channel", group_size=16), dict(n_bits=4)])
+def test_calibrated_palettization_gives_the_same_codes_through_either_door(config):
+    """Each weight's statistics are those of the dense model on both doors (the torch door takes its blocks one at
+    a time, the graph door all at once), so the activation-weighted k-means and the error feedback land on the
+    same codes."""
+    rng = np.random.default_rng(8)
+    shapes = [(64, 96), (96, 64), (48, 96)]  # Linear [out, in], chained
+    weights = [(rng.standard_normal(shape) * 0.05).astype(np.float32) for shape in shapes]
+    model = torch.nn.Sequential(*(torch.nn.Linear(s[1], s[0], bias=False) for s in shapes))
+    with torch.no_grad():
+        for linear, w in zip(model, weights, strict=True):
+            linear.weight.copy_(torch.from_numpy(w))
+    mixing = (rng.standard_normal((96, 96)) * 0.3 + np.diag(rng.uniform(0.2, 3.0, 96))).astype(np.float32)
+    items = [(rng.standard_normal((32, 96)).astype(np.float32) @ mixing) for _ in range(4)]
+    torch_config = PostTrainingPalettizerConfig.from_dict({"global_config": config})
+    palettized = PostTrainingPalettizer(model, torch_config).compress(
+        calibration_data=[torch.from_numpy(x) for x in items]
+    )
+    program = lowbit.Program(
+        make_model(
+            {str(i): np.ascontiguousarray(w.T) for i, w in enumerate(weights)},
+            [("MatMul", str(i), {}) for i in range(3)],
+        )
+    )
+    feeds = []  # each MatMul of the graph is fed what its Linear reads in the dense torch model
+    with torch.no_grad():
+        for x in items:
+            hidden = [torch.from_numpy(x)]
+            for linear in list(model)[:-1]:
+                hidden.append(linear(hidden[-1]))
+            feeds.append({f"x{i}": h.numpy() for i, h in enumerate(hidden)})
+    small = lowbit.palettize_weights(program, calibration_data=feeds, num_kmeans_workers=1, **config)
+    plain = lowbit.palettize_weights(program, num_kmeans_workers=1, **config)
+    dense = lowbit.decompress_weights(small).graph.initializers
+    data_free = lowbit.decompress_weights(plain).graph.initializers
+    for i in range(3):
+        decoded = palettization_of(palettized[i])["weight"].decode()
+        np.testing.assert_array_equal(dense[str(i)].const_value.numpy().T, decoded)
+        assert not np.array_equal(data_free[str(i)].const_value.numpy().T, decoded)  # the data was used

@@ -297,10 +297,9 @@ def test_sequential_calibration_groups_by_block_in_call_order_and_stops_early():
         assert early[name].rows == full[name].rows == 48
 
 
-def test_each_block_is_palettized_from_the_inputs_the_blocks_before_it_give_once_palettized():
-    """Sequential calibration, checked against the weight layer called by hand: block 1's statistics are those of
-    its input after the palettized proj and block 0 (as llmcompressor's sequential pipeline does); within a block,
-    the statistics are taken before any of its weights is palettized."""
+def test_each_block_is_palettized_from_the_dense_models_statistics():
+    """Calibration block by block, checked against the weight layer called by hand: every weight's statistics are
+    those of its input in the dense model (as the graph door's are), though the blocks are taken one at a time."""
     from lowbit.config import PalettizeConfig
     from lowbit.statistics import ACTIVATION_DAMPING, InputMoments
     from lowbit.weights import palettize_weight
@@ -330,15 +329,16 @@ def test_each_block_is_palettized_from_the_inputs_the_blocks_before_it_give_once
             linear.weight.copy_(torch.from_numpy(result.decode()))
 
     with torch.no_grad():
-        palettize(by_hand.proj, items, "proj.weight")
-        hidden = [by_hand.proj(x) for x in items]
-        for i, block in enumerate(by_hand.blocks):
-            middle = [torch.relu(block["up"](h)) for h in hidden]  # one block's statistics are taken at once
-            palettize(block["up"], hidden, f"blocks.{i}.up.weight")
-            palettize(block["down"], middle, f"blocks.{i}.down.weight")
+        inputs = {"proj": items, "head": []}
+        hidden = [model.proj(x) for x in items]
+        for i, block in enumerate(model.blocks):
             middle = [torch.relu(block["up"](h)) for h in hidden]
+            inputs |= {f"blocks.{i}.up": hidden, f"blocks.{i}.down": middle}
             hidden = [h + block["down"](m) for h, m in zip(hidden, middle, strict=True)]
-        palettize(by_hand.head, hidden, "head.weight")
+        inputs["head"] = hidden
+        for name, linear in _linears(by_hand).items():
+            module = name.removesuffix(".weight")
+            palettize(linear, inputs[module], name)
     for name, linear in _linears(palettized).items():
         torch.testing.assert_close(linear.weight, _linears(by_hand)[name].weight, rtol=0, atol=0, msg=name)
 

@@ -34,7 +34,16 @@ from lowbit.torch.records import store_palettization
 from lowbit.types import CompressionGranularity, DType
 from lowbit.weights import PalettizedWeight, check_eligible, palettize_weight
 
-__all__ = ["ALLOCATED", "SKIPPED", "KMeansModuleConfig", "PalettizerBase", "Target", "allocated_widths"]
+__all__ = [
+    "ALLOCATED",
+    "SKIPPED",
+    "KMeansModuleConfig",
+    "Outcome",
+    "PalettizerBase",
+    "Target",
+    "allocated_widths",
+    "write_palettized",
+]
 
 SKIPPED = "lowbit_skipped"  # module attribute: {parameter name: why it was left as it is}
 ALLOCATED = "lowbit_allocated"  # module attribute: {parameter name: (n_bits, bits_per_weight budget)}
@@ -159,6 +168,10 @@ def target_model(model: nn.Module, inplace: bool) -> nn.Module:
     return model if inplace else copy.deepcopy(model)
 
 
+# a palettized target not yet written: (target, result, its (width, budget) when chosen for a budget)
+Outcome = tuple[Target, PalettizedWeight, tuple[int, float | None] | None]
+
+
 class PalettizerBase(Generic[MC]):
     """Base of :class:`PostTrainingPalettizer` and :class:`SKMPalettizer`."""
 
@@ -216,9 +229,25 @@ class PalettizerBase(Generic[MC]):
         widths: Mapping[str, int] | None = None,
         bits_per_weight: float | None = None,
     ) -> None:
-        """Palettize each target, its k-means on ``threads`` threads; record the result on its module. A target
-        with ``statistics`` (calibration) gets activation-weighted k-means and error feedback on its codes; one in
-        ``widths`` (chosen for the ``bits_per_weight`` budget, see :func:`allocated_widths`) gets that width."""
+        """Palettize each target, its k-means on ``threads`` threads, and write it (:meth:`_palettized`, then
+        :func:`write_palettized`)."""
+        for done in self._palettized(targets, importance, threads, statistics, widths, bits_per_weight):
+            write_palettized(*done)
+
+    def _palettized(
+        self,
+        targets: list[Target],
+        importance: Callable[[Target], np.ndarray | None],
+        threads: int,
+        statistics: Mapping[str, InputMoments] | None = None,
+        widths: Mapping[str, int] | None = None,
+        bits_per_weight: float | None = None,
+    ) -> Iterator[Outcome]:
+        """Each target palettized, its k-means on ``threads`` threads, not yet written: (target, result, its
+        (width, budget) when chosen for a budget). A target with ``statistics`` (calibration) gets
+        activation-weighted k-means and error feedback on its codes; one in ``widths`` (chosen for the
+        ``bits_per_weight`` budget, see :func:`allocated_widths`) gets that width. A target that cannot be
+        palettized is skipped (:func:`_skip`)."""
         check_int("num_kmeans_workers", threads, 1)
         statistics, widths = statistics or {}, widths or {}
         for target in targets:
@@ -242,10 +271,16 @@ class PalettizerBase(Generic[MC]):
             except SkipWeight as skip:
                 _skip(target, skip)
                 continue
-            _write(param, result)
-            store_palettization(target.module, target.weight.name, result)
-            if target.name in widths:
-                target.module.__dict__.setdefault(ALLOCATED, {})[target.weight.name] = (config.n_bits, bits_per_weight)
+            yield target, result, (config.n_bits, bits_per_weight) if target.name in widths else None
+
+
+def write_palettized(target: Target, result: PalettizedWeight, allocated: tuple[int, float | None] | None) -> None:
+    """Write a palettization of :meth:`PalettizerBase._palettized` into its parameter and record it on its
+    module."""
+    _write(target.weight.parameter, result)
+    store_palettization(target.module, target.weight.name, result)
+    if allocated is not None:
+        target.module.__dict__.setdefault(ALLOCATED, {})[target.weight.name] = allocated
 
 
 def _weighting(

@@ -13,7 +13,14 @@ from lowbit.budget import check_bits_per_weight
 from lowbit.config import check_bool, check_int
 from lowbit.torch.calibration import collect_linear_moments
 from lowbit.torch.config import ModelConfig, ModuleConfig
-from lowbit.torch.palettization._base import KMeansModuleConfig, PalettizerBase, Target, allocated_widths
+from lowbit.torch.palettization._base import (
+    KMeansModuleConfig,
+    Outcome,
+    PalettizerBase,
+    Target,
+    allocated_widths,
+    write_palettized,
+)
 from lowbit.torch.sequential import BlockInputs, chained, in_sequence
 
 __all__ = [
@@ -117,10 +124,10 @@ class PostTrainingPalettizer(PalettizerBase[PostTrainingPalettizerConfig]):
         threads: int,
         budget: float | None,
     ) -> None:
-        """Palettize ``targets`` block after block (:mod:`lowbit.torch.sequential`): each block's Linear weights
-        from the statistics of inputs that went through the blocks already palettized, so that each corrects the
-        error of those before it, and only one block's ``X^T X`` is held at a time. With a budget, the widths are
-        chosen first from one pass over the dense model (the diagonals only)."""
+        """Palettize ``targets`` block after block (:mod:`lowbit.torch.sequential`), each block's Linear weights
+        from the statistics of the dense model's activations, only one block's ``X^T X`` held at a time; the
+        palettized weights are written once every block is done. With a budget, the widths are chosen first from one
+        pass over the dense model (the diagonals only)."""
         items = calibration_data if isinstance(calibration_data, Sequence) else list(calibration_data)
         if not items:
             raise ValueError("calibration_data yielded nothing")
@@ -132,19 +139,20 @@ class PostTrainingPalettizer(PalettizerBase[PostTrainingPalettizerConfig]):
         blocks = [group.block for group in groups if group.is_block]
         chain = chained(model, blocks, items[0], forward_fn)
         inputs: BlockInputs | None = None
+        palettized: list[Outcome] = []
         for group in groups:
             if chain and group.is_block:
                 inputs = inputs or BlockInputs(model, group.block, items, forward_fn)
                 statistics = inputs.moments(group.block, group.linears)
             else:
                 statistics = collect_linear_moments(model, group.linears, items, forward_fn, stop_early=True)
-            self._palettize([by_name[name] for name in group.linears], _data_free, threads, statistics, widths, budget)
-            if chain and group.is_block:
-                assert inputs is not None
-                inputs.advance(group.block)
-        done = {name for group in groups for name in group.linears}
-        rest = [t for t in targets if t.name not in done]  # not Linear, or not called: data-free
-        self._palettize(rest, _data_free, threads, None, widths, budget)
+            chosen = [by_name[name] for name in group.linears]
+            palettized += self._palettized(chosen, _data_free, threads, statistics, widths, budget)
+        seen = {name for group in groups for name in group.linears}
+        rest = [t for t in targets if t.name not in seen]  # not Linear, or not called: data-free
+        palettized += self._palettized(rest, _data_free, threads, None, widths, budget)
+        for done in palettized:
+            write_palettized(*done)
 
 
 def _data_free(target: Target) -> None:
