@@ -68,12 +68,16 @@ def decoder_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
 # ---------------------------------------------------------------------------------------------------------- lowbit
 
 
-def lowbit_row(module: dict, bits_per_weight: float | None = None) -> Callable:
+def lowbit_row(module: dict, bits_per_weight: float | None = None, inplace: bool = False) -> Callable:
+    """``inplace``: the loaded model itself is palettized (no copy in the +MiB column); such a row must be the
+    last one of its run."""
+
     def run(model, calibration, _tokenizer):
         config = PostTrainingPalettizerConfig.from_dict({"global_config": module, "module_name_configs": SKIP})
         palettizer = PostTrainingPalettizer(model, config)
         out = palettizer.compress(
             num_kmeans_workers=2,
+            inplace=inplace,
             calibration_data=[{"input_ids": window[None], "use_cache": False} for window in calibration],
             bits_per_weight=bits_per_weight,
         )
@@ -219,6 +223,10 @@ def gptq_row(bits: int, symmetric: bool) -> Callable:
 ROWS: dict[str, tuple[str, Callable]] = {
     "lb4g16": ("lowbit PTQ 4-bit grouped(16), calibrated", lowbit_row({"n_bits": 4, **GROUPED16})),
     "lb4pc8": ("lowbit PTQ 4-bit per-channel int8 LUT, calibrated", lowbit_row({"n_bits": 4, **PER_CHANNEL_INT8})),
+    "lb4pc8inplace": (
+        "lowbit PTQ 4-bit per-channel int8 LUT, calibrated, inplace (run it last)",
+        lowbit_row({"n_bits": 4, **PER_CHANNEL_INT8}, inplace=True),
+    ),
     "lb4pc8o": (
         "lowbit PTQ 4-bit per-channel int8 LUT + 0.3 % outliers, calibrated",
         lowbit_row({"n_bits": 4, **PER_CHANNEL_INT8, "outlier_fraction": 0.003}),
