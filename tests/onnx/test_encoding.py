@@ -310,9 +310,11 @@ def test_triplet_codes_shared_per_bit_width_and_gone_after_decompress():
 def test_a_pass_scans_the_model_for_names_once_not_per_name(monkeypatch):
     """Generated names come from one scan of the model per pass (a scan per name is quadratic in graph size), and
     they still never collide with the model's own."""
+    from lowbit.onnx import graph_edit
+
     scans = []
-    real = encoding._value_names
-    monkeypatch.setattr(encoding, "_value_names", lambda model: scans.append(1) or real(model))
+    real = graph_edit._value_names
+    monkeypatch.setattr(graph_edit, "_value_names", lambda model: scans.append(1) or real(model))
     rng = np.random.default_rng(0)
     weights = {f"w{i}": (rng.standard_normal((64, 64)) * 0.02).astype(np.float16) for i in range(12)}
     weights["w3.lut"] = weights.pop("w3")  # a name the generated ones of another weight would take

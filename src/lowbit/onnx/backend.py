@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lowbit.config import check_bool, check_choice
-from lowbit.onnx import encoding, fused
+from lowbit.onnx import fused, graph_edit
 from lowbit.onnx.discovery import WeightRef
 from lowbit.onnx.functions import FUNCTION_OPSET, MIN_IR_VERSION
 from lowbit.onnx.fused import TARGETS
@@ -133,5 +133,5 @@ class OnnxBackend:
         """Names handed out from one scan of the model; a model saved with external data keeps its compressed
         weights on disk until it is saved, not in memory."""
         self.spill = Spill(self.program) if self.program.tensor_nbytes() > PROTO_LIMIT_BYTES else None
-        with encoding.writing(self.program.model):
+        with graph_edit.writing(self.program.model):
             yield

@@ -26,7 +26,7 @@ import onnx_ir as ir
 
 from lowbit.kernels.decode import dequantize_linear
 from lowbit.kernels.packing import pack_bits, unpack_bits
-from lowbit.onnx import encoding
+from lowbit.onnx import encoding, graph_edit
 from lowbit.onnx import functions as fn
 from lowbit.onnx.decoders import dtype_of, int_attribute, value_shape
 from lowbit.weights import PalettizedWeight
@@ -171,12 +171,12 @@ def quantized_grid(
 def write_fused(model: ir.Model, weight: ir.Value, consumer: str, grid: Grid, target: str) -> int:
     """Replace every consumer of ``weight`` (all ``consumer`` nodes) by the fused kernel over ``grid`` for
     ``target``; the codes take the weight's name. Returns the bytes the weight occupies now."""
-    graph, base = encoding.home_graph(model, weight), weight.name or "weight"
+    graph, base = graph_edit.home_graph(model, weight), weight.name or "weight"
     model.graph.opset_imports.setdefault(MS_DOMAIN, 1)
     uses = list(weight.uses())
     if weight.is_initializer() and weight.name is not None:
         graph.initializers.pop(weight.name)  # every use is replaced below: the codes take its name
-        encoding.release_name(model, weight.name)
+        graph_edit.release_name(model, weight.name)
     if consumer == "MatMul":
         op, inputs, attributes = MATMUL_NBITS, *_matmul_nbits_inputs(model, graph, base, grid)
         attributes["accuracy_level"] = _ACCURACY_LEVEL[target]
@@ -189,7 +189,7 @@ def write_fused(model: ir.Model, weight: ir.Value, consumer: str, grid: Grid, ta
             _with_activation(op, inputs, activation),
             attributes,
             domain=MS_DOMAIN,
-            name=encoding.node_name(model, f"{node.name or base}.{op}"),
+            name=graph_edit.node_name(model, f"{node.name or base}.{op}"),
         )
         replace_node(node, fused)
     return sum(v.const_value.nbytes for v in _constants(inputs) if v.const_value is not None)
@@ -203,9 +203,9 @@ def _with_activation(op: str, stored: Sequence[ir.Value | None], activation: ir.
 def _codes_value(model: ir.Model, graph: ir.Graph, name: str, codes: np.ndarray | ir.Value) -> ir.Value:
     """The codes as the weight's own name: an initializer, or the value computing them renamed."""
     if isinstance(codes, np.ndarray):
-        return encoding.add_initializer(model, graph, name, codes)
-    encoding.release_name(model, codes.name)
-    codes.name = encoding.unique_name(model, name)
+        return graph_edit.add_initializer(model, graph, name, codes)
+    graph_edit.release_name(model, codes.name)
+    codes.name = graph_edit.unique_name(model, name)
     return codes
 
 
@@ -252,11 +252,11 @@ def _matmul_nbits_inputs(model, graph, base: str, grid: Grid) -> tuple[list[ir.V
         codes = _pack_rows(codes.reshape(n * blocks, grid.block), grid.bits).reshape(n, blocks, -1)
     inputs = [
         _codes_value(model, graph, base, codes),
-        encoding.add_initializer(model, graph, f"{base}.scales", grid.scale.reshape(-1)),
+        graph_edit.add_initializer(model, graph, f"{base}.scales", grid.scale.reshape(-1)),
     ]
     if grid.zero_point is not None:
         zero_points = _pack_rows(grid.zero_point, grid.bits)
-        inputs.append(encoding.add_initializer(model, graph, f"{base}.zero_points", zero_points))
+        inputs.append(graph_edit.add_initializer(model, graph, f"{base}.zero_points", zero_points))
     k = blocks * grid.block
     attributes = {"K": k, "N": int(n), "bits": grid.bits, "block_size": grid.block}
     return inputs, attributes
@@ -273,10 +273,10 @@ def _gather_inputs(model, graph, base: str, grid: Grid) -> tuple[list[ir.Value],
         zero_point = None if zero_point is None else zero_point.astype(to)
     inputs = [
         _codes_value(model, graph, base, codes),
-        encoding.add_initializer(model, graph, f"{base}.scales", grid.scale),
+        graph_edit.add_initializer(model, graph, f"{base}.scales", grid.scale),
     ]
     if zero_point is not None:
-        inputs.append(encoding.add_initializer(model, graph, f"{base}.zero_points", zero_point))
+        inputs.append(graph_edit.add_initializer(model, graph, f"{base}.zero_points", zero_point))
     attributes = {"gather_axis": 0, "quantize_axis": 1, "block_size": grid.block, "bits": grid.bits}
     return inputs, attributes
 

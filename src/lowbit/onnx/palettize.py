@@ -13,7 +13,7 @@ from lowbit.budget import check_bits_per_weight
 from lowbit.config import PalettizeConfig, config_of
 from lowbit.driver import ALGORITHMS, compress
 from lowbit.kernels.palettize import Palettized
-from lowbit.onnx import decoders, encoding, fused
+from lowbit.onnx import decoders, encoding, fused, graph_edit
 from lowbit.onnx import functions as fn
 from lowbit.onnx.backend import OnnxBackend, OnnxWriter, target_program
 from lowbit.onnx.calibration import collect_input_moments
@@ -86,26 +86,26 @@ def _lut_dequantize_chain(model: ir.Model, weight: ir.Value, palettized: Paletti
     quantized = palettized.lut_quantized
     assert quantized is not None
     name = weight.name or "weight"
-    graph = encoding.home_graph(model, weight)
+    graph = graph_edit.home_graph(model, weight)
     zero_point = quantized.zero_point if quantized.zero_point is not None else np.zeros_like(quantized.scale)
     fn.use_function(model, fn.LUT_DEQUANTIZE)
     scale = encoding.decode_input(model, graph, f"{name}.lut_scale", quantized.scale)
     node = ir.node(
         fn.LUT_DEQUANTIZE,
         [
-            encoding.add_initializer(model, graph, f"{name}.lut_q", quantized.q),
+            graph_edit.add_initializer(model, graph, f"{name}.lut_q", quantized.q),
             scale,
-            encoding.add_initializer(model, graph, f"{name}.lut_zero_point", zero_point.astype(quantized.q.dtype)),
+            graph_edit.add_initializer(model, graph, f"{name}.lut_zero_point", zero_point.astype(quantized.q.dtype)),
         ],
         {"to": int(decoders.dtype_of(scale))},
         domain=fn.DOMAIN,
-        name=encoding.node_name(model, f"{name}.{fn.LUT_DEQUANTIZE}"),
+        name=graph_edit.node_name(model, f"{name}.{fn.LUT_DEQUANTIZE}"),
     )
     out = node.outputs[0]
-    out.name = encoding.unique_name(model, f"{name}.lut")
+    out.name = graph_edit.unique_name(model, f"{name}.lut")
     out.dtype = decoders.dtype_of(scale)
     out.shape = ir.Shape(palettized.lut.shape)
-    encoding.insert_early(graph, node)
+    graph_edit.insert_early(graph, node)
     return out
 
 
