@@ -25,7 +25,7 @@ from tqdm import tqdm
 from lowbit.budget import allocate, allocation_note, measured_choices
 from lowbit.errors import SkipWeight
 from lowbit.report import CompressionReport, WeightResult
-from lowbit.statistics import InputMoments
+from lowbit.statistics import ACTIVATION_DAMPING, InputMoments
 from lowbit.weight_configs import WeightConfigs
 from lowbit.weights import check_eligible, palettize_weight, quantize_weight, sparsify_weight
 
@@ -101,7 +101,9 @@ class Backend(Protocol[W]):
 
 
 def _palettize_job(array: np.ndarray, weight: Weight, config: Any, threads: int, stats: InputMoments | None):
-    importance, damping = (None, 0.0) if stats is None else stats.weighting(weight.shape, weight.input_axis)
+    importance, damping = (
+        (None, ACTIVATION_DAMPING) if stats is None else stats.weighting(weight.shape, weight.input_axis)
+    )
     return functools.partial(
         palettize_weight,
         array,
@@ -135,6 +137,7 @@ def _measure_job(array: np.ndarray, weight: Weight, config: Any, threads: int, s
         config,
         name=weight.name,
         stats=stats,
+        damping=ACTIVATION_DAMPING,
         threads=threads,
     )
 

@@ -154,3 +154,24 @@ def test_calibrated_palettization_gives_the_same_codes_through_either_door(confi
         decoded = palettization_of(palettized[i])["weight"].decode()
         np.testing.assert_array_equal(dense[str(i)].const_value.numpy().T, decoded)
         assert not np.array_equal(data_free[str(i)].const_value.numpy().T, decoded)  # the data was used
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_outliers_give_the_same_weights_through_either_door(calibrated):
+    """Outliers kept exact beside the LUTs: the same elements, the same LUTs refitted to the rest, data-free and
+    with calibration."""
+    rng = np.random.default_rng(9)
+    w = (rng.standard_t(3, (48, 64)) * 0.05).astype(np.float32)  # Linear [out, in]: heavy tails
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.from_numpy(w))
+    items = [rng.standard_normal((32, 64)).astype(np.float32) * rng.uniform(0.1, 3.0, 64).astype(np.float32)]
+    config = dict(n_bits=3, granularity="per_grouped_channel", group_size=16, outlier_fraction=0.01)
+    torch_config = PostTrainingPalettizerConfig.from_dict({"global_config": config})
+    data = [torch.from_numpy(x) for x in items] if calibrated else None
+    palettized = PostTrainingPalettizer(model, torch_config).compress(calibration_data=data)
+    program = lowbit.Program(make_model({"w": np.ascontiguousarray(w.T)}, [("MatMul", "w", {})]))
+    feeds = [{"x0": x} for x in items] if calibrated else None
+    small = lowbit.palettize_weights(program, calibration_data=feeds, num_kmeans_workers=1, **config)
+    dense = lowbit.decompress_weights(small).graph.initializers["w"].const_value.numpy().T
+    np.testing.assert_array_equal(dense, palettization_of(palettized[0])["weight"].decode())

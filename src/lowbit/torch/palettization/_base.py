@@ -18,7 +18,7 @@ from lowbit.budget import allocate, measured_choices
 from lowbit.config import PalettizeConfig, check_choice, check_int, integral
 from lowbit.errors import SkipWeight
 from lowbit.report import CompressionReport
-from lowbit.statistics import InputMoments
+from lowbit.statistics import ACTIVATION_DAMPING, InputMoments
 from lowbit.torch.config import ModelConfig, ModuleConfig
 from lowbit.torch.modules import (
     ModuleWeight,
@@ -287,10 +287,12 @@ def _weighting(
     target: Target, importance: Callable[[Target], np.ndarray | None], stats: InputMoments | None
 ) -> tuple[np.ndarray | None, float]:
     """The k-means weights of ``target`` and their damping: its activation statistics when calibrated, else the
-    palettizer's ``importance`` (SKM's sensitivity)."""
+    palettizer's ``importance`` (SKM's sensitivity), else none (the damping then weighs the outliers in the LUTs'
+    refit, as on the graph door)."""
     if stats is not None:
         return stats.weighting(tuple(target.weight.parameter.shape), target.weight.input_axis)
-    return importance(target), target.config.importance_damping()
+    weights = importance(target)
+    return weights, ACTIVATION_DAMPING if weights is None else target.config.importance_damping()
 
 
 def allocated_widths(
