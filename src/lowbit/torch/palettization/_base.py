@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -220,20 +220,6 @@ class PalettizerBase(Generic[MC]):
                     continue
                 yield target
 
-    def _palettize(
-        self,
-        targets: list[Target],
-        importance: Callable[[Target], np.ndarray | None],
-        threads: int,
-        statistics: Mapping[str, InputMoments] | None = None,
-        widths: Mapping[str, int] | None = None,
-        bits_per_weight: float | None = None,
-    ) -> None:
-        """Palettize each target, its k-means on ``threads`` threads, and write it (:meth:`_palettized`, then
-        :func:`write_palettized`)."""
-        for done in self._palettized(targets, importance, threads, statistics, widths, bits_per_weight):
-            write_palettized(*done)
-
     def _palettized(
         self,
         targets: list[Target],
@@ -274,13 +260,14 @@ class PalettizerBase(Generic[MC]):
             yield target, result, (config.n_bits, bits_per_weight) if target.name in widths else None
 
 
-def write_palettized(target: Target, result: PalettizedWeight, allocated: tuple[int, float | None] | None) -> None:
-    """Write a palettization of :meth:`PalettizerBase._palettized` into its parameter and record it on its
+def write_palettized(outcomes: Iterable[Outcome]) -> None:
+    """Write each palettization of :meth:`PalettizerBase._palettized` into its parameter and record it on its
     module."""
-    _write(target.weight.parameter, result)
-    store_palettization(target.module, target.weight.name, result)
-    if allocated is not None:
-        target.module.__dict__.setdefault(ALLOCATED, {})[target.weight.name] = allocated
+    for target, result, allocated in outcomes:
+        _write(target.weight.parameter, result)
+        store_palettization(target.module, target.weight.name, result)
+        if allocated is not None:
+            target.module.__dict__.setdefault(ALLOCATED, {})[target.weight.name] = allocated
 
 
 def _weighting(

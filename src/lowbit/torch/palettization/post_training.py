@@ -109,7 +109,7 @@ class PostTrainingPalettizer(PalettizerBase[PostTrainingPalettizerConfig]):
         with torch.no_grad():
             if calibration_data is None:
                 widths = allocated_widths(targets, _data_free, num_kmeans_workers, {}, budget)
-                self._palettize(targets, _data_free, num_kmeans_workers, None, widths, budget)
+                write_palettized(self._palettized(targets, _data_free, num_kmeans_workers, None, widths, budget))
             else:
                 self._calibrated(model, targets, calibration_data, forward_fn, num_kmeans_workers, budget)
         self._model = model
@@ -151,8 +151,7 @@ class PostTrainingPalettizer(PalettizerBase[PostTrainingPalettizerConfig]):
         seen = {name for group in groups for name in group.linears}
         rest = [t for t in targets if t.name not in seen]  # not Linear, or not called: data-free
         palettized += self._palettized(rest, _data_free, threads, None, widths, budget)
-        for done in palettized:
-            write_palettized(*done)
+        write_palettized(palettized)
 
 
 def _data_free(target: Target) -> None:

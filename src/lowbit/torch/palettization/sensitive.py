@@ -16,7 +16,13 @@ from lowbit.budget import check_bits_per_weight
 from lowbit.config import check_int
 from lowbit.torch.config import ModelConfig, ModuleConfig
 from lowbit.torch.modules import to_numpy
-from lowbit.torch.palettization._base import KMeansModuleConfig, PalettizerBase, Target, allocated_widths
+from lowbit.torch.palettization._base import (
+    KMeansModuleConfig,
+    PalettizerBase,
+    Target,
+    allocated_widths,
+    write_palettized,
+)
 
 __all__ = ["ModuleSKMPalettizerConfig", "SKMPalettizer", "SKMPalettizerConfig"]
 
@@ -123,7 +129,7 @@ class SKMPalettizer(PalettizerBase[SKMPalettizerConfig]):
         with torch.no_grad():
             sensitivity = lambda target: to_numpy(sensitivities[target.name])  # noqa: E731
             widths = allocated_widths(targets, sensitivity, num_kmeans_workers, {}, budget)
-            self._palettize(targets, sensitivity, num_kmeans_workers, None, widths, budget)
+            write_palettized(self._palettized(targets, sensitivity, num_kmeans_workers, None, widths, budget))
         self._model = model
         return model
 
