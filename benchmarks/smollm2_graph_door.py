@@ -70,6 +70,10 @@ ROWS: dict[str, tuple[str, Callable]] = {
     "pc8": ("palettize 4-bit per-channel, int8 LUTs, calibrated", palettized(**PER_CHANNEL_INT8)),
     "g16": ("palettize 4-bit grouped(16), calibrated", palettized(**GROUPED16)),
     "pc8_3": ("palettize 3-bit per-channel, int8 LUTs, calibrated", palettized(n_bits=3, **PER_CHANNEL_INT8)),
+    "mix35": (
+        "palettize mixed bits 3.5 b/w, per-channel int8 LUTs, calibrated",
+        palettized(bits_per_weight=3.5, **PER_CHANNEL_INT8),
+    ),
     "int4s": ("int4 block 64 symmetric, calibrated (GPTQ codes)", quantized("SYMMETRIC")),
     "int4a": ("int4 block 64 asymmetric, calibrated (GPTQ codes)", quantized("ASYMMETRIC")),
     "int4s_search": (
