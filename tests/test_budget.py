@@ -137,14 +137,24 @@ def _uneven_program() -> tuple[lowbit.Program, dict[str, np.ndarray]]:
     return lowbit.Program(make_model(weights, [("MatMul", name, {}) for name in weights])), weights
 
 
-@pytest.mark.parametrize("budget", [3.0, 3.5, 5.0])
-def test_the_graph_door_meets_the_budget_and_the_file_runs(tmp_path, budget):
+PER_CHANNEL_INT8 = {"granularity": "per_grouped_channel", "group_size": 1, "lut_dtype": "int8"}
+
+
+@pytest.mark.parametrize(
+    ("budget", "options"), [(3.0, {}), (3.5, {}), (5.0, {}), (3.8, PER_CHANNEL_INT8), (4.5, PER_CHANNEL_INT8)]
+)
+def test_the_graph_door_meets_the_budget_and_the_file_runs(tmp_path, budget, options):
+    """The budget holds for the bytes the file stores for the weights (int8 LUTs: their zero points too); the
+    model-wide decode constants (a shared 1.0) are not any weight's."""
     program, weights = _uneven_program()
-    small = lowbit.palettize_weights(program, bits_per_weight=budget, num_kmeans_workers=2)
+    small = lowbit.palettize_weights(program, bits_per_weight=budget, num_kmeans_workers=2, **options)
     rows = small.report.compressed
     assert len(rows) == 4
     numel = sum(w.size for w in weights.values())
-    assert 8 * sum(r.bytes_after for r in rows) <= budget * numel
+    own = [v for name, v in small.graph.initializers.items() if not name.startswith("lowbit.")]
+    assert 8 * sum(v.const_value.nbytes for v in own) <= budget * numel  # the weights' own constants, in the file
+    shared = [v for name, v in small.graph.initializers.items() if name.startswith("lowbit.")]
+    assert sum(v.const_value.nbytes for v in shared) <= 8  # model-wide decode constants, outside the budget
     widths = {r.name: int(r.note.split("-bit")[0]) for r in rows}
     assert all("bits/weight budget" in r.note for r in rows)
     assert set(widths.values()) <= set(BUDGET_BITS)

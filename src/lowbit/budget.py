@@ -119,10 +119,12 @@ def measured_choices(
     sensitivity: np.ndarray | None = None,
     damping: float = 0.0,
     threads: int = 1,
+    stored: Callable[[Any], int] | None = None,
 ) -> tuple[Choice, ...]:
     """``array`` palettized as ``config`` says at each width of :data:`BUDGET_BITS` (weighted as the final pass
     will be, without its error feedback: by the calibration ``stats``, else by ``sensitivity`` damped by
-    ``damping``), with bytes and error. Raises what :func:`~lowbit.weights.palettize_weight` raises."""
+    ``damping``), with bytes (``stored(result)``, default the weight layer's count: what the door stores) and
+    error. Raises what :func:`~lowbit.weights.palettize_weight` raises."""
     from lowbit.weights import palettize_weight
 
     importance, damping = (sensitivity, damping) if stats is None else stats.weighting(array.shape, input_axis)
@@ -138,7 +140,8 @@ def measured_choices(
             threads=threads,
             damping=damping,
         )
-        choices.append(Choice(bits, result.nbytes, error_of(result.decode())))
+        nbytes = result.nbytes if stored is None else stored(result)
+        choices.append(Choice(bits, nbytes, error_of(result.decode())))
     return tuple(choices)
 
 

@@ -128,7 +128,14 @@ def _sparsify_job(array: np.ndarray, weight: Weight, config: Any, threads: int, 
     return functools.partial(sparsify_weight, array, weight.output_axis, weight.input_axis, config, importance, gram)
 
 
-def _measure_job(array: np.ndarray, weight: Weight, config: Any, threads: int, stats: InputMoments | None):
+def _measure_job(
+    array: np.ndarray,
+    weight: Weight,
+    config: Any,
+    threads: int,
+    stats: InputMoments | None,
+    stored: Callable[[Any], int],
+) -> Callable[[], Any]:
     return functools.partial(
         measured_choices,
         array,
@@ -139,25 +146,29 @@ def _measure_job(array: np.ndarray, weight: Weight, config: Any, threads: int, s
         stats=stats,
         damping=ACTIVATION_DAMPING,
         threads=threads,
+        stored=stored,
     )
 
 
 Job = Callable[[np.ndarray, Weight, Any, int, InputMoments | None], Callable[[], Any]]
+# a Job with, last, the bytes the backend stores a result in
+Measure = Callable[[np.ndarray, Weight, Any, int, InputMoments | None, Callable[[Any], int]], Callable[[], Any]]
 
 
 @dataclass(frozen=True)
 class Algorithm:
     """A compression as the driver runs it: ``job(array, weight, config, threads, statistics)`` returns a picklable
     call of the weight layer (``statistics``: the weight's :class:`~lowbit.statistics.InputMoments` from calibration
-    data, or None); ``workers(config)`` is how many weights it runs at once by default; ``measure`` (same
-    arguments), where the algorithm has a width to choose, returns the call measuring each width's
-    :class:`~lowbit.budget.Choice` for a bits-per-weight budget."""
+    data, or None); ``workers(config)`` is how many weights it runs at once by default; ``measure`` (the same
+    arguments and, last, ``stored(result)``: the bytes the backend stores a result in), where the algorithm has a
+    width to choose, returns the call measuring each width's :class:`~lowbit.budget.Choice` for a bits-per-weight
+    budget."""
 
     name: str
     kind: str  # what it makes of a weight, for the report: palettized, quantized, sparse
     job: Job
     workers: Callable[[Any], int] = lambda config: 1
-    measure: Job | None = None
+    measure: Measure | None = None
 
 
 ALGORITHMS: dict[str, Algorithm] = {
@@ -277,7 +288,13 @@ class _Driver(Generic[W]):
         """Measure each planned weight at every width and choose its width for the budget (``self.allocation``).
         A weight the measurement skips is left to the main pass, which skips it again and reports why."""
         assert self.algorithm.measure is not None and self.bits_per_weight is not None
-        measure = self.algorithm.measure
+        algorithm_measure = self.algorithm.measure
+
+        def measure(array: np.ndarray, weight: Any, config: Any, threads: int, stats: InputMoments | None) -> Any:
+            """The algorithm's measure, each width's bytes as the backend will store them."""
+            stored = functools.partial(self.stored_nbytes, weight, config)
+            return algorithm_measure(array, weight, config, threads, stats, stored)
+
         choices = {}
         for weight, outcome in self.outcomes(self.jobs([w for w, _ in plan], None, measure), executor):
             try:
@@ -288,6 +305,9 @@ class _Driver(Generic[W]):
                 self.backend.release(weight)
         numel = sum(weight.numel for weight, _ in plan if weight.name in choices)
         self.allocation = allocate(choices, self.bits_per_weight * numel / 8)
+
+    def stored_nbytes(self, weight: W, config: Any, result: Any) -> int:
+        return self.backend.stored_nbytes(weight, result, config)
 
     def jobs(
         self, weights: Sequence[W], report: CompressionReport | None, job: Job | None = None

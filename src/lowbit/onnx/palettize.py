@@ -38,6 +38,12 @@ class PalettizeWriter(OnnxWriter):
             return FP8_CAST_OPSET, 9
         return super().requirements_of(config, weights, program)
 
+    def stored_nbytes(self, ref: WeightRef, result: PalettizedWeight, config: PalettizeConfig) -> int:
+        """The weight layer's count, plus the zero points ``lowbit.LutDequantize`` stores beside a quantized LUT
+        (one per LUT, zeros when it is symmetric)."""
+        quantized = result.palettized.lut_quantized
+        return result.nbytes + (0 if quantized is None else quantized.scale.size * quantized.q.dtype.itemsize)
+
     def write(self, program: Program, ref: WeightRef, result: PalettizedWeight, config: PalettizeConfig) -> int:
         assert ref.value is not None
         consumer = fused.fused_consumer(ref.value, self.target) if result.outliers is None else None
