@@ -3,6 +3,7 @@ references, and the budget met through each door."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -222,3 +223,24 @@ def test_the_cli_takes_a_budget_and_refuses_a_bad_one(capsys, tmp_path, digits_p
     err = capsys.readouterr().err
     assert "bits_per_weight must be a finite number above 2" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_with_output_weights_the_error_is_the_loss_change_of_the_layer_outputs():
+    """``sum_n s_n dW_n X^T X dW_n`` against the outputs themselves: each output channel's squared error over the
+    calibration rows, weighted by its mean squared loss gradient."""
+    from lowbit.weights import palettize_weight
+
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((200, 48)) @ (rng.standard_normal((48, 48)) * 0.3 + np.eye(48))
+    w = (rng.standard_normal((24, 48)) * 0.1).astype(np.float32)  # Linear [out, in]
+    s = rng.uniform(0.0, 2.0, 24)
+    stats = InputMoments.empty(48, full=True)
+    stats.add(x, -1)
+    config = PalettizeConfig(granularity="per_grouped_channel", group_size=4, weight_num_threshold=0)
+    choices = measured_choices(w, 0, 1, config, name="w", stats=stats, output_weights=s)
+    for choice in choices:
+        importance, damping = stats.weighting(w.shape, 1)
+        bits = dataclasses.replace(config, n_bits=choice.n_bits)
+        decoded = palettize_weight(w, 0, bits, name="w", importance=importance, damping=damping).decode()
+        outputs = x @ (decoded.astype(np.float64) - w).T  # [rows, output channels]
+        assert choice.error == pytest.approx(float((outputs**2).sum(0) @ s), rel=1e-4)

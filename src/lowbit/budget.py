@@ -79,10 +79,16 @@ def relative_output_error(array: np.ndarray, decoded: np.ndarray, input_axis: in
 
 
 def _error_measure(
-    array: np.ndarray, input_axis: int, stats: InputMoments | None, sensitivity: np.ndarray | None
+    array: np.ndarray,
+    input_axis: int,
+    stats: InputMoments | None,
+    sensitivity: np.ndarray | None,
+    output_weights: np.ndarray | None = None,
 ) -> Callable[[np.ndarray], float]:
-    """The error of a decode of ``array``: ``sum sensitivity dW^2`` with a ``sensitivity``, else the relative
-    output error (:func:`relative_output_error`). What does not depend on the decode is computed once."""
+    """The error of a decode of ``array``: ``sum sensitivity dW^2`` with a ``sensitivity``; with ``output_weights``
+    (each output channel's mean squared loss gradient) and the whole ``X^T X``, the loss change the layer's output
+    error makes, ``sum_n s_n dW_n X^T X dW_n`` (the Fisher information of the outputs, K-FAC's factoring); else the
+    relative output error (:func:`relative_output_error`). What does not depend on the decode is computed once."""
     if sensitivity is not None:
         exact = array.astype(np.float64)
 
@@ -93,6 +99,14 @@ def _error_measure(
         return weighted
     w = np.moveaxis(array.astype(np.float64), input_axis, 0).reshape(array.shape[input_axis], -1)
     gram = None if stats is None or array.ndim != 2 else stats.gram
+    if output_weights is not None and gram is not None:
+        h, s = gram.astype(np.float64), np.asarray(output_weights, np.float64).reshape(-1)
+
+        def loss_change(decoded: np.ndarray) -> float:
+            d = np.moveaxis(decoded.astype(np.float64), input_axis, 0).reshape(w.shape) - w
+            return float(((h @ d) * d).sum(0) @ s)
+
+        return loss_change
 
     def energy(x: np.ndarray) -> float:
         if stats is None:
@@ -120,15 +134,17 @@ def measured_choices(
     damping: float = 0.0,
     threads: int = 1,
     stored: Callable[[Any], int] | None = None,
+    output_weights: np.ndarray | None = None,
 ) -> tuple[Choice, ...]:
     """``array`` palettized as ``config`` says at each width of :data:`BUDGET_BITS` (weighted as the final pass
     will be, without its error feedback: by the calibration ``stats``, else by ``sensitivity`` damped by
     ``damping``), with bytes (``stored(result)``, default the weight layer's count: what the door stores) and
-    error. Raises what :func:`~lowbit.weights.palettize_weight` raises."""
+    error (with ``output_weights``, each output channel's mean squared loss gradient, and ``stats``: the loss change,
+    see :func:`_error_measure`). Raises what :func:`~lowbit.weights.palettize_weight` raises."""
     from lowbit.weights import palettize_weight
 
     importance, damping = (sensitivity, damping) if stats is None else stats.weighting(array.shape, input_axis)
-    error_of = _error_measure(array, input_axis, stats, sensitivity)
+    error_of = _error_measure(array, input_axis, stats, sensitivity, output_weights)
     choices = []
     for bits in BUDGET_BITS:
         result = palettize_weight(

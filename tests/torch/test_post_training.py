@@ -424,3 +424,73 @@ def test_modules_reading_one_input_share_its_moments_and_an_in_place_change_is_s
         want = (scale * xs).T @ (scale * xs)  # float32 products: to float32's precision of the diagonal
         np.testing.assert_allclose(moments[name].gram, want, rtol=1e-6, atol=1e-6 * want.diagonal().max())
         assert moments[name].rows == 15
+
+
+class _TwoHeads(nn.Module):
+    """A trunk and two heads: the loss reads only the first head's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk, self.used, self.ignored = nn.Linear(32, 64), nn.Linear(64, 16), nn.Linear(64, 16)
+
+    def forward(self, x):
+        h = torch.relu(self.trunk(x))
+        return self.used(h), self.ignored(h)
+
+
+def _head_loss(model: nn.Module, item) -> torch.Tensor:
+    x, target = item
+    return torch.nn.functional.mse_loss(model(x)[0], target)
+
+
+def test_output_sensitivity_is_the_mean_squared_loss_gradient_of_each_output_channel():
+    from lowbit.torch.calibration import collect_output_sensitivity
+
+    torch.manual_seed(5)
+    model = _TwoHeads()
+    items = [(torch.randn(8, 32), torch.randn(8, 16)) for _ in range(3)]
+    moments, outputs = collect_output_sensitivity(model, _linears(model), items, _head_loss)
+    want = torch.zeros(16, dtype=torch.float64)
+    for x, target in items:
+        h = torch.relu(model.trunk(x))
+        y = model.used(h)
+        (gradient,) = torch.autograd.grad(torch.nn.functional.mse_loss(y, target), y)
+        want += (gradient.double() ** 2).sum(0)
+    np.testing.assert_allclose(outputs["used.weight"], (want / 24).numpy(), rtol=1e-6)
+    assert not outputs["ignored.weight"].any()  # the loss never reads it
+    assert outputs["trunk.weight"].shape == (64,) and outputs["trunk.weight"].all()
+    assert moments["used.weight"].rows == 24 and moments["used.weight"].gram is not None
+    assert all(p.grad is None for p in model.parameters()) and model.training  # left as it was
+
+
+def test_a_loss_weighs_mixed_bits_by_what_each_layer_costs_it():
+    """With ``loss_fn``, each width's error is the loss change: the head the loss ignores gets the narrowest
+    width, its bytes go where the loss is, and the loss is lower than with the relative errors."""
+    torch.manual_seed(6)
+    model = _TwoHeads()
+    items = [(torch.randn(16, 32), torch.randn(16, 16)) for _ in range(4)]
+    config = PostTrainingPalettizerConfig.from_dict({"global_config": {"n_bits": 4}})
+    palettizer = PostTrainingPalettizer(model, config)
+    weighed = palettizer.compress(
+        calibration_data=items, forward_fn=lambda m, item: m(item[0]), bits_per_weight=4, loss_fn=_head_loss
+    )
+    widths = {r.name: int(r.note.split("-bit")[0]) for r in palettizer.report().compressed}
+    assert widths["ignored.weight"] == 2 < min(widths["used.weight"], widths["trunk.weight"]), widths
+    relative = PostTrainingPalettizer(model, config).compress(
+        calibration_data=items, forward_fn=lambda m, item: m(item[0]), bits_per_weight=4
+    )
+    with torch.no_grad():
+        losses = [sum(float(_head_loss(m, item)) for item in items) for m in (weighed, relative, model)]
+    assert losses[0] < losses[1], losses
+
+
+def test_loss_fn_is_checked():
+    model = _TwoHeads()
+    items = [(torch.randn(8, 32), torch.randn(8, 16))]
+    palettizer = PostTrainingPalettizer(model)
+    with pytest.raises(ValueError, match="loss_fn weighs the layers for bits_per_weight"):
+        palettizer.compress(calibration_data=items, loss_fn=_head_loss)
+    with pytest.raises(TypeError, match="loss_fn must be callable"):
+        palettizer.compress(calibration_data=items, bits_per_weight=4, loss_fn="mse")
+    with pytest.raises(TypeError, match="loss_fn must return a scalar tensor"):
+        palettizer.compress(calibration_data=items, bits_per_weight=4, loss_fn=lambda m, item: m(item[0])[0])

@@ -8,6 +8,7 @@ import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -17,6 +18,7 @@ __all__ = [
     "Enough",
     "LinearMoments",
     "collect_linear_moments",
+    "collect_output_sensitivity",
     "default_forward",
     "evaluating",
     "forward_of",
@@ -161,3 +163,55 @@ def collect_linear_moments(
     hooks = LinearMoments(linears, full, stop_early)
     run_items(model, hooks.register(), calibration_data, forward, hooks.item_done)
     return hooks.moments
+
+
+def collect_output_sensitivity(
+    model: nn.Module,
+    linears: Mapping[str, nn.Linear],
+    calibration_data: Iterable[Any],
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+) -> tuple[dict[str, InputMoments], dict[str, np.ndarray]]:
+    """(each Linear's input :class:`InputMoments` with the whole ``X^T X``, each one's mean squared gradient of
+    ``loss_fn(model, item)`` with respect to its output channels), by weight name, over ``calibration_data``: one
+    forward and backward per item in eval mode (the model's mode and gradients restored). Together they give the
+    loss change an output error makes (the outputs' Fisher information, K-FAC's factoring). ``ValueError`` when
+    the data holds no item or an activation is not finite; ``TypeError`` when ``loss_fn`` is not callable or does
+    not return a scalar tensor."""
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable as loss_fn(model, item), got {type(loss_fn).__name__}")
+    hooks = LinearMoments(linears)
+    squares = {name: torch.zeros(linear.out_features, dtype=torch.float64) for name, linear in linears.items()}
+    rows = dict.fromkeys(linears, 0)
+
+    def gradient_hook(name: str) -> Callable:
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            def on_gradient(gradient: torch.Tensor) -> None:
+                flat = gradient.detach().reshape(-1, gradient.shape[-1]).to(torch.float64)
+                squares[name] += (flat * flat).sum(0)
+                rows[name] += flat.shape[0]
+
+            if output.requires_grad:
+                output.register_hook(on_gradient)
+
+        return hook
+
+    handles = hooks.register() + [m.register_forward_hook(gradient_hook(n)) for n, m in linears.items()]
+    training, items = model.training, 0
+    try:
+        model.eval()
+        for item in calibration_data:
+            with torch.enable_grad():
+                loss = loss_fn(model, item)
+                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                    raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}")
+                loss.backward()
+            model.zero_grad(set_to_none=True)
+            hooks.item_done()
+            items += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(training)
+    if items == 0:
+        raise ValueError("calibration_data yielded nothing")
+    return hooks.moments, {name: (squares[name] / max(rows[name], 1)).numpy() for name in linears}

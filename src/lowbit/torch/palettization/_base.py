@@ -288,10 +288,12 @@ def allocated_widths(
     threads: int,
     statistics: Mapping[str, InputMoments],
     bits_per_weight: float | None,
+    output_weights: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, int]:
     """Each target's width for the ``bits_per_weight`` budget (None: no budget, ``{}``): every target measured at
-    each width (its error weighted by its statistics or sensitivity), then :func:`lowbit.budget.allocate`. Targets
-    the measure skips keep their width."""
+    each width (its error weighted by its statistics or sensitivity; with ``output_weights``, each output channel's
+    mean squared loss gradient by weight name, the loss change), then :func:`lowbit.budget.allocate`. Targets the
+    measure skips keep their width."""
     if bits_per_weight is None:
         return {}
     choices, numel = {}, 0
@@ -309,6 +311,7 @@ def allocated_widths(
                 sensitivity=sensitivity,
                 damping=damping,
                 threads=threads,
+                output_weights=(output_weights or {}).get(target.name),
             )
         except SkipWeight:
             continue

@@ -6,12 +6,14 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
 from lowbit.budget import check_bits_per_weight
 from lowbit.config import check_bool, check_int
-from lowbit.torch.calibration import collect_linear_moments
+from lowbit.statistics import InputMoments
+from lowbit.torch.calibration import collect_linear_moments, collect_output_sensitivity
 from lowbit.torch.config import ModelConfig, ModuleConfig
 from lowbit.torch.palettization._base import (
     KMeansModuleConfig,
@@ -80,6 +82,7 @@ class PostTrainingPalettizer(PalettizerBase[PostTrainingPalettizerConfig]):
         calibration_data: Iterable[Any] | None = None,
         forward_fn: Callable[[nn.Module, Any], Any] | None = None,
         bits_per_weight: float | None = None,
+        loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
     ) -> nn.Module:
         """Palettize and return the model: a deep copy (default) or, with ``inplace=True``, the model itself.
 
@@ -98,12 +101,21 @@ class PostTrainingPalettizer(PalettizerBase[PostTrainingPalettizerConfig]):
         most this many bits per element (LUTs included) with the smallest summed error. The report notes each
         weight's width.
 
-        Raises ``ValueError`` when a parameter is on the meta device, or ``bits_per_weight`` is not above 2 or below
-        what 2 bits everywhere take. A weight that cannot be palettized as
-        configured (channels that do not divide by cluster_dim, NaN / Inf values, an integer dtype) is left as it
-        is with a ``UserWarning`` naming it and the reason.
+        ``loss_fn`` (lowbit's extension, with ``calibration_data`` and ``bits_per_weight`` only; default None):
+        ``loss_fn(model, item)`` -> scalar loss (e.g. a causal LM's ``model(input_ids=ids, labels=ids).loss``). Each
+        item then also runs backward once, and each Linear weight's error at a width is the loss change its output
+        error makes, ``sum_n s_n dW_n X^T X dW_n`` (``s_n``: the mean squared loss gradient at output channel
+        ``n``), not its relative output error: layers are then compared by what they cost the loss.
+
+        Raises ``ValueError`` when a parameter is on the meta device, ``bits_per_weight`` is not above 2 or below
+        what 2 bits everywhere take, or ``loss_fn`` comes without ``calibration_data`` and ``bits_per_weight``;
+        ``TypeError`` when ``loss_fn`` is not callable or does not return a scalar tensor. A weight that cannot be
+        palettized as configured (channels that do not divide by cluster_dim, NaN / Inf values, an integer dtype)
+        is left as it is with a ``UserWarning`` naming it and the reason.
         """
         budget = check_bits_per_weight(bits_per_weight)
+        if loss_fn is not None and (calibration_data is None or budget is None):
+            raise ValueError("loss_fn weighs the layers for bits_per_weight: give calibration_data and bits_per_weight")
         model = self._target_model(inplace)
         targets = list(self._targets(model))
         with torch.no_grad():
@@ -111,7 +123,7 @@ class PostTrainingPalettizer(PalettizerBase[PostTrainingPalettizerConfig]):
                 widths = allocated_widths(targets, _data_free, num_kmeans_workers, {}, budget)
                 write_palettized(self._palettized(targets, _data_free, num_kmeans_workers, None, widths, budget))
             else:
-                self._calibrated(model, targets, calibration_data, forward_fn, num_kmeans_workers, budget)
+                self._calibrated(model, targets, calibration_data, forward_fn, num_kmeans_workers, budget, loss_fn)
         self._model = model
         return model
 
@@ -123,18 +135,26 @@ class PostTrainingPalettizer(PalettizerBase[PostTrainingPalettizerConfig]):
         forward_fn: Callable[[nn.Module, Any], Any] | None,
         threads: int,
         budget: float | None,
+        loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
     ) -> None:
         """Palettize ``targets`` block after block (:mod:`lowbit.torch.sequential`), each block's Linear weights
         from the statistics of the dense model's activations, only one block's ``X^T X`` held at a time; the
         palettized weights are written once every block is done. With a budget, the widths are chosen first from one
-        pass over the dense model (the diagonals only)."""
+        pass over the dense model (the diagonals only; with ``loss_fn``, a forward and backward per item: the whole
+        ``X^T X`` and the outputs' squared loss gradients)."""
         items = calibration_data if isinstance(calibration_data, Sequence) else list(calibration_data)
         if not items:
             raise ValueError("calibration_data yielded nothing")
         by_name = {t.name: t for t in targets}
         linears = {t.name: t.module for t in targets if isinstance(t.module, nn.Linear) and t.weight.name == "weight"}
-        diagonals = {} if budget is None else collect_linear_moments(model, linears, items, forward_fn, full=False)
-        widths = allocated_widths(targets, _data_free, threads, diagonals, budget)
+        diagonals: dict[str, InputMoments] = {}
+        outputs: dict[str, np.ndarray] | None = None
+        if budget is not None and loss_fn is not None:
+            diagonals, outputs = collect_output_sensitivity(model, linears, items, loss_fn)
+        elif budget is not None:
+            diagonals = collect_linear_moments(model, linears, items, forward_fn, full=False)
+        widths = allocated_widths(targets, _data_free, threads, diagonals, budget, outputs)
+        del diagonals, outputs
         groups = in_sequence(model, linears, items[0], forward_fn)
         blocks = [group.block for group in groups if group.is_block]
         chain = chained(model, blocks, items[0], forward_fn)
