@@ -68,9 +68,16 @@ def decoder_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
 # ---------------------------------------------------------------------------------------------------------- lowbit
 
 
-def lowbit_row(module: dict, bits_per_weight: float | None = None, inplace: bool = False) -> Callable:
+def lm_loss(model: torch.nn.Module, item: dict) -> torch.Tensor:
+    """The next-token loss of a calibration window (the loss ``loss_fn`` weighs the layers by)."""
+    return model(input_ids=item["input_ids"], labels=item["input_ids"], use_cache=False).loss
+
+
+def lowbit_row(
+    module: dict, bits_per_weight: float | None = None, inplace: bool = False, weighed: bool = False
+) -> Callable:
     """``inplace``: the loaded model itself is palettized (no copy in the +MiB column); such a row must be the
-    last one of its run."""
+    last one of its run. ``weighed``: the budget's errors weighed by the loss (``loss_fn``)."""
 
     def run(model, calibration, _tokenizer):
         config = PostTrainingPalettizerConfig.from_dict({"global_config": module, "module_name_configs": SKIP})
@@ -80,6 +87,7 @@ def lowbit_row(module: dict, bits_per_weight: float | None = None, inplace: bool
             inplace=inplace,
             calibration_data=[{"input_ids": window[None], "use_cache": False} for window in calibration],
             bits_per_weight=bits_per_weight,
+            loss_fn=lm_loss if weighed else None,
         )
         return out, *_bits_and_widths(out)
 
@@ -235,6 +243,10 @@ ROWS: dict[str, tuple[str, Callable]] = {
     "lb3pc8": ("lowbit PTQ 3-bit per-channel int8 LUT, calibrated", lowbit_row({"n_bits": 3, **PER_CHANNEL_INT8})),
     "lbmix": ("lowbit PTQ mixed bits, 3.5 b/w, grouped(16), calibrated", lowbit_row(GROUPED16, 3.5)),
     "lbmixpc8": ("lowbit PTQ mixed bits, 3.5 b/w, per-channel int8 LUT, calibrated", lowbit_row(PER_CHANNEL_INT8, 3.5)),
+    "lbmixpc8loss": (
+        "lowbit PTQ mixed bits, 3.5 b/w, per-channel int8 LUT, calibrated, weighed by the loss",
+        lowbit_row(PER_CHANNEL_INT8, 3.5, weighed=True),
+    ),
     "skmmixpc8": ("lowbit SKM mixed bits, 3.5 b/w, per-channel int8 LUT", skm_row(PER_CHANNEL_INT8, 3.5)),
     "rtn4a": ("RTN int4 g64 asymmetric", rtn_row(4, False)),
     "rtn4s": ("RTN int4 g64 symmetric", rtn_row(4, True)),
