@@ -99,11 +99,16 @@ def _error_measure(
         return weighted
     w = np.moveaxis(array.astype(np.float64), input_axis, 0).reshape(array.shape[input_axis], -1)
     gram = None if stats is None or array.ndim != 2 else stats.gram
+
+    def change(decoded: np.ndarray) -> np.ndarray:
+        """``decoded - array``, input channels first, as ``w``."""
+        return np.moveaxis(decoded.astype(np.float64), input_axis, 0).reshape(w.shape) - w
+
     if output_weights is not None and gram is not None:
         h, s = gram.astype(np.float64), np.asarray(output_weights, np.float64).reshape(-1)
 
         def loss_change(decoded: np.ndarray) -> float:
-            d = np.moveaxis(decoded.astype(np.float64), input_axis, 0).reshape(w.shape) - w
+            d = change(decoded)
             return float(((h @ d) * d).sum(0) @ s)
 
         return loss_change
@@ -118,7 +123,7 @@ def _error_measure(
     reference = max(energy(w), np.finfo(np.float64).tiny)
 
     def relative(decoded: np.ndarray) -> float:
-        return energy(np.moveaxis(decoded.astype(np.float64), input_axis, 0).reshape(w.shape) - w) / reference
+        return energy(change(decoded)) / reference
 
     return relative
 

@@ -292,8 +292,9 @@ class _Driver(Generic[W]):
 
         def measure(array: np.ndarray, weight: Any, config: Any, threads: int, stats: InputMoments | None) -> Any:
             """The algorithm's measure, each width's bytes as the backend will store them."""
-            stored = functools.partial(self.stored_nbytes, weight, config)
-            return algorithm_measure(array, weight, config, threads, stats, stored)
+            return algorithm_measure(
+                array, weight, config, threads, stats, lambda result: self.backend.stored_nbytes(weight, result, config)
+            )
 
         choices = {}
         for weight, outcome in self.outcomes(self.jobs([w for w, _ in plan], None, measure), executor):
@@ -305,9 +306,6 @@ class _Driver(Generic[W]):
                 self.backend.release(weight)
         numel = sum(weight.numel for weight, _ in plan if weight.name in choices)
         self.allocation = allocate(choices, self.bits_per_weight * numel / 8)
-
-    def stored_nbytes(self, weight: W, config: Any, result: Any) -> int:
-        return self.backend.stored_nbytes(weight, result, config)
 
     def jobs(
         self, weights: Sequence[W], report: CompressionReport | None, job: Job | None = None

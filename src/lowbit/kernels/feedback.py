@@ -29,7 +29,7 @@ __all__ = [
 BLOCK = 128  # rows whose updates run eagerly; the rows after a block get its updates in one product (GPTQ's lazy)
 # a grid chosen block by block as the feedback reaches each block: (the grid, the block's input channels [rows],
 # their values then [rows, N], their pivots: the factor's diagonal [rows]) -> None, the grid's entries of those
-# channels rewritten (pruning's kept set, a linear quantizer's group scales)
+# channels rewritten (SparseGPT: pruning's kept set)
 Refresh = Callable[["Grid", np.ndarray, np.ndarray, np.ndarray], None]
 
 
@@ -116,7 +116,7 @@ def feedback(
     ``channels[row]``: a row's input channel when ``w``'s rows are reordered (default: in order). Updates within
     ``block`` rows run eagerly, then reach the rows after in one product (GPTQ's lazy batches); ``block >= K`` is
     the plain recurrence. ``refresh`` rewrites the grid of each block's channels when the block is reached, from
-    their values then (SparseGPT's adaptive mask, GPTQ's group scales)."""
+    their values then (SparseGPT's adaptive mask)."""
     work = np.array(w, dtype=np.float64, copy=True, order="C")
     rows = work.shape[0]
     channel_of = np.arange(rows) if channels is None else np.asarray(channels, np.int64)

@@ -49,12 +49,13 @@ def forward_of(forward_fn: Callable[[nn.Module, Any], Any] | None) -> Callable[[
 
 
 @contextlib.contextmanager
-def evaluating(model: nn.Module, handles: Iterable[Any] = ()) -> Iterator[None]:
-    """``model`` in eval mode without gradients; its mode restored and the hook ``handles`` removed after."""
+def evaluating(model: nn.Module, handles: Iterable[Any] = (), gradients: bool = False) -> Iterator[None]:
+    """``model`` in eval mode, without gradients unless ``gradients``; its mode restored and the hook ``handles``
+    removed after."""
     training = model.training
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.enable_grad() if gradients else torch.no_grad():
             yield
     finally:
         for handle in handles:
@@ -68,12 +69,13 @@ def run_items(
     calibration_data: Iterable[Any],
     forward: Callable[[nn.Module, Any], Any],
     after_item: Callable[[], None] = lambda: None,
+    gradients: bool = False,
 ) -> int:
-    """Run every item through ``forward(model, item)`` in eval mode without gradients, with the hooks whose
-    ``handles`` are given (a hook may end an item's forward with :class:`Enough`); the hooks are removed and the
-    model's mode restored. Returns how many items ran; ``ValueError`` when there was none."""
+    """Run every item through ``forward(model, item)`` in eval mode, without gradients unless ``gradients``, with
+    the hooks whose ``handles`` are given (a hook may end an item's forward with :class:`Enough`); the hooks are
+    removed and the model's mode restored. Returns how many items ran; ``ValueError`` when there was none."""
     items = 0
-    with evaluating(model, handles):
+    with evaluating(model, handles, gradients):
         for item in calibration_data:
             with contextlib.suppress(Enough):
                 forward(model, item)
@@ -195,23 +197,13 @@ def collect_output_sensitivity(
 
         return hook
 
+    def backward(model: nn.Module, item: Any) -> None:
+        loss = loss_fn(model, item)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}")
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
     handles = hooks.register() + [m.register_forward_hook(gradient_hook(n)) for n, m in linears.items()]
-    training, items = model.training, 0
-    try:
-        model.eval()
-        for item in calibration_data:
-            with torch.enable_grad():
-                loss = loss_fn(model, item)
-                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                    raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}")
-                loss.backward()
-            model.zero_grad(set_to_none=True)
-            hooks.item_done()
-            items += 1
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(training)
-    if items == 0:
-        raise ValueError("calibration_data yielded nothing")
+    run_items(model, handles, calibration_data, backward, hooks.item_done, gradients=True)
     return hooks.moments, {name: (squares[name] / max(rows[name], 1)).numpy() for name in linears}

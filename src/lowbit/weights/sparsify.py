@@ -63,8 +63,9 @@ def sparsify_weight(
     channels), its non-zeros optionally palettized or quantized. ``importance`` (``array``'s shape, e.g. each input
     channel's mean squared activation) ranks the elements by ``|w| * sqrt(importance)`` instead of ``|w|``: the
     activation-aware pruning of Wanda, which keeps the weights whose removal moves the layer's output most.
-    ``gram``: optional ``X^T X`` of a 2-D weight's input activations: the kept weights are then updated to make up
-    for the pruned ones (SparseGPT's error feedback across the input channels), before any joint quantization.
+    ``gram``: optional ``X^T X`` of a 2-D weight's input activations: SparseGPT's then, before any joint
+    quantization: the kept weights (unstructured, n:m) chosen block by block as the error feedback across the input
+    channels reaches them, and updated to make up for the pruned ones (see :func:`_pruned_with_feedback`).
 
     Raises :class:`~lowbit.errors.SkipWeight` when the channels do not divide into the blocks or the n:m groups,
     or the values are not finite.
