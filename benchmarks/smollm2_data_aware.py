@@ -46,6 +46,7 @@ from lowbit.torch.palettization import (
     SKMPalettizer,
     SKMPalettizerConfig,
 )
+from lowbit.torch.quantization import PostTrainingQuantizer, PostTrainingQuantizerConfig
 
 warnings.filterwarnings("ignore")
 logging.disable(logging.WARNING)
@@ -94,8 +95,29 @@ def lowbit_row(
     return run
 
 
+def quantizer_row(symmetric: bool, scale_search: bool = False) -> Callable:
+    """PostTrainingQuantizer int4, blocks of 64 input channels, GPTQ's error feedback from the calibration windows."""
+
+    def run(model, calibration, _tokenizer):
+        module = {
+            "weight_dtype": "int4" if symmetric else "uint4",
+            "granularity": "per_block",
+            "block_size": GROUP,
+            "quantization_scheme": "symmetric" if symmetric else "affine",
+            "scale_search": scale_search,
+        }
+        config = PostTrainingQuantizerConfig.from_dict({"global_config": module, "module_name_configs": SKIP})
+        out = PostTrainingQuantizer(model, config).compress(
+            calibration_data=[{"input_ids": window[None], "use_cache": False} for window in calibration]
+        )
+        return out, *_bits_and_widths(out)
+
+    return run
+
+
 def _bits_and_widths(model: torch.nn.Module) -> tuple[float, str]:
-    """The palettized weights' bits per weight (LUTs included) and, for a budget, the widths chosen."""
+    """The compressed weights' bits per weight (LUTs, scales and zero points included) and, for a budget, the
+    widths chosen."""
     rows = lt.report(model).compressed
     bits = 8 * sum(r.bytes_after for r in rows) / sum(torch.Size(r.shape).numel() for r in rows)
     widths = sorted({int(r.note.split("-bit")[0]) for r in rows if r.note})
@@ -246,6 +268,12 @@ ROWS: dict[str, tuple[str, Callable]] = {
     "lbmixpc8loss": (
         "lowbit PTQ mixed bits, 3.5 b/w, per-channel int8 LUT, calibrated, weighed by the loss",
         lowbit_row(PER_CHANNEL_INT8, 3.5, weighed=True),
+    ),
+    "lbint4s": ("lowbit PostTrainingQuantizer int4 g64 symmetric, calibrated", quantizer_row(True)),
+    "lbint4a": ("lowbit PostTrainingQuantizer uint4 g64 affine, calibrated", quantizer_row(False)),
+    "lbint4a_search": (
+        "lowbit PostTrainingQuantizer uint4 g64 affine + scale search, calibrated",
+        quantizer_row(False, scale_search=True),
     ),
     "skmmixpc8": ("lowbit SKM mixed bits, 3.5 b/w, per-channel int8 LUT", skm_row(PER_CHANNEL_INT8, 3.5)),
     "rtn4a": ("RTN int4 g64 asymmetric", rtn_row(4, False)),

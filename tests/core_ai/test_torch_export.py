@@ -116,3 +116,32 @@ def test_sixteen_bit_casting_then_conversion_runs_on_the_core_ai_runtime(tmp_pat
     assert got.dtype == np.float16
     np.testing.assert_allclose(got.astype(np.float32), want, rtol=0, atol=0.02 * np.abs(want).max())
     assert (got.argmax(1) == want.argmax(1)).mean() >= 0.98
+
+
+class Tokens(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.up, self.head = nn.Embedding(100, 64), nn.Linear(64, 96), nn.Linear(96, 10)
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.up(self.embed(ids))).mean(1))
+
+
+@pytest.mark.parametrize("weight_dtype", ["int4", "uint8"])
+def test_quantized_codes_reach_the_core_ai_runtime(tmp_path, weight_dtype):
+    from lowbit.torch.quantization import PostTrainingQuantizer, PostTrainingQuantizerConfig, quantization_of
+
+    torch.manual_seed(0)
+    module = {"weight_dtype": weight_dtype, "granularity": "per_block", "block_size": 32}
+    config = PostTrainingQuantizerConfig.from_dict({"global_config": module})
+    ids = torch.randint(0, 100, (2, 12))
+    model = PostTrainingQuantizer(Tokens().eval(), config).compress(calibration_data=[ids, (ids + 1) % 100])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*stored dense")
+        program = lowbit.torch.export_coreai(model, (ids,), tmp_path / "q.aimodel")
+    records = quantization_of(model)
+    assert [r.compression for r in program.report.rows] == ["quantized"] * len(records) == ["quantized"] * 3
+    assert sum(r.bytes_after for r in program.report.rows) <= sum(r.nbytes for r in records.values()) + 64
+    (got,) = run_asset(tmp_path / "q.aimodel", {"ids": ids.numpy().astype(np.int32)})
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(ids).numpy(), rtol=1e-5, atol=1e-5)

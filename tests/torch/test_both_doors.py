@@ -13,6 +13,11 @@ from lowbit.torch.palettization import (  # noqa: E402
     PostTrainingPalettizerConfig,
     palettization_of,
 )
+from lowbit.torch.quantization import (  # noqa: E402
+    PostTrainingQuantizer,
+    PostTrainingQuantizerConfig,
+    quantization_of,
+)
 
 CASES = [
     dict(n_bits=4),
@@ -120,6 +125,25 @@ def test_calibrated_palettization_gives_the_same_codes_through_either_door(confi
     """Each weight's statistics are those of the dense model on both doors (the torch door takes its blocks one at
     a time, the graph door all at once), so the activation-weighted k-means and the error feedback land on the
     same codes."""
+    model, items, program, feeds = _calibrated_chain()
+    torch_config = PostTrainingPalettizerConfig.from_dict({"global_config": config})
+    palettized = PostTrainingPalettizer(model, torch_config).compress(
+        calibration_data=[torch.from_numpy(x) for x in items]
+    )
+    small = lowbit.palettize_weights(program, calibration_data=feeds, num_kmeans_workers=1, **config)
+    plain = lowbit.palettize_weights(program, num_kmeans_workers=1, **config)
+    dense = lowbit.decompress_weights(small).graph.initializers
+    data_free = lowbit.decompress_weights(plain).graph.initializers
+    for i in range(3):
+        decoded = palettization_of(palettized[i])["weight"].decode()
+        np.testing.assert_array_equal(dense[str(i)].const_value.numpy().T, decoded)
+        assert not np.array_equal(data_free[str(i)].const_value.numpy().T, decoded)  # the data was used
+
+
+def _calibrated_chain() -> tuple:
+    """(model, items, program, feeds): three chained Linears, calibration inputs with correlated, unevenly scaled
+    channels, the graph door's program of the same weights (MatMul with B = W^T), and its feeds: each MatMul fed
+    what its Linear reads in the dense torch model."""
     rng = np.random.default_rng(8)
     shapes = [(64, 96), (96, 64), (48, 96)]  # Linear [out, in], chained
     weights = [(rng.standard_normal(shape) * 0.05).astype(np.float32) for shape in shapes]
@@ -129,31 +153,52 @@ def test_calibrated_palettization_gives_the_same_codes_through_either_door(confi
             linear.weight.copy_(torch.from_numpy(w))
     mixing = (rng.standard_normal((96, 96)) * 0.3 + np.diag(rng.uniform(0.2, 3.0, 96))).astype(np.float32)
     items = [(rng.standard_normal((32, 96)).astype(np.float32) @ mixing) for _ in range(4)]
-    torch_config = PostTrainingPalettizerConfig.from_dict({"global_config": config})
-    palettized = PostTrainingPalettizer(model, torch_config).compress(
-        calibration_data=[torch.from_numpy(x) for x in items]
-    )
     program = lowbit.Program(
         make_model(
             {str(i): np.ascontiguousarray(w.T) for i, w in enumerate(weights)},
             [("MatMul", str(i), {}) for i in range(3)],
         )
     )
-    feeds = []  # each MatMul of the graph is fed what its Linear reads in the dense torch model
+    feeds = []
     with torch.no_grad():
         for x in items:
             hidden = [torch.from_numpy(x)]
             for linear in list(model)[:-1]:
                 hidden.append(linear(hidden[-1]))
             feeds.append({f"x{i}": h.numpy() for i, h in enumerate(hidden)})
-    small = lowbit.palettize_weights(program, calibration_data=feeds, num_kmeans_workers=1, **config)
-    plain = lowbit.palettize_weights(program, num_kmeans_workers=1, **config)
+    return model, items, program, feeds
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(weight_dtype="int4", granularity="per_block", block_size=32),
+        dict(weight_dtype="uint4", granularity="per_block", block_size=48, quantization_scheme="affine"),
+        dict(weight_dtype="int8"),
+    ],
+    ids=lambda c: "-".join(str(v) for v in c.values()),
+)
+def test_calibrated_quantization_gives_the_same_codes_through_either_door(config):
+    """GPTQ's error feedback on both doors, from the dense model's statistics: the same codes and scales."""
+    model, items, program, feeds = _calibrated_chain()
+    torch_config = PostTrainingQuantizerConfig.from_dict({"global_config": config})
+    quantized = PostTrainingQuantizer(model, torch_config).compress(
+        calibration_data=[torch.from_numpy(x) for x in items]
+    )
+    graph = {
+        "dtype": config["weight_dtype"].upper(),
+        "granularity": config.get("granularity", "per_channel").upper(),
+        "qscheme": "ASYMMETRIC" if config.get("quantization_scheme") == "affine" else "SYMMETRIC",
+        "block_size": config.get("block_size", 32),
+    }
+    small = lowbit.quantize_weights(program, calibration_data=feeds, **graph)
+    plain = lowbit.quantize_weights(program, **graph)
     dense = lowbit.decompress_weights(small).graph.initializers
     data_free = lowbit.decompress_weights(plain).graph.initializers
     for i in range(3):
-        decoded = palettization_of(palettized[i])["weight"].decode()
-        np.testing.assert_array_equal(dense[str(i)].const_value.numpy().T, decoded)
-        assert not np.array_equal(data_free[str(i)].const_value.numpy().T, decoded)  # the data was used
+        record = quantization_of(quantized[i])["weight"]
+        np.testing.assert_array_equal(dense[str(i)].const_value.numpy().T, record.decode())
+        assert not np.array_equal(data_free[str(i)].const_value.numpy().T, record.decode())  # the data was used
 
 
 @pytest.mark.parametrize("calibrated", [False, True])

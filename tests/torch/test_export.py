@@ -131,7 +131,7 @@ def test_a_weight_trained_after_palettization_is_exported_dense_with_a_warning(t
     with torch.no_grad():
         model[0].weight.add_(0.01 * torch.randn_like(model[0].weight))
     x = torch.randn(2, 64)
-    with pytest.warns(UserWarning, match=r"weight '0.weight' changed since it was palettized"):
+    with pytest.warns(UserWarning, match=r"weight '0.weight' changed since it was compressed"):
         program = lowbit.torch.export_onnx(model, (x,), tmp_path / "m.onnx", input_names=["x"])
     assert [r.name for r in program.report.rows] == ["2.weight"]
     _assert_ort_runs_it_as_torch(tmp_path / "m.onnx", model, x)

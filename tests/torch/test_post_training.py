@@ -375,7 +375,7 @@ class _Chain(nn.Module):
 
 
 def test_a_chain_of_blocks_is_calibrated_from_kept_inputs_as_from_the_whole_model(monkeypatch):
-    from lowbit.torch.palettization import post_training
+    from lowbit.torch import sequential
     from lowbit.torch.sequential import chained, in_sequence
 
     torch.manual_seed(3)
@@ -388,7 +388,7 @@ def test_a_chain_of_blocks_is_calibrated_from_kept_inputs_as_from_the_whole_mode
     config = PostTrainingPalettizerConfig.from_dict({"global_config": {"n_bits": 3}})
     kept = PostTrainingPalettizer(model, config).compress(calibration_data=items)
     cached = PostTrainingPalettizer(model, config).compress(calibration_data=[(x, True) for x in items])
-    monkeypatch.setattr(post_training, "chained", lambda *args: False)  # each block's inputs from the whole model
+    monkeypatch.setattr(sequential, "chained", lambda *args: False)  # each block's inputs from the whole model
     whole = PostTrainingPalettizer(model, config).compress(calibration_data=items)
     for name, linear in _linears(kept).items():
         torch.testing.assert_close(linear.weight, _linears(whole)[name].weight, rtol=0, atol=0, msg=name)

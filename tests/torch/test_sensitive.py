@@ -89,7 +89,7 @@ def test_calibration_leaves_modes_flags_and_gradients_as_they_were(tmp_path):
     for a, b in zip(from_file.parameters(), from_data.parameters(), strict=True):
         assert torch.equal(a, b)
     measured_only = palettizer.report().rows  # compute_sensitivity measured the model, compressed nothing
-    assert [r.skipped for r in measured_only] == ["not palettized"] * 2
+    assert [r.skipped for r in measured_only] == ["not compressed"] * 2
     compressor = SKMPalettizer(model, config)
     compressor.compress(sensitivity_path=path)
     assert [r.skipped for r in compressor.report().rows] == [None, None]

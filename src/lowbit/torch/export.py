@@ -11,17 +11,19 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 
+from lowbit.config import QuantizeConfig, block_shape
 from lowbit.kernels.packing import pack_bits
 from lowbit.kernels.palettize import Palettized
 from lowbit.report import CompressionReport, WeightResult
-from lowbit.torch.records import palettization_of, same_bits, stale
-from lowbit.weights import PalettizedWeight
+from lowbit.torch.records import palettization_of, quantization_of, same_bits, stale
+from lowbit.types import CompressionGranularity, DType, QScheme
+from lowbit.weights import PalettizedWeight, QuantizedWeight
 
 if TYPE_CHECKING:
     from lowbit.onnx.discovery import WeightRef
@@ -29,12 +31,21 @@ if TYPE_CHECKING:
 
 __all__ = ["export_onnx"]
 
+W = TypeVar("W", PalettizedWeight, QuantizedWeight)
+GRANULARITIES = (
+    CompressionGranularity.PER_TENSOR,
+    CompressionGranularity.PER_CHANNEL,
+    CompressionGranularity.PER_BLOCK,
+)
 
-class _Palettized:
-    """A recorded palettization, decoded on first use, with a cheap order-independent fingerprint."""
 
-    def __init__(self, name: str, weight: PalettizedWeight) -> None:
-        self.name, self.weight = name, weight
+class _Record(Generic[W]):
+    """A recorded palettization or quantization, decoded on first use, with a cheap order-independent
+    fingerprint."""
+
+    def __init__(self, name: str, weight: W) -> None:
+        self.name = name
+        self.weight: W = weight
 
     @property
     def size(self) -> int:
@@ -65,6 +76,9 @@ def _abs_sum(array: np.ndarray) -> float:
     return float(np.abs(array.astype(np.float64)).sum())
 
 
+Palettizations = dict[str, _Record[PalettizedWeight]]
+
+
 @contextlib.contextmanager
 def modes_kept(model: nn.Module) -> Iterator[None]:
     """Restore every module's training mode afterwards (an exporter restores only the top module's)."""
@@ -76,13 +90,14 @@ def modes_kept(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def warn_unmatched(records: dict[str, _Palettized], dense_sizes: set[int]) -> None:
+def warn_unmatched(records: dict[str, _Record[Any]], dense_sizes: set[int]) -> None:
     """Warn for each record no exported weight matched while a dense weight of its size remains (else the traced
     forward does not use it: nothing to store)."""
     for record in records.values():
         if record.size in dense_sizes:
+            kind = "palettized" if isinstance(record.weight, PalettizedWeight) else "quantized"
             warnings.warn(
-                f"palettized weight {record.name!r} matches no weight of the exported graph (the exporter "
+                f"{kind} weight {record.name!r} matches no weight of the exported graph (the exporter "
                 "changed its values): it is stored dense. A BatchNorm folded into a conv keeps the palette when "
                 "its LUTs run along the output channels (channel_axis=0, or one LUT); else export with "
                 "do_constant_folding=False to keep the BatchNorm apart",
@@ -91,30 +106,39 @@ def warn_unmatched(records: dict[str, _Palettized], dense_sizes: set[int]) -> No
             )
 
 
-def records_of(model: nn.Module) -> dict[str, _Palettized]:
+def records_of(model: nn.Module) -> Palettizations:
     """The model's palettization records by parameter name, without those whose parameter changed since (with a
     warning: such a weight is exported dense)."""
+    return _fresh(model, palettization_of(model))
+
+
+def quantized_records_of(model: nn.Module) -> dict[str, _Record[QuantizedWeight]]:
+    """The model's quantization records by parameter name, as :func:`records_of`."""
+    return _fresh(model, quantization_of(model))
+
+
+def _fresh(model: nn.Module, recorded: dict[str, W]) -> dict[str, _Record[W]]:
     records = {}
-    for name, weight in palettization_of(model).items():
+    for name, weight in recorded.items():
         try:
             parameter = model.get_parameter(name)
         except AttributeError:  # computed now (a parametrization added since): not the recorded values
             warnings.warn(
-                f"weight {name!r} is computed by a parametrization now, not the palettized parameter: it is "
+                f"weight {name!r} is computed by a parametrization now, not the compressed parameter: it is "
                 "exported as computed, dense",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
             continue
         if stale(weight, parameter):
             warnings.warn(
-                f"weight {name!r} changed since it was palettized (trained or edited after): it is exported dense; "
-                "palettize it again (or finalize DKM) before exporting",
+                f"weight {name!r} changed since it was compressed (trained or edited after): it is exported dense; "
+                "compress it again (or finalize DKM) before exporting",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
             continue
-        records[name] = _Palettized(name, weight)
+        records[name] = _Record(name, weight)
     return records
 
 
@@ -126,14 +150,16 @@ def export_onnx(
     dynamo: bool = False,
     **export_kwargs: Any,
 ) -> Program:
-    """Export ``model`` with ``torch.onnx.export`` and write each palettized weight as ``lowbit.LutToDense``: the
-    same LUTs, indices and scales the palettizer recorded, so the file has a palettized file's size and ONNX
-    Runtime computes what the torch model computes.
+    """Export ``model`` with ``torch.onnx.export`` and write each palettized weight as ``lowbit.LutToDense`` (the
+    same LUTs, indices and scales the palettizer recorded) and each quantized one as ``DequantizeLinear`` of its
+    recorded codes and scales (the opset raised to what that needs: 21 for int4 or blocks), so the file has a
+    compressed file's size and ONNX Runtime computes what the torch model computes.
 
     Parameters
     ----------
     model : a model palettized by :class:`~lowbit.torch.palettization.PostTrainingPalettizer` or
-        :class:`~lowbit.torch.palettization.SKMPalettizer` (plain weights are exported dense).
+        :class:`~lowbit.torch.palettization.SKMPalettizer`, or quantized by
+        :class:`~lowbit.torch.quantization.PostTrainingQuantizer` (plain weights are exported dense).
     example_inputs : the inputs ``torch.onnx.export`` traces with (a tensor or a tuple).
     path : the ``.onnx`` file to write (atomically).
     opset_version : the ONNX opset of the export (default 17).
@@ -142,21 +168,22 @@ def export_onnx(
         ``onnxscript``).
     export_kwargs : passed on to ``torch.onnx.export`` (``input_names``, ``output_names``, ``dynamic_axes``, ...).
 
-    An exported weight is matched to the palettization recorded for the parameter of its name (the exporter keeps
-    parameter names), else to one holding the same values, as they are or transposed (a weight the exporter
-    transposed into a new initializer). A palettized parameter whose values changed since (trained after
-    palettization) is exported dense with a warning naming it. A BatchNorm the exporter folds into a palettized
+    An exported weight is matched to the record of the parameter of its name (the exporter keeps parameter names),
+    else to one holding the same values, as they are or transposed (a weight the exporter transposed into a new
+    initializer). A compressed parameter whose values changed since (trained after compression) is exported dense
+    with a warning naming it; so is a quantized weight the exporter changed (a BatchNorm folded into it) or laid out
+    with its blocks across the reading op's output channels. A BatchNorm the exporter folds into a palettized
     convolution (the default) becomes the per-channel scale of its codes and LUTs, checked bit for bit. A recurrent
     layer's weights, which the exporter reorders by gate and stacks by direction, keep each direction's LUTs (one
     decode, reshaped). A weight that matches none but holds at most 256 distinct values is palettized losslessly in
-    ``unique`` mode. A recorded palettization that matches nothing while a dense weight of its size remains draws a
-    warning naming it (one the traced forward does not use, e.g. an unused pooler, is simply not in the file).
+    ``unique`` mode. A record that matches nothing while a dense weight of its size remains draws a warning naming
+    it (one the traced forward does not use, e.g. an unused pooler, is simply not in the file).
 
     Returns the saved :class:`~lowbit.Program`; its ``report`` lists what each weight became.
     """
     from lowbit.onnx.program import PROTO_LIMIT_BYTES, load
 
-    records = records_of(model)
+    records, quantized = records_of(model), quantized_records_of(model)
     with tempfile.TemporaryDirectory() as tmp:
         exported = Path(tmp) / "exported.onnx"
         with modes_kept(model), torch.no_grad(), warnings.catch_warnings():
@@ -165,42 +192,84 @@ def export_onnx(
                 model, example_inputs, str(exported), opset_version=opset_version, dynamo=dynamo, **export_kwargs
             )
         program = load(exported)
-        program.report = _write_palettes(program, records)
-        warn_unmatched(records, {w.numel for w in program.weights() if w.compression is None})
+        program.report = _write_records(program, records, quantized)
+        warn_unmatched({**records, **quantized}, {w.numel for w in program.weights() if w.compression is None})
         program.optimize()
         # external data only where protobuf needs it (the dynamo exporter writes a data file even for a small model)
         program.save(path, external_data=program.tensor_nbytes() > PROTO_LIMIT_BYTES)
     return program
 
 
-def _write_palettes(program: Program, records: dict[str, _Palettized]) -> CompressionReport:
-    """Encode each weight of ``program`` that matches a record (removed from ``records``): the record of its name,
-    else one holding its values; or that has few values."""
+def _write_records(
+    program: Program, records: Palettizations, quantized: dict[str, _Record[QuantizedWeight]]
+) -> CompressionReport:
+    """Encode each weight of ``program`` that matches a record (removed from ``records`` / ``quantized``): the
+    record of its name, else one holding its values; or that has few values. The opset is raised first to what the
+    quantized weights' ``DequantizeLinear`` needs."""
+    from lowbit.onnx.backend import OnnxBackend
     from lowbit.onnx.encoding import stored_nbytes
     from lowbit.onnx.palettize import write_palettized
+    from lowbit.onnx.quantize import QuantizeWriter
 
-    report = CompressionReport()
+    found: dict[str, tuple[PalettizedWeight | QuantizedWeight, Any]] = {}
+    plan = []
     for ref in program.weights():
         if ref.value is None or ref.value.const_value is None or ref.compression is not None:
             continue
         array = ref.value.const_value.numpy()
-        weight, reshape = _named(ref.name, array, records) or matched(array, ref.output_axis, records), None
-        if weight is None:
-            weight = _restacked(ref.op, array, records)
-            reshape = None if weight is None else array.shape
-        if weight is None:
-            weight = _unique(ref, array)
-        if weight is not None:
-            out = write_palettized(program.model, ref, weight, reshape)
-            report.rows.append(
-                WeightResult(
-                    ref.name, ref.op, ref.shape, ref.nbytes, stored_nbytes(out), weight.rel_mse, None, "palettized"
-                )
-            )
+        palettized = _named(ref.name, array, records) or matched(array, ref.output_axis, records)
+        if palettized is not None:
+            found[ref.name] = (palettized, None)
+        elif (restacked := _restacked(ref.op, array, records)) is not None:
+            found[ref.name] = (restacked, array.shape)
+        elif (q := _named(ref.name, array, quantized) or match_values(array, quantized)) is not None:
+            config = quantize_config_for(q, ref.input_axis, ref.output_axis)
+            if config is None:
+                warnings.warn(_unlaid(ref.name), UserWarning, stacklevel=3)
+                continue
+            found[ref.name] = (q, config)
+            plan.append((ref, config))
+        elif (unique := _unique(ref, array)) is not None:
+            found[ref.name] = (unique, None)
+    writer, report = QuantizeWriter(), CompressionReport()
+    if plan:
+        OnnxBackend(program, writer).prepare(plan)  # may convert the graph: its weights are found anew below
+    for ref in program.weights():
+        if ref.name not in found:
+            continue
+        weight, detail = found.pop(ref.name)
+        if isinstance(weight, QuantizedWeight):
+            after, kind = writer.write(program, ref, weight, detail), "quantized"
+        else:
+            after, kind = stored_nbytes(write_palettized(program.model, ref, weight, detail)), "palettized"
+        report.rows.append(WeightResult(ref.name, ref.op, ref.shape, ref.nbytes, after, weight.rel_mse, None, kind))
     return report
 
 
-def _named(name: str, array: np.ndarray, candidates: dict[str, _Palettized]) -> PalettizedWeight | None:
+def _unlaid(name: str) -> str:
+    return (
+        f"quantized weight {name!r} is stored dense: the exporter laid it out so that its blocks do not run along "
+        "the input channels of the op that reads it"
+    )
+
+
+def quantize_config_for(weight: QuantizedWeight, input_axis: int, output_axis: int) -> QuantizeConfig | None:
+    """The :class:`~lowbit.config.QuantizeConfig` whose layout is ``weight``'s blocks, for a weight read with
+    these input and output axes: one block (per tensor), one per output channel (per channel), or blocks along the
+    input axis (per block); None when the blocks lie otherwise."""
+    q = weight.quantized
+    whole = tuple(q.q.shape)
+    block = q.block[input_axis]
+    scheme = QScheme.SYMMETRIC if q.zero_point is None else QScheme.ASYMMETRIC
+    for granularity in GRANULARITIES:
+        expected = block_shape(granularity, len(whole), output_axis, input_axis, block)
+        resolved = tuple(n if b == 0 else b for n, b in zip(whole, expected, strict=True))
+        if resolved == tuple(q.block):
+            return QuantizeConfig(DType.of(q.q.dtype), scheme, granularity, block, weight_num_threshold=0)
+    return None
+
+
+def _named(name: str, array: np.ndarray, candidates: dict[str, _Record[W]]) -> W | None:
     """The record of the parameter ``name`` when the exporter kept its values (as they are or transposed)."""
     record = candidates.get(name)
     perm = None if record is None or record.size != array.size else record.layout_of(array)
@@ -210,20 +279,20 @@ def _named(name: str, array: np.ndarray, candidates: dict[str, _Palettized]) -> 
     return record.weight.permuted(perm)
 
 
-def matched(array: np.ndarray, output_axis: int, candidates: dict[str, _Palettized]) -> PalettizedWeight | None:
+def matched(array: np.ndarray, output_axis: int, candidates: Palettizations) -> PalettizedWeight | None:
     """The record (removed from ``candidates``) whose values ``array`` holds, as they are, transposed, or with
     each output channel (``output_axis``) multiplied by a factor; in the record's shape or with size-1 axes
     inserted (a Conv1d's weight held as a 2-D convolution's)."""
-    found = _match(array, candidates) or _rescaled(array, output_axis, candidates)
+    found = match_values(array, candidates) or _rescaled(array, output_axis, candidates)
     if found is not None:
         return found
     views = {}
     for key, record in candidates.items():
         unsqueezed = _unsqueezed(record.weight, array.shape)
         if unsqueezed is not None:
-            views[key] = _Palettized(record.name, unsqueezed)
+            views[key] = _Record(record.name, unsqueezed)
     offered = set(views)
-    found = _match(array, views) or _rescaled(array, output_axis, views)
+    found = match_values(array, views) or _rescaled(array, output_axis, views)
     for key in offered - views.keys():  # the one matched
         del candidates[key]
     return found
@@ -247,7 +316,8 @@ def _unsqueezed(weight: PalettizedWeight, shape: tuple[int, ...]) -> PalettizedW
     return PalettizedWeight(shape, tuple(where[a] for a in weight.forward) + units, weight.palettized, weight.outliers)
 
 
-def _match(array: np.ndarray, candidates: dict[str, _Palettized]) -> PalettizedWeight | None:
+def match_values(array: np.ndarray, candidates: dict[str, _Record[W]]) -> W | None:
+    """The record (removed from ``candidates``) whose values ``array`` holds, as they are or transposed."""
     total = _abs_sum(array)
     for key, record in list(candidates.items()):
         if record.size != array.size or not math.isclose(record.abs_sum, total, rel_tol=1e-9):
@@ -259,7 +329,7 @@ def _match(array: np.ndarray, candidates: dict[str, _Palettized]) -> PalettizedW
     return None
 
 
-def _rescaled(array: np.ndarray, output_axis: int, candidates: dict[str, _Palettized]) -> PalettizedWeight | None:
+def _rescaled(array: np.ndarray, output_axis: int, candidates: Palettizations) -> PalettizedWeight | None:
     """A record whose output channels the exporter multiplied each by a factor (a BatchNorm folded into the
     convolution before it) as the same codes and LUTs with that factor as the per-channel scale: ``lut[codes] *
     factor`` rounds as the exporter's ``weight * factor`` does, checked bit for bit. Only for a record grouped
@@ -321,7 +391,7 @@ def _channel_factor(dense: np.ndarray, folded: np.ndarray, axis: int) -> np.ndar
 _GATE_BLOCKS = {"LSTM": (0, 3, 1, 2), "GRU": (1, 0, 2), "RNN": (0,)}
 
 
-def _restacked(op: str, array: np.ndarray, candidates: dict[str, _Palettized]) -> PalettizedWeight | None:
+def _restacked(op: str, array: np.ndarray, candidates: Palettizations) -> PalettizedWeight | None:
     """A recurrent layer's ``W`` / ``R`` as the exporter writes it, ``[directions, gates * hidden, inputs]`` with
     each direction's gate blocks in ONNX's order, as one palettization of the ``[directions * gates * hidden,
     inputs]`` view: each direction's recorded codes and LUTs, rows and LUT groups reordered alike. None when a
@@ -349,7 +419,7 @@ def _restacked(op: str, array: np.ndarray, candidates: dict[str, _Palettized]) -
 
 
 def _gate_match(
-    part: np.ndarray, blocks: tuple[int, ...], candidates: dict[str, _Palettized]
+    part: np.ndarray, blocks: tuple[int, ...], candidates: Palettizations
 ) -> tuple[str, PalettizedWeight, np.ndarray, np.ndarray] | None:
     """(key, record, row order, LUT group order) of the record whose rows, gate blocks reordered, are ``part``."""
     rows = part.shape[0]

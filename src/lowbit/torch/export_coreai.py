@@ -1,4 +1,5 @@
-"""Export a palettized torch model to a Core AI ``.aimodel`` with its palettes intact (needs ``lowbit[coreai]``)."""
+"""Export a palettized or quantized torch model to a Core AI ``.aimodel`` with its palettes and codes intact (needs
+``lowbit[coreai]``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch
 from torch import nn
 
 from lowbit.report import CompressionReport, WeightResult
-from lowbit.torch.export import matched, modes_kept, records_of, warn_unmatched
+from lowbit.torch.export import match_values, matched, modes_kept, quantized_records_of, records_of, warn_unmatched
+from lowbit.weights import PalettizedWeight
 
 if TYPE_CHECKING:
     from lowbit.coreai import Program
@@ -22,13 +24,15 @@ def export_coreai(model: nn.Module, example_inputs: Any, path: str | os.PathLike
     """Convert ``model`` with coreai-torch (``torch.export`` with its decompositions, then ``TorchConverter``) and
     write each palettized weight as Core AI's ``lut_to_dense``: the LUTs, indices and scales the palettizer
     recorded, so the program has a palettized program's size and the Core AI runtime computes what the torch model
-    computes.
+    computes. Each weight :class:`~lowbit.torch.quantization.PostTrainingQuantizer` quantized becomes
+    ``blockwise_shift_scale`` of its recorded codes and scales.
 
     Parameters
     ----------
     model : a model palettized by :class:`~lowbit.torch.palettization.PostTrainingPalettizer`,
         :class:`~lowbit.torch.palettization.SKMPalettizer` or finalized by
-        :class:`~lowbit.torch.palettization.DKMPalettizer` (plain weights stay dense). Exported in eval mode;
+        :class:`~lowbit.torch.palettization.DKMPalettizer`, or quantized by
+        :class:`~lowbit.torch.quantization.PostTrainingQuantizer` (plain weights stay dense). Exported in eval mode;
         every module's mode is restored afterwards.
     example_inputs : a tuple of the inputs ``torch.export.export`` traces with (a single tensor is wrapped).
     path : the ``.aimodel`` folder to write (atomically).
@@ -46,7 +50,7 @@ def export_coreai(model: nn.Module, example_inputs: Any, path: str | os.PathLike
         from lowbit.coreai.program import CoreAIBackend
     except ImportError as error:
         raise ImportError(f"export_coreai needs lowbit[coreai] and coreai-torch: {error}") from error
-    records = records_of(model)
+    records, quantized = records_of(model), quantized_records_of(model)
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     with modes_kept(model), torch.no_grad():
         exported = torch.export.export(model.eval(), args).run_decompositions(coreai_torch.get_decomp_table())
@@ -56,16 +60,18 @@ def export_coreai(model: nn.Module, example_inputs: Any, path: str | os.PathLike
         for ref in program.weights():
             if ref.compression is not None:
                 continue
-            weight = matched(backend.read(ref), ref.output_axis, records)
+            array = backend.read(ref)
+            weight = matched(array, ref.output_axis, records) or match_values(array, quantized)
             if weight is not None:
                 try:
                     after = write(ref, weight)
                 except (TypeError, ValueError) as error:
                     warnings.warn(f"weight {ref.name!r} is stored dense: {error}", UserWarning, stacklevel=2)
                     continue
-                row = WeightResult(ref.name, ref.op, ref.shape, ref.nbytes, after, weight.rel_mse, None, "palettized")
+                kind = "palettized" if isinstance(weight, PalettizedWeight) else "quantized"
+                row = WeightResult(ref.name, ref.op, ref.shape, ref.nbytes, after, weight.rel_mse, None, kind)
                 report.rows.append(row)
-    warn_unmatched(records, {w.numel for w in program.weights() if w.compression is None})
+    warn_unmatched({**records, **quantized}, {w.numel for w in program.weights() if w.compression is None})
     program.report = report
     program.save(path)
     return program

@@ -1,4 +1,4 @@
-"""The per-weight report of a palettized torch model, in the graph path's table."""
+"""The per-weight report of a palettized or quantized torch model, in the graph path's table."""
 
 from __future__ import annotations
 
@@ -7,23 +7,24 @@ from torch.nn.utils import parametrize
 
 from lowbit.budget import allocation_note
 from lowbit.report import CompressionReport, WeightResult
+from lowbit.torch._compressor import ALLOCATED, SKIPPED
 from lowbit.torch.modules import computed_weights, is_supported, module_weights, qualified_name
-from lowbit.torch.palettization._base import ALLOCATED, SKIPPED
-from lowbit.torch.records import palettization_of
+from lowbit.torch.records import palettization_of, quantization_of
 
 __all__ = ["report"]
 
 
 def report(model: nn.Module) -> CompressionReport:
-    """One row per weight of every supported module of ``model``: palettized (bytes of the dense and of the
-    palettized form, relative MSE), in DKM training (what ``finalize()`` would store now, and the error of the hard
-    assignment), or not palettized (why). A weight tied to one listed before it counts its bytes once.
+    """One row per weight of every supported module of ``model``: palettized or quantized (bytes of the dense and
+    of the compressed form, relative MSE), in DKM training (what ``finalize()`` would store now, and the error of
+    the hard assignment), or not compressed (why). A weight tied to one listed before it counts its bytes once.
     ``report(model).table()`` prints it as the graph path does."""
     rows, seen = [], set()
     for module_name, module in model.named_modules():
         if not is_supported(module):
             continue
         records, skipped = palettization_of(module), module.__dict__.get(SKIPPED, {})
+        quantized = quantization_of(module)
         allocated = module.__dict__.get(ALLOCATED, {})
         op = type(module).__name__.removeprefix("Parametrized")
         for name, reason in computed_weights(module):
@@ -44,8 +45,11 @@ def report(model: nn.Module) -> CompressionReport:
                 after, error = record.nbytes, record.rel_mse
                 note = allocation_note(*allocated[weight.name]) if weight.name in allocated else None
                 rows.append(WeightResult(name, op, shape, before, after, error, None, "palettized", note))
+            elif weight.name in quantized:
+                q = quantized[weight.name]
+                rows.append(WeightResult(name, op, shape, before, q.nbytes, q.rel_mse, None, "quantized"))
             else:
-                reason = skipped.get(weight.name, "not palettized")
+                reason = skipped.get(weight.name, "not compressed")
                 rows.append(WeightResult(name, op, shape, before, before, skipped=reason))
     return CompressionReport(rows)
 

@@ -18,17 +18,19 @@ block.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from lowbit.statistics import InputMoments
-from lowbit.torch.calibration import Enough, LinearMoments, evaluating, forward_of, run_items
+from lowbit.torch.calibration import Enough, LinearMoments, collect_linear_moments, evaluating, forward_of, run_items
 
-__all__ = ["BlockInputs", "Group", "chained", "in_sequence"]
+__all__ = ["BlockInputs", "Group", "calibration_items", "chained", "compressed_in_sequence", "in_sequence"]
+
+T = TypeVar("T")
 
 # arguments of a block that carry state from call to call (a key/value cache): dropped when a block is run again
 _STATE = ("past_key_values", "past_key_value", "layer_past")
@@ -188,3 +190,36 @@ class BlockInputs:
                 hooks.item_done()
         self.inputs = outputs
         return hooks.moments
+
+
+def calibration_items(calibration_data: Iterable[Any]) -> Sequence[Any]:
+    """``calibration_data`` as a sequence (it is run more than once); ``ValueError`` when it yields nothing."""
+    items = calibration_data if isinstance(calibration_data, Sequence) else list(calibration_data)
+    if not items:
+        raise ValueError("calibration_data yielded nothing")
+    return items
+
+
+def compressed_in_sequence(
+    model: nn.Module,
+    linears: Mapping[str, nn.Linear],
+    items: Sequence[Any],
+    forward_fn: Callable | None,
+    compress: Callable[[list[str], Mapping[str, InputMoments]], Iterable[T]],
+) -> tuple[list[T], set[str]]:
+    """``compress(names, statistics)`` for each group of ``linears`` in the order the model runs them (a block's
+    Linears together, with the dense model's input moments), holding one block's ``X^T X`` at a time. Returns
+    what ``compress`` gave, in order, and the names of the Linears the items ran (those not called are not)."""
+    groups = in_sequence(model, linears, items[0], forward_fn)
+    blocks = [group.block for group in groups if group.is_block]
+    chain = chained(model, blocks, items[0], forward_fn)
+    inputs: BlockInputs | None = None
+    outcomes: list[T] = []
+    for group in groups:
+        if chain and group.is_block:
+            inputs = inputs or BlockInputs(model, group.block, items, forward_fn)
+            statistics = inputs.moments(group.block, group.linears)
+        else:
+            statistics = collect_linear_moments(model, group.linears, items, forward_fn, stop_early=True)
+        outcomes += compress(list(group.linears), statistics)
+    return outcomes, {name for group in groups for name in group.linears}

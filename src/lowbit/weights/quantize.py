@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,6 +53,20 @@ class QuantizedWeight:
 
     def decode(self) -> np.ndarray:
         return np.ascontiguousarray(self.quantized.decode()[tuple(slice(0, n) for n in self.shape)])
+
+    def permuted(self, perm: Sequence[int]) -> QuantizedWeight:
+        """The same codes and scales, seen as the quantization of ``array.transpose(perm)`` (e.g. an exporter's
+        transposed copy of the weight)."""
+        q = self.quantized
+
+        def moved(grid: np.ndarray | None) -> np.ndarray | None:
+            return None if grid is None else np.ascontiguousarray(grid.transpose(perm))
+
+        codes, scale = moved(q.q), moved(q.scale)
+        assert codes is not None and scale is not None
+        block = tuple(q.block[a] for a in perm)
+        moved_q = dataclasses.replace(q, q=codes, scale=scale, zero_point=moved(q.zero_point), block=block)
+        return QuantizedWeight(moved_q, tuple(self.shape[a] for a in perm))
 
 
 def quantize_weight(

@@ -3,12 +3,10 @@ write the palettized values back into the parameter, and record what was done on
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -17,26 +15,15 @@ from torch import nn
 from lowbit.budget import allocate, measured_choices
 from lowbit.config import PalettizeConfig, check_choice, check_int, integral
 from lowbit.errors import SkipWeight
-from lowbit.report import CompressionReport
 from lowbit.statistics import ACTIVATION_DAMPING, InputMoments
+from lowbit.torch._compressor import ALLOCATED, CompressorBase, Target, skip
 from lowbit.torch.config import ModelConfig, ModuleConfig
-from lowbit.torch.modules import (
-    ModuleWeight,
-    computed_weights,
-    from_numpy,
-    is_supported,
-    module_weights,
-    numpy_dtype,
-    qualified_name,
-    to_numpy,
-)
+from lowbit.torch.modules import from_numpy, to_numpy
 from lowbit.torch.records import store_palettization
 from lowbit.types import CompressionGranularity, DType
-from lowbit.weights import PalettizedWeight, check_eligible, palettize_weight
+from lowbit.weights import PalettizedWeight, palettize_weight
 
 __all__ = [
-    "ALLOCATED",
-    "SKIPPED",
     "KMeansModuleConfig",
     "Outcome",
     "PalettizerBase",
@@ -44,9 +31,6 @@ __all__ = [
     "allocated_widths",
     "write_palettized",
 ]
-
-SKIPPED = "lowbit_skipped"  # module attribute: {parameter name: why it was left as it is}
-ALLOCATED = "lowbit_allocated"  # module attribute: {parameter name: (n_bits, bits_per_weight budget)}
 
 MC = TypeVar("MC", bound=ModelConfig)  # whose module configs are KMeansModuleConfig
 
@@ -136,89 +120,12 @@ class KMeansModuleConfig(ModuleConfig):
         )
 
 
-@dataclass(frozen=True)
-class Target:
-    """One weight to palettize: the module's qualified name, the module, the weight, and its config."""
-
-    module_name: str
-    module: nn.Module
-    weight: ModuleWeight
-    config: KMeansModuleConfig
-
-    @property
-    def axis(self) -> int:
-        """The weight's axis that LUT groups and vectors run along."""
-        return self.weight.input_axis if self.config.channel_axis == 1 else self.weight.output_axis
-
-    @property
-    def name(self) -> str:
-        return qualified_name(self.module_name, self.weight.name)
-
-
-def target_model(model: nn.Module, inplace: bool) -> nn.Module:
-    """The model a palettizer works on: ``model`` itself when ``inplace``, else a deep copy. ``ValueError`` when a
-    parameter is on the meta device (no values to palettize), ``TypeError`` when ``inplace`` is not a bool."""
-    if not isinstance(inplace, bool):
-        raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
-    for name, param in model.named_parameters():
-        if param.device.type == "meta":
-            raise ValueError(
-                f"parameter {name!r} is on the meta device: it has no values to palettize; load the weights first"
-            )
-    return model if inplace else copy.deepcopy(model)
-
-
 # a palettized target not yet written: (target, result, its (width, budget) when chosen for a budget)
 Outcome = tuple[Target, PalettizedWeight, tuple[int, float | None] | None]
 
 
-class PalettizerBase(Generic[MC]):
+class PalettizerBase(CompressorBase[MC]):
     """Base of :class:`PostTrainingPalettizer` and :class:`SKMPalettizer`."""
-
-    config_class: type[MC]
-
-    def __init__(self, model: nn.Module, config: MC | None = None) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if config is None:
-            config = self.config_class()
-        if not isinstance(config, self.config_class):
-            raise TypeError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}")
-        self._model = model
-        self._config = config
-
-    def report(self) -> CompressionReport:
-        """The per-weight report of the model this palettizer compressed last (see :func:`lowbit.torch.report`)."""
-        from lowbit.torch.report import report
-
-        return report(self._model)
-
-    def _target_model(self, inplace: bool) -> nn.Module:
-        return target_model(self._model, inplace)
-
-    def _targets(self, model: nn.Module, record: bool = True) -> Iterator[Target]:
-        """Every weight to palettize, with its module's config; weights that cannot be are recorded as skipped
-        (with a warning) when ``record``, else left out silently (a model that is only measured stays as it is)."""
-        tied: dict[int, Target] = {}  # parameter -> the first target holding it
-        for module_name, config in self._config.resolve(model, is_supported).items():
-            module = model.get_submodule(module_name)
-            for name, reason in computed_weights(module):
-                if record:
-                    qualified = qualified_name(module_name, name)
-                    warnings.warn(f"weight {qualified!r} skipped: {reason}", UserWarning, stacklevel=3)
-                    record_skip(module, name, reason)
-            for weight in module_weights(module):
-                target = Target(module_name, module, weight, config)
-                try:
-                    check_eligible(weight.parameter.shape, numpy_dtype(weight.parameter.dtype), 0)
-                    first = tied.setdefault(id(weight.parameter), target)
-                    if first is not target:
-                        raise _tied(target, first)
-                except SkipWeight as skip:
-                    if record:
-                        _skip(target, skip)
-                    continue
-                yield target
 
     def _palettized(
         self,
@@ -254,8 +161,8 @@ class PalettizerBase(Generic[MC]):
                     damping=damping,
                     gram=None if stats is None else stats.gram,
                 )
-            except SkipWeight as skip:
-                _skip(target, skip)
+            except SkipWeight as skipped:
+                skip(target, skipped)
                 continue
             yield target, result, (config.n_bits, bits_per_weight) if target.name in widths else None
 
@@ -326,26 +233,3 @@ def _write(param: nn.Parameter, result: PalettizedWeight) -> None:
             result.decode_into(param.detach().numpy())
         else:
             param.copy_(from_numpy(result.decode(), param))
-
-
-def _tied(target: Target, first: Target) -> SkipWeight:
-    """The skip of a weight tied to (the same parameter as) an earlier one: palettized once, under the first
-    module's config in model order; a warning when the two configs differ."""
-    differ = first.config != target.config or first.axis != target.axis
-    reason = f"tied to {first.name!r} (one parameter): palettized once, as {first.name!r}"
-    if differ:
-        reason += (
-            f", with that module's config ({target.name!r} asked for another; the first module in model order wins)"
-        )
-    return SkipWeight(reason, warn=differ)
-
-
-def record_skip(module: nn.Module, name: str, reason: str) -> None:
-    """Note on ``module`` why its weight ``name`` was left as it is (for the report)."""
-    module.__dict__.setdefault(SKIPPED, {})[name] = reason
-
-
-def _skip(target: Target, skip: SkipWeight) -> None:
-    if skip.warn:
-        warnings.warn(f"weight {target.name!r} skipped: {skip.reason}", UserWarning, stacklevel=4)
-    record_skip(target.module, target.weight.name, skip.reason)

@@ -25,8 +25,8 @@ from torch.nn.utils import parametrize
 from lowbit.config import PalettizeConfig
 from lowbit.errors import SkipWeight
 from lowbit.report import CompressionReport
+from lowbit.torch._compressor import target_model
 from lowbit.torch.modules import computed_weights, is_supported, module_weights, numpy_dtype, qualified_name, to_numpy
-from lowbit.torch.palettization._base import target_model
 from lowbit.torch.palettization.dkm_config import DKMPalettizerConfig, ModuleDKMPalettizerConfig, config_for_size
 from lowbit.torch.palettization.fake_palettize import FakePalettize
 from lowbit.torch.records import store_palettization

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -23,7 +23,7 @@ from lowbit.torch.palettization._base import (
     allocated_widths,
     write_palettized,
 )
-from lowbit.torch.sequential import BlockInputs, chained, in_sequence
+from lowbit.torch.sequential import calibration_items, compressed_in_sequence
 
 __all__ = [
     "ModulePostTrainingPalettizerConfig",
@@ -142,9 +142,7 @@ class PostTrainingPalettizer(PalettizerBase[PostTrainingPalettizerConfig]):
         palettized weights are written once every block is done. With a budget, the widths are chosen first from one
         pass over the dense model (the diagonals only; with ``loss_fn``, a forward and backward per item: the whole
         ``X^T X`` and the outputs' squared loss gradients)."""
-        items = calibration_data if isinstance(calibration_data, Sequence) else list(calibration_data)
-        if not items:
-            raise ValueError("calibration_data yielded nothing")
+        items = calibration_items(calibration_data)
         by_name = {t.name: t for t in targets}
         linears = {t.name: t.module for t in targets if isinstance(t.module, nn.Linear) and t.weight.name == "weight"}
         diagonals: dict[str, InputMoments] = {}
@@ -155,20 +153,11 @@ class PostTrainingPalettizer(PalettizerBase[PostTrainingPalettizerConfig]):
             diagonals = collect_linear_moments(model, linears, items, forward_fn, full=False)
         widths = allocated_widths(targets, _data_free, threads, diagonals, budget, outputs)
         del diagonals, outputs
-        groups = in_sequence(model, linears, items[0], forward_fn)
-        blocks = [group.block for group in groups if group.is_block]
-        chain = chained(model, blocks, items[0], forward_fn)
-        inputs: BlockInputs | None = None
-        palettized: list[Outcome] = []
-        for group in groups:
-            if chain and group.is_block:
-                inputs = inputs or BlockInputs(model, group.block, items, forward_fn)
-                statistics = inputs.moments(group.block, group.linears)
-            else:
-                statistics = collect_linear_moments(model, group.linears, items, forward_fn, stop_early=True)
-            chosen = [by_name[name] for name in group.linears]
-            palettized += self._palettized(chosen, _data_free, threads, statistics, widths, budget)
-        seen = {name for group in groups for name in group.linears}
+
+        def palettized_group(names: list[str], statistics: Mapping[str, InputMoments]) -> Iterable[Outcome]:
+            return self._palettized([by_name[name] for name in names], _data_free, threads, statistics, widths, budget)
+
+        palettized, seen = compressed_in_sequence(model, linears, items, forward_fn, palettized_group)
         rest = [t for t in targets if t.name not in seen]  # not Linear, or not called: data-free
         palettized += self._palettized(rest, _data_free, threads, None, widths, budget)
         write_palettized(palettized)

@@ -1,0 +1,187 @@
+"""PostTrainingQuantizer: linear quantization of a torch model's weights, data-free or with GPTQ's error feedback."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from lowbit.config import QuantizeConfig, check_bool, check_choice, check_int
+from lowbit.errors import SkipWeight
+from lowbit.statistics import InputMoments
+from lowbit.torch._compressor import CompressorBase, Target, skip
+from lowbit.torch.config import ModelConfig, ModuleConfig
+from lowbit.torch.modules import from_numpy, to_numpy
+from lowbit.torch.records import store_quantization
+from lowbit.torch.sequential import calibration_items, compressed_in_sequence
+from lowbit.types import CompressionGranularity, DType, QScheme
+from lowbit.weights import QuantizedWeight, quantize_weight
+
+__all__ = ["ModulePostTrainingQuantizerConfig", "PostTrainingQuantizer", "PostTrainingQuantizerConfig"]
+
+WEIGHT_DTYPES = {
+    "int8": DType.INT8,
+    "uint8": DType.UINT8,
+    "int4": DType.INT4,
+    "uint4": DType.UINT4,
+    "fp8_e4m3": DType.FP8_E4M3FN,
+    "fp8_e5m2": DType.FP8_E5M2,
+}
+GRANULARITIES = {
+    "per_tensor": CompressionGranularity.PER_TENSOR,
+    "per_channel": CompressionGranularity.PER_CHANNEL,
+    "per_block": CompressionGranularity.PER_BLOCK,
+}
+SCHEMES = {"symmetric": QScheme.SYMMETRIC, "affine": QScheme.ASYMMETRIC}
+
+
+def _key(value: Any) -> Any:
+    """A string option's key: ``torch.int8`` and ``"INT8"`` read as ``"int8"``."""
+    return str(value).removeprefix("torch.").lower() if isinstance(value, (str, torch.dtype)) else value
+
+
+@dataclass(frozen=True)
+class ModulePostTrainingQuantizerConfig(ModuleConfig):
+    """How the weights of one module are quantized.
+
+    Parameters
+    ----------
+    weight_dtype : ``"int8"`` (default), ``"uint8"``, ``"int4"``, ``"uint4"``, ``"fp8_e4m3"`` or ``"fp8_e5m2"``
+        (``torch.int8`` / ``torch.uint8`` and the float8 dtypes too).
+    granularity : ``"per_channel"`` (default: one scale per output channel), ``"per_tensor"`` or ``"per_block"``
+        (one scale per output channel and ``block_size`` input channels; the last block may be shorter).
+    quantization_scheme : ``"symmetric"`` (default) or ``"affine"`` (a zero point per scale, integers only).
+    block_size : input channels per block with ``"per_block"`` (required there, None otherwise).
+    scale_search : lowbit's extension (default False): each scale's clipping range searched (60 % to 100 % of the
+        block's) for the least squared error, integers only.
+
+    Raises ``ValueError`` / ``TypeError`` naming the option and its allowed values.
+    """
+
+    weight_dtype: Any = "int8"
+    granularity: str = "per_channel"
+    quantization_scheme: str = "symmetric"
+    block_size: int | None = None
+    scale_search: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "weight_dtype", check_choice("weight_dtype", _key(self.weight_dtype), WEIGHT_DTYPES))
+        object.__setattr__(self, "granularity", check_choice("granularity", _key(self.granularity), GRANULARITIES))
+        scheme = check_choice("quantization_scheme", _key(self.quantization_scheme), SCHEMES)
+        object.__setattr__(self, "quantization_scheme", scheme)
+        check_bool("scale_search", self.scale_search)
+        if self.granularity == "per_block" and self.block_size is None:
+            raise ValueError("block_size must be set (an int >= 1) when granularity is 'per_block'")
+        if self.block_size is not None:
+            check_int("block_size", self.block_size, 1)
+            if self.granularity != "per_block":
+                raise ValueError(f"block_size must be None when granularity is {self.granularity!r}")
+        if self.weight_dtype.startswith("fp8") and self.quantization_scheme != "symmetric":
+            raise ValueError(f"quantization_scheme must be 'symmetric' for weight_dtype {self.weight_dtype!r}")
+        if self.weight_dtype.startswith("fp8") and self.scale_search:
+            raise ValueError(f"scale_search must be False for weight_dtype {self.weight_dtype!r} (integers only)")
+
+    def weight_config(self) -> QuantizeConfig:
+        """The weight layer's :class:`~lowbit.config.QuantizeConfig` of this module config."""
+        return QuantizeConfig(
+            dtype=WEIGHT_DTYPES[self.weight_dtype],
+            qscheme=SCHEMES[self.quantization_scheme],
+            granularity=GRANULARITIES[self.granularity],
+            block_size=self.block_size or 1,
+            weight_num_threshold=0,
+            scale_search=self.scale_search,
+        )
+
+
+@dataclass
+class PostTrainingQuantizerConfig(ModelConfig[ModulePostTrainingQuantizerConfig]):
+    """Per-module configs for :class:`PostTrainingQuantizer`: ``global_config``, ``module_type_configs`` (module
+    classes or class names), ``module_name_configs`` (names or regular expressions); ``None`` skips a module."""
+
+    module_config: ClassVar[type[ModuleConfig]] = ModulePostTrainingQuantizerConfig
+
+
+class PostTrainingQuantizer(CompressorBase[PostTrainingQuantizerConfig]):
+    """Quantize a model's weights linearly (int8 / int4 / fp8 codes with per-tensor, per-channel or per-block
+    scales), the codes the graph path's ``quantize_weights`` gives the same weight.
+
+    ``PostTrainingQuantizer(model, config).compress()`` returns a model whose supported weights (Linear, Conv*,
+    ConvTranspose*, Embedding, MultiheadAttention, LSTM / GRU / RNN) hold their dequantized values. Each quantized
+    module records its codes and scales in a buffer (see :func:`lowbit.torch.quantization.quantization_of`);
+    :func:`lowbit.torch.report` tabulates them and :func:`lowbit.torch.export_onnx` writes them as ONNX's
+    ``DequantizeLinear``. ``config`` defaults to int8 per-channel symmetric for every supported module.
+    """
+
+    config_class = PostTrainingQuantizerConfig
+
+    def compress(
+        self,
+        inplace: bool = False,
+        calibration_data: Iterable[Any] | None = None,
+        forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+    ) -> nn.Module:
+        """Quantize and return the model: a deep copy (default) or, with ``inplace=True``, the model itself.
+
+        ``calibration_data`` (lowbit's extension; default None: round to nearest): items run through
+        ``forward_fn(model, item)`` (default ``model(**item)`` / ``model(*item)`` / ``model(item)``), block by
+        block, while forward hooks collect each quantized ``nn.Linear`` weight's input ``X^T X``; those weights'
+        integer codes are then chosen with GPTQ's error feedback (in act-order, the scales kept). Other weights, and
+        float dtypes, are rounded to nearest.
+
+        Raises ``ValueError`` when a parameter is on the meta device or ``calibration_data`` yields nothing. A
+        weight that cannot be quantized (NaN / Inf values, an integer dtype) is left as it is with a
+        ``UserWarning`` naming it and the reason.
+        """
+        model = self._target_model(inplace)
+        targets = list(self._targets(model))
+        with torch.no_grad():
+            if calibration_data is None:
+                _write(_quantized(targets, {}))
+            else:
+                items = calibration_items(calibration_data)
+                by_name = {t.name: t for t in targets}
+                linears = {
+                    t.name: t.module for t in targets if isinstance(t.module, nn.Linear) and t.weight.name == "weight"
+                }
+
+                def quantized_group(names: list[str], statistics: Mapping[str, InputMoments]) -> Iterable[Outcome]:
+                    return _quantized([by_name[name] for name in names], statistics)
+
+                outcomes, seen = compressed_in_sequence(model, linears, items, forward_fn, quantized_group)
+                outcomes += _quantized([t for t in targets if t.name not in seen], {})
+                _write(outcomes)
+        self._model = model
+        return model
+
+
+Outcome = tuple[Target[ModulePostTrainingQuantizerConfig], QuantizedWeight]
+
+
+def _quantized(targets: list[Target], statistics: Mapping[str, InputMoments]) -> Iterator[Outcome]:
+    """Each target quantized (with error feedback where ``statistics`` has its inputs), not yet written."""
+    for target in targets:
+        stats = statistics.get(target.name)
+        weight = target.weight
+        try:
+            result = quantize_weight(
+                to_numpy(weight.parameter),
+                weight.output_axis,
+                weight.input_axis,
+                target.config.weight_config(),
+                gram=None if stats is None else stats.gram,
+            )
+        except SkipWeight as skipped:
+            skip(target, skipped)
+            continue
+        yield target, result
+
+
+def _write(outcomes: Iterable[Outcome]) -> None:
+    """Each quantized weight's values into its parameter, its record on its module."""
+    for target, result in outcomes:
+        param = target.weight.parameter
+        param.copy_(from_numpy(result.decode(), param))
+        store_quantization(target.module, target.weight.name, result)
