@@ -95,8 +95,9 @@ def lowbit_row(
     return run
 
 
-def quantizer_row(symmetric: bool, scale_search: bool = False) -> Callable:
-    """PostTrainingQuantizer int4, blocks of 64 input channels, GPTQ's error feedback from the calibration windows."""
+def quantizer_row(symmetric: bool, scale_search: bool = False, inplace: bool = False) -> Callable:
+    """PostTrainingQuantizer int4, blocks of 64 input channels, GPTQ's error feedback from the calibration windows
+    (``inplace``: as in :func:`lowbit_row`)."""
 
     def run(model, calibration, _tokenizer):
         module = {
@@ -108,7 +109,8 @@ def quantizer_row(symmetric: bool, scale_search: bool = False) -> Callable:
         }
         config = PostTrainingQuantizerConfig.from_dict({"global_config": module, "module_name_configs": SKIP})
         out = PostTrainingQuantizer(model, config).compress(
-            calibration_data=[{"input_ids": window[None], "use_cache": False} for window in calibration]
+            inplace=inplace,
+            calibration_data=[{"input_ids": window[None], "use_cache": False} for window in calibration],
         )
         return out, *_bits_and_widths(out)
 
@@ -274,6 +276,10 @@ ROWS: dict[str, tuple[str, Callable]] = {
     "lbint4a_search": (
         "lowbit PostTrainingQuantizer uint4 g64 affine + scale search, calibrated",
         quantizer_row(False, scale_search=True),
+    ),
+    "lbint4a_search_inplace": (
+        "lowbit PostTrainingQuantizer uint4 g64 affine + scale search, calibrated, inplace (run it last)",
+        quantizer_row(False, scale_search=True, inplace=True),
     ),
     "skmmixpc8": ("lowbit SKM mixed bits, 3.5 b/w, per-channel int8 LUT", skm_row(PER_CHANNEL_INT8, 3.5)),
     "rtn4a": ("RTN int4 g64 asymmetric", rtn_row(4, False)),
