@@ -193,3 +193,83 @@ def test_a_weight_that_cannot_be_quantized_is_skipped_with_a_warning():
         quantized = _quantized(model, INT4_BLOCKS)
     rows = {r.name: r for r in lowbit.torch.report(quantized).rows}
     assert rows["0.weight"].skipped and rows["1.weight"].compression == "quantized"
+
+
+class TiedLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.mid = nn.Embedding(300, 64), nn.Linear(64, 64)
+        self.head = nn.Linear(64, 300, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.mid(self.embed(ids))))
+
+
+def test_a_tied_embedding_and_head_are_quantized_once_and_exported_quantized_in_both_places(tmp_path):
+    torch.manual_seed(0)
+    ids = torch.randint(0, 300, (2, 8))
+    quantized = _quantized(TiedLM().eval(), INT4_BLOCKS, calibration_data=[ids])
+    assert set(quantization_of(quantized)) == {"embed.weight", "mid.weight"}  # one record for the shared parameter
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*(stored|exported) dense")
+        program = lowbit.torch.export_onnx(quantized, (ids,), tmp_path / "q.onnx", input_names=["ids"])
+    assert [r.compression for r in program.report.rows] == ["quantized"] * 3  # the head's transposed copy too
+    assert sum(1 for w in program.weights() if w.compression is None and w.numel > 1024) == 0
+    with torch.no_grad():
+        expected = quantized(ids).numpy()
+    got = ort_session(tmp_path / "q.onnx", "basic").run(None, {"ids": ids.numpy()})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_quantizing_a_palettized_model_replaces_its_record():
+    from lowbit.torch.palettization import PostTrainingPalettizer, palettization_of
+
+    torch.manual_seed(0)
+    palettized = PostTrainingPalettizer(nn.Sequential(nn.Linear(64, 64))).compress()
+    assert set(palettization_of(palettized)) == {"0.weight"}
+    quantized = _quantized(palettized, {"weight_dtype": "int8"})
+    assert palettization_of(quantized) == {} and set(quantization_of(quantized)) == {"0.weight"}
+    assert [r.compression for r in lowbit.torch.report(quantized).rows] == ["quantized"]
+    again = PostTrainingPalettizer(quantized).compress()
+    assert quantization_of(again) == {} and set(palettization_of(again)) == {"0.weight"}
+
+
+def test_torch_float8_dtypes_name_the_fp8_weight_dtypes_and_calibration_is_not_used_for_them():
+    config = ModulePostTrainingQuantizerConfig(weight_dtype=torch.float8_e4m3fn)
+    assert config.weight_dtype == "fp8_e4m3"
+    assert ModulePostTrainingQuantizerConfig(weight_dtype=torch.float8_e5m2).weight_dtype == "fp8_e5m2"
+    model = nn.Sequential(nn.Linear(64, 64))
+    with pytest.warns(UserWarning, match="calibration_data is not used"):
+        quantized = _quantized(model, {"weight_dtype": "fp8_e4m3"}, calibration_data=[torch.randn(4, 64)])
+    assert quantization_of(quantized)["0.weight"].quantized.q.dtype.name == "float8_e4m3fn"
+
+
+def test_a_half_precision_model_keeps_its_dtype_and_exports_half_scales(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 16)).half()
+    quantized = _quantized(model, INT4_BLOCKS, calibration_data=[torch.randn(8, 64).half()])
+    record = quantization_of(quantized)["0.weight"]
+    assert quantized[0].weight.dtype == torch.float16 and record.quantized.scale.dtype == np.float16
+    x = torch.randn(4, 64).half()
+    lowbit.torch.export_onnx(quantized, (x,), tmp_path / "q.onnx", input_names=["x"])
+    with torch.no_grad():
+        expected = quantized.float()(x.float()).numpy()
+    got = ort_session(tmp_path / "q.onnx", "basic").run(None, {"x": x.numpy()})[0]
+    np.testing.assert_allclose(got.astype(np.float32), expected, rtol=0.01, atol=0.01)  # fp16 arithmetic
+
+
+def test_a_quantized_recurrent_layer_is_exported_dense_with_a_warning_that_says_why(tmp_path):
+    torch.manual_seed(0)
+    quantized = _quantized(Wrapped(nn.GRU(16, 32, batch_first=True)), {"weight_dtype": "int8"})
+    with pytest.warns(UserWarning, match="quantized weight 'inner.weight_ih_l0' matches no weight.*recurrent"):
+        lowbit.torch.export_onnx(quantized, (torch.randn(2, 5, 16),), tmp_path / "gru.onnx")
+
+
+class Wrapped(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)[0]

@@ -90,20 +90,34 @@ def modes_kept(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
+def kind_of(weight: PalettizedWeight | QuantizedWeight) -> str:
+    """The report's name for a recorded compression: ``"palettized"`` or ``"quantized"``."""
+    return "palettized" if isinstance(weight, PalettizedWeight) else "quantized"
+
+
 def warn_unmatched(records: dict[str, _Record[Any]], dense_sizes: set[int]) -> None:
     """Warn for each record no exported weight matched while a dense weight of its size remains (else the traced
     forward does not use it: nothing to store)."""
     for record in records.values():
-        if record.size in dense_sizes:
-            kind = "palettized" if isinstance(record.weight, PalettizedWeight) else "quantized"
-            warnings.warn(
-                f"{kind} weight {record.name!r} matches no weight of the exported graph (the exporter "
-                "changed its values): it is stored dense. A BatchNorm folded into a conv keeps the palette when "
-                "its LUTs run along the output channels (channel_axis=0, or one LUT); else export with "
-                "do_constant_folding=False to keep the BatchNorm apart",
-                UserWarning,
-                stacklevel=3,
+        if record.size not in dense_sizes:
+            continue
+        if isinstance(record.weight, PalettizedWeight):
+            advice = (
+                "A BatchNorm folded into a conv keeps the palette when its LUTs run along the output channels "
+                "(channel_axis=0, or one LUT); else export with do_constant_folding=False to keep the BatchNorm apart"
             )
+        else:
+            advice = (
+                "Quantized codes are placed where the exporter keeps the weight's values, as they are or "
+                "transposed: not into a folded BatchNorm (export with do_constant_folding=False to keep it apart) "
+                "nor a recurrent layer's restacked gates (palettize those)"
+            )
+        warnings.warn(
+            f"{kind_of(record.weight)} weight {record.name!r} matches no weight of the exported graph (the "
+            f"exporter changed its values): it is stored dense. {advice}",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def records_of(model: nn.Module) -> Palettizations:
@@ -213,24 +227,31 @@ def _write_records(
 
     found: dict[str, tuple[PalettizedWeight | QuantizedWeight, Any]] = {}
     plan = []
+    every: dict[str, _Record[Any]] = {**records, **quantized}
     for ref in program.weights():
         if ref.value is None or ref.value.const_value is None or ref.compression is not None:
             continue
         array = ref.value.const_value.numpy()
-        palettized = _named(ref.name, array, records) or matched(array, ref.output_axis, records)
-        if palettized is not None:
+        weight: PalettizedWeight | QuantizedWeight | None = None
+        if (palettized := _named(ref.name, array, records) or matched(array, ref.output_axis, records)) is not None:
             found[ref.name] = (palettized, None)
         elif (restacked := _restacked(ref.op, array, records)) is not None:
             found[ref.name] = (restacked, array.shape)
-        elif (q := _named(ref.name, array, quantized) or match_values(array, quantized)) is not None:
-            config = quantize_config_for(q, ref.input_axis, ref.output_axis)
+        elif (weight := _named(ref.name, array, quantized) or match_values(array, quantized)) is not None:
+            pass
+        elif (weight := match_values(array, _placed(every, records, quantized))) is not None:
+            pass  # a tied weight the exporter stores twice (an embedding and its head's transposed copy)
+        elif (unique := _unique(ref, array)) is not None:
+            found[ref.name] = (unique, None)
+        if isinstance(weight, PalettizedWeight):
+            found[ref.name] = (weight, None)
+        elif isinstance(weight, QuantizedWeight):
+            config = quantize_config_for(weight, ref.input_axis, ref.output_axis)
             if config is None:
                 warnings.warn(_unlaid(ref.name), UserWarning, stacklevel=3)
                 continue
-            found[ref.name] = (q, config)
+            found[ref.name] = (weight, config)
             plan.append((ref, config))
-        elif (unique := _unique(ref, array)) is not None:
-            found[ref.name] = (unique, None)
     writer, report = QuantizeWriter(), CompressionReport()
     if plan:
         OnnxBackend(program, writer).prepare(plan)  # may convert the graph: its weights are found anew below
@@ -239,11 +260,19 @@ def _write_records(
             continue
         weight, detail = found.pop(ref.name)
         if isinstance(weight, QuantizedWeight):
-            after, kind = writer.write(program, ref, weight, detail), "quantized"
+            after = writer.write(program, ref, weight, detail)
         else:
-            after, kind = stored_nbytes(write_palettized(program.model, ref, weight, detail)), "palettized"
-        report.rows.append(WeightResult(ref.name, ref.op, ref.shape, ref.nbytes, after, weight.rel_mse, None, kind))
+            after = stored_nbytes(write_palettized(program.model, ref, weight, detail))
+        row = WeightResult(ref.name, ref.op, ref.shape, ref.nbytes, after, weight.rel_mse, None, kind_of(weight))
+        report.rows.append(row)
+    for name in found:  # the opset conversion renamed it
+        warnings.warn(f"weight {name!r} is stored dense: not found after the opset conversion", UserWarning, 3)
     return report
+
+
+def _placed(every: dict[str, _Record[Any]], *unplaced: dict[str, _Record[Any]]) -> dict[str, _Record[Any]]:
+    """The records of ``every`` already matched to a weight (in none of ``unplaced``), as a new dict."""
+    return {key: record for key, record in every.items() if all(key not in rest for rest in unplaced)}
 
 
 def _unlaid(name: str) -> str:

@@ -11,8 +11,15 @@ import torch
 from torch import nn
 
 from lowbit.report import CompressionReport, WeightResult
-from lowbit.torch.export import match_values, matched, modes_kept, quantized_records_of, records_of, warn_unmatched
-from lowbit.weights import PalettizedWeight
+from lowbit.torch.export import (
+    kind_of,
+    match_values,
+    matched,
+    modes_kept,
+    quantized_records_of,
+    records_of,
+    warn_unmatched,
+)
 
 if TYPE_CHECKING:
     from lowbit.coreai import Program
@@ -68,8 +75,9 @@ def export_coreai(model: nn.Module, example_inputs: Any, path: str | os.PathLike
                 except (TypeError, ValueError) as error:
                     warnings.warn(f"weight {ref.name!r} is stored dense: {error}", UserWarning, stacklevel=2)
                     continue
-                kind = "palettized" if isinstance(weight, PalettizedWeight) else "quantized"
-                row = WeightResult(ref.name, ref.op, ref.shape, ref.nbytes, after, weight.rel_mse, None, kind)
+                row = WeightResult(
+                    ref.name, ref.op, ref.shape, ref.nbytes, after, weight.rel_mse, None, kind_of(weight)
+                )
                 report.rows.append(row)
     warn_unmatched({**records, **quantized}, {w.numel for w in program.weights() if w.compression is None})
     program.report = report

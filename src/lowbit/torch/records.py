@@ -50,9 +50,13 @@ def store_quantization(module: nn.Module, name: str, weight: QuantizedWeight) ->
 
 
 def _store(module: nn.Module, name: str, prefix: str, record: bytes) -> None:
+    """Register ``record`` under ``prefix``, dropping a record of the other kind (a palettized weight quantized
+    since, or the reverse: the parameter holds the newer one)."""
     owner_name, _, attribute = name.rpartition(".")
     owner = module.get_submodule(owner_name)
     device = getattr(owner, attribute).device
+    for other in READERS.keys() - {prefix}:
+        owner._buffers.pop(other + attribute, None)
     blob = torch.frombuffer(bytearray(record), dtype=torch.uint8)
     owner.register_buffer(prefix + attribute, blob.to(device), persistent=True)
 

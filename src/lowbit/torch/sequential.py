@@ -26,9 +26,18 @@ import torch
 from torch import nn
 
 from lowbit.statistics import InputMoments
+from lowbit.torch._compressor import Target
 from lowbit.torch.calibration import Enough, LinearMoments, collect_linear_moments, evaluating, forward_of, run_items
 
-__all__ = ["BlockInputs", "Group", "calibration_items", "chained", "compressed_in_sequence", "in_sequence"]
+__all__ = [
+    "BlockInputs",
+    "Group",
+    "calibrated_linears",
+    "calibration_items",
+    "chained",
+    "compressed_in_sequence",
+    "in_sequence",
+]
 
 T = TypeVar("T")
 
@@ -200,17 +209,24 @@ def calibration_items(calibration_data: Iterable[Any]) -> Sequence[Any]:
     return items
 
 
+def calibrated_linears(targets: Iterable[Target]) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` weights among ``targets`` (calibration reaches those), by target name."""
+    return {t.name: t.module for t in targets if isinstance(t.module, nn.Linear) and t.weight.name == "weight"}
+
+
 def compressed_in_sequence(
     model: nn.Module,
-    linears: Mapping[str, nn.Linear],
+    targets: Sequence[Target],
     items: Sequence[Any],
     forward_fn: Callable | None,
-    compress: Callable[[list[str], Mapping[str, InputMoments]], Iterable[T]],
-) -> tuple[list[T], set[str]]:
-    """``compress(names, statistics)`` for each group of ``linears`` in the order the model runs them (a block's
-    Linears together, with the dense model's input moments), holding one block's ``X^T X`` at a time. Returns
-    what ``compress`` gave, in order, and the names of the Linears the items ran (those not called are not)."""
-    groups = in_sequence(model, linears, items[0], forward_fn)
+    compress: Callable[[list[Target], Mapping[str, InputMoments]], Iterable[T]],
+) -> list[T]:
+    """``compress(targets, statistics)`` for each group of ``targets``' Linear weights in the order the model runs
+    them (a block's Linears together, with the dense model's input moments), holding one block's ``X^T X`` at a
+    time; then for the other targets (not Linear, or not called by the items), with no statistics. Returns what
+    ``compress`` gave, in order."""
+    by_name = {t.name: t for t in targets}
+    groups = in_sequence(model, calibrated_linears(targets), items[0], forward_fn)
     blocks = [group.block for group in groups if group.is_block]
     chain = chained(model, blocks, items[0], forward_fn)
     inputs: BlockInputs | None = None
@@ -221,5 +237,7 @@ def compressed_in_sequence(
             statistics = inputs.moments(group.block, group.linears)
         else:
             statistics = collect_linear_moments(model, group.linears, items, forward_fn, stop_early=True)
-        outcomes += compress(list(group.linears), statistics)
-    return outcomes, {name for group in groups for name in group.linears}
+        outcomes += compress([by_name[name] for name in group.linears], statistics)
+    seen = {name for group in groups for name in group.linears}
+    outcomes += compress([t for t in targets if t.name not in seen], {})
+    return outcomes

@@ -23,7 +23,7 @@ from lowbit.torch.palettization._base import (
     allocated_widths,
     write_palettized,
 )
-from lowbit.torch.sequential import calibration_items, compressed_in_sequence
+from lowbit.torch.sequential import calibrated_linears, calibration_items, compressed_in_sequence
 
 __all__ = [
     "ModulePostTrainingPalettizerConfig",
@@ -143,8 +143,7 @@ class PostTrainingPalettizer(PalettizerBase[PostTrainingPalettizerConfig]):
         pass over the dense model (the diagonals only; with ``loss_fn``, a forward and backward per item: the whole
         ``X^T X`` and the outputs' squared loss gradients)."""
         items = calibration_items(calibration_data)
-        by_name = {t.name: t for t in targets}
-        linears = {t.name: t.module for t in targets if isinstance(t.module, nn.Linear) and t.weight.name == "weight"}
+        linears = calibrated_linears(targets)
         diagonals: dict[str, InputMoments] = {}
         outputs: dict[str, np.ndarray] | None = None
         if budget is not None and loss_fn is not None:
@@ -154,13 +153,10 @@ class PostTrainingPalettizer(PalettizerBase[PostTrainingPalettizerConfig]):
         widths = allocated_widths(targets, _data_free, threads, diagonals, budget, outputs)
         del diagonals, outputs
 
-        def palettized_group(names: list[str], statistics: Mapping[str, InputMoments]) -> Iterable[Outcome]:
-            return self._palettized([by_name[name] for name in names], _data_free, threads, statistics, widths, budget)
+        def palettized(chosen: list[Target], statistics: Mapping[str, InputMoments]) -> Iterable[Outcome]:
+            return self._palettized(chosen, _data_free, threads, statistics, widths, budget)
 
-        palettized, seen = compressed_in_sequence(model, linears, items, forward_fn, palettized_group)
-        rest = [t for t in targets if t.name not in seen]  # not Linear, or not called: data-free
-        palettized += self._palettized(rest, _data_free, threads, None, widths, budget)
-        write_palettized(palettized)
+        write_palettized(compressed_in_sequence(model, targets, items, forward_fn, palettized))
 
 
 def _data_free(target: Target) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -30,6 +31,7 @@ WEIGHT_DTYPES = {
     "fp8_e4m3": DType.FP8_E4M3FN,
     "fp8_e5m2": DType.FP8_E5M2,
 }
+INTEGER_DTYPES = ("int8", "uint8", "int4", "uint4")
 GRANULARITIES = {
     "per_tensor": CompressionGranularity.PER_TENSOR,
     "per_channel": CompressionGranularity.PER_CHANNEL,
@@ -38,9 +40,16 @@ GRANULARITIES = {
 SCHEMES = {"symmetric": QScheme.SYMMETRIC, "affine": QScheme.ASYMMETRIC}
 
 
+TORCH_NAMES = {"float8_e4m3fn": "fp8_e4m3", "float8_e5m2": "fp8_e5m2"}
+
+
 def _key(value: Any) -> Any:
-    """A string option's key: ``torch.int8`` and ``"INT8"`` read as ``"int8"``."""
-    return str(value).removeprefix("torch.").lower() if isinstance(value, (str, torch.dtype)) else value
+    """A string option's key: ``torch.int8`` and ``"INT8"`` read as ``"int8"``, ``torch.float8_e4m3fn`` as
+    ``"fp8_e4m3"``."""
+    if not isinstance(value, (str, torch.dtype)):
+        return value
+    key = str(value).removeprefix("torch.").lower()
+    return TORCH_NAMES.get(key, key)
 
 
 @dataclass(frozen=True)
@@ -112,7 +121,9 @@ class PostTrainingQuantizer(CompressorBase[PostTrainingQuantizerConfig]):
     ConvTranspose*, Embedding, MultiheadAttention, LSTM / GRU / RNN) hold their dequantized values. Each quantized
     module records its codes and scales in a buffer (see :func:`lowbit.torch.quantization.quantization_of`);
     :func:`lowbit.torch.report` tabulates them and :func:`lowbit.torch.export_onnx` writes them as ONNX's
-    ``DequantizeLinear``. ``config`` defaults to int8 per-channel symmetric for every supported module.
+    ``DequantizeLinear`` wherever the exporter keeps a weight's values (as they are or transposed; a recurrent
+    layer's restacked gates and a folded BatchNorm are exported dense, with a warning). ``config`` defaults to
+    int8 per-channel symmetric for every supported module.
     """
 
     config_class = PostTrainingQuantizerConfig
@@ -137,22 +148,20 @@ class PostTrainingQuantizer(CompressorBase[PostTrainingQuantizerConfig]):
         """
         model = self._target_model(inplace)
         targets = list(self._targets(model))
+        fed = [t for t in targets if calibration_data is not None and t.config.weight_dtype in INTEGER_DTYPES]
+        if calibration_data is not None and not fed:
+            warnings.warn(
+                "calibration_data is not used: no weight is quantized to an integer dtype (the error feedback "
+                f"chooses integer codes; {sorted(set(WEIGHT_DTYPES) - set(INTEGER_DTYPES))} round to nearest)",
+                UserWarning,
+                stacklevel=2,
+            )
         with torch.no_grad():
-            if calibration_data is None:
-                _write(_quantized(targets, {}))
-            else:
+            if calibration_data is not None and fed:
                 items = calibration_items(calibration_data)
-                by_name = {t.name: t for t in targets}
-                linears = {
-                    t.name: t.module for t in targets if isinstance(t.module, nn.Linear) and t.weight.name == "weight"
-                }
-
-                def quantized_group(names: list[str], statistics: Mapping[str, InputMoments]) -> Iterable[Outcome]:
-                    return _quantized([by_name[name] for name in names], statistics)
-
-                outcomes, seen = compressed_in_sequence(model, linears, items, forward_fn, quantized_group)
-                outcomes += _quantized([t for t in targets if t.name not in seen], {})
-                _write(outcomes)
+                _write(compressed_in_sequence(model, fed, items, forward_fn, _quantized))
+            names = {t.name for t in fed}
+            _write(_quantized([t for t in targets if t.name not in names], {}))
         self._model = model
         return model
 
@@ -161,7 +170,8 @@ Outcome = tuple[Target[ModulePostTrainingQuantizerConfig], QuantizedWeight]
 
 
 def _quantized(targets: list[Target], statistics: Mapping[str, InputMoments]) -> Iterator[Outcome]:
-    """Each target quantized (with error feedback where ``statistics`` has its inputs), not yet written."""
+    """Each target quantized (with error feedback where ``statistics`` has its inputs and its codes are integers),
+    not yet written."""
     for target in targets:
         stats = statistics.get(target.name)
         weight = target.weight
