@@ -220,3 +220,28 @@ def test_outliers_give_the_same_weights_through_either_door(calibrated):
     small = lowbit.palettize_weights(program, calibration_data=feeds, num_kmeans_workers=1, **config)
     dense = lowbit.decompress_weights(small).graph.initializers["w"].const_value.numpy().T
     np.testing.assert_array_equal(dense, palettization_of(palettized[0])["weight"].decode())
+
+
+def test_a_calibrated_conv_gets_the_same_activation_weighted_palette_through_either_door():
+    """A convolution's statistics are the mean square of each input channel over every position (no feedback), on
+    both doors: the same weighted k-means, the same LUTs and codes."""
+    rng = np.random.default_rng(11)
+    weight = (rng.standard_normal((32, 6, 3, 3)) * 0.1).astype(np.float32)
+    conv = torch.nn.Conv2d(6, 32, 3, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.from_numpy(weight))
+    scales = np.array([0.1, 0.3, 1.0, 3.0, 10.0, 30.0], np.float32)[None, :, None, None]
+    items = [(rng.standard_normal((2, 6, 8, 8)) * scales).astype(np.float32) for _ in range(3)]
+    config = {"n_bits": 3}
+    torch_config = PostTrainingPalettizerConfig.from_dict({"global_config": config})
+    model = PostTrainingPalettizer(torch.nn.Sequential(conv), torch_config).compress(
+        calibration_data=[torch.from_numpy(x) for x in items]
+    )
+    program = lowbit.Program(make_model({"w": weight}, [("Conv", "w", {})]))
+    small = lowbit.palettize_weights(program, calibration_data=[{"x0": x} for x in items], **config)
+    plain = lowbit.palettize_weights(program, **config)
+    assert len(small.report.compressed) == 1
+    graph = lowbit.decompress_weights(small).graph.initializers["w"].const_value.numpy()
+    decoded = palettization_of(model[0])["weight"].decode()
+    np.testing.assert_array_equal(graph, decoded)
+    assert not np.array_equal(lowbit.decompress_weights(plain).graph.initializers["w"].const_value.numpy(), decoded)

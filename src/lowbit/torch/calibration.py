@@ -102,19 +102,31 @@ def moments_of(activations: torch.Tensor, full: bool) -> InputMoments:
     return InputMoments(squares, x.shape[0], gram.numpy())
 
 
-class LinearMoments:
-    """Forward hooks on Linear modules that accumulate each one's input :class:`InputMoments` (``full``: the whole
-    ``X^T X``, else its diagonal), by weight name. Modules that read one tensor in an item (a transformer's q / k /
-    v) share its moments, computed once. ``stop_early``: once every module has seen this item's input the forward
-    ends (:class:`Enough`; a module called twice in one forward counts its first call only); call :meth:`item_done`
-    after each item."""
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
-    def __init__(self, linears: Mapping[str, nn.Linear], full: bool = True, stop_early: bool = False) -> None:
+
+def reads_channels_last(module: nn.Module) -> bool:
+    """Whether ``module``'s input holds its channels on the last axis (a Linear), not axis 1 (a convolution)."""
+    return not isinstance(module, CONVS)
+
+
+class LinearMoments:
+    """Forward hooks on Linear modules (and convolutions of one group) that accumulate each one's input
+    :class:`InputMoments` (``full``: a Linear's whole ``X^T X``, else the diagonal; a convolution's per input
+    channel, over every position, as the graph door takes it), by weight name. Modules that read one tensor in an
+    item (a transformer's q / k / v) share its moments, computed once. ``stop_early``: once every module has seen
+    this item's input the forward ends (:class:`Enough`; a module called twice in one forward counts its first call
+    only); call :meth:`item_done` after each item."""
+
+    def __init__(self, linears: Mapping[str, nn.Module], full: bool = True, stop_early: bool = False) -> None:
         self.linears, self.full, self.stop_early = linears, full, stop_early
-        self.moments = {name: InputMoments.empty(linear.in_features, full=full) for name, linear in linears.items()}
+        self.moments = {
+            name: InputMoments.empty(_in_channels(module), full=full and reads_channels_last(module))
+            for name, module in linears.items()
+        }
         self.seen: set[str] = set()
-        # this item's inputs by id: the tensor, its version (bumped by in-place ops), its moments
-        self.parts: dict[int, tuple[torch.Tensor, int, InputMoments]] = {}
+        # this item's inputs by (id, layout): the tensor, its version (bumped by in-place ops), its moments
+        self.parts: dict[tuple[int, bool], tuple[torch.Tensor, int, InputMoments]] = {}
 
     def register(self) -> list[Any]:
         """Register the hooks; returns their handles."""
@@ -124,23 +136,24 @@ class LinearMoments:
         self.seen.clear()
         self.parts.clear()
 
-    def _part(self, name: str, tensor: torch.Tensor) -> InputMoments:
-        """The moments of ``tensor`` (this item's input of ``name``), computed once per tensor and item (again
-        when it was changed in place since)."""
-        known = self.parts.get(id(tensor))
+    def _part(self, name: str, tensor: torch.Tensor, last: bool) -> InputMoments:
+        """The moments of ``tensor`` (this item's input of ``name``, its channels ``last`` or on axis 1), computed
+        once per tensor, layout and item (again when it was changed in place since)."""
+        known = self.parts.get((id(tensor), last))
         if known is not None and known[0] is tensor and known[1] == tensor._version:
             return known[2]
         if not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"the input activations of {name!r} are not finite on a calibration item")
-        part = moments_of(tensor.detach(), self.full)
-        self.parts[id(tensor)] = (tensor, tensor._version, part)
+        activations = tensor.detach() if last else tensor.detach().movedim(1, -1)
+        part = moments_of(activations, self.full and last)
+        self.parts[(id(tensor), last)] = (tensor, tensor._version, part)
         return part
 
     def _hook(self, name: str) -> Callable:
         def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
             if name in self.seen:
                 return
-            self.moments[name].merge(self._part(name, inputs[0]))
+            self.moments[name].merge(self._part(name, inputs[0], reads_channels_last(module)))
             if self.stop_early:
                 self.seen.add(name)
                 if len(self.seen) == len(self.moments):
@@ -149,9 +162,13 @@ class LinearMoments:
         return hook
 
 
+def _in_channels(module: nn.Module) -> int:
+    return int(module.in_channels if isinstance(module, CONVS) else module.in_features)  # type: ignore[arg-type]
+
+
 def collect_linear_moments(
     model: nn.Module,
-    linears: Mapping[str, nn.Linear],
+    linears: Mapping[str, nn.Module],
     calibration_data: Iterable[Any],
     forward_fn: Callable[[nn.Module, Any], Any] | None = None,
     full: bool = True,

@@ -27,7 +27,15 @@ from torch import nn
 
 from lowbit.statistics import InputMoments
 from lowbit.torch._compressor import Target
-from lowbit.torch.calibration import Enough, LinearMoments, collect_linear_moments, evaluating, forward_of, run_items
+from lowbit.torch.calibration import (
+    CONVS,
+    Enough,
+    LinearMoments,
+    collect_linear_moments,
+    evaluating,
+    forward_of,
+    run_items,
+)
 
 __all__ = [
     "BlockInputs",
@@ -52,11 +60,11 @@ class Group:
 
     block: str
     is_block: bool
-    linears: dict[str, nn.Linear]
+    linears: dict[str, nn.Module]
 
 
 def in_sequence(
-    model: nn.Module, linears: Mapping[str, nn.Linear], first_item: Any, forward_fn: Callable | None = None
+    model: nn.Module, linears: Mapping[str, nn.Module], first_item: Any, forward_fn: Callable | None = None
 ) -> list[Group]:
     """The ``linears`` in the order one forward of ``first_item`` calls them, grouped: consecutive modules under
     one child of the model's outermost ``nn.ModuleList`` form one group, any other module its own. Modules the
@@ -187,7 +195,7 @@ class BlockInputs:
         handle = model.get_submodule(block).register_forward_pre_hook(hook, with_kwargs=True)
         run_items(model, [handle], items, forward_of(forward_fn))
 
-    def moments(self, block: str, linears: Mapping[str, nn.Linear]) -> dict[str, InputMoments]:
+    def moments(self, block: str, linears: Mapping[str, nn.Module]) -> dict[str, InputMoments]:
         """The ``linears``' input moments (whole ``X^T X``) over every item, running ``block`` alone; its outputs
         become the next block's inputs."""
         hooks = LinearMoments(linears)
@@ -209,9 +217,14 @@ def calibration_items(calibration_data: Iterable[Any]) -> Sequence[Any]:
     return items
 
 
-def calibrated_linears(targets: Iterable[Target]) -> dict[str, nn.Linear]:
-    """The ``nn.Linear`` weights among ``targets`` (calibration reaches those), by target name."""
-    return {t.name: t.module for t in targets if isinstance(t.module, nn.Linear) and t.weight.name == "weight"}
+def calibrated_linears(targets: Iterable[Target]) -> dict[str, nn.Module]:
+    """The weights among ``targets`` that calibration reaches, by target name: ``nn.Linear``'s, and those of
+    convolutions of one group (the diagonal of their ``X^T X`` only, as on the graph door)."""
+    return {t.name: t.module for t in targets if t.weight.name == "weight" and _calibrated(t.module)}
+
+
+def _calibrated(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (isinstance(module, CONVS) and module.groups == 1)
 
 
 def compressed_in_sequence(

@@ -93,7 +93,8 @@ class PostTrainingPalettizer(PalettizerBase[PostTrainingPalettizerConfig]):
         ``forward_fn(model, item)`` (default ``model(**item)`` / ``model(*item)`` / ``model(item)``) while forward
         hooks collect each palettized ``nn.Linear`` weight's input ``X^T X``; those weights then get
         activation-weighted k-means and error feedback on their codes (see the README's "Data-aware compression").
-        Other weights are palettized data-free.
+        Convolutions of one group get activation-weighted k-means (each input channel's mean square over every
+        position, as on the graph door). Other weights are palettized data-free.
 
         ``bits_per_weight`` (lowbit's extension; default None: every weight at its ``n_bits``): mixed bits. Each
         weight is palettized at 2, 3, 4, 6 and 8 bits, its relative error measured at each (of the layer's output
@@ -147,7 +148,8 @@ class PostTrainingPalettizer(PalettizerBase[PostTrainingPalettizerConfig]):
         diagonals: dict[str, InputMoments] = {}
         outputs: dict[str, np.ndarray] | None = None
         if budget is not None and loss_fn is not None:
-            diagonals, outputs = collect_output_sensitivity(model, linears, items, loss_fn)
+            dense = {name: module for name, module in linears.items() if isinstance(module, nn.Linear)}
+            diagonals, outputs = collect_output_sensitivity(model, dense, items, loss_fn)
         elif budget is not None:
             diagonals = collect_linear_moments(model, linears, items, forward_fn, full=False)
         widths = allocated_widths(targets, _data_free, threads, diagonals, budget, outputs)

@@ -148,11 +148,12 @@ class PostTrainingQuantizer(CompressorBase[PostTrainingQuantizerConfig]):
         """
         model = self._target_model(inplace)
         targets = list(self._targets(model))
-        fed = [t for t in targets if calibration_data is not None and t.config.weight_dtype in INTEGER_DTYPES]
+        fed = [t for t in targets if calibration_data is not None and _fed_back(t)]
         if calibration_data is not None and not fed:
             warnings.warn(
-                "calibration_data is not used: no weight is quantized to an integer dtype (the error feedback "
-                f"chooses integer codes; {sorted(set(WEIGHT_DTYPES) - set(INTEGER_DTYPES))} round to nearest)",
+                "calibration_data is not used: no nn.Linear weight is quantized to an integer dtype (the error "
+                f"feedback chooses a Linear's integer codes; {sorted(set(WEIGHT_DTYPES) - set(INTEGER_DTYPES))} "
+                "and other modules' weights round to nearest)",
                 UserWarning,
                 stacklevel=2,
             )
@@ -167,6 +168,11 @@ class PostTrainingQuantizer(CompressorBase[PostTrainingQuantizerConfig]):
 
 
 Outcome = tuple[Target[ModulePostTrainingQuantizerConfig], QuantizedWeight]
+
+
+def _fed_back(target: Target) -> bool:
+    """Whether calibration changes ``target``'s codes: a Linear's integer codes (error feedback)."""
+    return isinstance(target.module, nn.Linear) and target.config.weight_dtype in INTEGER_DTYPES
 
 
 def _quantized(targets: list[Target], statistics: Mapping[str, InputMoments]) -> Iterator[Outcome]:
