@@ -11,15 +11,8 @@ import torch
 from torch import nn
 
 from lowbit.report import CompressionReport, WeightResult
-from lowbit.torch.export import (
-    kind_of,
-    match_values,
-    matched,
-    modes_kept,
-    quantized_records_of,
-    records_of,
-    warn_unmatched,
-)
+from lowbit.torch.export import modes_kept
+from lowbit.torch.export_match import kind_of, match_values, matched, quantized_records_of, records_of, warn_unmatched
 
 if TYPE_CHECKING:
     from lowbit.coreai import Program
