@@ -14,6 +14,7 @@ from conftest import make_model, ort_session
 import lowbit
 from lowbit.budget import (
     BUDGET_BITS,
+    FEEDBACK_MEASURED_BITS,
     UNITS,
     Choice,
     allocate,
@@ -227,7 +228,8 @@ def test_the_cli_takes_a_budget_and_refuses_a_bad_one(capsys, tmp_path, digits_p
 
 def test_with_output_weights_the_error_is_the_loss_change_of_the_layer_outputs():
     """``sum_n s_n dW_n X^T X dW_n`` against the outputs themselves: each output channel's squared error over the
-    calibration rows, weighted by its mean squared loss gradient."""
+    calibration rows, weighted by its mean squared loss gradient; of the codes the compression writes (with the
+    error feedback, up to 6 bits), not of plain rounding."""
     from lowbit.weights import palettize_weight
 
     rng = np.random.default_rng(12)
@@ -238,9 +240,16 @@ def test_with_output_weights_the_error_is_the_loss_change_of_the_layer_outputs()
     stats.add(x, -1)
     config = PalettizeConfig(granularity="per_grouped_channel", group_size=4, weight_num_threshold=0)
     choices = measured_choices(w, 0, 1, config, name="w", stats=stats, output_weights=s)
-    for choice in choices:
-        importance, damping = stats.weighting(w.shape, 1)
-        bits = dataclasses.replace(config, n_bits=choice.n_bits)
-        decoded = palettize_weight(w, 0, bits, name="w", importance=importance, damping=damping).decode()
+    importance, damping = stats.weighting(w.shape, 1)
+
+    def loss_change(n_bits: int, gram: np.ndarray | None) -> float:
+        bits = dataclasses.replace(config, n_bits=n_bits)
+        decoded = palettize_weight(w, 0, bits, name="w", importance=importance, damping=damping, gram=gram).decode()
         outputs = x @ (decoded.astype(np.float64) - w).T  # [rows, output channels]
-        assert choice.error == pytest.approx(float((outputs**2).sum(0) @ s), rel=1e-4)
+        return float((outputs**2).sum(0) @ s)
+
+    for choice in choices:
+        fed_back = choice.n_bits <= FEEDBACK_MEASURED_BITS
+        assert choice.error == pytest.approx(loss_change(choice.n_bits, stats.gram if fed_back else None), rel=1e-4)
+        if fed_back:
+            assert choice.error < 0.95 * loss_change(choice.n_bits, None)

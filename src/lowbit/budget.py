@@ -41,6 +41,9 @@ __all__ = [
 ]
 
 BUDGET_BITS = (2, 3, 4, 6, 8)  # the widths a budget chooses from
+# weighed by the loss, widths up to this are measured with the error feedback the compression will apply (8 bits'
+# error is small either way, and its 256-level feedback the slowest)
+FEEDBACK_MEASURED_BITS = 6
 
 
 def check_bits_per_weight(value: Any) -> float | None:
@@ -142,14 +145,15 @@ def measured_choices(
     output_weights: np.ndarray | None = None,
 ) -> tuple[Choice, ...]:
     """``array`` palettized as ``config`` says at each width of :data:`BUDGET_BITS` (weighted as the final pass
-    will be, without its error feedback: by the calibration ``stats``, else by ``sensitivity`` damped by
-    ``damping``), with bytes (``stored(result)``, default the weight layer's count: what the door stores) and
+    will be: by the calibration ``stats``, else by ``sensitivity`` damped by ``damping``; with ``output_weights``
+    and the whole ``X^T X``, also with its error feedback up to :data:`FEEDBACK_MEASURED_BITS`), with bytes (``stored(result)``, default the weight layer's count: what the door stores) and
     error (with ``output_weights``, each output channel's mean squared loss gradient, and ``stats``: the loss change,
     see :func:`_error_measure`). Raises what :func:`~lowbit.weights.palettize_weight` raises."""
     from lowbit.weights import palettize_weight
 
     importance, damping = (sensitivity, damping) if stats is None else stats.weighting(array.shape, input_axis)
     error_of = _error_measure(array, input_axis, stats, sensitivity, output_weights)
+    feedback = stats.gram if stats is not None and output_weights is not None else None
     choices = []
     for bits in BUDGET_BITS:
         result = palettize_weight(
@@ -160,6 +164,7 @@ def measured_choices(
             importance=importance,
             threads=threads,
             damping=damping,
+            gram=feedback if bits <= FEEDBACK_MEASURED_BITS else None,
         )
         nbytes = result.nbytes if stored is None else stored(result)
         choices.append(Choice(bits, nbytes, error_of(result.decode())))

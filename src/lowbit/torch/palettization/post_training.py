@@ -106,7 +106,8 @@ class PostTrainingPalettizer(PalettizerBase[PostTrainingPalettizerConfig]):
         ``loss_fn(model, item)`` -> scalar loss (e.g. a causal LM's ``model(input_ids=ids, labels=ids).loss``). Each
         item then also runs backward once, and each Linear weight's error at a width is the loss change its output
         error makes, ``sum_n s_n dW_n X^T X dW_n`` (``s_n``: the mean squared loss gradient at output channel
-        ``n``), not its relative output error: layers are then compared by what they cost the loss.
+        ``n``), not its relative output error, of the codes the error feedback will write (up to 6 bits): layers
+        are then compared by what they cost the loss.
 
         Raises ``ValueError`` when a parameter is on the meta device, ``bits_per_weight`` is not above 2 or below
         what 2 bits everywhere take, or ``loss_fn`` comes without ``calibration_data`` and ``bits_per_weight``;
