@@ -146,9 +146,10 @@ def measured_choices(
 ) -> tuple[Choice, ...]:
     """``array`` palettized as ``config`` says at each width of :data:`BUDGET_BITS` (weighted as the final pass
     will be: by the calibration ``stats``, else by ``sensitivity`` damped by ``damping``; with ``output_weights``
-    and the whole ``X^T X``, also with its error feedback up to :data:`FEEDBACK_MEASURED_BITS`), with bytes (``stored(result)``, default the weight layer's count: what the door stores) and
-    error (with ``output_weights``, each output channel's mean squared loss gradient, and ``stats``: the loss change,
-    see :func:`_error_measure`). Raises what :func:`~lowbit.weights.palettize_weight` raises."""
+    and the whole ``X^T X``, also with its error feedback up to :data:`FEEDBACK_MEASURED_BITS`), with bytes
+    (``stored(result)``, default the weight layer's count: what the door stores) and error (with
+    ``output_weights``, each output channel's mean squared loss gradient, and ``stats``: the loss change, see
+    :func:`_error_measure`). Raises what :func:`~lowbit.weights.palettize_weight` raises."""
     from lowbit.weights import palettize_weight
 
     importance, damping = (sensitivity, damping) if stats is None else stats.weighting(array.shape, input_axis)
