@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lowbit.config import QuantizeConfig, block_shape
+from lowbit.config import QUANTIZE_GRANULARITIES, QuantizeConfig, block_shape
 from lowbit.report import CompressionReport, WeightResult
 from lowbit.torch.export_match import (
     Palettizations,
@@ -28,7 +28,7 @@ from lowbit.torch.export_match import (
     restacked,
     warn_unmatched,
 )
-from lowbit.types import CompressionGranularity, DType, QScheme
+from lowbit.types import DType, QScheme
 from lowbit.weights import PalettizedWeight, QuantizedWeight
 
 if TYPE_CHECKING:
@@ -36,12 +36,6 @@ if TYPE_CHECKING:
     from lowbit.onnx.program import Program
 
 __all__ = ["export_onnx"]
-
-GRANULARITIES = (
-    CompressionGranularity.PER_TENSOR,
-    CompressionGranularity.PER_CHANNEL,
-    CompressionGranularity.PER_BLOCK,
-)
 
 
 @contextlib.contextmanager
@@ -125,44 +119,47 @@ def _write_records(
     from lowbit.onnx.quantize import QuantizeWriter
 
     found: dict[str, tuple[PalettizedWeight | QuantizedWeight, Any]] = {}
-    plan = []
+    plan: list[tuple[WeightRef, QuantizeConfig]] = []
     every: dict[str, Record[Any]] = {**records, **quantized}
     for ref in program.weights():
         if ref.value is None or ref.value.const_value is None or ref.compression is not None:
             continue
         array = ref.value.const_value.numpy()
-        weight: PalettizedWeight | QuantizedWeight | None = None
-        if (palettized := named(ref.name, array, records) or matched(array, ref.output_axis, records)) is not None:
-            found[ref.name] = (palettized, None)
-        elif (stacked := restacked(ref.op, array, records)) is not None:
-            found[ref.name] = (stacked, array.shape)
-        elif (weight := named(ref.name, array, quantized) or match_values(array, quantized)) is not None:
-            pass
-        elif (weight := match_values(array, _placed(every, records, quantized))) is not None:
-            pass  # a tied weight the exporter stores twice (an embedding and its head's transposed copy)
-        elif (unique := _unique(ref, array)) is not None:
-            found[ref.name] = (unique, None)
-        if isinstance(weight, PalettizedWeight):
-            found[ref.name] = (weight, None)
-        elif isinstance(weight, QuantizedWeight):
+        weight: PalettizedWeight | QuantizedWeight | None
+        weight = named(ref.name, array, records) or matched(array, ref.output_axis, records)
+        reshape = None
+        if weight is None and (weight := restacked(ref.op, array, records)) is not None:
+            reshape = array.shape
+        weight = (
+            weight
+            or named(ref.name, array, quantized)
+            or match_values(array, quantized)
+            # a tied weight the exporter stores twice (an embedding and its head's transposed copy)
+            or match_values(array, _placed(every, records, quantized))
+            or _unique(ref, array)
+        )
+        if isinstance(weight, QuantizedWeight):
             config = quantize_config_for(weight, ref.input_axis, ref.output_axis)
             if config is None:
                 warnings.warn(_unlaid(ref.name), UserWarning, stacklevel=3)
                 continue
             found[ref.name] = (weight, config)
             plan.append((ref, config))
+        elif weight is not None:
+            found[ref.name] = (weight, reshape)
     writer, report = QuantizeWriter(), CompressionReport()
     if plan:
         OnnxBackend(program, writer).prepare(plan)  # may convert the graph: its weights are found anew below
     for ref in program.weights():
         if ref.name not in found:
             continue
-        weight, detail = found.pop(ref.name)
-        if isinstance(weight, QuantizedWeight):
-            after = writer.write(program, ref, weight, detail)
+        compressed, detail = found.pop(ref.name)
+        if isinstance(compressed, QuantizedWeight):
+            after = writer.write(program, ref, compressed, detail)
         else:
-            after = stored_nbytes(write_palettized(program.model, ref, weight, detail))
-        row = WeightResult(ref.name, ref.op, ref.shape, ref.nbytes, after, weight.rel_mse, None, kind_of(weight))
+            after = stored_nbytes(write_palettized(program.model, ref, compressed, detail))
+        error, kind = compressed.rel_mse, kind_of(compressed)
+        row = WeightResult(ref.name, ref.op, ref.shape, ref.nbytes, after, error, None, kind)
         report.rows.append(row)
     for name in found:  # the opset conversion renamed it
         warnings.warn(f"weight {name!r} is stored dense: not found after the opset conversion", UserWarning, 3)
@@ -189,7 +186,7 @@ def quantize_config_for(weight: QuantizedWeight, input_axis: int, output_axis: i
     whole = tuple(q.q.shape)
     block = q.block[input_axis]
     scheme = QScheme.SYMMETRIC if q.zero_point is None else QScheme.ASYMMETRIC
-    for granularity in GRANULARITIES:
+    for granularity in QUANTIZE_GRANULARITIES:  # in this order: a one-channel weight is per tensor
         expected = block_shape(granularity, len(whole), output_axis, input_axis, block)
         resolved = tuple(n if b == 0 else b for n, b in zip(whole, expected, strict=True))
         if resolved == tuple(q.block):

@@ -40,7 +40,7 @@ from lowbit.torch.calibration import (
 __all__ = [
     "BlockInputs",
     "Group",
-    "calibrated_linears",
+    "calibrated_modules",
     "calibration_items",
     "chained",
     "compressed_in_sequence",
@@ -217,7 +217,7 @@ def calibration_items(calibration_data: Iterable[Any]) -> Sequence[Any]:
     return items
 
 
-def calibrated_linears(targets: Iterable[Target]) -> dict[str, nn.Module]:
+def calibrated_modules(targets: Iterable[Target]) -> dict[str, nn.Module]:
     """The weights among ``targets`` that calibration reaches, by target name: ``nn.Linear``'s, and those of
     convolutions of one group (the diagonal of their ``X^T X`` only, as on the graph door)."""
     return {t.name: t.module for t in targets if t.weight.name == "weight" and _calibrated(t.module)}
@@ -234,12 +234,12 @@ def compressed_in_sequence(
     forward_fn: Callable | None,
     compress: Callable[[list[Target], Mapping[str, InputMoments]], Iterable[T]],
 ) -> list[T]:
-    """``compress(targets, statistics)`` for each group of ``targets``' Linear weights in the order the model runs
-    them (a block's Linears together, with the dense model's input moments), holding one block's ``X^T X`` at a
-    time; then for the other targets (not Linear, or not called by the items), with no statistics. Returns what
-    ``compress`` gave, in order."""
+    """``compress(targets, statistics)`` for each group of ``targets``' calibrated weights (:func:`calibrated_modules`)
+    in the order the model runs them (a block's together, with the dense model's input moments), holding one
+    block's ``X^T X`` at a time; then for the other targets (not calibrated, or not called by the items), with no
+    statistics. Returns what ``compress`` gave, in order."""
     by_name = {t.name: t for t in targets}
-    groups = in_sequence(model, calibrated_linears(targets), items[0], forward_fn)
+    groups = in_sequence(model, calibrated_modules(targets), items[0], forward_fn)
     blocks = [group.block for group in groups if group.is_block]
     chain = chained(model, blocks, items[0], forward_fn)
     inputs: BlockInputs | None = None

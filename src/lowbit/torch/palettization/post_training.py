@@ -23,7 +23,7 @@ from lowbit.torch.palettization._base import (
     allocated_widths,
     write_palettized,
 )
-from lowbit.torch.sequential import calibrated_linears, calibration_items, compressed_in_sequence
+from lowbit.torch.sequential import calibrated_modules, calibration_items, compressed_in_sequence
 
 __all__ = [
     "ModulePostTrainingPalettizerConfig",
@@ -145,7 +145,7 @@ class PostTrainingPalettizer(PalettizerBase[PostTrainingPalettizerConfig]):
         pass over the dense model (the diagonals only; with ``loss_fn``, a forward and backward per item: the whole
         ``X^T X`` and the outputs' squared loss gradients)."""
         items = calibration_items(calibration_data)
-        linears = calibrated_linears(targets)
+        linears = calibrated_modules(targets)
         diagonals: dict[str, InputMoments] = {}
         outputs: dict[str, np.ndarray] | None = None
         if budget is not None and loss_fn is not None:
