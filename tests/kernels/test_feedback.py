@@ -150,3 +150,26 @@ def test_a_selected_pruning_chooses_each_block_from_the_values_the_feedback_reac
     np.testing.assert_array_equal(grid.exact[order], keep)
     np.testing.assert_allclose(values, work, atol=1e-9)
     assert keep.mean() == 0.5
+
+
+def test_a_gram_is_inverted_once_for_the_weights_that_share_it():
+    """The factor of one ``X^T X`` is kept by content: an equal copy gets the same (read-only) arrays, what
+    changes the factor (the values, the damping, the order) does not."""
+    from lowbit.kernels.feedback import ordered_factor
+
+    x = np.random.default_rng(3).standard_normal((200, 24))
+    gram = x.T @ x
+    order, factor = ordered_factor(gram, 0.01, True)
+    again = ordered_factor(gram.copy(), 0.01, True)
+    assert again[0] is order and again[1] is factor and not factor.flags.writeable
+    np.testing.assert_array_equal(order, np.argsort(-np.diag(gram), kind="stable"))
+    np.testing.assert_allclose(factor, inverse_factor(gram[np.ix_(order, order)], 0.01))
+    changed = gram.copy()
+    changed[0, 0] += 1.0
+    for other in (
+        ordered_factor(changed, 0.01, True),
+        ordered_factor(gram, 0.1, True),
+        ordered_factor(gram, 0.01, False),
+    ):
+        assert other[1] is not factor and not np.array_equal(other[1], factor)
+    np.testing.assert_array_equal(ordered_factor(gram, 0.01, False)[0], np.arange(24))

@@ -9,6 +9,9 @@ quantizer's scales and zero points, or pruning's kept set), so the row-by-row lo
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -22,6 +25,7 @@ __all__ = [
     "inverse_factor",
     "linear_grid",
     "lut_grid",
+    "ordered_factor",
     "ordered_feedback",
     "pruning_grid",
 ]
@@ -132,6 +136,33 @@ def feedback(
     return codes, work
 
 
+FACTORS_KEPT = 4  # the last factors computed, kept for the next weights of the same X^T X (q / k / v, widths)
+_factors: OrderedDict[tuple, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+_factors_lock = threading.Lock()
+
+
+def ordered_factor(gram: np.ndarray, damping: float, act_order: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(the order the input channels are coded in: act-order, or their own; :func:`inverse_factor` of ``gram``
+    in that order). The last :data:`FACTORS_KEPT` are kept by the gram's content, so that the weights reading one
+    activation, or one weight at several widths, invert its ``X^T X`` once."""
+    matrix = np.ascontiguousarray(gram)
+    digest = hashlib.blake2b(matrix.data, digest_size=16).digest()
+    key = (digest, matrix.shape, matrix.dtype.str, float(damping), act_order)
+    with _factors_lock:
+        if key in _factors:
+            _factors.move_to_end(key)
+            return _factors[key]
+    order = np.argsort(-np.diag(matrix), kind="stable") if act_order else np.arange(len(matrix))
+    found = order, inverse_factor(matrix[np.ix_(order, order)], damping)
+    for array in found:
+        array.setflags(write=False)  # shared by every caller of the same gram
+    with _factors_lock:
+        _factors[key] = found
+        while len(_factors) > FACTORS_KEPT:
+            _factors.popitem(last=False)
+    return found
+
+
 def ordered_feedback(
     w: np.ndarray,
     gram: np.ndarray,
@@ -145,8 +176,7 @@ def ordered_feedback(
     their error); codes and values returned in ``w``'s own order. A ``block`` (default :data:`BLOCK`) codes the
     channels in their own order instead, in blocks of that many (a ``refresh`` of groups of consecutive channels
     needs them so)."""
-    order = np.argsort(-np.diag(gram), kind="stable") if block is None else np.arange(len(gram))
-    factor = inverse_factor(gram[np.ix_(order, order)], damping)
+    order, factor = ordered_factor(gram, damping, block is None)
     codes, values = feedback(w[order], factor, grid, block or BLOCK, order, refresh)
     back = np.argsort(order)
     return codes[back], values[back]

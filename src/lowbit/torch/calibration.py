@@ -18,7 +18,7 @@ __all__ = [
     "Enough",
     "LinearMoments",
     "collect_linear_moments",
-    "collect_output_sensitivity",
+    "collect_output_gradients",
     "default_forward",
     "evaluating",
     "forward_of",
@@ -184,21 +184,19 @@ def collect_linear_moments(
     return hooks.moments
 
 
-def collect_output_sensitivity(
+def collect_output_gradients(
     model: nn.Module,
     linears: Mapping[str, nn.Linear],
     calibration_data: Iterable[Any],
     loss_fn: Callable[[nn.Module, Any], torch.Tensor],
-) -> tuple[dict[str, InputMoments], dict[str, np.ndarray]]:
-    """(each Linear's input :class:`InputMoments` with the whole ``X^T X``, each one's mean squared gradient of
-    ``loss_fn(model, item)`` with respect to its output channels), by weight name, over ``calibration_data``: one
-    forward and backward per item in eval mode (the model's mode and gradients restored). Together they give the
-    loss change an output error makes (the outputs' Fisher information, K-FAC's factoring). ``ValueError`` when
-    the data holds no item or an activation is not finite; ``TypeError`` when ``loss_fn`` is not callable or does
-    not return a scalar tensor."""
+) -> dict[str, np.ndarray]:
+    """Each Linear's mean squared gradient of ``loss_fn(model, item)`` with respect to its output channels, by
+    weight name, over ``calibration_data``: one forward and backward per item in eval mode (the model's mode and
+    gradients restored). With a layer's ``X^T X`` they give the loss change its output error makes (the outputs'
+    Fisher information, K-FAC's factoring). ``ValueError`` when the data holds no item; ``TypeError`` when
+    ``loss_fn`` is not callable or does not return a scalar tensor."""
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(model, item), got {type(loss_fn).__name__}")
-    hooks = LinearMoments(linears)
     squares = {name: torch.zeros(linear.out_features, dtype=torch.float64) for name, linear in linears.items()}
     rows = dict.fromkeys(linears, 0)
 
@@ -221,6 +219,6 @@ def collect_output_sensitivity(
         loss.backward()
         model.zero_grad(set_to_none=True)
 
-    handles = hooks.register() + [m.register_forward_hook(gradient_hook(n)) for n, m in linears.items()]
-    run_items(model, handles, calibration_data, backward, hooks.item_done, gradients=True)
-    return hooks.moments, {name: (squares[name] / max(rows[name], 1)).numpy() for name in linears}
+    handles = [m.register_forward_hook(gradient_hook(n)) for n, m in linears.items()]
+    run_items(model, handles, calibration_data, backward, gradients=True)
+    return {name: (squares[name] / max(rows[name], 1)).numpy() for name in linears}

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lowbit.budget import allocate, measured_choices
+from lowbit.budget import Choice, allocate, measured_choices
 from lowbit.config import PalettizeConfig, check_choice, check_int, integral
 from lowbit.errors import SkipWeight
 from lowbit.statistics import ACTIVATION_DAMPING, InputMoments
@@ -25,10 +25,13 @@ from lowbit.weights import PalettizedWeight, palettize_weight
 
 __all__ = [
     "KMeansModuleConfig",
+    "Measured",
     "Outcome",
     "PalettizerBase",
     "Target",
+    "allocate_widths",
     "allocated_widths",
+    "measured_widths",
     "write_palettized",
 ]
 
@@ -195,20 +198,34 @@ def allocated_widths(
     threads: int,
     statistics: Mapping[str, InputMoments],
     bits_per_weight: float | None,
-    output_weights: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, int]:
     """Each target's width for the ``bits_per_weight`` budget (None: no budget, ``{}``): every target measured at
-    each width (its error weighted by its statistics or sensitivity; with ``output_weights``, each output channel's
-    mean squared loss gradient by weight name, the loss change), then :func:`lowbit.budget.allocate`. Targets the
-    measure skips keep their width."""
+    each width (:func:`measured_widths`), then :func:`allocate_widths`."""
     if bits_per_weight is None:
         return {}
-    choices, numel = {}, 0
+    return allocate_widths(measured_widths(targets, importance, threads, statistics), bits_per_weight)
+
+
+# one target measured at every width: (its name, its element count, the choices)
+Measured = tuple[str, int, tuple[Choice, ...]]
+
+
+def measured_widths(
+    targets: list[Target],
+    importance: Callable[[Target], np.ndarray | None],
+    threads: int,
+    statistics: Mapping[str, InputMoments],
+    output_weights: Mapping[str, np.ndarray] | None = None,
+) -> Iterator[Measured]:
+    """Each target palettized at every width of the budget (:func:`lowbit.budget.measured_choices`), its error
+    weighted by its statistics or sensitivity; with ``output_weights`` (each output channel's mean squared loss
+    gradient, by weight name) and the whole ``X^T X``, the loss change. Targets the measure skips are left out
+    (they keep their width)."""
     for target in targets:
         param, stats = target.weight.parameter, statistics.get(target.name)
         sensitivity, damping = (None, 0.0) if stats is not None else _weighting(target, importance, None)
         try:
-            choices[target.name] = measured_choices(
+            choices = measured_choices(
                 to_numpy(param),
                 target.axis,
                 target.weight.input_axis,
@@ -222,7 +239,16 @@ def allocated_widths(
             )
         except SkipWeight:
             continue
-        numel += param.numel()
+        yield target.name, param.numel(), choices
+
+
+def allocate_widths(measured: Iterable[Measured], bits_per_weight: float) -> dict[str, int]:
+    """The widths :func:`lowbit.budget.allocate` chooses for the measured targets within ``bits_per_weight``
+    times their element count."""
+    choices, numel = {}, 0
+    for name, count, options in measured:
+        choices[name] = options
+        numel += count
     return allocate(choices, bits_per_weight * numel / 8)
 
 

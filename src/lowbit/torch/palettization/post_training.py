@@ -2,25 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from torch import nn
 
 from lowbit.budget import check_bits_per_weight
 from lowbit.config import check_bool, check_int
 from lowbit.statistics import InputMoments
-from lowbit.torch.calibration import collect_linear_moments, collect_output_sensitivity
+from lowbit.torch.calibration import collect_linear_moments, collect_output_gradients
 from lowbit.torch.config import ModelConfig, ModuleConfig
 from lowbit.torch.palettization._base import (
     KMeansModuleConfig,
+    Measured,
     Outcome,
     PalettizerBase,
     Target,
+    allocate_widths,
     allocated_widths,
+    measured_widths,
     write_palettized,
 )
 from lowbit.torch.sequential import calibrated_modules, calibration_items, compressed_in_sequence
@@ -141,25 +143,42 @@ class PostTrainingPalettizer(PalettizerBase[PostTrainingPalettizerConfig]):
     ) -> None:
         """Palettize ``targets`` block after block (:mod:`lowbit.torch.sequential`), each block's Linear weights
         from the statistics of the dense model's activations, only one block's ``X^T X`` held at a time; the
-        palettized weights are written once every block is done. With a budget, the widths are chosen first from one
-        pass over the dense model (the diagonals only; with ``loss_fn``, a forward and backward per item: the whole
-        ``X^T X`` and the outputs' squared loss gradients)."""
+        palettized weights are written once every block is done. With a budget, the widths are chosen first
+        (:func:`_widths`)."""
         items = calibration_items(calibration_data)
-        linears = calibrated_modules(targets)
-        diagonals: dict[str, InputMoments] = {}
-        outputs: dict[str, np.ndarray] | None = None
-        if budget is not None and loss_fn is not None:
-            dense = {name: module for name, module in linears.items() if isinstance(module, nn.Linear)}
-            diagonals, outputs = collect_output_sensitivity(model, dense, items, loss_fn)
-        elif budget is not None:
-            diagonals = collect_linear_moments(model, linears, items, forward_fn, full=False)
-        widths = allocated_widths(targets, _data_free, threads, diagonals, budget, outputs)
-        del diagonals, outputs
+        widths = _widths(model, targets, items, forward_fn, threads, budget, loss_fn)
 
         def palettized(chosen: list[Target], statistics: Mapping[str, InputMoments]) -> Iterable[Outcome]:
             return self._palettized(chosen, _data_free, threads, statistics, widths, budget)
 
         write_palettized(compressed_in_sequence(model, targets, items, forward_fn, palettized))
+
+
+def _widths(
+    model: nn.Module,
+    targets: list[Target],
+    items: Sequence[Any],
+    forward_fn: Callable[[nn.Module, Any], Any] | None,
+    threads: int,
+    budget: float | None,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None,
+) -> dict[str, int]:
+    """Each target's width for the ``budget`` (None: ``{}``), measured on the dense model: weighed by each input
+    channel's activation energy, from one forward per item (the diagonals of ``X^T X`` only); with ``loss_fn``, by
+    the loss change, from one forward and backward per item (each Linear's output gradients) and then block after
+    block (each block's whole ``X^T X``, one block's at a time, as the compression itself takes them)."""
+    if budget is None:
+        return {}
+    if loss_fn is None:
+        diagonals = collect_linear_moments(model, calibrated_modules(targets), items, forward_fn, full=False)
+        return allocated_widths(targets, _data_free, threads, diagonals, budget)
+    linears = {name: m for name, m in calibrated_modules(targets).items() if isinstance(m, nn.Linear)}
+    outputs = collect_output_gradients(model, linears, items, loss_fn)
+
+    def measured(chosen: list[Target], statistics: Mapping[str, InputMoments]) -> Iterable[Measured]:
+        return measured_widths(chosen, _data_free, threads, statistics, outputs)
+
+    return allocate_widths(compressed_in_sequence(model, targets, items, forward_fn, measured), budget)
 
 
 def _data_free(target: Target) -> None:
