@@ -271,6 +271,10 @@ ROWS: dict[str, tuple[str, Callable]] = {
         "lowbit PTQ mixed bits, 3.5 b/w, per-channel int8 LUT, calibrated, weighed by the loss",
         lowbit_row(PER_CHANNEL_INT8, 3.5, weighed=True),
     ),
+    "lbmixpc8loss_inplace": (
+        "lowbit PTQ mixed bits, 3.5 b/w, per-channel int8 LUT, calibrated, weighed by the loss, inplace (run it last)",
+        lowbit_row(PER_CHANNEL_INT8, 3.5, inplace=True, weighed=True),
+    ),
     "lbint4s": ("lowbit PostTrainingQuantizer int4 g64 symmetric, calibrated", quantizer_row(True)),
     "lbint4a": ("lowbit PostTrainingQuantizer uint4 g64 affine, calibrated", quantizer_row(False)),
     "lbint4a_search": (

@@ -449,7 +449,16 @@ def test_output_sensitivity_is_the_mean_squared_loss_gradient_of_each_output_cha
     torch.manual_seed(5)
     model = _TwoHeads()
     items = [(torch.randn(8, 32), torch.randn(8, 16)) for _ in range(3)]
-    outputs = collect_output_gradients(model, _linears(model), items, _head_loss)
+    model.ignored.bias.requires_grad_(False)  # a user's frozen parameter stays frozen
+    during = []
+
+    def loss(model: nn.Module, item) -> torch.Tensor:
+        during.append(any(p.requires_grad for p in model.parameters()))
+        return _head_loss(model, item)
+
+    outputs = collect_output_gradients(model, _linears(model), items, loss)
+    assert during == [False] * 3  # no parameter's gradient is taken
+    assert [n for n, p in model.named_parameters() if not p.requires_grad] == ["ignored.bias"]
     want = torch.zeros(16, dtype=torch.float64)
     for x, target in items:
         h = torch.relu(model.trunk(x))

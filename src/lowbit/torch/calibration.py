@@ -184,6 +184,27 @@ def collect_linear_moments(
     return hooks.moments
 
 
+def _graph_start(module: nn.Module, args: tuple) -> tuple | None:
+    """A float input no gradient reaches, as a leaf that takes one: the outputs after it get theirs."""
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and not x.requires_grad:
+        return (x.detach().requires_grad_(), *args[1:])
+    return None
+
+
+@contextlib.contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """``model``'s parameters without ``requires_grad``, restored after."""
+    wanted = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in wanted:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in wanted:
+            p.requires_grad_(flag)
+
+
 def collect_output_gradients(
     model: nn.Module,
     linears: Mapping[str, nn.Linear],
@@ -193,8 +214,10 @@ def collect_output_gradients(
     """Each Linear's mean squared gradient of ``loss_fn(model, item)`` with respect to its output channels, by
     weight name, over ``calibration_data``: one forward and backward per item in eval mode (the model's mode and
     gradients restored). With a layer's ``X^T X`` they give the loss change its output error makes (the outputs'
-    Fisher information, K-FAC's factoring). ``ValueError`` when the data holds no item; ``TypeError`` when
-    ``loss_fn`` is not callable or does not return a scalar tensor."""
+    Fisher information, K-FAC's factoring). No parameter's gradient is taken (their ``requires_grad`` is off for
+    the pass, then restored): each Linear's input becomes where the graph starts when nothing before it needs a
+    gradient. ``ValueError`` when the data holds no item; ``TypeError`` when ``loss_fn`` is not callable or does
+    not return a scalar tensor."""
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(model, item), got {type(loss_fn).__name__}")
     squares = {name: torch.zeros(linear.out_features, dtype=torch.float64) for name, linear in linears.items()}
@@ -220,5 +243,7 @@ def collect_output_gradients(
         model.zero_grad(set_to_none=True)
 
     handles = [m.register_forward_hook(gradient_hook(n)) for n, m in linears.items()]
-    run_items(model, handles, calibration_data, backward, gradients=True)
+    handles += [m.register_forward_pre_hook(_graph_start) for m in linears.values()]
+    with _frozen(model):
+        run_items(model, handles, calibration_data, backward, gradients=True)
     return {name: (squares[name] / max(rows[name], 1)).numpy() for name in linears}
