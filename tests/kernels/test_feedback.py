@@ -173,3 +173,18 @@ def test_a_gram_is_inverted_once_for_the_weights_that_share_it():
     ):
         assert other[1] is not factor and not np.array_equal(other[1], factor)
     np.testing.assert_array_equal(ordered_factor(gram, 0.01, False)[0], np.arange(24))
+
+
+def test_the_kept_factors_stay_within_their_bytes(monkeypatch):
+    import lowbit.kernels.feedback as fb
+
+    x = np.random.default_rng(4).standard_normal((100, 16))
+    gram = x.T @ x
+    monkeypatch.setattr(fb, "FACTORS_KEPT_BYTES", 16 * 16 * 8 - 1)  # less than one factor
+    first = fb.ordered_factor(gram, 0.01, True)[1]
+    assert fb.ordered_factor(gram, 0.01, True)[1] is not first  # not kept: computed again, the same values
+    np.testing.assert_array_equal(fb.ordered_factor(gram, 0.01, True)[1], first)
+    monkeypatch.setattr(fb, "FACTORS_KEPT_BYTES", 2 * 16 * 16 * 8)  # two factors
+    kept = [fb.ordered_factor(gram * scale, 0.01, True)[1] for scale in (1.0, 2.0, 3.0)]
+    assert fb.ordered_factor(gram * 3.0, 0.01, True)[1] is kept[2]
+    assert fb.ordered_factor(gram, 0.01, True)[1] is not kept[0]  # the oldest went

@@ -136,15 +136,17 @@ def feedback(
     return codes, work
 
 
-FACTORS_KEPT = 4  # the last factors computed, kept for the next weights of the same X^T X (q / k / v, widths)
+# the last factors computed, up to this many bytes, are kept for the next weights of the same X^T X (q / k / v, one
+# weight at several widths); SmolLM2's largest is 19 MB, a 7B model's down projection's 0.97 GB (not kept)
+FACTORS_KEPT_BYTES = 256 << 20
 _factors: OrderedDict[tuple, tuple[np.ndarray, np.ndarray]] = OrderedDict()
 _factors_lock = threading.Lock()
 
 
 def ordered_factor(gram: np.ndarray, damping: float, act_order: bool) -> tuple[np.ndarray, np.ndarray]:
     """(the order the input channels are coded in: act-order, or their own; :func:`inverse_factor` of ``gram``
-    in that order). The last :data:`FACTORS_KEPT` are kept by the gram's content, so that the weights reading one
-    activation, or one weight at several widths, invert its ``X^T X`` once."""
+    in that order). The last ones (:data:`FACTORS_KEPT_BYTES`) are kept by the gram's content, so that the weights
+    reading one activation, or one weight at several widths, invert its ``X^T X`` once."""
     matrix = np.ascontiguousarray(gram)
     digest = hashlib.blake2b(matrix.data, digest_size=16).digest()
     key = (digest, matrix.shape, matrix.dtype.str, float(damping), act_order)
@@ -158,7 +160,7 @@ def ordered_factor(gram: np.ndarray, damping: float, act_order: bool) -> tuple[n
         array.setflags(write=False)  # shared by every caller of the same gram
     with _factors_lock:
         _factors[key] = found
-        while len(_factors) > FACTORS_KEPT:
+        while sum(factor.nbytes for _, factor in _factors.values()) > FACTORS_KEPT_BYTES:
             _factors.popitem(last=False)
     return found
 
