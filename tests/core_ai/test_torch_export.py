@@ -145,3 +145,38 @@ def test_quantized_codes_reach_the_core_ai_runtime(tmp_path, weight_dtype):
     (got,) = run_asset(tmp_path / "q.aimodel", {"ids": ids.numpy().astype(np.int32)})
     with torch.no_grad():
         np.testing.assert_allclose(got, model(ids).numpy(), rtol=1e-5, atol=1e-5)
+
+
+class TiedLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.mid = nn.Embedding(300, 64), nn.Linear(64, 64)
+        self.head = nn.Linear(64, 300, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.mid(self.embed(ids))))
+
+
+@pytest.mark.parametrize("kind", ["palettized", "quantized"])
+def test_a_tied_embedding_and_head_are_one_compressed_constant_on_core_ai(tmp_path, kind):
+    """coreai-torch keeps a tied weight as one constant (ONNX's exporter stores the head's transposed copy too):
+    it is written compressed once, and no weight of the program stays dense."""
+    from lowbit.torch.quantization import PostTrainingQuantizer, PostTrainingQuantizerConfig
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 300, (2, 8))
+    if kind == "palettized":
+        model = PostTrainingPalettizer(TiedLM().eval()).compress()
+    else:
+        module = {"weight_dtype": "int4", "granularity": "per_block", "block_size": 32}
+        config = PostTrainingQuantizerConfig.from_dict({"global_config": module})
+        model = PostTrainingQuantizer(TiedLM().eval(), config).compress(calibration_data=[ids])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*(stored|exported) dense")
+        program = lowbit.torch.export_coreai(model, (ids,), tmp_path / "tied.aimodel")
+    assert [r.compression for r in program.report.rows] == [kind, kind]
+    assert [w.compression is not None for w in program.weights() if w.numel > 1024] == [True, True]
+    (got,) = run_asset(tmp_path / "tied.aimodel", {"ids": ids.numpy().astype(np.int32)})
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(ids).numpy(), rtol=1e-5, atol=1e-5)
