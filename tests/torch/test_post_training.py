@@ -272,12 +272,12 @@ def _linears(model: nn.Module) -> dict[str, nn.Linear]:
 
 
 def test_sequential_calibration_groups_by_block_in_call_order_and_stops_early():
-    from lowbit.torch.calibration import collect_linear_moments
+    from lowbit.torch.calibration import collect_module_moments
     from lowbit.torch.sequential import in_sequence
 
     torch.manual_seed(0)
     model, x = _Blocks(), torch.randn(16, 32)
-    groups = [group.linears for group in in_sequence(model, _linears(model), x)]
+    groups = [group.modules for group in in_sequence(model, _linears(model), x)]
     assert [list(g) for g in groups] == [
         ["proj.weight"],
         ["blocks.0.up.weight", "blocks.0.down.weight"],
@@ -288,9 +288,9 @@ def test_sequential_calibration_groups_by_block_in_call_order_and_stops_early():
     calls = []
     model.head.register_forward_hook(lambda *args: calls.append("head"))
     items = [torch.randn(16, 32) for _ in range(3)]
-    early = collect_linear_moments(model, groups[1], items, stop_early=True)
+    early = collect_module_moments(model, groups[1], items, stop_early=True)
     assert not calls  # the forward stopped once block 0 had seen its inputs
-    full = collect_linear_moments(model, groups[1], items)
+    full = collect_module_moments(model, groups[1], items)
     assert len(calls) == 3
     for name in groups[1]:
         np.testing.assert_array_equal(early[name].gram, full[name].gram)
@@ -399,7 +399,7 @@ def test_modules_reading_one_input_share_its_moments_and_an_in_place_change_is_s
     """q / k / v read one tensor: its X^T X is computed once per item, and each weight's moments are still those
     of its own input, also when a tensor is changed in place between two readers."""
     from lowbit.torch import calibration
-    from lowbit.torch.calibration import collect_linear_moments
+    from lowbit.torch.calibration import collect_module_moments
 
     class Shared(nn.Module):
         def __init__(self) -> None:
@@ -417,7 +417,7 @@ def test_modules_reading_one_input_share_its_moments_and_an_in_place_change_is_s
     adds = []
     original = calibration.moments_of
     monkeypatch.setattr(calibration, "moments_of", lambda *a: (adds.append(1), original(*a))[1])
-    moments = collect_linear_moments(model, _linears(model), items)
+    moments = collect_module_moments(model, _linears(model), items)
     assert len(adds) == 2 * len(items)  # one for q / k / v, one for the doubled tensor
     xs = np.concatenate([x.double().numpy() for x in items])
     for name, scale in (("q.weight", 1), ("k.weight", 1), ("v.weight", 1), ("after.weight", 2)):

@@ -16,8 +16,8 @@ from lowbit.statistics import FLOAT32_SAFE, GRAM_CHUNK, InputMoments
 
 __all__ = [
     "Enough",
-    "LinearMoments",
-    "collect_linear_moments",
+    "ModuleMoments",
+    "collect_module_moments",
     "collect_output_gradients",
     "default_forward",
     "evaluating",
@@ -110,7 +110,7 @@ def reads_channels_last(module: nn.Module) -> bool:
     return not isinstance(module, CONVS)
 
 
-class LinearMoments:
+class ModuleMoments:
     """Forward hooks on Linear modules (and convolutions of one group) that accumulate each one's input
     :class:`InputMoments` (``full``: a Linear's whole ``X^T X``, else the diagonal; a convolution's per input
     channel, over every position, as the graph door takes it), by weight name. Modules that read one tensor in an
@@ -118,11 +118,11 @@ class LinearMoments:
     this item's input the forward ends (:class:`Enough`; a module called twice in one forward counts its first call
     only); call :meth:`item_done` after each item."""
 
-    def __init__(self, linears: Mapping[str, nn.Module], full: bool = True, stop_early: bool = False) -> None:
-        self.linears, self.full, self.stop_early = linears, full, stop_early
+    def __init__(self, modules: Mapping[str, nn.Module], full: bool = True, stop_early: bool = False) -> None:
+        self.modules, self.full, self.stop_early = modules, full, stop_early
         self.moments = {
             name: InputMoments.empty(_in_channels(module), full=full and reads_channels_last(module))
-            for name, module in linears.items()
+            for name, module in modules.items()
         }
         self.seen: set[str] = set()
         # this item's inputs by (id, layout): the tensor, its version (bumped by in-place ops), its moments
@@ -130,7 +130,7 @@ class LinearMoments:
 
     def register(self) -> list[Any]:
         """Register the hooks; returns their handles."""
-        return [linear.register_forward_hook(self._hook(name)) for name, linear in self.linears.items()]
+        return [module.register_forward_hook(self._hook(name)) for name, module in self.modules.items()]
 
     def item_done(self) -> None:
         self.seen.clear()
@@ -166,20 +166,21 @@ def _in_channels(module: nn.Module) -> int:
     return int(module.in_channels if isinstance(module, CONVS) else module.in_features)  # type: ignore[arg-type]
 
 
-def collect_linear_moments(
+def collect_module_moments(
     model: nn.Module,
-    linears: Mapping[str, nn.Module],
+    modules: Mapping[str, nn.Module],
     calibration_data: Iterable[Any],
     forward_fn: Callable[[nn.Module, Any], Any] | None = None,
     full: bool = True,
     stop_early: bool = False,
 ) -> dict[str, InputMoments]:
-    """``{weight name: InputMoments}`` of the ``linears`` (by weight name) over ``calibration_data``, each item run
-    through ``forward_fn(model, item)`` (default :func:`default_forward`) in eval mode without gradients; the
-    model's mode is restored. ``full`` and ``stop_early``: see :class:`LinearMoments`. ``ValueError`` when the data
-    holds no item or an activation is not finite, ``TypeError`` for a non-callable ``forward_fn``."""
+    """``{weight name: InputMoments}`` of the ``modules`` (Linear, or convolutions of one group; by weight name) over
+    ``calibration_data``, each item run through ``forward_fn(model, item)`` (default :func:`default_forward`) in eval
+    mode without gradients; the model's mode is restored. ``full`` and ``stop_early``: see :class:`ModuleMoments`.
+    ``ValueError`` when the data holds no item or an activation is not finite, ``TypeError`` for a non-callable
+    ``forward_fn``."""
     forward = forward_of(forward_fn)
-    hooks = LinearMoments(linears, full, stop_early)
+    hooks = ModuleMoments(modules, full, stop_early)
     run_items(model, hooks.register(), calibration_data, forward, hooks.item_done)
     return hooks.moments
 

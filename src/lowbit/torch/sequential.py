@@ -30,8 +30,8 @@ from lowbit.torch._compressor import Target
 from lowbit.torch.calibration import (
     CONVS,
     Enough,
-    LinearMoments,
-    collect_linear_moments,
+    ModuleMoments,
+    collect_module_moments,
     evaluating,
     forward_of,
     run_items,
@@ -55,18 +55,18 @@ _STATE = ("past_key_values", "past_key_value", "layer_past")
 
 @dataclass(frozen=True)
 class Group:
-    """Linear modules palettized together: those of one ``block`` (a child of the model's outermost
-    ``nn.ModuleList``, ``is_block``), or a single module outside any (``block`` is its name)."""
+    """Modules (Linear, convolutions of one group) compressed together: those of one ``block`` (a child of the model's
+    outermost ``nn.ModuleList``, ``is_block``), or a single module outside any (``block`` is its name)."""
 
     block: str
     is_block: bool
-    linears: dict[str, nn.Module]
+    modules: dict[str, nn.Module]
 
 
 def in_sequence(
-    model: nn.Module, linears: Mapping[str, nn.Module], first_item: Any, forward_fn: Callable | None = None
+    model: nn.Module, modules: Mapping[str, nn.Module], first_item: Any, forward_fn: Callable | None = None
 ) -> list[Group]:
-    """The ``linears`` in the order one forward of ``first_item`` calls them, grouped: consecutive modules under
+    """The ``modules`` in the order one forward of ``first_item`` calls them, grouped: consecutive modules under
     one child of the model's outermost ``nn.ModuleList`` form one group, any other module its own. Modules the
     forward does not call are left out."""
     order: list[str] = []
@@ -78,16 +78,16 @@ def in_sequence(
 
         return hook
 
-    handles = [linear.register_forward_hook(hook_for(name)) for name, linear in linears.items()]
+    handles = [module.register_forward_hook(hook_for(name)) for name, module in modules.items()]
     run_items(model, handles, [first_item], forward_of(forward_fn))
     names = {id(module): name for name, module in model.named_modules()}
     groups: list[Group] = []
     for name in order:
-        module_name = names[id(linears[name])]
+        module_name = names[id(modules[name])]
         block = _block_of(model, module_name)
         if not groups or groups[-1].block != block:
             groups.append(Group(block, block != module_name, {}))
-        groups[-1].linears[name] = linears[name]
+        groups[-1].modules[name] = modules[name]
     return groups
 
 
@@ -195,10 +195,10 @@ class BlockInputs:
         handle = model.get_submodule(block).register_forward_pre_hook(hook, with_kwargs=True)
         run_items(model, [handle], items, forward_of(forward_fn))
 
-    def moments(self, block: str, linears: Mapping[str, nn.Module]) -> dict[str, InputMoments]:
-        """The ``linears``' input moments (whole ``X^T X``) over every item, running ``block`` alone; its outputs
+    def moments(self, block: str, modules: Mapping[str, nn.Module]) -> dict[str, InputMoments]:
+        """The ``modules``' input moments (whole ``X^T X``) over every item, running ``block`` alone; its outputs
         become the next block's inputs."""
-        hooks = LinearMoments(linears)
+        hooks = ModuleMoments(modules)
         module = self.model.get_submodule(block)
         outputs = []
         with evaluating(self.model, hooks.register()):
@@ -247,10 +247,10 @@ def compressed_in_sequence(
     for group in groups:
         if chain and group.is_block:
             inputs = inputs or BlockInputs(model, group.block, items, forward_fn)
-            statistics = inputs.moments(group.block, group.linears)
+            statistics = inputs.moments(group.block, group.modules)
         else:
-            statistics = collect_linear_moments(model, group.linears, items, forward_fn, stop_early=True)
-        outcomes += compress([by_name[name] for name in group.linears], statistics)
-    seen = {name for group in groups for name in group.linears}
+            statistics = collect_module_moments(model, group.modules, items, forward_fn, stop_early=True)
+        outcomes += compress([by_name[name] for name in group.modules], statistics)
+    seen = {name for group in groups for name in group.modules}
     outcomes += compress([t for t in targets if t.name not in seen], {})
     return outcomes

@@ -12,7 +12,7 @@ from torch import nn
 from lowbit.budget import check_bits_per_weight
 from lowbit.config import check_bool, check_int
 from lowbit.statistics import InputMoments
-from lowbit.torch.calibration import collect_linear_moments, collect_output_gradients
+from lowbit.torch.calibration import collect_module_moments, collect_output_gradients
 from lowbit.torch.config import ModelConfig, ModuleConfig
 from lowbit.torch.palettization._base import (
     KMeansModuleConfig,
@@ -170,7 +170,7 @@ def _widths(
     if budget is None:
         return {}
     if loss_fn is None:
-        diagonals = collect_linear_moments(model, calibrated_modules(targets), items, forward_fn, full=False)
+        diagonals = collect_module_moments(model, calibrated_modules(targets), items, forward_fn, full=False)
         return allocated_widths(targets, _data_free, threads, diagonals, budget)
     linears = {name: m for name, m in calibrated_modules(targets).items() if isinstance(m, nn.Linear)}
     outputs = collect_output_gradients(model, linears, items, loss_fn)
