@@ -14,6 +14,7 @@ pytest.importorskip("coreai_torch", reason="needs coreai-torch (Python >= 3.11)"
 
 import torch
 from coreai_support import run_asset
+from tied_lm import TiedLM
 from torch import nn
 
 import lowbit.coreai
@@ -145,17 +146,6 @@ def test_quantized_codes_reach_the_core_ai_runtime(tmp_path, weight_dtype):
     (got,) = run_asset(tmp_path / "q.aimodel", {"ids": ids.numpy().astype(np.int32)})
     with torch.no_grad():
         np.testing.assert_allclose(got, model(ids).numpy(), rtol=1e-5, atol=1e-5)
-
-
-class TiedLM(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed, self.mid = nn.Embedding(300, 64), nn.Linear(64, 64)
-        self.head = nn.Linear(64, 300, bias=False)
-        self.head.weight = self.embed.weight
-
-    def forward(self, ids):
-        return self.head(torch.relu(self.mid(self.embed(ids))))
 
 
 @pytest.mark.parametrize("kind", ["palettized", "quantized"])

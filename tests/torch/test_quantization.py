@@ -10,6 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from conftest import ort_session
+from tied_lm import TiedLM
 
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
@@ -193,17 +194,6 @@ def test_a_weight_that_cannot_be_quantized_is_skipped_with_a_warning():
         quantized = _quantized(model, INT4_BLOCKS)
     rows = {r.name: r for r in lowbit.torch.report(quantized).rows}
     assert rows["0.weight"].skipped and rows["1.weight"].compression == "quantized"
-
-
-class TiedLM(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed, self.mid = nn.Embedding(300, 64), nn.Linear(64, 64)
-        self.head = nn.Linear(64, 300, bias=False)
-        self.head.weight = self.embed.weight
-
-    def forward(self, ids):
-        return self.head(torch.relu(self.mid(self.embed(ids))))
 
 
 def test_a_tied_embedding_and_head_are_quantized_once_and_exported_quantized_in_both_places(tmp_path):
