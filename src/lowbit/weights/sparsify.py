@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lowbit.config import SparsifyConfig
-from lowbit.kernels.feedback import BLOCK, Grid, Refresh, ordered_feedback, pruning_grid
+from lowbit.kernels.feedback import BLOCK, Grid, Refresh, ordered_feedback, pruning_grid, refit_kept
 from lowbit.kernels.packing import packed_nbytes
 from lowbit.kernels.prune import Sparsified, block_mask, column_mask, magnitude_mask, n_m_mask, sparsify
 from lowbit.weights.common import by_input, checked_gram, moved_axis_perms, relative
@@ -125,10 +125,12 @@ def _pruned_with_feedback(
     kept weights of the channels after it, in ``array``'s dtype. Unstructured and n:m pruning choose the kept weights
     block by block as the feedback reaches them, by SparseGPT's ``|w| / [H^-1]_kk`` on the updated weights: 1 -
     target of each output channel's weights in each block kept (compared within an output channel, as Wanda does),
-    or m - n of each m input channels; blocks of output channels keep ``mask``."""
+    or m - n of each m input channels; blocks of output channels keep ``mask``. Then each output channel's kept
+    weights are solved for together (:func:`~lowbit.kernels.feedback.refit_kept`)."""
     refresh, block = _adaptive_selection(config)
     grid = pruning_grid(by_input(mask, input_axis))
     weights = by_input(array, input_axis).astype(np.float64)
     values = ordered_feedback(weights, gram, grid, refresh=refresh, block=block)[1]
+    values = refit_kept(weights, gram, grid.exact, values)
     kept = np.ascontiguousarray(by_input(grid.exact, input_axis))
     return kept, np.ascontiguousarray(by_input(values, input_axis)).astype(array.dtype)
