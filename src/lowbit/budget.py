@@ -100,6 +100,7 @@ def _error_measure(
             return float(np.vdot(diff * sensitivity, diff))
 
         return weighted
+    input_axis = input_axis if stats is None else stats.channel_axis(input_axis)
     w = np.moveaxis(array.astype(np.float64), input_axis, 0).reshape(array.shape[input_axis], -1)
     gram = None if stats is None or array.ndim != 2 else stats.gram
 

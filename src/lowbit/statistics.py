@@ -37,6 +37,9 @@ class InputMoments:
     # FLOAT32_SAFE): the feedback damps it by 1 % of its diagonal, far above float32's rounding, and a model's
     # matrices, all held until the compression, take half the memory (SmolLM2-135M: 400 MB, not 800)
     gram: np.ndarray | None = None
+    # the weight axis the channels index when it is not the weight's input axis: an embedding table's rows, which a
+    # Gather looks up (its X is one-hot, so X^T X is diagonal: each row's lookup count)
+    axis: int | None = None
 
     @classmethod
     def empty(cls, channels: int, full: bool = False) -> InputMoments:
@@ -77,11 +80,30 @@ class InputMoments:
         :data:`ACTIVATION_DAMPING`): what palettization reads from calibration, on every door."""
         return self.importance(shape, input_axis), ACTIVATION_DAMPING
 
+    def channel_axis(self, input_axis: int) -> int:
+        """The axis of the weight these statistics' channels index: its input axis, or :attr:`axis`."""
+        return input_axis if self.axis is None else self.axis
+
     def importance(self, shape: tuple[int, ...], input_axis: int) -> np.ndarray:
-        """Each element's weight in the k-means, ``shape``-shaped: its input channel's mean squared activation."""
+        """Each element's weight in the k-means, ``shape``-shaped: its input channel's mean squared activation (a
+        looked-up row's: how often it was looked up, plus :data:`ACTIVATION_DAMPING` of the mean, so that rows no
+        calibration item looked up still count)."""
+        axis = self.channel_axis(input_axis)
         mean = self.squares / max(self.rows, 1)
-        if mean.size != shape[input_axis]:
-            raise ValueError(f"statistics of {mean.size} input channels for an input axis of {shape[input_axis]}")
+        if mean.size != shape[axis]:
+            raise ValueError(f"statistics of {mean.size} input channels for an input axis of {shape[axis]}")
+        if self.axis is not None:
+            mean = mean + ACTIVATION_DAMPING * mean.mean()
         view = [1] * len(shape)
-        view[input_axis] = -1
+        view[axis] = -1
         return np.broadcast_to(mean.reshape(view), shape)
+
+    def add_lookups(self, indices: np.ndarray) -> None:
+        """Accumulate a batch of a Gather's ``indices`` into a table of ``len(squares)`` rows (negative indices count
+        from the end). ``ValueError`` for an index outside the table."""
+        flat = np.asarray(indices).reshape(-1).astype(np.int64)
+        rows = len(self.squares)
+        if flat.size and (flat.min() < -rows or flat.max() >= rows):
+            raise ValueError(f"an index outside its {rows} rows")
+        self.squares += np.bincount(flat % rows, minlength=rows)
+        self.rows += flat.size

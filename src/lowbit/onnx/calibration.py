@@ -114,10 +114,17 @@ class _Tap:
     channel_axis: int
     channels: int
     full: bool = False  # keep the whole X^T X: a 2-D weight's error feedback needs it
+    lookup: bool = False  # the indices a Gather looks the weight's rows up by (one-hot X: each row's count)
 
 
 def _tap(ref: WeightRef, node: ir.Node) -> _Tap | None:
-    """The activation input of ``node`` whose channels meet ``ref``'s input axis (None: no statistic for it)."""
+    """The activation input of ``node`` whose channels meet ``ref``'s input axis, or the indices a Gather looks up
+    its rows by (None: no statistic for it)."""
+    if node.op_type == "Gather" and node.inputs[0] is ref.value and ref.output_axis == 0 and len(node.inputs) > 1:
+        indices = node.inputs[1]
+        if indices is None or not indices.name or indices.const_value is not None:
+            return None
+        return _Tap(ref.name, indices.name, 0, ref.shape[0], lookup=True)
     x = node.inputs[0] if node.inputs else None
     if x is None or not x.name or x.const_value is not None:
         return None
@@ -159,20 +166,27 @@ def checked_feed(feed: Mapping[str, Any], inputs: set[str]) -> dict[str, np.ndar
 
 def collect_input_moments(program: Program, calibration_data: Any) -> dict[str, InputMoments]:
     """Each MatMul / Gemm / Conv (group 1) weight's :class:`InputMoments` over ``calibration_data`` (see
-    :func:`feeds_of`), by weight name. Other weights (embeddings, weights shared or reached through a Cast or
-    Transpose, inside subgraphs) get none and are compressed data-free. ``ValueError`` when the data holds no
-    feed, or a feed's activations do not have the weight's input channels."""
+    :func:`feeds_of`), and each embedding table's (a Gather's rows: how often each was looked up), by weight name. Other
+    weights (weights shared or reached through a Cast or Transpose, inside subgraphs) get none and are compressed
+    data-free. ``ValueError`` when the data holds no feed, or a feed's activations do not have the weight's input
+    channels."""
     taps = _taps(program)
     capture = Capture(program, (t.activation for t in taps))
     # weights that read the same activation (q / k / v, gate / up) share one accumulator
-    shared: dict[tuple[str, int, bool], InputMoments] = {}
+    shared: dict[tuple[str, int, bool, bool], InputMoments] = {}
     for t in taps:
-        shared.setdefault((t.activation, t.channel_axis, t.full), InputMoments.empty(t.channels, full=t.full))
+        moments = InputMoments.empty(t.channels, full=t.full)
+        if t.lookup:
+            moments.axis = 0  # a table's rows
+        shared.setdefault((t.activation, t.channel_axis, t.full, t.lookup), moments)
     feeds = 0
     for feed in feeds_of(calibration_data):
         values = capture.run(feed, feeds)
-        for (activation, axis, _), moments in shared.items():
+        for (activation, axis, _, lookup), moments in shared.items():
             x = values[activation]
+            if lookup:  # ONNX Runtime has checked the indices against the table
+                moments.add_lookups(x)
+                continue
             if x.shape[axis] != len(moments.squares) or not np.isfinite(x).all():
                 tap = next(t for t in taps if t.activation == activation)
                 problem = (
@@ -183,4 +197,4 @@ def collect_input_moments(program: Program, calibration_data: Any) -> dict[str, 
         feeds += 1
     if feeds == 0:
         raise ValueError("calibration_data yielded no feed")
-    return {t.weight: shared[(t.activation, t.channel_axis, t.full)] for t in taps}
+    return {t.weight: shared[(t.activation, t.channel_axis, t.full, t.lookup)] for t in taps}
