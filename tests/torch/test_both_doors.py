@@ -245,3 +245,30 @@ def test_a_calibrated_conv_gets_the_same_activation_weighted_palette_through_eit
     decoded = palettization_of(model[0])["weight"].decode()
     np.testing.assert_array_equal(graph, decoded)
     assert not np.array_equal(lowbit.decompress_weights(plain).graph.initializers["w"].const_value.numpy(), decoded)
+
+
+@pytest.mark.parametrize("config", [dict(n_bits=3), dict(n_bits=2, granularity="per_grouped_channel", group_size=8)])
+def test_a_calibrated_embedding_gets_the_same_lookup_weighted_palette_through_either_door(config):
+    """An embedding's statistics are its rows' lookup counts on both doors (a Gather's one-hot input): the same
+    weighted k-means, the same LUTs and codes, and not the data-free ones."""
+    rng = np.random.default_rng(12)
+    table = (rng.standard_normal((96, 16)) * 0.1).astype(np.float32)
+    embedding = torch.nn.Embedding(96, 16)
+    with torch.no_grad():
+        embedding.weight.copy_(torch.from_numpy(table))
+    items = [rng.choice(12, 20) for _ in range(3)]  # a few rows looked up, often
+    torch_config = PostTrainingPalettizerConfig.from_dict({"global_config": config})
+    model = PostTrainingPalettizer(torch.nn.Sequential(embedding), torch_config).compress(
+        calibration_data=[torch.from_numpy(x) for x in items]
+    )
+    program = lowbit.Program(make_model({"e": table}, [("Gather", "e", {})]))
+    small = lowbit.palettize_weights(program, calibration_data=[{"x0": x} for x in items], **config)
+    plain = lowbit.palettize_weights(program, **config)
+    graph = lowbit.decompress_weights(small).graph.initializers["e"].const_value.numpy()
+    decoded = palettization_of(model[0])["weight"].decode()
+    np.testing.assert_array_equal(graph, decoded)
+    data_free = _initializer(lowbit.decompress_weights(plain), "e")
+    assert not np.array_equal(data_free, decoded)
+    looked_up = np.unique(np.concatenate(items))
+    errors = [np.abs(w - table)[looked_up].sum() for w in (decoded, data_free)]
+    assert errors[0] < errors[1], errors  # the rows looked up are served better

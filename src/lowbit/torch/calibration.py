@@ -111,19 +111,16 @@ def reads_channels_last(module: nn.Module) -> bool:
 
 
 class ModuleMoments:
-    """Forward hooks on Linear modules (and convolutions of one group) that accumulate each one's input
-    :class:`InputMoments` (``full``: a Linear's whole ``X^T X``, else the diagonal; a convolution's per input
-    channel, over every position, as the graph door takes it), by weight name. Modules that read one tensor in an
-    item (a transformer's q / k / v) share its moments, computed once. ``stop_early``: once every module has seen
-    this item's input the forward ends (:class:`Enough`; a module called twice in one forward counts its first call
-    only); call :meth:`item_done` after each item."""
+    """Forward hooks on Linear modules (and convolutions of one group, and embeddings) that accumulate each one's input
+    :class:`InputMoments` (``full``: a Linear's whole ``X^T X``, else the diagonal; a convolution's per input channel,
+    over every position, as the graph door takes it; an embedding's rows' lookup counts), by weight name. Modules that
+    read one tensor in an item (a transformer's q / k / v) share its moments, computed once. ``stop_early``: once every
+    module has seen this item's input the forward ends (:class:`Enough`; a module called twice in one forward counts its
+    first call only); call :meth:`item_done` after each item."""
 
     def __init__(self, modules: Mapping[str, nn.Module], full: bool = True, stop_early: bool = False) -> None:
         self.modules, self.full, self.stop_early = modules, full, stop_early
-        self.moments = {
-            name: InputMoments.empty(_in_channels(module), full=full and reads_channels_last(module))
-            for name, module in modules.items()
-        }
+        self.moments = {name: _empty_moments(module, full) for name, module in modules.items()}
         self.seen: set[str] = set()
         # this item's inputs by (id, layout): the tensor, its version (bumped by in-place ops), its moments
         self.parts: dict[tuple[int, bool], tuple[torch.Tensor, int, InputMoments]] = {}
@@ -153,7 +150,10 @@ class ModuleMoments:
         def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
             if name in self.seen:
                 return
-            self.moments[name].merge(self._part(name, inputs[0], reads_channels_last(module)))
+            if isinstance(module, nn.Embedding):
+                self.moments[name].add_lookups(inputs[0].detach().cpu().numpy())
+            else:
+                self.moments[name].merge(self._part(name, inputs[0], reads_channels_last(module)))
             if self.stop_early:
                 self.seen.add(name)
                 if len(self.seen) == len(self.moments):
@@ -162,8 +162,15 @@ class ModuleMoments:
         return hook
 
 
-def _in_channels(module: nn.Module) -> int:
-    return int(module.in_channels if isinstance(module, CONVS) else module.in_features)  # type: ignore[arg-type]
+def _empty_moments(module: nn.Module, full: bool) -> InputMoments:
+    """No rows yet for ``module``'s input: a Linear's (whole ``X^T X`` when ``full``), a convolution's input
+    channels, or an embedding's rows (its lookup counts, the graph door's Gather statistics)."""
+    if isinstance(module, nn.Embedding):
+        moments = InputMoments.empty(module.num_embeddings)
+        moments.axis = 0
+        return moments
+    channels = module.in_channels if isinstance(module, CONVS) else module.in_features
+    return InputMoments.empty(int(channels), full=full and reads_channels_last(module))  # type: ignore[arg-type]
 
 
 def collect_module_moments(

@@ -218,13 +218,14 @@ def calibration_items(calibration_data: Iterable[Any]) -> Sequence[Any]:
 
 
 def calibrated_modules(targets: Iterable[Target]) -> dict[str, nn.Module]:
-    """The weights among ``targets`` that calibration reaches, by target name: ``nn.Linear``'s, and those of
-    convolutions of one group (the diagonal of their ``X^T X`` only, as on the graph door)."""
+    """The weights among ``targets`` that calibration reaches, by target name: ``nn.Linear``'s, those of
+    convolutions of one group (the diagonal of their ``X^T X`` only, as on the graph door) and embeddings' (their
+    rows' lookup counts)."""
     return {t.name: t.module for t in targets if t.weight.name == "weight" and _calibrated(t.module)}
 
 
 def _calibrated(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (isinstance(module, CONVS) and module.groups == 1)
+    return isinstance(module, nn.Linear | nn.Embedding) or (isinstance(module, CONVS) and module.groups == 1)
 
 
 def compressed_in_sequence(
