@@ -208,7 +208,7 @@ def test_quantization_with_error_feedback_lowers_the_layer_output_error(params):
 
 @pytest.mark.parametrize(
     ("params", "bound"),
-    [({"target_sparsity": 0.5}, 0.3), ({"target_sparsity": 0.0, "n_m_ratio": (2, 4)}, 0.7)],
+    [({"target_sparsity": 0.5}, 0.1), ({"target_sparsity": 0.0, "n_m_ratio": (2, 4)}, 0.1)],
 )
 def test_pruning_with_error_feedback_chooses_and_updates_the_kept_weights(params, bound):
     """SparseGPT: the kept weights chosen block by block as the feedback reaches them, and updated to make up for
@@ -232,7 +232,7 @@ def test_pruning_with_error_feedback_chooses_and_updates_the_kept_weights(params
         assert (kept.sum(0) == 32).all()  # half of each output channel's weights
     wanda_error = layer_output_errors({"w": wanda.decode()}, program, feeds[4:])["w"]
     fed_error = layer_output_errors({"w": decoded}, program, feeds[4:])["w"]
-    assert fed_error < bound * wanda_error, (fed_error, wanda_error)  # measured: 0.014 vs 0.071, 2:4 0.070 vs 0.118
+    assert fed_error < bound * wanda_error, (fed_error, wanda_error)  # 0.002 vs 0.071, 2:4 0.002 vs 0.118
     diff = decoded.astype(np.float64) - dense
     assert fed.report.rows[0].rel_mse == pytest.approx(np.sum(diff**2) / np.sum(dense.astype(np.float64) ** 2))
     assert ALGORITHMS["sparsify"].kind == "sparse"
