@@ -1,12 +1,14 @@
 """Per-weight statistics from calibration data, in one slot every algorithm reads (issue 26): each front end
 (ONNX Runtime on the graph path, forward hooks on torch) fills it, the weight layer uses it.
 
-Today one statistic: the diagonal of ``X^T X`` of a weight's input activations, one entry per input channel (the
+The statistic: the diagonal of ``X^T X`` of a weight's input activations, one entry per input channel (the
 weight's input axis), accumulated over the calibration rows. It says how much each input channel's weights move the
 layer's output: the squared output error of a weight change ``dW`` is ``sum_k (X^T X)_kk dW_k^2`` when the
 channels are uncorrelated, so palettization weighted by it minimizes the output error rather than the weight error
-(the activation-aware weighting of AWQ / SqueezeLLM, from activations instead of gradients). Imports neither onnx
-nor torch.
+(the activation-aware weighting of AWQ / SqueezeLLM, from activations instead of gradients). The whole ``X^T X`` is
+kept where the error feedback needs it. An embedding table's input is one-hot (a lookup reads one row), so its
+``X^T X`` is diagonal: each row's lookup count, along the table's rows (:meth:`InputMoments.lookups`). Imports
+neither onnx nor torch.
 """
 
 from __future__ import annotations
@@ -40,6 +42,11 @@ class InputMoments:
     # the weight axis the channels index when it is not the weight's input axis: an embedding table's rows, which a
     # Gather looks up (its X is one-hot, so X^T X is diagonal: each row's lookup count)
     axis: int | None = None
+
+    @classmethod
+    def lookups(cls, rows: int) -> InputMoments:
+        """No lookups yet into an embedding table of ``rows`` rows (its axis 0): see :meth:`add_lookups`."""
+        return cls(np.zeros(rows, np.float64), 0, None, axis=0)
 
     @classmethod
     def empty(cls, channels: int, full: bool = False) -> InputMoments:

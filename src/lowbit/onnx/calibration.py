@@ -175,9 +175,7 @@ def collect_input_moments(program: Program, calibration_data: Any) -> dict[str, 
     # weights that read the same activation (q / k / v, gate / up) share one accumulator
     shared: dict[tuple[str, int, bool, bool], InputMoments] = {}
     for t in taps:
-        moments = InputMoments.empty(t.channels, full=t.full)
-        if t.lookup:
-            moments.axis = 0  # a table's rows
+        moments = InputMoments.lookups(t.channels) if t.lookup else InputMoments.empty(t.channels, full=t.full)
         shared.setdefault((t.activation, t.channel_axis, t.full, t.lookup), moments)
     feeds = 0
     for feed in feeds_of(calibration_data):

@@ -166,9 +166,7 @@ def _empty_moments(module: nn.Module, full: bool) -> InputMoments:
     """No rows yet for ``module``'s input: a Linear's (whole ``X^T X`` when ``full``), a convolution's input
     channels, or an embedding's rows (its lookup counts, the graph door's Gather statistics)."""
     if isinstance(module, nn.Embedding):
-        moments = InputMoments.empty(module.num_embeddings)
-        moments.axis = 0
-        return moments
+        return InputMoments.lookups(module.num_embeddings)
     channels = module.in_channels if isinstance(module, CONVS) else module.in_features
     return InputMoments.empty(int(channels), full=full and reads_channels_last(module))  # type: ignore[arg-type]
 
