@@ -97,15 +97,19 @@ def _with_exact(grid: Grid, exact: np.ndarray | None) -> Grid:
 def inverse_factor(gram: np.ndarray, damping: float = 0.01) -> np.ndarray:
     """The upper Cholesky factor of ``(H + damping * mean(diag H) * I)^-1``, ``H = X^T X`` (channels never active
     get a unit diagonal): the row-by-row form of the inverse the feedback needs."""
+    inverse = np.linalg.inv(_damped(gram, damping))
+    return np.linalg.cholesky((inverse + inverse.T) / 2).T
+
+
+def _damped(gram: np.ndarray, damping: float) -> np.ndarray:
+    """``H + damping * mean(diag H) * I`` in float64, a channel never active given a unit diagonal."""
     h = np.array(gram, dtype=np.float64, copy=True)
-    diagonal = np.diag(h).copy()
-    dead = diagonal <= 0
+    dead = np.diag(h) <= 0
     h[dead, :] = 0.0
     h[:, dead] = 0.0
     h[dead, dead] = 1.0
     h[np.diag_indices_from(h)] += damping * max(float(np.mean(np.diag(h))), 1e-12)
-    inverse = np.linalg.inv(h)
-    return np.linalg.cholesky((inverse + inverse.T) / 2).T
+    return h
 
 
 def feedback(
@@ -232,8 +236,7 @@ def refit_kept(
     turn and only moves the ones after it; this solves for all of a channel's kept weights together (the exact
     re-solve of a fixed mask). Conjugate gradients from ``start`` (the feedback's values), all output channels at
     once, Jacobi-preconditioned: at most :data:`REFIT_ITERATIONS` products with ``H``."""
-    h = np.array(gram, dtype=np.float64, copy=True)
-    h[np.diag_indices_from(h)] += damping * max(float(np.mean(np.diag(h))), 1e-12)
+    h = _damped(gram, damping)
     diagonal = np.diag(h)[:, None]
     mask = np.asarray(keep, dtype=np.float64)
     values = np.asarray(start, dtype=np.float64) * mask
