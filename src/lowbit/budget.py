@@ -122,7 +122,7 @@ def _error_measure(
             return float(np.vdot(x, x))
         if gram is not None:
             return float(np.vdot(x, gram @ x))
-        return float(stats.squares @ (x * x).sum(1))
+        return float(stats.channel_weights() @ (x * x).sum(1))
 
     reference = max(energy(w), np.finfo(np.float64).tiny)
 

@@ -31,7 +31,8 @@ FLOAT32_SAFE = 1e15
 
 @dataclass
 class InputMoments:
-    """Running ``sum_rows x_k^2`` per input channel ``k`` of a weight, and how many rows were seen."""
+    """Running ``sum_rows x_k^2`` per input channel ``k`` of a weight (an embedding table's: per row, how often it
+    was looked up), and how many rows were seen."""
 
     squares: np.ndarray  # float64 [input channels]
     rows: int = 0
@@ -87,20 +88,24 @@ class InputMoments:
         :data:`ACTIVATION_DAMPING`): what palettization reads from calibration, on every door."""
         return self.importance(shape, input_axis), ACTIVATION_DAMPING
 
+    def channel_weights(self) -> np.ndarray:
+        """Each channel's summed squares (a looked-up row's count, plus :data:`ACTIVATION_DAMPING` of the mean
+        count, so that rows no calibration item looked up still count)."""
+        if self.axis is None:
+            return self.squares
+        return self.squares + ACTIVATION_DAMPING * self.squares.mean()
+
     def channel_axis(self, input_axis: int) -> int:
         """The axis of the weight these statistics' channels index: its input axis, or :attr:`axis`."""
         return input_axis if self.axis is None else self.axis
 
     def importance(self, shape: tuple[int, ...], input_axis: int) -> np.ndarray:
-        """Each element's weight in the k-means, ``shape``-shaped: its input channel's mean squared activation (a
-        looked-up row's: how often it was looked up, plus :data:`ACTIVATION_DAMPING` of the mean, so that rows no
-        calibration item looked up still count)."""
+        """Each element's weight in the k-means, ``shape``-shaped: its channel's :meth:`channel_weights` over the
+        rows seen (an input channel's mean squared activation; a table row's share of the lookups)."""
         axis = self.channel_axis(input_axis)
-        mean = self.squares / max(self.rows, 1)
+        mean = self.channel_weights() / max(self.rows, 1)
         if mean.size != shape[axis]:
-            raise ValueError(f"statistics of {mean.size} input channels for an input axis of {shape[axis]}")
-        if self.axis is not None:
-            mean = mean + ACTIVATION_DAMPING * mean.mean()
+            raise ValueError(f"statistics of {mean.size} channels for a weight axis of {shape[axis]}")
         view = [1] * len(shape)
         view[axis] = -1
         return np.broadcast_to(mean.reshape(view), shape)

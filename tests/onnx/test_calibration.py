@@ -340,3 +340,25 @@ def test_calibrated_pruning_of_an_embedding_keeps_the_rows_looked_up():
         assert (decoded == 0).sum() == table.size // 2
         errors.append(float(((decoded - table)[seen] ** 2).sum()))
     assert errors[1] < 0.1 * errors[0], errors
+
+
+def test_tables_looked_up_by_the_same_indices_keep_their_own_counts_and_unseen_rows_count_in_the_budget():
+    from lowbit.budget import relative_output_error
+
+    rng = np.random.default_rng(4)
+    weights = {
+        "a": rng.standard_normal((50, 32)).astype(np.float32),
+        "b": rng.standard_normal((40, 32)).astype(np.float32),
+    }
+    model = make_model(weights, [("Gather", "a", {}), ("Gather", "b", {})])
+    model.graph.node(1).replace_input_with(1, model.graph.inputs[0])  # both read x0
+    model.graph.inputs.pop()
+    program = lowbit.Program(model)
+    moments = collect_input_moments(program, [{"x0": np.array([0, 1, 1, 39])}])
+    assert len(moments["a"].squares) == 50 and len(moments["b"].squares) == 40
+    np.testing.assert_array_equal(moments["b"].squares[[0, 1, 39]], [1, 2, 1])
+    small = lowbit.palettize_weights(program, n_bits=2, calibration_data=[{"x0": np.array([0, 1, 1, 39])}])
+    assert len(small.report.compressed) == 2
+    wrecked = weights["b"].copy()
+    wrecked[2:39] = 0  # every row no lookup read
+    assert relative_output_error(weights["b"], wrecked, 1, moments["b"]) > 0.005

@@ -502,3 +502,39 @@ def test_loss_fn_is_checked():
         palettizer.compress(calibration_data=items, bits_per_weight=4, loss_fn="mse")
     with pytest.raises(TypeError, match="loss_fn must return a scalar tensor"):
         palettizer.compress(calibration_data=items, bits_per_weight=4, loss_fn=lambda m, item: m(item[0])[0])
+
+
+def test_calibration_skips_embeddings_it_cannot_read_as_row_indices():
+    """An embedding subclass with its own forward (its input may not be row indices: a positional table) and a
+    table tied to an LM head (the graph door gives it no statistics either) are palettized data-free; a conv-only
+    model weighs mixed bits with a loss no Linear reaches without failing."""
+    from lowbit.torch.sequential import calibrated_modules
+
+    class Positions(nn.Embedding):
+        def forward(self, ids):
+            return super().forward(torch.arange(ids.shape[-1]))
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tokens, self.positions = nn.Embedding(500, 32), Positions(16, 32)
+            self.head = nn.Linear(32, 500, bias=False)
+            self.head.weight = self.tokens.weight
+
+        def forward(self, ids):
+            return self.head(self.tokens(ids) + self.positions(ids))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    ids = [torch.randint(0, 500, (2, 16)) for _ in range(2)]  # ids past the 16 positions
+    palettizer = PostTrainingPalettizer(model)
+    assert calibrated_modules(palettizer._targets(model), model) == {}
+    palettized = palettizer.compress(calibration_data=ids)
+    plain = PostTrainingPalettizer(model).compress()
+    for name in ("tokens", "positions"):
+        torch.testing.assert_close(getattr(palettized, name).weight, getattr(plain, name).weight, rtol=0, atol=0)
+    convs = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+    items = [torch.randn(2, 3, 8, 8) for _ in range(2)]
+    PostTrainingPalettizer(convs).compress(
+        calibration_data=items, bits_per_weight=3.0, loss_fn=lambda m, x: m(x).square().mean()
+    )

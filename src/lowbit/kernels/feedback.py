@@ -163,6 +163,8 @@ def ordered_factor(gram: np.ndarray, damping: float, act_order: bool) -> tuple[n
     found = order, inverse_factor(matrix[np.ix_(order, order)], damping)
     for array in found:
         array.setflags(write=False)  # shared by every caller of the same gram
+    if found[1].nbytes > FACTORS_KEPT_BYTES:
+        return found
     with _factors_lock:
         _factors[key] = found
         while sum(factor.nbytes for _, factor in _factors.values()) > FACTORS_KEPT_BYTES:
@@ -233,9 +235,10 @@ def refit_kept(
     """The kept weights of ``w`` ``[K, N]`` (rows: input channels; ``keep`` the same shape) re-solved for the
     smallest output error, each output channel's ``min_v (w - v)^T H (w - v)`` over ``v`` zero where not kept, ``H``
     ``gram`` damped as :func:`inverse_factor` damps it. The feedback that pruned them fixes each channel's weights in
-    turn and only moves the ones after it; this solves for all of a channel's kept weights together (the exact
-    re-solve of a fixed mask). Conjugate gradients from ``start`` (the feedback's values), all output channels at
-    once, Jacobi-preconditioned: at most :data:`REFIT_ITERATIONS` products with ``H``."""
+    turn and only moves the ones after it; this solves for all of a channel's kept weights together (the re-solve of
+    a fixed mask, exact up to the steps taken: about 1 % from the exact objective on a 1024-channel layer). Conjugate
+    gradients from ``start`` (the feedback's values), all output channels at once, Jacobi-preconditioned: at most
+    :data:`REFIT_ITERATIONS` products with ``H``."""
     h = _damped(gram, damping)
     diagonal = np.diag(h)[:, None]
     mask = np.asarray(keep, dtype=np.float64)

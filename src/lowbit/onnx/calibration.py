@@ -173,16 +173,16 @@ def collect_input_moments(program: Program, calibration_data: Any) -> dict[str, 
     taps = _taps(program)
     capture = Capture(program, (t.activation for t in taps))
     # weights that read the same activation (q / k / v, gate / up) share one accumulator
-    shared: dict[tuple[str, int, bool, bool], InputMoments] = {}
+    shared: dict[tuple[str, int, int, bool, bool], InputMoments] = {}
     for t in taps:
         moments = InputMoments.lookups(t.channels) if t.lookup else InputMoments.empty(t.channels, full=t.full)
-        shared.setdefault((t.activation, t.channel_axis, t.full, t.lookup), moments)
+        shared.setdefault((t.activation, t.channel_axis, t.channels, t.full, t.lookup), moments)
     feeds = 0
     for feed in feeds_of(calibration_data):
         values = capture.run(feed, feeds)
-        for (activation, axis, _, lookup), moments in shared.items():
+        for (activation, axis, _, _, lookup), moments in shared.items():
             x = values[activation]
-            if lookup:  # ONNX Runtime has checked the indices against the table
+            if lookup:  # ONNX Runtime has checked the indices against the table (tables of one size share them)
                 moments.add_lookups(x)
                 continue
             if x.shape[axis] != len(moments.squares) or not np.isfinite(x).all():
@@ -195,4 +195,4 @@ def collect_input_moments(program: Program, calibration_data: Any) -> dict[str, 
         feeds += 1
     if feeds == 0:
         raise ValueError("calibration_data yielded no feed")
-    return {t.weight: shared[(t.activation, t.channel_axis, t.full, t.lookup)] for t in taps}
+    return {t.weight: shared[(t.activation, t.channel_axis, t.channels, t.full, t.lookup)] for t in taps}

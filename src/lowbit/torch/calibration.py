@@ -1,5 +1,6 @@
-"""Calibration on the torch door: forward hooks on the Linear modules being palettized accumulate each weight's
-:class:`~lowbit.statistics.InputMoments` (the whole ``X^T X`` of its input), streamed item by item, into the same
+"""Calibration on the torch door: forward hooks on the modules being compressed (Linear, convolutions of one group,
+embeddings) accumulate each weight's :class:`~lowbit.statistics.InputMoments` (the whole ``X^T X`` of a Linear's
+input, a convolution's per-channel diagonal, an embedding's lookup counts), streamed item by item, into the same
 slot the graph door fills from ONNX Runtime."""
 
 from __future__ import annotations
@@ -179,7 +180,7 @@ def collect_module_moments(
     full: bool = True,
     stop_early: bool = False,
 ) -> dict[str, InputMoments]:
-    """``{weight name: InputMoments}`` of the ``modules`` (Linear, or convolutions of one group; by weight name) over
+    """``{weight name: InputMoments}`` of the ``modules`` (Linear, convolutions of one group, embeddings) over
     ``calibration_data``, each item run through ``forward_fn(model, item)`` (default :func:`default_forward`) in eval
     mode without gradients; the model's mode is restored. ``full`` and ``stop_early``: see :class:`ModuleMoments`.
     ``ValueError`` when the data holds no item or an activation is not finite, ``TypeError`` for a non-callable
@@ -245,7 +246,8 @@ def collect_output_gradients(
         loss = loss_fn(model, item)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}")
-        loss.backward()
+        if loss.requires_grad:  # else no Linear reached the loss: their gradients stay zero
+            loss.backward()
         model.zero_grad(set_to_none=True)
 
     handles = [m.register_forward_hook(gradient_hook(n)) for n, m in linears.items()]

@@ -55,8 +55,8 @@ _STATE = ("past_key_values", "past_key_value", "layer_past")
 
 @dataclass(frozen=True)
 class Group:
-    """Modules (Linear, convolutions of one group) compressed together: those of one ``block`` (a child of the model's
-    outermost ``nn.ModuleList``, ``is_block``), or a single module outside any (``block`` is its name)."""
+    """Modules (Linear, convolutions of one group, embeddings) compressed together: those of one ``block`` (a child of
+    the model's outermost ``nn.ModuleList``, ``is_block``), or a single module outside any (``block`` is its name)."""
 
     block: str
     is_block: bool
@@ -217,15 +217,23 @@ def calibration_items(calibration_data: Iterable[Any]) -> Sequence[Any]:
     return items
 
 
-def calibrated_modules(targets: Iterable[Target]) -> dict[str, nn.Module]:
+def calibrated_modules(targets: Iterable[Target], model: nn.Module) -> dict[str, nn.Module]:
     """The weights among ``targets`` that calibration reaches, by target name: ``nn.Linear``'s, those of
-    convolutions of one group (the diagonal of their ``X^T X`` only, as on the graph door) and embeddings' (their
-    rows' lookup counts)."""
-    return {t.name: t.module for t in targets if t.weight.name == "weight" and _calibrated(t.module)}
+    convolutions of one group (the diagonal of their ``X^T X`` only, as on the graph door) and plain embeddings'
+    (their rows' lookup counts; not a subclass with its own ``forward``, whose input may not be row indices, nor a
+    table tied to another module, an LM head that reads every row, which the graph door gives no statistics)."""
+    return {t.name: t.module for t in targets if t.weight.name == "weight" and _calibrated(t.module, model)}
 
 
-def _calibrated(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear | nn.Embedding) or (isinstance(module, CONVS) and module.groups == 1)
+def _calibrated(module: nn.Module, model: nn.Module) -> bool:
+    if isinstance(module, nn.Embedding):
+        return type(module).forward is nn.Embedding.forward and not _shared(module.weight, model)
+    return isinstance(module, nn.Linear) or (isinstance(module, CONVS) and module.groups == 1)
+
+
+def _shared(parameter: torch.Tensor, model: nn.Module) -> bool:
+    """Whether more than one module of ``model`` holds ``parameter`` (a tied weight)."""
+    return sum(any(p is parameter for p in m.parameters(recurse=False)) for m in model.modules()) > 1
 
 
 def compressed_in_sequence(
@@ -240,7 +248,7 @@ def compressed_in_sequence(
     block's ``X^T X`` at a time; then for the other targets (not calibrated, or not called by the items), with no
     statistics. Returns what ``compress`` gave, in order."""
     by_name = {t.name: t for t in targets}
-    groups = in_sequence(model, calibrated_modules(targets), items[0], forward_fn)
+    groups = in_sequence(model, calibrated_modules(targets, model), items[0], forward_fn)
     blocks = [group.block for group in groups if group.is_block]
     chain = chained(model, blocks, items[0], forward_fn)
     inputs: BlockInputs | None = None

@@ -170,9 +170,9 @@ def _widths(
     if budget is None:
         return {}
     if loss_fn is None:
-        diagonals = collect_module_moments(model, calibrated_modules(targets), items, forward_fn, full=False)
+        diagonals = collect_module_moments(model, calibrated_modules(targets, model), items, forward_fn, full=False)
         return allocated_widths(targets, _data_free, threads, diagonals, budget)
-    linears = {name: m for name, m in calibrated_modules(targets).items() if isinstance(m, nn.Linear)}
+    linears = {name: m for name, m in calibrated_modules(targets, model).items() if isinstance(m, nn.Linear)}
     outputs = collect_output_gradients(model, linears, items, loss_fn)
 
     def measured(chosen: list[Target], statistics: Mapping[str, InputMoments]) -> Iterable[Measured]:
