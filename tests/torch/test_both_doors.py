@@ -222,29 +222,40 @@ def test_outliers_give_the_same_weights_through_either_door(calibrated):
     np.testing.assert_array_equal(dense, palettization_of(palettized[0])["weight"].decode())
 
 
+def _one_weight_through_both_doors(
+    module: torch.nn.Module, weight: np.ndarray, op: str, items: list[np.ndarray], config: dict
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(torch door's decode, graph door's decode, graph door's data-free decode) of ``weight``, held by ``module``
+    and by a one-op graph (``op``), palettized as ``config`` says with ``items`` as calibration on both doors."""
+    with torch.no_grad():
+        module.weight.copy_(torch.from_numpy(weight))
+    torch_config = PostTrainingPalettizerConfig.from_dict({"global_config": config})
+    model = PostTrainingPalettizer(torch.nn.Sequential(module), torch_config).compress(
+        calibration_data=[torch.from_numpy(x) for x in items]
+    )
+    program = lowbit.Program(make_model({"w": weight}, [(op, "w", {})]))
+    small = lowbit.palettize_weights(program, calibration_data=[{"x0": x} for x in items], **config)
+    assert len(small.report.compressed) == 1
+    plain = lowbit.palettize_weights(program, **config)
+    decoded = palettization_of(model[0])["weight"].decode()
+    return (
+        decoded,
+        _initializer(lowbit.decompress_weights(small), "w"),
+        _initializer(lowbit.decompress_weights(plain), "w"),
+    )
+
+
 def test_a_calibrated_conv_gets_the_same_activation_weighted_palette_through_either_door():
     """A convolution's statistics are the mean square of each input channel over every position (no feedback), on
     both doors: the same weighted k-means, the same LUTs and codes."""
     rng = np.random.default_rng(11)
     weight = (rng.standard_normal((32, 6, 3, 3)) * 0.1).astype(np.float32)
-    conv = torch.nn.Conv2d(6, 32, 3, bias=False)
-    with torch.no_grad():
-        conv.weight.copy_(torch.from_numpy(weight))
     scales = np.array([0.1, 0.3, 1.0, 3.0, 10.0, 30.0], np.float32)[None, :, None, None]
     items = [(rng.standard_normal((2, 6, 8, 8)) * scales).astype(np.float32) for _ in range(3)]
-    config = {"n_bits": 3}
-    torch_config = PostTrainingPalettizerConfig.from_dict({"global_config": config})
-    model = PostTrainingPalettizer(torch.nn.Sequential(conv), torch_config).compress(
-        calibration_data=[torch.from_numpy(x) for x in items]
-    )
-    program = lowbit.Program(make_model({"w": weight}, [("Conv", "w", {})]))
-    small = lowbit.palettize_weights(program, calibration_data=[{"x0": x} for x in items], **config)
-    plain = lowbit.palettize_weights(program, **config)
-    assert len(small.report.compressed) == 1
-    graph = lowbit.decompress_weights(small).graph.initializers["w"].const_value.numpy()
-    decoded = palettization_of(model[0])["weight"].decode()
+    conv = torch.nn.Conv2d(6, 32, 3, bias=False)
+    decoded, graph, data_free = _one_weight_through_both_doors(conv, weight, "Conv", items, {"n_bits": 3})
     np.testing.assert_array_equal(graph, decoded)
-    assert not np.array_equal(lowbit.decompress_weights(plain).graph.initializers["w"].const_value.numpy(), decoded)
+    assert not np.array_equal(data_free, decoded)
 
 
 @pytest.mark.parametrize("config", [dict(n_bits=3), dict(n_bits=2, granularity="per_grouped_channel", group_size=8)])
@@ -253,21 +264,10 @@ def test_a_calibrated_embedding_gets_the_same_lookup_weighted_palette_through_ei
     weighted k-means, the same LUTs and codes, and not the data-free ones."""
     rng = np.random.default_rng(12)
     table = (rng.standard_normal((96, 16)) * 0.1).astype(np.float32)
-    embedding = torch.nn.Embedding(96, 16)
-    with torch.no_grad():
-        embedding.weight.copy_(torch.from_numpy(table))
     items = [rng.choice(12, 20) for _ in range(3)]  # a few rows looked up, often
-    torch_config = PostTrainingPalettizerConfig.from_dict({"global_config": config})
-    model = PostTrainingPalettizer(torch.nn.Sequential(embedding), torch_config).compress(
-        calibration_data=[torch.from_numpy(x) for x in items]
-    )
-    program = lowbit.Program(make_model({"e": table}, [("Gather", "e", {})]))
-    small = lowbit.palettize_weights(program, calibration_data=[{"x0": x} for x in items], **config)
-    plain = lowbit.palettize_weights(program, **config)
-    graph = lowbit.decompress_weights(small).graph.initializers["e"].const_value.numpy()
-    decoded = palettization_of(model[0])["weight"].decode()
+    embedding = torch.nn.Embedding(96, 16)
+    decoded, graph, data_free = _one_weight_through_both_doors(embedding, table, "Gather", items, config)
     np.testing.assert_array_equal(graph, decoded)
-    data_free = _initializer(lowbit.decompress_weights(plain), "e")
     assert not np.array_equal(data_free, decoded)
     looked_up = np.unique(np.concatenate(items))
     errors = [np.abs(w - table)[looked_up].sum() for w in (decoded, data_free)]
