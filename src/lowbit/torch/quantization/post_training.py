@@ -12,6 +12,7 @@ from torch import nn
 
 from lowbit.config import QuantizeConfig, check_bool, check_choice, check_int
 from lowbit.errors import SkipWeight
+from lowbit.kernels.quantize import INTEGER_DTYPES as INTEGER_NUMPY_DTYPES
 from lowbit.statistics import InputMoments
 from lowbit.torch._compressor import CompressorBase, Target, skip
 from lowbit.torch.config import ModelConfig, ModuleConfig
@@ -31,7 +32,8 @@ WEIGHT_DTYPES = {
     "fp8_e4m3": DType.FP8_E4M3FN,
     "fp8_e5m2": DType.FP8_E5M2,
 }
-INTEGER_DTYPES = ("int8", "uint8", "int4", "uint4")
+# the weight dtypes whose codes are integers (the error feedback chooses them): the kernels' table, by option name
+INTEGER_DTYPES = tuple(name for name, dtype in WEIGHT_DTYPES.items() if dtype.numpy in INTEGER_NUMPY_DTYPES)
 GRANULARITIES = {
     "per_tensor": CompressionGranularity.PER_TENSOR,
     "per_channel": CompressionGranularity.PER_CHANNEL,
