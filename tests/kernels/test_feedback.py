@@ -1,6 +1,6 @@
 """Error feedback across input channels (GPTQ's) against float64 references: the factor is the inverse's
 Cholesky factor, the compiled kernel is the textbook recurrence written out in numpy (every grid: LUTs, a linear
-grid, outliers kept exact, pruning, pruning whose kept set is chosen block by block), its lazy blocks change only
+grid, outliers kept exact, pruning), its lazy blocks change only
 the rounding, feedback lowers the output error of every test layer below plain rounding to the same grid, and with
 uncorrelated channels it is plain rounding."""
 
@@ -122,57 +122,25 @@ def test_the_compiled_kernel_is_the_recurrence_on_every_grid(kind):
     np.testing.assert_allclose(lazy_values[lazy_codes == want_codes], want_values[lazy_codes == want_codes], atol=1e-9)
 
 
-def test_a_selected_pruning_chooses_each_block_from_the_values_the_feedback_reached():
-    """SparseGPT's adaptive mask: the recurrence, with each block's kept set chosen when the block starts from its
-    rows' current values over their pivots."""
-    x, w, _ = _layer(6, k=40, n=12)
-    seen = []
-
-    def select(grid, channels, values, pivots):
-        seen.append(channels.tolist())
-        score = np.abs(values / pivots[:, None])
-        grid.exact[channels] = score >= np.median(score, axis=0)  # half of each column
-
-    grid = pruning_grid(np.zeros(w.shape, bool))
-    order = np.arange(40)[::-1]  # rows in another order than the channels
-    w, factor = w[order], inverse_factor((x.T @ x)[np.ix_(order, order)])
-    _, values = feedback(w, factor, grid, block=8, channels=order, refresh=select)
-    assert seen == [order[i : i + 8].tolist() for i in range(0, 40, 8)]
-    work = w.copy()
-    keep = np.zeros(w.shape, bool)
-    for k in range(40):
-        if k % 8 == 0:
-            score = np.abs(work[k : k + 8] / np.diag(factor)[k : k + 8, None])
-            keep[k : k + 8] = score >= np.median(score, axis=0)
-        decoded = np.where(keep[k], work[k], 0.0)
-        work[k + 1 :] -= np.outer(factor[k, k + 1 :], (work[k] - decoded) / factor[k, k])
-        work[k] = decoded
-    np.testing.assert_array_equal(grid.exact[order], keep)
-    np.testing.assert_allclose(values, work, atol=1e-9)
-    assert keep.mean() == 0.5
-
-
 def test_a_gram_is_inverted_once_for_the_weights_that_share_it():
     """The factor of one ``X^T X`` is kept by content: an equal copy gets the same (read-only) arrays, what
-    changes the factor (the values, the damping, the order) does not."""
+    changes the factor (the values, the damping) does not."""
     from lowbit.kernels.feedback import ordered_factor
 
     x = np.random.default_rng(3).standard_normal((200, 24))
     gram = x.T @ x
-    order, factor = ordered_factor(gram, 0.01, True)
-    again = ordered_factor(gram.copy(), 0.01, True)
+    order, factor = ordered_factor(gram, 0.01)
+    again = ordered_factor(gram.copy(), 0.01)
     assert again[0] is order and again[1] is factor and not factor.flags.writeable
     np.testing.assert_array_equal(order, np.argsort(-np.diag(gram), kind="stable"))
     np.testing.assert_allclose(factor, inverse_factor(gram[np.ix_(order, order)], 0.01))
     changed = gram.copy()
     changed[0, 0] += 1.0
     for other in (
-        ordered_factor(changed, 0.01, True),
-        ordered_factor(gram, 0.1, True),
-        ordered_factor(gram, 0.01, False),
+        ordered_factor(changed, 0.01),
+        ordered_factor(gram, 0.1),
     ):
         assert other[1] is not factor and not np.array_equal(other[1], factor)
-    np.testing.assert_array_equal(ordered_factor(gram, 0.01, False)[0], np.arange(24))
 
 
 def test_the_kept_factors_stay_within_their_bytes(monkeypatch):
@@ -181,35 +149,10 @@ def test_the_kept_factors_stay_within_their_bytes(monkeypatch):
     x = np.random.default_rng(4).standard_normal((100, 16))
     gram = x.T @ x
     monkeypatch.setattr(fb, "FACTORS_KEPT_BYTES", 16 * 16 * 8 - 1)  # less than one factor
-    first = fb.ordered_factor(gram, 0.01, True)[1]
-    assert fb.ordered_factor(gram, 0.01, True)[1] is not first  # not kept: computed again, the same values
-    np.testing.assert_array_equal(fb.ordered_factor(gram, 0.01, True)[1], first)
+    first = fb.ordered_factor(gram, 0.01)[1]
+    assert fb.ordered_factor(gram, 0.01)[1] is not first  # not kept: computed again, the same values
+    np.testing.assert_array_equal(fb.ordered_factor(gram, 0.01)[1], first)
     monkeypatch.setattr(fb, "FACTORS_KEPT_BYTES", 2 * 16 * 16 * 8)  # two factors
-    kept = [fb.ordered_factor(gram * scale, 0.01, True)[1] for scale in (1.0, 2.0, 3.0)]
-    assert fb.ordered_factor(gram * 3.0, 0.01, True)[1] is kept[2]
-    assert fb.ordered_factor(gram, 0.01, True)[1] is not kept[0]  # the oldest went
-
-
-def test_refit_kept_solves_each_output_channel_exactly_and_lowers_the_output_error():
-    """The kept weights re-solved together equal the float64 solve of each output channel's restricted normal
-    equations, the pruned ones stay zero, and the output error is below the feedback's alone on every layer."""
-    from lowbit.kernels.feedback import refit_kept
-
-    rng = np.random.default_rng(7)
-    for trial in range(4):
-        k, n = 24, 10
-        x = rng.standard_normal((300, k)) * rng.uniform(0.1, 3.0, k)  # channels of unlike scales
-        x[:, 1] += x[:, 0]  # correlated
-        gram, w = x.T @ x, rng.standard_normal((k, n))
-        keep = rng.random((k, n)) < 0.5
-        fed = feedback(w, inverse_factor(gram), pruning_grid(keep))[1]
-        refit = refit_kept(w, gram, keep, fed)
-        damped = gram + 0.01 * np.mean(np.diag(gram)) * np.eye(k)
-        for j in range(n):
-            s = np.flatnonzero(keep[:, j])
-            exact = np.zeros(k)
-            exact[s] = np.linalg.solve(damped[np.ix_(s, s)], damped[s] @ w[:, j])
-            np.testing.assert_allclose(refit[:, j], exact, rtol=1e-4, atol=1e-8, err_msg=f"trial {trial} column {j}")
-        assert not refit[~keep].any()
-        error = [np.linalg.norm(x @ (w - v)) for v in (fed, refit)]
-        assert error[1] < error[0], (trial, error)
+    kept = [fb.ordered_factor(gram * scale, 0.01)[1] for scale in (1.0, 2.0, 3.0)]
+    assert fb.ordered_factor(gram * 3.0, 0.01)[1] is kept[2]
+    assert fb.ordered_factor(gram, 0.01)[1] is not kept[0]  # the oldest went

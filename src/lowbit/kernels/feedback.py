@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numba
@@ -20,7 +19,7 @@ import numpy as np
 
 __all__ = [
     "Grid",
-    "Refresh",
+    "damped_gram",
     "feedback",
     "inverse_factor",
     "linear_grid",
@@ -28,14 +27,9 @@ __all__ = [
     "ordered_factor",
     "ordered_feedback",
     "pruning_grid",
-    "refit_kept",
 ]
 
 BLOCK = 128  # rows whose updates run eagerly; the rows after a block get its updates in one product (GPTQ's lazy)
-# a grid chosen block by block as the feedback reaches each block: (the grid, the block's input channels [rows],
-# their values then [rows, N], their pivots: the factor's diagonal [rows]) -> None, the grid's entries of those
-# channels rewritten (SparseGPT: pruning's kept set)
-Refresh = Callable[["Grid", np.ndarray, np.ndarray, np.ndarray], None]
 
 
 def _none(dtype: type = np.float64) -> np.ndarray:
@@ -86,7 +80,7 @@ def linear_grid(scale: np.ndarray, zero_point: np.ndarray, low: int, high: int) 
 
 def pruning_grid(keep: np.ndarray) -> Grid:
     """Pruning as a grid: ``keep`` ``[K, N]`` weights stay (updated by the feedback), the others go to zero
-    (SparseGPT's update of the kept weights)."""
+    (SparseGPT's update of the kept weights of a fixed mask)."""
     return lut_grid(np.zeros((keep.shape[1], 1)), keep)
 
 
@@ -97,11 +91,11 @@ def _with_exact(grid: Grid, exact: np.ndarray | None) -> Grid:
 def inverse_factor(gram: np.ndarray, damping: float = 0.01) -> np.ndarray:
     """The upper Cholesky factor of ``(H + damping * mean(diag H) * I)^-1``, ``H = X^T X`` (channels never active
     get a unit diagonal): the row-by-row form of the inverse the feedback needs."""
-    inverse = np.linalg.inv(_damped(gram, damping))
+    inverse = np.linalg.inv(damped_gram(gram, damping))
     return np.linalg.cholesky((inverse + inverse.T) / 2).T
 
 
-def _damped(gram: np.ndarray, damping: float) -> np.ndarray:
+def damped_gram(gram: np.ndarray, damping: float) -> np.ndarray:
     """``H + damping * mean(diag H) * I`` in float64, a channel never active given a unit diagonal."""
     h = np.array(gram, dtype=np.float64, copy=True)
     dead = np.diag(h) <= 0
@@ -118,14 +112,12 @@ def feedback(
     grid: Grid,
     block: int = BLOCK,
     channels: np.ndarray | None = None,
-    refresh: Refresh | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(codes, the values the feedback ends with) of ``w`` ``[K, N]`` (rows: the K input channels, coded in
     order), each row's rounding error fed to the rows after it through ``factor`` (:func:`inverse_factor`);
     ``channels[row]``: a row's input channel when ``w``'s rows are reordered (default: in order). Updates within
     ``block`` rows run eagerly, then reach the rows after in one product (GPTQ's lazy batches); ``block >= K`` is
-    the plain recurrence. ``refresh`` rewrites the grid of each block's channels when the block is reached, from
-    their values then (SparseGPT's adaptive mask)."""
+    the plain recurrence."""
     work = np.array(w, dtype=np.float64, copy=True, order="C")
     rows = work.shape[0]
     channel_of = np.arange(rows) if channels is None else np.asarray(channels, np.int64)
@@ -134,8 +126,6 @@ def feedback(
     factor = np.ascontiguousarray(factor, dtype=np.float64)
     for start in range(0, rows, block):
         stop = min(start + block, rows)
-        if refresh is not None:
-            refresh(grid, channel_of[start:stop], work[start:stop], np.diag(factor)[start:stop])
         _rows(work, factor, channel_of, start, stop, *grid._arrays(), codes, errors)
         work[stop:] -= factor[start:stop, stop:].T @ errors[: stop - start]
     return codes, work
@@ -148,18 +138,18 @@ _factors: OrderedDict[tuple, tuple[np.ndarray, np.ndarray]] = OrderedDict()
 _factors_lock = threading.Lock()
 
 
-def ordered_factor(gram: np.ndarray, damping: float, act_order: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(the order the input channels are coded in: act-order, or their own; :func:`inverse_factor` of ``gram``
-    in that order). The last ones (:data:`FACTORS_KEPT_BYTES`) are kept by the gram's content, so that the weights
-    reading one activation, or one weight at several widths, invert its ``X^T X`` once."""
+def ordered_factor(gram: np.ndarray, damping: float) -> tuple[np.ndarray, np.ndarray]:
+    """(the order the input channels are coded in, act-order: decreasing ``diag(gram)``; :func:`inverse_factor` of
+    ``gram`` in that order). The last ones (:data:`FACTORS_KEPT_BYTES`) are kept by the gram's content, so that the
+    weights reading one activation, or one weight at several widths, invert its ``X^T X`` once."""
     matrix = np.ascontiguousarray(gram)
     digest = hashlib.blake2b(matrix.data, digest_size=16).digest()
-    key = (digest, matrix.shape, matrix.dtype.str, float(damping), act_order)
+    key = (digest, matrix.shape, matrix.dtype.str, float(damping))
     with _factors_lock:
         if key in _factors:
             _factors.move_to_end(key)
             return _factors[key]
-    order = np.argsort(-np.diag(matrix), kind="stable") if act_order else np.arange(len(matrix))
+    order = np.argsort(-np.diag(matrix), kind="stable")
     found = order, inverse_factor(matrix[np.ix_(order, order)], damping)
     for array in found:
         array.setflags(write=False)  # shared by every caller of the same gram
@@ -177,16 +167,12 @@ def ordered_feedback(
     gram: np.ndarray,
     grid: Grid,
     damping: float = 0.01,
-    refresh: Refresh | None = None,
-    block: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`feedback` with the input channels coded in decreasing order of their activations' energy
     (``diag(X^T X)``, GPTQ's act-order: the channels that matter most are coded while the most rows can still absorb
-    their error); codes and values returned in ``w``'s own order. A ``block`` (default :data:`BLOCK`) codes the
-    channels in their own order instead, in blocks of that many (a ``refresh`` of groups of consecutive channels
-    needs them so)."""
-    order, factor = ordered_factor(gram, damping, block is None)
-    codes, values = feedback(w[order], factor, grid, block or BLOCK, order, refresh)
+    their error); codes and values returned in ``w``'s own order."""
+    order, factor = ordered_factor(gram, damping)
+    codes, values = feedback(w[order], factor, grid, channels=order)
     back = np.argsort(order)
     return codes[back], values[back]
 
@@ -223,39 +209,3 @@ def _rows(work, factor, channel_of, start, stop, luts, scale, zero_point, low, h
             f = factor[k, later]
             for j in range(n):
                 work[later, j] -= f * errors[i, j]
-
-
-REFIT_ITERATIONS = 25  # conjugate-gradient steps of refit_kept (MiniLM: 10 / 20 / 40 give the same cosine to 1e-4)
-REFIT_TOLERANCE = 1e-12  # ... or fewer, once every output channel's squared residual has fallen this far (relative)
-
-
-def refit_kept(
-    w: np.ndarray, gram: np.ndarray, keep: np.ndarray, start: np.ndarray, damping: float = 0.01
-) -> np.ndarray:
-    """The kept weights of ``w`` ``[K, N]`` (rows: input channels; ``keep`` the same shape) re-solved for the
-    smallest output error, each output channel's ``min_v (w - v)^T H (w - v)`` over ``v`` zero where not kept, ``H``
-    ``gram`` damped as :func:`inverse_factor` damps it. The feedback that pruned them fixes each channel's weights in
-    turn and only moves the ones after it; this solves for all of a channel's kept weights together (the re-solve of
-    a fixed mask, exact up to the steps taken: about 1 % from the exact objective on a 1024-channel layer). Conjugate
-    gradients from ``start`` (the feedback's values), all output channels at once, Jacobi-preconditioned: at most
-    :data:`REFIT_ITERATIONS` products with ``H``."""
-    h = _damped(gram, damping)
-    diagonal = np.diag(h)[:, None]
-    mask = np.asarray(keep, dtype=np.float64)
-    values = np.asarray(start, dtype=np.float64) * mask
-    residual = mask * (h @ (np.asarray(w, dtype=np.float64) - values))
-    z = residual / diagonal
-    direction, rz = z.copy(), (residual * z).sum(0)
-    first = np.maximum(rz, np.finfo(np.float64).tiny)
-    for _ in range(REFIT_ITERATIONS):
-        if (rz <= REFIT_TOLERANCE * first).all():
-            break
-        product = mask * (h @ direction)
-        curvature = (direction * product).sum(0)
-        step = np.divide(rz, curvature, out=np.zeros_like(rz), where=curvature > 0)
-        values += step * direction
-        residual -= step * product
-        z = residual / diagonal
-        rz, previous = (residual * z).sum(0), rz
-        direction = z + np.divide(rz, previous, out=np.zeros_like(rz), where=previous > 0) * direction
-    return values

@@ -97,10 +97,14 @@ def magnitude_mask(w: np.ndarray, target: float) -> np.ndarray:
 def column_mask(w: np.ndarray, target: float) -> np.ndarray:
     """``w`` is ``[R, N]``: in each column keep all but the ``round(target * R)`` smallest |w| (ties: the lower
     index is pruned first), so every column is pruned alike."""
-    order = np.argsort(np.abs(w), axis=0, kind="stable")
-    keep = np.ones(w.shape, np.bool_)
-    np.put_along_axis(keep, order[: round(target * w.shape[0])], False, axis=0)
-    return keep
+    size = np.abs(np.ascontiguousarray(w.T))  # a column per row: the selection runs along contiguous memory
+    pruned = round(target * w.shape[0])
+    if pruned == 0:
+        return np.ones(w.shape, np.bool_)
+    threshold = np.partition(size, pruned - 1, axis=1)[:, pruned - 1 : pruned]
+    below, tied = size < threshold, size == threshold
+    ties_pruned = tied & (np.cumsum(tied, axis=1) <= pruned - below.sum(1, keepdims=True))
+    return np.ascontiguousarray(~(below | ties_pruned).T)
 
 
 def block_mask(w: np.ndarray, target: float, block: int) -> np.ndarray:

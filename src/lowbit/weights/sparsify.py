@@ -1,5 +1,5 @@
-"""Pruning of one weight: magnitude, Wanda's and SparseGPT's masks, n:m and blocks, the kept values compressed
-jointly."""
+"""Pruning of one weight: magnitude and Wanda's masks, or with ``X^T X`` the mask and kept values solved for the
+layer's output (ADMM), n:m and blocks, the kept values compressed jointly."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from lowbit.config import SparsifyConfig
-from lowbit.kernels.feedback import BLOCK, Grid, Refresh, ordered_feedback, pruning_grid, refit_kept
+from lowbit.kernels.feedback import ordered_feedback, pruning_grid
 from lowbit.kernels.packing import packed_nbytes
 from lowbit.kernels.prune import Sparsified, block_mask, column_mask, magnitude_mask, n_m_mask, sparsify
+from lowbit.kernels.reconstruct import Select, admm_prune, refit_kept
 from lowbit.weights.common import by_input, checked_gram, moved_axis_perms, relative
 
 __all__ = ["SparsifiedWeight", "sparsify_weight"]
@@ -63,9 +64,9 @@ def sparsify_weight(
     channels), its non-zeros optionally palettized or quantized. ``importance`` (``array``'s shape, e.g. each input
     channel's mean squared activation) ranks the elements by ``|w| * sqrt(importance)`` instead of ``|w|``: the
     activation-aware pruning of Wanda, which keeps the weights whose removal moves the layer's output most.
-    ``gram``: optional ``X^T X`` of a 2-D weight's input activations: SparseGPT's then, before any joint
-    quantization: the kept weights (unstructured, n:m) chosen block by block as the error feedback across the input
-    channels reaches them, and updated to make up for the pruned ones (see :func:`_pruned_with_feedback`).
+    ``gram``: optional ``X^T X`` of a 2-D weight's input activations: then, before any joint quantization, the
+    kept weights (unstructured, n:m) are chosen and updated together for the smallest output error ``||X W - X
+    W_s||``, the pruned ones made up for by the kept (see :func:`_pruned_for_output`).
 
     Raises :class:`~lowbit.errors.SkipWeight` when the channels do not divide into the blocks or the n:m groups,
     or the values are not finite.
@@ -86,7 +87,7 @@ def sparsify_weight(
     checked = checked_gram(gram, array.shape[input_axis]) if array.ndim == 2 else None
     updated = array
     if checked is not None:
-        mask, updated = _pruned_with_feedback(array, mask, checked, input_axis, config)
+        mask, updated = _pruned_for_output(array, mask, checked, input_axis, config)
     result = sparsify(
         np.ascontiguousarray(updated), np.ascontiguousarray(mask), config.palettize_nbits, dtype, output_axis
     )
@@ -99,38 +100,32 @@ def sparsify_weight(
     return SparsifiedWeight(result)
 
 
-def _adaptive_selection(config: SparsifyConfig) -> tuple[Refresh | None, int | None]:
-    """(How :func:`_pruned_with_feedback` chooses each block's kept weights, the block it needs: None for the
-    default, in act-order)."""
+def _selection(config: SparsifyConfig) -> Select | None:
+    """How :func:`~lowbit.kernels.reconstruct.admm_prune` chooses the kept weights: ``1 - target`` of each output
+    channel's (compared within an output channel, as Wanda does), ramped up to the target, or ``m - n`` of every
+    ``m`` input channels; None for blocks of output channels (their mask is fixed)."""
     if config.n_m_ratio is not None:
         n, m = config.n_m_ratio
-
-        def n_of_m(grid: Grid, channels: np.ndarray, values: np.ndarray, pivots: np.ndarray) -> None:
-            grid.exact[channels] = n_m_mask(np.ascontiguousarray((values / pivots[:, None]).T), n, m).T
-
-        return n_of_m, m * max(1, BLOCK // m)  # whole groups of m consecutive input channels in every block
+        return lambda scores, reached: n_m_mask(np.ascontiguousarray(scores.T), n, m).T
     if config.block_size > 1:
-        return None, None
-
-    def per_channel(grid: Grid, channels: np.ndarray, values: np.ndarray, pivots: np.ndarray) -> None:
-        grid.exact[channels] = column_mask(values / pivots[:, None], config.target_sparsity)
-
-    return per_channel, None
+        return None
+    return lambda scores, reached: column_mask(scores, config.target_sparsity * reached)
 
 
-def _pruned_with_feedback(
+def _pruned_for_output(
     array: np.ndarray, mask: np.ndarray, gram: np.ndarray, input_axis: int, config: SparsifyConfig
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(kept mask, values) of ``array`` (2-D) pruned one input channel at a time, each channel's error fed to the
-    kept weights of the channels after it, in ``array``'s dtype. Unstructured and n:m pruning choose the kept weights
-    block by block as the feedback reaches them, by SparseGPT's ``|w| / [H^-1]_kk`` on the updated weights: 1 -
-    target of each output channel's weights in each block kept (compared within an output channel, as Wanda does),
-    or m - n of each m input channels; blocks of output channels keep ``mask``. Then each output channel's kept
-    weights are solved for together (:func:`~lowbit.kernels.feedback.refit_kept`)."""
-    refresh, block = _adaptive_selection(config)
-    grid = pruning_grid(by_input(mask, input_axis))
+    """(kept mask, values) of ``array`` (2-D) pruned for the smallest output error under ``gram``, in ``array``'s
+    dtype. Unstructured and n:m pruning choose their kept weights by ADMM
+    (:func:`~lowbit.kernels.reconstruct.admm_prune`); blocks of output channels keep ``mask``, each pruned input
+    channel's error fed to the kept weights of the channels after it (SparseGPT's update). Either way each output
+    channel's kept weights are then solved for together (:func:`~lowbit.kernels.reconstruct.refit_kept`)."""
     weights = by_input(array, input_axis).astype(np.float64)
-    values = ordered_feedback(weights, gram, grid, refresh=refresh, block=block)[1]
-    values = refit_kept(weights, gram, grid.exact, values)
-    kept = np.ascontiguousarray(by_input(grid.exact, input_axis))
+    select = _selection(config)
+    if select is None:
+        grid = pruning_grid(by_input(mask, input_axis))
+        keep, values = grid.exact, refit_kept(weights, gram, grid.exact, ordered_feedback(weights, gram, grid)[1])
+    else:
+        keep, values = admm_prune(weights, gram, select)
+    kept = np.ascontiguousarray(by_input(keep, input_axis))
     return kept, np.ascontiguousarray(by_input(values, input_axis)).astype(array.dtype)

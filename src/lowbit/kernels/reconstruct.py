@@ -1,0 +1,92 @@
+"""Pruned weights solved for the layer's output: which weights to keep (ADMM, with the sparsity reached gradually)
+and the exact re-solve of the kept ones, each output channel's ``min_v (w - v)^T H (w - v)`` over ``v`` zero where
+pruned, ``H = X^T X`` of the calibration activations (damped as the error feedback damps it).
+
+Arrays in, arrays out; matrices ``[K, N]``: rows the K input channels, columns the N output channels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from lowbit.kernels.feedback import damped_gram
+
+__all__ = ["Select", "admm_prune", "refit_kept"]
+
+# which weights to keep: (scores [K, N], the fraction of the target sparsity to reach now, in (0, 1]) -> keep [K, N]
+Select = Callable[[np.ndarray, float], np.ndarray]
+
+# ADMM's schedule (MiniLM's Linear layers, 50 % and 2:4: mean relative output error 0.0062 / 0.0135 against
+# SparseGPT's 0.0100 / 0.0184; 30 iterations: the same, 1.35x the time; first penalty 0.1: 0.0069 / 0.0136, 0.01:
+# 0.0081 / 0.0181)
+ADMM_ITERATIONS = 20
+ADMM_PENALTY = 0.03  # the first penalty, on the channels scaled to unit activation energy
+ADMM_GROWTH = 1.4  # ... multiplied by this every second iteration, so that the iterates settle on one mask
+ADMM_RAMP = 0.7  # the target sparsity is reached after this fraction of the iterations (cubic ramp)
+
+REFIT_ITERATIONS = 25  # conjugate-gradient steps of refit_kept (MiniLM: 10 / 20 / 40 give the same cosine to 1e-4)
+REFIT_TOLERANCE = 1e-12  # ... or fewer, once every output channel's squared residual has fallen this far (relative)
+
+
+def admm_prune(w: np.ndarray, gram: np.ndarray, select: Select, damping: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+    """(keep, values) of ``w`` ``[K, N]`` pruned for the smallest output error under ``gram`` (``X^T X``).
+
+    ADMM on ``min ||X (w - v)||^2`` with ``v`` in the pruned set (after Boža, *Fast and Effective Weight Update for
+    Pruned Large Language Models*, 2024), on the input channels scaled to unit (damped) activation energy, so that
+    the penalty weighs every channel alike: a weight iterate solved under ``H`` plus a growing penalty toward its
+    pruned copy, the pruned copy chosen by ``select`` from Wanda's score (``|v| * sqrt(diag X^T X)``, undamped) of
+    the iterate plus the scaled dual, with the sparsity raised gradually (cubic, reached after :data:`ADMM_RAMP` of
+    the iterations) so that early choices can be undone. SparseGPT fixes each kept weight once as it passes; here
+    every weight can enter and leave the kept set until the penalty settles it. The kept values are then re-solved
+    exactly (:func:`refit_kept`). The iterations run in float32 (the same masks on MiniLM), the re-solve in
+    float64; a channel never active scores 0 and goes first.
+    """
+    h = damped_gram(gram, damping)
+    scale = np.sqrt(np.diag(h))[:, None]
+    eigenvalues, basis = (a.astype(np.float32) for a in np.linalg.eigh(h / scale / scale.T))
+    undamped = np.sqrt(np.maximum(np.diag(np.asarray(gram, dtype=np.float64)), 0.0))[:, None] / scale
+    scaled = np.asarray(w, dtype=np.float64) * scale
+    target = (basis.T @ (h @ np.asarray(w, dtype=np.float64) / scale).astype(np.float32)).astype(np.float32)
+    kept, dual = scaled.astype(np.float32), np.zeros(scaled.shape, np.float32)
+    keep = np.ones(scaled.shape, np.bool_)
+    for step in range(ADMM_ITERATIONS):
+        penalty = np.float32(ADMM_PENALTY * ADMM_GROWTH ** (step // 2))
+        shifted = basis @ ((target + penalty * (basis.T @ (kept - dual))) / (eigenvalues + penalty)[:, None]) + dual
+        reached = 1.0 - (1.0 - min(1.0, (step + 1) / (ADMM_ITERATIONS * ADMM_RAMP))) ** 3
+        keep = np.asarray(select(np.abs(shifted) * undamped.astype(np.float32), reached), dtype=np.bool_)
+        kept = np.where(keep, shifted, np.float32(0.0))
+        dual = shifted - kept
+    return keep, refit_kept(w, gram, keep, kept / scale, damping)
+
+
+def refit_kept(
+    w: np.ndarray, gram: np.ndarray, keep: np.ndarray, start: np.ndarray, damping: float = 0.01
+) -> np.ndarray:
+    """The kept weights of ``w`` ``[K, N]`` (``keep`` the same shape) re-solved for the smallest output error, each
+    output channel's ``min_v (w - v)^T H (w - v)`` over ``v`` zero where not kept, ``H`` ``gram`` damped as
+    :func:`~lowbit.kernels.feedback.inverse_factor` damps it: the exact re-solve of a fixed mask, up to the steps
+    taken (about 1 % from the exact objective on a 1024-channel layer). Conjugate gradients from ``start`` (e.g. the
+    error feedback's values), all output channels at once, Jacobi-preconditioned: at most :data:`REFIT_ITERATIONS`
+    products with ``H``."""
+    h = damped_gram(gram, damping)
+    diagonal = np.diag(h)[:, None]
+    mask = np.asarray(keep, dtype=np.float64)
+    values = np.asarray(start, dtype=np.float64) * mask
+    residual = mask * (h @ (np.asarray(w, dtype=np.float64) - values))
+    z = residual / diagonal
+    direction, rz = z.copy(), (residual * z).sum(0)
+    first = np.maximum(rz, np.finfo(np.float64).tiny)
+    for _ in range(REFIT_ITERATIONS):
+        if (rz <= REFIT_TOLERANCE * first).all():
+            break
+        product = mask * (h @ direction)
+        curvature = (direction * product).sum(0)
+        step = np.divide(rz, curvature, out=np.zeros_like(rz), where=curvature > 0)
+        values += step * direction
+        residual -= step * product
+        z = residual / diagonal
+        rz, previous = (residual * z).sum(0), rz
+        direction = z + np.divide(rz, previous, out=np.zeros_like(rz), where=previous > 0) * direction
+    return values

@@ -1,0 +1,111 @@
+"""Pruned weights solved for the layer's output, against float64 references: the re-solve of a fixed mask is each
+output channel's restricted normal equations, and ADMM's mask and values come near the brute-force optimum over all
+masks of the asked pattern, below Wanda's mask with SparseGPT's update on average."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from lowbit.kernels.feedback import damped_gram, feedback, inverse_factor, pruning_grid
+from lowbit.kernels.prune import column_mask, n_m_mask
+from lowbit.kernels.reconstruct import admm_prune, refit_kept
+
+
+def _correlated(rng: np.random.Generator, k: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(X^T X, w [k, n]) of a layer whose input channels are correlated and of unlike scales."""
+    mixing = rng.standard_normal((k, k)) * 0.5 + np.diag(rng.uniform(0.2, 3.0, k))
+    x = rng.standard_normal((200, k)) @ mixing
+    return x.T @ x, rng.standard_normal((k, n))
+
+
+def _output_error(gram: np.ndarray, w: np.ndarray, v: np.ndarray) -> float:
+    d = w - v
+    return float(np.einsum("kn,kl,ln->", d, damped_gram(gram, 0.01), d))
+
+
+def _restricted_solve(gram: np.ndarray, w: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """One output channel's kept weights solved exactly in float64 (the others zero)."""
+    h = damped_gram(gram, 0.01)
+    s = np.flatnonzero(kept)
+    exact = np.zeros(len(w))
+    exact[s] = np.linalg.solve(h[np.ix_(s, s)], h[s] @ w)
+    return exact
+
+
+def test_refit_kept_solves_each_output_channel_exactly_and_lowers_the_output_error():
+    """The kept weights re-solved together equal the float64 solve of each output channel's restricted normal
+    equations, the pruned ones stay zero, and the output error is below the feedback's alone on every layer."""
+    rng = np.random.default_rng(7)
+    for trial in range(4):
+        k, n = 24, 10
+        x = rng.standard_normal((300, k)) * rng.uniform(0.1, 3.0, k)  # channels of unlike scales
+        x[:, 1] += x[:, 0]  # correlated
+        gram, w = x.T @ x, rng.standard_normal((k, n))
+        keep = rng.random((k, n)) < 0.5
+        fed = feedback(w, inverse_factor(gram), pruning_grid(keep))[1]
+        refit = refit_kept(w, gram, keep, fed)
+        for j in range(n):
+            exact = _restricted_solve(gram, w[:, j], keep[:, j])
+            np.testing.assert_allclose(refit[:, j], exact, rtol=1e-4, atol=1e-8, err_msg=f"trial {trial} column {j}")
+        assert not refit[~keep].any()
+        error = [np.linalg.norm(x @ (w - v)) for v in (fed, refit)]
+        assert error[1] < error[0], (trial, error)
+
+
+# (select, every kept set of one output channel of 8 input channels the pattern allows)
+PATTERNS = {
+    "half of each output channel": (
+        lambda scores, reached: column_mask(scores, 0.5 * reached),
+        [np.isin(np.arange(8), s) for s in itertools.combinations(range(8), 4)],
+    ),
+    "2:4": (
+        lambda scores, reached: n_m_mask(np.ascontiguousarray(scores.T), 2, 4).T,
+        [
+            np.isin(np.arange(8), a + b)
+            for a in itertools.combinations(range(4), 2)
+            for b in itertools.combinations(range(4, 8), 2)
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_admm_comes_near_the_best_mask_and_below_wandas_with_sparsegpts_update(pattern):
+    """Brute force over every kept set the pattern allows (each solved exactly): ADMM's error is within 1.35x of
+    that optimum on average (measured: 1.19x half of each channel, 1.25x 2:4), below Wanda's mask with SparseGPT's
+    update and the re-solve on average (1.56x, 1.39x), its mask has the pattern, and its values are the exact
+    re-solve of its mask."""
+    select, kept_sets = PATTERNS[pattern]
+    rng = np.random.default_rng(0)
+    ratios, wanda_ratios = [], []
+    for _ in range(8):
+        gram, w = _correlated(rng, 8, 6)
+        keep, values = admm_prune(w, gram, select)
+        assert all(any((keep[:, j] == s).all() for s in kept_sets) for j in range(6))
+        assert not values[~keep].any()
+        for j in range(6):
+            np.testing.assert_allclose(values[:, j], _restricted_solve(gram, w[:, j], keep[:, j]), rtol=1e-5, atol=1e-9)
+        best = sum(
+            min(_output_error(gram, w[:, [j]], _restricted_solve(gram, w[:, j], s)[:, None]) for s in kept_sets)
+            for j in range(6)
+        )
+        wanda = select(np.abs(w) * np.sqrt(np.diag(gram))[:, None], 1.0)
+        sparsegpt = refit_kept(w, gram, wanda, feedback(w, inverse_factor(gram), pruning_grid(wanda))[1])
+        ratios.append(_output_error(gram, w, values) / best)
+        wanda_ratios.append(_output_error(gram, w, sparsegpt) / best)
+    assert min(ratios) >= 1 - 1e-9 and np.mean(ratios) <= 1.35, ratios
+    assert np.mean(ratios) < np.mean(wanda_ratios), (ratios, wanda_ratios)
+
+
+def test_admm_is_deterministic_and_prunes_channels_never_active_first():
+    rng = np.random.default_rng(1)
+    gram, w = _correlated(rng, 16, 5)
+    gram[3, :] = gram[:, 3] = 0.0  # input channel 3 never active: its weights do not reach the output
+    select = PATTERNS["half of each output channel"][0]
+    first, again = admm_prune(w, gram, select), admm_prune(w.copy(), gram.copy(), select)
+    assert first[0].tobytes() == again[0].tobytes() and first[1].tobytes() == again[1].tobytes()
+    assert not first[0][3].any()
+    assert (first[0].sum(0) == 8).all()
