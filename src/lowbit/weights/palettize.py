@@ -171,8 +171,8 @@ def palettize_weight(
         (default 0: none, beyond a 1e-6 floor that keeps every value in play).
     gram : optional ``X^T X`` of a 2-D weight's input activations (input channels x input channels): the codes are
         then chosen with error feedback across the input channels (:mod:`lowbit.kernels.feedback`), the LUTs kept,
-        so that the layer's output error is minimized. Scalar LUTs without per-channel scale only; otherwise
-        ignored.
+        so that the layer's output error is minimized. Scalar LUTs only (with or without per-channel scale);
+        ignored for vectors (``cluster_dim > 1``).
 
     Raises :class:`~lowbit.errors.SkipWeight` when the channels do not split into the configured groups or
     vectors, the values are not finite, or ``mode="unique"`` finds too many distinct values.
@@ -191,7 +191,7 @@ def palettize_weight(
     full = channels // per_group * per_group  # the channels of whole groups; a ragged last group is solved alone
     parts = [(0, full, full // per_group), (full, channels, 1)] if full < channels else [(0, rows, groups)]
     checked = checked_gram(gram, array.shape[1 - axis]) if array.ndim == 2 else None
-    feedback = checked is not None and config.cluster_dim == 1 and not config.enable_per_channel_scale
+    feedback = checked is not None and config.cluster_dim == 1
     outputs_first = forward[0] == axis
 
     def solve(start: int, stop: int, lut_groups: int) -> Palettized:
@@ -254,7 +254,9 @@ def _with_feedback(
     by_input = canonical.T if outputs_first else canonical  # [input channels, output channels]
     outputs = by_input.shape[1]
     group = np.arange(outputs) // per_group if outputs_first else np.zeros(outputs, np.int64)
-    luts = p.lut[group, :, 0]  # each output channel's LUT
+    luts = p.lut[group, :, 0]  # each output channel's LUT, times its scale as the decode multiplies them
+    if p.scale is not None:
+        luts = luts * np.asarray(p.scale[:outputs], dtype=p.lut.dtype)[:, None]
     grid = lut_grid(luts, None if exact is None else exact.T if outputs_first else exact)
     codes, values = ordered_feedback(by_input, gram, grid)
     diff = values - by_input.astype(np.float64)
