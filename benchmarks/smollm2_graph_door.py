@@ -66,6 +66,14 @@ def quantized(qscheme: str, **options: object) -> Callable:
     return run
 
 
+def sparsified(calibrated: bool = True, **options: object) -> Callable:
+    def run(program: lowbit.Program, calibration: list[dict]) -> lowbit.Program:
+        data = calibration if calibrated else None
+        return lowbit.sparsify_weights(program, configs=SKIP, calibration_data=data, quantize_dtype="INT8", **options)
+
+    return run
+
+
 ROWS: dict[str, tuple[str, Callable]] = {
     "pc8": ("palettize 4-bit per-channel, int8 LUTs, calibrated", palettized(**PER_CHANNEL_INT8)),
     "g16": ("palettize 4-bit grouped(16), calibrated", palettized(**GROUPED16)),
@@ -84,6 +92,9 @@ ROWS: dict[str, tuple[str, Callable]] = {
         "int4 block 64 asymmetric, searched scales, calibrated (GPTQ codes)",
         quantized("ASYMMETRIC", scale_search=True),
     ),
+    "sp50_magnitude": ("50 % sparse + int8, by magnitude (no data)", sparsified(False, target_sparsity=0.5)),
+    "sp50": ("50 % sparse + int8, calibrated (ADMM)", sparsified(target_sparsity=0.5)),
+    "sp24": ("2:4 sparse + int8, calibrated (ADMM)", sparsified(target_sparsity=0.0, n_m_ratio=(2, 4))),
 }
 
 

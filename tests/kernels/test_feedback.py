@@ -148,11 +148,11 @@ def test_the_kept_factors_stay_within_their_bytes(monkeypatch):
 
     x = np.random.default_rng(4).standard_normal((100, 16))
     gram = x.T @ x
-    monkeypatch.setattr(fb, "FACTORS_KEPT_BYTES", 16 * 16 * 8 - 1)  # less than one factor
+    monkeypatch.setattr(fb, "FACTORS_KEPT_BYTES", 16 * 16 * 8 - 1)  # less than one factor (and its order)
     first = fb.ordered_factor(gram, 0.01)[1]
     assert fb.ordered_factor(gram, 0.01)[1] is not first  # not kept: computed again, the same values
     np.testing.assert_array_equal(fb.ordered_factor(gram, 0.01)[1], first)
-    monkeypatch.setattr(fb, "FACTORS_KEPT_BYTES", 2 * 16 * 16 * 8)  # two factors
+    monkeypatch.setattr(fb, "FACTORS_KEPT_BYTES", 2 * (16 * 16 * 8 + 16 * 8))  # two factors and their orders
     kept = [fb.ordered_factor(gram * scale, 0.01)[1] for scale in (1.0, 2.0, 3.0)]
     assert fb.ordered_factor(gram * 3.0, 0.01)[1] is kept[2]
     assert fb.ordered_factor(gram, 0.01)[1] is not kept[0]  # the oldest went

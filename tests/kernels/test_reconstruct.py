@@ -74,8 +74,8 @@ PATTERNS = {
 
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_admm_comes_near_the_best_mask_and_below_wandas_with_sparsegpts_update(pattern):
-    """Brute force over every kept set the pattern allows (each solved exactly): ADMM's error is within 1.35x of
-    that optimum on average (measured: 1.19x half of each channel, 1.25x 2:4), below Wanda's mask with SparseGPT's
+    """Brute force over every kept set the pattern allows (each solved exactly): ADMM's error is within 1.25x of
+    that optimum on average (measured: 1.08x half of each channel, 1.17x 2:4), below Wanda's mask with SparseGPT's
     update and the re-solve on average (1.56x, 1.39x), its mask has the pattern, and its values are the exact
     re-solve of its mask."""
     select, kept_sets = PATTERNS[pattern]
@@ -96,7 +96,7 @@ def test_admm_comes_near_the_best_mask_and_below_wandas_with_sparsegpts_update(p
         sparsegpt = refit_kept(w, gram, wanda, feedback(w, inverse_factor(gram), pruning_grid(wanda))[1])
         ratios.append(_output_error(gram, w, values) / best)
         wanda_ratios.append(_output_error(gram, w, sparsegpt) / best)
-    assert min(ratios) >= 1 - 1e-9 and np.mean(ratios) <= 1.35, ratios
+    assert min(ratios) >= 1 - 1e-9 and np.mean(ratios) <= 1.25, ratios
     assert np.mean(ratios) < np.mean(wanda_ratios), (ratios, wanda_ratios)
 
 
@@ -109,3 +109,42 @@ def test_admm_is_deterministic_and_prunes_channels_never_active_first():
     assert first[0].tobytes() == again[0].tobytes() and first[1].tobytes() == again[1].tobytes()
     assert not first[0][3].any()
     assert (first[0].sum(0) == 8).all()
+
+
+def test_admm_leaves_output_channels_it_does_not_prune_as_they_are_and_ranks_silent_channels_by_magnitude():
+    """A column that keeps every weight keeps ``w`` to the bit (the solve is not left to approximate it); with no
+    activation at all (``X^T X`` zero) the weights are ranked by magnitude, not by index."""
+    rng = np.random.default_rng(2)
+    gram, w = _correlated(rng, 16, 5)
+    keep, values = admm_prune(w, gram, lambda scores, reached: np.ones(scores.shape, np.bool_))
+    assert keep.all() and values.tobytes() == w.astype(np.float64).tobytes()
+    w[0] = 10.0  # the first input channel's weights the largest
+    select = PATTERNS["half of each output channel"][0]
+    keep, values = admm_prune(w, np.zeros((16, 16)), select)
+    assert keep[0].all() and (keep.sum(0) == 8).all()
+    assert np.abs(w[keep]).min() > np.median(np.abs(w[~keep]))  # before: the first 8 channels went, whatever their size
+
+
+def test_admm_gives_the_same_bytes_whatever_the_threads_of_the_linear_algebra(tmp_path):
+    """The masks follow from many products and one eigendecomposition: in float64 they do not move with the number
+    of threads OpenBLAS uses (float32 iterations flipped 14 of 36,864 mask elements between 1 and 2 threads)."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, numpy as np\n"
+        "from lowbit.config import SparsifyConfig\n"
+        "from lowbit.weights.sparsify import sparsify_weight\n"
+        "rng = np.random.default_rng(2)\n"
+        "x = rng.standard_normal((500, 384)) @ (rng.standard_normal((384, 384)) * 0.3 + np.eye(384))\n"
+        "w = rng.standard_normal((96, 384)).astype(np.float32)\n"
+        "np.save(sys.argv[1], sparsify_weight(w, 0, 1, SparsifyConfig(target_sparsity=0.5), gram=x.T @ x).decode())\n"
+    )
+    outputs = []
+    for threads in ("1", "2"):
+        env = {**os.environ, "OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        out = tmp_path / f"{threads}.npy"
+        subprocess.run([sys.executable, "-c", script, str(out)], env=env, check=True, timeout=300)
+        outputs.append(np.load(out))
+    assert outputs[0].tobytes() == outputs[1].tobytes()

@@ -167,7 +167,7 @@ def test_cli_palettize_with_calibration(tmp_path, capsys):
     assert aware.tobytes() == expected.tobytes() != plain.tobytes()
 
 
-@pytest.mark.parametrize("group_size", [1, 16])
+@pytest.mark.parametrize("group_size", [1, 16, 20])  # 20: a ragged last group of 8 output channels
 def test_per_channel_scale_keeps_the_error_feedback(group_size):
     """A LUT times each output channel's scale is still one grid per output channel: its codes are chosen with error
     feedback as without the scale (before, ``X^T X`` was ignored with ``enable_per_channel_scale``), the decode is
@@ -196,13 +196,13 @@ def test_per_channel_scale_keeps_the_error_feedback(group_size):
     [({"target_sparsity": 0.5}, 0.4), ({"target_sparsity": 0.0, "n_m_ratio": (2, 4)}, 0.6)],
 )
 def test_activation_aware_pruning_lowers_the_layer_output_error(params, bound):
-    """Pruned by |w| against the input channel's activations (SparseGPT's |w| / [H^-1]_kk), not by |w| alone."""
+    """Pruned by |w| against the input channel's activations (Wanda's score, inside ADMM), not by |w| alone."""
     program, feeds = _skewed(shuffled=True)
     plain = lowbit.sparsify_weights(program, **params)
     aware = lowbit.sparsify_weights(program, calibration_data=feeds[:4], **params)
     plain_error = layer_output_errors(plain.weight_arrays(), program, feeds[4:])["w"]
     aware_error = layer_output_errors(aware.weight_arrays(), program, feeds[4:])["w"]
-    assert aware_error < bound * plain_error, (aware_error, plain_error)  # measured: 0.32x, 2:4 0.53x
+    assert aware_error < bound * plain_error, (aware_error, plain_error)  # measured: 0.32x, 2:4 0.52x
     kept = aware.weight_arrays()["w"] != 0
     assert kept.mean() == pytest.approx(0.5)
 
@@ -235,9 +235,9 @@ def test_quantization_with_error_feedback_lowers_the_layer_output_error(params):
     [({"target_sparsity": 0.5}, 0.1), ({"target_sparsity": 0.0, "n_m_ratio": (2, 4)}, 0.1)],
 )
 def test_pruning_with_error_feedback_chooses_and_updates_the_kept_weights(params, bound):
-    """SparseGPT: the kept weights chosen block by block as the feedback reaches them, and updated to make up for
-    the pruned ones; far lower output error than Wanda's mask alone on inputs driven by a few hidden factors (as
-    transformer activations are), with the sparsity pattern asked for."""
+    """ADMM: the kept weights chosen and updated together to make up for the pruned ones; far lower output error
+    than Wanda's mask alone on inputs driven by a few hidden factors (as transformer activations are), with the
+    sparsity pattern asked for."""
     program, feeds = _correlated(latent=16)
     from lowbit.config import SparsifyConfig
     from lowbit.driver import ALGORITHMS
@@ -256,7 +256,7 @@ def test_pruning_with_error_feedback_chooses_and_updates_the_kept_weights(params
         assert (kept.sum(0) == 32).all()  # half of each output channel's weights
     wanda_error = layer_output_errors({"w": wanda.decode()}, program, feeds[4:])["w"]
     fed_error = layer_output_errors({"w": decoded}, program, feeds[4:])["w"]
-    assert fed_error < bound * wanda_error, (fed_error, wanda_error)  # 0.002 vs 0.071, 2:4 0.002 vs 0.118
+    assert fed_error < bound * wanda_error, (fed_error, wanda_error)  # 0.0006 vs 0.071, 2:4 0.001 vs 0.118
     diff = decoded.astype(np.float64) - dense
     assert fed.report.rows[0].rel_mse == pytest.approx(np.sum(diff**2) / np.sum(dense.astype(np.float64) ** 2))
     assert ALGORITHMS["sparsify"].kind == "sparse"

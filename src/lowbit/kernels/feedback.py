@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numba
@@ -22,6 +23,7 @@ __all__ = [
     "damped_gram",
     "feedback",
     "inverse_factor",
+    "kept_by_gram",
     "linear_grid",
     "lut_grid",
     "ordered_factor",
@@ -131,35 +133,50 @@ def feedback(
     return codes, work
 
 
-# the last factors computed, up to this many bytes, are kept for the next weights of the same X^T X (q / k / v, one
-# weight at several widths); SmolLM2's largest is 19 MB, a 7B model's down projection's 0.97 GB (not kept)
+# the last factorizations computed, up to this many bytes, are kept for the next weights of the same X^T X (q / k /
+# v, one weight at several widths); SmolLM2's largest is 19 MB, a 7B model's down projection's 0.97 GB (not kept)
 FACTORS_KEPT_BYTES = 256 << 20
-_factors: OrderedDict[tuple, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+_factors: OrderedDict[tuple, tuple[np.ndarray, ...]] = OrderedDict()
 _factors_lock = threading.Lock()
 
 
-def ordered_factor(gram: np.ndarray, damping: float) -> tuple[np.ndarray, np.ndarray]:
-    """(the order the input channels are coded in, act-order: decreasing ``diag(gram)``; :func:`inverse_factor` of
-    ``gram`` in that order). The last ones (:data:`FACTORS_KEPT_BYTES`) are kept by the gram's content, so that the
-    weights reading one activation, or one weight at several widths, invert its ``X^T X`` once."""
+def kept_by_gram(
+    kind: str, gram: np.ndarray, damping: float, compute: Callable[[np.ndarray], tuple[np.ndarray, ...]]
+) -> tuple[np.ndarray, ...]:
+    """``compute(gram)`` (arrays derived from ``gram`` alone: a factor, an eigendecomposition), made read-only and
+    kept by the gram's content, ``kind`` and ``damping`` among the last ones computed (:data:`FACTORS_KEPT_BYTES` in
+    all; a result larger than that is returned, not kept), so that the weights reading one activation factor it
+    once."""
     matrix = np.ascontiguousarray(gram)
     digest = hashlib.blake2b(matrix.data, digest_size=16).digest()
-    key = (digest, matrix.shape, matrix.dtype.str, float(damping))
+    key = (kind, digest, matrix.shape, matrix.dtype.str, float(damping))
     with _factors_lock:
         if key in _factors:
             _factors.move_to_end(key)
             return _factors[key]
-    order = np.argsort(-np.diag(matrix), kind="stable")
-    found = order, inverse_factor(matrix[np.ix_(order, order)], damping)
+    found = compute(matrix)
     for array in found:
         array.setflags(write=False)  # shared by every caller of the same gram
-    if found[1].nbytes > FACTORS_KEPT_BYTES:
+    if sum(array.nbytes for array in found) > FACTORS_KEPT_BYTES:
         return found
     with _factors_lock:
         _factors[key] = found
-        while sum(factor.nbytes for _, factor in _factors.values()) > FACTORS_KEPT_BYTES:
+        while sum(array.nbytes for arrays in _factors.values() for array in arrays) > FACTORS_KEPT_BYTES:
             _factors.popitem(last=False)
     return found
+
+
+def ordered_factor(gram: np.ndarray, damping: float) -> tuple[np.ndarray, np.ndarray]:
+    """(the order the input channels are coded in, act-order: decreasing ``diag(gram)``; :func:`inverse_factor` of
+    ``gram`` in that order), computed once per ``X^T X`` (:func:`kept_by_gram`): the weights reading one
+    activation, or one weight at several widths, invert it once."""
+
+    def compute(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        order = np.argsort(-np.diag(matrix), kind="stable")
+        return order, inverse_factor(matrix[np.ix_(order, order)], damping)
+
+    order, factor = kept_by_gram("act-order factor", gram, damping, compute)
+    return order, factor
 
 
 def ordered_feedback(

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from lowbit.kernels.feedback import damped_gram
+from lowbit.kernels.feedback import damped_gram, kept_by_gram
 
 __all__ = ["Select", "admm_prune", "refit_kept"]
 
@@ -35,30 +35,45 @@ def admm_prune(w: np.ndarray, gram: np.ndarray, select: Select, damping: float =
 
     ADMM on ``min ||X (w - v)||^2`` with ``v`` in the pruned set (after Boža, *Fast and Effective Weight Update for
     Pruned Large Language Models*, 2024), on the input channels scaled to unit (damped) activation energy, so that
-    the penalty weighs every channel alike: a weight iterate solved under ``H`` plus a growing penalty toward its
-    pruned copy, the pruned copy chosen by ``select`` from Wanda's score (``|v| * sqrt(diag X^T X)``, undamped) of
-    the iterate plus the scaled dual, with the sparsity raised gradually (cubic, reached after :data:`ADMM_RAMP` of
-    the iterations) so that early choices can be undone. SparseGPT fixes each kept weight once as it passes; here
-    every weight can enter and leave the kept set until the penalty settles it. The kept values are then re-solved
-    exactly (:func:`refit_kept`). The iterations run in float32 (the same masks on MiniLM), the re-solve in
-    float64; a channel never active scores 0 and goes first.
+    the penalty weighs every channel alike: a weight iterate solved under ``H`` plus a penalty toward its pruned
+    copy (growing, so that the iterates settle on one mask; the dual is not rescaled as it grows), the pruned copy
+    chosen by ``select`` from Wanda's score (``|v| * sqrt(diag X^T X)``, undamped, plus 1e-8 of its mean so that
+    ties, e.g. channels never active, go by ``|v|``) of the iterate plus the dual. ``select`` gets the fraction of
+    the target to reach, raised gradually (cubic, 1 after :data:`ADMM_RAMP` of the iterations) so that early
+    choices can be undone (unstructured pruning ramps; n:m takes its pattern from the first step). SparseGPT fixes
+    each kept weight once as it passes; here every weight can enter and leave the kept set until the penalty
+    settles it. The kept values are then re-solved exactly (:func:`refit_kept`); an output channel that keeps every
+    weight keeps ``w``. Float64 throughout, on one eigendecomposition per ``X^T X``
+    (:func:`~lowbit.kernels.feedback.kept_by_gram`).
     """
-    h = damped_gram(gram, damping)
-    scale = np.sqrt(np.diag(h))[:, None]
-    eigenvalues, basis = (a.astype(np.float32) for a in np.linalg.eigh(h / scale / scale.T))
-    undamped = np.sqrt(np.maximum(np.diag(np.asarray(gram, dtype=np.float64)), 0.0))[:, None] / scale
-    scaled = np.asarray(w, dtype=np.float64) * scale
-    target = (basis.T @ (h @ np.asarray(w, dtype=np.float64) / scale).astype(np.float32)).astype(np.float32)
-    kept, dual = scaled.astype(np.float32), np.zeros(scaled.shape, np.float32)
-    keep = np.ones(scaled.shape, np.bool_)
+    weights = np.asarray(w, dtype=np.float64)
+    scale, eigenvalues, basis = kept_by_gram("scaled eigendecomposition", gram, damping, _scaled_eigh(damping))
+    energy = np.sqrt(np.maximum(np.diag(np.asarray(gram, dtype=np.float64)), 0.0))
+    energy += 1e-8 * (float(np.mean(energy)) or 1.0)
+    target = basis.T @ (damped_gram(gram, damping) @ weights / scale)
+    kept, dual = weights * scale, np.zeros(weights.shape)
+    keep = np.ones(weights.shape, np.bool_)
     for step in range(ADMM_ITERATIONS):
-        penalty = np.float32(ADMM_PENALTY * ADMM_GROWTH ** (step // 2))
+        penalty = ADMM_PENALTY * ADMM_GROWTH ** (step // 2)
         shifted = basis @ ((target + penalty * (basis.T @ (kept - dual))) / (eigenvalues + penalty)[:, None]) + dual
         reached = 1.0 - (1.0 - min(1.0, (step + 1) / (ADMM_ITERATIONS * ADMM_RAMP))) ** 3
-        keep = np.asarray(select(np.abs(shifted) * undamped.astype(np.float32), reached), dtype=np.bool_)
-        kept = np.where(keep, shifted, np.float32(0.0))
+        keep = np.asarray(select(np.abs(shifted) * (energy[:, None] / scale), reached), dtype=np.bool_)
+        kept = np.where(keep, shifted, 0.0)
         dual = shifted - kept
-    return keep, refit_kept(w, gram, keep, kept / scale, damping)
+    start = np.where(keep.all(axis=0), weights, kept / scale)
+    return keep, refit_kept(weights, gram, keep, start, damping)
+
+
+def _scaled_eigh(damping: float) -> Callable[[np.ndarray], tuple[np.ndarray, ...]]:
+    """(each input channel's scale ``sqrt(diag H)`` [K, 1], the eigenvalues and eigenvectors of ``H`` scaled to a
+    unit diagonal), ``H`` the damped ``X^T X``."""
+
+    def compute(gram: np.ndarray) -> tuple[np.ndarray, ...]:
+        h = damped_gram(gram, damping)
+        scale = np.sqrt(np.diag(h))[:, None]
+        return (scale, *np.linalg.eigh(h / scale / scale.T))
+
+    return compute
 
 
 def refit_kept(

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lowbit.config import SparsifyConfig
+from lowbit.kernels import check_finite
 from lowbit.kernels.feedback import ordered_feedback, pruning_grid
 from lowbit.kernels.packing import packed_nbytes
 from lowbit.kernels.prune import Sparsified, block_mask, column_mask, magnitude_mask, n_m_mask, sparsify
@@ -87,6 +88,7 @@ def sparsify_weight(
     checked = checked_gram(gram, array.shape[input_axis]) if array.ndim == 2 else None
     updated = array
     if checked is not None:
+        check_finite(array)  # before the solve, which would spread a NaN
         mask, updated = _pruned_for_output(array, mask, checked, input_axis, config)
     result = sparsify(
         np.ascontiguousarray(updated), np.ascontiguousarray(mask), config.palettize_nbits, dtype, output_axis
@@ -103,7 +105,7 @@ def sparsify_weight(
 def _selection(config: SparsifyConfig) -> Select | None:
     """How :func:`~lowbit.kernels.reconstruct.admm_prune` chooses the kept weights: ``1 - target`` of each output
     channel's (compared within an output channel, as Wanda does), ramped up to the target, or ``m - n`` of every
-    ``m`` input channels; None for blocks of output channels (their mask is fixed)."""
+    ``m`` input channels from the first step; None for blocks of output channels (their Wanda mask is fixed)."""
     if config.n_m_ratio is not None:
         n, m = config.n_m_ratio
         return lambda scores, reached: n_m_mask(np.ascontiguousarray(scores.T), n, m).T
