@@ -152,18 +152,37 @@ def test_calibrated_minilm_keeps_its_embeddings_better(minilm_onnx, minilm_torch
     assert aware > 0.98 > 0.96 > plain, (aware, plain)  # measured: 0.9871 against 0.9571
 
 
-def test_cli_palettize_with_calibration(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("command", "options", "call"),
+    [
+        ("palettize", [], lambda program, data: lowbit.palettize_weights(program, calibration_data=data)),
+        (
+            "sparsify",
+            ["--n-m", "2:4", "--quantize-dtype", "int8"],
+            lambda program, data: lowbit.sparsify_weights(
+                program, 0.0, n_m_ratio=(2, 4), quantize_dtype="int8", calibration_data=data
+            ),
+        ),
+    ],
+)
+def test_cli_with_calibration_writes_what_the_api_does(tmp_path, command, options, call):
     from lowbit.cli import main
 
-    program, feeds = _skewed()
+    program, feeds = _skewed(shuffled=True)
     src = program.save(tmp_path / "skewed.onnx")
     np.savez(tmp_path / "calib.npz", **feeds[0])
-    assert main(["palettize", str(src), str(tmp_path / "plain.onnx")]) == 0
-    assert (
-        main(["palettize", str(src), str(tmp_path / "aware.onnx"), "--calibration", str(tmp_path / "calib.npz")]) == 0
-    )
+    assert main([command, str(src), str(tmp_path / "plain.onnx"), *options]) == 0
+    calibrated = [
+        command,
+        str(src),
+        str(tmp_path / "aware.onnx"),
+        *options,
+        "--calibration",
+        str(tmp_path / "calib.npz"),
+    ]
+    assert main(calibrated) == 0
     plain, aware = (lowbit.load(tmp_path / f"{n}.onnx").weight_arrays()["w"] for n in ("plain", "aware"))
-    expected = lowbit.palettize_weights(program, calibration_data=feeds[:1]).weight_arrays()["w"]
+    expected = call(program, feeds[:1]).weight_arrays()["w"]
     assert aware.tobytes() == expected.tobytes() != plain.tobytes()
 
 
