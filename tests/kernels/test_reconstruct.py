@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lowbit.kernels.feedback import damped_gram, feedback, inverse_factor, pruning_grid
-from lowbit.kernels.prune import column_mask, n_m_mask
+from lowbit.kernels.prune import block_mask, column_mask, n_m_mask
 from lowbit.kernels.reconstruct import admm_prune, refit_kept
 
 
@@ -148,3 +148,25 @@ def test_admm_gives_the_same_bytes_whatever_the_threads_of_the_linear_algebra(tm
         subprocess.run([sys.executable, "-c", script, str(out)], env=env, check=True, timeout=300)
         outputs.append(np.load(out))
     assert outputs[0].tobytes() == outputs[1].tobytes()
+
+
+def test_admm_chooses_blocks_of_output_channels_better_than_wandas_fixed_block_mask():
+    """Blocks of 4 consecutive output channels at one input channel, half of them pruned: ADMM's blocks and values
+    against Wanda's block mask with SparseGPT's update and the re-solve (measured: 0.060 against 0.095 of the
+    output energy on average)."""
+
+    def select(scores, reached):
+        return block_mask(np.ascontiguousarray(scores.T), 0.5 * reached, 4).T
+
+    rng = np.random.default_rng(5)
+    admm, wanda = [], []
+    for _ in range(3):
+        gram, w = _correlated(rng, 64, 48)
+        keep, values = admm_prune(w, gram, select)
+        assert keep.mean() == 0.5 and (keep.reshape(64, 12, 4).all(2) | ~keep.reshape(64, 12, 4).any(2)).all()
+        fixed = select(np.abs(w) * np.sqrt(np.diag(gram))[:, None], 1.0)
+        fed = refit_kept(w, gram, fixed, feedback(w, inverse_factor(gram), pruning_grid(fixed))[1])
+        energy = _output_error(gram, w, np.zeros_like(w))
+        admm.append(_output_error(gram, w, values) / energy)
+        wanda.append(_output_error(gram, w, fed) / energy)
+    assert np.mean(admm) < 0.8 * np.mean(wanda), (admm, wanda)

@@ -10,10 +10,9 @@ import numpy as np
 
 from lowbit.config import SparsifyConfig
 from lowbit.kernels import check_finite
-from lowbit.kernels.feedback import ordered_feedback, pruning_grid
 from lowbit.kernels.packing import packed_nbytes
 from lowbit.kernels.prune import Sparsified, block_mask, column_mask, magnitude_mask, n_m_mask, sparsify
-from lowbit.kernels.reconstruct import Select, admm_prune, refit_kept
+from lowbit.kernels.reconstruct import Select, admm_prune
 from lowbit.weights.common import by_input, checked_gram, moved_axis_perms, relative
 
 __all__ = ["SparsifiedWeight", "sparsify_weight"]
@@ -66,7 +65,7 @@ def sparsify_weight(
     channel's mean squared activation) ranks the elements by ``|w| * sqrt(importance)`` instead of ``|w|``: the
     activation-aware pruning of Wanda, which keeps the weights whose removal moves the layer's output most.
     ``gram``: optional ``X^T X`` of a 2-D weight's input activations: then, before any joint quantization, the
-    kept weights (unstructured, n:m) are chosen and updated together for the smallest output error ``||X W - X
+    kept weights (unstructured, blocks, n:m) are chosen and updated together for the smallest output error ``||X W - X
     W_s||``, the pruned ones made up for by the kept (see :func:`_pruned_for_output`).
 
     Raises :class:`~lowbit.errors.SkipWeight` when the channels do not divide into the blocks or the n:m groups,
@@ -89,7 +88,7 @@ def sparsify_weight(
     updated = array
     if checked is not None:
         check_finite(array)  # before the solve, which would spread a NaN
-        mask, updated = _pruned_for_output(array, mask, checked, input_axis, config)
+        mask, updated = _pruned_for_output(array, checked, input_axis, config)
     result = sparsify(
         np.ascontiguousarray(updated), np.ascontiguousarray(mask), config.palettize_nbits, dtype, output_axis
     )
@@ -102,32 +101,26 @@ def sparsify_weight(
     return SparsifiedWeight(result)
 
 
-def _selection(config: SparsifyConfig) -> Select | None:
-    """How :func:`~lowbit.kernels.reconstruct.admm_prune` chooses the kept weights: ``1 - target`` of each output
-    channel's (compared within an output channel, as Wanda does), ramped up to the target, or ``m - n`` of every
-    ``m`` input channels from the first step; None for blocks of output channels (their Wanda mask is fixed)."""
+def _selection(config: SparsifyConfig) -> Select:
+    """How :func:`~lowbit.kernels.reconstruct.admm_prune` chooses the kept weights, ramped up to the target: ``1 -
+    target`` of each output channel's (compared within an output channel, as Wanda does), or the blocks of output
+    channels with the largest scores (:func:`~lowbit.kernels.prune.block_mask`); n:m keeps ``m - n`` of every ``m``
+    input channels from the first step."""
     if config.n_m_ratio is not None:
         n, m = config.n_m_ratio
         return lambda scores, reached: n_m_mask(np.ascontiguousarray(scores.T), n, m).T
     if config.block_size > 1:
-        return None
+        target, block = config.target_sparsity, config.block_size
+        return lambda scores, reached: block_mask(np.ascontiguousarray(scores.T), target * reached, block).T
     return lambda scores, reached: column_mask(scores, config.target_sparsity * reached)
 
 
 def _pruned_for_output(
-    array: np.ndarray, mask: np.ndarray, gram: np.ndarray, input_axis: int, config: SparsifyConfig
+    array: np.ndarray, gram: np.ndarray, input_axis: int, config: SparsifyConfig
 ) -> tuple[np.ndarray, np.ndarray]:
     """(kept mask, values) of ``array`` (2-D) pruned for the smallest output error under ``gram``, in ``array``'s
-    dtype. Unstructured and n:m pruning choose their kept weights by ADMM
-    (:func:`~lowbit.kernels.reconstruct.admm_prune`); blocks of output channels keep ``mask``, each pruned input
-    channel's error fed to the kept weights of the channels after it (SparseGPT's update). Either way each output
-    channel's kept weights are then solved for together (:func:`~lowbit.kernels.reconstruct.refit_kept`)."""
-    weights = by_input(array, input_axis).astype(np.float64)
-    select = _selection(config)
-    if select is None:
-        grid = pruning_grid(by_input(mask, input_axis))
-        keep, values = grid.exact, refit_kept(weights, gram, grid.exact, ordered_feedback(weights, gram, grid)[1])
-    else:
-        keep, values = admm_prune(weights, gram, select)
+    dtype: the mask and the kept values chosen together by ADMM and the kept values then re-solved
+    (:func:`~lowbit.kernels.reconstruct.admm_prune`)."""
+    keep, values = admm_prune(by_input(array, input_axis).astype(np.float64), gram, _selection(config))
     kept = np.ascontiguousarray(by_input(keep, input_axis))
     return kept, np.ascontiguousarray(by_input(values, input_axis)).astype(array.dtype)
