@@ -16,7 +16,6 @@ from lowbit.kernels.feedback import (
     linear_grid,
     lut_grid,
     ordered_feedback,
-    pruning_grid,
 )
 
 
@@ -92,7 +91,7 @@ def _grids(seed: int, k: int, n: int) -> dict[str, tuple[Grid, object]]:
         "luts": (lut_grid(luts), in_luts),
         "outliers": (lut_grid(luts, exact), lambda v, c: in_luts(v, c, exact)),
         "linear": (linear_grid(scale, zero, 0, 15), on_linear_grid),
-        "pruning": (pruning_grid(keep), lambda v, c: (np.zeros(n, np.int64), np.where(keep[c], v, 0.0))),
+        "pruning": (lut_grid(np.zeros((n, 1)), keep), lambda v, c: (np.zeros(n, np.int64), np.where(keep[c], v, 0.0))),
     }
 
 

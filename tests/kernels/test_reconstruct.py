@@ -9,7 +9,7 @@ import itertools
 import numpy as np
 import pytest
 
-from lowbit.kernels.feedback import damped_gram, feedback, inverse_factor, pruning_grid
+from lowbit.kernels.feedback import damped_gram, feedback, inverse_factor, lut_grid
 from lowbit.kernels.prune import block_mask, column_mask, n_m_mask
 from lowbit.kernels.reconstruct import admm_prune, refit_kept
 
@@ -19,6 +19,12 @@ def _correlated(rng: np.random.Generator, k: int, n: int) -> tuple[np.ndarray, n
     mixing = rng.standard_normal((k, k)) * 0.5 + np.diag(rng.uniform(0.2, 3.0, k))
     x = rng.standard_normal((200, k)) @ mixing
     return x.T @ x, rng.standard_normal((k, n))
+
+
+def _sparsegpt_update(w: np.ndarray, gram: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """``w`` pruned to ``keep`` with SparseGPT's update of the kept weights (the feedback onto a grid of zeros whose
+    kept elements stay exact)."""
+    return feedback(w, inverse_factor(gram), lut_grid(np.zeros((w.shape[1], 1)), keep))[1]
 
 
 def _output_error(gram: np.ndarray, w: np.ndarray, v: np.ndarray) -> float:
@@ -45,7 +51,7 @@ def test_refit_kept_solves_each_output_channel_exactly_and_lowers_the_output_err
         x[:, 1] += x[:, 0]  # correlated
         gram, w = x.T @ x, rng.standard_normal((k, n))
         keep = rng.random((k, n)) < 0.5
-        fed = feedback(w, inverse_factor(gram), pruning_grid(keep))[1]
+        fed = _sparsegpt_update(w, gram, keep)
         refit = refit_kept(w, gram, keep, fed)
         for j in range(n):
             exact = _restricted_solve(gram, w[:, j], keep[:, j])
@@ -93,7 +99,7 @@ def test_admm_comes_near_the_best_mask_and_below_wandas_with_sparsegpts_update(p
             for j in range(6)
         )
         wanda = select(np.abs(w) * np.sqrt(np.diag(gram))[:, None], 1.0)
-        sparsegpt = refit_kept(w, gram, wanda, feedback(w, inverse_factor(gram), pruning_grid(wanda))[1])
+        sparsegpt = refit_kept(w, gram, wanda, _sparsegpt_update(w, gram, wanda))
         ratios.append(_output_error(gram, w, values) / best)
         wanda_ratios.append(_output_error(gram, w, sparsegpt) / best)
     assert min(ratios) >= 1 - 1e-9 and np.mean(ratios) <= 1.25, ratios
@@ -165,7 +171,7 @@ def test_admm_chooses_blocks_of_output_channels_better_than_wandas_fixed_block_m
         keep, values = admm_prune(w, gram, select)
         assert keep.mean() == 0.5 and (keep.reshape(64, 12, 4).all(2) | ~keep.reshape(64, 12, 4).any(2)).all()
         fixed = select(np.abs(w) * np.sqrt(np.diag(gram))[:, None], 1.0)
-        fed = refit_kept(w, gram, fixed, feedback(w, inverse_factor(gram), pruning_grid(fixed))[1])
+        fed = refit_kept(w, gram, fixed, _sparsegpt_update(w, gram, fixed))
         energy = _output_error(gram, w, np.zeros_like(w))
         admm.append(_output_error(gram, w, values) / energy)
         wanda.append(_output_error(gram, w, fed) / energy)

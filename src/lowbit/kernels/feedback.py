@@ -28,7 +28,6 @@ __all__ = [
     "lut_grid",
     "ordered_factor",
     "ordered_feedback",
-    "pruning_grid",
 ]
 
 BLOCK = 128  # rows whose updates run eagerly; the rows after a block get its updates in one product (GPTQ's lazy)
@@ -44,9 +43,10 @@ class Grid:
 
     ``luts`` ``[N, L]``: each output channel's scalar LUT (nearest entry, the first on a tie); else (no columns)
     the linear grid of ``scale`` / ``zero_point`` ``[K, N]`` per element, codes rounded half to even and clipped to
-    ``[low, high]`` (scale 0: the zero point). ``exact`` ``[K, N]`` (or empty): elements kept as they are (outliers,
-    or pruning's kept weights), which push no error on. Built by :func:`lut_grid`, :func:`linear_grid` and
-    :func:`pruning_grid`; ``scale``, ``zero_point`` and ``exact`` are indexed by input channel, not by row order.
+    ``[low, high]`` (scale 0: the zero point). ``exact`` ``[K, N]`` (or empty): elements kept as they are (outliers;
+    with all-zero LUTs, pruning's kept weights: SparseGPT's update of a fixed mask), which push no error on. Built by
+    :func:`lut_grid` and :func:`linear_grid`; ``scale``, ``zero_point`` and ``exact`` are indexed by input channel,
+    not by row order.
     """
 
     luts: np.ndarray = field(default_factory=_none)
@@ -78,12 +78,6 @@ def linear_grid(scale: np.ndarray, zero_point: np.ndarray, low: int, high: int) 
     codes in ``[low, high]``."""
     as_float = [np.ascontiguousarray(a, dtype=np.float64) for a in (scale, zero_point)]
     return Grid(scale=as_float[0], zero_point=as_float[1], low=int(low), high=int(high))
-
-
-def pruning_grid(keep: np.ndarray) -> Grid:
-    """Pruning as a grid: ``keep`` ``[K, N]`` weights stay (updated by the feedback), the others go to zero
-    (SparseGPT's update of the kept weights of a fixed mask)."""
-    return lut_grid(np.zeros((keep.shape[1], 1)), keep)
 
 
 def _with_exact(grid: Grid, exact: np.ndarray | None) -> Grid:

@@ -53,8 +53,8 @@ def admm_prune(w: np.ndarray, gram: np.ndarray, select: Select, damping: float =
     scale, eigenvalues, basis = kept_by_gram("scaled eigendecomposition", gram, damping, _scaled_eigh(damping))
     energy = np.sqrt(np.maximum(np.diag(np.asarray(gram, dtype=np.float64)), 0.0))
     energy += 1e-8 * (float(np.mean(energy)) or 1.0)
-    target = basis.T @ (damped_gram(gram, damping) @ weights / scale)
     kept, dual = weights * scale, np.zeros(weights.shape)
+    target = eigenvalues[:, None] * (basis.T @ kept)  # the scaled H times the scaled weights, in the eigenbasis
     keep = np.ones(weights.shape, np.bool_)
     for step in range(ADMM_ITERATIONS):
         penalty = ADMM_PENALTY * ADMM_GROWTH ** (step // 2)
