@@ -14,7 +14,6 @@ from conftest import make_model, ort_session
 import lowbit
 from lowbit.budget import (
     BUDGET_BITS,
-    FEEDBACK_MEASURED_BITS,
     UNITS,
     Choice,
     allocate,
@@ -228,8 +227,9 @@ def test_the_cli_takes_a_budget_and_refuses_a_bad_one(capsys, tmp_path, digits_p
 
 def test_with_output_weights_the_error_is_the_loss_change_of_the_layer_outputs():
     """``sum_n s_n dW_n X^T X dW_n`` against the outputs themselves: each output channel's squared error over the
-    calibration rows, weighted by its mean squared loss gradient; of the codes the compression writes (with the
-    error feedback, up to 6 bits), not of plain rounding."""
+    calibration rows, weighted by its mean squared loss gradient; with ``feedback``, of the codes the compression
+    writes (error feedback at every width), not of plain rounding; ``keep`` receives those very palettizations, and
+    the threads change nothing."""
     from lowbit.weights import palettize_weight
 
     rng = np.random.default_rng(12)
@@ -239,17 +239,25 @@ def test_with_output_weights_the_error_is_the_loss_change_of_the_layer_outputs()
     stats = InputMoments.empty(48, full=True)
     stats.add(x, -1)
     config = PalettizeConfig(granularity="per_grouped_channel", group_size=4, weight_num_threshold=0)
-    choices = measured_choices(w, 0, 1, config, name="w", stats=stats, output_weights=s)
+    kept: dict[int, object] = {}
+    choices = measured_choices(
+        w, 0, 1, config, name="w", stats=stats, output_weights=s, feedback=True, keep=kept.__setitem__, threads=2
+    )
     importance, damping = stats.weighting(w.shape, 1)
 
-    def loss_change(n_bits: int, gram: np.ndarray | None) -> float:
+    def palettized(n_bits: int, gram: np.ndarray | None):
         bits = dataclasses.replace(config, n_bits=n_bits)
-        decoded = palettize_weight(w, 0, bits, name="w", importance=importance, damping=damping, gram=gram).decode()
-        outputs = x @ (decoded.astype(np.float64) - w).T  # [rows, output channels]
+        return palettize_weight(w, 0, bits, name="w", importance=importance, damping=damping, gram=gram)
+
+    def loss_change(n_bits: int, gram: np.ndarray | None) -> float:
+        outputs = x @ (palettized(n_bits, gram).decode().astype(np.float64) - w).T  # [rows, output channels]
         return float((outputs**2).sum(0) @ s)
 
+    assert sorted(kept) == sorted(BUDGET_BITS)
     for choice in choices:
-        fed_back = choice.n_bits <= FEEDBACK_MEASURED_BITS
-        assert choice.error == pytest.approx(loss_change(choice.n_bits, stats.gram if fed_back else None), rel=1e-4)
-        if fed_back:
-            assert choice.error < 0.95 * loss_change(choice.n_bits, None)
+        assert choice.error == pytest.approx(loss_change(choice.n_bits, stats.gram), rel=1e-4)
+        assert choice.error < (0.95 if choice.n_bits < 8 else 1.0) * loss_change(choice.n_bits, None)  # 8: ~exact
+        np.testing.assert_array_equal(kept[choice.n_bits].decode(), palettized(choice.n_bits, stats.gram).decode())
+    assert measured_choices(w, 0, 1, config, name="w", stats=stats, output_weights=s, feedback=True) == choices
+    plain = measured_choices(w, 0, 1, config, name="w", stats=stats, output_weights=s)
+    assert [c.error for c in plain] == pytest.approx([loss_change(b, None) for b in BUDGET_BITS], rel=1e-4)

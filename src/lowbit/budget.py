@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,9 +42,6 @@ __all__ = [
 ]
 
 BUDGET_BITS = (2, 3, 4, 6, 8)  # the widths a budget chooses from
-# weighed by the loss, widths up to this are measured with the error feedback the compression will apply (8 bits'
-# error is small either way, and its 256-level feedback the slowest)
-FEEDBACK_MEASURED_BITS = 6
 
 
 def check_bits_per_weight(value: Any) -> float | None:
@@ -144,33 +142,47 @@ def measured_choices(
     threads: int = 1,
     stored: Callable[[Any], int] | None = None,
     output_weights: np.ndarray | None = None,
+    feedback: bool = False,
+    keep: Callable[[int, Any], None] | None = None,
 ) -> tuple[Choice, ...]:
-    """``array`` palettized as ``config`` says at each width of :data:`BUDGET_BITS` (weighted as the final pass
-    will be: by the calibration ``stats``, else by ``sensitivity`` damped by ``damping``; with ``output_weights``
-    and the whole ``X^T X``, also with its error feedback up to :data:`FEEDBACK_MEASURED_BITS`), with bytes
-    (``stored(result)``, default the weight layer's count: what the door stores) and error (with
-    ``output_weights``, each output channel's mean squared loss gradient, and ``stats``: the loss change, see
-    :func:`_error_measure`). Raises what :func:`~lowbit.weights.palettize_weight` raises."""
+    """``array`` palettized as ``config`` says at each width of :data:`BUDGET_BITS`, the widths on ``threads``
+    threads (the result does not depend on it), weighted as the final pass will be: by the calibration ``stats``,
+    else by ``sensitivity`` damped by ``damping``. Returns each width's :class:`Choice`: bytes (``stored(result)``,
+    default the weight layer's count: what the door stores) and error (with ``output_weights``, each output
+    channel's mean squared loss gradient, and the whole ``X^T X``: the loss change, see :func:`_error_measure`).
+
+    ``feedback`` (default False): each width gets the error feedback of ``stats``' whole ``X^T X``, as the
+    compression gives it, so that its error is that of the codes written. ``keep(n_bits, result)``, when given,
+    receives each width's palettization (e.g. to write the chosen one without palettizing it again).
+
+    Raises what :func:`~lowbit.weights.palettize_weight` raises."""
     from lowbit.weights import palettize_weight
 
     importance, damping = (sensitivity, damping) if stats is None else stats.weighting(array.shape, input_axis)
     error_of = _error_measure(array, input_axis, stats, sensitivity, output_weights)
-    feedback = stats.gram if stats is not None and output_weights is not None else None
-    choices = []
-    for bits in BUDGET_BITS:
+    gram = stats.gram if feedback and stats is not None else None
+
+    def measured(bits: int) -> Choice:
         result = palettize_weight(
             array,
             output_axis,
             dataclasses.replace(config, n_bits=bits),
             name=name,
             importance=importance,
-            threads=threads,
             damping=damping,
-            gram=feedback if bits <= FEEDBACK_MEASURED_BITS else None,
+            gram=gram,
         )
-        nbytes = result.nbytes if stored is None else stored(result)
-        choices.append(Choice(bits, nbytes, error_of(result.decode())))
-    return tuple(choices)
+        if keep is not None:
+            keep(bits, result)
+        return Choice(bits, result.nbytes if stored is None else stored(result), error_of(result.decode()))
+
+    widest_first = BUDGET_BITS[::-1]  # the slowest first, for the threads' balance
+    if threads <= 1:
+        choices = dict(zip(widest_first, map(measured, widest_first), strict=True))
+    else:
+        with ThreadPoolExecutor(threads, thread_name_prefix="lowbit-widths") as pool:
+            choices = dict(zip(widest_first, pool.map(measured, widest_first), strict=True))
+    return tuple(choices[bits] for bits in BUDGET_BITS)
 
 
 UNITS = 1 << 16  # the budget's resolution in the allocation's dynamic program

@@ -66,6 +66,21 @@ def test_uncorrelated_channels_give_plain_rounding_and_dead_channels_are_safe():
     np.testing.assert_array_equal(ordered_feedback(w, gram, grid)[0], plain)
 
 
+@pytest.mark.parametrize("entries", [1, 2, 16, 256])
+def test_the_nearest_lut_entry_is_the_first_of_the_closest_on_ties_and_repeats(entries):
+    """The bisection over sorted LUTs writes what a scan of the unsorted LUT does: the nearest entry's code, the
+    smallest code when entries repeat or two lie at the same distance (values on quarter steps: exact midpoints)."""
+    rng = np.random.default_rng(entries)
+    n = 64
+    luts = rng.integers(-8, 8, (n, entries)) / 4.0  # repeats within a LUT
+    values = rng.integers(-40, 40, n) / 8.0  # midpoints between entries, beyond both ends
+    grid = lut_grid(luts)
+    codes, decoded = grid.nearest(values, 0)
+    expected = np.abs(values[:, None] - luts).argmin(axis=1)  # the first minimum
+    np.testing.assert_array_equal(codes, expected)
+    np.testing.assert_array_equal(decoded, luts[np.arange(n), expected])
+
+
 def _grids(seed: int, k: int, n: int) -> dict[str, tuple[Grid, object]]:
     """Each grid with its rounding written out in numpy: ``(values, channel) -> (codes, decoded)``."""
     rng = np.random.default_rng(seed)

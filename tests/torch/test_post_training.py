@@ -492,6 +492,30 @@ def test_a_loss_weighs_mixed_bits_by_what_each_layer_costs_it():
     assert losses[0] < losses[1], losses
 
 
+def test_weighed_widths_write_the_palettizations_they_measured(tmp_path, monkeypatch):
+    """Weighed by the loss, the widths are measured with the error feedback the compression gives and the chosen
+    ones written as measured (kept on disk meanwhile, not palettized again): the same weights as a calibrated
+    compression configured with those widths; the kept files are gone afterwards."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    torch.manual_seed(7)
+    model = _TwoHeads()
+    items = [(torch.randn(16, 32), torch.randn(16, 16)) for _ in range(4)]
+    forward = lambda m, item: m(item[0])  # noqa: E731
+    palettizer = PostTrainingPalettizer(model, PostTrainingPalettizerConfig.from_dict({"global_config": {}}))
+    weighed = palettizer.compress(calibration_data=items, forward_fn=forward, bits_per_weight=3.5, loss_fn=_head_loss)
+    widths = {r.name.removesuffix(".weight"): int(r.note.split("-bit")[0]) for r in palettizer.report().compressed}
+    assert len(set(widths.values())) > 1, widths
+    configured = PostTrainingPalettizerConfig.from_dict(
+        {"module_name_configs": {name: {"n_bits": bits} for name, bits in widths.items()}}
+    )
+    fixed = PostTrainingPalettizer(model, configured).compress(calibration_data=items, forward_fn=forward)
+    for name in widths:
+        torch.testing.assert_close(getattr(weighed, name).weight, getattr(fixed, name).weight, rtol=0, atol=0, msg=name)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_loss_fn_is_checked():
     model = _TwoHeads()
     items = [(torch.randn(8, 32), torch.randn(8, 16))]

@@ -41,8 +41,9 @@ def _none(dtype: type = np.float64) -> np.ndarray:
 class Grid:
     """Where the weights of a ``[K, N]`` matrix (rows: its K input channels) may land.
 
-    ``luts`` ``[N, L]``: each output channel's scalar LUT (nearest entry, the first on a tie); else (no columns)
-    the linear grid of ``scale`` / ``zero_point`` ``[K, N]`` per element, codes rounded half to even and clipped to
+    ``luts`` ``[N, L]``: each output channel's scalar LUT, sorted, with ``lut_codes`` ``[N, L]`` the code each
+    sorted entry writes (nearest entry, found by bisection; the smallest code on a tie); else (no columns) the linear
+    grid of ``scale`` / ``zero_point`` ``[K, N]`` per element, codes rounded half to even and clipped to
     ``[low, high]`` (scale 0: the zero point). ``exact`` ``[K, N]`` (or empty): elements kept as they are (outliers;
     with all-zero LUTs, pruning's kept weights: SparseGPT's update of a fixed mask), which push no error on. Built by
     :func:`lut_grid` and :func:`linear_grid`; ``scale``, ``zero_point`` and ``exact`` are indexed by input channel,
@@ -50,6 +51,7 @@ class Grid:
     """
 
     luts: np.ndarray = field(default_factory=_none)
+    lut_codes: np.ndarray = field(default_factory=lambda: _none(np.int64))
     scale: np.ndarray = field(default_factory=_none)
     zero_point: np.ndarray = field(default_factory=_none)
     low: int = 0
@@ -63,14 +65,20 @@ class Grid:
         _rows(work, np.ones((1, 1)), np.array([channel]), 0, 1, *self._arrays(), codes[None], np.empty_like(work))
         return codes, work[0]
 
-    def _arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int, np.ndarray]:
-        return self.luts, self.scale, self.zero_point, self.low, self.high, self.exact
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, int, np.ndarray]:
+        return self.luts, self.lut_codes, self.scale, self.zero_point, self.low, self.high, self.exact
 
 
 def lut_grid(luts: np.ndarray, exact: np.ndarray | None = None) -> Grid:
-    """The grid of scalar LUTs, one per output channel: ``luts`` ``[N, L]`` (sorted or not); ``exact`` as in
-    :class:`Grid`."""
-    return _with_exact(Grid(luts=np.ascontiguousarray(luts, dtype=np.float64)), exact)
+    """The grid of scalar LUTs, one per output channel: ``luts`` ``[N, L]`` (sorted or not; a code indexes its
+    channel's row); ``exact`` as in :class:`Grid`."""
+    values = np.asarray(luts, dtype=np.float64)
+    order = np.argsort(values, axis=1, kind="stable")
+    ordered = np.ascontiguousarray(np.take_along_axis(values, order, axis=1))
+    for entry in range(1, ordered.shape[1]):  # equal entries write the smallest code of their run
+        repeated = ordered[:, entry] == ordered[:, entry - 1]
+        order[repeated, entry] = order[repeated, entry - 1]
+    return _with_exact(Grid(luts=ordered, lut_codes=np.ascontiguousarray(order, np.int64)), exact)
 
 
 def linear_grid(scale: np.ndarray, zero_point: np.ndarray, low: int, high: int) -> Grid:
@@ -132,6 +140,7 @@ def feedback(
 FACTORS_KEPT_BYTES = 256 << 20
 _factors: OrderedDict[tuple, tuple[np.ndarray, ...]] = OrderedDict()
 _factors_lock = threading.Lock()
+_computing: dict[tuple, threading.Event] = {}
 
 
 def kept_by_gram(
@@ -140,15 +149,28 @@ def kept_by_gram(
     """``compute(gram)`` (arrays derived from ``gram`` alone: a factor, an eigendecomposition), made read-only and
     kept by the gram's content, ``kind`` and ``damping`` among the last ones computed (:data:`FACTORS_KEPT_BYTES` in
     all; a result larger than that is returned, not kept), so that the weights reading one activation factor it
-    once."""
+    once, also when threads ask for it at the same time."""
     matrix = np.ascontiguousarray(gram)
     digest = hashlib.blake2b(matrix.data, digest_size=16).digest()
     key = (kind, digest, matrix.shape, matrix.dtype.str, float(damping))
-    with _factors_lock:
-        if key in _factors:
-            _factors.move_to_end(key)
-            return _factors[key]
-    found = compute(matrix)
+    while True:  # one computation per key: a second thread asking meanwhile waits for the first's
+        with _factors_lock:
+            if key in _factors:
+                _factors.move_to_end(key)
+                return _factors[key]
+            running = _computing.get(key)
+            if running is None:
+                _computing[key] = threading.Event()
+                break
+        running.wait()
+    try:
+        return _kept(key, compute(matrix))
+    finally:
+        with _factors_lock:
+            _computing.pop(key).set()
+
+
+def _kept(key: tuple, found: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
     for array in found:
         array.setflags(write=False)  # shared by every caller of the same gram
     if sum(array.nbytes for array in found) > FACTORS_KEPT_BYTES:
@@ -189,7 +211,7 @@ def ordered_feedback(
 
 
 @numba.njit(cache=True, nogil=True)
-def _rows(work, factor, channel_of, start, stop, luts, scale, zero_point, low, high, exact, codes, errors):
+def _rows(work, factor, channel_of, start, stop, luts, lut_codes, scale, zero_point, low, high, exact, codes, errors):
     """Rows ``start..stop`` of :func:`feedback`: each row rounded to the grid, its error (over the factor's
     diagonal) into ``errors`` and onto the block's later rows."""
     n = work.shape[1]
@@ -200,12 +222,8 @@ def _rows(work, factor, channel_of, start, stop, luts, scale, zero_point, low, h
         for j in range(n):
             value = work[k, j]
             if luts.shape[1] > 0:
-                code, best = 0, abs(value - luts[j, 0])
-                for entry in range(1, luts.shape[1]):
-                    distance = abs(value - luts[j, entry])
-                    if distance < best:
-                        code, best = entry, distance
-                decoded = luts[j, code]
+                at = _nearest(luts[j], lut_codes[j], value)
+                code, decoded = lut_codes[j, at], luts[j, at]
             else:
                 s, z = scale[channel, j], zero_point[channel, j]
                 steps = np.rint(value / s) if s != 0 else 0.0
@@ -220,3 +238,24 @@ def _rows(work, factor, channel_of, start, stop, luts, scale, zero_point, low, h
             f = factor[k, later]
             for j in range(n):
                 work[later, j] -= f * errors[i, j]
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _nearest(ordered, codes, value):
+    """The position in the sorted ``ordered`` of the entry nearest ``value`` (of two at the same distance, the one
+    with the smaller code)."""
+    low, high = 0, ordered.shape[0]
+    while low < high:  # the first entry >= value
+        middle = (low + high) // 2
+        if ordered[middle] < value:
+            low = middle + 1
+        else:
+            high = middle
+    if low == ordered.shape[0]:
+        return low - 1
+    if low == 0:
+        return 0
+    below, above = value - ordered[low - 1], ordered[low] - value
+    if below < above or (below == above and codes[low - 1] < codes[low]):
+        return low - 1
+    return low

@@ -4,8 +4,11 @@ write the palettized values back into the parameter, and record what was done on
 from __future__ import annotations
 
 import dataclasses
+import pickle
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -25,6 +28,7 @@ from lowbit.weights import PalettizedWeight, palettize_weight
 
 __all__ = [
     "KMeansModuleConfig",
+    "KeptWidths",
     "Measured",
     "Outcome",
     "PalettizerBase",
@@ -210,17 +214,58 @@ def allocated_widths(
 Measured = tuple[str, int, tuple[Choice, ...]]
 
 
+class KeptWidths:
+    """Each measured width's palettization kept on disk (a temporary directory, removed on exit) until the budget
+    has chosen: the chosen one is then written as it was measured, not palettized again, and memory holds none of
+    them (a 135M-parameter model's five widths take ~0.6 GB)."""
+
+    def __init__(self) -> None:
+        self._directory = tempfile.TemporaryDirectory(prefix="lowbit-widths-")
+        self._files: dict[str, int] = {}
+
+    def __enter__(self) -> KeptWidths:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._directory.cleanup()
+
+    def _path(self, name: str, n_bits: int) -> Path:
+        return Path(self._directory.name) / f"{self._files[name]}-{n_bits}.pickle"
+
+    def keeper(self, name: str) -> Callable[[int, PalettizedWeight], None]:
+        """``keep(n_bits, result)`` for the weight ``name`` (:func:`lowbit.budget.measured_choices`'s ``keep``)."""
+        self._files.setdefault(name, len(self._files))
+
+        def keep(n_bits: int, result: PalettizedWeight) -> None:
+            with self._path(name, n_bits).open("wb") as file:
+                pickle.dump(result, file, protocol=pickle.HIGHEST_PROTOCOL)
+
+        return keep
+
+    def chosen(self, targets: Iterable[Target], widths: Mapping[str, int], bits_per_weight: float) -> Iterator[Outcome]:
+        """Each target of ``widths`` with the palettization kept at its width, as
+        :meth:`PalettizerBase._palettized` gives it."""
+        for target in targets:
+            if target.name in widths:
+                with self._path(target.name, widths[target.name]).open("rb") as file:
+                    result = pickle.load(file)  # written by this process, in its own temporary directory
+                yield target, result, (widths[target.name], bits_per_weight)
+
+
 def measured_widths(
     targets: list[Target],
     importance: Callable[[Target], np.ndarray | None],
     threads: int,
     statistics: Mapping[str, InputMoments],
     output_weights: Mapping[str, np.ndarray] | None = None,
+    kept: KeptWidths | None = None,
 ) -> Iterator[Measured]:
     """Each target palettized at every width of the budget (:func:`lowbit.budget.measured_choices`), its error
     weighted by its statistics or sensitivity; with ``output_weights`` (each output channel's mean squared loss
-    gradient, by weight name) and the whole ``X^T X``, the loss change. Targets the measure skips are left out
-    (they keep their width)."""
+    gradient, by weight name) and the whole ``X^T X``, the loss change. With ``kept``, each width gets the error
+    feedback the compression gives it and is kept there, and a target that cannot be palettized is skipped with its
+    warning (:func:`skip`); without, such a target is left out here (it keeps its width) and the compression
+    itself warns."""
     for target in targets:
         param, stats = target.weight.parameter, statistics.get(target.name)
         sensitivity, damping = (None, 0.0) if stats is not None else _weighting(target, importance, None)
@@ -236,8 +281,12 @@ def measured_widths(
                 damping=damping,
                 threads=threads,
                 output_weights=(output_weights or {}).get(target.name),
+                feedback=kept is not None,
+                keep=None if kept is None else kept.keeper(target.name),
             )
-        except SkipWeight:
+        except SkipWeight as skipped:
+            if kept is not None:
+                skip(target, skipped)
             continue
         yield target.name, param.numel(), choices
 

@@ -15,6 +15,7 @@ from lowbit.statistics import InputMoments
 from lowbit.torch.calibration import collect_module_moments, collect_output_gradients
 from lowbit.torch.config import ModelConfig, ModuleConfig
 from lowbit.torch.palettization._base import (
+    KeptWidths,
     KMeansModuleConfig,
     Measured,
     Outcome,
@@ -144,9 +145,15 @@ class PostTrainingPalettizer(PalettizerBase[PostTrainingPalettizerConfig]):
         """Palettize ``targets`` block after block (:mod:`lowbit.torch.sequential`), each block's Linear weights
         from the statistics of the dense model's activations, only one block's ``X^T X`` held at a time; the
         palettized weights are written once every block is done. With a budget, the widths are chosen first
-        (:func:`_widths`)."""
+        (:func:`_widths`); weighed by ``loss_fn``, in the same pass as the palettizations written
+        (:func:`_weighed_widths`)."""
         items = calibration_items(calibration_data)
-        widths = _widths(model, targets, items, forward_fn, threads, budget, loss_fn)
+        if budget is not None and loss_fn is not None:
+            with KeptWidths() as kept:
+                widths = _weighed_widths(model, targets, items, forward_fn, threads, budget, loss_fn, kept)
+                write_palettized(kept.chosen(targets, widths, budget))
+            return
+        widths = {} if budget is None else _widths(model, targets, items, forward_fn, threads, budget)
 
         def palettized(chosen: list[Target], statistics: Mapping[str, InputMoments]) -> Iterable[Outcome]:
             return self._palettized(chosen, _data_free, threads, statistics, widths, budget)
@@ -160,23 +167,32 @@ def _widths(
     items: Sequence[Any],
     forward_fn: Callable[[nn.Module, Any], Any] | None,
     threads: int,
-    budget: float | None,
-    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None,
+    budget: float,
 ) -> dict[str, int]:
-    """Each target's width for the ``budget`` (None: ``{}``), measured on the dense model: weighed by each input
-    channel's activation energy, from one forward per item (the diagonals of ``X^T X`` only); with ``loss_fn``, by
-    the loss change, from one forward and backward per item (each Linear's output gradients) and then block after
-    block (each block's whole ``X^T X``, one block's at a time, as the compression itself takes them)."""
-    if budget is None:
-        return {}
-    if loss_fn is None:
-        diagonals = collect_module_moments(model, calibrated_modules(targets, model), items, forward_fn, full=False)
-        return allocated_widths(targets, _data_free, threads, diagonals, budget)
+    """Each target's width for the ``budget``, measured on the dense model, weighed by each input channel's
+    activation energy, from one forward per item (the diagonals of ``X^T X`` only)."""
+    diagonals = collect_module_moments(model, calibrated_modules(targets, model), items, forward_fn, full=False)
+    return allocated_widths(targets, _data_free, threads, diagonals, budget)
+
+
+def _weighed_widths(
+    model: nn.Module,
+    targets: list[Target],
+    items: Sequence[Any],
+    forward_fn: Callable[[nn.Module, Any], Any] | None,
+    threads: int,
+    budget: float,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    kept: KeptWidths,
+) -> dict[str, int]:
+    """Each target's width for the ``budget`` weighed by the loss change: one forward and backward per item (each
+    Linear's output gradients), then block after block (each block's whole ``X^T X``, one block's at a time, as the
+    compression takes them) every width palettized with its error feedback and put in ``kept``."""
     linears = {name: m for name, m in calibrated_modules(targets, model).items() if isinstance(m, nn.Linear)}
     outputs = collect_output_gradients(model, linears, items, loss_fn)
 
     def measured(chosen: list[Target], statistics: Mapping[str, InputMoments]) -> Iterable[Measured]:
-        return measured_widths(chosen, _data_free, threads, statistics, outputs)
+        return measured_widths(chosen, _data_free, threads, statistics, outputs, kept)
 
     return allocate_widths(compressed_in_sequence(model, targets, items, forward_fn, measured), budget)
 
