@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from lowbit.config import PalettizeConfig
+from lowbit.parallel import blas_shared_by
 from lowbit.statistics import InputMoments
 
 __all__ = [
@@ -180,7 +181,7 @@ def measured_choices(
     if threads <= 1:
         choices = dict(zip(widest_first, map(measured, widest_first), strict=True))
     else:
-        with ThreadPoolExecutor(threads, thread_name_prefix="lowbit-widths") as pool:
+        with blas_shared_by(threads), ThreadPoolExecutor(threads, thread_name_prefix="lowbit-widths") as pool:
             choices = dict(zip(widest_first, pool.map(measured, widest_first), strict=True))
     return tuple(choices[bits] for bits in BUDGET_BITS)
 

@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import functools
 import math
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,7 +22,8 @@ import numpy as np
 from tqdm import tqdm
 
 from lowbit.budget import allocate, allocation_note, measured_choices
-from lowbit.errors import SkipWeight
+from lowbit.errors import SkipWeight, warn_skipped
+from lowbit.parallel import blas_shared_by
 from lowbit.report import CompressionReport, WeightResult
 from lowbit.statistics import ACTIVATION_DAMPING, InputMoments
 from lowbit.weight_configs import WeightConfigs
@@ -263,19 +263,8 @@ class _Driver(Generic[W]):
         executor = default_executor(min(self.workers, len(weights))) if owned else self.executor
         self.kernel_threads = self.workers if executor is None else 1
         try:
-            if self.bits_per_weight is not None:
-                self.allocate(self.plan(weights), executor)
-            plan = self.plan(weights)
-            if plan and self.backend.prepare(plan):  # never change a program this pass leaves as it is
-                weights = self.backend.weights()
-            with (
-                self.backend.writing(),
-                tqdm(total=len(weights), desc=self.algorithm.name, unit="weight", disable=None, leave=False) as bar,
-            ):
-                for weight, outcome in self.outcomes(self.jobs(weights, report), executor):
-                    self.record(report, weight, outcome)
-                    bar.update()
-                bar.update(len(weights) - bar.n)
+            with blas_shared_by(self.workers if executor is not None else 1):
+                weights = self.passes(weights, report, executor)
         finally:
             if owned and executor is not None:
                 executor.shutdown()
@@ -283,6 +272,24 @@ class _Driver(Generic[W]):
         order = {weight.name: i for i, weight in enumerate(weights)}
         report.rows.sort(key=lambda r: order.get(r.name, math.inf))
         return report
+
+    def passes(self, weights: Sequence[W], report: CompressionReport, executor: Executor | None) -> Sequence[W]:
+        """The budget's measure (with ``bits_per_weight``), then the compression of every weight into ``report``;
+        returns the weights as the program holds them before the compression's writes."""
+        if self.bits_per_weight is not None:
+            self.allocate(self.plan(weights), executor)
+        plan = self.plan(weights)
+        if plan and self.backend.prepare(plan):  # never change a program this pass leaves as it is
+            weights = self.backend.weights()
+        with (
+            self.backend.writing(),
+            tqdm(total=len(weights), desc=self.algorithm.name, unit="weight", disable=None, leave=False) as bar,
+        ):
+            for weight, outcome in self.outcomes(self.jobs(weights, report), executor):
+                self.record(report, weight, outcome)
+                bar.update()
+            bar.update(len(weights) - bar.n)
+        return weights
 
     def allocate(self, plan: Sequence[tuple[W, Any]], executor: Executor | None) -> None:
         """Measure each planned weight at every width and choose its width for the budget (``self.allocation``).
@@ -370,8 +377,7 @@ class _Driver(Generic[W]):
         return None if bits is None or self.bits_per_weight is None else allocation_note(bits, self.bits_per_weight)
 
     def skip(self, report: CompressionReport, weight: W, skip: SkipWeight) -> None:
-        if skip.warn:
-            warnings.warn(f"weight {weight.name!r} skipped: {skip.reason}", UserWarning, stacklevel=6)
+        warn_skipped(weight.name, skip)
         report.rows.append(
             WeightResult(weight.name, weight.op, weight.shape, weight.nbytes, weight.nbytes, skipped=skip.reason)
         )

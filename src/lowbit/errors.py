@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-__all__ = ["LowbitError", "ModelLoadError", "SkipWeight"]
+import sys
+import warnings
+from pathlib import Path
+
+__all__ = ["LowbitError", "ModelLoadError", "SkipWeight", "warn_skipped"]
+
+_PACKAGE = str(Path(__file__).resolve().parent)
 
 
 class LowbitError(Exception):
@@ -25,3 +31,19 @@ class SkipWeight(ValueError):
 
     def __str__(self) -> str:
         return self.reason
+
+
+def warn_skipped(name: str, skipped: SkipWeight) -> None:
+    """Warn that the weight ``name`` was left as it is, unless the skip is a quiet one; the warning points at the
+    user's line that called lowbit, however deep in lowbit the weight was refused."""
+    if skipped.warn:
+        warnings.warn(f"weight {name!r} skipped: {skipped.reason}", UserWarning, stacklevel=_outside_lowbit())
+
+
+def _outside_lowbit() -> int:
+    """The ``stacklevel``, for a ``warnings.warn`` in the function that calls this one, of the first frame that is
+    not lowbit's own."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -172,6 +172,8 @@ def _skips(program: lowbit.Program, **kwargs) -> dict[str, str]:
         warnings.simplefilter("always")
         out = lowbit.palettize_weights(program, num_kmeans_workers=1, **kwargs)
     messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    at = {w.filename for w in caught if "skipped:" in str(w.message)}
+    assert at <= {__file__}, [(w.filename, str(w.message)) for w in caught]  # the caller's line, not lowbit's
     reasons = {r.name: r.skipped for r in out.report.skipped}
     for name, reason in reasons.items():
         if "weight_num_threshold" not in reason:

@@ -205,8 +205,10 @@ def test_weights_computed_by_a_parametrization_are_reported_not_skipped_silently
     model = nn.Sequential(
         nn.utils.parametrizations.weight_norm(nn.Linear(64, 64)), nn.ReLU(), nn.Linear(64, 64), nn.Linear(64, 8)
     )
-    with pytest.warns(UserWarning, match=r"weight '0.weight' skipped: computed by a parametrization \(_WeightNorm\)"):
+    parametrized = r"weight '0.weight' skipped: computed by a parametrization \(_WeightNorm\)"
+    with pytest.warns(UserWarning, match=parametrized) as w:
         small = PostTrainingPalettizer(model).compress()
+    assert {x.filename for x in w if "skipped" in str(x.message)} == {__file__}  # the caller's line
     rows = {r.name: r for r in lowbit.torch.report(small).rows}
     assert "remove_parametrizations" in rows["0.weight"].skipped
     assert rows["2.weight"].compression == "palettized" and rows["3.weight"].compression == "palettized"

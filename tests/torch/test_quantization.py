@@ -190,8 +190,9 @@ def test_a_weight_that_cannot_be_quantized_is_skipped_with_a_warning():
     model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
     with torch.no_grad():
         model[0].weight[3, 5] = float("nan")
-    with pytest.warns(UserWarning, match=r"'0.weight' skipped: .*(NaN|finite)"):
+    with pytest.warns(UserWarning, match=r"'0.weight' skipped: .*(NaN|finite)") as caught:
         quantized = _quantized(model, INT4_BLOCKS)
+    assert {w.filename for w in caught if "skipped" in str(w.message)} == {__file__}  # the caller's line
     rows = {r.name: r for r in lowbit.torch.report(quantized).rows}
     assert rows["0.weight"].skipped and rows["1.weight"].compression == "quantized"
 

@@ -5,14 +5,13 @@ module what was done."""
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from torch import nn
 
-from lowbit.errors import SkipWeight
+from lowbit.errors import SkipWeight, warn_skipped
 from lowbit.report import CompressionReport
 from lowbit.torch.config import ModelConfig, ModuleConfig
 from lowbit.torch.modules import (
@@ -100,7 +99,7 @@ class CompressorBase(Generic[MC]):
             for name, reason in computed_weights(module):
                 if record:
                     qualified = qualified_name(module_name, name)
-                    warnings.warn(f"weight {qualified!r} skipped: {reason}", UserWarning, stacklevel=3)
+                    warn_skipped(qualified, SkipWeight(reason))
                     record_skip(module, name, reason)
             for weight in module_weights(module):
                 target = Target(module_name, module, weight, config)
@@ -136,6 +135,5 @@ def record_skip(module: nn.Module, name: str, reason: str) -> None:
 def skip(target: Target, skipped: SkipWeight) -> None:
     """Leave ``target`` as it is: a warning naming it and the reason (unless the skip is a quiet one), noted for
     the report."""
-    if skipped.warn:
-        warnings.warn(f"weight {target.name!r} skipped: {skipped.reason}", UserWarning, stacklevel=4)
+    warn_skipped(target.name, skipped)
     record_skip(target.module, target.weight.name, skipped.reason)
