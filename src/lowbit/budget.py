@@ -108,11 +108,12 @@ def _error_measure(
         return np.moveaxis(decoded.astype(np.float64), input_axis, 0).reshape(w.shape) - w
 
     if output_weights is not None and gram is not None:
-        h, s = gram.astype(np.float64), np.asarray(output_weights, np.float64).reshape(-1)
+        # the product in float32 (as X^T X was summed): half the time of float64, the same widths on SmolLM2
+        h, s = gram.astype(np.float32), np.asarray(output_weights, np.float64).reshape(-1)
 
         def loss_change(decoded: np.ndarray) -> float:
             d = change(decoded)
-            return float(((h @ d) * d).sum(0) @ s)
+            return float(((h @ d.astype(np.float32)) * d).sum(0) @ s)
 
         return loss_change
 

@@ -19,6 +19,7 @@ import numba
 import numpy as np
 
 __all__ = [
+    "FEEDBACK_DAMPING",
     "Grid",
     "damped_gram",
     "feedback",
@@ -30,6 +31,7 @@ __all__ = [
     "ordered_feedback",
 ]
 
+FEEDBACK_DAMPING = 0.01  # of the mean diagonal, added to X^T X's diagonal before it is inverted (GPTQ's percdamp)
 BLOCK = 128  # rows whose updates run eagerly; the rows after a block get its updates in one product (GPTQ's lazy)
 
 
@@ -92,7 +94,7 @@ def _with_exact(grid: Grid, exact: np.ndarray | None) -> Grid:
     return grid if exact is None else dataclasses.replace(grid, exact=np.ascontiguousarray(exact, np.bool_))
 
 
-def inverse_factor(gram: np.ndarray, damping: float = 0.01) -> np.ndarray:
+def inverse_factor(gram: np.ndarray, damping: float = FEEDBACK_DAMPING) -> np.ndarray:
     """The upper Cholesky factor of ``(H + damping * mean(diag H) * I)^-1``, ``H = X^T X`` (channels never active
     get a unit diagonal): the row-by-row form of the inverse the feedback needs."""
     inverse = np.linalg.inv(damped_gram(gram, damping))
@@ -182,7 +184,7 @@ def _kept(key: tuple, found: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
     return found
 
 
-def ordered_factor(gram: np.ndarray, damping: float) -> tuple[np.ndarray, np.ndarray]:
+def ordered_factor(gram: np.ndarray, damping: float = FEEDBACK_DAMPING) -> tuple[np.ndarray, np.ndarray]:
     """(the order the input channels are coded in, act-order: decreasing ``diag(gram)``; :func:`inverse_factor` of
     ``gram`` in that order), computed once per ``X^T X`` (:func:`kept_by_gram`): the weights reading one
     activation, or one weight at several widths, invert it once."""
@@ -199,7 +201,7 @@ def ordered_feedback(
     w: np.ndarray,
     gram: np.ndarray,
     grid: Grid,
-    damping: float = 0.01,
+    damping: float = FEEDBACK_DAMPING,
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`feedback` with the input channels coded in decreasing order of their activations' energy
     (``diag(X^T X)``, GPTQ's act-order: the channels that matter most are coded while the most rows can still absorb
