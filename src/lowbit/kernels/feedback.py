@@ -31,6 +31,7 @@ __all__ = [
     "ordered_feedback",
 ]
 
+CODES = np.int16  # the codes' dtype: every LUT index (< 256) and linear code (int8 / uint8 and narrower)
 FEEDBACK_DAMPING = 0.01  # of the mean diagonal, added to X^T X's diagonal before it is inverted (GPTQ's percdamp)
 BLOCK = 128  # rows whose updates run eagerly; the rows after a block get its updates in one product (GPTQ's lazy)
 
@@ -62,7 +63,7 @@ class Grid:
 
     def nearest(self, values: np.ndarray, channel: int) -> tuple[np.ndarray, np.ndarray]:
         """(codes, decoded values) of one input channel's ``values`` [N] with no feedback (plain rounding)."""
-        codes = np.empty(values.shape, np.int64)
+        codes = np.empty(values.shape, CODES)
         work = np.array(values, np.float64, ndmin=2)
         _rows(work, np.ones((1, 1)), np.array([channel]), 0, 1, *self._arrays(), codes[None], np.empty_like(work))
         return codes, work[0]
@@ -127,7 +128,7 @@ def feedback(
     work = np.array(w, dtype=np.float64, copy=True, order="C")
     rows = work.shape[0]
     channel_of = np.arange(rows) if channels is None else np.asarray(channels, np.int64)
-    codes = np.empty(work.shape, np.int64)
+    codes = np.empty(work.shape, CODES)
     errors = np.empty((min(block, rows), work.shape[1]), np.float64)
     factor = np.ascontiguousarray(factor, dtype=np.float64)
     for start in range(0, rows, block):

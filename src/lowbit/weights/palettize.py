@@ -260,9 +260,12 @@ def _with_feedback(
     grid = lut_grid(luts, None if exact is None else exact.T if outputs_first else exact)
     codes, values = ordered_feedback(by_input, gram, grid)
     diff = values - by_input.astype(np.float64)
-    all_codes = p.codes.copy()
     laid_out = codes.T if outputs_first else codes
-    all_codes[: laid_out.shape[0]] = laid_out
+    if laid_out.shape[0] == p.codes_shape[0]:
+        all_codes = laid_out
+    else:  # a ragged last LUT group: the padding rows keep their codes
+        all_codes = p.codes
+        all_codes[: laid_out.shape[0]] = laid_out
     updated = dataclasses.replace(
         p, packed=pack_bits(all_codes.astype(np.uint8), p.n_bits), squared_error=float(np.vdot(diff, diff))
     )
