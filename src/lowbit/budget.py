@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from lowbit.config import PalettizeConfig
+from lowbit.kernels.feedback import ordered_factor
 from lowbit.parallel import blas_shared_by
 from lowbit.statistics import InputMoments
 
@@ -181,9 +182,15 @@ def measured_choices(
     widest_first = BUDGET_BITS[::-1]  # the slowest first, for the threads' balance
     if threads <= 1:
         choices = dict(zip(widest_first, map(measured, widest_first), strict=True))
-    else:
-        with blas_shared_by(threads), ThreadPoolExecutor(threads, thread_name_prefix="lowbit-widths") as pool:
-            choices = dict(zip(widest_first, pool.map(measured, widest_first), strict=True))
+        return tuple(choices[bits] for bits in BUDGET_BITS)
+    shared = gram if config.cluster_dim == 1 else None  # the feedback's factor of X^T X: one for every width
+    with (
+        blas_shared_by(threads),
+        ThreadPoolExecutor(threads + (shared is not None), thread_name_prefix="lowbit-widths") as pool,
+    ):
+        if shared is not None:  # computed beside the widths' k-means, not while a width waits for it
+            pool.submit(ordered_factor, shared)
+        choices = dict(zip(widest_first, pool.map(measured, widest_first), strict=True))
     return tuple(choices[bits] for bits in BUDGET_BITS)
 
 
