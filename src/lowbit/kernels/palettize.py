@@ -19,7 +19,7 @@ from lowbit.kernels.histogram import (
 )
 from lowbit.kernels.kmeans1d import optimal_centroids
 from lowbit.kernels.kmeans_vector import nearest_centers, vector_kmeans
-from lowbit.kernels.packing import pack_bits, unpack_bits
+from lowbit.kernels.packing import pack_bits, packed_nbytes, unpack_bits
 from lowbit.kernels.quantize import Quantized, quantize_per_row
 
 __all__ = ["Palettized", "palettize", "stack_palettized"]
@@ -114,8 +114,9 @@ def _fp16_key_scale(x: np.ndarray) -> float | None:
     return float(2.0 ** (14 - np.floor(np.log2(high))))
 
 
-def _scalar(x, dtype, groups, k, n_bits, mode, fast, lut_dtype, importance, threads):
-    """Returns (packed codes, lut (G, k), quantized LUT, (squared error, energy) or None when to be measured)."""
+def _scalar(x, dtype, groups, k, n_bits, mode, fast, lut_dtype, importance, threads, lut_only=False):
+    """Returns (packed codes, lut (G, k), quantized LUT, (squared error, energy) or None when to be measured);
+    ``lut_only``: the codes left 0, the error not measured (None)."""
     xg = x.reshape(groups, -1)
     imp = None if importance is None else importance.reshape(groups, -1)
     exact_values = xg.dtype in SIXTEEN_BIT_FLOATS
@@ -143,6 +144,8 @@ def _scalar(x, dtype, groups, k, n_bits, mode, fast, lut_dtype, importance, thre
     centroids = _group_centroids(values, weights, offsets, k, mode, threads) / key_scale
     lut, quantized = _finish_lut(centroids, dtype, lut_dtype)
     thresholds = _midpoints(lut)
+    if lut_only:
+        return np.zeros(packed_nbytes(xg.size, n_bits), np.uint8), lut, quantized, None
     packed = assign(thresholds)
     measured = None
     if exact_values and imp is None:  # the histogram holds every value: error and energy are exact from it
@@ -185,6 +188,7 @@ def palettize(
     importance: np.ndarray | None = None,
     seed: int = 0,
     threads: int = 1,
+    lut_only: bool = False,
 ) -> Palettized:
     """Palettize ``w`` (``[C, R]``, float) with ``groups`` LUTs of ``2**n_bits`` entries.
 
@@ -201,6 +205,8 @@ def palettize(
     importance : optional per-element non-negative weights of the squared error (sensitivity).
     seed : seed of vector k-means++.
     threads : threads for the per-group k-means (the result does not depend on it).
+    lut_only : scalar LUTs only (default False): the LUTs (and scales) alone, for a caller that chooses every code
+        itself (error feedback): the codes are left 0 and ``squared_error`` is NaN; ``energy`` is measured.
 
     Raises :class:`~lowbit.errors.SkipWeight` when the weight cannot be palettized as asked.
     """
@@ -219,7 +225,7 @@ def palettize(
     measured = None
     if cluster_dim == 1:
         packed, lut, quantized, measured = _scalar(
-            x, dtype, groups, k, n_bits, mode, fast, lut_dtype, importance, threads
+            x, dtype, groups, k, n_bits, mode, fast, lut_dtype, importance, threads, lut_only
         )
         codes_shape = (channels, x.size // channels)
         lut = lut.reshape(groups, k, 1)
@@ -231,7 +237,9 @@ def palettize(
         packed = pack_bits(codes, n_bits)
         codes_shape = (channels // cluster_dim, x.size // channels)
     result = Palettized(packed, codes_shape, lut, scale, n_bits, quantized, 0.0, 0.0)
-    if measured is None or scale is not None:  # not exact from the histogram: measure against the input
+    if lut_only and cluster_dim == 1:
+        measured = (float("nan"), squared_error_and_energy(w, w)[1])
+    elif measured is None or scale is not None:  # not exact from the histogram: measure against the input
         if scale is None and cluster_dim == 1 and w.dtype in (np.float32, np.float64):
             measured = packed_error(packed, n_bits, lut[:, :, 0], w)  # straight from the codes, no decoded copy
         else:

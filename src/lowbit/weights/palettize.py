@@ -208,6 +208,7 @@ def palettize_weight(
             importance=part_importance,
             seed=zlib.crc32(name.encode()) + start,
             threads=threads,
+            lut_only=feedback,  # the feedback chooses every code
         )
 
     def solved(exact: np.ndarray | None = None) -> tuple[PalettizedWeight, np.ndarray | None]:
