@@ -145,12 +145,11 @@ class PostTrainingPalettizer(PalettizerBase[PostTrainingPalettizerConfig]):
         """Palettize ``targets`` block after block (:mod:`lowbit.torch.sequential`), each block's Linear weights
         from the statistics of the dense model's activations, only one block's ``X^T X`` held at a time; the
         palettized weights are written once every block is done. With a budget, the widths are chosen first
-        (:func:`_widths`); weighed by ``loss_fn``, in the same pass as the palettizations written
-        (:func:`_weighed_widths`)."""
+        (:func:`_widths`); weighed by ``loss_fn``, in the same pass as the palettizations written."""
         items = calibration_items(calibration_data)
         if budget is not None and loss_fn is not None:
             with KeptWidths() as kept:
-                widths = _weighed_widths(model, targets, items, forward_fn, threads, budget, loss_fn, kept)
+                widths = _widths(model, targets, items, forward_fn, threads, budget, (loss_fn, kept))
                 write_palettized(kept.chosen(targets, widths, budget))
             return
         widths = {} if budget is None else _widths(model, targets, items, forward_fn, threads, budget)
@@ -168,26 +167,17 @@ def _widths(
     forward_fn: Callable[[nn.Module, Any], Any] | None,
     threads: int,
     budget: float,
+    weighed: tuple[Callable[[nn.Module, Any], torch.Tensor], KeptWidths] | None = None,
 ) -> dict[str, int]:
-    """Each target's width for the ``budget``, measured on the dense model, weighed by each input channel's
-    activation energy, from one forward per item (the diagonals of ``X^T X`` only)."""
-    diagonals = collect_module_moments(model, calibrated_modules(targets, model), items, forward_fn, full=False)
-    return allocated_widths(targets, _data_free, threads, diagonals, budget)
-
-
-def _weighed_widths(
-    model: nn.Module,
-    targets: list[Target],
-    items: Sequence[Any],
-    forward_fn: Callable[[nn.Module, Any], Any] | None,
-    threads: int,
-    budget: float,
-    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
-    kept: KeptWidths,
-) -> dict[str, int]:
-    """Each target's width for the ``budget`` weighed by the loss change: one forward and backward per item (each
-    Linear's output gradients), then block after block (each block's whole ``X^T X``, one block's at a time, as the
-    compression takes them) every width palettized with its error feedback and put in ``kept``."""
+    """Each target's width for the ``budget``, measured on the dense model: weighed by each input channel's
+    activation energy, from one forward per item (the diagonals of ``X^T X`` only); with ``weighed`` (``loss_fn``,
+    ``kept``), by the loss change: one forward and backward per item (each Linear's output gradients), then block
+    after block (each block's whole ``X^T X``, one block's at a time, as the compression takes them) every width
+    palettized with its error feedback and put in ``kept``."""
+    if weighed is None:
+        diagonals = collect_module_moments(model, calibrated_modules(targets, model), items, forward_fn, full=False)
+        return allocated_widths(targets, _data_free, threads, diagonals, budget)
+    loss_fn, kept = weighed
     linears = {name: m for name, m in calibrated_modules(targets, model).items() if isinstance(m, nn.Linear)}
     outputs = collect_output_gradients(model, linears, items, loss_fn)
 
