@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import sys
 import warnings
 from pathlib import Path
 
 __all__ = ["LowbitError", "ModelLoadError", "SkipWeight", "warn_skipped"]
 
-_PACKAGE = str(Path(__file__).resolve().parent)
+_PACKAGE = str(Path(__file__).resolve().parent) + os.sep
 
 
 class LowbitError(Exception):
@@ -44,6 +46,11 @@ def _outside_lowbit() -> int:
     """The ``stacklevel``, for a ``warnings.warn`` in the function that calls this one, of the first frame that is
     not lowbit's own."""
     frame, level = sys._getframe(1), 1
-    while frame.f_back is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(_PACKAGE):
+    while frame.f_back is not None and _in_lowbit(frame.f_code.co_filename):
         frame, level = frame.f_back, level + 1
     return level
+
+
+@functools.lru_cache(maxsize=256)
+def _in_lowbit(filename: str) -> bool:
+    return str(Path(filename).resolve()).startswith(_PACKAGE)

@@ -170,3 +170,51 @@ def test_the_kept_factors_stay_within_their_bytes(monkeypatch):
     kept = [fb.ordered_factor(gram * scale, 0.01)[1] for scale in (1.0, 2.0, 3.0)]
     assert fb.ordered_factor(gram * 3.0, 0.01)[1] is kept[2]
     assert fb.ordered_factor(gram, 0.01)[1] is not kept[0]  # the oldest went
+
+
+@pytest.mark.parametrize("kept_bytes", [1 << 20, 1])
+def test_threads_asking_for_one_gram_at_once_share_one_computation(monkeypatch, kept_bytes):
+    """Kept or too large to keep, a factor several threads ask for at once is computed once, all of them getting
+    it; a failing computation runs once too, and every thread gets its error."""
+    import threading
+    import time
+
+    from lowbit.kernels import feedback as fb
+
+    monkeypatch.setattr(fb, "FACTORS_KEPT_BYTES", kept_bytes)
+    gram = np.diag(np.arange(1.0, 9.0)) + kept_bytes  # its own content: no other test's entry
+    calls: list[int] = []
+
+    def compute(matrix: np.ndarray) -> tuple[np.ndarray, ...]:
+        calls.append(1)
+        time.sleep(0.2)
+        if fail:
+            raise np.linalg.LinAlgError("not positive definite")
+        return (matrix * 2,)
+
+    for fail in (False, True):
+        calls.clear()
+        results: list[object] = []
+        kind = f"test {fail}"
+
+        def ask(kind: str = kind, results: list[object] = results) -> None:
+            try:
+                results.append(fb.kept_by_gram(kind, gram, 0.0, compute)[0])
+            except np.linalg.LinAlgError as error:
+                results.append(error)
+
+        threads = [threading.Thread(target=ask) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(calls) == 1 and len(results) == 4
+        if fail:
+            assert all(isinstance(r, np.linalg.LinAlgError) for r in results)
+        else:
+            assert all(np.array_equal(r, gram * 2) for r in results)
+
+
+def test_a_lut_grid_is_built_with_its_codes():
+    with pytest.raises(ValueError, match="build it with lut_grid"):
+        Grid(luts=np.zeros((4, 4)))

@@ -518,6 +518,27 @@ def test_weighed_widths_write_the_palettizations_they_measured(tmp_path, monkeyp
     assert list(tmp_path.iterdir()) == []
 
 
+def test_weighed_widths_refuse_at_once_when_the_disk_cannot_keep_them(monkeypatch):
+    """The widths kept on disk: too little room under TMPDIR is an ENOSPC error before any work, naming what is
+    needed; the model is left as it was. ``num_kmeans_workers`` is checked on this path too."""
+    import errno
+    import shutil
+
+    torch.manual_seed(8)
+    model = _TwoHeads()
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    items = [(torch.randn(16, 32), torch.randn(16, 16)) for _ in range(2)]
+    args = {"calibration_data": items, "forward_fn": lambda m, item: m(item[0]), "bits_per_weight": 3.5}
+    palettizer = PostTrainingPalettizer(model)
+    with pytest.raises(ValueError, match="num_kmeans_workers"):
+        palettizer.compress(num_kmeans_workers=0, loss_fn=_head_loss, **args)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(100, 100, 100))
+    with pytest.raises(OSError, match=r"GiB needed under .*set TMPDIR") as refused:
+        palettizer.compress(inplace=True, loss_fn=_head_loss, **args)
+    assert refused.value.errno == errno.ENOSPC
+    assert all(torch.equal(p, before[name]) for name, p in model.state_dict().items())
+
+
 def test_loss_fn_is_checked():
     model = _TwoHeads()
     items = [(torch.randn(8, 32), torch.randn(8, 16))]

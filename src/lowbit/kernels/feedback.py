@@ -13,6 +13,7 @@ import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numba
@@ -60,6 +61,10 @@ class Grid:
     low: int = 0
     high: int = 0
     exact: np.ndarray = field(default_factory=lambda: _none(np.bool_))
+
+    def __post_init__(self) -> None:
+        if self.luts.shape[1] > 0 and self.lut_codes.shape != self.luts.shape:
+            raise ValueError("a LUT grid needs lut_codes of the LUTs' shape: build it with lut_grid(luts)")
 
     def nearest(self, values: np.ndarray, channel: int) -> tuple[np.ndarray, np.ndarray]:
         """(codes, decoded values) of one input channel's ``values`` [N] with no feedback (plain rounding)."""
@@ -143,7 +148,7 @@ def feedback(
 FACTORS_KEPT_BYTES = 256 << 20
 _factors: OrderedDict[tuple, tuple[np.ndarray, ...]] = OrderedDict()
 _factors_lock = threading.Lock()
-_computing: dict[tuple, threading.Event] = {}
+_computing: dict[tuple, Future] = {}
 
 
 def kept_by_gram(
@@ -156,21 +161,28 @@ def kept_by_gram(
     matrix = np.ascontiguousarray(gram)
     digest = hashlib.blake2b(matrix.data, digest_size=16).digest()
     key = (kind, digest, matrix.shape, matrix.dtype.str, float(damping))
-    while True:  # one computation per key: a second thread asking meanwhile waits for the first's
-        with _factors_lock:
-            if key in _factors:
-                _factors.move_to_end(key)
-                return _factors[key]
-            running = _computing.get(key)
-            if running is None:
-                _computing[key] = threading.Event()
-                break
-        running.wait()
+    with _factors_lock:
+        if key in _factors:
+            _factors.move_to_end(key)
+            return _factors[key]
+        running = _computing.get(key)
+        if running is None:
+            running = _computing[key] = Future()
+            owner = True
+        else:
+            owner = False
+    if not owner:  # a second thread asking meanwhile takes the first one's result, or its error
+        return running.result()
     try:
-        return _kept(key, compute(matrix))
+        found = _kept(key, compute(matrix))
+        running.set_result(found)
+        return found
+    except BaseException as error:
+        running.set_exception(error)
+        raise
     finally:
         with _factors_lock:
-            _computing.pop(key).set()
+            _computing.pop(key, None)
 
 
 def _kept(key: tuple, found: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:

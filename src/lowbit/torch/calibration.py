@@ -233,7 +233,8 @@ def collect_output_gradients(
     def gradient_hook(name: str) -> Callable:
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             def on_gradient(gradient: torch.Tensor) -> None:
-                flat = gradient.detach().reshape(-1, gradient.shape[-1]).float()  # no copy of float32 ones
+                wide = torch.promote_types(gradient.dtype, torch.float32)  # float32 ones not copied
+                flat = gradient.detach().reshape(-1, gradient.shape[-1]).to(wide)
                 squares[name] += (flat * flat).sum(0, dtype=torch.float64)
                 rows[name] += flat.shape[0]
 

@@ -4,7 +4,9 @@ write the palettized values back into the parameter, and record what was done on
 from __future__ import annotations
 
 import dataclasses
+import errno
 import pickle
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -15,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lowbit.budget import Choice, allocate, measured_choices
+from lowbit.budget import BUDGET_BITS, Choice, allocate, measured_choices
 from lowbit.config import PalettizeConfig, check_choice, check_int, integral
 from lowbit.errors import SkipWeight
 from lowbit.statistics import ACTIVATION_DAMPING, InputMoments
@@ -215,13 +217,22 @@ Measured = tuple[str, int, tuple[Choice, ...]]
 
 
 class KeptWidths:
-    """Each measured width's palettization kept on disk (a temporary directory, removed on exit) until the budget
-    has chosen: the chosen one is then written as it was measured, not palettized again, and memory holds none of
-    them (five widths take 3 bytes per weight, 6 with per-channel LUTs: 0.6 GB for SmolLM2-135M)."""
+    """Each measured width's palettization of ``targets`` kept on disk (a temporary directory under ``TMPDIR``,
+    removed on exit) until the budget has chosen: the chosen one is then written as it was measured, not palettized
+    again (five widths take 3 bytes per weight, 6 with per-channel LUTs: 0.6 GB for SmolLM2-135M; a ``TMPDIR`` on
+    tmpfs holds them in memory). ``OSError`` (ENOSPC) at once when the disk has less room than they may take."""
 
-    def __init__(self) -> None:
+    def __init__(self, targets: Iterable[Target]) -> None:
         self._directory = tempfile.TemporaryDirectory(prefix="lowbit-widths-")
         self._files: dict[str, int] = {}
+        needed, free = _kept_bytes(targets), shutil.disk_usage(self._directory.name).free
+        if free < needed:
+            self._directory.cleanup()
+            raise OSError(
+                errno.ENOSPC,
+                f"bits_per_weight with loss_fn keeps every width on disk until it chooses: {needed / 2**30:.1f} GiB "
+                f"needed under {tempfile.gettempdir()}, {free / 2**30:.1f} GiB free (set TMPDIR to a larger disk)",
+            )
 
     def __enter__(self) -> KeptWidths:
         return self
@@ -250,6 +261,20 @@ class KeptWidths:
                 with self._path(target.name, widths[target.name]).open("rb") as file:
                     result = pickle.load(file)  # written by this process, in its own temporary directory
                 yield target, result, (widths[target.name], bits_per_weight)
+
+
+def _kept_bytes(targets: Iterable[Target]) -> int:
+    """At most what :class:`KeptWidths` writes for ``targets``: every width's packed codes and LUTs (entries in the
+    weight's dtype, and their quantized copy)."""
+    total = 0
+    for target in targets:
+        param, config = target.weight.parameter, target.config.weight_config()
+        channels = param.shape[target.axis]
+        per_tensor = config.granularity == CompressionGranularity.PER_TENSOR
+        luts = 1 if per_tensor else -(-channels // min(config.group_size, channels))
+        entries = sum(1 << bits for bits in BUDGET_BITS) * config.cluster_dim
+        total += param.numel() * sum(BUDGET_BITS) // 8 + luts * entries * (param.element_size() + 1)
+    return total
 
 
 def measured_widths(

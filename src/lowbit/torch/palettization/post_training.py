@@ -90,7 +90,7 @@ class PostTrainingPalettizer(PalettizerBase[PostTrainingPalettizerConfig]):
         """Palettize and return the model: a deep copy (default) or, with ``inplace=True``, the model itself.
 
         ``num_kmeans_workers`` threads share each weight's per-group k-means (the compiled kernel releases the
-        GIL); the result does not depend on it.
+        GIL), or with ``bits_per_weight`` its widths; the result does not depend on it.
 
         ``calibration_data`` (lowbit's extension; default None: data-free, as coremltools): items run through
         ``forward_fn(model, item)`` (default ``model(**item)`` / ``model(*item)`` / ``model(item)``) while forward
@@ -109,8 +109,10 @@ class PostTrainingPalettizer(PalettizerBase[PostTrainingPalettizerConfig]):
         ``loss_fn(model, item)`` -> scalar loss (e.g. a causal LM's ``model(input_ids=ids, labels=ids).loss``). Each
         item then also runs backward once, and each Linear weight's error at a width is the loss change its output
         error makes, ``sum_n s_n dW_n X^T X dW_n`` (``s_n``: the mean squared loss gradient at output channel
-        ``n``), not its relative output error, of the codes the error feedback will write (up to 6 bits): layers
-        are then compared by what they cost the loss.
+        ``n``), not its relative output error, of the codes the error feedback writes at that width: layers are
+        then compared by what they cost the loss. Each width's palettization is kept on disk meanwhile (under
+        ``TMPDIR``: 3 bytes per weight, 6 with per-channel LUTs; ``OSError`` before any work when that much is not
+        free) and the chosen one written.
 
         Raises ``ValueError`` when a parameter is on the meta device, ``bits_per_weight`` is not above 2 or below
         what 2 bits everywhere take, or ``loss_fn`` comes without ``calibration_data`` and ``bits_per_weight``;
@@ -146,9 +148,10 @@ class PostTrainingPalettizer(PalettizerBase[PostTrainingPalettizerConfig]):
         from the statistics of the dense model's activations, only one block's ``X^T X`` held at a time; the
         palettized weights are written once every block is done. With a budget, the widths are chosen first
         (:func:`_widths`); weighed by ``loss_fn``, in the same pass as the palettizations written."""
+        check_int("num_kmeans_workers", threads, 1)
         items = calibration_items(calibration_data)
         if budget is not None and loss_fn is not None:
-            with KeptWidths() as kept:
+            with KeptWidths(targets) as kept:
                 widths = _widths(model, targets, items, forward_fn, threads, budget, (loss_fn, kept))
                 write_palettized(kept.chosen(targets, widths, budget))
             return
