@@ -258,6 +258,10 @@ def test_with_output_weights_the_error_is_the_loss_change_of_the_layer_outputs()
         assert choice.error == pytest.approx(loss_change(choice.n_bits, stats.gram), rel=1e-4)
         assert choice.error < (0.95 if choice.n_bits < 8 else 1.0) * loss_change(choice.n_bits, None)  # 8: ~exact
         np.testing.assert_array_equal(kept[choice.n_bits].decode(), palettized(choice.n_bits, stats.gram).decode())
-    assert measured_choices(w, 0, 1, config, name="w", stats=stats, output_weights=s, feedback=True) == choices
+    for threads in (1, 12):  # 12: five widths side by side, the rest sharing their k-means
+        again = measured_choices(
+            w, 0, 1, config, name="w", stats=stats, output_weights=s, feedback=True, threads=threads
+        )
+        assert again == choices
     plain = measured_choices(w, 0, 1, config, name="w", stats=stats, output_weights=s)
     assert [c.error for c in plain] == pytest.approx([loss_change(b, None) for b in BUDGET_BITS], rel=1e-4)

@@ -148,8 +148,9 @@ def measured_choices(
     feedback: bool = False,
     keep: Callable[[int, Any], None] | None = None,
 ) -> tuple[Choice, ...]:
-    """``array`` palettized as ``config`` says at each width of :data:`BUDGET_BITS`, the widths on ``threads``
-    threads (the result does not depend on it), weighted as the final pass will be: by the calibration ``stats``,
+    """``array`` palettized as ``config`` says at each width of :data:`BUDGET_BITS`, on ``threads`` threads (the
+    widths side by side, up to five; the threads left over share each width's k-means; the result does not depend
+    on them), weighted as the final pass will be: by the calibration ``stats``,
     else by ``sensitivity`` damped by ``damping``. Returns each width's :class:`Choice`: bytes (``stored(result)``,
     default the weight layer's count: what the door stores) and error (with ``output_weights``, each output
     channel's mean squared loss gradient, and the whole ``X^T X``: the loss change, see :func:`_error_measure`).
@@ -164,6 +165,7 @@ def measured_choices(
     importance, damping = (sensitivity, damping) if stats is None else stats.weighting(array.shape, input_axis)
     error_of = _error_measure(array, input_axis, stats, sensitivity, output_weights)
     gram = stats.gram if feedback and stats is not None else None
+    workers = max(1, min(threads, len(BUDGET_BITS)))  # widths side by side, each k-means on the threads left over
 
     def measured(bits: int) -> Choice:
         result = palettize_weight(
@@ -172,6 +174,7 @@ def measured_choices(
             dataclasses.replace(config, n_bits=bits),
             name=name,
             importance=importance,
+            threads=max(1, threads // workers),
             damping=damping,
             gram=gram,
         )
@@ -180,13 +183,13 @@ def measured_choices(
         return Choice(bits, result.nbytes if stored is None else stored(result), error_of(result.decode()))
 
     widest_first = BUDGET_BITS[::-1]  # the slowest first, for the threads' balance
-    if threads <= 1:
+    if workers == 1:
         choices = dict(zip(widest_first, map(measured, widest_first), strict=True))
         return tuple(choices[bits] for bits in BUDGET_BITS)
     shared = gram if config.cluster_dim == 1 else None  # the feedback's factor of X^T X: one for every width
     with (
         blas_shared_by(threads),
-        ThreadPoolExecutor(threads + (shared is not None), thread_name_prefix="lowbit-widths") as pool,
+        ThreadPoolExecutor(workers + (shared is not None), thread_name_prefix="lowbit-widths") as pool,
     ):
         if shared is not None:  # computed beside the widths' k-means, not while a width waits for it
             pool.submit(ordered_factor, shared)
