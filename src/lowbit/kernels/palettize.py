@@ -143,9 +143,9 @@ def _scalar(x, dtype, groups, k, n_bits, mode, fast, lut_dtype, importance, thre
     values, weights, offsets, _ = hist
     centroids = _group_centroids(values, weights, offsets, k, mode, threads) / key_scale
     lut, quantized = _finish_lut(centroids, dtype, lut_dtype)
-    thresholds = _midpoints(lut)
     if lut_only:
         return np.zeros(packed_nbytes(xg.size, n_bits), np.uint8), lut, quantized, None
+    thresholds = _midpoints(lut)
     packed = assign(thresholds)
     measured = None
     if exact_values and imp is None:  # the histogram holds every value: error and energy are exact from it

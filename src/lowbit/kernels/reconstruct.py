@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from lowbit.kernels.feedback import damped_gram, kept_by_gram
+from lowbit.kernels.feedback import FEEDBACK_DAMPING, damped_gram, kept_by_gram
 
 __all__ = ["Select", "admm_prune", "refit_kept"]
 
@@ -33,7 +33,9 @@ ADMM_REFIT_ITERATIONS = 10
 REFIT_TOLERANCE = 1e-12  # ... or fewer, once every output channel's squared residual has fallen this far (relative)
 
 
-def admm_prune(w: np.ndarray, gram: np.ndarray, select: Select, damping: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+def admm_prune(
+    w: np.ndarray, gram: np.ndarray, select: Select, damping: float = FEEDBACK_DAMPING
+) -> tuple[np.ndarray, np.ndarray]:
     """(keep, values) of ``w`` ``[K, N]`` pruned for the smallest output error under ``gram`` (``X^T X``).
 
     ADMM on ``min ||X (w - v)||^2`` with ``v`` in the pruned set (after Boža, *Fast and Effective Weight Update for
@@ -84,7 +86,7 @@ def refit_kept(
     gram: np.ndarray,
     keep: np.ndarray,
     start: np.ndarray,
-    damping: float = 0.01,
+    damping: float = FEEDBACK_DAMPING,
     iterations: int = REFIT_ITERATIONS,
 ) -> np.ndarray:
     """The kept weights of ``w`` ``[K, N]`` (``keep`` the same shape) re-solved for the smallest output error, each

@@ -108,7 +108,7 @@ def _memory_mapped(array: np.ndarray) -> bool:
     return isinstance(base.obj if isinstance(base, memoryview) else base, mmap.mmap)
 
 
-def _lut_groups(channels: int, config: PalettizeConfig) -> tuple[int, int]:
+def lut_groups(channels: int, config: PalettizeConfig) -> tuple[int, int]:
     """(LUTs, channels per LUT) for the ``channels`` of the grouping axis; the last LUT of ``group_size`` channels
     may have fewer. :class:`SkipWeight` when they do not split into ``cluster_dim`` vectors."""
     if channels % config.cluster_dim:
@@ -179,7 +179,7 @@ def palettize_weight(
     """
     axis = output_axis % array.ndim
     channels = array.shape[axis]
-    groups, per_group = _lut_groups(channels, config)
+    groups, per_group = lut_groups(channels, config)
     forward = _palettize_layout(array.ndim, axis, config)
     moved = _transposed(array, forward)
     canonical = moved.reshape(moved.shape[0], -1)

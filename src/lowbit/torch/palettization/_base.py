@@ -3,6 +3,7 @@ write the palettized values back into the parameter, and record what was done on
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import pickle
@@ -27,6 +28,7 @@ from lowbit.torch.modules import from_numpy, to_numpy
 from lowbit.torch.records import store_palettization
 from lowbit.types import CompressionGranularity, DType
 from lowbit.weights import PalettizedWeight, palettize_weight
+from lowbit.weights.palettize import lut_groups
 
 __all__ = [
     "KMeansModuleConfig",
@@ -265,15 +267,15 @@ class KeptWidths:
 
 def _kept_bytes(targets: Iterable[Target]) -> int:
     """At most what :class:`KeptWidths` writes for ``targets``: every width's packed codes and LUTs (entries in the
-    weight's dtype, and their quantized copy)."""
+    weight's dtype and their quantized copy, a scale and zero point per LUT), and a file's framing."""
     total = 0
     for target in targets:
         param, config = target.weight.parameter, target.config.weight_config()
-        channels = param.shape[target.axis]
-        per_tensor = config.granularity == CompressionGranularity.PER_TENSOR
-        luts = 1 if per_tensor else -(-channels // min(config.group_size, channels))
-        entries = sum(1 << bits for bits in BUDGET_BITS) * config.cluster_dim
-        total += param.numel() * sum(BUDGET_BITS) // 8 + luts * entries * (param.element_size() + 1)
+        with contextlib.suppress(SkipWeight):  # a weight the measure will skip keeps nothing
+            luts = lut_groups(param.shape[target.axis], config)[0]
+            entries = sum(1 << bits for bits in BUDGET_BITS) * config.cluster_dim
+            per_lut = entries * (param.element_size() + 1) + len(BUDGET_BITS) * 16
+            total += param.numel() * sum(BUDGET_BITS) // 8 + luts * per_lut + len(BUDGET_BITS) * 1024
     return total
 
 
