@@ -68,7 +68,7 @@ def test_uncorrelated_channels_give_plain_rounding_and_dead_channels_are_safe():
 
 @pytest.mark.parametrize("entries", [1, 2, 16, 256])
 def test_the_nearest_lut_entry_is_the_first_of_the_closest_on_ties_and_repeats(entries):
-    """The bisection over sorted LUTs writes what a scan of the unsorted LUT does: the nearest entry's code, the
+    """The search over sorted LUTs writes what a scan of the unsorted LUT does: the nearest entry's code, the
     smallest code when entries repeat or two lie at the same distance (values on quarter steps: exact midpoints)."""
     rng = np.random.default_rng(entries)
     n = 64
@@ -79,6 +79,32 @@ def test_the_nearest_lut_entry_is_the_first_of_the_closest_on_ties_and_repeats(e
     expected = np.abs(values[:, None] - luts).argmin(axis=1)  # the first minimum
     np.testing.assert_array_equal(codes, expected)
     np.testing.assert_array_equal(decoded, luts[np.arange(n), expected])
+
+
+def test_the_bucket_index_finds_the_nearest_entry_of_any_lut():
+    """Where the index's buckets sit (crowded LUTs, one entry, all entries equal, entries a denormal apart, values
+    far outside the LUT or landing on bucket edges) changes where the search starts, never what it finds."""
+    rng = np.random.default_rng(0)
+    n, entries = 6, 64
+    luts = np.sort(rng.standard_normal((n, entries)) ** 3, axis=1)  # crowded near 0, sparse in the tails
+    luts[1] = 0.5  # all equal
+    luts[2] = np.linspace(0, 5e-324 * entries, entries)  # denormal steps: the steps per unit overflow
+    luts[3, :-1] = -1.0  # one outlying entry
+    luts[4] = np.linspace(-1, 1, entries)  # values on bucket edges below
+    edges = -0.3 + np.arange(2 * entries) * (1.0 / (2 * entries))  # the index's bucket edges for entries -0.3 .. 0.7
+    below = np.nextafter(edges[2 : 2 * entries - 2 : 4], -1.0)  # pairs of adjacent floats just below edges
+    luts[5] = np.sort(np.concatenate([[-0.3, 0.7], below, np.nextafter(below, -1.0)]))[:entries]
+    values = np.concatenate([rng.standard_normal((200, n)) * 3, np.linspace(-1, 1, 129)[:, None].repeat(n, 1)])
+    values[:, 2] = rng.integers(-2, entries + 2, values.shape[0]) * 5e-324
+    # the LUT's own entries, e.g. just below an edge: a value's step may round up into the next bucket (other values
+    # would be as near to both floats of a pair in the scan's rounded distances)
+    values[:, 5] = luts[5, rng.integers(0, entries, values.shape[0])]
+    grid = lut_grid(luts)
+    for value in values:
+        codes, decoded = grid.nearest(value, 0)
+        expected = np.abs(value[:, None] - luts).argmin(axis=1)
+        np.testing.assert_array_equal(codes, expected)
+        np.testing.assert_array_equal(decoded, luts[np.arange(n), expected])
 
 
 def _grids(seed: int, k: int, n: int) -> dict[str, tuple[Grid, object]]:
@@ -134,6 +160,25 @@ def test_the_compiled_kernel_is_the_recurrence_on_every_grid(kind):
     lazy_codes, lazy_values = feedback(w[order], factor, grid, block=7, channels=order)
     assert np.mean(lazy_codes == want_codes) > 0.99  # the lazy blocks reorder sums: rounding-level changes only
     np.testing.assert_allclose(lazy_values[lazy_codes == want_codes], want_values[lazy_codes == want_codes], atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["luts", "outliers", "linear", "pruning"])
+def test_the_output_channels_run_in_spans_on_any_threads_with_the_same_result(kind, monkeypatch):
+    """Spans of output channels (the last one short) on 1, 2 or 5 threads: the same codes and values as one span,
+    the recurrence's to the bit."""
+    import lowbit.kernels.feedback as module
+
+    x, w, _ = _layer(6, k=40, n=23)
+    grid, nearest = _grids(7, 40, 23)[kind]
+    factor = inverse_factor(x.T @ x)
+    whole_codes, whole_values = feedback(w, factor, grid)
+    want_codes, _ = _recurrence(w, factor, nearest, np.arange(40))
+    np.testing.assert_array_equal(whole_codes, want_codes)
+    monkeypatch.setattr(module, "COLUMNS", 5)
+    for threads in (1, 2, 5):
+        codes, values = feedback(w, factor, grid, threads=threads)
+        np.testing.assert_array_equal(codes, whole_codes)
+        np.testing.assert_array_equal(values, whole_values)
 
 
 def test_a_gram_is_inverted_once_for_the_weights_that_share_it():
@@ -218,3 +263,5 @@ def test_threads_asking_for_one_gram_at_once_share_one_computation(monkeypatch, 
 def test_a_lut_grid_is_built_with_its_codes():
     with pytest.raises(ValueError, match="build it with lut_grid"):
         Grid(luts=np.zeros((4, 4)))
+    with pytest.raises(ValueError, match="build it with lut_grid"):
+        Grid(luts=np.zeros((4, 4)), lut_codes=np.zeros((4, 4), np.int64))

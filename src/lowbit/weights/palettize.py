@@ -166,7 +166,8 @@ def palettize_weight(
     name : the weight's name; seeds vector k-means, so the same name and values give the same bytes.
     importance : optional per-element non-negative sensitivity, ``array``'s shape: the k-means minimizes the
         importance-weighted squared error (sensitive k-means).
-    threads : threads for the per-group k-means; the result does not depend on it.
+    threads : threads for the per-group k-means and the error feedback's output channels; the result does not
+        depend on it.
     damping : with ``importance``: each LUT group's mean importance times ``damping`` is added to every element's
         (default 0: none, beyond a 1e-6 floor that keeps every value in play).
     gram : optional ``X^T X`` of a 2-D weight's input activations (input channels x input channels): the codes are
@@ -221,7 +222,7 @@ def palettize_weight(
             return weight, None
         assert checked is not None
         view = canonical[:channels] if outputs_first else canonical
-        return _with_feedback(weight, view, checked, per_group, outputs_first, exact)
+        return _with_feedback(weight, view, checked, per_group, outputs_first, exact, threads)
 
     weight, _ = solved()
     if not config.outlier_fraction:
@@ -246,6 +247,7 @@ def _with_feedback(
     per_group: int,
     outputs_first: bool,
     exact: np.ndarray | None = None,
+    threads: int = 1,
 ) -> tuple[PalettizedWeight, np.ndarray]:
     """``weight`` (2-D, scalar LUTs) with its codes re-chosen by error feedback over the input channels; LUTs
     unchanged. ``canonical``: the kernel's 2-D view, output channels first (``outputs_first``) or, one LUT for the
@@ -259,7 +261,7 @@ def _with_feedback(
     if p.scale is not None:
         luts = luts * np.asarray(p.scale[:outputs], dtype=p.lut.dtype)[:, None]
     grid = lut_grid(luts, None if exact is None else exact.T if outputs_first else exact)
-    codes, values = ordered_feedback(by_input, gram, grid)
+    codes, values = ordered_feedback(by_input, gram, grid, threads=threads)
     diff = values - by_input.astype(np.float64)
     laid_out = codes.T if outputs_first else codes
     if laid_out.shape[0] == p.codes_shape[0]:
