@@ -64,3 +64,28 @@ def test_the_weight_layer_refuses_shapes_that_do_not_split():
     for call, reason in refusals:
         with pytest.raises(SkipWeight, match=reason):
             call()
+
+
+@pytest.mark.parametrize("kind", ["palettize", "quantize"])
+def test_the_error_feedback_gives_the_same_bytes_on_any_threads(kind, monkeypatch):
+    """A weight layer's feedback over output channels in several spans (one short), on 1 or 3 threads."""
+    import lowbit.kernels.feedback as feedback
+    from lowbit.config import QuantizeConfig
+    from lowbit.weights import quantize_weight
+
+    monkeypatch.setattr(feedback, "COLUMNS", 4)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 16)) @ rng.standard_normal((16, 16))
+    w = rng.standard_normal((10, 16)).astype(np.float32)  # [outputs, inputs]
+
+    def compressed(threads: int) -> np.ndarray:
+        if kind == "palettize":
+            config = PalettizeConfig(n_bits=3, granularity="per_grouped_channel", group_size=1)
+            return palettize_weight(w, 0, config, gram=x.T @ x, threads=threads).decode()
+        config = QuantizeConfig(dtype="int4", granularity="per_block", block_size=8)
+        return quantize_weight(w, 0, 1, config, gram=x.T @ x, threads=threads).decode()
+
+    one = compressed(1)
+    np.testing.assert_array_equal(compressed(3), one)
+    monkeypatch.setattr(feedback, "COLUMNS", 256)
+    np.testing.assert_array_equal(compressed(1), one)

@@ -119,7 +119,7 @@ def _palettize_job(array: np.ndarray, weight: Weight, config: Any, threads: int,
 
 def _quantize_job(array: np.ndarray, weight: Weight, config: Any, threads: int, stats: InputMoments | None):
     gram = None if stats is None else stats.gram
-    return functools.partial(quantize_weight, array, weight.output_axis, weight.input_axis, config, gram)
+    return functools.partial(quantize_weight, array, weight.output_axis, weight.input_axis, config, gram, threads)
 
 
 def _sparsify_job(array: np.ndarray, weight: Weight, config: Any, threads: int, stats: InputMoments | None):

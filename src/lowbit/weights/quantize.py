@@ -70,12 +70,18 @@ class QuantizedWeight:
 
 
 def quantize_weight(
-    array: np.ndarray, output_axis: int, input_axis: int, config: QuantizeConfig, gram: np.ndarray | None = None
+    array: np.ndarray,
+    output_axis: int,
+    input_axis: int,
+    config: QuantizeConfig,
+    gram: np.ndarray | None = None,
+    threads: int = 1,
 ) -> QuantizedWeight:
     """Quantize one weight as ``config`` says: one scale per tensor, per ``output_axis`` channel, or per channel
     and ``block_size`` elements along ``input_axis`` (the last block may be shorter). ``gram``: optional ``X^T X``
     of a 2-D weight's input activations: the integer codes are then chosen with error feedback across the input
-    channels (GPTQ's), the scales kept (integer dtypes; otherwise ignored).
+    channels (GPTQ's), the scales kept (integer dtypes; otherwise ignored), its output channels on ``threads``
+    threads (default 1; the result does not depend on it).
 
     Raises :class:`~lowbit.errors.SkipWeight` when the values are not finite.
     """
@@ -92,14 +98,14 @@ def quantize_weight(
     integer = config.dtype in (DType.INT8, DType.UINT8, DType.INT4, DType.UINT4)
     checked = checked_gram(gram, array.shape[input_axis]) if array.ndim == 2 else None
     if checked is not None and integer:
-        quantized = _quantized_with_feedback(quantized, padded, checked, input_axis, symmetric)
+        quantized = _quantized_with_feedback(quantized, padded, checked, input_axis, symmetric, threads)
         diff = quantized.decode()[tuple(slice(0, n) for n in array.shape)].astype(np.float64) - array
         quantized = dataclasses.replace(quantized, squared_error=float(np.vdot(diff, diff)))
     return QuantizedWeight(quantized, tuple(array.shape))
 
 
 def _quantized_with_feedback(
-    q: LinearQuantized, padded: np.ndarray, gram: np.ndarray, input_axis: int, symmetric: bool
+    q: LinearQuantized, padded: np.ndarray, gram: np.ndarray, input_axis: int, symmetric: bool, threads: int = 1
 ) -> LinearQuantized:
     """``q``'s codes re-chosen by error feedback over the input channels (axis ``input_axis`` of a 2-D weight),
     in act-order, its scales and zero points kept. (Scales found anew for each block of input channels when the
@@ -116,5 +122,5 @@ def _quantized_with_feedback(
     full = np.zeros((channels, channels))
     full[: len(gram), : len(gram)] = gram  # padding channels: never active
     grid = linear_grid(by_input(scale, input_axis), by_input(zero_point, input_axis), low, high)
-    codes = by_input(ordered_feedback(by_input(padded, input_axis), full, grid)[0], input_axis)
+    codes = by_input(ordered_feedback(by_input(padded, input_axis), full, grid, threads=threads)[0], input_axis)
     return dataclasses.replace(q, q=codes.astype(q.q.dtype))

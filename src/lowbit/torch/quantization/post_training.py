@@ -141,8 +141,9 @@ class PostTrainingQuantizer(CompressorBase[PostTrainingQuantizerConfig]):
         ``calibration_data`` (lowbit's extension; default None: round to nearest): items run through
         ``forward_fn(model, item)`` (default ``model(**item)`` / ``model(*item)`` / ``model(item)``), block by
         block, while forward hooks collect each quantized ``nn.Linear`` weight's input ``X^T X``; those weights'
-        integer codes are then chosen with GPTQ's error feedback (in act-order, the scales kept). Other weights, and
-        float dtypes, are rounded to nearest.
+        integer codes are then chosen with GPTQ's error feedback (in act-order, the scales kept; on
+        ``torch.get_num_threads()`` threads, the result the same on any). Other weights, and float dtypes, are
+        rounded to nearest.
 
         Raises ``ValueError`` when a parameter is on the meta device or ``calibration_data`` yields nothing. A
         weight that cannot be quantized (NaN / Inf values, an integer dtype) is left as it is with a
@@ -190,6 +191,7 @@ def _quantized(targets: list[Target], statistics: Mapping[str, InputMoments]) ->
                 weight.input_axis,
                 target.config.weight_config(),
                 gram=None if stats is None else stats.gram,
+                threads=torch.get_num_threads(),
             )
         except SkipWeight as skipped:
             skip(target, skipped)
