@@ -265,3 +265,39 @@ def test_with_output_weights_the_error_is_the_loss_change_of_the_layer_outputs()
         assert again == choices
     plain = measured_choices(w, 0, 1, config, name="w", stats=stats, output_weights=s)
     assert [c.error for c in plain] == pytest.approx([loss_change(b, None) for b in BUDGET_BITS], rel=1e-4)
+
+
+def test_weights_measured_together_are_measured_as_one_by_one_and_a_skipped_one_spares_the_rest():
+    """One pool over every (weight, width), on 1, 2 or 7 threads: each weight's choices as measured alone, what it
+    keeps the same; a weight that cannot be palettized (its channels do not split into vectors) gives its
+    ``SkipWeight`` in its place."""
+    from lowbit.budget import Measurable, measured_together
+    from lowbit.errors import SkipWeight
+
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((300, 32))
+    stats = InputMoments.empty(32, full=True)
+    stats.add(x, -1)
+    config = PalettizeConfig(granularity="per_grouped_channel", group_size=4, weight_num_threshold=0)
+    arrays = [(rng.standard_normal((n, 32)) * 0.1).astype(np.float32) for n in (8, 24, 12)]
+    outputs = [rng.uniform(0.0, 2.0, len(a)) for a in arrays]
+    vectors = dataclasses.replace(config, cluster_dim=5)  # 12 channels: not vectors of 5
+    alone = [
+        measured_choices(a, 0, 1, config, name=f"w{i}", stats=stats, output_weights=s, feedback=True)
+        for i, (a, s) in enumerate(zip(arrays, outputs, strict=True))
+    ]
+    for threads in (1, 2, 7):
+        kept: dict[tuple[str, int], np.ndarray] = {}
+
+        def keeper(name: str, into: dict = kept):
+            return lambda bits, result: into.__setitem__((name, bits), result.decode())
+
+        weights = [
+            Measurable(a, 0, 1, config, f"w{i}", stats, output_weights=s, feedback=True, keep=keeper(f"w{i}"))
+            for i, (a, s) in enumerate(zip(arrays, outputs, strict=True))
+        ]
+        weights.insert(1, Measurable(arrays[2], 0, 1, vectors, "vectors", stats))
+        together = measured_together(weights, threads)
+        assert isinstance(together[1], SkipWeight) and "cluster_dim" in str(together[1])
+        assert [together[0], *together[2:]] == alone
+        assert sorted(kept) == sorted((f"w{i}", b) for i in range(3) for b in BUDGET_BITS)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from lowbit.config import PalettizeConfig
+from lowbit.errors import SkipWeight
 from lowbit.kernels.feedback import ordered_factor
 from lowbit.parallel import blas_shared_by
 from lowbit.statistics import InputMoments
@@ -36,10 +38,12 @@ from lowbit.statistics import InputMoments
 __all__ = [
     "BUDGET_BITS",
     "Choice",
+    "Measurable",
     "allocate",
     "allocation_note",
     "check_bits_per_weight",
     "measured_choices",
+    "measured_together",
     "relative_output_error",
 ]
 
@@ -160,41 +164,134 @@ def measured_choices(
     receives each width's palettization (e.g. to write the chosen one without palettizing it again).
 
     Raises what :func:`~lowbit.weights.palettize_weight` raises."""
-    from lowbit.weights import palettize_weight
+    weight = Measurable(
+        array,
+        output_axis,
+        input_axis,
+        config,
+        name,
+        stats,
+        sensitivity,
+        damping,
+        stored,
+        output_weights,
+        feedback,
+        keep,
+    )
+    (outcome,) = measured_together([weight], threads)
+    if isinstance(outcome, SkipWeight):
+        raise outcome
+    return outcome
 
-    importance, damping = (sensitivity, damping) if stats is None else stats.weighting(array.shape, input_axis)
-    error_of = _error_measure(array, input_axis, stats, sensitivity, output_weights)
-    gram = stats.gram if feedback and stats is not None else None
-    workers = max(1, min(threads, len(BUDGET_BITS)))  # widths side by side, each k-means on the threads left over
 
-    def measured(bits: int) -> Choice:
-        result = palettize_weight(
-            array,
-            output_axis,
-            dataclasses.replace(config, n_bits=bits),
-            name=name,
-            importance=importance,
-            threads=max(1, threads // workers),
-            damping=damping,
-            gram=gram,
+@dataclass(frozen=True)
+class Measurable:
+    """A weight to measure at every width: :func:`measured_choices`' parameters but ``threads``."""
+
+    array: np.ndarray
+    output_axis: int
+    input_axis: int
+    config: PalettizeConfig
+    name: str = ""
+    stats: InputMoments | None = None
+    sensitivity: np.ndarray | None = None
+    damping: float = 0.0
+    stored: Callable[[Any], int] | None = None
+    output_weights: np.ndarray | None = None
+    feedback: bool = False
+    keep: Callable[[int, Any], None] | None = None
+
+    @property
+    def gram(self) -> np.ndarray | None:
+        """The ``X^T X`` whose error feedback each width gets."""
+        return self.stats.gram if self.feedback and self.stats is not None else None
+
+    def measure(self, threads: int) -> Callable[[int], Choice]:
+        """``measured(n_bits)``: the :class:`Choice` of one width, its k-means on ``threads`` threads."""
+        from lowbit.weights import palettize_weight
+
+        stats, array = self.stats, self.array
+        importance, damping = (
+            (self.sensitivity, self.damping) if stats is None else stats.weighting(array.shape, self.input_axis)
         )
-        if keep is not None:
-            keep(bits, result)
-        return Choice(bits, result.nbytes if stored is None else stored(result), error_of(result.decode()))
+        error_of = _error_measure(array, self.input_axis, stats, self.sensitivity, self.output_weights)
 
-    widest_first = BUDGET_BITS[::-1]  # the slowest first, for the threads' balance
+        def measured(bits: int) -> Choice:
+            config = dataclasses.replace(self.config, n_bits=bits)
+            result = palettize_weight(
+                array, self.output_axis, config, self.name, importance, threads, damping, self.gram
+            )
+            if self.keep is not None:
+                self.keep(bits, result)
+            nbytes = result.nbytes if self.stored is None else self.stored(result)
+            return Choice(bits, nbytes, error_of(result.decode()))
+
+        return measured
+
+
+def measured_together(weights: Sequence[Measurable], threads: int = 1) -> list[tuple[Choice, ...] | SkipWeight]:
+    """Each of ``weights`` at every width (:func:`measured_choices`), every (weight, width) on one pool of up to
+    ``threads`` threads, the largest weights' widest widths first (so that no thread waits at the end of each
+    weight: a block's seven SmolLM2 weights measured one after another took 1.1x as long); the threads left over
+    share each width's k-means. A weight that cannot be palettized gives its :class:`SkipWeight`, the others are
+    measured; other errors are raised."""
+    tasks = sorted(
+        ((i, bits) for i in range(len(weights)) for bits in BUDGET_BITS),
+        key=lambda task: (-weights[task[0]].array.size, task[0], -task[1]),
+    )
+    workers = max(1, min(threads, len(tasks)))
+    measures = [_Once(weight, max(1, threads // workers)) for weight in weights]
+    skipped: dict[int, SkipWeight] = {}
+
+    def measured(task: tuple[int, int]) -> Choice | None:
+        index, bits = task
+        try:
+            return measures[index](bits)
+        except SkipWeight as skip:
+            skipped.setdefault(index, skip)
+            return None
+
+    grams = {id(g): g for w in weights if w.config.cluster_dim == 1 and (g := w.gram) is not None}
     if workers == 1:
-        choices = dict(zip(widest_first, map(measured, widest_first), strict=True))
-        return tuple(choices[bits] for bits in BUDGET_BITS)
-    shared = gram if config.cluster_dim == 1 else None  # the feedback's factor of X^T X: one for every width
-    with (
-        blas_shared_by(threads),
-        ThreadPoolExecutor(workers + (shared is not None), thread_name_prefix="lowbit-widths") as pool,
-    ):
-        if shared is not None:  # computed beside the widths' k-means, not while a width waits for it
-            pool.submit(ordered_factor, shared)
-        choices = dict(zip(widest_first, pool.map(measured, widest_first), strict=True))
-    return tuple(choices[bits] for bits in BUDGET_BITS)
+        results = list(map(measured, tasks))
+    else:
+        with (
+            blas_shared_by(threads),
+            ThreadPoolExecutor(workers + bool(grams), thread_name_prefix="lowbit-widths") as pool,
+        ):
+            if grams:  # the feedback's factors of X^T X, computed beside the widths, not while a width waits
+                pool.submit(lambda: [ordered_factor(g) for g in grams.values()])
+            results = list(pool.map(measured, tasks))
+    choices: dict[int, dict[int, Choice]] = {}
+    for (index, bits), choice in zip(tasks, results, strict=True):
+        if choice is not None:
+            choices.setdefault(index, {})[bits] = choice
+    return [
+        skipped[i] if i in skipped else tuple(choices[i][bits] for bits in BUDGET_BITS) for i in range(len(weights))
+    ]
+
+
+class _Once:
+    """A weight's :meth:`Measurable.measure`, prepared by the first of its widths to run and dropped after the last
+    (the prepared arrays of only the weights in flight are held)."""
+
+    def __init__(self, weight: Measurable, threads: int) -> None:
+        self.weight, self.threads, self.left = weight, threads, len(BUDGET_BITS)
+        self.lock = threading.Lock()
+        self.prepared: Callable[[int], Choice] | None = None
+
+    def __call__(self, bits: int) -> Choice:
+        with self.lock:
+            if self.prepared is None:
+                self.prepared = self.weight.measure(self.threads)
+            prepared = self.prepared
+        try:
+            return prepared(bits)
+        finally:
+            with self.lock:
+                self.left -= 1
+                if not self.left:
+                    self.prepared = None
 
 
 UNITS = 1 << 16  # the budget's resolution in the allocation's dynamic program

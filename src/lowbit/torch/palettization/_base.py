@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lowbit.budget import BUDGET_BITS, Choice, allocate, measured_choices
+from lowbit.budget import BUDGET_BITS, Choice, Measurable, allocate, measured_together
 from lowbit.config import PalettizeConfig, check_choice, check_int, integral
 from lowbit.errors import SkipWeight
 from lowbit.statistics import ACTIVATION_DAMPING, InputMoments
@@ -287,17 +287,18 @@ def measured_widths(
     output_weights: Mapping[str, np.ndarray] | None = None,
     kept: KeptWidths | None = None,
 ) -> Iterator[Measured]:
-    """Each target palettized at every width of the budget (:func:`lowbit.budget.measured_choices`), its error
+    """Each target palettized at every width of the budget (:func:`lowbit.budget.measured_together`), its error
     weighted by its statistics or sensitivity; with ``output_weights`` (each output channel's mean squared loss
     gradient, by weight name) and the whole ``X^T X``, the loss change. With ``kept``, each width gets the error
     feedback the compression gives it and is kept there, and a target that cannot be palettized is skipped with its
     warning (:func:`skip`); without, such a target is left out here (it keeps its width) and the compression
     itself warns."""
+    weights = []
     for target in targets:
         param, stats = target.weight.parameter, statistics.get(target.name)
         sensitivity, damping = (None, 0.0) if stats is not None else _weighting(target, importance, None)
-        try:
-            choices = measured_choices(
+        weights.append(
+            Measurable(
                 to_numpy(param),
                 target.axis,
                 target.weight.input_axis,
@@ -306,16 +307,17 @@ def measured_widths(
                 stats=stats,
                 sensitivity=sensitivity,
                 damping=damping,
-                threads=threads,
                 output_weights=(output_weights or {}).get(target.name),
                 feedback=kept is not None,
                 keep=None if kept is None else kept.keeper(target.name),
             )
-        except SkipWeight as skipped:
+        )
+    for target, choices in zip(targets, measured_together(weights, threads), strict=True):
+        if isinstance(choices, SkipWeight):
             if kept is not None:
-                skip(target, skipped)
+                skip(target, choices)
             continue
-        yield target.name, param.numel(), choices
+        yield target.name, target.weight.parameter.numel(), choices
 
 
 def allocate_widths(measured: Iterable[Measured], bits_per_weight: float) -> dict[str, int]:
