@@ -301,3 +301,42 @@ def test_weights_measured_together_are_measured_as_one_by_one_and_a_skipped_one_
         assert isinstance(together[1], SkipWeight) and "cluster_dim" in str(together[1])
         assert [together[0], *together[2:]] == alone
         assert sorted(kept) == sorted((f"w{i}", b) for i in range(3) for b in BUDGET_BITS)
+
+
+def test_a_weight_is_prepared_once_for_its_widths_and_released_after_them(monkeypatch):
+    """``measure`` runs once per weight whatever the threads, its prepared arrays are dropped after its last width;
+    a weight that fails at some widths only is reported by its widest failing one, on any threads."""
+    from lowbit.budget import Measurable, _Once, measured_together
+    from lowbit.errors import SkipWeight
+
+    calls: list[str] = []
+    onces: list[_Once] = []
+    measure = Measurable.measure
+
+    def counted(self: Measurable, threads: int):
+        calls.append(self.name)
+        return measure(self, threads)
+
+    class Kept(_Once):
+        def __init__(self, *args) -> None:
+            super().__init__(*args)
+            onces.append(self)
+
+    monkeypatch.setattr(Measurable, "measure", counted)
+    monkeypatch.setattr("lowbit.budget._Once", Kept)
+    rng = np.random.default_rng(14)
+    unique = PalettizeConfig(mode="unique", weight_num_threshold=0)
+    few = (np.arange(48) % 20 / 16).reshape(6, 8).astype(np.float32)  # 20 values: 2, 3 and 4 bits fail
+    for threads in (1, 2, 7):
+        calls.clear()
+        onces.clear()
+        weights = [
+            Measurable((rng.standard_normal((n, 8))).astype(np.float32), 0, 1, PalettizeConfig(), f"w{n}")
+            for n in (4, 16, 8)
+        ]
+        weights.append(Measurable(few, 0, 1, unique, "few"))
+        outcomes = measured_together(weights, threads)
+        assert sorted(calls) == sorted(w.name for w in weights)
+        assert all(once.prepared is None for once in onces) and len(onces) == len(weights)
+        assert isinstance(outcomes[3], SkipWeight) and "at most 16 distinct values" in str(outcomes[3])
+        assert all(len(o) == len(BUDGET_BITS) for o in outcomes[:3])

@@ -75,8 +75,8 @@ def test_the_error_feedback_gives_the_same_bytes_on_any_threads(kind, monkeypatc
 
     monkeypatch.setattr(feedback, "COLUMNS", 4)
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((64, 16)) @ rng.standard_normal((16, 16))
-    w = rng.standard_normal((10, 16)).astype(np.float32)  # [outputs, inputs]
+    x = rng.standard_normal((400, 160)) @ rng.standard_normal((160, 160))
+    w = rng.standard_normal((10, 160)).astype(np.float32)  # [outputs, inputs]: past a block of 128 rows
 
     def compressed(threads: int) -> np.ndarray:
         if kind == "palettize":

@@ -31,7 +31,7 @@ import numpy as np
 
 from lowbit.config import PalettizeConfig
 from lowbit.errors import SkipWeight
-from lowbit.kernels.feedback import ordered_factor
+from lowbit.kernels.feedback import FACTORS_KEPT_BYTES, ordered_factor
 from lowbit.parallel import blas_shared_by
 from lowbit.statistics import InputMoments
 
@@ -169,14 +169,14 @@ def measured_choices(
         output_axis,
         input_axis,
         config,
-        name,
-        stats,
-        sensitivity,
-        damping,
-        stored,
-        output_weights,
-        feedback,
-        keep,
+        name=name,
+        stats=stats,
+        sensitivity=sensitivity,
+        damping=damping,
+        stored=stored,
+        output_weights=output_weights,
+        feedback=feedback,
+        keep=keep,
     )
     (outcome,) = measured_together([weight], threads)
     if isinstance(outcome, SkipWeight):
@@ -184,7 +184,7 @@ def measured_choices(
     return outcome
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Measurable:
     """A weight to measure at every width: :func:`measured_choices`' parameters but ``threads``."""
 
@@ -233,47 +233,69 @@ def measured_together(weights: Sequence[Measurable], threads: int = 1) -> list[t
     """Each of ``weights`` at every width (:func:`measured_choices`), every (weight, width) on one pool of up to
     ``threads`` threads, the largest weights' widest widths first (so that no thread waits at the end of each
     weight: a block's seven SmolLM2 weights measured one after another took 1.1x as long); the threads left over
-    share each width's k-means. A weight that cannot be palettized gives its :class:`SkipWeight`, the others are
-    measured; other errors are raised."""
+    share each width's k-means. A weight's arrays are prepared when its first width starts and dropped after its
+    last; the caller bounds how many weights it passes at once (their arrays). A weight that cannot be palettized
+    gives the :class:`SkipWeight` of its widest width that fails, the others are measured; other errors are
+    raised."""
     tasks = sorted(
         ((i, bits) for i in range(len(weights)) for bits in BUDGET_BITS),
         key=lambda task: (-weights[task[0]].array.size, task[0], -task[1]),
     )
     workers = max(1, min(threads, len(tasks)))
     measures = [_Once(weight, max(1, threads // workers)) for weight in weights]
-    skipped: dict[int, SkipWeight] = {}
 
-    def measured(task: tuple[int, int]) -> Choice | None:
+    def measured(task: tuple[int, int]) -> Choice | SkipWeight:
         index, bits = task
         try:
             return measures[index](bits)
         except SkipWeight as skip:
-            skipped.setdefault(index, skip)
-            return None
+            return skip
 
-    grams = {id(g): g for w in weights if w.config.cluster_dim == 1 and (g := w.gram) is not None}
     if workers == 1:
         results = list(map(measured, tasks))
     else:
+        grams = _kept_factors([weights[i] for i, _ in tasks])
         with (
-            blas_shared_by(threads),
+            blas_shared_by(workers, threads),
             ThreadPoolExecutor(workers + bool(grams), thread_name_prefix="lowbit-widths") as pool,
         ):
             if grams:  # the feedback's factors of X^T X, computed beside the widths, not while a width waits
-                pool.submit(lambda: [ordered_factor(g) for g in grams.values()])
+                pool.submit(lambda: [ordered_factor(g) for g in grams])
             results = list(pool.map(measured, tasks))
-    choices: dict[int, dict[int, Choice]] = {}
-    for (index, bits), choice in zip(tasks, results, strict=True):
-        if choice is not None:
-            choices.setdefault(index, {})[bits] = choice
-    return [
-        skipped[i] if i in skipped else tuple(choices[i][bits] for bits in BUDGET_BITS) for i in range(len(weights))
-    ]
+    outcomes: dict[int, dict[int, Choice | SkipWeight]] = {}
+    for (index, bits), outcome in zip(tasks, results, strict=True):
+        outcomes.setdefault(index, {})[bits] = outcome
+    return [_choices_or_skip(outcomes[i]) for i in range(len(weights))]
+
+
+def _choices_or_skip(by_bits: Mapping[int, Choice | SkipWeight]) -> tuple[Choice, ...] | SkipWeight:
+    """A weight's choices, ascending, or the :class:`SkipWeight` of its widest failing width."""
+    ascending = [by_bits[bits] for bits in BUDGET_BITS]
+    failed = [outcome for outcome in ascending[::-1] if isinstance(outcome, SkipWeight)]
+    return failed[0] if failed else tuple(outcome for outcome in ascending if isinstance(outcome, Choice))
+
+
+def _kept_factors(in_order: Sequence[Measurable]) -> list[np.ndarray]:
+    """The distinct ``X^T X`` of the weights (in the order their widths run) whose feedback factors are worth
+    computing ahead: those the factor cache keeps (:data:`~lowbit.kernels.feedback.FACTORS_KEPT_BYTES`) without one
+    evicting another before its widths read it (a larger one is computed by its first width, and not kept)."""
+    chosen: dict[int, np.ndarray] = {}
+    room = FACTORS_KEPT_BYTES
+    for weight in in_order:
+        gram = weight.gram if weight.config.cluster_dim == 1 else None
+        if gram is None or id(gram) in chosen:
+            continue
+        factor_bytes = 8 * gram.shape[0] * (gram.shape[0] + 1)  # the factor and the order
+        if factor_bytes > room:
+            break
+        chosen[id(gram)] = gram
+        room -= factor_bytes
+    return list(chosen.values())
 
 
 class _Once:
     """A weight's :meth:`Measurable.measure`, prepared by the first of its widths to run and dropped after the last
-    (the prepared arrays of only the weights in flight are held)."""
+    (the prepared arrays of only the weights in flight are held); a width whose preparation fails counts too."""
 
     def __init__(self, weight: Measurable, threads: int) -> None:
         self.weight, self.threads, self.left = weight, threads, len(BUDGET_BITS)
@@ -281,11 +303,11 @@ class _Once:
         self.prepared: Callable[[int], Choice] | None = None
 
     def __call__(self, bits: int) -> Choice:
-        with self.lock:
-            if self.prepared is None:
-                self.prepared = self.weight.measure(self.threads)
-            prepared = self.prepared
         try:
+            with self.lock:
+                if self.prepared is None:
+                    self.prepared = self.weight.measure(self.threads)
+                prepared = self.prepared
             return prepared(bits)
         finally:
             with self.lock:

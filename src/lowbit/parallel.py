@@ -19,11 +19,12 @@ __all__ = ["blas_shared_by"]
 
 
 @contextlib.contextmanager
-def blas_shared_by(workers: int) -> Iterator[None]:
-    """Within the block, BLAS runs one thread per call when ``workers`` (> 1) of lowbit's threads run at once; with
-    one worker, BLAS is left as it is. The limit is process-wide and restored on exit."""
+def blas_shared_by(workers: int, threads: int | None = None) -> Iterator[None]:
+    """Within the block, BLAS runs ``threads // workers`` threads per call (default one) when ``workers`` (> 1) of
+    lowbit's threads share ``threads`` at once; with one worker, BLAS is left as it is. The limit is process-wide
+    and restored on exit."""
     if workers <= 1:
         yield
         return
-    with threadpool_limits(limits=1, user_api="blas"):
+    with threadpool_limits(limits=max(1, (threads or workers) // workers), user_api="blas"):
         yield

@@ -6,6 +6,8 @@ uncorrelated channels it is plain rounding."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -88,14 +90,14 @@ def test_the_bucket_index_finds_the_nearest_entry_of_any_lut():
     n, entries = 6, 64
     luts = np.sort(rng.standard_normal((n, entries)) ** 3, axis=1)  # crowded near 0, sparse in the tails
     luts[1] = 0.5  # all equal
-    luts[2] = np.linspace(0, 5e-324 * entries, entries)  # denormal steps: the steps per unit overflow
+    luts[2] = np.arange(entries) * 2 * 5e-324  # denormal steps: the steps per unit overflow to inf
     luts[3, :-1] = -1.0  # one outlying entry
     luts[4] = np.linspace(-1, 1, entries)  # values on bucket edges below
     edges = -0.3 + np.arange(2 * entries) * (1.0 / (2 * entries))  # the index's bucket edges for entries -0.3 .. 0.7
     below = np.nextafter(edges[2 : 2 * entries - 2 : 4], -1.0)  # pairs of adjacent floats just below edges
     luts[5] = np.sort(np.concatenate([[-0.3, 0.7], below, np.nextafter(below, -1.0)]))[:entries]
     values = np.concatenate([rng.standard_normal((200, n)) * 3, np.linspace(-1, 1, 129)[:, None].repeat(n, 1)])
-    values[:, 2] = rng.integers(-2, entries + 2, values.shape[0]) * 5e-324
+    values[:, 2] = rng.integers(-4, 2 * entries + 4, values.shape[0]) * 5e-324
     # the LUT's own entries, e.g. just below an edge: a value's step may round up into the next bucket (other values
     # would be as near to both floats of a pair in the scan's rounded distances)
     values[:, 5] = luts[5, rng.integers(0, entries, values.shape[0])]
@@ -174,11 +176,15 @@ def test_the_output_channels_run_in_spans_on_any_threads_with_the_same_result(ki
     whole_codes, whole_values = feedback(w, factor, grid)
     want_codes, _ = _recurrence(w, factor, nearest, np.arange(40))
     np.testing.assert_array_equal(whole_codes, want_codes)
+    lazy_codes, lazy_values = feedback(w, factor, grid, block=8)  # the later rows' updates in BLAS products
     monkeypatch.setattr(module, "COLUMNS", 5)
     for threads in (1, 2, 5):
         codes, values = feedback(w, factor, grid, threads=threads)
         np.testing.assert_array_equal(codes, whole_codes)
         np.testing.assert_array_equal(values, whole_values)
+        codes, values = feedback(w, factor, grid, block=8, threads=threads)
+        np.testing.assert_array_equal(codes, lazy_codes)
+        np.testing.assert_array_equal(values, lazy_values)
 
 
 def test_a_gram_is_inverted_once_for_the_weights_that_share_it():
@@ -265,3 +271,6 @@ def test_a_lut_grid_is_built_with_its_codes():
         Grid(luts=np.zeros((4, 4)))
     with pytest.raises(ValueError, match="build it with lut_grid"):
         Grid(luts=np.zeros((4, 4)), lut_codes=np.zeros((4, 4), np.int64))
+    grid = lut_grid(np.zeros((4, 4)))
+    with pytest.raises(ValueError, match="build it with lut_grid"):  # an index of no buckets
+        dataclasses.replace(grid, buckets=grid.buckets[:, :0])

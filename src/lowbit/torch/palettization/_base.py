@@ -293,31 +293,44 @@ def measured_widths(
     feedback the compression gives it and is kept there, and a target that cannot be palettized is skipped with its
     warning (:func:`skip`); without, such a target is left out here (it keeps its width) and the compression
     itself warns."""
-    weights = []
-    for target in targets:
-        param, stats = target.weight.parameter, statistics.get(target.name)
-        sensitivity, damping = (None, 0.0) if stats is not None else _weighting(target, importance, None)
-        weights.append(
-            Measurable(
-                to_numpy(param),
-                target.axis,
-                target.weight.input_axis,
-                target.config.weight_config(),
-                name=target.name,
-                stats=stats,
-                sensitivity=sensitivity,
-                damping=damping,
-                output_weights=(output_weights or {}).get(target.name),
-                feedback=kept is not None,
-                keep=None if kept is None else kept.keeper(target.name),
-            )
-        )
-    for target, choices in zip(targets, measured_together(weights, threads), strict=True):
-        if isinstance(choices, SkipWeight):
-            if kept is not None:
-                skip(target, choices)
-            continue
-        yield target.name, target.weight.parameter.numel(), choices
+    for start in range(0, len(targets), MEASURED_TOGETHER):
+        window = targets[start : start + MEASURED_TOGETHER]
+        weights = [_measurable(t, importance, statistics.get(t.name), output_weights, kept) for t in window]
+        for target, choices in zip(window, measured_together(weights, threads), strict=True):
+            if isinstance(choices, SkipWeight):
+                if kept is not None:
+                    skip(target, choices)
+                continue
+            yield target.name, target.weight.parameter.numel(), choices
+
+
+# targets measured on one pool at once (a transformer block's Linear weights): their arrays are held together (a
+# weight off the CPU as a copy), the pool's threads balanced across them (lowbit.budget.measured_together)
+MEASURED_TOGETHER = 8
+
+
+def _measurable(
+    target: Target,
+    importance: Callable[[Target], np.ndarray | None],
+    stats: InputMoments | None,
+    output_weights: Mapping[str, np.ndarray] | None,
+    kept: KeptWidths | None,
+) -> Measurable:
+    """``target`` as :func:`measured_widths` measures it."""
+    sensitivity, damping = (None, 0.0) if stats is not None else _weighting(target, importance, None)
+    return Measurable(
+        to_numpy(target.weight.parameter),
+        target.axis,
+        target.weight.input_axis,
+        target.config.weight_config(),
+        name=target.name,
+        stats=stats,
+        sensitivity=sensitivity,
+        damping=damping,
+        output_weights=(output_weights or {}).get(target.name),
+        feedback=kept is not None,
+        keep=None if kept is None else kept.keeper(target.name),
+    )
 
 
 def allocate_widths(measured: Iterable[Measured], bits_per_weight: float) -> dict[str, int]:
