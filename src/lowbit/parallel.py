@@ -2,10 +2,10 @@
 
 lowbit runs weights (the driver's pool) and widths (a budget's measure) on threads of its own; the kernels there
 also call BLAS (error feedback's products, ``X^T X`` factors), whose own threads then compete with them for the same
-cores. While two or more of lowbit's threads run, BLAS is held to one thread each (threadpoolctl): the MiniLM graph
-door's calibrated 4-bit palettization took 8.8 s with two BLAS threads under its four workers, 6.4 s with one; a
-SmolLM2 weight measured at five widths on two threads 0.86 s against 0.65 s. A single thread (ADMM's pruning,
-quantization's one worker) keeps every BLAS thread.
+cores. While two or more of lowbit's threads run, BLAS gets their share of the threads, one each when there are as
+many workers as threads (threadpoolctl): the MiniLM graph door's calibrated 4-bit palettization took 8.8 s with two
+BLAS threads under its four workers, 6.4 s with one; a SmolLM2 weight measured at five widths on two threads 0.86 s
+against 0.65 s. A single thread (ADMM's pruning, quantization's one worker) keeps every BLAS thread.
 """
 
 from __future__ import annotations

@@ -36,8 +36,8 @@ __all__ = [
 
 CODES = np.int16  # the codes' dtype: every LUT index (< 256) and linear code (int8 / uint8 and narrower)
 # equal-width buckets per LUT entry in a LUT's index of where to start looking for a value's nearest entry (one or two
-# steps from there): SmolLM2's per-channel LUTs with the feedback, 2-bit 40 -> 32 ms, 4-bit 50 -> 37, 8-bit 104 -> 63
-# against a bisection (1 bucket per entry: 8-bit 62, 4-bit 47)
+# steps from there). One SmolLM2 gate projection's act-order feedback, per-channel LUTs, against a bisection (best of
+# five): 4-bit 62-64 -> 51-53 ms, 8-bit 113 -> 75 ms, 2-bit 49 -> 52-55 ms (1 bucket per entry: 4-bit and 8-bit slower)
 BUCKETS_PER_ENTRY = 2
 FEEDBACK_DAMPING = 0.01  # of the mean diagonal, added to X^T X's diagonal before it is inverted (GPTQ's percdamp)
 BLOCK = 128  # rows whose updates run eagerly; the rows after a block get its updates in one product (GPTQ's lazy)

@@ -279,6 +279,11 @@ def _kept_bytes(targets: Iterable[Target]) -> int:
     return total
 
 
+# targets measured on one pool at once (a transformer block's Linear weights): their arrays are held together (a
+# weight off the CPU as a copy), the pool's threads balanced across them (lowbit.budget.measured_together)
+MEASURED_TOGETHER = 8
+
+
 def measured_widths(
     targets: list[Target],
     importance: Callable[[Target], np.ndarray | None],
@@ -302,11 +307,6 @@ def measured_widths(
                     skip(target, choices)
                 continue
             yield target.name, target.weight.parameter.numel(), choices
-
-
-# targets measured on one pool at once (a transformer block's Linear weights): their arrays are held together (a
-# weight off the CPU as a copy), the pool's threads balanced across them (lowbit.budget.measured_together)
-MEASURED_TOGETHER = 8
 
 
 def _measurable(
