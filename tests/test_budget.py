@@ -340,3 +340,23 @@ def test_a_weight_is_prepared_once_for_its_widths_and_released_after_them(monkey
         assert all(once.prepared is None for once in onces) and len(onces) == len(weights)
         assert isinstance(outcomes[3], SkipWeight) and "at most 16 distinct values" in str(outcomes[3])
         assert all(len(o) == len(BUDGET_BITS) for o in outcomes[:3])
+
+
+def test_the_factors_computed_ahead_are_those_the_feedback_reads():
+    """Only the ``X^T X`` of weights whose codes the feedback chooses (2-D, scalar LUTs, ``feedback``) are factored
+    ahead, each once: not a vector LUT's, nor one measured without feedback."""
+    from lowbit.budget import Measurable, _kept_factors
+
+    rng = np.random.default_rng(15)
+    grams = []
+    for _ in range(3):
+        stats = InputMoments.empty(16, full=True)
+        stats.add(rng.standard_normal((50, 16)), -1)
+        grams.append(stats)
+    w = rng.standard_normal((8, 16)).astype(np.float32)
+    config = PalettizeConfig(granularity="per_grouped_channel", group_size=4, weight_num_threshold=0)
+    scalar = Measurable(w, 0, 1, config, "scalar", grams[0], feedback=True)
+    vectors = Measurable(w, 0, 1, dataclasses.replace(config, cluster_dim=2), "vectors", grams[1], feedback=True)
+    plain = Measurable(w, 0, 1, config, "plain", grams[2])
+    ahead = _kept_factors([vectors, scalar, plain, scalar])
+    assert len(ahead) == 1 and ahead[0] is grams[0].gram

@@ -49,6 +49,22 @@ def test_importance_steers_the_centroids_and_zero_importance_falls_back_to_plain
     assert errors[1] < errors[0] / 10
 
 
+def test_importance_that_is_not_finite_weighs_nothing():
+    """NaN and infinite sensitivities count as zero (then damped like any other), in float16 and float32 alike."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((8, 128)).astype(np.float32)
+    config = PalettizeConfig(n_bits=3, granularity="per_grouped_channel", group_size=4)
+    for dtype in (np.float16, np.float32):
+        importance = rng.uniform(0.0, 1.0, w.shape).astype(dtype)
+        broken, zeroed = importance.copy(), importance.copy()
+        broken[1, :3] = [np.nan, np.inf, -np.inf]
+        zeroed[1, :3] = 0.0
+        results = [palettize_weight(w, 0, config, importance=i, damping=0.01) for i in (broken, zeroed)]
+        assert results[0].palettized.packed.tobytes() == results[1].palettized.packed.tobytes()
+        np.testing.assert_array_equal(results[0].palettized.lut, results[1].palettized.lut)
+        assert np.isfinite(results[0].palettized.lut).all()
+
+
 def test_the_weight_layer_refuses_shapes_that_do_not_split():
     w = np.ones((30, 64), np.float32)
     refusals = [  # LUT groups and quantization blocks may be ragged (tests/onnx); vectors and n:m groups not

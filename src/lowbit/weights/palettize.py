@@ -20,7 +20,7 @@ from lowbit.outliers import Outliers, choose_outliers, outliers_of, sensitivity_
 from lowbit.types import CompressionGranularity
 from lowbit.weights.common import checked_gram, moved_axis_perms, relative
 
-__all__ = ["PalettizedWeight", "palettize_weight"]
+__all__ = ["PalettizedWeight", "feeds_back", "palettize_weight"]
 
 
 @dataclass(frozen=True)
@@ -139,10 +139,18 @@ def _damped(importance: np.ndarray, groups: int, damping: float) -> np.ndarray:
     """``importance + damping * mean`` per LUT group: a few outlying sensitivities then cannot drag every centroid
     to themselves, and every value keeps some weight (a group whose importance is all zero falls back to plain
     k-means instead of having no values)."""
-    imp = np.nan_to_num(np.abs(importance.astype(np.float64)), nan=0.0, posinf=0.0).reshape(groups, -1)
+    imp = np.abs(importance, dtype=np.float64).reshape(groups, -1)
+    if not np.isfinite(imp).all():  # checked first: the copy that clears them took most of the time
+        imp = np.nan_to_num(imp, nan=0.0, posinf=0.0)
     mean = imp.mean(axis=1, keepdims=True)
-    floor = np.where(mean > 0, mean * max(damping, MIN_DAMPING), 1.0)
-    return (imp + floor).reshape(importance.shape)
+    imp += np.where(mean > 0, mean * max(damping, MIN_DAMPING), 1.0)
+    return imp.reshape(importance.shape)
+
+
+def feeds_back(config: PalettizeConfig, ndim: int) -> bool:
+    """Whether :func:`palettize_weight` chooses the codes of a weight of ``ndim`` axes by error feedback when given
+    its ``X^T X``: 2-D weights with scalar LUTs."""
+    return ndim == 2 and config.cluster_dim == 1
 
 
 def palettize_weight(
@@ -192,7 +200,7 @@ def palettize_weight(
     full = channels // per_group * per_group  # the channels of whole groups; a ragged last group is solved alone
     parts = [(0, full, full // per_group), (full, channels, 1)] if full < channels else [(0, rows, groups)]
     checked = checked_gram(gram, array.shape[1 - axis]) if array.ndim == 2 else None
-    feedback = checked is not None and config.cluster_dim == 1
+    feedback = checked is not None and feeds_back(config, array.ndim)
     outputs_first = forward[0] == axis
 
     def solve(start: int, stop: int, lut_groups: int) -> Palettized:
