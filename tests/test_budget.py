@@ -360,3 +360,60 @@ def test_the_factors_computed_ahead_are_those_the_feedback_reads():
     plain = Measurable(w, 0, 1, config, "plain", grams[2])
     ahead = _kept_factors([vectors, scalar, plain, scalar])
     assert len(ahead) == 1 and ahead[0] is grams[0].gram
+
+
+def test_an_allocation_with_bounded_errors_measures_what_it_picks_and_matches_every_width_measured():
+    """Choices whose errors are only bounded below (0, ``bound``): ``allocate_measuring`` measures those the
+    allocation picks (each once), until it picks none: the allocation of every error known first, on random
+    weights and budgets (the widest width among them). A bound the measure leaves unmeasured is dropped."""
+    from lowbit.budget import Choice, allocate, allocate_measuring
+
+    rng = np.random.default_rng(16)
+    picked_widest = 0
+    for case in range(60):
+        true = {}
+        for i in range(int(rng.integers(2, 6))):
+            numel = int(rng.integers(100, 1000))
+            errors = np.sort(rng.uniform(0, 1, len(BUDGET_BITS)))[::-1] * rng.uniform(0.1, 10)
+            true[f"w{i}"] = tuple(
+                Choice(b, numel * b // 8 + 16 * 2**b // 8, float(e)) for b, e in zip(BUDGET_BITS, errors, strict=True)
+            )
+        bounded = {n: tuple(Choice(c.n_bits, c.nbytes, 0.0, bound=c.n_bits == 8) for c in cs) for n, cs in true.items()}
+        bounded = {n: tuple(c if c.bound else true[n][j] for j, c in enumerate(cs)) for n, cs in bounded.items()}
+        numel = sum(cs[0].nbytes for cs in true.values())
+        budget = numel * rng.uniform(1.5, 5.0)
+        asked: list[str] = []
+
+        def measure(names: list[str], asked: list[str] = asked, true: dict = true) -> dict:
+            asked.extend(names)
+            return {n: [c for c in true[n] if c.n_bits == 8] for n in names}
+
+        expected = allocate(true, budget)
+        assert allocate_measuring(bounded, budget, measure) == expected, case
+        assert {n for n, bits in expected.items() if bits == 8} <= set(asked)  # what it gives 8 bits was measured
+        assert len(asked) == len(set(asked))  # each weight measured once
+        picked_widest += any(bits == 8 for bits in expected.values())
+    assert picked_widest >= 5  # the cases reach the widest width
+
+    choices = {"a": (Choice(2, 10, 5.0), Choice(8, 40, 0.0, bound=True))}
+    assert allocate_measuring(choices, 50, lambda names: {}) == {"a": 2}  # never measured: dropped
+
+
+def test_a_deferred_width_gives_its_bytes_and_a_bound_and_is_not_kept():
+    """``deferred`` widths (with feedback): the bytes the measured width has, error 0 marked ``bound``, nothing
+    kept; without feedback every width is measured."""
+    from lowbit.budget import Measurable, measured_together
+
+    rng = np.random.default_rng(17)
+    stats = InputMoments.empty(32, full=True)
+    stats.add(rng.standard_normal((200, 32)), -1)
+    w = (rng.standard_normal((16, 32)) * 0.1).astype(np.float32)
+    config = PalettizeConfig(granularity="per_grouped_channel", group_size=4, weight_num_threshold=0)
+    kept: dict[int, object] = {}
+    full = Measurable(w, 0, 1, config, "w", stats, feedback=True)
+    put_off = dataclasses.replace(full, deferred=(8,), keep=kept.__setitem__)
+    (all_measured,), (deferred,) = measured_together([full]), measured_together([put_off])
+    assert deferred[:-1] == all_measured[:-1] and sorted(kept) == [2, 3, 4, 6]
+    assert deferred[-1] == Choice(8, all_measured[-1].nbytes, 0.0, bound=True) and all_measured[-1].error > 0
+    plain = dataclasses.replace(full, feedback=False, deferred=(8,))
+    assert not any(c.bound for c in measured_together([plain])[0])

@@ -38,9 +38,11 @@ from lowbit.weights.palettize import feeds_back, palettize_weight
 
 __all__ = [
     "BUDGET_BITS",
+    "DEFERRED_BITS",
     "Choice",
     "Measurable",
     "allocate",
+    "allocate_measuring",
     "allocation_note",
     "check_bits_per_weight",
     "measured_choices",
@@ -49,6 +51,9 @@ __all__ = [
 ]
 
 BUDGET_BITS = (2, 3, 4, 6, 8)  # the widths a budget chooses from
+# the widths whose error feedback a measure may put off until an allocation picks them (Measurable.deferred): 8 bits
+# took ~17 % of a SmolLM2 weight's measure (five widths with feedback) and 3.5 bits per weight never chose it
+DEFERRED_BITS = (8,)
 
 
 def check_bits_per_weight(value: Any) -> float | None:
@@ -73,11 +78,14 @@ def allocation_note(n_bits: int, bits_per_weight: float) -> str:
 
 @dataclass(frozen=True)
 class Choice:
-    """One width of one weight: its ``n_bits``, the bytes of its compressed form and its error."""
+    """One width of one weight: its ``n_bits``, the bytes of its compressed form and its error; ``bound``: the
+    error is not measured yet, only bounded below (by 0: a width whose measure was deferred, see
+    :class:`Measurable`), so an allocation that gives the weight this width must measure it and allocate again."""
 
     n_bits: int
     nbytes: int
     error: float
+    bound: bool = False
 
 
 def relative_output_error(array: np.ndarray, decoded: np.ndarray, input_axis: int, stats: InputMoments | None) -> float:
@@ -196,7 +204,10 @@ def measured_choices(
 
 @dataclass(frozen=True, eq=False)
 class Measurable:
-    """A weight to measure at every width: :func:`measured_choices`' parameters but ``threads``."""
+    """A weight to measure at every width: :func:`measured_choices`' parameters but ``threads``; ``widths``: those to
+    measure (default every width of :data:`BUDGET_BITS`); ``deferred``: among them, those whose error feedback is
+    put off (the widest, where it costs most and a budget seldom goes): palettized for their bytes alone, their
+    error bounded by 0 (:attr:`Choice.bound`), not kept. Without feedback every width is measured."""
 
     array: np.ndarray
     output_axis: int
@@ -210,6 +221,8 @@ class Measurable:
     output_weights: np.ndarray | None = None
     feedback: bool = False
     keep: Callable[[int, Any], None] | None = None
+    widths: tuple[int, ...] = BUDGET_BITS
+    deferred: tuple[int, ...] = ()
 
     @property
     def gram(self) -> np.ndarray | None:
@@ -226,12 +239,16 @@ class Measurable:
 
         def measured(bits: int) -> Choice:
             config = dataclasses.replace(self.config, n_bits=bits)
+            gram = self.gram
+            deferred = bits in self.deferred and gram is not None
             result = palettize_weight(
-                array, self.output_axis, config, self.name, importance, threads, damping, self.gram
+                array, self.output_axis, config, self.name, importance, threads, damping, None if deferred else gram
             )
+            nbytes = result.nbytes if self.stored is None else self.stored(result)
+            if deferred:  # the feedback keeps the LUTs, hence the bytes
+                return Choice(bits, nbytes, 0.0, bound=True)
             if self.keep is not None:
                 self.keep(bits, result)
-            nbytes = result.nbytes if self.stored is None else self.stored(result)
             return Choice(bits, nbytes, error_of(result.decode()))
 
         return measured
@@ -246,7 +263,7 @@ def measured_together(weights: Sequence[Measurable], threads: int = 1) -> list[t
     gives the :class:`SkipWeight` of its widest width that fails, the others are measured; other errors are
     raised."""
     tasks = sorted(
-        ((i, bits) for i in range(len(weights)) for bits in BUDGET_BITS),
+        ((i, bits) for i, weight in enumerate(weights) for bits in weight.widths),
         key=lambda task: (-weights[task[0]].array.size, task[0], -task[1]),
     )
     workers = max(1, min(threads, len(tasks)))
@@ -273,12 +290,14 @@ def measured_together(weights: Sequence[Measurable], threads: int = 1) -> list[t
     outcomes: dict[int, dict[int, Choice | SkipWeight]] = {}
     for (index, bits), outcome in zip(tasks, results, strict=True):
         outcomes.setdefault(index, {})[bits] = outcome
-    return [_choices_or_skip(outcomes[i]) for i in range(len(weights))]
+    return [_choices_or_skip(outcomes[i], weight.widths) for i, weight in enumerate(weights)]
 
 
-def _choices_or_skip(by_bits: Mapping[int, Choice | SkipWeight]) -> tuple[Choice, ...] | SkipWeight:
+def _choices_or_skip(
+    by_bits: Mapping[int, Choice | SkipWeight], widths: Sequence[int]
+) -> tuple[Choice, ...] | SkipWeight:
     """A weight's choices, ascending, or the :class:`SkipWeight` of its widest failing width."""
-    ascending = [by_bits[bits] for bits in BUDGET_BITS]
+    ascending = [by_bits[bits] for bits in sorted(widths)]
     failed = [outcome for outcome in ascending[::-1] if isinstance(outcome, SkipWeight)]
     return failed[0] if failed else tuple(outcome for outcome in ascending if isinstance(outcome, Choice))
 
@@ -306,7 +325,7 @@ class _Once:
     (the prepared arrays of only the weights in flight are held); a width whose preparation fails counts too."""
 
     def __init__(self, weight: Measurable, threads: int) -> None:
-        self.weight, self.threads, self.left = weight, threads, len(BUDGET_BITS)
+        self.weight, self.threads, self.left = weight, threads, len(weight.widths)
         self.lock = threading.Lock()
         self.prepared: Callable[[int], Choice] | None = None
 
@@ -371,6 +390,40 @@ def allocate(choices: Mapping[str, Sequence[Choice]], budget_bytes: float) -> di
                 return _filled(choices, at, budget_bytes)
     # only the rounding kept every allocation out: the smallest choices fit in exact bytes
     return _filled(choices, {n: min(choices[n], key=lambda c: (c.nbytes, c.error)) for n in names}, budget_bytes)
+
+
+def allocate_measuring(
+    choices: Mapping[str, Sequence[Choice]],
+    budget_bytes: float,
+    measure: Callable[[list[str]], Mapping[str, Sequence[Choice]]],
+) -> dict[str, int]:
+    """:func:`allocate` where some choices' errors are only bounded (:attr:`Choice.bound`): while the allocation
+    gives a weight such a width, ``measure(names)`` measures those weights at those widths (each name's measured
+    choices) and the allocation runs again. A bound is never above the error it stands for, so the allocation that
+    picks none is the one every width measured first gives (but for ties). A bound ``measure`` leaves unmeasured
+    is dropped. ``ValueError`` as :func:`allocate`."""
+    options = {name: tuple(found) for name, found in choices.items()}
+    while True:
+        allocation = allocate(options, budget_bytes)
+        pending = [n for n, found in options.items() if any(c.bound and c.n_bits == allocation[n] for c in found)]
+        if not pending:
+            return allocation
+        measured = measure(pending)
+        for name in pending:
+            options[name] = _resolved(options[name], measured.get(name, ()), allocation[name])
+
+
+def _resolved(options: Sequence[Choice], measured: Sequence[Choice], allocated: int) -> tuple[Choice, ...]:
+    """``options`` with each bound replaced by its ``measured`` choice; the ``allocated`` width's bound, left
+    unmeasured, dropped (so that no allocation picks it again)."""
+    by_bits = {c.n_bits: c for c in measured if not c.bound}
+    resolved = []
+    for choice in options:
+        if choice.bound and choice.n_bits in by_bits:
+            resolved.append(by_bits[choice.n_bits])
+        elif not (choice.bound and choice.n_bits == allocated):
+            resolved.append(choice)
+    return tuple(resolved)
 
 
 def _filled(choices: Mapping[str, Sequence[Choice]], at: dict[str, Choice], budget_bytes: float) -> dict[str, int]:

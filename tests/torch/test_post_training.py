@@ -518,6 +518,41 @@ def test_weighed_widths_write_the_palettizations_they_measured(tmp_path, monkeyp
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(("bits_per_weight", "again"), [(3.5, []), (9.0, ["trunk"])])
+def test_the_widest_widths_feedback_is_put_off_until_a_budget_picks_it(monkeypatch, bits_per_weight, again):
+    """The 8-bit widths' error feedback is measured only for the weights an allocation gives 8 bits (their blocks
+    run again for them alone): the widths and weights of every width measured first, at a budget that picks no 8
+    bits and at one that does."""
+    import lowbit.torch.palettization.post_training as post_training
+
+    runs: list[list[str]] = []
+    in_sequence = post_training.compressed_in_sequence
+
+    def counted(model, targets, *args):
+        runs.append([t.name.removesuffix(".weight") for t in targets])
+        return in_sequence(model, targets, *args)
+
+    monkeypatch.setattr(post_training, "compressed_in_sequence", counted)
+    results = []
+    for deferred in ((8,), ()):
+        monkeypatch.setattr(post_training, "DEFERRED_BITS", deferred)
+        runs.clear()
+        torch.manual_seed(7)
+        model = _TwoHeads()
+        items = [(torch.randn(16, 32), torch.randn(16, 16)) for _ in range(4)]
+        palettizer = PostTrainingPalettizer(model, PostTrainingPalettizerConfig.from_dict({"global_config": {}}))
+        out = palettizer.compress(
+            calibration_data=items, forward_fn=lambda m, i: m(i[0]), bits_per_weight=bits_per_weight, loss_fn=_head_loss
+        )
+        notes = {r.name: r.note for r in palettizer.report().compressed}
+        results.append((notes, [p.detach().clone() for p in out.parameters()], [list(run) for run in runs[1:]]))
+    (notes, weights, reruns), (all_notes, all_weights, no_reruns) = results
+    assert notes == all_notes and no_reruns == []
+    assert all(torch.equal(a, b) for a, b in zip(weights, all_weights, strict=True))
+    assert reruns == ([again] if again else [])
+    assert [name for name, note in notes.items() if note.startswith("8-bit")] == [f"{n}.weight" for n in again]
+
+
 def test_weighed_widths_refuse_at_once_when_the_disk_cannot_keep_them(monkeypatch):
     """The widths kept on disk: too little room under TMPDIR is an ENOSPC error before any work, naming what is
     needed; the model is left as it was. ``num_kmeans_workers`` is checked on this path too."""

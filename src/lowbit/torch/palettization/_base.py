@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lowbit.budget import BUDGET_BITS, Choice, Measurable, allocate, measured_together
+from lowbit.budget import BUDGET_BITS, Choice, Measurable, allocate, allocate_measuring, measured_together
 from lowbit.config import PalettizeConfig, check_choice, check_int, integral
 from lowbit.errors import SkipWeight
 from lowbit.statistics import ACTIVATION_DAMPING, InputMoments
@@ -291,16 +291,26 @@ def measured_widths(
     statistics: Mapping[str, InputMoments],
     output_weights: Mapping[str, np.ndarray] | None = None,
     kept: KeptWidths | None = None,
+    widths: tuple[int, ...] = BUDGET_BITS,
+    deferred: tuple[int, ...] = (),
 ) -> Iterator[Measured]:
-    """Each target palettized at every width of the budget (:func:`lowbit.budget.measured_together`), its error
-    weighted by its statistics or sensitivity; with ``output_weights`` (each output channel's mean squared loss
-    gradient, by weight name) and the whole ``X^T X``, the loss change. With ``kept``, each width gets the error
-    feedback the compression gives it and is kept there, and a target that cannot be palettized is skipped with its
-    warning (:func:`skip`); without, such a target is left out here (it keeps its width) and the compression
-    itself warns."""
+    """Each target palettized at the ``widths`` of the budget (default every one: see
+    :func:`lowbit.budget.measured_together`), its error weighted by its statistics or sensitivity; with
+    ``output_weights`` (each output channel's mean squared loss gradient, by weight name) and the whole ``X^T X``,
+    the loss change. With ``kept``, each width gets the error feedback the compression gives it (but the
+    ``deferred`` ones: their error bounded, see :class:`lowbit.budget.Measurable`) and is kept there, and a target
+    that cannot be palettized is skipped with its warning (:func:`skip`); without, such a target is left out here
+    (it keeps its width) and the compression itself warns."""
     for start in range(0, len(targets), MEASURED_TOGETHER):
         window = targets[start : start + MEASURED_TOGETHER]
-        weights = [_measurable(t, importance, statistics.get(t.name), output_weights, kept) for t in window]
+        weights = [
+            dataclasses.replace(
+                _measurable(t, importance, statistics.get(t.name), output_weights, kept),
+                widths=widths,
+                deferred=deferred,
+            )
+            for t in window
+        ]
         for target, choices in zip(window, measured_together(weights, threads), strict=True):
             if isinstance(choices, SkipWeight):
                 if kept is not None:
@@ -333,14 +343,23 @@ def _measurable(
     )
 
 
-def allocate_widths(measured: Iterable[Measured], bits_per_weight: float) -> dict[str, int]:
+def allocate_widths(
+    measured: Iterable[Measured],
+    bits_per_weight: float,
+    measure: Callable[[list[str]], Iterable[Measured]] | None = None,
+) -> dict[str, int]:
     """The widths :func:`lowbit.budget.allocate` chooses for the measured targets within ``bits_per_weight``
-    times their element count."""
+    times their element count; with ``measure`` (the targets of the names given measured at their deferred widths),
+    :func:`lowbit.budget.allocate_measuring`."""
     choices, numel = {}, 0
     for name, count, options in measured:
         choices[name] = options
         numel += count
-    return allocate(choices, bits_per_weight * numel / 8)
+    if measure is None:
+        return allocate(choices, bits_per_weight * numel / 8)
+    return allocate_measuring(
+        choices, bits_per_weight * numel / 8, lambda names: {name: found for name, _, found in measure(names)}
+    )
 
 
 def _write(param: nn.Parameter, result: PalettizedWeight) -> None:

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lowbit.budget import check_bits_per_weight
+from lowbit.budget import BUDGET_BITS, DEFERRED_BITS, check_bits_per_weight
 from lowbit.config import check_bool, check_int
 from lowbit.statistics import InputMoments
 from lowbit.torch.calibration import collect_module_moments, collect_output_gradients
@@ -176,7 +176,9 @@ def _widths(
     activation energy, from one forward per item (the diagonals of ``X^T X`` only); with ``weighed`` (``loss_fn``,
     ``kept``), by the loss change: one forward and backward per item (each Linear's output gradients), then block
     after block (each block's whole ``X^T X``, one block's at a time, as the compression takes them) every width
-    palettized with its error feedback and put in ``kept``."""
+    palettized with its error feedback and put in ``kept``; the widest widths' feedback (:data:`DEFERRED_BITS`) is put
+    off until an allocation gives a weight one (their blocks then run again for those weights alone), the same
+    allocation as with every width measured first."""
     if weighed is None:
         diagonals = collect_module_moments(model, calibrated_modules(targets, model), items, forward_fn, full=False)
         return allocated_widths(targets, _data_free, threads, diagonals, budget)
@@ -184,10 +186,18 @@ def _widths(
     linears = {name: m for name, m in calibrated_modules(targets, model).items() if isinstance(m, nn.Linear)}
     outputs = collect_output_gradients(model, linears, items, loss_fn)
 
-    def measured(chosen: list[Target], statistics: Mapping[str, InputMoments]) -> Iterable[Measured]:
-        return measured_widths(chosen, _data_free, threads, statistics, outputs, kept)
+    def measured(chosen: list[Target], widths: tuple[int, ...], deferred: tuple[int, ...]) -> list[Measured]:
+        def measure(block: list[Target], statistics: Mapping[str, InputMoments]) -> Iterable[Measured]:
+            return measured_widths(block, _data_free, threads, statistics, outputs, kept, widths, deferred)
 
-    return allocate_widths(compressed_in_sequence(model, targets, items, forward_fn, measured), budget)
+        return compressed_in_sequence(model, chosen, items, forward_fn, measure)
+
+    def deferred(names: list[str]) -> list[Measured]:
+        """The widths put off, of the targets the allocation gave one: their blocks run again."""
+        wanted = set(names)
+        return measured([t for t in targets if t.name in wanted], DEFERRED_BITS, ())
+
+    return allocate_widths(measured(targets, BUDGET_BITS, DEFERRED_BITS), budget, deferred)
 
 
 def _data_free(target: Target) -> None:
