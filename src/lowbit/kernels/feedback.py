@@ -15,6 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -23,6 +24,7 @@ from lowbit.parallel import blas_shared_by
 
 __all__ = [
     "FEEDBACK_DAMPING",
+    "Fed",
     "Grid",
     "damped_gram",
     "feedback",
@@ -305,20 +307,32 @@ def ordered_factor(gram: np.ndarray, damping: float = FEEDBACK_DAMPING) -> tuple
     return order, factor
 
 
+class Fed(NamedTuple):
+    """What :func:`ordered_feedback` gives: the codes, the values the feedback ends with (both ``[K, N]``, in the
+    weight's order) and their squared distance from the weight."""
+
+    codes: np.ndarray
+    values: np.ndarray
+    squared_change: float
+
+
 def ordered_feedback(
     w: np.ndarray,
     gram: np.ndarray,
     grid: Grid,
     damping: float = FEEDBACK_DAMPING,
     threads: int = 1,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> Fed:
     """:func:`feedback` (on up to ``threads`` threads) with the input channels coded in decreasing order of their
     activations' energy (``diag(X^T X)``, GPTQ's act-order: the channels that matter most are coded while the most
-    rows can still absorb their error); codes and values returned in ``w``'s own order."""
+    rows can still absorb their error); codes and values returned in ``w``'s own order (:class:`Fed`). ``w`` is
+    best C-contiguous: its rows are gathered in that order."""
     order, factor = ordered_factor(gram, damping)
-    codes, values = feedback(w[order], factor, grid, channels=order, threads=threads)
+    ordered = w[order]
+    codes, values = feedback(ordered, factor, grid, channels=order, threads=threads)
+    change = values - ordered  # both in the coding order, contiguous
     back = np.argsort(order)
-    return codes[back], values[back]
+    return Fed(codes[back], values[back], float(np.vdot(change, change)))
 
 
 @numba.njit(cache=True, nogil=True)

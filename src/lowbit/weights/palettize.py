@@ -262,15 +262,14 @@ def _with_feedback(
     whole weight, input channels first. ``exact``: a mask over ``canonical`` of elements kept as they are (outliers:
     no rounding error to feed on). Also returns the values the feedback ends with (``canonical``'s layout)."""
     p = weight.palettized
-    by_input = canonical.T if outputs_first else canonical  # [input channels, output channels]
+    by_input = swapped(canonical) if outputs_first else canonical  # [input channels, output channels], C order
     outputs = by_input.shape[1]
     group = np.arange(outputs) // per_group if outputs_first else np.zeros(outputs, np.int64)
     luts = p.lut[group, :, 0]  # each output channel's LUT, times its scale as the decode multiplies them
     if p.scale is not None:
         luts = luts * np.asarray(p.scale[:outputs], dtype=p.lut.dtype)[:, None]
     grid = lut_grid(luts, None if exact is None else exact.T if outputs_first else exact)
-    codes, values = ordered_feedback(by_input, gram, grid, threads=threads)
-    diff = values - by_input.astype(np.float64)
+    codes, values, squared_change = ordered_feedback(by_input, gram, grid, threads=threads)
     laid_out = codes.T if outputs_first else codes
     if laid_out.shape[0] == p.codes_shape[0]:
         all_codes = laid_out
@@ -278,6 +277,6 @@ def _with_feedback(
         all_codes = p.codes
         all_codes[: laid_out.shape[0]] = laid_out
     updated = dataclasses.replace(
-        p, packed=pack_bits(all_codes.astype(np.uint8), p.n_bits), squared_error=float(np.vdot(diff, diff))
+        p, packed=pack_bits(all_codes.astype(np.uint8), p.n_bits), squared_error=squared_change
     )
     return PalettizedWeight(weight.shape, weight.forward, updated), values.T if outputs_first else values
