@@ -240,7 +240,7 @@ class Measurable:
         def measured(bits: int) -> Choice:
             config = dataclasses.replace(self.config, n_bits=bits)
             gram = self.gram
-            deferred = bits in self.deferred and gram is not None
+            deferred = bits in self.deferred and gram is not None and feeds_back(config, array.ndim)
             result = palettize_weight(
                 array, self.output_axis, config, self.name, importance, threads, damping, None if deferred else gram
             )
@@ -255,16 +255,17 @@ class Measurable:
 
 
 def measured_together(weights: Sequence[Measurable], threads: int = 1) -> list[tuple[Choice, ...] | SkipWeight]:
-    """Each of ``weights`` at every width (:func:`measured_choices`), every (weight, width) on one pool of up to
-    ``threads`` threads, the largest weights' widest widths first (so that no thread waits at the end of each
-    weight: a block's seven SmolLM2 weights measured one after another took 1.1x as long); the threads left over
+    """Each of ``weights`` at its widths (:func:`measured_choices`), every (weight, width) on one pool of up to
+    ``threads`` threads, the largest weights' widest widths first, their deferred ones (the cheapest) last (so that
+    no thread waits at the end of each weight: a block's seven SmolLM2 weights measured one after another took 1.1x
+    as long); the threads left over
     share each width's k-means. A weight's arrays are prepared when its first width starts and dropped after its
     last; the caller bounds how many weights it passes at once (their arrays). A weight that cannot be palettized
     gives the :class:`SkipWeight` of its widest width that fails, the others are measured; other errors are
     raised."""
     tasks = sorted(
         ((i, bits) for i, weight in enumerate(weights) for bits in weight.widths),
-        key=lambda task: (-weights[task[0]].array.size, task[0], -task[1]),
+        key=lambda task: (-weights[task[0]].array.size, task[0], task[1] in weights[task[0]].deferred, -task[1]),
     )
     workers = max(1, min(threads, len(tasks)))
     measures = [_Once(weight, max(1, threads // workers)) for weight in weights]
@@ -355,6 +356,15 @@ def allocate(choices: Mapping[str, Sequence[Choice]], budget_bytes: float) -> di
     the one found there, never worse than the optimum of the budget less one step per weight. The bytes left over
     are then spent on the single changes that save the most error per byte. ``ValueError`` when every weight's
     smallest choice together exceeds the budget."""
+    return _filled(choices, _scanned(choices, budget_bytes)[0], budget_bytes)
+
+
+def _scanned(
+    choices: Mapping[str, Sequence[Choice]], budget_bytes: float
+) -> tuple[dict[str, Choice], dict[str, set[int]]]:
+    """:func:`allocate`'s dynamic program and scan, before the bytes left over are spent: the allocation, and the
+    widths whose errors are only bounded (:attr:`Choice.bound`) in the best allocations the scan passed over (over
+    the budget in exact bytes), by weight name."""
     names = list(choices)
     smallest = sum(min(c.nbytes for c in choices[name]) for name in names)
     if smallest > budget_bytes:
@@ -383,13 +393,17 @@ def allocate(choices: Mapping[str, Sequence[Choice]], budget_bytes: float) -> di
             steps -= units[int(pick[steps])]
         return at
 
+    passed: dict[str, set[int]] = {}
     for steps in range(capacity, -1, -1):
         if np.isfinite(error[steps]):
             at = allocation(steps)
             if sum(c.nbytes for c in at.values()) <= budget_bytes:
-                return _filled(choices, at, budget_bytes)
+                return at, passed
+            for name, choice in at.items():
+                if choice.bound:
+                    passed.setdefault(name, set()).add(choice.n_bits)
     # only the rounding kept every allocation out: the smallest choices fit in exact bytes
-    return _filled(choices, {n: min(choices[n], key=lambda c: (c.nbytes, c.error)) for n in names}, budget_bytes)
+    return {n: min(choices[n], key=lambda c: (c.nbytes, c.error)) for n in names}, passed
 
 
 def allocate_measuring(
@@ -398,30 +412,37 @@ def allocate_measuring(
     measure: Callable[[list[str]], Mapping[str, Sequence[Choice]]],
 ) -> dict[str, int]:
     """:func:`allocate` where some choices' errors are only bounded (:attr:`Choice.bound`): while the allocation
-    gives a weight such a width, ``measure(names)`` measures those weights at those widths (each name's measured
-    choices) and the allocation runs again. A bound is never above the error it stands for, so the allocation that
-    picks none is the one every width measured first gives (but for ties). A bound ``measure`` leaves unmeasured
-    is dropped. ``ValueError`` as :func:`allocate`."""
+    gives a weight such a width, or the scan passed over an allocation that does (one whose true errors might have
+    fitted where the bound did not), ``measure(names)`` measures those weights at their bounded widths (each name's
+    measured choices) and the allocation runs again. A bound is never above the error it stands for, so once none is
+    in the allocation nor in those passed over, every step the scan looked at holds the allocation the true errors
+    give it: the allocation is the one every width measured first gives (but for ties). A bound ``measure`` leaves
+    unmeasured is dropped. ``ValueError`` as :func:`allocate`, and when a weight is left with no choice."""
     options = {name: tuple(found) for name, found in choices.items()}
     while True:
-        allocation = allocate(options, budget_bytes)
-        pending = [n for n, found in options.items() if any(c.bound and c.n_bits == allocation[n] for c in found)]
+        at, pending = _scanned(options, budget_bytes)
+        allocation = _filled(options, at, budget_bytes)
+        for name, bits in allocation.items():
+            if any(c.bound and c.n_bits == bits for c in options[name]):
+                pending.setdefault(name, set()).add(bits)
         if not pending:
             return allocation
-        measured = measure(pending)
-        for name in pending:
-            options[name] = _resolved(options[name], measured.get(name, ()), allocation[name])
+        measured = measure(sorted(pending))
+        for name, widths in pending.items():
+            options[name] = _resolved(options[name], measured.get(name, ()), widths)
+            if not options[name]:
+                raise ValueError(f"{name!r} has no measured choice left: measure gave none of its bounded widths")
 
 
-def _resolved(options: Sequence[Choice], measured: Sequence[Choice], allocated: int) -> tuple[Choice, ...]:
-    """``options`` with each bound replaced by its ``measured`` choice; the ``allocated`` width's bound, left
-    unmeasured, dropped (so that no allocation picks it again)."""
+def _resolved(options: Sequence[Choice], measured: Sequence[Choice], pending: set[int]) -> tuple[Choice, ...]:
+    """``options`` with each bound replaced by its ``measured`` choice; a ``pending`` width's bound left unmeasured
+    dropped (so that no allocation picks it again)."""
     by_bits = {c.n_bits: c for c in measured if not c.bound}
     resolved = []
     for choice in options:
         if choice.bound and choice.n_bits in by_bits:
             resolved.append(by_bits[choice.n_bits])
-        elif not (choice.bound and choice.n_bits == allocated):
+        elif not (choice.bound and choice.n_bits in pending):
             resolved.append(choice)
     return tuple(resolved)
 

@@ -518,39 +518,56 @@ def test_weighed_widths_write_the_palettizations_they_measured(tmp_path, monkeyp
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize(("bits_per_weight", "again"), [(3.5, []), (9.0, ["trunk"])])
-def test_the_widest_widths_feedback_is_put_off_until_a_budget_picks_it(monkeypatch, bits_per_weight, again):
-    """The 8-bit widths' error feedback is measured only for the weights an allocation gives 8 bits (their blocks
-    run again for them alone): the widths and weights of every width measured first, at a budget that picks no 8
-    bits and at one that does."""
+@pytest.mark.parametrize("bits_per_weight", [3.5, 9.0])
+def test_the_widest_widths_feedback_is_put_off_until_a_budget_picks_it(monkeypatch, bits_per_weight):
+    """The 8-bit widths' error feedback is measured only for the weights an allocation gives 8 bits (or passes
+    over): the widths and weights of every width measured first, at a budget that picks no 8 bits and at one that
+    does. A re-run measures only those weights, its chain of blocks run as in the first pass (each block once per
+    item, not the whole model again for each block: layers 0 and 2 re-measured here, not layer 1)."""
     import lowbit.torch.palettization.post_training as post_training
+    from lowbit.torch import sequential
 
-    runs: list[list[str]] = []
-    in_sequence = post_training.compressed_in_sequence
+    runs: list[list[str] | None] = []
+    in_sequence, whole_model = post_training.compressed_in_sequence, sequential.collect_module_moments
+    rerun_by_whole_model: list[str] = []  # modules whose moments came from the whole model run again
 
-    def counted(model, targets, *args):
-        runs.append([t.name.removesuffix(".weight") for t in targets])
-        return in_sequence(model, targets, *args)
+    def counted(model, targets, items, forward_fn, compress, only=None):
+        runs.append(only)
+        return in_sequence(model, targets, items, forward_fn, compress, only)
 
+    def whole(model, modules, *args, **kwargs):
+        if runs and runs[-1] is not None:
+            rerun_by_whole_model.extend(modules)
+        return whole_model(model, modules, *args, **kwargs)
+
+    monkeypatch.setattr(sequential, "collect_module_moments", whole)
     monkeypatch.setattr(post_training, "compressed_in_sequence", counted)
     results = []
     for deferred in ((8,), ()):
         monkeypatch.setattr(post_training, "DEFERRED_BITS", deferred)
         runs.clear()
         torch.manual_seed(7)
-        model = _TwoHeads()
-        items = [(torch.randn(16, 32), torch.randn(16, 16)) for _ in range(4)]
+        model = _Chain()
+        items = [(torch.randn(16, 32), torch.randn(16, 8)) for _ in range(4)]
         palettizer = PostTrainingPalettizer(model, PostTrainingPalettizerConfig.from_dict({"global_config": {}}))
         out = palettizer.compress(
-            calibration_data=items, forward_fn=lambda m, i: m(i[0]), bits_per_weight=bits_per_weight, loss_fn=_head_loss
+            calibration_data=items,
+            forward_fn=lambda m, item: m(item[0]),
+            bits_per_weight=bits_per_weight,
+            loss_fn=lambda m, item: torch.nn.functional.mse_loss(m(item[0]), item[1]),
         )
-        notes = {r.name: r.note for r in palettizer.report().compressed}
-        results.append((notes, [p.detach().clone() for p in out.parameters()], [list(run) for run in runs[1:]]))
-    (notes, weights, reruns), (all_notes, all_weights, no_reruns) = results
-    assert notes == all_notes and no_reruns == []
+        notes = {r.name: r.note.split("-bit")[0] for r in palettizer.report().compressed}
+        results.append((notes, [p.detach().clone() for p in out.parameters()], list(runs)))
+    (notes, weights, put_off_runs), (all_notes, all_weights, all_runs) = results
+    assert notes == all_notes and len(all_runs) == 1
     assert all(torch.equal(a, b) for a, b in zip(weights, all_weights, strict=True))
-    assert reruns == ([again] if again else [])
-    assert [name for name, note in notes.items() if note.startswith("8-bit")] == [f"{n}.weight" for n in again]
+    eight = sorted(name for name, bits in notes.items() if bits == "8")
+    if bits_per_weight == 3.5:
+        assert not eight and len(put_off_runs) == 1
+        return
+    assert put_off_runs[1] == ["head.weight", "layers.0.up.weight", "layers.2.up.weight", "proj.weight"]
+    assert set(eight) <= {name for only in put_off_runs[1:] for name in only or ()}
+    assert sorted(set(rerun_by_whole_model)) == ["head.weight", "proj.weight"]  # outside the chain only
 
 
 def test_weighed_widths_refuse_at_once_when_the_disk_cannot_keep_them(monkeypatch):

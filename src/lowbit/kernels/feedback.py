@@ -331,8 +331,10 @@ def ordered_feedback(
     ordered = w[order]
     codes, values = feedback(ordered, factor, grid, channels=order, threads=threads)
     change = values - ordered  # both in the coding order, contiguous
+    squared_change = float(np.vdot(change, change))
+    del change, ordered  # before the gathers back into the weight's order
     back = np.argsort(order)
-    return Fed(codes[back], values[back], float(np.vdot(change, change)))
+    return Fed(codes[back], values[back], squared_change)
 
 
 @numba.njit(cache=True, nogil=True)

@@ -18,7 +18,7 @@ block.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -242,24 +242,31 @@ def compressed_in_sequence(
     items: Sequence[Any],
     forward_fn: Callable | None,
     compress: Callable[[list[Target], Mapping[str, InputMoments]], Iterable[T]],
+    only: Collection[str] | None = None,
 ) -> list[T]:
     """``compress(targets, statistics)`` for each group of ``targets``' calibrated weights (:func:`calibrated_modules`)
     in the order the model runs them (a block's together, with the dense model's input moments), holding one
     block's ``X^T X`` at a time; then for the other targets (not calibrated, or not called by the items), with no
-    statistics. Returns what ``compress`` gave, in order."""
+    statistics. Returns what ``compress`` gave, in order. ``only`` (target names): just those compressed, from the
+    same statistics (the blocks run as for every target, up to the last one holding such a target; the others'
+    moments not taken)."""
     by_name = {t.name: t for t in targets}
+    wanted = set(by_name if only is None else only)
     groups = in_sequence(model, calibrated_modules(targets, model), items[0], forward_fn)
     blocks = [group.block for group in groups if group.is_block]
     chain = chained(model, blocks, items[0], forward_fn)
+    last = max((i for i, group in enumerate(groups) if wanted & set(group.modules)), default=-1)
     inputs: BlockInputs | None = None
     outcomes: list[T] = []
-    for group in groups:
-        if chain and group.is_block:
+    for group in groups[: last + 1]:
+        modules = {name: module for name, module in group.modules.items() if name in wanted}
+        if chain and group.is_block:  # a chain's every block runs, to give the next its inputs
             inputs = inputs or BlockInputs(model, group.block, items, forward_fn)
-            statistics = inputs.moments(group.block, group.modules)
-        else:
-            statistics = collect_module_moments(model, group.modules, items, forward_fn, stop_early=True)
-        outcomes += compress([by_name[name] for name in group.modules], statistics)
+            statistics = inputs.moments(group.block, modules)
+        elif modules:
+            statistics = collect_module_moments(model, modules, items, forward_fn, stop_early=True)
+        if modules:
+            outcomes += compress([by_name[name] for name in modules], statistics)
     seen = {name for group in groups for name in group.modules}
-    outcomes += compress([t for t in targets if t.name not in seen], {})
+    outcomes += compress([t for t in targets if t.name not in seen and t.name in wanted], {})
     return outcomes

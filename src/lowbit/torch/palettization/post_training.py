@@ -177,8 +177,9 @@ def _widths(
     ``kept``), by the loss change: one forward and backward per item (each Linear's output gradients), then block
     after block (each block's whole ``X^T X``, one block's at a time, as the compression takes them) every width
     palettized with its error feedback and put in ``kept``; the widest widths' feedback (:data:`DEFERRED_BITS`) is put
-    off until an allocation gives a weight one (their blocks then run again for those weights alone), the same
-    allocation as with every width measured first."""
+    off until an allocation gives a weight one (or passes over one that does: the blocks then run again up to the
+    last such weight's, only those measured; a round each time), the same allocation as with every width measured
+    first."""
     if weighed is None:
         diagonals = collect_module_moments(model, calibrated_modules(targets, model), items, forward_fn, full=False)
         return allocated_widths(targets, _data_free, threads, diagonals, budget)
@@ -186,18 +187,18 @@ def _widths(
     linears = {name: m for name, m in calibrated_modules(targets, model).items() if isinstance(m, nn.Linear)}
     outputs = collect_output_gradients(model, linears, items, loss_fn)
 
-    def measured(chosen: list[Target], widths: tuple[int, ...], deferred: tuple[int, ...]) -> list[Measured]:
+    def measured(widths: tuple[int, ...], deferred: tuple[int, ...], only: list[str] | None = None) -> list[Measured]:
         def measure(block: list[Target], statistics: Mapping[str, InputMoments]) -> Iterable[Measured]:
             return measured_widths(block, _data_free, threads, statistics, outputs, kept, widths, deferred)
 
-        return compressed_in_sequence(model, chosen, items, forward_fn, measure)
+        return compressed_in_sequence(model, targets, items, forward_fn, measure, only)
 
     def deferred(names: list[str]) -> list[Measured]:
-        """The widths put off, of the targets the allocation gave one: their blocks run again."""
-        wanted = set(names)
-        return measured([t for t in targets if t.name in wanted], DEFERRED_BITS, ())
+        """The widths put off, of the named targets (the allocation gave them one): the blocks run again up to the
+        last one holding such a target, only those measured."""
+        return measured(DEFERRED_BITS, (), names)
 
-    return allocate_widths(measured(targets, BUDGET_BITS, DEFERRED_BITS), budget, deferred)
+    return allocate_widths(measured(BUDGET_BITS, DEFERRED_BITS), budget, deferred)
 
 
 def _data_free(target: Target) -> None:
