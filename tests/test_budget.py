@@ -362,6 +362,14 @@ def test_the_factors_computed_ahead_are_those_the_feedback_reads():
     assert len(ahead) == 1 and ahead[0] is grams[0].gram
 
 
+def _widest_bounded(true: dict) -> dict:
+    """``true``'s choices with the 8-bit ones' errors put off: bounded by 0."""
+    return {
+        n: tuple(dataclasses.replace(c, error=0.0, bound=True) if c.n_bits == 8 else c for c in cs)
+        for n, cs in true.items()
+    }
+
+
 def test_an_allocation_with_bounded_errors_measures_what_it_picks_and_matches_every_width_measured():
     """Choices whose errors are only bounded below (0, ``bound``): ``allocate_measuring`` measures those the
     allocation picks (each once), until it picks none: the allocation of every error known first, on random
@@ -378,8 +386,7 @@ def test_an_allocation_with_bounded_errors_measures_what_it_picks_and_matches_ev
             true[f"w{i}"] = tuple(
                 Choice(b, numel * b // 8 + 16 * 2**b // 8, float(e)) for b, e in zip(BUDGET_BITS, errors, strict=True)
             )
-        bounded = {n: tuple(Choice(c.n_bits, c.nbytes, 0.0, bound=c.n_bits == 8) for c in cs) for n, cs in true.items()}
-        bounded = {n: tuple(c if c.bound else true[n][j] for j, c in enumerate(cs)) for n, cs in bounded.items()}
+        bounded = _widest_bounded(true)
         numel = sum(cs[0].nbytes for cs in true.values())
         budget = numel * rng.uniform(1.5, 5.0)
         asked: list[str] = []
@@ -416,8 +423,7 @@ def test_a_bound_the_scan_passed_over_is_measured_too():
         "b": widths([(2, 100000, 0.78), (3, 150000, 0.77), (4, 199999, 0.3), (6, 299990, 0.25), (8, 700000, 0.2)]),
         "c": widths([(2, 155360, 1.0), (3, 700000, 0.9), (4, 700001, 0.8), (6, 700002, 0.7), (8, 700003, 0.6)]),
     }
-    bounded = {n: tuple(dataclasses.replace(c, error=0.0, bound=c.n_bits == 8) for c in cs) for n, cs in true.items()}
-    bounded = {n: tuple(b if b.bound else t for b, t in zip(bounded[n], true[n], strict=True)) for n in true}
+    bounded = _widest_bounded(true)
     asked: list[list[str]] = []
 
     def measure(names: list[str]) -> dict:

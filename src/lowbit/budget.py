@@ -258,11 +258,10 @@ def measured_together(weights: Sequence[Measurable], threads: int = 1) -> list[t
     """Each of ``weights`` at its widths (:func:`measured_choices`), every (weight, width) on one pool of up to
     ``threads`` threads, the largest weights' widest widths first, their deferred ones (the cheapest) last (so that
     no thread waits at the end of each weight: a block's seven SmolLM2 weights measured one after another took 1.1x
-    as long); the threads left over
-    share each width's k-means. A weight's arrays are prepared when its first width starts and dropped after its
-    last; the caller bounds how many weights it passes at once (their arrays). A weight that cannot be palettized
-    gives the :class:`SkipWeight` of its widest width that fails, the others are measured; other errors are
-    raised."""
+    as long); the threads left over share each width's k-means. A weight's arrays are prepared when its first width
+    starts and dropped after its last; the caller bounds how many weights it passes at once (their arrays). A weight
+    that cannot be palettized gives the :class:`SkipWeight` of its widest width that fails, the others are
+    measured; other errors are raised."""
     tasks = sorted(
         ((i, bits) for i, weight in enumerate(weights) for bits in weight.widths),
         key=lambda task: (-weights[task[0]].array.size, task[0], task[1] in weights[task[0]].deferred, -task[1]),

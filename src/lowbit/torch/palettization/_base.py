@@ -304,12 +304,7 @@ def measured_widths(
     for start in range(0, len(targets), MEASURED_TOGETHER):
         window = targets[start : start + MEASURED_TOGETHER]
         weights = [
-            dataclasses.replace(
-                _measurable(t, importance, statistics.get(t.name), output_weights, kept),
-                widths=widths,
-                deferred=deferred,
-            )
-            for t in window
+            _measurable(t, importance, statistics.get(t.name), output_weights, kept, widths, deferred) for t in window
         ]
         for target, choices in zip(window, measured_together(weights, threads), strict=True):
             if isinstance(choices, SkipWeight):
@@ -325,8 +320,10 @@ def _measurable(
     stats: InputMoments | None,
     output_weights: Mapping[str, np.ndarray] | None,
     kept: KeptWidths | None,
+    widths: tuple[int, ...],
+    deferred: tuple[int, ...],
 ) -> Measurable:
-    """``target`` as :func:`measured_widths` measures it."""
+    """``target`` as :func:`measured_widths` measures it, at ``widths`` (``deferred`` among them put off)."""
     sensitivity, damping = (None, 0.0) if stats is not None else _weighting(target, importance, None)
     return Measurable(
         to_numpy(target.weight.parameter),
@@ -340,6 +337,8 @@ def _measurable(
         output_weights=(output_weights or {}).get(target.name),
         feedback=kept is not None,
         keep=None if kept is None else kept.keeper(target.name),
+        widths=widths,
+        deferred=deferred,
     )
 
 
