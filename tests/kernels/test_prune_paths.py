@@ -113,12 +113,15 @@ def test_n_m_groups_past_the_compiled_size_are_sorted(monkeypatch):
     assert calls == [prune._n_m_keep]
 
 
-def test_column_mask_prunes_each_column_alike_smallest_first():
+def test_row_mask_prunes_each_row_alike_smallest_first():
     rng = np.random.default_rng(7)
-    w = rng.standard_normal((10, 6))
-    w[:, 0] = [5, -1, 1, 2, 0, 0, 3, -3, 4, 1]  # ties: the lower index goes first
-    keep = prune.column_mask(w, 0.4)
-    assert (keep.sum(0) == 6).all()
-    for j in range(6):
-        assert np.abs(w[~keep[:, j], j]).max() <= np.abs(w[keep[:, j], j]).min()
-    np.testing.assert_array_equal(keep[:, 0], [1, 0, 0, 1, 0, 0, 1, 1, 1, 1])
+    w = rng.standard_normal((6, 10))
+    w[0] = [5, -1, 1, 2, 0, 0, 3, -3, 4, 1]  # ties: the lower index goes first
+    keep = prune.row_mask(w, 0.4)
+    assert (keep.sum(1) == 6).all()
+    for i in range(6):
+        assert np.abs(w[i, ~keep[i]]).max() <= np.abs(w[i, keep[i]]).min()
+    np.testing.assert_array_equal(keep[0], [1, 0, 0, 1, 0, 0, 1, 1, 1, 1])
+    w[1] = 1.0  # a row of ties: the first four go
+    np.testing.assert_array_equal(prune.row_mask(w, 0.4)[1], [0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
+    assert prune.row_mask(w, 0.0).all()

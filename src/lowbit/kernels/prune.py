@@ -15,7 +15,7 @@ from lowbit.kernels.elements import SAME_SIZE_UINT, as_readable, load, worth_com
 from lowbit.kernels.palettize import Palettized, palettize
 from lowbit.kernels.quantize import LinearQuantized, quantize_linear
 
-__all__ = ["Sparsified", "block_mask", "kept_elements", "magnitude_mask", "n_m_mask", "sparsify"]
+__all__ = ["Sparsified", "block_mask", "kept_elements", "magnitude_mask", "n_m_mask", "row_mask", "sparsify"]
 
 N_M_COMPILED_UP_TO = 64  # n:m groups up to this size are ranked by comparisons (:func:`_n_m_keep`), larger ones sorted
 
@@ -94,17 +94,36 @@ def magnitude_mask(w: np.ndarray, target: float) -> np.ndarray:
     return ~_smallest(magnitude, count)
 
 
-def column_mask(w: np.ndarray, target: float) -> np.ndarray:
-    """``w`` is ``[R, N]``: in each column keep all but the ``round(target * R)`` smallest |w| (ties: the lower
-    index is pruned first), so every column is pruned alike."""
-    size = np.abs(np.ascontiguousarray(w.T))  # a column per row: the selection runs along contiguous memory
-    pruned = round(target * w.shape[0])
+def row_mask(w: np.ndarray, target: float) -> np.ndarray:
+    """``w`` is ``[R, K]``: in each row keep all but the ``round(target * K)`` smallest |w| (ties: the lower index is
+    pruned first), so every row is pruned alike. Each row's threshold by one partition of the whole array, then one
+    compiled pass over each row (:func:`_kept_above`; a 1536 x 576 float32 array: 4.9 ms, against 8.4 ms for the
+    ties counted by a cumulative sum over the array)."""
+    size = np.abs(np.ascontiguousarray(w))
+    pruned = round(target * w.shape[1])
     if pruned == 0:
         return np.ones(w.shape, np.bool_)
-    threshold = np.partition(size, pruned - 1, axis=1)[:, pruned - 1 : pruned]
-    below, tied = size < threshold, size == threshold
-    ties_pruned = tied & (np.cumsum(tied, axis=1) <= pruned - below.sum(1, keepdims=True))
-    return np.ascontiguousarray(~(below | ties_pruned).T)
+    threshold = np.ascontiguousarray(np.partition(size, pruned - 1, axis=1)[:, pruned - 1])
+    return _kept_above(size, threshold, pruned)
+
+
+@numba.njit(cache=True, nogil=True)
+def _kept_above(size: np.ndarray, threshold: np.ndarray, pruned: int) -> np.ndarray:
+    """:func:`row_mask`'s mask from each row's ``threshold`` (its ``pruned``-th smallest value): below it pruned,
+    and at it the first ones until ``pruned`` are."""
+    rows, k = size.shape
+    keep = np.empty((rows, k), np.bool_)
+    for i in range(rows):
+        limit = threshold[i]
+        ties = pruned
+        for j in range(k):
+            ties -= size[i, j] < limit
+        for j in range(k):
+            value = size[i, j]
+            tied = value == limit and ties > 0
+            ties -= tied
+            keep[i, j] = not (value < limit or tied)
+    return keep
 
 
 def block_mask(w: np.ndarray, target: float, block: int) -> np.ndarray:
@@ -142,13 +161,15 @@ def _n_m_keep(x: np.ndarray, table: np.ndarray, n: int, m: int) -> np.ndarray:
     return keep
 
 
-def n_m_mask(w: np.ndarray, n: int, m: int) -> np.ndarray:
+def n_m_mask(w: np.ndarray, n: int, m: int, repeats: int = 1) -> np.ndarray:
     """``w`` is ``[R, K]`` (input channels last): in every ``m`` consecutive values keep the ``m - n`` largest |w|
-    (ties: the lower index is pruned first)."""
+    (ties: the lower index is pruned first). ``repeats``: how many masks of this size the caller will ask for (ADMM:
+    one per iteration), which the compiled kernel's first compilation is weighed against (a SmolLM2 gate projection,
+    885k elements, 20 times: 20 ms per mask sorted, 4 ms compiled)."""
     rows, k = w.shape
     if k % m:
         raise SkipWeight(f"{k} input channels do not divide by m={m} of the n:m ratio")
-    if m <= N_M_COMPILED_UP_TO and worth_compiling(w.size, _n_m_keep):
+    if m <= N_M_COMPILED_UP_TO and worth_compiling(w.size * repeats, _n_m_keep):
         return _n_m_keep(*as_readable(w), n, m)
     groups = np.abs(w.astype(np.float32)).reshape(-1, m)
     order = np.argsort(groups, axis=1, kind="stable")

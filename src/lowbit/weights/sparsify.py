@@ -11,8 +11,8 @@ import numpy as np
 from lowbit.config import SparsifyConfig
 from lowbit.kernels import check_finite
 from lowbit.kernels.packing import packed_nbytes
-from lowbit.kernels.prune import Sparsified, block_mask, column_mask, magnitude_mask, n_m_mask, sparsify
-from lowbit.kernels.reconstruct import Select, admm_prune
+from lowbit.kernels.prune import Sparsified, block_mask, magnitude_mask, n_m_mask, row_mask, sparsify
+from lowbit.kernels.reconstruct import ADMM_ITERATIONS, Select, admm_prune
 from lowbit.weights.common import by_input, checked_gram, moved_axis_perms, relative
 
 __all__ = ["SparsifiedWeight", "sparsify_weight"]
@@ -102,17 +102,18 @@ def sparsify_weight(
 
 
 def _selection(config: SparsifyConfig) -> Select:
-    """How :func:`~lowbit.kernels.reconstruct.admm_prune` chooses the kept weights, ramped up to the target: ``1 -
-    target`` of each output channel's (compared within an output channel, as Wanda does), or the blocks of output
-    channels with the largest scores (:func:`~lowbit.kernels.prune.block_mask`); n:m keeps ``m - n`` of every ``m``
-    input channels from the first step."""
+    """How :func:`~lowbit.kernels.reconstruct.admm_prune` chooses the kept weights (from scores ``[N, K]``, a row per
+    output channel), ramped up to the target: ``1 - target`` of each output channel's (compared within an output
+    channel, as Wanda does), or the blocks of output channels with the largest scores
+    (:func:`~lowbit.kernels.prune.block_mask`); n:m keeps ``m - n`` of every ``m`` input channels from the first
+    step."""
     if config.n_m_ratio is not None:
         n, m = config.n_m_ratio
-        return lambda scores, reached: n_m_mask(np.ascontiguousarray(scores.T), n, m).T
+        return lambda scores, reached: n_m_mask(scores, n, m, ADMM_ITERATIONS)
     if config.block_size > 1:
         target, block = config.target_sparsity, config.block_size
-        return lambda scores, reached: block_mask(np.ascontiguousarray(scores.T), target * reached, block).T
-    return lambda scores, reached: column_mask(scores, config.target_sparsity * reached)
+        return lambda scores, reached: block_mask(scores, target * reached, block)
+    return lambda scores, reached: row_mask(scores, config.target_sparsity * reached)
 
 
 def _pruned_for_output(
