@@ -124,4 +124,5 @@ def test_row_mask_prunes_each_row_alike_smallest_first():
     np.testing.assert_array_equal(keep[0], [1, 0, 0, 1, 0, 0, 1, 1, 1, 1])
     w[1] = 1.0  # a row of ties: the first four go
     np.testing.assert_array_equal(prune.row_mask(w, 0.4)[1], [0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
-    assert prune.row_mask(w, 0.0).all()
+    assert prune.row_mask(w, 0.0).all() and not prune.row_mask(w, 1.0).any()
+    np.testing.assert_array_equal(prune.row_mask(w.astype(np.float16), 0.4), prune.row_mask(w.astype(np.float32), 0.4))

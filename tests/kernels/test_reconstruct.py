@@ -151,3 +151,19 @@ def test_admm_chooses_blocks_of_output_channels_better_than_wandas_fixed_block_m
         admm.append(_output_error(gram, w, values) / energy)
         wanda.append(_output_error(gram, w, fed) / energy)
     assert np.mean(admm) < 0.8 * np.mean(wanda), (admm, wanda)
+
+
+def test_a_select_of_the_wrong_layout_is_an_error_and_refit_broadcasts_its_mask():
+    """A select written for ``[K, N]`` scores is refused before the compiled split reads its mask (it read out of
+    bounds: a crash on a wide layer); ``refit_kept`` broadcasts a mask to the weight's shape, as before."""
+    rng = np.random.default_rng(4)
+    gram, w = _correlated(rng, 8, 64)
+    with pytest.raises(ValueError, match=r"\[N, K\]"):
+        admm_prune(w, gram, lambda scores, reached: np.ones(scores.T.shape, np.bool_))
+    keep = rng.random((8, 1)) < 0.5
+    full = np.broadcast_to(keep, w.shape)
+    np.testing.assert_array_equal(refit_kept(w, gram, keep, w), refit_kept(w, gram, full, w))
+    assert (
+        refit_kept(w, gram, keep, w).flags.c_contiguous
+        and admm_prune(w, gram, PATTERNS["2:4"][0])[1].flags.c_contiguous
+    )

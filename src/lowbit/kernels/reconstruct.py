@@ -54,7 +54,7 @@ def admm_prune(
     keeps every weight keeps ``w``. One eigendecomposition per ``X^T X`` in float64
     (:func:`~lowbit.kernels.feedback.kept_by_gram`); the iterations in float32 (their products twice as fast; on
     SmolLM2's layers the same output error to 1e-4: the rounding moves a few near-ties between kept and pruned); the
-    re-solve in float64.
+    re-solve in float64. ``ValueError`` when ``select`` returns a mask of another shape than its scores'.
     """
     rows = np.ascontiguousarray(np.asarray(w, dtype=np.float64).T)  # [N, K]
     scale, eigenvalues, basis = kept_by_gram("scaled eigendecomposition", gram, damping, _scaled_eigh(damping))
@@ -75,9 +75,14 @@ def admm_prune(
         _shifted_scores(shifted, dual, weight, scores)
         reached = 1.0 - (1.0 - min(1.0, (step + 1) / (ADMM_ITERATIONS * ADMM_RAMP))) ** 3
         keep = np.ascontiguousarray(select(scores, reached), dtype=np.bool_)
+        if keep.shape != scores.shape:  # the compiled split below reads keep unchecked
+            raise ValueError(
+                f"select must return a mask of its scores' shape {scores.shape} ([N, K]), not {keep.shape}"
+            )
         _split(shifted, keep, signed, dual)
     start = np.where(keep.all(axis=1, keepdims=True), rows, np.where(keep, shifted, 0.0) / scale)
-    return keep.T, _refit_rows(rows, gram, keep, start, damping, ADMM_REFIT_ITERATIONS).T
+    values = _refit_rows(rows, gram, keep, start, damping, ADMM_REFIT_ITERATIONS)
+    return np.ascontiguousarray(keep.T), np.ascontiguousarray(values.T)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -123,14 +128,15 @@ def refit_kept(
     damping: float = FEEDBACK_DAMPING,
     iterations: int = REFIT_ITERATIONS,
 ) -> np.ndarray:
-    """The kept weights of ``w`` ``[K, N]`` (``keep`` the same shape) re-solved for the smallest output error, each
-    output channel's ``min_v (w - v)^T H (w - v)`` over ``v`` zero where not kept, ``H`` ``gram`` damped as
-    :func:`~lowbit.kernels.feedback.inverse_factor` damps it: the exact re-solve of a fixed mask, up to the steps
-    taken (about 1 % from the exact objective on a 1024-channel layer). Conjugate gradients from ``start`` (e.g. the
-    error feedback's values), all output channels at once, Jacobi-preconditioned: at most ``iterations`` products
-    with ``H``."""
-    rows = [np.ascontiguousarray(np.asarray(a).T) for a in (w, keep, start)]
-    return _refit_rows(rows[0], gram, rows[1], rows[2], damping, iterations).T
+    """The kept weights of ``w`` ``[K, N]`` (``keep`` and ``start`` its shape, or broadcast to it) re-solved for
+    the smallest output error, each output channel's ``min_v (w - v)^T H (w - v)`` over ``v`` zero where not kept,
+    ``H`` ``gram`` damped as :func:`~lowbit.kernels.feedback.inverse_factor` damps it: the exact re-solve of a fixed
+    mask, up to the steps taken (about 1 % from the exact objective on a 1024-channel layer). Conjugate gradients
+    from ``start`` (e.g. the error feedback's values), all output channels at once, Jacobi-preconditioned: at most
+    ``iterations`` products with ``H``."""
+    w = np.asarray(w)
+    rows = [np.ascontiguousarray(np.broadcast_to(a, w.shape).T) for a in (w, keep, start)]
+    return np.ascontiguousarray(_refit_rows(rows[0], gram, rows[1], rows[2], damping, iterations).T)
 
 
 def _refit_rows(
