@@ -56,9 +56,9 @@ def admm_prune(
     SmolLM2's layers the same output error to 1e-4: the rounding moves a few near-ties between kept and pruned); the
     re-solve in float64. ``ValueError`` when ``select`` returns a mask of another shape than its scores'.
     """
-    rows = np.ascontiguousarray(np.asarray(w, dtype=np.float64).T)  # [N, K]
+    rows = np.ascontiguousarray(np.asarray(w).T, dtype=np.float64)  # [N, K]
     scale, eigenvalues, basis = kept_by_gram("scaled eigendecomposition", gram, damping, _scaled_eigh(damping))
-    energy = np.sqrt(np.maximum(np.diag(np.asarray(gram, dtype=np.float64)), 0.0))
+    energy = np.sqrt(np.maximum(np.diag(gram).astype(np.float64), 0.0))
     energy += 1e-8 * (float(np.mean(energy)) or 1.0)
     basis, weight = basis.astype(np.float32), (energy / scale).astype(np.float32)
     signed = (rows * scale).astype(np.float32)  # the pruned copy minus the dual; first the scaled weights

@@ -122,6 +122,6 @@ def _pruned_for_output(
     """(kept mask, values) of ``array`` (2-D) pruned for the smallest output error under ``gram``, in ``array``'s
     dtype: the mask and the kept values chosen together by ADMM and the kept values then re-solved
     (:func:`~lowbit.kernels.reconstruct.admm_prune`)."""
-    keep, values = admm_prune(by_input(array, input_axis).astype(np.float64), gram, _selection(config))
+    keep, values = admm_prune(by_input(array, input_axis), gram, _selection(config))
     kept = np.ascontiguousarray(by_input(keep, input_axis))
     return kept, np.ascontiguousarray(by_input(values, input_axis)).astype(array.dtype)
