@@ -45,11 +45,24 @@ def _target(coreai_program: Any, in_place: bool) -> Program:
 
 
 def _run(
-    coreai_program: Any, in_place: bool, algorithm: str, config: Any, configs, executor=None, bits_per_weight=None
+    coreai_program: Any,
+    in_place: bool,
+    algorithm: str,
+    config: Any,
+    configs,
+    calibration_data: Any,
+    executor=None,
+    bits_per_weight=None,
 ) -> Program:
     program = _target(coreai_program, in_place)
+    statistics = None
+    if calibration_data is not None:
+        from lowbit.coreai.calibration import collect_input_moments
+
+        statistics = collect_input_moments(program, calibration_data)
     backend, weight_configs = CoreAIBackend(program), as_weight_configs(configs)
-    program.report = compress(backend, ALGORITHMS[algorithm], config, weight_configs, executor, None, bits_per_weight)
+    report = compress(backend, ALGORITHMS[algorithm], config, weight_configs, executor, statistics, bits_per_weight)
+    program.report = report
     return program
 
 
@@ -70,6 +83,7 @@ def palettize_weights(
     mode: str = "kmeans",
     executor: Executor | None = None,
     bits_per_weight: float | None = None,
+    calibration_data: Any = None,
 ) -> Program:
     """Palettize the weights of a Core AI program: each becomes ``lut_to_dense`` over a LUT of ``2**n_bits``
     entries and n-bit indices in the weight's own layout.
@@ -83,15 +97,21 @@ def palettize_weights(
     ``weight_num_threshold`` (default 1024), ``num_kmeans_workers`` (default 4 threads), ``enable_fast_kmeans_mode``
     (default True), ``rounding_precision`` (accepted, default 4), ``in_place`` (default False: a copy is
     compressed), and lowbit's ``configs`` (``op_type_configs`` keyed by Core AI op names such as ``"gather_nd"``,
-    ``op_name_configs`` by weight names, see :mod:`lowbit.coreai.discovery`), ``mode``, ``executor`` and
-    ``bits_per_weight`` (mixed bits to a budget, data-free here).
+    ``op_name_configs`` by weight names, see :mod:`lowbit.coreai.discovery`), ``mode``, ``executor``,
+    ``bits_per_weight`` (mixed bits to a budget) and ``calibration_data``: None (default: data-free, bit for bit
+    as without it) or the program's inputs, an iterable of ``{input name: array}`` dicts or a
+    ``CalibrationDataReader`` (arrays are cast to the input's type when no value changes, e.g. int64 token ids to
+    int32). A copy of the program first runs in Core AI's runtime on them (:mod:`lowbit.coreai.calibration`); each
+    matmul / conv weight's k-means is then weighted by its input channels' mean squared activation and its codes
+    chosen with error feedback, an embedding table's weighted by its rows' lookup counts, and the budget measures
+    output errors, as :func:`lowbit.palettize_weights` does on ONNX.
 
     Returns the compressed :class:`Program`; ``result.report`` is the per-weight report. Raises ``ValueError`` /
     ``TypeError`` for an invalid parameter (naming it and the allowed values) before any work is done.
     """
     config = config_of(PalettizeConfig, locals())
     budget = check_bits_per_weight(bits_per_weight)
-    return _run(coreai_program, in_place, "palettize", config, configs, executor, budget)
+    return _run(coreai_program, in_place, "palettize", config, configs, calibration_data, executor, budget)
 
 
 def quantize_weights(
@@ -105,6 +125,7 @@ def quantize_weights(
     in_place: bool = False,
     configs: WeightConfigs | Mapping[str, Any] | None = None,
     scale_search: bool = False,
+    calibration_data: Any = None,
 ) -> Program:
     """Linearly quantize the weights of a Core AI program: each becomes ``blockwise_shift_scale(q, scale,
     zero_point, 0)``.
@@ -113,15 +134,16 @@ def quantize_weights(
     ``INT4``, ``UINT4``, ``FP8_E4M3FN``, ``FP8_E5M2``, ``FP4_E2M1FN`` = MXFP4, packed, with ``f8E8M0FNU`` scales),
     ``qscheme`` (default ``SYMMETRIC``), ``granularity`` (default ``PER_CHANNEL``; ``PER_TENSOR``, ``PER_BLOCK``),
     ``block_size`` (default 32; a ragged last block is decoded padded and sliced), ``weight_num_threshold``
-    (default 1024), ``scale_dtype`` (None or ``FP8_E8M0FNU``), ``in_place`` (default False), ``configs`` and
-    ``scale_search``. Asymmetric integers: Core AI's Linux runtime rounds ``scale * q`` and ``scale * zero_point``
+    (default 1024), ``scale_dtype`` (None or ``FP8_E8M0FNU``), ``in_place`` (default False), ``configs``,
+    ``scale_search`` and ``calibration_data`` (integer codes chosen with error feedback, GPTQ's, on each matmul
+    weight's ``X^T X``). Asymmetric integers: Core AI's Linux runtime rounds ``scale * q`` and ``scale * zero_point``
     separately in the output type, so a decoded value can differ from lowbit's ``(q - zero_point) * scale`` by an
     ulp (the report's error is lowbit's).
 
     Returns the quantized :class:`Program`. Raises ``ValueError`` / ``TypeError`` as :func:`lowbit.quantize_weights`.
     """
     config = config_of(QuantizeConfig, locals())
-    return _run(coreai_program, in_place, "quantize", config, configs)
+    return _run(coreai_program, in_place, "quantize", config, configs, calibration_data)
 
 
 def sparsify_weights(
@@ -134,6 +156,7 @@ def sparsify_weights(
     weight_num_threshold: int = 1024,
     in_place: bool = False,
     configs: WeightConfigs | Mapping[str, Any] | None = None,
+    calibration_data: Any = None,
 ) -> Program:
     """Prune the smallest-magnitude weights of a Core AI program: each becomes a ``ui1`` bitmask and its non-zeros
     (``build_sparse_with_bitmask`` -> ``sparse_with_bitmask_to_dense``).
@@ -141,7 +164,9 @@ def sparsify_weights(
     Parameters are those of :func:`lowbit.sparsify_weights` with coreai-opt's defaults: ``target_sparsity``
     (default 0.5; None only with ``n_m_ratio``), ``block_size`` (default None: unstructured), ``n_m_ratio``,
     ``quantize_dtype`` (``INT8``: int8 non-zeros, one scale per output channel), ``palettize_nbits`` (a LUT over
-    the non-zeros), ``weight_num_threshold`` (default 1024), ``in_place`` (default False) and ``configs``.
+    the non-zeros), ``weight_num_threshold`` (default 1024), ``in_place`` (default False), ``configs`` and
+    ``calibration_data`` (the pruned set chosen and the kept weights solved for each layer's output, as
+    :func:`lowbit.sparsify_weights` does with it).
 
     Returns the sparse :class:`Program`. Raises ``ValueError`` / ``TypeError`` as :func:`lowbit.sparsify_weights`,
     and ``ValueError`` for ``target_sparsity=None`` without ``n_m_ratio``.
@@ -152,7 +177,7 @@ def sparsify_weights(
         target_sparsity = 0.0
     block_size = 1 if block_size is None else block_size
     config = config_of(SparsifyConfig, locals())
-    return _run(coreai_program, in_place, "sparsify", config, configs)
+    return _run(coreai_program, in_place, "sparsify", config, configs, calibration_data)
 
 
 def decompress_weights(coreai_program: Any, in_place: bool = False) -> Program:

@@ -26,9 +26,11 @@ __all__ = [
     "DECODE_OPS",
     "Operation",
     "Value",
+    "add_outputs",
     "clone",
     "constant",
     "element_dtype",
+    "graph_inputs",
     "graph_name",
     "location_name",
     "module_ops",
@@ -281,3 +283,34 @@ def location_name(op: Operation) -> str:
 def attribute_ints(op: Operation) -> list[int]:
     """A small integer constant's values (e.g. a transpose's perm)."""
     return [int(v) for v in read_constant(op).reshape(-1)]
+
+
+def _main_graph(program: Any) -> Operation:
+    return next(
+        op
+        for op in program._module._mlir_module.body.operations
+        if op.name == "coreai.graph" and ir.StringAttr(op.attributes["sym_name"]).value == "main"
+    )
+
+
+def graph_inputs(program: Any) -> dict[str, tuple[np.dtype | None, tuple[int, ...] | None]]:
+    """The main graph's inputs: (numpy dtype, static shape) by name."""
+    graph = _main_graph(program)
+    names = [ir.StringAttr(ir.DictAttr(a)["coreai.name"]).value for a in ir.ArrayAttr(graph.attributes["arg_attrs"])]
+    arguments = graph.regions[0].blocks[0].arguments
+    return {name: (element_dtype(value), tensor_shape(value)) for name, value in zip(names, arguments, strict=True)}
+
+
+def add_outputs(program: Any, values: Sequence[Value], names: Sequence[str]) -> None:
+    """Make ``values`` (of the main graph) extra outputs of ``program``'s main graph, named ``names``."""
+    graph = _main_graph(program)
+    output = next(op for op in graph.regions[0].blocks[0].operations if op.name == "coreai.output")
+    with output.context, output.location, ir.InsertionPoint(output):
+        ops.OutputOp([*output.operands, *values])
+    output.erase()
+    signature = ir.FunctionType(ir.TypeAttr(graph.attributes["function_type"]).value)
+    with graph.context:
+        results = [*signature.results, *(v.type for v in values)]
+        graph.attributes["function_type"] = ir.TypeAttr.get(ir.FunctionType.get(list(signature.inputs), results))
+        named = [ir.DictAttr.get({"coreai.name": ir.StringAttr.get(n)}) for n in names]
+        graph.attributes["res_attrs"] = ir.ArrayAttr.get([*ir.ArrayAttr(graph.attributes["res_attrs"]), *named])

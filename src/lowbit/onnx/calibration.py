@@ -1,29 +1,22 @@
-"""Calibration on the graph path: run the model in ONNX Runtime on the user's data with the weights' activation
-inputs as extra outputs, and accumulate each weight's :class:`~lowbit.statistics.InputMoments`, one feed at a time
-(only the running sums are kept, never the activations of more than one feed)."""
+"""Calibration of ONNX models: run the model in ONNX Runtime on the user's data with the weights' activation inputs
+as extra outputs, and accumulate each weight's :class:`~lowbit.statistics.InputMoments`, one feed at a time
+(:func:`lowbit.calibration.accumulate_moments`)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
+from lowbit.calibration import Tap, accumulate_moments, checked_feed
 from lowbit.onnx.discovery import WeightRef
 from lowbit.onnx.program import PROTO_LIMIT_BYTES, Program
 from lowbit.statistics import InputMoments
 
-__all__ = [
-    "Capture",
-    "checked_feed",
-    "collect_input_moments",
-    "feeds_of",
-    "session",
-    "sole_consumers",
-]
+__all__ = ["Capture", "collect_input_moments", "session", "sole_consumers"]
 
 
 def session(model: ir.Model) -> ort.InferenceSession:
@@ -86,57 +79,26 @@ class Capture:
         return {**checked, **dict(zip(self.names, outputs, strict=True))}
 
 
-def feeds_of(calibration_data: Any) -> Iterator[Mapping[str, np.ndarray]]:
-    """The feeds of ``calibration_data``: an iterable of ``{input name: array}`` dicts, or an ONNX Runtime
-    ``CalibrationDataReader`` (anything with ``get_next()`` returning a dict, then None). ``TypeError`` for
-    anything else."""
-    if hasattr(calibration_data, "get_next"):
-        while (feed := calibration_data.get_next()) is not None:
-            yield feed
-        return
-    if isinstance(calibration_data, Mapping) or not isinstance(calibration_data, Iterable):
-        raise TypeError(
-            "calibration_data must be an iterable of {input name: array} dicts or a CalibrationDataReader, "
-            f"got {type(calibration_data).__name__}"
-        )
-    for feed in calibration_data:
-        if not isinstance(feed, Mapping):
-            raise TypeError(f"calibration_data must yield {{input name: array}} dicts, got {type(feed).__name__}")
-        yield feed
-
-
-@dataclass(frozen=True)
-class _Tap:
-    """Where a weight's input activations are read: the value's name and its input-channel axis."""
-
-    weight: str
-    activation: str
-    channel_axis: int
-    channels: int
-    full: bool = False  # keep the whole X^T X: a 2-D weight's error feedback needs it
-    lookup: bool = False  # the indices a Gather looks the weight's rows up by (one-hot X: each row's count)
-
-
-def _tap(ref: WeightRef, node: ir.Node) -> _Tap | None:
+def _tap(ref: WeightRef, node: ir.Node) -> Tap | None:
     """The activation input of ``node`` whose channels meet ``ref``'s input axis, or the indices a Gather looks up
     its rows by (None: no statistic for it)."""
     if node.op_type == "Gather" and node.inputs[0] is ref.value and ref.output_axis == 0 and len(node.inputs) > 1:
         indices = node.inputs[1]
         if indices is None or not indices.name or indices.const_value is not None:
             return None
-        return _Tap(ref.name, indices.name, 0, ref.shape[0], lookup=True)
+        return Tap(ref.name, indices.name, 0, ref.shape[0], lookup=True)
     x = node.inputs[0] if node.inputs else None
     if x is None or not x.name or x.const_value is not None:
         return None
     channels = ref.shape[ref.input_axis]
     if node.op_type == "MatMul" and node.inputs[1] is ref.value:
-        return _Tap(ref.name, x.name, -1, channels, len(ref.shape) == 2)
+        return Tap(ref.name, x.name, -1, channels, len(ref.shape) == 2)
     if node.op_type == "Gemm" and node.inputs[1] is ref.value:
         trans_a = node.attributes.get("transA")
-        return _Tap(ref.name, x.name, 0 if trans_a is not None and trans_a.as_int() else -1, channels, True)
+        return Tap(ref.name, x.name, 0 if trans_a is not None and trans_a.as_int() else -1, channels, True)
     group = node.attributes.get("group")
     if node.op_type == "Conv" and node.inputs[1] is ref.value and (group is None or group.as_int() == 1):
-        return _Tap(ref.name, x.name, 1, channels)
+        return Tap(ref.name, x.name, 1, channels)
     return None
 
 
@@ -151,48 +113,16 @@ def sole_consumers(program: Program) -> Iterator[tuple[WeightRef, ir.Node]]:
             yield ref, node
 
 
-def _taps(program: Program) -> list[_Tap]:
+def _taps(program: Program) -> list[Tap]:
     return [tap for ref, node in sole_consumers(program) if (tap := _tap(ref, node)) is not None]
-
-
-def checked_feed(feed: Mapping[str, Any], inputs: set[str]) -> dict[str, np.ndarray]:
-    """``feed`` as arrays; ``ValueError`` naming the model's inputs when it misses one or names another."""
-    unknown, missing = sorted(set(feed) - inputs), sorted(inputs - set(feed))
-    if unknown or missing:
-        problem = f"has no model input named {unknown[0]!r}" if unknown else f"lacks the model input {missing[0]!r}"
-        raise ValueError(f"a calibration feed {problem}; the model's inputs: {', '.join(sorted(inputs))}")
-    return {k: np.asarray(v) for k, v in feed.items()}
 
 
 def collect_input_moments(program: Program, calibration_data: Any) -> dict[str, InputMoments]:
     """Each MatMul / Gemm / Conv (group 1) weight's :class:`InputMoments` over ``calibration_data`` (see
-    :func:`feeds_of`), and each embedding table's (a Gather's rows: how often each was looked up), by weight name. Other
-    weights (weights shared or reached through a Cast or Transpose, inside subgraphs) get none and are compressed
-    data-free. ``ValueError`` when the data holds no feed, or a feed's activations do not have the weight's input
-    channels."""
+    :func:`lowbit.calibration.feeds_of`), and each embedding table's (a Gather's rows: how often each was looked
+    up), by weight name. Other weights (weights shared or reached through a Cast or Transpose, inside subgraphs) get
+    none and are compressed data-free. ``ValueError`` when the data holds no feed, or a feed's activations do not
+    have the weight's input channels."""
     taps = _taps(program)
     capture = Capture(program, (t.activation for t in taps))
-    # weights that read the same activation (q / k / v, gate / up) share one accumulator
-    shared: dict[tuple[str, int, int, bool, bool], InputMoments] = {}
-    for t in taps:
-        moments = InputMoments.lookups(t.channels) if t.lookup else InputMoments.empty(t.channels, full=t.full)
-        shared.setdefault((t.activation, t.channel_axis, t.channels, t.full, t.lookup), moments)
-    feeds = 0
-    for feed in feeds_of(calibration_data):
-        values = capture.run(feed, feeds)
-        for (activation, axis, _, _, lookup), moments in shared.items():
-            x = values[activation]
-            if lookup:  # ONNX Runtime has checked the indices against the table (tables of one size share them)
-                moments.add_lookups(x)
-                continue
-            if x.shape[axis] != len(moments.squares) or not np.isfinite(x).all():
-                tap = next(t for t in taps if t.activation == activation)
-                problem = (
-                    "are not finite" if x.shape[axis] == len(moments.squares) else f"have {x.shape[axis]} channels"
-                )
-                raise ValueError(f"activations of {tap.weight!r} {problem} on calibration feed {feeds}")
-            moments.add(x, axis)
-        feeds += 1
-    if feeds == 0:
-        raise ValueError("calibration_data yielded no feed")
-    return {t.weight: shared[(t.activation, t.channel_axis, t.channels, t.full, t.lookup)] for t in taps}
+    return accumulate_moments(taps, capture.run, calibration_data)

@@ -1,0 +1,110 @@
+"""Calibration, backend-neutral: the user's feeds, where each weight's input activations are read (a :class:`Tap`),
+and the loop that streams a program's runs into each weight's :class:`~lowbit.statistics.InputMoments` (only the
+running sums are kept, never the activations of more than one feed). The ONNX and Core AI backends say where the
+taps are and run the program (``lowbit.onnx.calibration``, ``lowbit.coreai.calibration``); imports neither.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lowbit.statistics import InputMoments
+
+__all__ = ["MomentSums", "Run", "Tap", "accumulate_moments", "checked_feed", "feeds_of"]
+
+# (a feed, its index) -> the values the taps name, by name (``ValueError`` with a one-line reason when the program
+# cannot run on the feed)
+Run = Callable[[Mapping[str, Any], int], Mapping[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class Tap:
+    """Where a weight's input activations are read: the value's name and its input-channel axis."""
+
+    weight: str
+    activation: str
+    channel_axis: int
+    channels: int
+    full: bool = False  # keep the whole X^T X: a 2-D weight's error feedback needs it
+    lookup: bool = False  # the indices a lookup reads the weight's rows by (one-hot X: each row's count)
+
+    @property
+    def key(self) -> tuple[str, int, int, bool, bool]:
+        """Taps with the same key read the same statistics (q / k / v, gate / up share one accumulator)."""
+        return (self.activation, self.channel_axis, self.channels, self.full, self.lookup)
+
+
+def feeds_of(calibration_data: Any) -> Iterator[Mapping[str, np.ndarray]]:
+    """The feeds of ``calibration_data``: an iterable of ``{input name: array}`` dicts, or an ONNX Runtime
+    ``CalibrationDataReader`` (anything with ``get_next()`` returning a dict, then None). ``TypeError`` for
+    anything else."""
+    if hasattr(calibration_data, "get_next"):
+        while (feed := calibration_data.get_next()) is not None:
+            yield feed
+        return
+    if isinstance(calibration_data, Mapping) or not isinstance(calibration_data, Iterable):
+        raise TypeError(
+            "calibration_data must be an iterable of {input name: array} dicts or a CalibrationDataReader, "
+            f"got {type(calibration_data).__name__}"
+        )
+    for feed in calibration_data:
+        if not isinstance(feed, Mapping):
+            raise TypeError(f"calibration_data must yield {{input name: array}} dicts, got {type(feed).__name__}")
+        yield feed
+
+
+def checked_feed(feed: Mapping[str, Any], inputs: set[str]) -> dict[str, np.ndarray]:
+    """``feed`` as arrays; ``ValueError`` naming the model's inputs when it misses one or names another."""
+    unknown, missing = sorted(set(feed) - inputs), sorted(inputs - set(feed))
+    if unknown or missing:
+        problem = f"has no model input named {unknown[0]!r}" if unknown else f"lacks the model input {missing[0]!r}"
+        raise ValueError(f"a calibration feed {problem}; the model's inputs: {', '.join(sorted(inputs))}")
+    return {k: np.asarray(v) for k, v in feed.items()}
+
+
+class MomentSums:
+    """Each tap's weight's running :class:`InputMoments`, fed one feed's tapped values at a time (:meth:`add`);
+    taps with the same :attr:`Tap.key` share one accumulator."""
+
+    def __init__(self, taps: list[Tap]) -> None:
+        self.taps, self.feeds = taps, 0
+        self.shared: dict[tuple[str, int, int, bool, bool], InputMoments] = {}
+        for t in taps:
+            moments = InputMoments.lookups(t.channels) if t.lookup else InputMoments.empty(t.channels, full=t.full)
+            self.shared.setdefault(t.key, moments)
+
+    def add(self, values: Mapping[str, np.ndarray]) -> None:
+        """Add one feed's tapped values (by name). ``ValueError`` when activations do not have the weight's input
+        channels or are not finite."""
+        for (activation, axis, _, _, lookup), moments in self.shared.items():
+            x = values[activation]
+            if lookup:  # the runtime has checked the indices against the table (tables of one size share them)
+                moments.add_lookups(x)
+                continue
+            if x.shape[axis] != len(moments.squares) or not np.isfinite(x).all():
+                tap = next(t for t in self.taps if t.activation == activation)
+                problem = (
+                    "are not finite" if x.shape[axis] == len(moments.squares) else f"have {x.shape[axis]} channels"
+                )
+                raise ValueError(f"activations of {tap.weight!r} {problem} on calibration feed {self.feeds}")
+            moments.add(x, axis)
+        self.feeds += 1
+
+    def result(self) -> dict[str, InputMoments]:
+        """The statistics by weight name. ``ValueError`` when no feed was added."""
+        if self.feeds == 0:
+            raise ValueError("calibration_data yielded no feed")
+        return {t.weight: self.shared[t.key] for t in self.taps}
+
+
+def accumulate_moments(taps: list[Tap], run: Run, calibration_data: Any) -> dict[str, InputMoments]:
+    """Each tap's weight's :class:`InputMoments` over ``calibration_data`` (see :func:`feeds_of`), ``run`` computing
+    the tapped values one feed at a time. ``ValueError`` as :class:`MomentSums`, and when the data holds no feed."""
+    sums = MomentSums(taps)
+    for index, feed in enumerate(feeds_of(calibration_data)):
+        sums.add(run(feed, index))
+    return sums.result()

@@ -1,0 +1,127 @@
+"""Calibration of Core AI programs: run a copy of the program in Core AI's runtime on the user's data with the
+weights' activation inputs as extra outputs of its main graph, and accumulate each weight's
+:class:`~lowbit.statistics.InputMoments`, one feed at a time (:class:`lowbit.calibration.MomentSums`).
+
+The copy is saved to a temporary asset (the runtime executes assets) and run on a worker thread with its own event
+loop, so that a caller inside a running loop (a notebook) can calibrate too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from coreai.authoring import AIModelAsset
+from coreai.runtime import NDArray
+
+from lowbit.calibration import MomentSums, Tap, checked_feed, feeds_of
+from lowbit.coreai import _mlir
+from lowbit.coreai.discovery import CoreAIWeight, weight_consumers
+from lowbit.coreai.program import Program
+from lowbit.statistics import InputMoments
+
+__all__ = ["collect_input_moments"]
+
+_MATMULS = {"coreai.batch_matmul", "coreai.decomposable.broadcasting_batch_matmul"}
+_CONVS = {"coreai.conv2d", "coreai.conv3d"}
+_TAP_PREFIX = "lowbit.calibration."
+Inputs = dict[str, tuple[np.dtype | None, tuple[int, ...] | None]]
+
+
+def _activation(weight: CoreAIWeight) -> tuple[Any, int, bool] | None:
+    """(the value read with ``weight``, its channel axis, whether it holds lookup indices) for a dense weight read
+    by one op of the main graph whose other input's channels meet the weight's input axis (None: no statistic)."""
+    if weight.compression is not None:
+        return None
+    uses = list(weight_consumers(weight.value, len(weight.shape)))
+    if len({id(owner) for owner, _, _ in uses}) != 1 or _mlir.graph_name(uses[0][0]) != "main":
+        return None
+    owner, index, _ = uses[0]
+    if owner.name == "coreai.gather_nd" and weight.output_axis == 0:
+        indices = owner.operands[1]
+        shape = _mlir.tensor_shape(indices)
+        return (indices, 0, True) if shape is not None and shape[-1:] == (1,) else None
+    if owner.name in _MATMULS:
+        x, axis = (owner.operands[0], -1) if index == 1 else (owner.operands[1], -2)
+    elif owner.name in _CONVS and index == 1:
+        x, axis = owner.operands[0], 1
+    else:
+        return None
+    shape = _mlir.tensor_shape(x)
+    if shape is None or shape[axis] != weight.shape[weight.input_axis]:  # a grouped conv's, or a dynamic shape
+        return None
+    return x, axis, False
+
+
+def _taps(program: Program) -> tuple[list[Tap], list[Any]]:
+    """The taps of ``program``'s weights, and the values they read (one output each, named ``_TAP_PREFIX + i``)."""
+    taps: list[Tap] = []
+    values: list[Any] = []
+    for weight in program.weights():
+        found = _activation(weight)
+        if found is None:
+            continue
+        value, axis, lookup = found
+        index = next((i for i, v in enumerate(values) if v == value), len(values))
+        if index == len(values):
+            values.append(value)
+        channels = weight.shape[0] if lookup else weight.shape[weight.input_axis]
+        full = not lookup and len(weight.shape) == 2
+        taps.append(Tap(weight.name, f"{_TAP_PREFIX}{index}", axis, channels, full, lookup))
+    return taps, values
+
+
+def _typed(feed: dict[str, np.ndarray], inputs: Inputs, index: int) -> dict[str, np.ndarray]:
+    """``feed`` in the program's input types (a cast within the same kind that keeps every value, e.g. int64 token
+    ids to int32); ``ValueError`` for another dtype or shape than the program's static one."""
+    typed = {}
+    for name, array in feed.items():
+        dtype, shape = inputs[name]
+        if shape is not None and array.shape != shape:
+            raise ValueError(f"calibration feed {index}: input {name!r} has shape {array.shape}, the program's {shape}")
+        if dtype is not None and array.dtype != dtype:
+            cast = array.astype(dtype) if np.can_cast(array.dtype, dtype, "same_kind") else None
+            if cast is None or not np.array_equal(cast, array):
+                problem = f"input {name!r} is {array.dtype}, the program takes {dtype}"
+                raise ValueError(f"calibration feed {index}: {problem}")
+            array = cast
+        typed[name] = np.ascontiguousarray(array)
+    return typed
+
+
+async def _collect(path: Path, taps: list[Tap], inputs: Inputs, calibration_data: Any) -> dict[str, InputMoments]:
+    sums = MomentSums(taps)
+    async with AIModelAsset.load(path).executable() as module:
+        function = module.load_function("main")
+        for index, feed in enumerate(feeds_of(calibration_data)):
+            arrays = _typed(checked_feed(feed, set(inputs)), inputs, index)
+            try:
+                outputs = await function({k: NDArray(v) for k, v in arrays.items()})
+            except Exception as err:  # the runtime's own exception types
+                reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                problem = f"Core AI's runtime cannot run the program on calibration feed {index}"
+                raise ValueError(f"{problem}: {reason}") from err
+            sums.add({k: v.numpy() for k, v in outputs.items() if k.startswith(_TAP_PREFIX)})
+    return sums.result()
+
+
+def collect_input_moments(program: Program, calibration_data: Any) -> dict[str, InputMoments]:
+    """Each matmul / conv (group 1) weight's :class:`InputMoments` over ``calibration_data`` (see
+    :func:`lowbit.calibration.feeds_of`; a feed's arrays are cast to the program's input types when no value
+    changes), and each embedding table's (a ``gather_nd``'s rows: how often each was looked up), by weight name.
+    Other weights (shared, already compressed, inside composite graphs, with dynamic shapes) get none and are
+    compressed data-free. ``ValueError`` when the data holds no feed, a feed does not fit the program's inputs, or
+    the runtime cannot run it (its reason, one line)."""
+    capture = program.copy()
+    taps, values = _taps(capture)
+    _mlir.add_outputs(capture, values, [f"{_TAP_PREFIX}{i}" for i in range(len(values))])
+    inputs = _mlir.graph_inputs(capture)
+    with tempfile.TemporaryDirectory(prefix="lowbit-calibration-") as folder:
+        path = capture.save(Path(folder) / "capture.aimodel")
+        del capture
+        with ThreadPoolExecutor(1) as thread:
+            return thread.submit(asyncio.run, _collect(path, taps, inputs, calibration_data)).result()
