@@ -135,6 +135,16 @@ def minilm_encoder(bert):
     return Encoder()
 
 
+def coreai_convert(model, args: tuple):
+    """The ``AIProgram`` coreai-torch makes of ``model`` on ``args`` (torch.export with the converter's
+    decompositions: static shapes)."""
+    import coreai_torch
+    import torch
+
+    exported = torch.export.export(model.eval(), args).run_decompositions(coreai_torch.get_decomp_table())
+    return coreai_torch.TorchConverter().add_exported_program(exported).to_coreai()
+
+
 def export_minilm_onnx(bert, path: Path) -> Path:
     """A transformers BERT (all-MiniLM-L6-v2) exported with the TorchScript exporter at opset 17: inputs
     ``input_ids`` / ``attention_mask`` with dynamic batch and length, output ``last_hidden_state``."""
@@ -163,15 +173,19 @@ def mean_pooled(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return mean / np.linalg.norm(mean, axis=1, keepdims=True)
 
 
-def minilm_calibration_split(tokenizer) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+def minilm_calibration_split(
+    tokenizer, length: int | None = None
+) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
     """(evaluation feeds: 64 sentences in batches of 16, calibration feeds: 88 other sentences in batches of 8) of
-    the English text on the machine, tokenized for the MiniLM ONNX model (``input_ids``, ``attention_mask``)."""
+    the English text on the machine, tokenized for the MiniLM ONNX model (``input_ids``, ``attention_mask``), each
+    batch padded to its longest sentence, or to ``length`` tokens (a static shape)."""
     from _text import english_sentences
 
     sentences = english_sentences(152)
+    padding = {"padding": True} if length is None else {"padding": "max_length", "max_length": length}
 
     def batch(texts: list[str]) -> dict[str, np.ndarray]:
-        b = tokenizer(texts, padding=True, return_tensors="np")
+        b = tokenizer(texts, **padding, return_tensors="np")
         return {"input_ids": b["input_ids"].astype(np.int64), "attention_mask": b["attention_mask"].astype(np.int64)}
 
     evaluation = [batch(sentences[i : i + 16]) for i in range(0, 64, 16)]

@@ -26,7 +26,7 @@ import time
 import warnings
 from pathlib import Path
 
-from _common import mean_pooled, minilm_encoder, one_core, table
+from _common import coreai_convert, mean_pooled, minilm_encoder, one_core, table
 
 ALL_CORES = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
 one_core()
@@ -37,7 +37,6 @@ import torch  # noqa: E402
 warnings.filterwarnings("ignore")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import coreai_torch  # noqa: E402
 from coreai.authoring import AIModelAsset  # noqa: E402
 from coreai_opt import coreai_utils as opt  # noqa: E402
 
@@ -51,11 +50,6 @@ ROWS = {
     "MXFP4": ("quantize", {"dtype": "fp4_e2m1fn", "granularity": "per_block", "block_size": 32}),
     "sparse 50 %": ("sparsify", {"target_sparsity": 0.5}),
 }
-
-
-def _convert(model: torch.nn.Module, args: tuple):
-    exported = torch.export.export(model.eval(), args).run_decompositions(coreai_torch.get_decomp_table())
-    return coreai_torch.TorchConverter().add_exported_program(exported).to_coreai()
 
 
 _RUNNER = """
@@ -120,7 +114,7 @@ def minilm_case():
         value = float((mean_pooled(hidden, feeds["attention_mask"]) * reference).sum(1).mean())
         return f"cos {value:.4f}"
 
-    return _convert(encoder, (ids, mask)), feeds, cosine
+    return coreai_convert(encoder, (ids, mask)), feeds, cosine
 
 
 def linear_case():
@@ -134,7 +128,7 @@ def linear_case():
         value = float(np.linalg.norm(y.astype(np.float32) - dense) / np.linalg.norm(dense))
         return f"rel {value:.2e}"
 
-    return _convert(model, (x,)), {"input": x.numpy()}, error
+    return coreai_convert(model, (x,)), {"input": x.numpy()}, error
 
 
 def _lowbit(kind: str, params: dict):
@@ -211,7 +205,7 @@ def memory(work: Path) -> list[list[str]]:
     layers = torch.nn.Sequential(*(torch.nn.Linear(4096, 4096, bias=False) for _ in range(16)))
     x = torch.randn(1, 4096)
     path = work / "big.aimodel"
-    _convert(layers, (x,)).save_asset(path)
+    coreai_convert(layers, (x,)).save_asset(path)
     del layers
     size = sum(f.stat().st_size for f in path.iterdir())
     rows = []

@@ -198,12 +198,8 @@ def _outliers(args: argparse.Namespace) -> dict:
 
 
 def _calibration(args: argparse.Namespace) -> dict:
-    """``calibration_data=`` from ``--calibration FILE.npz`` (one feed: an array per model input; ONNX only)."""
-    if args.calibration is None:
-        return {}
-    if _is_coreai(args.input):
-        raise ValueError("--calibration runs the model in ONNX Runtime: it applies to .onnx files only")
-    return {"calibration_data": [_npz_feed(args.calibration)]}
+    """``calibration_data=`` from ``--calibration FILE.npz`` (one feed: an array per model input)."""
+    return {} if args.calibration is None else {"calibration_data": [_npz_feed(args.calibration)]}
 
 
 def _npz_feed(path: Path) -> dict:
@@ -365,7 +361,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="mixed bits: choose 2, 3, 4, 6 or 8 bits per weight (not --n-bits) to fit this budget, tables included",
     )
-    _add_calibration(p, "activation-aware k-means (ONNX)")
+    _add_calibration(p, "activation-aware k-means with error feedback")
     _add_selection(p)
     _add_target(p)
     p.set_defaults(run=_palettize)
@@ -382,7 +378,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="integers: per block, the clipping range with the least squared error (data-free)",
     )
-    _add_calibration(p, "integer codes with error feedback, GPTQ (ONNX)")
+    _add_calibration(p, "integer codes with error feedback, GPTQ")
     p.add_argument("--weight-num-threshold", type=int, default=1024, help="leave weights this small alone")
     _add_selection(p)
     _add_target(p)
@@ -395,7 +391,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--n-m", default=None, help="n:m structured sparsity along input channels, e.g. 2:4")
     p.add_argument("--quantize-dtype", default=None, help="int8: also quantize the non-zeros (per channel)")
     p.add_argument("--palettize-nbits", type=int, default=None, help="also palettize the non-zeros (1..8 bits)")
-    _add_calibration(p, "activation-aware pruning, Wanda (ONNX)")
+    _add_calibration(p, "pruning for the layer output (ADMM, Wanda scores)")
     p.add_argument("--weight-num-threshold", type=int, default=1024, help="leave weights this small alone")
     _add_selection(p)
     p.set_defaults(run=_sparsify)

@@ -1,0 +1,213 @@
+"""Calibration on the Core AI door (issue 26): statistics taken by running a copy of the program in Core AI's
+runtime, equal to the activations' own, the same as ONNX Runtime's on the same weights and inputs (so both doors
+write the same codes), feeds checked in one line, the input program untouched, and a caller inside an event loop
+(a notebook) served."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+pytest.importorskip("coreai.authoring", reason="needs lowbit[coreai] (coreai-core, Python >= 3.11)")
+pytest.importorskip("coreai_torch", reason="needs coreai-torch (Python >= 3.11)")
+
+import torch
+from conftest import make_model
+from coreai_support import convert, make_probe, run_asset
+
+import lowbit
+import lowbit.coreai as lc
+from lowbit.cli import main
+from lowbit.coreai.calibration import collect_input_moments
+from lowbit.coreai.decode import evaluate
+from lowbit.onnx.calibration import collect_input_moments as onnx_moments
+
+
+class Tower(torch.nn.Module):
+    """An embedding, two Linear layers (the second fed by the first's ReLU: activations computed inside the
+    program) and a conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = torch.nn.Embedding(50, 32)
+        self.fc1 = torch.nn.Linear(32, 48)
+        self.fc2 = torch.nn.Linear(48, 40)
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+
+    def forward(self, ids, image):
+        return self.fc2(torch.relu(self.fc1(self.embedding(ids)))), self.conv(image)
+
+
+def _tower_feeds(n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [
+        {"ids": rng.integers(0, 30, (2, 5)), "image": rng.standard_normal((1, 3, 6, 6)).astype(np.float32)}
+        for _ in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def tower():
+    torch.manual_seed(0)
+    model = Tower().eval()
+    feeds = _tower_feeds(1)
+    program = convert(model, (torch.from_numpy(feeds[0]["ids"]).to(torch.int32), torch.from_numpy(feeds[0]["image"])))
+    return model, lc.Program.of(program)
+
+
+def test_statistics_are_the_activations_own(tower):
+    """Each weight's sums of squares (and X^T X) are those of the activations torch computes for the same inputs
+    (int64 token ids cast to the program's int32), the embedding's its rows' lookup counts."""
+    model, program = tower
+    feeds = _tower_feeds(3)
+    moments = collect_input_moments(program, feeds)
+    names = {w.shape: w.name for w in program.weights()}
+    seen: dict[str, list[np.ndarray]] = {"fc1": [], "fc2": [], "conv": []}
+    hooks = [getattr(model, n).register_forward_pre_hook(lambda m, a, n=n: seen[n].append(a[0].numpy())) for n in seen]
+    with torch.no_grad():
+        for f in feeds:
+            model(torch.from_numpy(f["ids"]), torch.from_numpy(f["image"]))
+    for h in hooks:
+        h.remove()
+    for module, shape, axis in (("fc1", (48, 32), -1), ("fc2", (40, 48), -1), ("conv", (8, 3, 3, 3), 1)):
+        x = np.concatenate([np.moveaxis(a, axis, -1).reshape(-1, a.shape[axis]) for a in seen[module]]).astype(
+            np.float64
+        )
+        stats = moments[names[shape]]
+        assert stats.rows == len(x)
+        np.testing.assert_allclose(stats.squares, (x**2).sum(0), rtol=1e-5)
+        if module != "conv":  # a 2-D weight keeps the whole X^T X for its error feedback
+            np.testing.assert_allclose(stats.gram, x.T @ x, rtol=1e-4, atol=1e-4)
+    lookups = moments[names[(50, 32)]]
+    expected = np.bincount(np.concatenate([f["ids"].ravel() for f in feeds]), minlength=50)
+    np.testing.assert_array_equal(lookups.squares, expected)
+    assert lookups.rows == 30
+
+
+def test_calibration_leaves_the_program_alone_and_the_result_has_no_extra_output(tower, tmp_path):
+    _, program = tower
+    before = {w.name: np.asarray(evaluate(w.value)) for w in program.weights()}
+    small = lc.palettize_weights(program, n_bits=4, weight_num_threshold=128, calibration_data=_tower_feeds(2))
+    assert all(np.array_equal(before[w.name], evaluate(w.value)) for w in program.weights())
+    assert all(r.skipped is None for r in small.report.rows)
+    outputs = run_asset(
+        small.save(tmp_path / "small.aimodel"),
+        {k: v.astype(np.int32) if k == "ids" else v for k, v in _tower_feeds(1)[0].items()},
+    )
+    assert sorted(o.shape for o in outputs) == [(1, 8, 4, 4), (2, 5, 40)]
+
+
+@pytest.mark.parametrize(
+    ("feed", "message"),
+    [
+        ({"ids": np.zeros((2, 5), np.int64)}, "lacks the model input 'image'"),
+        ({"ids": np.zeros((2, 5)), "image": np.zeros((1, 3, 6, 6), np.float32)}, "is float64, the program takes int32"),
+        ({"ids": np.zeros((2, 6), np.int32), "image": np.zeros((1, 3, 6, 6), np.float32)}, "has shape (2, 6)"),
+        ({"ids": np.full((2, 5), 2**40), "image": np.zeros((1, 3, 6, 6), np.float32)}, "is int64"),
+    ],
+)
+def test_feeds_that_do_not_fit_the_program_are_refused_in_one_line(tower, feed, message):
+    _, program = tower
+    with pytest.raises(ValueError, match="calibration feed") as err:
+        lc.quantize_weights(program, "int8", calibration_data=[feed])
+    assert message in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="yielded no feed"):
+        lc.sparsify_weights(program, calibration_data=[])
+
+
+def test_a_caller_inside_a_running_event_loop_calibrates(tower):
+    """A notebook runs cells inside an event loop: the runtime's own loop runs on a worker thread."""
+    _, program = tower
+
+    async def cell():
+        return lc.palettize_weights(program, n_bits=4, weight_num_threshold=128, calibration_data=_tower_feeds(2))
+
+    small = asyncio.run(cell())
+    assert all(r.skipped is None for r in small.report.rows)
+
+
+def _onnx_probe(dense: dict[str, np.ndarray]) -> lowbit.Program:
+    weights = {
+        "linear": np.ascontiguousarray(dense["linear"].T),
+        "embedding": dense["embedding"],
+        "conv": dense["conv"],
+    }
+    return lowbit.Program(
+        make_model(weights, [("MatMul", "linear", {}), ("Gather", "embedding", {}), ("Conv", "conv", {})])
+    )
+
+
+CASES = [
+    ("palettize_weights", {"n_bits": 4, "granularity": "per_grouped_channel", "group_size": 16}),
+    ("quantize_weights", {"dtype": "int4", "granularity": "per_block", "block_size": 16}),
+    ("sparsify_weights", {"target_sparsity": 0.5, "quantize_dtype": "int8"}),
+]
+
+
+@pytest.mark.parametrize(("function", "params"), CASES, ids=[f for f, _ in CASES])
+def test_both_doors_calibrate_the_same_weights_to_the_same_codes(function, params):
+    """The probe's weights in an ONNX graph and in the Core AI program, fed the same inputs: the same statistics,
+    and the same decoded weights from every calibrated algorithm."""
+    program, _, dense = make_probe("fp32")
+    rng = np.random.default_rng(5)
+    eye = rng.standard_normal((6, 64, 64)).astype(np.float32) * np.logspace(-1, 1, 64, dtype=np.float32)
+    ids = rng.integers(0, 40, (6, 40))
+    conv_in = rng.standard_normal((6, 72, 8, 3, 3)).astype(np.float32)
+    deconv_in = rng.standard_normal((16, 16, 1, 1)).astype(np.float32)
+    core_feeds = [
+        {"eye": e, "ids": i, "conv_in": c, "deconv_in": deconv_in} for e, i, c in zip(eye, ids, conv_in, strict=True)
+    ]
+    onnx_feeds = [{"x0": e, "x1": i, "x2": c} for e, i, c in zip(eye, ids, conv_in, strict=True)]
+    onnx = _onnx_probe(dense)
+    core_stats = collect_input_moments(lc.Program.of(program), core_feeds)
+    onnx_stats = onnx_moments(onnx, onnx_feeds)
+    by_module = {w.shape: w.name for w in lc.Program.of(program).weights()}
+    for module, shape in (("linear", (48, 64)), ("embedding", (40, 32)), ("conv", (16, 8, 3, 3))):
+        ours, theirs = onnx_stats[module], core_stats[by_module[shape]]
+        np.testing.assert_array_equal(ours.squares, theirs.squares)
+        assert ours.rows == theirs.rows and (ours.gram is None) == (theirs.gram is None)
+    core = getattr(lc, function)(program, weight_num_threshold=512, calibration_data=core_feeds, **params)
+    onnx_out = getattr(lowbit, function)(onnx, weight_num_threshold=512, calibration_data=onnx_feeds, **params)
+    onnx_dense = lowbit.decompress_weights(onnx_out).graph.initializers
+    core_weights = {w.shape: w for w in core.weights()}
+    for module, shape, transposed in (
+        ("linear", (48, 64), True),
+        ("embedding", (40, 32), False),
+        ("conv", (16, 8, 3, 3), False),
+    ):
+        ours = onnx_dense[module].const_value.numpy()
+        np.testing.assert_array_equal(ours.T if transposed else ours, evaluate(core_weights[shape].value))
+    data_free = getattr(lc, function)(program, weight_num_threshold=512, **params)
+    linear = next(w for w in data_free.weights() if w.shape == (48, 64))
+    assert not np.array_equal(evaluate(linear.value), evaluate(core_weights[(48, 64)].value))
+
+
+def test_cli_calibrates_an_aimodel_as_the_api_does(tower, tmp_path, capsys):
+    _, program = tower
+    source = program.save(tmp_path / "tower.aimodel")
+    feed = _tower_feeds(1, seed=3)[0]
+    np.savez(tmp_path / "feed.npz", **feed)
+    out = tmp_path / "small.aimodel"
+    code = main(
+        [
+            str(a)
+            for a in (
+                "palettize",
+                source,
+                out,
+                "--n-bits",
+                "3",
+                "--weight-num-threshold",
+                "128",
+                "--calibration",
+                tmp_path / "feed.npz",
+            )
+        ]
+    )
+    assert code == 0, capsys.readouterr()
+    api = lc.palettize_weights(program, n_bits=3, weight_num_threshold=128, calibration_data=[feed])
+    written = lc.load(out)  # kept alive: its weights' values belong to its module
+    cli = {w.name: np.asarray(evaluate(w.value)) for w in written.weights()}
+    assert all(np.array_equal(cli[w.name], evaluate(w.value)) for w in api.weights())
