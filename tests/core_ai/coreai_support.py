@@ -10,8 +10,11 @@ from pathlib import Path
 import coreai_torch
 import numpy as np
 import torch
+from conftest import make_model
 from coreai.authoring import AIModelAsset
 from coreai.runtime import NDArray
+
+import lowbit
 
 
 def convert(model: torch.nn.Module, args: tuple):
@@ -93,3 +96,16 @@ def make_probe(dtype_name: str) -> tuple:
     feeds["ids"] = feeds["ids"].astype(np.int32)
     dense = {n: as_numpy([m.weight.detach()])[0] for n, m in model.named_children()}
     return convert(model, args), feeds, dense
+
+
+def onnx_probe(dense: dict[str, np.ndarray]) -> lowbit.Program:
+    """The probe's weights in an ONNX graph, each at its ONNX consumer's layout: a MatMul takes the Linear's
+    weight transposed ([in, out]); the embedding and the convolutions keep theirs."""
+    weights = {
+        "linear": np.ascontiguousarray(dense["linear"].T),
+        "embedding": dense["embedding"],
+        "conv": dense["conv"],
+        "deconv": dense["deconv"],
+    }
+    ops = [("MatMul", "linear", {}), ("Gather", "embedding", {}), ("Conv", "conv", {}), ("ConvTranspose", "deconv", {})]
+    return lowbit.Program(make_model(weights, ops))

@@ -10,8 +10,7 @@ import pytest
 pytest.importorskip("coreai.authoring", reason="needs lowbit[coreai] (coreai-core, Python >= 3.11)")
 pytest.importorskip("coreai_torch", reason="needs coreai-torch (Python >= 3.11)")
 
-from conftest import make_model
-from coreai_support import make_probe
+from coreai_support import make_probe, onnx_probe
 
 import lowbit
 import lowbit.coreai as lc
@@ -35,24 +34,11 @@ MODULE_OF = {
 }
 
 
-def _onnx_program(dense: dict[str, np.ndarray]) -> lowbit.Program:
-    """The probe's weights in an ONNX graph, each at its ONNX consumer's layout: a MatMul takes the Linear's
-    weight transposed ([in, out]); the embedding and the convolutions keep theirs."""
-    weights = {
-        "linear": np.ascontiguousarray(dense["linear"].T),
-        "embedding": dense["embedding"],
-        "conv": dense["conv"],
-        "deconv": dense["deconv"],
-    }
-    ops = [("MatMul", "linear", {}), ("Gather", "embedding", {}), ("Conv", "conv", {}), ("ConvTranspose", "deconv", {})]
-    return lowbit.Program(make_model(weights, ops))
-
-
 @pytest.mark.parametrize(("function", "params"), CASES, ids=[f"{f}-{i}" for i, (f, _) in enumerate(CASES)])
 def test_the_same_weights_decode_the_same_through_onnx_and_core_ai(function, params):
     program, _, dense = make_probe("fp32")
     core = getattr(lc, function)(program, weight_num_threshold=512, **params)
-    onnx_out = getattr(lowbit, function)(_onnx_program(dense), weight_num_threshold=512, **params)
+    onnx_out = getattr(lowbit, function)(onnx_probe(dense), weight_num_threshold=512, **params)
     onnx_dense = lowbit.decompress_weights(onnx_out).graph.initializers
     core_weights = {MODULE_OF[w.op]: w for w in core.weights()}
     for module, transposed in (("linear", True), ("embedding", False), ("conv", False), ("deconv", False)):

@@ -14,8 +14,7 @@ pytest.importorskip("coreai.authoring", reason="needs lowbit[coreai] (coreai-cor
 pytest.importorskip("coreai_torch", reason="needs coreai-torch (Python >= 3.11)")
 
 import torch
-from conftest import make_model
-from coreai_support import convert, make_probe, run_asset
+from coreai_support import convert, make_probe, onnx_probe, run_asset
 
 import lowbit
 import lowbit.coreai as lc
@@ -128,25 +127,15 @@ def test_a_caller_inside_a_running_event_loop_calibrates(tower):
     assert all(r.skipped is None for r in small.report.rows)
 
 
-def _onnx_probe(dense: dict[str, np.ndarray]) -> lowbit.Program:
-    weights = {
-        "linear": np.ascontiguousarray(dense["linear"].T),
-        "embedding": dense["embedding"],
-        "conv": dense["conv"],
-    }
-    return lowbit.Program(
-        make_model(weights, [("MatMul", "linear", {}), ("Gather", "embedding", {}), ("Conv", "conv", {})])
-    )
-
-
 CASES = [
     ("palettize_weights", {"n_bits": 4, "granularity": "per_grouped_channel", "group_size": 16}),
+    ("palettize_weights", {"bits_per_weight": 3.5, "granularity": "per_grouped_channel", "group_size": 16}),
     ("quantize_weights", {"dtype": "int4", "granularity": "per_block", "block_size": 16}),
     ("sparsify_weights", {"target_sparsity": 0.5, "quantize_dtype": "int8"}),
 ]
 
 
-@pytest.mark.parametrize(("function", "params"), CASES, ids=[f for f, _ in CASES])
+@pytest.mark.parametrize(("function", "params"), CASES, ids=[f"{f}-{i}" for i, (f, _) in enumerate(CASES)])
 def test_both_doors_calibrate_the_same_weights_to_the_same_codes(function, params):
     """The probe's weights in an ONNX graph and in the Core AI program, fed the same inputs: the same statistics,
     and the same decoded weights from every calibrated algorithm."""
@@ -159,8 +148,8 @@ def test_both_doors_calibrate_the_same_weights_to_the_same_codes(function, param
     core_feeds = [
         {"eye": e, "ids": i, "conv_in": c, "deconv_in": deconv_in} for e, i, c in zip(eye, ids, conv_in, strict=True)
     ]
-    onnx_feeds = [{"x0": e, "x1": i, "x2": c} for e, i, c in zip(eye, ids, conv_in, strict=True)]
-    onnx = _onnx_probe(dense)
+    onnx_feeds = [{"x0": e, "x1": i, "x2": c, "x3": deconv_in} for e, i, c in zip(eye, ids, conv_in, strict=True)]
+    onnx = onnx_probe(dense)
     core_stats = collect_input_moments(lc.Program.of(program), core_feeds)
     onnx_stats = onnx_moments(onnx, onnx_feeds)
     by_module = {w.shape: w.name for w in lc.Program.of(program).weights()}
