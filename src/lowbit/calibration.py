@@ -14,7 +14,7 @@ import numpy as np
 
 from lowbit.statistics import InputMoments
 
-__all__ = ["MomentSums", "Run", "Tap", "accumulate_moments", "checked_feed", "feeds_of"]
+__all__ = ["MomentSums", "Run", "Tap", "accumulate_moments", "check_source", "checked_feed", "feeds_of"]
 
 # (a feed, its index) -> the values the taps name, by name (``ValueError`` with a one-line reason when the program
 # cannot run on the feed)
@@ -38,19 +38,27 @@ class Tap:
         return (self.activation, self.channel_axis, self.channels, self.full, self.lookup)
 
 
-def feeds_of(calibration_data: Any) -> Iterator[Mapping[str, np.ndarray]]:
-    """The feeds of ``calibration_data``: an iterable of ``{input name: array}`` dicts, or an ONNX Runtime
-    ``CalibrationDataReader`` (anything with ``get_next()`` returning a dict, then None). ``TypeError`` for
-    anything else."""
+def check_source(calibration_data: Any) -> None:
+    """``TypeError`` unless ``calibration_data`` is an iterable (not a dict) or has ``get_next()``: checked before a
+    backend starts its runtime."""
     if hasattr(calibration_data, "get_next"):
-        while (feed := calibration_data.get_next()) is not None:
-            yield feed
         return
     if isinstance(calibration_data, Mapping) or not isinstance(calibration_data, Iterable):
         raise TypeError(
             "calibration_data must be an iterable of {input name: array} dicts or a CalibrationDataReader, "
             f"got {type(calibration_data).__name__}"
         )
+
+
+def feeds_of(calibration_data: Any) -> Iterator[Mapping[str, np.ndarray]]:
+    """The feeds of ``calibration_data``: an iterable of ``{input name: array}`` dicts, or an ONNX Runtime
+    ``CalibrationDataReader`` (anything with ``get_next()`` returning a dict, then None). ``TypeError`` for
+    anything else (:func:`check_source`), or for a feed that is not a dict."""
+    check_source(calibration_data)
+    if hasattr(calibration_data, "get_next"):
+        while (feed := calibration_data.get_next()) is not None:
+            yield feed
+        return
     for feed in calibration_data:
         if not isinstance(feed, Mapping):
             raise TypeError(f"calibration_data must yield {{input name: array}} dicts, got {type(feed).__name__}")

@@ -15,6 +15,7 @@ pytest.importorskip("coreai_torch", reason="needs coreai-torch (Python >= 3.11)"
 
 import torch
 from coreai_support import convert, make_probe, onnx_probe, run_asset
+from tied_lm import TiedLM
 
 import lowbit
 import lowbit.coreai as lc
@@ -114,6 +115,30 @@ def test_feeds_that_do_not_fit_the_program_are_refused_in_one_line(tower, feed, 
     assert message in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(ValueError, match="yielded no feed"):
         lc.sparsify_weights(program, calibration_data=[])
+    with pytest.raises(TypeError, match="must be an iterable of"):
+        lc.sparsify_weights(program, calibration_data=feed)
+
+
+def test_float64_feeds_are_taken_in_the_program_float_type(tower):
+    _, program = tower
+    feeds = _tower_feeds(2)
+    wide = [{"ids": f["ids"], "image": f["image"].astype(np.float64)} for f in feeds]
+    ours, theirs = collect_input_moments(program, feeds), collect_input_moments(program, wide)
+    assert all(np.array_equal(ours[n].squares, theirs[n].squares) for n in ours)
+
+
+def test_a_tied_weight_gets_no_statistics_and_is_still_compressed():
+    """The embedding table is also the head's weight: two readers, so no one reader's statistics; the Linear
+    between them gets its own."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 300, (2, 7))
+    program = lc.Program.of(convert(TiedLM().eval(), (ids.to(torch.int32),)))
+    feeds = [{"ids": np.random.default_rng(i).integers(0, 300, (2, 7))} for i in range(2)]
+    moments = collect_input_moments(program, feeds)
+    by_shape = {w.shape: w.name for w in program.weights()}
+    assert set(moments) == {by_shape[(64, 64)]}
+    small = lc.palettize_weights(program, n_bits=4, calibration_data=feeds)
+    assert all(r.skipped is None for r in small.report.rows) and len(small.report.rows) == 2
 
 
 def test_a_caller_inside_a_running_event_loop_calibrates(tower):

@@ -54,13 +54,14 @@ def _run(
     executor=None,
     bits_per_weight=None,
 ) -> Program:
+    weight_configs = as_weight_configs(configs)
     program = _target(coreai_program, in_place)
     statistics = None
     if calibration_data is not None:
         from lowbit.coreai.calibration import collect_input_moments
 
         statistics = collect_input_moments(program, calibration_data)
-    backend, weight_configs = CoreAIBackend(program), as_weight_configs(configs)
+    backend = CoreAIBackend(program)
     report = compress(backend, ALGORITHMS[algorithm], config, weight_configs, executor, statistics, bits_per_weight)
     program.report = report
     return program

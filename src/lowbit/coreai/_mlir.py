@@ -286,11 +286,11 @@ def attribute_ints(op: Operation) -> list[int]:
 
 
 def _main_graph(program: Any) -> Operation:
-    return next(
-        op
-        for op in program._module._mlir_module.body.operations
-        if op.name == "coreai.graph" and ir.StringAttr(op.attributes["sym_name"]).value == "main"
-    )
+    """The ``coreai.graph @main`` of ``program``; ``ValueError`` when it has none."""
+    for op in program._module._mlir_module.body.operations:
+        if op.name == "coreai.graph" and ir.StringAttr(op.attributes["sym_name"]).value == "main":
+            return op
+    raise ValueError("the program has no main graph (coreai.graph @main)")
 
 
 def graph_inputs(program: Any) -> dict[str, tuple[np.dtype | None, tuple[int, ...] | None]]:

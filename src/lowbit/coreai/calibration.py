@@ -2,14 +2,15 @@
 weights' activation inputs as extra outputs of its main graph, and accumulate each weight's
 :class:`~lowbit.statistics.InputMoments`, one feed at a time (:class:`lowbit.calibration.MomentSums`).
 
-The copy is saved to a temporary asset (the runtime executes assets) and run on a worker thread with its own event
-loop, so that a caller inside a running loop (a notebook) can calibrate too.
+The copy is saved to a temporary asset (the runtime executes assets) and run in an event loop of its own: on a worker
+thread when the caller already runs one (a notebook), so that such a caller can calibrate too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import tempfile
+from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,9 @@ import numpy as np
 from coreai.authoring import AIModelAsset
 from coreai.runtime import NDArray
 
-from lowbit.calibration import MomentSums, Tap, checked_feed, feeds_of
+from lowbit.calibration import MomentSums, Tap, check_source, checked_feed, feeds_of
 from lowbit.coreai import _mlir
-from lowbit.coreai.discovery import CoreAIWeight, weight_consumers
+from lowbit.coreai.discovery import CoreAIWeight
 from lowbit.coreai.program import Program
 from lowbit.statistics import InputMoments
 
@@ -28,20 +29,31 @@ __all__ = ["collect_input_moments"]
 
 _MATMULS = {"coreai.batch_matmul", "coreai.decomposable.broadcasting_batch_matmul"}
 _CONVS = {"coreai.conv2d", "coreai.conv3d"}
+_TRANSPOSE = "coreai.transpose"
 _TAP_PREFIX = "lowbit.calibration."
-Inputs = dict[str, tuple[np.dtype | None, tuple[int, ...] | None]]
+_Inputs = dict[str, tuple[np.dtype | None, tuple[int, ...] | None]]  # the main graph's (dtype, static shape) by name
+
+
+def _only_reader(value: Any) -> tuple[Any, int] | None:
+    """(the op, the operand) that alone reads ``value``, through transposes that have no other reader (None when
+    anything else reads it: a shared weight gets no statistics)."""
+    uses = list(value.uses)
+    if len(uses) != 1:
+        return None
+    owner, index = uses[0].owner, uses[0].operand_number
+    if owner.name == _TRANSPOSE and index == 0:
+        return _only_reader(owner.results[0])
+    return owner, index
 
 
 def _activation(weight: CoreAIWeight) -> tuple[Any, int, bool] | None:
     """(the value read with ``weight``, its channel axis, whether it holds lookup indices) for a dense weight read
     by one op of the main graph whose other input's channels meet the weight's input axis (None: no statistic)."""
-    if weight.compression is not None:
+    reader = None if weight.compression is not None else _only_reader(weight.value)
+    if reader is None or _mlir.graph_name(reader[0]) != "main":
         return None
-    uses = list(weight_consumers(weight.value, len(weight.shape)))
-    if len({id(owner) for owner, _, _ in uses}) != 1 or _mlir.graph_name(uses[0][0]) != "main":
-        return None
-    owner, index, _ = uses[0]
-    if owner.name == "coreai.gather_nd" and weight.output_axis == 0:
+    owner, index = reader
+    if owner.name == "coreai.gather_nd" and index == 0 and weight.output_axis == 0:
         indices = owner.operands[1]
         shape = _mlir.tensor_shape(indices)
         return (indices, 0, True) if shape is not None and shape[-1:] == (1,) else None
@@ -75,9 +87,10 @@ def _taps(program: Program) -> tuple[list[Tap], list[Any]]:
     return taps, values
 
 
-def _typed(feed: dict[str, np.ndarray], inputs: Inputs, index: int) -> dict[str, np.ndarray]:
-    """``feed`` in the program's input types (a cast within the same kind that keeps every value, e.g. int64 token
-    ids to int32); ``ValueError`` for another dtype or shape than the program's static one."""
+def _typed(feed: dict[str, np.ndarray], inputs: _Inputs, index: int) -> dict[str, np.ndarray]:
+    """``feed`` in the program's input types: floats cast to its float type (float64 arrays to float32), integers
+    and booleans cast within their kind when every value survives (a tokenizer's int64 ids to int32);
+    ``ValueError`` for anything else, and for another shape than the program's static one."""
     typed = {}
     for name, array in feed.items():
         dtype, shape = inputs[name]
@@ -85,7 +98,7 @@ def _typed(feed: dict[str, np.ndarray], inputs: Inputs, index: int) -> dict[str,
             raise ValueError(f"calibration feed {index}: input {name!r} has shape {array.shape}, the program's {shape}")
         if dtype is not None and array.dtype != dtype:
             cast = array.astype(dtype) if np.can_cast(array.dtype, dtype, "same_kind") else None
-            if cast is None or not np.array_equal(cast, array):
+            if cast is None or (cast.dtype.kind != "f" and not np.array_equal(cast, array)):
                 problem = f"input {name!r} is {array.dtype}, the program takes {dtype}"
                 raise ValueError(f"calibration feed {index}: {problem}")
             array = cast
@@ -93,7 +106,8 @@ def _typed(feed: dict[str, np.ndarray], inputs: Inputs, index: int) -> dict[str,
     return typed
 
 
-async def _collect(path: Path, taps: list[Tap], inputs: Inputs, calibration_data: Any) -> dict[str, InputMoments]:
+async def _collect(path: Path, taps: list[Tap], inputs: _Inputs, calibration_data: Any) -> dict[str, InputMoments]:
+    """The taps' statistics: the asset at ``path`` run in Core AI's runtime on each feed in turn."""
     sums = MomentSums(taps)
     async with AIModelAsset.load(path).executable() as module:
         function = module.load_function("main")
@@ -111,11 +125,12 @@ async def _collect(path: Path, taps: list[Tap], inputs: Inputs, calibration_data
 
 def collect_input_moments(program: Program, calibration_data: Any) -> dict[str, InputMoments]:
     """Each matmul / conv (group 1) weight's :class:`InputMoments` over ``calibration_data`` (see
-    :func:`lowbit.calibration.feeds_of`; a feed's arrays are cast to the program's input types when no value
-    changes), and each embedding table's (a ``gather_nd``'s rows: how often each was looked up), by weight name.
-    Other weights (shared, already compressed, inside composite graphs, with dynamic shapes) get none and are
-    compressed data-free. ``ValueError`` when the data holds no feed, a feed does not fit the program's inputs, or
-    the runtime cannot run it (its reason, one line)."""
+    :func:`lowbit.calibration.feeds_of`; a feed's arrays are cast to the program's input types: float64 arrays to
+    float32, int64 ids to int32 when every id fits), and each embedding table's (a ``gather_nd``'s rows: how often
+    each was looked up), by weight name. Other weights (shared, already compressed, inside composite graphs, with
+    dynamic shapes) get none and are compressed data-free. ``ValueError`` when the data holds no feed, a feed does
+    not fit the program's inputs, or the runtime cannot run it (its reason, one line)."""
+    check_source(calibration_data)
     capture = program.copy()
     taps, values = _taps(capture)
     _mlir.add_outputs(capture, values, [f"{_TAP_PREFIX}{i}" for i in range(len(values))])
@@ -123,5 +138,15 @@ def collect_input_moments(program: Program, calibration_data: Any) -> dict[str, 
     with tempfile.TemporaryDirectory(prefix="lowbit-calibration-") as folder:
         path = capture.save(Path(folder) / "capture.aimodel")
         del capture
-        with ThreadPoolExecutor(1) as thread:
-            return thread.submit(asyncio.run, _collect(path, taps, inputs, calibration_data)).result()
+        return _run(_collect(path, taps, inputs, calibration_data))
+
+
+def _run(coroutine: Coroutine[Any, Any, dict[str, InputMoments]]) -> dict[str, InputMoments]:
+    """``coroutine``'s result: run here (Ctrl-C stops it at once), or on a worker thread with a loop of its own
+    when this thread already runs one (a notebook's cell)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    with ThreadPoolExecutor(1) as thread:
+        return thread.submit(asyncio.run, coroutine).result()

@@ -63,25 +63,22 @@ def _uses(value: Any) -> Iterator[tuple[Any, int]]:
         yield use.owner, use.operand_number
 
 
-def weight_consumers(value: Any, rank: int) -> Iterator[tuple[Any, int, tuple[int, int]]]:
-    """(consumer op, the operand it reads the weight at, (output axis, input axis) in ``value``'s own layout) for
-    each weight use of ``value``, looking through transposes."""
+def _weight_uses(value: Any, rank: int) -> list[tuple[str, tuple[int, int]]]:
+    """(consumer op, (output axis, input axis) in ``value``'s own layout) for each weight use of ``value``,
+    looking through transposes."""
+    found = []
     for owner, index in _uses(value):
         table = OP_TABLE.get(owner.name)
         if table is not None and index in table:
             out, inner = table[index]
-            yield owner, index, (out % rank, inner % rank)
+            found.append((short_op(owner.name), (out % rank, inner % rank)))
         elif owner.name == _TRANSPOSE and index == 0:
             perm = _mlir.attribute_ints(owner.operands[1].owner) if _is_constant(owner.operands[1]) else None
             if perm is None or len(perm) != rank:
                 continue
-            for consumer, operand, (out, inner) in weight_consumers(owner.results[0], rank):
-                yield consumer, operand, (perm[out], perm[inner])
-
-
-def _weight_uses(value: Any, rank: int) -> list[tuple[str, tuple[int, int]]]:
-    """(consumer op name, (output axis, input axis)) for each weight use of ``value`` (:func:`weight_consumers`)."""
-    return [(short_op(owner.name), axes) for owner, _, axes in weight_consumers(value, rank)]
+            for op, (out, inner) in _weight_uses(owner.results[0], rank):
+                found.append((op, (perm[out], perm[inner])))
+    return found
 
 
 def _is_constant(value: Any) -> bool:

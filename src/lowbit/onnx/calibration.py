@@ -11,7 +11,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from lowbit.calibration import Tap, accumulate_moments, checked_feed
+from lowbit.calibration import Tap, accumulate_moments, check_source, checked_feed
 from lowbit.onnx.discovery import WeightRef
 from lowbit.onnx.program import PROTO_LIMIT_BYTES, Program
 from lowbit.statistics import InputMoments
@@ -123,6 +123,7 @@ def collect_input_moments(program: Program, calibration_data: Any) -> dict[str, 
     up), by weight name. Other weights (weights shared or reached through a Cast or Transpose, inside subgraphs) get
     none and are compressed data-free. ``ValueError`` when the data holds no feed, or a feed's activations do not
     have the weight's input channels."""
+    check_source(calibration_data)
     taps = _taps(program)
     capture = Capture(program, (t.activation for t in taps))
     return accumulate_moments(taps, capture.run, calibration_data)

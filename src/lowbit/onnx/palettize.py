@@ -199,8 +199,8 @@ def palettize_weights(
     budget = check_bits_per_weight(bits_per_weight)
     writer = PalettizeWriter(target)
     result = target_program(program, in_place)
+    weight_configs = as_weight_configs(configs)
     statistics = None if calibration_data is None else collect_input_moments(result, calibration_data)
-    backend = OnnxBackend(result, writer)
-    algorithm, weight_configs = ALGORITHMS["palettize"], as_weight_configs(configs)
+    backend, algorithm = OnnxBackend(result, writer), ALGORITHMS["palettize"]
     result.report = compress(backend, algorithm, config, weight_configs, executor, statistics, budget)
     return result

@@ -236,7 +236,8 @@ def quantize_weights(
     config = config_of(QuantizeConfig, locals())
     writer = QuantizeWriter(target)
     result = target_program(program, in_place)
+    weight_configs = as_weight_configs(configs)
     statistics = None if calibration_data is None else collect_input_moments(result, calibration_data)
     backend = OnnxBackend(result, writer)
-    result.report = compress(backend, ALGORITHMS["quantize"], config, as_weight_configs(configs), None, statistics)
+    result.report = compress(backend, ALGORITHMS["quantize"], config, weight_configs, None, statistics)
     return result

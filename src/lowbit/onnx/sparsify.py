@@ -127,7 +127,8 @@ def sparsify_weights(
     """
     config = config_of(SparsifyConfig, locals())
     target = target_program(program, in_place)
+    weight_configs = as_weight_configs(configs)
     statistics = None if calibration_data is None else collect_input_moments(target, calibration_data)
     backend = OnnxBackend(target, SparsifyWriter())
-    target.report = compress(backend, ALGORITHMS["sparsify"], config, as_weight_configs(configs), None, statistics)
+    target.report = compress(backend, ALGORITHMS["sparsify"], config, weight_configs, None, statistics)
     return target
