@@ -17,10 +17,13 @@ from coreai.runtime import NDArray
 import lowbit
 
 
-def convert(model: torch.nn.Module, args: tuple):
-    """The ``AIProgram`` coreai-torch makes of ``model`` (the reference documentation's flow)."""
+def convert(model: torch.nn.Module, args: tuple, dynamic_shapes: dict | None = None):
+    """The ``AIProgram`` coreai-torch makes of ``model`` (the reference documentation's flow; ``dynamic_shapes`` as
+    ``torch.export.export`` takes them)."""
     model.eval()
-    exported = torch.export.export(model, args).run_decompositions(coreai_torch.get_decomp_table())
+    exported = torch.export.export(model, args, dynamic_shapes=dynamic_shapes).run_decompositions(
+        coreai_torch.get_decomp_table()
+    )
     return coreai_torch.TorchConverter().add_exported_program(exported).to_coreai()
 
 

@@ -225,3 +225,23 @@ def test_cli_calibrates_an_aimodel_as_the_api_does(tower, tmp_path, capsys):
     written = lc.load(out)  # kept alive: its weights' values belong to its module
     cli = {w.name: np.asarray(evaluate(w.value)) for w in written.weights()}
     assert all(np.array_equal(cli[w.name], evaluate(w.value)) for w in api.weights())
+
+
+def test_a_program_with_a_dynamic_sequence_length_calibrates_on_feeds_of_any_length():
+    """torch.export with a dynamic dim: the activations' channels are static, their rows are not; feeds of three
+    lengths are summed, and a feed that breaks a static dim is refused naming the program's shape."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(100, 64), torch.nn.Linear(64, 32)).eval()
+    ids = torch.randint(0, 100, (2, 7))
+    dynamic = {"input": {1: torch.export.Dim("tokens", min=2, max=64)}}
+    program = lc.Program.of(convert(model, (ids,), dynamic_shapes=dynamic))
+    rng = np.random.default_rng(0)
+    feeds = [{"input": rng.integers(0, 100, (2, n))} for n in (5, 9, 13)]
+    moments = collect_input_moments(program, feeds)
+    by_shape = {w.shape: w.name for w in program.weights()}
+    linear, table = moments[by_shape[(32, 64)]], moments[by_shape[(100, 64)]]
+    assert linear.rows == table.rows == 2 * (5 + 9 + 13)
+    hidden = np.concatenate([model[0].weight.detach().numpy()[f["input"].ravel()] for f in feeds]).astype(np.float64)
+    np.testing.assert_allclose(linear.squares, (hidden**2).sum(0), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"has shape \(3, 5\), the program's 2x\?"):
+        collect_input_moments(program, [{"input": rng.integers(0, 100, (3, 5))}])

@@ -39,6 +39,7 @@ __all__ = [
     "remove_dead_constants",
     "replace",
     "splat",
+    "tensor_dims",
     "tensor_shape",
     "verify",
 ]
@@ -133,12 +134,18 @@ def _element(value_or_type: Any) -> tuple[str, tuple[int, ...]]:
     return str(t.element_type), tuple(int(n) for n in t.shape)
 
 
-def tensor_shape(value: Value) -> tuple[int, ...] | None:
-    """The static shape of a ranked tensor value (None for anything else or a dynamic shape)."""
+def tensor_dims(value: Value) -> tuple[int | None, ...] | None:
+    """The dims of a ranked tensor value, None for each dynamic one (None for anything else)."""
     if not ir.RankedTensorType.isinstance(value.type):
         return None
     t = ir.RankedTensorType(value.type)
-    return None if not t.has_static_shape else tuple(int(n) for n in t.shape)
+    return tuple(None if t.is_dynamic_dim(i) else int(t.get_dim_size(i)) for i in range(t.rank))
+
+
+def tensor_shape(value: Value) -> tuple[int, ...] | None:
+    """The static shape of a ranked tensor value (None for anything else or a dynamic shape)."""
+    dims = tensor_dims(value)
+    return None if dims is None or None in dims else tuple(d for d in dims if d is not None)
 
 
 def element_type_name(value: Value) -> str | None:
@@ -293,12 +300,12 @@ def _main_graph(program: Any) -> Operation:
     raise ValueError("the program has no main graph (coreai.graph @main)")
 
 
-def graph_inputs(program: Any) -> dict[str, tuple[np.dtype | None, tuple[int, ...] | None]]:
-    """The main graph's inputs: (numpy dtype, static shape) by name."""
+def graph_inputs(program: Any) -> dict[str, tuple[np.dtype | None, tuple[int | None, ...] | None]]:
+    """The main graph's inputs: (numpy dtype, dims: None for a dynamic one) by name."""
     graph = _main_graph(program)
     names = [ir.StringAttr(ir.DictAttr(a)["coreai.name"]).value for a in ir.ArrayAttr(graph.attributes["arg_attrs"])]
     arguments = graph.regions[0].blocks[0].arguments
-    return {name: (element_dtype(value), tensor_shape(value)) for name, value in zip(names, arguments, strict=True)}
+    return {name: (element_dtype(value), tensor_dims(value)) for name, value in zip(names, arguments, strict=True)}
 
 
 def add_outputs(program: Any, values: Sequence[Value], names: Sequence[str]) -> None:

@@ -31,7 +31,7 @@ _MATMULS = {"coreai.batch_matmul", "coreai.decomposable.broadcasting_batch_matmu
 _CONVS = {"coreai.conv2d", "coreai.conv3d"}
 _TRANSPOSE = "coreai.transpose"
 _TAP_PREFIX = "lowbit.calibration."
-_Inputs = dict[str, tuple[np.dtype | None, tuple[int, ...] | None]]  # the main graph's (dtype, static shape) by name
+_Inputs = dict[str, tuple[np.dtype | None, tuple[int | None, ...] | None]]  # the main graph's (dtype, dims) by name
 
 
 def _only_reader(value: Any) -> tuple[Any, int] | None:
@@ -55,16 +55,16 @@ def _activation(weight: CoreAIWeight) -> tuple[Any, int, bool] | None:
     owner, index = reader
     if owner.name == "coreai.gather_nd" and index == 0 and weight.output_axis == 0:
         indices = owner.operands[1]
-        shape = _mlir.tensor_shape(indices)
-        return (indices, 0, True) if shape is not None and shape[-1:] == (1,) else None
+        dims = _mlir.tensor_dims(indices)
+        return (indices, 0, True) if dims is not None and dims[-1:] == (1,) else None
     if owner.name in _MATMULS:
         x, axis = (owner.operands[0], -1) if index == 1 else (owner.operands[1], -2)
     elif owner.name in _CONVS and index == 1:
         x, axis = owner.operands[0], 1
     else:
         return None
-    shape = _mlir.tensor_shape(x)
-    if shape is None or shape[axis] != weight.shape[weight.input_axis]:  # a grouped conv's, or a dynamic shape
+    dims = _mlir.tensor_dims(x)
+    if dims is None or dims[axis] != weight.shape[weight.input_axis]:  # a grouped conv's, or dynamic channels
         return None
     return x, axis, False
 
@@ -90,11 +90,12 @@ def _taps(program: Program) -> tuple[list[Tap], list[Any]]:
 def _typed(feed: dict[str, np.ndarray], inputs: _Inputs, index: int) -> dict[str, np.ndarray]:
     """``feed`` in the program's input types: floats cast to its float type (float64 arrays to float32), integers
     and booleans cast within their kind when every value survives (a tokenizer's int64 ids to int32);
-    ``ValueError`` for anything else, and for another shape than the program's static one."""
+    ``ValueError`` for anything else, and for a shape that does not fit the program's (its static dims)."""
     typed = {}
     for name, array in feed.items():
-        dtype, shape = inputs[name]
-        if shape is not None and array.shape != shape:
+        dtype, dims = inputs[name]
+        if dims is not None and not _fits(array.shape, dims):
+            shape = "x".join("?" if d is None else str(d) for d in dims)
             raise ValueError(f"calibration feed {index}: input {name!r} has shape {array.shape}, the program's {shape}")
         if dtype is not None and array.dtype != dtype:
             cast = array.astype(dtype) if np.can_cast(array.dtype, dtype, "same_kind") else None
@@ -104,6 +105,11 @@ def _typed(feed: dict[str, np.ndarray], inputs: _Inputs, index: int) -> dict[str
             array = cast
         typed[name] = np.ascontiguousarray(array)
     return typed
+
+
+def _fits(shape: tuple[int, ...], dims: tuple[int | None, ...]) -> bool:
+    """Whether ``shape`` has ``dims``' rank and every static dim of it."""
+    return len(shape) == len(dims) and all(d is None or d == n for n, d in zip(shape, dims, strict=True))
 
 
 async def _collect(path: Path, taps: list[Tap], inputs: _Inputs, calibration_data: Any) -> dict[str, InputMoments]:
@@ -127,9 +133,9 @@ def collect_input_moments(program: Program, calibration_data: Any) -> dict[str, 
     """Each matmul / conv (group 1) weight's :class:`InputMoments` over ``calibration_data`` (see
     :func:`lowbit.calibration.feeds_of`; a feed's arrays are cast to the program's input types: float64 arrays to
     float32, int64 ids to int32 when every id fits), and each embedding table's (a ``gather_nd``'s rows: how often
-    each was looked up), by weight name. Other weights (shared, already compressed, inside composite graphs, with
-    dynamic shapes) get none and are compressed data-free. ``ValueError`` when the data holds no feed, a feed does
-    not fit the program's inputs, or the runtime cannot run it (its reason, one line)."""
+    each was looked up), by weight name. Other weights (shared, already compressed, inside composite graphs, whose
+    input channels are dynamic) get none and are compressed data-free. ``ValueError`` when the data holds no feed,
+    a feed does not fit the program's inputs, or the runtime cannot run it (its reason, one line)."""
     check_source(calibration_data)
     capture = program.copy()
     taps, values = _taps(capture)
