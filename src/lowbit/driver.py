@@ -202,13 +202,14 @@ def compress(
     ``config`` is the call's config (a frozen dataclass of :mod:`lowbit.config` with ``weight_num_threshold``);
     ``configs`` varies it per weight or leaves weights out; ``executor`` runs the weight layer (default: a pool of
     ``algorithm.workers(config)`` threads); ``statistics`` holds calibration statistics by weight name (weights
-    without an entry are compressed data-free); ``bits_per_weight`` (an algorithm with ``measure`` only) first
-    measures every eligible weight at each width and chooses each one's width so that their compressed bytes stay
-    within that many bits per element (:func:`lowbit.budget.allocate`; ``ValueError`` when no choice fits). A weight
+    without an entry are compressed data-free, which the report notes when ``statistics`` is given);
+    ``bits_per_weight`` (an algorithm with ``measure`` only) first measures every eligible weight at each width and
+    chooses each one's width so that their compressed bytes stay within that many bits per element
+    (:func:`lowbit.budget.allocate`; ``ValueError`` when no choice fits). A weight
     that cannot be compressed is reported as skipped, with a warning naming it and why (not for weights left out on
     purpose).
     """
-    return _Driver(backend, algorithm, config, configs, executor, statistics or {}, bits_per_weight).run()
+    return _Driver(backend, algorithm, config, configs, executor, statistics, bits_per_weight).run()
 
 
 class _Driver(Generic[W]):
@@ -219,12 +220,13 @@ class _Driver(Generic[W]):
         config: Any,
         configs: WeightConfigs | None,
         executor,
-        stats,
+        stats: Mapping[str, InputMoments] | None,
         bits_per_weight: float | None,
     ) -> None:
         if bits_per_weight is not None and algorithm.measure is None:
             raise ValueError(f"bits_per_weight needs an algorithm with widths to choose, not {algorithm.name!r}")
-        self.backend, self.algorithm, self.statistics = backend, algorithm, stats
+        self.backend, self.algorithm, self.statistics = backend, algorithm, stats or {}
+        self.calibrated = stats is not None
         self.bits_per_weight = bits_per_weight
         self.allocation: dict[str, int] = {}  # weight name -> n_bits chosen for the budget
         self.selection = (configs or WeightConfigs()).selection(config)
@@ -367,7 +369,8 @@ class _Driver(Generic[W]):
                 result.rel_mse,
                 None,
                 self.algorithm.kind,
-                "; ".join(filter(None, [self.allocated(weight), self.backend.note(weight)])) or None,
+                "; ".join(filter(None, [self.allocated(weight), self.uncalibrated(weight), self.backend.note(weight)]))
+                or None,
             )
         )
 
@@ -375,6 +378,12 @@ class _Driver(Generic[W]):
         """The report's note of a width chosen for the budget."""
         bits = self.allocation.get(weight.name)
         return None if bits is None or self.bits_per_weight is None else allocation_note(bits, self.bits_per_weight)
+
+    def uncalibrated(self, weight: W) -> str | None:
+        """The report's note of a weight compressed data-free in a calibrated call (no statistics reach it: shared,
+        or read by an op calibration does not tap)."""
+        missing = self.calibrated and weight.name not in self.statistics
+        return "data-free: no calibration statistics" if missing else None
 
     def skip(self, report: CompressionReport, weight: W, skip: SkipWeight) -> None:
         warn_skipped(weight.name, skip)

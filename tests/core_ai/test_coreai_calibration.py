@@ -139,6 +139,9 @@ def test_a_tied_weight_gets_no_statistics_and_is_still_compressed():
     assert set(moments) == {by_shape[(64, 64)]}
     small = lc.palettize_weights(program, n_bits=4, calibration_data=feeds)
     assert all(r.skipped is None for r in small.report.rows) and len(small.report.rows) == 2
+    notes = {r.shape: r.note for r in small.report.rows}  # the report says which weight the data did not reach
+    assert notes == {(300, 64): "data-free: no calibration statistics", (64, 64): None}
+    assert all(r.note is None for r in lc.palettize_weights(program, n_bits=4).report.rows)
 
 
 def test_a_caller_inside_a_running_event_loop_calibrates(tower):
