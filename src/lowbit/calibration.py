@@ -85,9 +85,9 @@ class MomentSums:
             moments = InputMoments.lookups(t.channels) if t.lookup else InputMoments.empty(t.channels, full=t.full)
             self.shared.setdefault(t.key, moments)
 
-    def add(self, values: Mapping[str, np.ndarray]) -> None:
-        """Add one feed's tapped values (by name). ``ValueError`` when activations do not have the weight's input
-        channels or are not finite."""
+    def add(self, values: Mapping[str, np.ndarray], index: int) -> None:
+        """Add feed ``index``'s tapped values (by name). ``ValueError`` when activations do not have the weight's
+        input channels or are not finite."""
         for (activation, axis, _, _, lookup), moments in self.shared.items():
             x = values[activation]
             if lookup:  # the runtime has checked the indices against the table (tables of one size share them)
@@ -98,9 +98,15 @@ class MomentSums:
                 problem = (
                     "are not finite" if x.shape[axis] == len(moments.squares) else f"have {x.shape[axis]} channels"
                 )
-                raise ValueError(f"activations of {tap.weight!r} {problem} on calibration feed {self.feeds}")
+                raise ValueError(f"activations of {tap.weight!r} {problem} on calibration feed {index}")
             moments.add(x, axis)
         self.feeds += 1
+
+    def merge(self, other: MomentSums) -> None:
+        """Add the feeds ``other`` (of the same taps) has summed."""
+        for key, moments in self.shared.items():
+            moments.merge(other.shared[key])
+        self.feeds += other.feeds
 
     def result(self) -> dict[str, InputMoments]:
         """The statistics by weight name. ``ValueError`` when no feed was added."""
@@ -114,5 +120,5 @@ def accumulate_moments(taps: list[Tap], run: Run, calibration_data: Any) -> dict
     the tapped values one feed at a time. ``ValueError`` as :class:`MomentSums`, and when the data holds no feed."""
     sums = MomentSums(taps)
     for index, feed in enumerate(feeds_of(calibration_data)):
-        sums.add(run(feed, index))
+        sums.add(run(feed, index), index)
     return sums.result()

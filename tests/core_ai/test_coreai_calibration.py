@@ -248,3 +248,24 @@ def test_a_program_with_a_dynamic_sequence_length_calibrates_on_feeds_of_any_len
     np.testing.assert_allclose(linear.squares, (hidden**2).sum(0), rtol=1e-6)
     with pytest.raises(ValueError, match=r"has shape \(3, 5\), the program's 2x\?"):
         collect_input_moments(program, [{"input": rng.integers(0, 100, (3, 5))}])
+
+
+def test_the_runtime_process_is_replaced_as_its_outputs_pile_up(tower, monkeypatch):
+    """Core AI's runtime keeps every output it returns: a child process runs it and is replaced once its outputs
+    pass the budget. Feeds summed over several children give the statistics of one."""
+    from lowbit.coreai import calibration
+
+    _, program = tower
+    feeds = _tower_feeds(5)
+    whole = collect_input_moments(program, feeds)
+    started = []
+    child = calibration._Child
+    monkeypatch.setattr(calibration, "CHILD_OUTPUT_BYTES", 1)  # one feed per child
+    monkeypatch.setattr(calibration, "_Child", lambda *a: started.append(1) or child(*a))
+    pieces = collect_input_moments(program, feeds)
+    assert len(started) == 5
+    for name, moments in whole.items():
+        assert pieces[name].rows == moments.rows
+        np.testing.assert_allclose(pieces[name].squares, moments.squares, rtol=1e-12)
+        if moments.gram is not None:
+            np.testing.assert_allclose(pieces[name].gram, moments.gram, rtol=1e-5, atol=1e-5)

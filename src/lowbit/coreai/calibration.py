@@ -2,25 +2,27 @@
 weights' activation inputs as extra outputs of its main graph, and accumulate each weight's
 :class:`~lowbit.statistics.InputMoments`, one feed at a time (:class:`lowbit.calibration.MomentSums`).
 
-The copy is saved to a temporary asset (the runtime executes assets) and run in an event loop of its own: on a worker
-thread when the caller already runs one (a notebook), so that such a caller can calibrate too.
+The copy is saved to a temporary asset (the runtime executes assets) and run in a child process
+(:mod:`lowbit.coreai._capture`): the runtime keeps every output it returns, so a child is replaced once its outputs
+pass :data:`CHILD_OUTPUT_BYTES`, and a runtime abort stops the child, not the caller. The caller runs no event loop
+(a notebook's cell can calibrate).
 """
 
 from __future__ import annotations
 
-import asyncio
+import multiprocessing
+import os
+import subprocess
+import sys
 import tempfile
-from collections.abc import Coroutine
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from coreai.authoring import AIModelAsset
-from coreai.runtime import NDArray
 
 from lowbit.calibration import MomentSums, Tap, check_source, checked_feed, feeds_of
 from lowbit.coreai import _mlir
+from lowbit.coreai._capture import TAP_PREFIX
 from lowbit.coreai.discovery import CoreAIWeight
 from lowbit.coreai.program import Program
 from lowbit.statistics import InputMoments
@@ -30,7 +32,8 @@ __all__ = ["collect_input_moments"]
 _MATMULS = {"coreai.batch_matmul", "coreai.decomposable.broadcasting_batch_matmul"}
 _CONVS = {"coreai.conv2d", "coreai.conv3d"}
 _TRANSPOSE = "coreai.transpose"
-_TAP_PREFIX = "lowbit.calibration."
+# a runtime process is replaced once the outputs it returned pass this many bytes: it keeps them (see _capture)
+CHILD_OUTPUT_BYTES = 1 << 30
 _Inputs = dict[str, tuple[np.dtype | None, tuple[int | None, ...] | None]]  # the main graph's (dtype, dims) by name
 
 
@@ -70,7 +73,7 @@ def _activation(weight: CoreAIWeight) -> tuple[Any, int, bool] | None:
 
 
 def _taps(program: Program) -> tuple[list[Tap], list[Any]]:
-    """The taps of ``program``'s weights, and the values they read (one output each, named ``_TAP_PREFIX + i``)."""
+    """The taps of ``program``'s weights, and the values they read (one output each, named ``TAP_PREFIX + i``)."""
     taps: list[Tap] = []
     values: list[Any] = []
     for weight in program.weights():
@@ -83,7 +86,7 @@ def _taps(program: Program) -> tuple[list[Tap], list[Any]]:
             values.append(value)
         channels = weight.shape[0] if lookup else weight.shape[weight.input_axis]
         full = not lookup and len(weight.shape) == 2
-        taps.append(Tap(weight.name, f"{_TAP_PREFIX}{index}", axis, channels, full, lookup))
+        taps.append(Tap(weight.name, f"{TAP_PREFIX}{index}", axis, channels, full, lookup))
     return taps, values
 
 
@@ -112,20 +115,67 @@ def _fits(shape: tuple[int, ...], dims: tuple[int | None, ...]) -> bool:
     return len(shape) == len(dims) and all(d is None or d == n for n, d in zip(shape, dims, strict=True))
 
 
-async def _collect(path: Path, taps: list[Tap], inputs: _Inputs, calibration_data: Any) -> dict[str, InputMoments]:
-    """The taps' statistics: the asset at ``path`` run in Core AI's runtime on each feed in turn."""
+class _Child:
+    """A runtime process (:mod:`lowbit.coreai._capture`) serving the capture asset at ``path``; a context manager
+    that stops it."""
+
+    def __init__(self, path: Path, taps: list[Tap]) -> None:
+        self.connection, theirs = multiprocessing.Pipe()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # this process's lowbit
+        command = [sys.executable, "-m", "lowbit.coreai._capture", str(theirs.fileno()), str(path)]
+        self.process = subprocess.Popen(command, pass_fds=(theirs.fileno(),), env=env)
+        theirs.close()
+        self.connection.send((taps, CHILD_OUTPUT_BYTES))
+        self.answer(None)
+
+    def __enter__(self) -> _Child:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.connection.close()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def answer(self, index: int | None) -> tuple[str, Any]:
+        """The child's answer about feed ``index`` (None: its start); ``ValueError`` with its reason when it
+        reports an error or stops."""
+        try:
+            status, payload = self.connection.recv()
+        except EOFError:
+            where = "while loading the program" if index is None else f"on calibration feed {index}"
+            raise ValueError(f"Core AI's runtime stopped (exit code {self.process.wait()}) {where}") from None
+        if status == "error":
+            raise ValueError(payload)
+        return status, payload
+
+    def run(self, index: int, arrays: dict[str, np.ndarray]) -> bool:
+        """Run feed ``index``; whether the child has returned its budget of outputs."""
+        self.connection.send((index, arrays))
+        return self.answer(index)[0] == "full"
+
+    def sums(self, index: int) -> MomentSums:
+        """What the child has summed (it then exits)."""
+        self.connection.send(None)
+        return self.answer(index)[1]
+
+
+def _collect(path: Path, taps: list[Tap], inputs: _Inputs, calibration_data: Any) -> dict[str, InputMoments]:
+    """The taps' statistics: the asset at ``path`` run in Core AI's runtime on each feed in turn, in a child process
+    replaced whenever the outputs it returned pass :data:`CHILD_OUTPUT_BYTES`."""
     sums = MomentSums(taps)
-    async with AIModelAsset.load(path).executable() as module:
-        function = module.load_function("main")
-        for index, feed in enumerate(feeds_of(calibration_data)):
-            arrays = _typed(checked_feed(feed, set(inputs)), inputs, index)
-            try:
-                outputs = await function({k: NDArray(v) for k, v in arrays.items()})
-            except Exception as err:  # the runtime's own exception types
-                reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-                problem = f"Core AI's runtime cannot run the program on calibration feed {index}"
-                raise ValueError(f"{problem}: {reason}") from err
-            sums.add({k: v.numpy() for k, v in outputs.items() if k.startswith(_TAP_PREFIX)})
+    feeds = enumerate(feeds_of(calibration_data))
+    pending = next(feeds, None)
+    while pending is not None:
+        with _Child(path, taps) as child:
+            full = False
+            while pending is not None and not full:
+                index, feed = pending
+                full = child.run(index, _typed(checked_feed(feed, set(inputs)), inputs, index))
+                pending = next(feeds, None)
+            sums.merge(child.sums(index))
     return sums.result()
 
 
@@ -139,20 +189,9 @@ def collect_input_moments(program: Program, calibration_data: Any) -> dict[str, 
     check_source(calibration_data)
     capture = program.copy()
     taps, values = _taps(capture)
-    _mlir.add_outputs(capture, values, [f"{_TAP_PREFIX}{i}" for i in range(len(values))])
+    _mlir.add_outputs(capture, values, [f"{TAP_PREFIX}{i}" for i in range(len(values))])
     inputs = _mlir.graph_inputs(capture)
     with tempfile.TemporaryDirectory(prefix="lowbit-calibration-") as folder:
         path = capture.save(Path(folder) / "capture.aimodel")
         del capture
-        return _run(_collect(path, taps, inputs, calibration_data))
-
-
-def _run(coroutine: Coroutine[Any, Any, dict[str, InputMoments]]) -> dict[str, InputMoments]:
-    """``coroutine``'s result: run here (Ctrl-C stops it at once), or on a worker thread with a loop of its own
-    when this thread already runs one (a notebook's cell)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coroutine)
-    with ThreadPoolExecutor(1) as thread:
-        return thread.submit(asyncio.run, coroutine).result()
+        return _collect(path, taps, inputs, calibration_data)
