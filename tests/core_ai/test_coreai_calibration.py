@@ -269,3 +269,27 @@ def test_the_runtime_process_is_replaced_as_its_outputs_pile_up(tower, monkeypat
         np.testing.assert_allclose(pieces[name].squares, moments.squares, rtol=1e-12)
         if moments.gram is not None:
             np.testing.assert_allclose(pieces[name].gram, moments.gram, rtol=1e-5, atol=1e-5)
+
+
+def test_a_runtime_that_dies_is_reported_in_one_line_and_a_coreai_py_in_the_working_folder_is_ignored(
+    tower, monkeypatch, tmp_path
+):
+    """The child runs the runtime: its death (here a kill before the second feed) is the caller's ValueError naming
+    the feed and the signal, not the caller's death; the child's imports ignore the working folder."""
+    from lowbit.coreai import calibration
+
+    _, program = tower
+    (tmp_path / "coreai.py").write_text("raise ImportError('not the package')\n")
+    monkeypatch.chdir(tmp_path)
+    assert collect_input_moments(program, _tower_feeds(1))
+    run = calibration._Child.run
+
+    def killed_before_feed_1(child, index, arrays):
+        if index == 1:
+            child.process.kill()
+            child.process.wait()
+        return run(child, index, arrays)
+
+    monkeypatch.setattr(calibration._Child, "run", killed_before_feed_1)
+    with pytest.raises(ValueError, match=r"runtime stopped \(signal SIGKILL\) on calibration feed 1$"):
+        collect_input_moments(program, _tower_feeds(3))

@@ -1,7 +1,7 @@
 """The child process of Core AI calibration (``python -m lowbit.coreai._capture FD ASSET``): runs the capture asset
 in Core AI's runtime on the feeds its parent sends over the connection at file descriptor ``FD`` and sums their
-tapped activations (:class:`lowbit.calibration.MomentSums`), until its parent says stop or the outputs it has been
-given pass its byte budget.
+tapped activations (:class:`lowbit.calibration.MomentSums`) until its parent says stop, which it does once the child
+answers that the outputs it has been given passed its byte budget.
 
 Why a child: coreai-core 1.0.0b3's runtime keeps every output it returns (measured: an 8 MB output, 8 MB more per
 call, after the arrays are dropped and the executable closed), and calibration's outputs are whole activations; a
@@ -18,44 +18,54 @@ import asyncio
 import sys
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 from coreai.authoring import AIModelAsset
 from coreai.runtime import NDArray
 
 from lowbit.calibration import MomentSums
-
-TAP_PREFIX = "lowbit.calibration."  # the names of the outputs calibration adds
-
-
-def one_line(err: BaseException) -> str:
-    """``err``'s first line (its type's name when it has no message)."""
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+from lowbit.coreai.program import one_line
 
 
 async def serve(connection: Connection, path: Path) -> None:
     """Answer the parent's messages (see the module's docstring) with the asset at ``path``."""
     taps, budget = connection.recv()
-    sums, given = MomentSums(taps), 0
-    async with AIModelAsset.load(path).executable() as module:
-        function = module.load_function("main")
-        connection.send(("ready", None))
-        while (message := connection.recv()) is not None:
-            index, arrays = message
-            try:
-                outputs = await function({k: NDArray(v) for k, v in arrays.items()})
-            except Exception as err:  # the runtime's own exception types
-                reason = f"Core AI's runtime cannot run the program on calibration feed {index}: {one_line(err)}"
-                connection.send(("error", reason))
-                return
-            values = {k: v.numpy() for k, v in outputs.items() if k.startswith(TAP_PREFIX)}
-            try:
-                sums.add(values, index)
-            except ValueError as err:
-                connection.send(("error", str(err)))
-                return
-            given += sum(v.nbytes for v in values.values())
-            connection.send(("full" if given >= budget else "ok", None))
-    connection.send(("sums", sums))
+    ready = False
+    try:
+        async with AIModelAsset.load(path).executable() as module:
+            function = module.load_function("main")
+            connection.send(("ready", None))
+            ready = True
+            sums = await _summed(connection, function, MomentSums(taps), budget)
+    except Exception as err:  # the runtime's own exception types
+        if ready:
+            raise
+        connection.send(("error", f"Core AI's runtime cannot load the calibration program: {one_line(err)}"))
+        return
+    if sums is not None:
+        connection.send(("sums", sums))
+
+
+async def _summed(connection: Connection, function: Any, sums: MomentSums, budget: int) -> MomentSums | None:
+    """``sums`` over the feeds the parent sends until ``None``; None when a feed failed (the parent is told why)."""
+    given = 0
+    while (message := connection.recv()) is not None:
+        index, arrays = message
+        try:
+            outputs = await function({k: NDArray(v) for k, v in arrays.items()})
+        except Exception as err:  # the runtime's own exception types
+            reason = f"Core AI's runtime cannot run the program on calibration feed {index}: {one_line(err)}"
+            connection.send(("error", reason))
+            return None
+        values = {k: v.numpy() for k, v in outputs.items()}  # the capture's outputs are the taps
+        try:
+            sums.add(values, index)
+        except ValueError as err:
+            connection.send(("error", str(err)))
+            return None
+        given += sum(v.nbytes for v in values.values())
+        connection.send(("full" if given >= budget else "ok", None))
+    return sums
 
 
 if __name__ == "__main__":

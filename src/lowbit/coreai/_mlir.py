@@ -26,7 +26,6 @@ __all__ = [
     "DECODE_OPS",
     "Operation",
     "Value",
-    "add_outputs",
     "clone",
     "constant",
     "element_dtype",
@@ -38,6 +37,7 @@ __all__ = [
     "read_constant",
     "remove_dead_constants",
     "replace",
+    "set_outputs",
     "splat",
     "tensor_dims",
     "tensor_shape",
@@ -308,16 +308,17 @@ def graph_inputs(program: Any) -> dict[str, tuple[np.dtype | None, tuple[int | N
     return {name: (element_dtype(value), tensor_dims(value)) for name, value in zip(names, arguments, strict=True)}
 
 
-def add_outputs(program: Any, values: Sequence[Value], names: Sequence[str]) -> None:
-    """Make ``values`` (of the main graph) extra outputs of ``program``'s main graph, named ``names``."""
+def set_outputs(program: Any, values: Sequence[Value], names: Sequence[str]) -> None:
+    """Make ``values`` (of the main graph) the outputs of ``program``'s main graph, named ``names``, in place of
+    its own."""
     graph = _main_graph(program)
     output = next(op for op in graph.regions[0].blocks[0].operations if op.name == "coreai.output")
     with output.context, output.location, ir.InsertionPoint(output):
-        ops.OutputOp([*output.operands, *values])
+        ops.OutputOp(list(values))
     output.erase()
     signature = ir.FunctionType(ir.TypeAttr(graph.attributes["function_type"]).value)
     with graph.context:
-        results = [*signature.results, *(v.type for v in values)]
+        results = [v.type for v in values]
         graph.attributes["function_type"] = ir.TypeAttr.get(ir.FunctionType.get(list(signature.inputs), results))
         named = [ir.DictAttr.get({"coreai.name": ir.StringAttr.get(n)}) for n in names]
-        graph.attributes["res_attrs"] = ir.ArrayAttr.get([*ir.ArrayAttr(graph.attributes["res_attrs"]), *named])
+        graph.attributes["res_attrs"] = ir.ArrayAttr.get(named)

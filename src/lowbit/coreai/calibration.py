@@ -1,5 +1,5 @@
 """Calibration of Core AI programs: run a copy of the program in Core AI's runtime on the user's data with the
-weights' activation inputs as extra outputs of its main graph, and accumulate each weight's
+weights' activation inputs as the outputs of its main graph, and accumulate each weight's
 :class:`~lowbit.statistics.InputMoments`, one feed at a time (:class:`lowbit.calibration.MomentSums`).
 
 The copy is saved to a temporary asset (the runtime executes assets) and run in a child process
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -22,7 +23,6 @@ import numpy as np
 
 from lowbit.calibration import MomentSums, Tap, check_source, checked_feed, feeds_of
 from lowbit.coreai import _mlir
-from lowbit.coreai._capture import TAP_PREFIX
 from lowbit.coreai.discovery import CoreAIWeight
 from lowbit.coreai.program import Program
 from lowbit.statistics import InputMoments
@@ -32,6 +32,7 @@ __all__ = ["collect_input_moments"]
 _MATMULS = {"coreai.batch_matmul", "coreai.decomposable.broadcasting_batch_matmul"}
 _CONVS = {"coreai.conv2d", "coreai.conv3d"}
 _TRANSPOSE = "coreai.transpose"
+TAP_PREFIX = "lowbit.calibration."  # the names of the capture's outputs
 # a runtime process is replaced once the outputs it returned pass this many bytes: it keeps them (see _capture)
 CHILD_OUTPUT_BYTES = 1 << 30
 _Inputs = dict[str, tuple[np.dtype | None, tuple[int | None, ...] | None]]  # the main graph's (dtype, dims) by name
@@ -117,55 +118,69 @@ def _fits(shape: tuple[int, ...], dims: tuple[int | None, ...]) -> bool:
 
 class _Child:
     """A runtime process (:mod:`lowbit.coreai._capture`) serving the capture asset at ``path``; a context manager
-    that stops it."""
+    that stops it (at once when leaving on an exception). ``ValueError`` naming the feed when it reports an error or
+    stops."""
 
     def __init__(self, path: Path, taps: list[Tap]) -> None:
         self.connection, theirs = multiprocessing.Pipe()
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # this process's lowbit
-        command = [sys.executable, "-m", "lowbit.coreai._capture", str(theirs.fileno()), str(path)]
-        self.process = subprocess.Popen(command, pass_fds=(theirs.fileno(),), env=env)
+        paths = os.pathsep.join(p for p in sys.path if isinstance(p, str) and p)  # this process's lowbit
+        # -P: not the working directory first on the child's path (a coreai.py there is not the package)
+        command = [sys.executable, "-P", "-m", "lowbit.coreai._capture", str(theirs.fileno()), str(path)]
+        self.process = subprocess.Popen(command, pass_fds=(theirs.fileno(),), env={**os.environ, "PYTHONPATH": paths})
         theirs.close()
-        self.connection.send((taps, CHILD_OUTPUT_BYTES))
-        self.answer(None)
+        try:
+            self.ask((taps, CHILD_OUTPUT_BYTES), None)
+        except BaseException:
+            self.stop(at_once=True)
+            raise
 
     def __enter__(self) -> _Child:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        self.stop(at_once=kind is not None)
+
+    def stop(self, at_once: bool) -> None:
+        """Close the connection and wait for the child (killed first when ``at_once``, or after a minute)."""
         self.connection.close()
+        if at_once:
+            self.process.kill()
         try:
             self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
 
-    def answer(self, index: int | None) -> tuple[str, Any]:
-        """The child's answer about feed ``index`` (None: its start); ``ValueError`` with its reason when it
-        reports an error or stops."""
+    def ask(self, message: Any, index: int | None) -> tuple[str, Any]:
+        """Send ``message`` about feed ``index`` (None: the start) and return the child's answer."""
         try:
+            self.connection.send(message)
             status, payload = self.connection.recv()
-        except EOFError:
+        except (EOFError, OSError):  # the child has stopped: a runtime abort, or an error before it could answer
             where = "while loading the program" if index is None else f"on calibration feed {index}"
-            raise ValueError(f"Core AI's runtime stopped (exit code {self.process.wait()}) {where}") from None
+            raise ValueError(f"Core AI's runtime stopped ({_exit(self.process.wait())}) {where}") from None
         if status == "error":
             raise ValueError(payload)
         return status, payload
 
     def run(self, index: int, arrays: dict[str, np.ndarray]) -> bool:
         """Run feed ``index``; whether the child has returned its budget of outputs."""
-        self.connection.send((index, arrays))
-        return self.answer(index)[0] == "full"
+        return self.ask((index, arrays), index)[0] == "full"
 
     def sums(self, index: int) -> MomentSums:
         """What the child has summed (it then exits)."""
-        self.connection.send(None)
-        return self.answer(index)[1]
+        return self.ask(None, index)[1]
+
+
+def _exit(code: int) -> str:
+    """A child's exit code in words: the signal that stopped it, if one did."""
+    return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
 
 
 def _collect(path: Path, taps: list[Tap], inputs: _Inputs, calibration_data: Any) -> dict[str, InputMoments]:
     """The taps' statistics: the asset at ``path`` run in Core AI's runtime on each feed in turn, in a child process
-    replaced whenever the outputs it returned pass :data:`CHILD_OUTPUT_BYTES`."""
-    sums = MomentSums(taps)
+    replaced whenever the outputs it returned pass :data:`CHILD_OUTPUT_BYTES` (its sums added to the first's)."""
+    sums: MomentSums | None = None
     feeds = enumerate(feeds_of(calibration_data))
     pending = next(feeds, None)
     while pending is not None:
@@ -175,8 +190,12 @@ def _collect(path: Path, taps: list[Tap], inputs: _Inputs, calibration_data: Any
                 index, feed = pending
                 full = child.run(index, _typed(checked_feed(feed, set(inputs)), inputs, index))
                 pending = next(feeds, None)
-            sums.merge(child.sums(index))
-    return sums.result()
+            summed = child.sums(index)
+        if sums is None:
+            sums = summed
+        else:
+            sums.merge(summed)
+    return (sums or MomentSums(taps)).result()
 
 
 def collect_input_moments(program: Program, calibration_data: Any) -> dict[str, InputMoments]:
@@ -189,7 +208,9 @@ def collect_input_moments(program: Program, calibration_data: Any) -> dict[str, 
     check_source(calibration_data)
     capture = program.copy()
     taps, values = _taps(capture)
-    _mlir.add_outputs(capture, values, [f"{TAP_PREFIX}{i}" for i in range(len(values))])
+    if not taps:  # nothing to calibrate: every weight is compressed data-free (the report says so)
+        return {}
+    _mlir.set_outputs(capture, values, [f"{TAP_PREFIX}{i}" for i in range(len(values))])
     inputs = _mlir.graph_inputs(capture)
     with tempfile.TemporaryDirectory(prefix="lowbit-calibration-") as folder:
         path = capture.save(Path(folder) / "capture.aimodel")

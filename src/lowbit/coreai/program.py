@@ -20,7 +20,7 @@ from lowbit.coreai.discovery import CoreAIWeight, find_weights
 from lowbit.errors import ModelLoadError, SkipWeight
 from lowbit.report import CompressionReport
 
-__all__ = ["CoreAIBackend", "Program", "load"]
+__all__ = ["CoreAIBackend", "Program", "load", "one_line"]
 
 SUFFIX = ".aimodel"
 _TEMPORARY_PREFIX = ".lowbit-tmp-"
@@ -130,10 +130,10 @@ def load(path: str | os.PathLike) -> Program:
     try:
         return Program.of(AIModelAsset.load(source).program)
     except Exception as err:
-        raise ModelLoadError(f"{source}: cannot load the Core AI asset: {_one_line(err)}") from err
+        raise ModelLoadError(f"{source}: cannot load the Core AI asset: {one_line(err)}") from err
 
 
-def _one_line(err: BaseException) -> str:
+def one_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
 
@@ -167,7 +167,7 @@ class CoreAIBackend:
         try:
             return encoding.write(weight, result)
         except (TypeError, ValueError) as err:
-            raise SkipWeight(f"Core AI cannot hold this encoding: {_one_line(err)}") from err
+            raise SkipWeight(f"Core AI cannot hold this encoding: {one_line(err)}") from err
 
     def note(self, weight: CoreAIWeight) -> None:
         return None
