@@ -102,12 +102,6 @@ class MomentSums:
             moments.add(x, axis)
         self.feeds += 1
 
-    def merge(self, other: MomentSums) -> None:
-        """Add the feeds ``other`` (of the same taps) has summed."""
-        for key, moments in self.shared.items():
-            moments.merge(other.shared[key])
-        self.feeds += other.feeds
-
     def result(self) -> dict[str, InputMoments]:
         """The statistics by weight name. ``ValueError`` when no feed was added."""
         if self.feeds == 0:

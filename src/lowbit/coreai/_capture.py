@@ -9,7 +9,8 @@ child gives them back when it exits. It also keeps a runtime abort out of the ca
 
 Messages: parent -> child ``(taps, byte budget)``, then ``(feed index, {input: array})`` per feed, then ``None``;
 child -> parent ``("ready", None)``, then ``("ok" | "full", None)`` per feed or ``("error", one-line reason)``, and
-``("sums", MomentSums)`` after ``None``.
+``("sums", feeds summed)`` and then each of its :class:`~lowbit.statistics.InputMoments` in the taps' order after
+``None``.
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ async def serve(connection: Connection, path: Path) -> None:
             raise
         connection.send(("error", f"Core AI's runtime cannot load the calibration program: {one_line(err)}"))
         return
-    if sums is not None:
-        connection.send(("sums", sums))
+    if sums is not None:  # the count of feeds, then each accumulator alone (one pickle at a time in memory)
+        connection.send(("sums", sums.feeds))
+        for moments in sums.shared.values():
+            connection.send(moments)
 
 
 async def _summed(connection: Connection, function: Any, sums: MomentSums, budget: int) -> MomentSums | None:

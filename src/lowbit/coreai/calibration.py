@@ -10,6 +10,7 @@ pass :data:`CHILD_OUTPUT_BYTES`, and a runtime abort stops the child, not the ca
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -153,23 +154,31 @@ class _Child:
 
     def ask(self, message: Any, index: int | None) -> tuple[str, Any]:
         """Send ``message`` about feed ``index`` (None: the start) and return the child's answer."""
-        try:
+        with contextlib.suppress(OSError):  # the child has stopped: its last message, or its exit, is read below
             self.connection.send(message)
-            status, payload = self.connection.recv()
-        except (EOFError, OSError):  # the child has stopped: a runtime abort, or an error before it could answer
-            where = "while loading the program" if index is None else f"on calibration feed {index}"
-            raise ValueError(f"Core AI's runtime stopped ({_exit(self.process.wait())}) {where}") from None
+        status, payload = self.receive(index)
         if status == "error":
             raise ValueError(payload)
         return status, payload
+
+    def receive(self, index: int | None) -> Any:
+        """The child's next message; ``ValueError`` naming feed ``index`` and its exit when it has stopped."""
+        try:
+            return self.connection.recv()
+        except (EOFError, OSError):  # a runtime abort, or an error before it could answer
+            where = "while loading the program" if index is None else f"on calibration feed {index}"
+            raise ValueError(f"Core AI's runtime stopped ({_exit(self.process.wait())}) {where}") from None
 
     def run(self, index: int, arrays: dict[str, np.ndarray]) -> bool:
         """Run feed ``index``; whether the child has returned its budget of outputs."""
         return self.ask((index, arrays), index)[0] == "full"
 
-    def sums(self, index: int) -> MomentSums:
-        """What the child has summed (it then exits)."""
-        return self.ask(None, index)[1]
+    def add_to(self, sums: MomentSums, index: int) -> None:
+        """Add what the child has summed to ``sums``, one accumulator at a time (it then exits)."""
+        _, feeds = self.ask(None, index)
+        for moments in sums.shared.values():
+            moments.merge(self.receive(index))
+        sums.feeds += feeds
 
 
 def _exit(code: int) -> str:
@@ -179,8 +188,8 @@ def _exit(code: int) -> str:
 
 def _collect(path: Path, taps: list[Tap], inputs: _Inputs, calibration_data: Any) -> dict[str, InputMoments]:
     """The taps' statistics: the asset at ``path`` run in Core AI's runtime on each feed in turn, in a child process
-    replaced whenever the outputs it returned pass :data:`CHILD_OUTPUT_BYTES` (its sums added to the first's)."""
-    sums: MomentSums | None = None
+    replaced whenever the outputs it returned pass :data:`CHILD_OUTPUT_BYTES`."""
+    sums = MomentSums(taps)
     feeds = enumerate(feeds_of(calibration_data))
     pending = next(feeds, None)
     while pending is not None:
@@ -190,12 +199,8 @@ def _collect(path: Path, taps: list[Tap], inputs: _Inputs, calibration_data: Any
                 index, feed = pending
                 full = child.run(index, _typed(checked_feed(feed, set(inputs)), inputs, index))
                 pending = next(feeds, None)
-            summed = child.sums(index)
-        if sums is None:
-            sums = summed
-        else:
-            sums.merge(summed)
-    return (sums or MomentSums(taps)).result()
+            child.add_to(sums, index)
+    return sums.result()
 
 
 def collect_input_moments(program: Program, calibration_data: Any) -> dict[str, InputMoments]:
