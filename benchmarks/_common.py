@@ -135,13 +135,16 @@ def minilm_encoder(bert):
     return Encoder()
 
 
-def coreai_convert(model, args: tuple):
-    """The ``AIProgram`` coreai-torch makes of ``model`` on ``args`` (torch.export with the converter's
-    decompositions: static shapes)."""
+def coreai_convert(model, args: tuple, dynamic_shapes: dict | None = None):
+    """The ``AIProgram`` coreai-torch makes of ``model`` on ``args`` (the reference documentation's flow:
+    torch.export with the converter's decompositions; static shapes but for ``dynamic_shapes``, as
+    ``torch.export.export`` takes them)."""
     import coreai_torch
     import torch
 
-    exported = torch.export.export(model.eval(), args).run_decompositions(coreai_torch.get_decomp_table())
+    exported = torch.export.export(model.eval(), args, dynamic_shapes=dynamic_shapes).run_decompositions(
+        coreai_torch.get_decomp_table()
+    )
     return coreai_torch.TorchConverter().add_exported_program(exported).to_coreai()
 
 

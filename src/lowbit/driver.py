@@ -205,9 +205,8 @@ def compress(
     without an entry are compressed data-free, which the report notes when ``statistics`` is given);
     ``bits_per_weight`` (an algorithm with ``measure`` only) first measures every eligible weight at each width and
     chooses each one's width so that their compressed bytes stay within that many bits per element
-    (:func:`lowbit.budget.allocate`; ``ValueError`` when no choice fits). A weight
-    that cannot be compressed is reported as skipped, with a warning naming it and why (not for weights left out on
-    purpose).
+    (:func:`lowbit.budget.allocate`; ``ValueError`` when no choice fits). A weight that cannot be compressed is
+    reported as skipped, with a warning naming it and why (not for weights left out on purpose).
     """
     return _Driver(backend, algorithm, config, configs, executor, statistics, bits_per_weight).run()
 

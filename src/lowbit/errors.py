@@ -8,7 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
-__all__ = ["LowbitError", "ModelLoadError", "SkipWeight", "warn_skipped"]
+__all__ = ["LowbitError", "ModelLoadError", "SkipWeight", "one_line", "warn_skipped"]
 
 _PACKAGE = str(Path(__file__).resolve().parent) + os.sep
 
@@ -33,6 +33,13 @@ class SkipWeight(ValueError):
 
     def __str__(self) -> str:
         return self.reason
+
+
+def one_line(err: BaseException) -> str:
+    """``err``'s message cut to its first line (its type's name when it has none): how a runtime's error is quoted in
+    lowbit's own one-line messages."""
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
 
 
 def warn_skipped(name: str, skipped: SkipWeight) -> None:

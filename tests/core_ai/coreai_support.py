@@ -7,24 +7,14 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import coreai_torch
 import numpy as np
 import torch
+from _common import coreai_convert as convert
 from conftest import make_model
 from coreai.authoring import AIModelAsset
 from coreai.runtime import NDArray
 
 import lowbit
-
-
-def convert(model: torch.nn.Module, args: tuple, dynamic_shapes: dict | None = None):
-    """The ``AIProgram`` coreai-torch makes of ``model`` (the reference documentation's flow; ``dynamic_shapes`` as
-    ``torch.export.export`` takes them)."""
-    model.eval()
-    exported = torch.export.export(model, args, dynamic_shapes=dynamic_shapes).run_decompositions(
-        coreai_torch.get_decomp_table()
-    )
-    return coreai_torch.TorchConverter().add_exported_program(exported).to_coreai()
 
 
 async def _run(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -25,7 +25,7 @@ from coreai.authoring import AIModelAsset
 from coreai.runtime import NDArray
 
 from lowbit.calibration import MomentSums
-from lowbit.coreai.program import one_line
+from lowbit.errors import one_line
 
 
 async def serve(connection: Connection, path: Path) -> None:

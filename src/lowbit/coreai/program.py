@@ -17,10 +17,10 @@ from coreai.authoring import AIModelAsset, AIProgram
 
 from lowbit.coreai import _mlir, encoding
 from lowbit.coreai.discovery import CoreAIWeight, find_weights
-from lowbit.errors import ModelLoadError, SkipWeight
+from lowbit.errors import ModelLoadError, SkipWeight, one_line
 from lowbit.report import CompressionReport
 
-__all__ = ["CoreAIBackend", "Program", "load", "one_line"]
+__all__ = ["CoreAIBackend", "Program", "load"]
 
 SUFFIX = ".aimodel"
 _TEMPORARY_PREFIX = ".lowbit-tmp-"
@@ -131,11 +131,6 @@ def load(path: str | os.PathLike) -> Program:
         return Program.of(AIModelAsset.load(source).program)
     except Exception as err:
         raise ModelLoadError(f"{source}: cannot load the Core AI asset: {one_line(err)}") from err
-
-
-def one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 class CoreAIBackend:

@@ -12,6 +12,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from lowbit.calibration import Tap, accumulate_moments, check_source, checked_feed
+from lowbit.errors import one_line
 from lowbit.onnx.discovery import WeightRef
 from lowbit.onnx.program import PROTO_LIMIT_BYTES, Program
 from lowbit.statistics import InputMoments
@@ -74,8 +75,7 @@ class Capture:
         try:
             outputs = self.session.run(None, checked | self.weights)
         except Exception as err:  # onnxruntime's own exception types
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise ValueError(f"ONNX Runtime cannot run the model on calibration feed {index}: {reason}") from err
+            raise ValueError(f"ONNX Runtime cannot run the model on calibration feed {index}: {one_line(err)}") from err
         return {**checked, **dict(zip(self.names, outputs, strict=True))}
 
 
