@@ -24,15 +24,12 @@ import numpy as np
 
 from lowbit.calibration import MomentSums, Tap, check_source, checked_feed, feeds_of
 from lowbit.coreai import _mlir
-from lowbit.coreai.discovery import CoreAIWeight
+from lowbit.coreai.discovery import OP_TABLE, TRANSPOSE, CoreAIWeight
 from lowbit.coreai.program import Program
 from lowbit.statistics import InputMoments
 
 __all__ = ["collect_input_moments"]
 
-_MATMULS = {"coreai.batch_matmul", "coreai.decomposable.broadcasting_batch_matmul"}
-_CONVS = {"coreai.conv2d", "coreai.conv3d"}
-_TRANSPOSE = "coreai.transpose"
 TAP_PREFIX = "lowbit.calibration."  # the names of the capture's outputs
 # a runtime process is replaced once the outputs it returned pass this many bytes: it keeps them (see _capture)
 CHILD_OUTPUT_BYTES = 1 << 30
@@ -46,7 +43,7 @@ def _only_reader(value: Any) -> tuple[Any, int] | None:
     if len(uses) != 1:
         return None
     owner, index = uses[0].owner, uses[0].operand_number
-    if owner.name == _TRANSPOSE and index == 0:
+    if owner.name == TRANSPOSE and index == 0:
         return _only_reader(owner.results[0])
     return owner, index
 
@@ -58,17 +55,14 @@ def _activation(weight: CoreAIWeight) -> tuple[Any, int, bool] | None:
     if reader is None or _mlir.graph_name(reader[0]) != "main":
         return None
     owner, index = reader
-    if owner.name == "coreai.gather_nd" and index == 0 and weight.output_axis == 0:
-        indices = owner.operands[1]
-        dims = _mlir.tensor_dims(indices)
-        return (indices, 0, True) if dims is not None and dims[-1:] == (1,) else None
-    if owner.name in _MATMULS:
-        x, axis = (owner.operands[0], -1) if index == 1 else (owner.operands[1], -2)
-    elif owner.name in _CONVS and index == 1:
-        x, axis = owner.operands[0], 1
-    else:
+    operand = OP_TABLE.get(owner.name, {}).get(index)
+    if operand is None or operand.activation is None:
         return None
+    source, axis = operand.activation
+    x = owner.operands[source]
     dims = _mlir.tensor_dims(x)
+    if operand.lookup:  # indices [..., 1] into the weight's rows
+        return (x, axis, True) if weight.output_axis == 0 and dims is not None and dims[-1:] == (1,) else None
     if dims is None or dims[axis] != weight.shape[weight.input_axis]:  # a grouped conv's, or dynamic channels
         return None
     return x, axis, False

@@ -19,25 +19,38 @@ import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from lowbit.coreai import _mlir
 from lowbit.driver import Weight
 
-__all__ = ["OP_TABLE", "CoreAIWeight", "find_weights"]
+__all__ = ["OP_TABLE", "TRANSPOSE", "CoreAIWeight", "WeightOperand", "find_weights"]
 
-_MATMUL = {1: (-1, -2), 0: (-2, -1)}  # y: [..., K, N]; x: [..., M, K] (coreai-opt's axes)
-# consumer op -> {operand index: (output-channel axis, input-channel axis)}
-OP_TABLE: dict[str, dict[int, tuple[int, int]]] = {
+
+class WeightOperand(NamedTuple):
+    """A consumer op's weight operand: the weight's (output-channel axis, input-channel axis) as the op reads it,
+    and ``activation``, the (operand, channel axis) of the value whose channels meet the input axis, what
+    calibration measures (None: nothing to measure); ``lookup``: that operand holds indices into the weight's rows
+    instead (an embedding's)."""
+
+    axes: tuple[int, int]
+    activation: tuple[int, int] | None = None
+    lookup: bool = False
+
+
+# y: [..., K, N] read by x: [..., M, K] (coreai-opt's axes), or the other way round
+_MATMUL = {1: WeightOperand((-1, -2), (0, -1)), 0: WeightOperand((-2, -1), (1, -2))}
+# consumer op -> {operand index: its WeightOperand}
+OP_TABLE: dict[str, dict[int, WeightOperand]] = {
     "coreai.batch_matmul": _MATMUL,
     "coreai.decomposable.broadcasting_batch_matmul": _MATMUL,
-    "coreai.conv2d": {1: (0, 1)},
-    "coreai.conv3d": {1: (0, 1)},
-    "coreai.conv_transpose2d": {1: (1, 0)},  # [C_in, C_out / groups, k...]
-    "coreai.conv_transpose3d": {1: (1, 0)},
-    "coreai.gather_nd": {0: (0, 1)},  # an embedding table [vocab, dim]
+    "coreai.conv2d": {1: WeightOperand((0, 1), (0, 1))},  # x: [N, C_in, ...]
+    "coreai.conv3d": {1: WeightOperand((0, 1), (0, 1))},
+    "coreai.conv_transpose2d": {1: WeightOperand((1, 0))},  # [C_in, C_out / groups, k...]
+    "coreai.conv_transpose3d": {1: WeightOperand((1, 0))},
+    "coreai.gather_nd": {0: WeightOperand((0, 1), (1, 0), lookup=True)},  # an embedding table [vocab, dim]
 }
-_TRANSPOSE = "coreai.transpose"
+TRANSPOSE = "coreai.transpose"
 _SHORT = {"coreai.decomposable.broadcasting_batch_matmul": "broadcasting_batch_matmul"}
 
 
@@ -70,9 +83,9 @@ def _weight_uses(value: Any, rank: int) -> list[tuple[str, tuple[int, int]]]:
     for owner, index in _uses(value):
         table = OP_TABLE.get(owner.name)
         if table is not None and index in table:
-            out, inner = table[index]
+            out, inner = table[index].axes
             found.append((short_op(owner.name), (out % rank, inner % rank)))
-        elif owner.name == _TRANSPOSE and index == 0:
+        elif owner.name == TRANSPOSE and index == 0:
             perm = _mlir.attribute_ints(owner.operands[1].owner) if _is_constant(owner.operands[1]) else None
             if perm is None or len(perm) != rank:
                 continue
@@ -181,4 +194,4 @@ def find_weights(program: Any) -> list[CoreAIWeight]:
 
 def _feeds_a_consumer(value: Any) -> bool:
     """Whether a decode op's output is a whole weight (read by a weight operand), not an inner link of a chain."""
-    return any(owner.name in OP_TABLE or owner.name == _TRANSPOSE for owner, _ in _uses(value))
+    return any(owner.name in OP_TABLE or owner.name == TRANSPOSE for owner, _ in _uses(value))
