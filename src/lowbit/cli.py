@@ -189,12 +189,8 @@ def _palettize(args: argparse.Namespace) -> int:
 
 
 def _outliers(args: argparse.Namespace) -> dict:
-    """``outlier_fraction=`` from ``--outlier-fraction`` (ONNX only)."""
-    if not args.outlier_fraction:
-        return {}
-    if _is_coreai(args.input):
-        raise ValueError("--outlier-fraction adds a sparse correction the Core AI door does not write yet: .onnx only")
-    return {"outlier_fraction": args.outlier_fraction}
+    """``outlier_fraction=`` from ``--outlier-fraction``."""
+    return {"outlier_fraction": args.outlier_fraction} if args.outlier_fraction else {}
 
 
 def _calibration(args: argparse.Namespace) -> dict:
@@ -353,7 +349,7 @@ def _parser() -> argparse.ArgumentParser:
         "--outlier-fraction",
         type=float,
         default=0.0,
-        help="keep this fraction (up to 0.1) of each weight exact beside its LUTs, the worst-served ones (ONNX)",
+        help="keep this fraction (up to 0.1) of each weight exact beside its LUTs, the worst-served ones",
     )
     p.add_argument(
         "--bits-per-weight",

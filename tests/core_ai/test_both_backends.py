@@ -20,6 +20,10 @@ CASES = [
     ("palettize_weights", {"n_bits": 3, "granularity": "per_grouped_channel", "group_size": 16}),
     ("palettize_weights", {"n_bits": 4, "lut_dtype": "int8", "enable_per_channel_scale": True}),
     ("palettize_weights", {"bits_per_weight": 3.5, "granularity": "per_grouped_channel", "group_size": 16}),
+    (
+        "palettize_weights",
+        {"n_bits": 2, "granularity": "per_grouped_channel", "group_size": 8, "outlier_fraction": 0.02},
+    ),
     ("quantize_weights", {"dtype": "int4", "granularity": "per_block", "block_size": 24}),
     ("quantize_weights", {"dtype": "fp4_e2m1fn", "granularity": "per_block", "block_size": 32}),
     ("sparsify_weights", {"target_sparsity": 0.5, "quantize_dtype": "int8"}),

@@ -14,8 +14,10 @@ from coreai_support import convert, make_probe, probe_weights, run_asset
 
 import lowbit.coreai as lc
 from lowbit.cli import main
-from lowbit.coreai import _mlir
+from lowbit.config import PalettizeConfig
+from lowbit.coreai import _mlir, encoding
 from lowbit.coreai.decode import evaluate
+from lowbit.driver import ALGORITHMS
 
 
 @pytest.fixture(scope="module")
@@ -243,3 +245,32 @@ def test_per_weight_configs_by_core_ai_op_and_by_location_name(probe_path):
     }
     with pytest.warns(UserWarning, match="matches no weight"):
         lc.palettize_weights(lc.load(path), weight_num_threshold=512, configs={"op_name_configs": {"fc1": None}})
+
+
+def test_outliers_run_in_the_runtime_cost_what_was_predicted_and_a_second_pass_skips_them(capsys, tmp_path, probe_path):
+    """``--outlier-fraction`` on an ``.aimodel``: the runtime decodes every weight as ``decompress_weights`` does,
+    with the outliers exact (fewer errors than the same LUTs without them), the bytes planned are the bytes written,
+    and a second pass skips the weights as compressed."""
+    path, feeds, dense = probe_path
+    argv = ["--n-bits", "2", "--weight-num-threshold", "512"]
+    out, plain = tmp_path / "outliers.aimodel", tmp_path / "plain.aimodel"
+    code, text, _ = _run(capsys, "palettize", path, out, *argv, "--outlier-fraction", "0.05")
+    assert code == 0 and "4 compressed, 0 skipped" in text, text
+    assert _run(capsys, "palettize", path, plain, *argv)[0] == 0
+    program = lc.load(out)
+    weights = {w.shape: w for w in program.weights()}
+    assert {w.compression for w in weights.values()} == {"lut ui2 + outliers"}
+    runtime, without = _decoded(out, feeds), _decoded(plain, feeds)
+    for (module, got), weight in zip(runtime.items(), weights.values(), strict=True):
+        np.testing.assert_array_equal(got, evaluate(weight.value))
+        ref = dense[module].astype(np.float32)
+        assert np.mean(got == dense[module]) >= 0.05, module
+        err, err_plain = (np.linalg.norm(a.astype(np.float32) - ref) for a in (got, without[module]))
+        assert err < err_plain, module
+    config = PalettizeConfig(n_bits=2, outlier_fraction=0.05)
+    source = lc.load(path)  # held: its weights' values live in it
+    for weight in source.weights():  # the bytes the driver plans with (a budget's) are the bytes written
+        result = ALGORITHMS["palettize"].job(_mlir.read_constant(weight.constant), weight, config, 1, None)()
+        assert encoding.stored_nbytes(result) == weights[weight.shape].nbytes, weight.name
+    again = lc.palettize_weights(program, n_bits=4, weight_num_threshold=512)
+    assert [r.skipped for r in again.report.rows] == ["already compressed (lut ui2 + outliers)"] * 4

@@ -158,6 +158,10 @@ def test_a_caller_inside_a_running_event_loop_calibrates(tower):
 CASES = [
     ("palettize_weights", {"n_bits": 4, "granularity": "per_grouped_channel", "group_size": 16}),
     ("palettize_weights", {"bits_per_weight": 3.5, "granularity": "per_grouped_channel", "group_size": 16}),
+    (
+        "palettize_weights",
+        {"n_bits": 3, "granularity": "per_grouped_channel", "group_size": 16, "outlier_fraction": 0.02},
+    ),
     ("quantize_weights", {"dtype": "int4", "granularity": "per_block", "block_size": 16}),
     ("sparsify_weights", {"target_sparsity": 0.5, "quantize_dtype": "int8"}),
 ]

@@ -33,6 +33,9 @@ PALETTIZE = [
     {"n_bits": 6, "granularity": "per_grouped_channel", "group_size": 8, "lut_dtype": "fp8_e4m3fn"},
     {"n_bits": 4, "lut_dtype": "int8", "enable_per_channel_scale": True},
     {"n_bits": 4, "mode": "uniform"},
+    {"n_bits": 4, "outlier_fraction": 0.01},
+    {"n_bits": 3, "granularity": "per_grouped_channel", "group_size": 32, "outlier_fraction": 0.05},
+    {"n_bits": 2, "enable_per_channel_scale": True, "lut_dtype": "int8", "outlier_fraction": 0.02},
 ]
 QUANTIZE = [
     {"dtype": "int8"},

@@ -85,6 +85,7 @@ def palettize_weights(
     executor: Executor | None = None,
     bits_per_weight: float | None = None,
     calibration_data: Any = None,
+    outlier_fraction: float = 0.0,
 ) -> Program:
     """Palettize the weights of a Core AI program: each becomes ``lut_to_dense`` over a LUT of ``2**n_bits``
     entries and n-bit indices in the weight's own layout.
@@ -105,7 +106,9 @@ def palettize_weights(
     int32). A copy of the program first runs in Core AI's runtime on them (:mod:`lowbit.coreai.calibration`); each
     matmul / conv weight's k-means is then weighted by its input channels' mean squared activation and its codes
     chosen with error feedback, an embedding table's weighted by its rows' lookup counts, and the budget measures
-    output errors, as :func:`lowbit.palettize_weights` does on ONNX.
+    output errors, as :func:`lowbit.palettize_weights` does on ONNX; ``outlier_fraction`` (default 0; up to 0.1,
+    ``mode="kmeans"``): that fraction of each weight's elements, those it serves worst, kept exact, put back after
+    the LUT decode by ``scatter_nd`` (each outlier costs its coordinates, int16 when every dim fits, and its value).
 
     Returns the compressed :class:`Program`; ``result.report`` is the per-weight report. Raises ``ValueError`` /
     ``TypeError`` for an invalid parameter (naming it and the allowed values) before any work is done.

@@ -93,6 +93,7 @@ DECODE_OPS = frozenset(
         "coreai.cast",
         "coreai.slice",
         "coreai.decomposable.broadcasting_mul",
+        "coreai.scatter_nd",
     }
 )
 

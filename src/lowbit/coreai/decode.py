@@ -70,6 +70,13 @@ def _slice(op: Any, x: np.ndarray, start: np.ndarray, end: np.ndarray, stride: n
     )
 
 
+def _scatter_nd(op: Any, x: np.ndarray, indices: np.ndarray, updates: np.ndarray) -> np.ndarray:
+    """Full-rank scatter (the outliers' coordinates ``[count, rank]``): ``x`` with ``updates`` at ``indices``."""
+    out = x.copy()
+    out[tuple(indices.astype(np.int64).T)] = updates
+    return out
+
+
 _EVALUATORS: dict[str, Callable[..., Any]] = {
     "coreai.lut_to_dense": _lut_to_dense,
     "coreai.blockwise_shift_scale": _blockwise_shift_scale,
@@ -79,6 +86,7 @@ _EVALUATORS: dict[str, Callable[..., Any]] = {
     "coreai.cast": lambda op, x: x.astype(_out_dtype(op)),
     "coreai.reshape": lambda op, x, shape: x.reshape(_mlir.tensor_shape(op.results[0])),
     "coreai.decomposable.broadcasting_mul": lambda op, a, b: (a * b).astype(_out_dtype(op)),
+    "coreai.scatter_nd": _scatter_nd,
 }
 
 

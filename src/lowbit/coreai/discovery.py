@@ -137,6 +137,8 @@ def describe(chain: list[Any]) -> str:
             parts.append(f"blockwise {_element_of(op.operands[0])}")
         elif name == "sparse_with_bitmask_to_dense":
             parts.append("sparse")
+        elif name == "scatter_nd":
+            parts.append("outliers")
     return " + ".join(reversed(parts)) or "decoded"
 
 

@@ -3,7 +3,9 @@ them), in place of a weight constant.
 
 - palettized: ``lut_to_dense(indices ui<n>, lut, axis)`` (indices in the weight's own layout, packed LSB-first;
   LUT ``[groups at the output axis, 1..., 2^n, cluster_dim]``); a quantized LUT is decoded first by
-  ``blockwise_shift_scale``; a per-channel scale multiplies the result (``broadcasting_mul``);
+  ``blockwise_shift_scale``; a per-channel scale multiplies the result (``broadcasting_mul``); outliers
+  (``outlier_fraction``) are put back by ``scatter_nd`` (their coordinates ``[count, rank]``, int16 when every
+  dim fits, and their values in the weight's type);
 - quantized: ``blockwise_shift_scale(q, scale, offset1, offset2)``, ``scale`` one per block, ``offset1`` the zero
   point (a splat zero when symmetric), ``offset2`` a splat zero; MXFP4 is packed ``f4E2M1FN`` codes with
   ``f8E8M0FNU`` scales;
@@ -87,6 +89,21 @@ def _lut_decode(p: Palettized, index_shape: tuple[int, ...], axis: int, out: str
 
 
 def _palettized(ref: CoreAIWeight, weight: PalettizedWeight, out: str) -> Value:
+    value = _lut_decoded(ref, weight, out)
+    if weight.outliers is None:
+        return value
+    coordinates = np.stack(np.unravel_index(weight.outliers.positions, ref.shape), axis=1)
+    indices = _mlir.constant(coordinates.astype(_index_dtype(ref.shape)), "outlier_positions")
+    return _mlir.ops.scatter_nd(value, indices, _mlir.constant(weight.outliers.values, "outlier_values", out))
+
+
+def _index_dtype(shape: tuple[int, ...]) -> type[np.signedinteger]:
+    """The outliers' coordinates' type: int16 when every dim fits it, else int32."""
+    return np.int16 if max(shape) <= np.iinfo(np.int16).max + 1 else np.int32
+
+
+def _lut_decoded(ref: CoreAIWeight, weight: PalettizedWeight, out: str) -> Value:
+    """The LUT decode of ``weight`` (its outliers aside), per-channel scale included."""
     p = weight.palettized
     vector = p.lut.shape[2]
     padded = weight.padded_shape  # canonical: the grouping (output) axis first
@@ -147,18 +164,23 @@ _WRITERS: dict[type, Callable[[CoreAIWeight, Any, str], Value]] = {
 
 def write(ref: CoreAIWeight, result: Any) -> int:
     """Replace the constant of ``ref`` by the decode ops of ``result`` (a weight-layer result); returns the bytes
-    they store. ``TypeError`` for a palettization with outliers (not written on Core AI yet)."""
-    if isinstance(result, PalettizedWeight) and result.outliers is not None:
-        raise TypeError("a palettization with outliers (outlier_fraction) is not written on Core AI yet")
+    they store."""
     out = _mlir.element_name(ref.dtype) if ref.dtype is not None else "f32"
     return discovery.stored_nbytes(_mlir.replace(ref.constant, lambda: _WRITERS[type(result)](ref, result, out)))
 
 
 def stored_nbytes(result: Any) -> int:
     """Bytes ``result`` takes in a Core AI program: the weight layer's count (packed codes, tables, scales), plus
-    the zero points of a quantized LUT, which the weight layer does not count."""
-    if isinstance(result, PalettizedWeight) and result.palettized.lut_quantized is not None:
-        zero_point = result.palettized.lut_quantized.zero_point
-        if zero_point is not None:
-            return result.nbytes + packed_nbytes(zero_point.size, 8)
-    return result.nbytes
+    the zero points of a quantized LUT, which the weight layer does not count, and the outliers' coordinates in
+    place of the weight layer's flat int32 positions."""
+    nbytes = result.nbytes
+    if not isinstance(result, PalettizedWeight):
+        return nbytes
+    zero_point = None if result.palettized.lut_quantized is None else result.palettized.lut_quantized.zero_point
+    if zero_point is not None:
+        nbytes += packed_nbytes(zero_point.size, 8)
+    if result.outliers is not None:
+        positions = result.outliers.positions
+        coordinates = positions.size * len(result.shape) * np.dtype(_index_dtype(result.shape)).itemsize
+        nbytes += coordinates - positions.nbytes
+    return nbytes
