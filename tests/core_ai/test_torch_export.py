@@ -79,6 +79,15 @@ def test_post_training_palettes_reach_the_core_ai_runtime(tmp_path):
     _check(model, tmp_path, torch.randint(0, 100, (2, 12)))
 
 
+def test_palettes_with_outliers_reach_the_core_ai_runtime(tmp_path):
+    config = PostTrainingPalettizerConfig.from_dict({"global_config": {"n_bits": 2, "outlier_fraction": 0.01}})
+    model = PostTrainingPalettizer(_net(), config).compress()
+    assert all(r.outliers is not None for r in lowbit.torch.palettization_of(model).values())
+    _check(model, tmp_path, torch.randint(0, 100, (2, 12)))
+    kinds = {w.compression for w in lowbit.coreai.load(tmp_path / "net.aimodel").weights()}
+    assert kinds == {"lut ui2 + outliers"}
+
+
 def test_dkm_finalized_palettes_reach_the_core_ai_runtime(tmp_path):
     model = _net()
     config = DKMPalettizerConfig.from_dict({"global_config": {"n_bits": 2, "weight_threshold": 0}})
