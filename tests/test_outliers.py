@@ -54,6 +54,15 @@ def test_outliers_with_error_feedback_lower_the_layer_output_error():
     assert errors[0.01] < 0.7 * errors[0.0]
 
 
+def test_a_weight_too_small_for_one_outlier_gets_none():
+    """``round(fraction * size)`` is 0: no empty correction is stored (Core AI's runtime dies on an empty scatter)."""
+    small = HEAVY[:16, :16]
+    with_fraction = palettize_weight(small, 0, PalettizeConfig(outlier_fraction=0.001, **OPTIONS))
+    assert with_fraction.outliers is None
+    plain = palettize_weight(small, 0, PalettizeConfig(**OPTIONS))
+    assert palettized_to_bytes(with_fraction) == palettized_to_bytes(plain)
+
+
 def test_permuted_outliers_follow_their_elements():
     weight = palettize_weight(HEAVY, 0, PalettizeConfig(outlier_fraction=0.01, **OPTIONS))
     np.testing.assert_array_equal(weight.permuted((1, 0)).decode(), weight.decode().T)

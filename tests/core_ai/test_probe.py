@@ -34,6 +34,7 @@ PALETTIZE = [
     {"n_bits": 4, "lut_dtype": "int8", "enable_per_channel_scale": True},
     {"n_bits": 4, "mode": "uniform"},
     {"n_bits": 4, "outlier_fraction": 0.01},
+    {"n_bits": 4, "outlier_fraction": 0.0003},  # one outlier in the linear weight, none in the others
     {"n_bits": 3, "granularity": "per_grouped_channel", "group_size": 32, "outlier_fraction": 0.05},
     {"n_bits": 2, "enable_per_channel_scale": True, "lut_dtype": "int8", "outlier_fraction": 0.02},
 ]

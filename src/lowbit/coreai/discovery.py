@@ -107,12 +107,27 @@ def _decode_chain(value: Any) -> list[Any] | None:
         owner = v.owner
         if not hasattr(owner, "name") or (owner.name != "coreai.constant" and owner.name not in _mlir.DECODE_OPS):
             return None
+        if owner.name == "coreai.scatter_nd" and not _puts_back_outliers(owner):
+            return None
         if id(owner) in seen:
             continue
         seen.add(id(owner))
         chain.append(owner)
         stack.extend(owner.operands)
     return chain
+
+
+def _puts_back_outliers(scatter: Any) -> bool:
+    """Whether a ``scatter_nd`` is lowbit's outliers after a decode: it replaces elements (its region yields the
+    update) of a decoded weight (not of a bare constant) at constant full-rank coordinates ``[count, rank]``."""
+    data, indices = scatter.operands[0], scatter.operands[1]
+    shape, coordinates = _mlir.tensor_shape(data), _mlir.tensor_shape(indices)
+    if _is_constant(data) or not _is_constant(indices) or shape is None or coordinates is None:
+        return False
+    block = scatter.regions[0].blocks[0]
+    body = list(block.operations)
+    replaces = len(body) == 1 and len(body[0].operands) == 1 and body[0].operands[0] == block.arguments[1]
+    return replaces and len(coordinates) == 2 and coordinates[1] == len(shape)
 
 
 def chain_nbytes(chain: list[Any]) -> int:
@@ -126,20 +141,22 @@ def stored_nbytes(value: Any) -> int:
     return 0 if chain is None else chain_nbytes(chain)
 
 
+# the parts of a decode chain's description, in the order they are named: the outermost structure first (the kind
+# :func:`lowbit.report_page.kind_of` reads from the first), whatever order the chain nests them in
+_PARTS = {
+    "sparse_with_bitmask_to_dense": lambda op: "sparse",
+    "lut_to_dense": lambda op: f"lut {_element_of(op.operands[0])}",
+    "blockwise_shift_scale": lambda op: f"blockwise {_element_of(op.operands[0])}",
+    "scatter_nd": lambda op: "outliers",
+}
+
+
 def describe(chain: list[Any]) -> str:
-    """A short description of a decode chain's encoding, e.g. ``lut ui4`` or ``sparse + blockwise si8``."""
-    parts = []
-    for op in chain:
-        name = op.name.removeprefix("coreai.")
-        if name == "lut_to_dense":
-            parts.append(f"lut {_element_of(op.operands[0])}")
-        elif name == "blockwise_shift_scale":
-            parts.append(f"blockwise {_element_of(op.operands[0])}")
-        elif name == "sparse_with_bitmask_to_dense":
-            parts.append("sparse")
-        elif name == "scatter_nd":
-            parts.append("outliers")
-    return " + ".join(reversed(parts)) or "decoded"
+    """A short description of a decode chain's encoding, e.g. ``lut ui4``, ``sparse + blockwise si8`` or
+    ``lut ui4 + blockwise si8 + outliers`` (a quantized LUT, outliers put back)."""
+    names = [op.name.removeprefix("coreai.") for op in chain]
+    parts = [part(op) for kind, part in _PARTS.items() for name, op in zip(names, chain, strict=True) if name == kind]
+    return " + ".join(parts) or "decoded"
 
 
 def _element_of(value: Any) -> str:

@@ -154,11 +154,12 @@ def _refit_rows(
     direction, rz = z.copy(), np.einsum("nk,nk->n", residual, z)
     first = np.maximum(rz, np.finfo(np.float64).tiny)
     h32 = h.astype(np.float32)
-    product = np.empty(values.shape, np.float32)
+    direction32, product = (np.empty(values.shape, np.float32) for _ in range(2))
     for _ in range(iterations):
         if (rz <= REFIT_TOLERANCE * first).all():
             break
-        np.matmul(direction.astype(np.float32), h32, out=product)
+        np.copyto(direction32, direction)
+        np.matmul(direction32, h32, out=product)
         rz = _conjugate_step(keep, inverse_diagonal, rz, direction, product, values, residual)
     return values
 

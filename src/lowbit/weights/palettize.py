@@ -237,6 +237,8 @@ def palettize_weight(
         return weight
     sensitivity = sensitivity_of(importance, checked if feedback else None, axis)
     mask = choose_outliers((array.astype(np.float64) - weight.decode()) ** 2 * sensitivity, config.outlier_fraction)
+    if not mask.any():  # a weight too small for one outlier at this fraction: no correction to store
+        return weight
     by_canonical = mask.transpose(forward).reshape(canonical.shape)
     imp = (np.ones(canonical.shape) if imp is None else imp) * ~by_canonical  # the LUTs fit the rest
     exact = (by_canonical[:channels] if outputs_first else by_canonical) if feedback else None  # as solved's view
