@@ -19,7 +19,6 @@ their grid than on an unquantized checkpoint would; the palettized rows do not s
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import _peers as peers
 import torch
 from _common import MIB, PeakRSS, chosen_rows, table
 from _smollm2 import load_smollm2, perplexity
@@ -46,7 +46,6 @@ from lowbit.torch.palettization import (
     SKMPalettizer,
     SKMPalettizerConfig,
 )
-from lowbit.torch.quantization import PostTrainingQuantizer, PostTrainingQuantizerConfig
 
 warnings.filterwarnings("ignore")
 logging.disable(logging.WARNING)
@@ -100,15 +99,7 @@ def quantizer_row(symmetric: bool, scale_search: bool = False, inplace: bool = F
     (``inplace``: as in :func:`lowbit_row`)."""
 
     def run(model, calibration, _tokenizer):
-        module = {
-            "weight_dtype": "int4" if symmetric else "uint4",
-            "granularity": "per_block",
-            "block_size": GROUP,
-            "quantization_scheme": "symmetric" if symmetric else "affine",
-            "scale_search": scale_search,
-        }
-        config = PostTrainingQuantizerConfig.from_dict({"global_config": module, "module_name_configs": SKIP})
-        out = PostTrainingQuantizer(model, config).compress(
+        out = peers.int4_quantizer(model, GROUP, symmetric, scale_search, SKIP).compress(
             inplace=inplace,
             calibration_data=[{"input_ids": window[None], "use_cache": False} for window in calibration],
         )
@@ -150,31 +141,11 @@ def skm_row(module: dict, bits_per_weight: float | None = None) -> Callable:
 # ------------------------------------------------------------------------------------------- peers (benchmark env)
 
 
-def _integer_bits(bits: int, symmetric: bool) -> float:
-    """Bits per weight of a packed int checkpoint: the codes, an fp16 scale per group, a zero point if asymmetric."""
-    return bits + (16 + (0 if symmetric else bits)) / GROUP
-
-
 def rtn_row(bits: int, symmetric: bool) -> Callable:
     """Round to nearest, groups of 64 along the input axis (the baseline every method should beat)."""
 
     def run(model, _calibration, _tokenizer):
-        out = copy.deepcopy(model)
-        with torch.no_grad():
-            for linear in decoder_linears(out).values():
-                g = linear.weight.reshape(-1, GROUP)
-                if symmetric:
-                    top = 2 ** (bits - 1) - 1
-                    scale = (g.abs().amax(1, keepdim=True) / (top + 0.5)).clamp_min(1e-12)
-                    q = (g / scale).round().clamp(-top - 1, top) * scale
-                else:
-                    top = 2**bits - 1
-                    low, high = g.amin(1, keepdim=True), g.amax(1, keepdim=True)
-                    scale = ((high - low) / top).clamp_min(1e-12)
-                    zero = (-low / scale).round().clamp(0, top)
-                    q = ((g / scale + zero).round().clamp(0, top) - zero) * scale
-                linear.weight.copy_(q.reshape(linear.weight.shape))
-        return out, _integer_bits(bits, symmetric), ""
+        return peers.rtn(model, decoder_linears, bits, symmetric, GROUP), peers.integer_bits(bits, symmetric, GROUP), ""
 
     return run
 
@@ -183,23 +154,17 @@ def hqq_row(bits: int) -> Callable:
     """HQQ 0.2.8 (half-quadratic zero/scale optimization, data-free), group 64, dequantized back into fp32."""
 
     def run(model, _calibration, _tokenizer):
-        from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
-
-        out = copy.deepcopy(model)
-        config = BaseQuantizeConfig(nbits=bits, group_size=GROUP, axis=1)
-        with torch.no_grad():
-            for linear in decoder_linears(out).values():
-                hqq = HQQLinear(linear, quant_config=config, compute_dtype=torch.float32, device="cpu", del_orig=False)
-                linear.weight.copy_(hqq.dequantize().reshape(linear.weight.shape))
-        return out, _integer_bits(bits, False), ""
+        return peers.hqq(model, decoder_linears, bits, GROUP), peers.integer_bits(bits, False, GROUP), ""
 
     return run
 
 
-def _oneshot_config(model: torch.nn.Module) -> str:
-    """A folder with ``model``'s config.json for llmcompressor's ``oneshot`` (it reloads the config from
+def _oneshot_config(model: torch.nn.Module) -> None:
+    """Point ``model`` at a folder with its config.json for llmcompressor's ``oneshot`` (it reloads the config from
     ``name_or_path``; the GGUF folder has none), without the GGUF ``quantization_config`` (the weights are plain
     fp32 here; ``oneshot`` refuses a model quantized by another method)."""
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     folder = tempfile.mkdtemp(prefix="smollm2-config-")
     model.config.save_pretrained(folder)
     path = os.path.join(folder, "config.json")
@@ -208,46 +173,27 @@ def _oneshot_config(model: torch.nn.Module) -> str:
     config.pop("quantization_config", None)
     with open(path, "w") as f:
         json.dump(config, f)
-    return folder
+    model.config._name_or_path = folder
 
 
 def gptq_row(bits: int, symmetric: bool) -> Callable:
     """llmcompressor 0.14's GPTQ (W{bits}A16, group 64, sequential pipeline) on the same calibration windows."""
 
     def run(model, calibration, tokenizer):
-        from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-        from datasets import Dataset
-        from llmcompressor import oneshot
-        from llmcompressor.modifiers.gptq import GPTQModifier
-
-        work = copy.deepcopy(model)
-        if hasattr(work.config, "quantization_config"):
-            del work.config.quantization_config
-        work.config._name_or_path = _oneshot_config(work)
-        weights = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy="group", group_size=GROUP)
-        recipe = GPTQModifier(
-            config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}, ignore=["lm_head"]
-        )
-        dataset = Dataset.from_dict(
-            {"input_ids": calibration.tolist(), "attention_mask": torch.ones_like(calibration).tolist()}
-        )
-        quantized = oneshot(
-            model=work,
+        dataset = {"input_ids": calibration.tolist(), "attention_mask": torch.ones_like(calibration).tolist()}
+        out = peers.gptq(
+            model,
+            decoder_linears,
+            bits,
+            symmetric,
+            GROUP,
+            dataset,
+            ["lm_head"],
+            _oneshot_config,
             tokenizer=tokenizer,
-            dataset=dataset,
-            recipe=recipe,
-            pipeline="sequential",
-            num_calibration_samples=len(calibration),
             max_seq_length=WINDOW,
-            shuffle_calibration_samples=False,
-            batch_size=1,
         )
-        out = copy.deepcopy(model)  # the fake-quantized weights, in a plain fp32 model
-        done = decoder_linears(quantized)
-        with torch.no_grad():
-            for name, linear in decoder_linears(out).items():
-                linear.weight.copy_(done[name].weight.detach().float())
-        return out, _integer_bits(bits, symmetric), ""
+        return out, peers.integer_bits(bits, symmetric, GROUP), ""
 
     return run
 
