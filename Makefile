@@ -59,4 +59,5 @@ bench: $(BENCH)/.ready
 		&& ../$(BENCH)/bin/python runtime.py && ../$(BENCH)/bin/python dkm_memory.py && ../$(BENCH)/bin/python dkm_minilm.py \
 		&& ../$(BENCH)/bin/python dkm_options.py \
 		&& ../$(BENCH)/bin/python coreai_compare.py \
-		&& ../$(BENCH)/bin/python data_aware.py && ../$(BENCH)/bin/python smollm2_data_aware.py
+		&& ../$(BENCH)/bin/python data_aware.py && ../$(BENCH)/bin/python smollm2_data_aware.py \
+		&& ../$(BENCH)/bin/python minilm_int4_gptq.py
