@@ -7,8 +7,11 @@ favours integer rows there; these weights lie on none.
 
 Calibration: the 88 sentences of ``data_aware.py``'s split, one unpadded sentence per item, for lowbit and GPTQ
 alike; evaluation: the mean cosine of the 64 other sentences' mean-pooled embeddings to fp32. The embeddings and the
-pooler stay fp32. Two torch threads; seconds are the whole call. Bits per weight: the codes, an fp16 scale per
-group and, asymmetric, a 4-bit zero point (as a packed checkpoint stores them).
+pooler stay fp32. Two torch threads; seconds are the whole call. Bits per weight are nominal, the same for every
+row: the codes, an fp16 scale per group and, asymmetric, a 4-bit zero point, as a packed checkpoint would store
+them. What each tool holds differs: lowbit keeps the fp32 model's scales in fp32 (4.5 / 4.56 bits at groups of 64,
+as ``smollm2_data_aware.py`` counts its rows) and HQQ's zero points are fractional (floats); every row computes
+with its own full-precision scales.
 """
 
 from __future__ import annotations
