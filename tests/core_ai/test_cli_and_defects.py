@@ -292,3 +292,13 @@ class _OwnScatter(torch.nn.Module):
 def test_a_models_own_scatter_over_a_weight_is_not_taken_for_outliers():
     program = lc.Program.of(convert(_OwnScatter(), (torch.eye(64),)))
     assert [w.compression for w in program.weights()] == []  # not "already compressed (outliers)"
+
+
+def test_a_budget_with_outliers_counts_their_coordinates(probe_path):
+    """Mixed bits with outliers on Core AI: the budget holds in the bytes the program stores (a conv's outliers
+    cost four int16 coordinates each, not ONNX's one int32 position)."""
+    path, _, _ = probe_path
+    program = lc.palettize_weights(lc.load(path), bits_per_weight=4.0, outlier_fraction=0.02, weight_num_threshold=512)
+    weights = program.weights()
+    assert {w.compression.endswith("+ outliers") for w in weights} == {True}
+    assert 8 * sum(w.nbytes for w in weights) <= 4.0 * sum(w.numel for w in weights)
