@@ -113,12 +113,15 @@ def _error_measure(
             return float(np.vdot(diff * sensitivity, diff))
 
         return weighted
-    input_axis = input_axis if stats is None else stats.channel_axis(input_axis)
-    gram = None if stats is None or array.ndim != 2 else stats.gram
+    gram = None if stats is None else stats.gram
 
     def by_input(values: np.ndarray, dtype: type) -> np.ndarray:
-        """``values`` in ``dtype``, input channels first, the rest flattened."""
-        return np.moveaxis(values.astype(dtype, copy=False), input_axis, 0).reshape(array.shape[input_axis], -1)
+        """``values`` in ``dtype``, input channels first (a convolution's with its kernel positions), the rest
+        flattened."""
+        typed: np.ndarray = values.astype(dtype, copy=False)
+        if stats is not None:
+            return stats.channels_first(typed, input_axis)
+        return np.moveaxis(typed, input_axis, 0).reshape(array.shape[input_axis], -1)
 
     if output_weights is not None and gram is not None:
         # in float32 (as X^T X was summed), the change included: a third of float64's time on SmolLM2's weights, the
@@ -240,7 +243,7 @@ class Measurable:
         def measured(bits: int) -> Choice:
             config = dataclasses.replace(self.config, n_bits=bits)
             gram = self.gram
-            deferred = bits in self.deferred and gram is not None and feeds_back(config, array.ndim)
+            deferred = bits in self.deferred and gram is not None and feeds_back(config, array.shape, self.output_axis)
             result = palettize_weight(
                 array, self.output_axis, config, self.name, importance, threads, damping, None if deferred else gram
             )
@@ -309,7 +312,7 @@ def _kept_factors(in_order: Sequence[Measurable]) -> list[np.ndarray]:
     chosen: dict[int, np.ndarray] = {}
     room = FACTORS_KEPT_BYTES
     for weight in in_order:
-        gram = weight.gram if feeds_back(weight.config, weight.array.ndim) else None
+        gram = weight.gram if feeds_back(weight.config, weight.array.shape, weight.output_axis) else None
         if gram is None or id(gram) in chosen:
             continue
         factor_bytes = 8 * gram.shape[0] * (gram.shape[0] + 1)  # the factor and the order

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from lowbit.kernels.patches import Window, patches
 from lowbit.statistics import InputMoments
 
 __all__ = ["MomentSums", "Run", "Tap", "accumulate_moments", "check_source", "checked_feed", "feeds_of"]
@@ -23,7 +24,8 @@ Run = Callable[[Mapping[str, Any], int], Mapping[str, np.ndarray]]
 
 @dataclass(frozen=True)
 class Tap:
-    """Where a weight's input activations are read: the value's name and its input-channel axis."""
+    """Where a weight's input activations are read: the value's name and its input-channel axis (a convolution's:
+    axis 1, and its :class:`~lowbit.kernels.patches.Window` over the axes after it)."""
 
     weight: str
     activation: str
@@ -31,11 +33,12 @@ class Tap:
     channels: int
     full: bool = False  # keep the whole X^T X: a 2-D weight's error feedback needs it
     lookup: bool = False  # the indices a lookup reads the weight's rows by (one-hot X: each row's count)
+    window: Window | None = None  # a convolution's: X's rows are its input's windows
 
     @property
-    def key(self) -> tuple[str, int, int, bool, bool]:
+    def key(self) -> tuple[str, int, int, bool, bool, Window | None]:
         """Taps with the same key read the same statistics (q / k / v, gate / up share one accumulator)."""
-        return (self.activation, self.channel_axis, self.channels, self.full, self.lookup)
+        return (self.activation, self.channel_axis, self.channels, self.full, self.lookup, self.window)
 
 
 def check_source(calibration_data: Any) -> None:
@@ -80,26 +83,25 @@ class MomentSums:
 
     def __init__(self, taps: list[Tap]) -> None:
         self.taps, self.feeds = taps, 0
-        self.shared: dict[tuple[str, int, int, bool, bool], InputMoments] = {}
+        self.shared: dict[tuple[str, int, int, bool, bool, Window | None], InputMoments] = {}
         for t in taps:
-            moments = InputMoments.lookups(t.channels) if t.lookup else InputMoments.empty(t.channels, full=t.full)
+            kernel = () if t.window is None else t.window.kernel
+            moments = InputMoments.lookups(t.channels) if t.lookup else InputMoments.empty(t.channels, t.full, kernel)
             self.shared.setdefault(t.key, moments)
 
     def add(self, values: Mapping[str, np.ndarray], index: int) -> None:
         """Add feed ``index``'s tapped values (by name). ``ValueError`` when activations do not have the weight's
         input channels or are not finite."""
-        for (activation, axis, _, _, lookup), moments in self.shared.items():
+        for (activation, axis, channels, _, lookup, window), moments in self.shared.items():
             x = values[activation]
             if lookup:  # the runtime has checked the indices against the table (tables of one size share them)
                 moments.add_lookups(x)
                 continue
-            if x.shape[axis] != len(moments.squares) or not np.isfinite(x).all():
+            if x.shape[axis] != channels or not np.isfinite(x).all():
                 tap = next(t for t in self.taps if t.activation == activation)
-                problem = (
-                    "are not finite" if x.shape[axis] == len(moments.squares) else f"have {x.shape[axis]} channels"
-                )
+                problem = "are not finite" if x.shape[axis] == channels else f"have {x.shape[axis]} channels"
                 raise ValueError(f"activations of {tap.weight!r} {problem} on calibration feed {index}")
-            moments.add(x, axis)
+            add_activations(moments, x, axis, window)
         self.feeds += 1
 
     def result(self) -> dict[str, InputMoments]:
@@ -107,6 +109,16 @@ class MomentSums:
         if self.feeds == 0:
             raise ValueError("calibration_data yielded no feed")
         return {t.weight: self.shared[t.key] for t in self.taps}
+
+
+def add_activations(moments: InputMoments, x: np.ndarray, axis: int, window: Window | None) -> None:
+    """Add the activations ``x`` (channels on ``axis``) to ``moments``; a convolution's (``window``) as its windows,
+    one batch item at a time (a window's rows take ``window.size`` times the item's memory)."""
+    if window is None:
+        moments.add(x, axis)
+        return
+    for item in np.asarray(x).reshape(-1, *x.shape[1:]):
+        moments.add(patches(item[None], window), -1)
 
 
 def accumulate_moments(taps: list[Tap], run: Run, calibration_data: Any) -> dict[str, InputMoments]:

@@ -57,13 +57,17 @@ def outliers_of(values: np.ndarray, mask: np.ndarray) -> Outliers:
     return Outliers(positions.astype(np.int32), np.ascontiguousarray(values.reshape(-1)[positions]))
 
 
-def sensitivity_of(importance: np.ndarray | None, gram: np.ndarray | None, output_axis: int) -> np.ndarray:
-    """How much each element's squared error counts when outliers are chosen (broadcastable to the weight):
-    ``importance``, or the energy of the input channel it multiplies (``diag(X^T X)`` of a 2-D weight with
-    calibration), or 1."""
+def sensitivity_of(
+    importance: np.ndarray | None, gram: np.ndarray | None, output_axis: int, shape: tuple[int, ...]
+) -> np.ndarray:
+    """How much each element's squared error counts when outliers are chosen (broadcastable to the weight of
+    ``shape``): ``importance``, or the energy of the input it multiplies (``diag(X^T X)`` of a 2-D weight, or of a
+    convolution's windows, ``output_axis`` 0, with calibration), or 1."""
     if importance is not None:
         return np.asarray(importance, np.float64)
     if gram is not None:
         energy = np.diag(gram).astype(np.float64)
+        if len(shape) > 2:
+            return energy.reshape(1, *shape[1:])
         return energy[None, :] if output_axis == 0 else energy[:, None]
     return np.ones(1)

@@ -7,12 +7,14 @@ layer's output: the squared output error of a weight change ``dW`` is ``sum_k (X
 channels are uncorrelated, so palettization weighted by it minimizes the output error rather than the weight error
 (the activation-aware weighting of AWQ / SqueezeLLM, from activations instead of gradients). The whole ``X^T X`` is
 kept where the error feedback needs it. An embedding table's input is one-hot (a lookup reads one row), so its
-``X^T X`` is diagonal: each row's lookup count, along the table's rows (:meth:`InputMoments.lookups`). Imports
-neither onnx nor torch.
+``X^T X`` is diagonal: each row's lookup count, along the table's rows (:meth:`InputMoments.lookups`). A
+convolution's rows are its input's windows (:func:`lowbit.kernels.patches.patches`): its channels are the (input
+channel, kernel position) pairs, as its weight ``[out, in, *kernel]`` flattens them. Imports neither onnx nor torch.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +45,9 @@ class InputMoments:
     # the weight axis the channels index when it is not the weight's input axis: an embedding table's rows, which a
     # Gather looks up (its X is one-hot, so X^T X is diagonal: each row's lookup count)
     axis: int | None = None
+    # a convolution's kernel: the channels are (input channel, kernel position) pairs, channel-major, and index the
+    # weight's input axis and the kernel axes after it
+    kernel: tuple[int, ...] = ()
 
     @classmethod
     def lookups(cls, rows: int) -> InputMoments:
@@ -50,9 +55,11 @@ class InputMoments:
         return cls(np.zeros(rows, np.float64), 0, None, axis=0)
 
     @classmethod
-    def empty(cls, channels: int, full: bool = False) -> InputMoments:
-        """No rows yet; ``full`` also keeps the whole ``X^T X`` (for error feedback)."""
-        return cls(np.zeros(channels, np.float64), 0, np.zeros((channels, channels), np.float32) if full else None)
+    def empty(cls, channels: int, full: bool = False, kernel: tuple[int, ...] = ()) -> InputMoments:
+        """No rows yet for ``channels`` input channels (times the positions of a convolution's ``kernel``); ``full``
+        also keeps the whole ``X^T X`` (for error feedback)."""
+        n = channels * math.prod(kernel)
+        return cls(np.zeros(n, np.float64), 0, np.zeros((n, n), np.float32) if full else None, kernel=tuple(kernel))
 
     def add(self, activations: np.ndarray, channel_axis: int) -> None:
         """Accumulate a batch of activations whose ``channel_axis`` holds the input channels. ``X^T X`` is summed
@@ -101,14 +108,30 @@ class InputMoments:
 
     def importance(self, shape: tuple[int, ...], input_axis: int) -> np.ndarray:
         """Each element's weight in the k-means, ``shape``-shaped: its channel's :meth:`channel_weights` over the
-        rows seen (an input channel's mean squared activation; a table row's share of the lookups)."""
+        rows seen (an input channel's mean squared activation, a convolution's per kernel position too; a table
+        row's share of the lookups)."""
         axis = self.channel_axis(input_axis)
         mean = self.channel_weights() / max(self.rows, 1)
-        if mean.size != shape[axis]:
-            raise ValueError(f"statistics of {mean.size} channels for a weight axis of {shape[axis]}")
-        view = [1] * len(shape)
-        view[axis] = -1
+        spanned = self._spanned(shape, axis)
+        view = [1] * axis + list(shape[axis:spanned]) + [1] * (len(shape) - spanned)
         return np.broadcast_to(mean.reshape(view), shape)
+
+    def _spanned(self, shape: tuple[int, ...], axis: int) -> int:
+        """The end of the weight axes (from ``axis``) these statistics' channels index; ``ValueError`` when their
+        count is not those axes' size."""
+        spanned = axis + 1 + len(self.kernel)
+        if tuple(shape[axis + 1 : spanned]) != self.kernel or self.squares.size != math.prod(shape[axis:spanned]):
+            what = f"{shape[axis]} channels" + (f" and a {self.kernel} kernel" if self.kernel else "")
+            raise ValueError(f"statistics of {self.squares.size} channels for a weight of {what}, shape {shape}")
+        return spanned
+
+    def channels_first(self, values: np.ndarray, input_axis: int) -> np.ndarray:
+        """``values`` (a weight's shape, or a change of it) as ``[these statistics' channels, the rest]``: the
+        rows ``X^T X`` multiplies."""
+        axis = self.channel_axis(input_axis)
+        spanned = self._spanned(values.shape, axis)
+        moved = np.moveaxis(values, tuple(range(axis, spanned)), tuple(range(spanned - axis)))
+        return moved.reshape(self.squares.size, -1)
 
     def add_lookups(self, indices: np.ndarray) -> None:
         """Accumulate a batch of a Gather's ``indices`` into a table of ``len(squares)`` rows (negative indices count

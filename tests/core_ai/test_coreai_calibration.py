@@ -14,6 +14,7 @@ pytest.importorskip("coreai.authoring", reason="needs lowbit[coreai] (coreai-cor
 pytest.importorskip("coreai_torch", reason="needs coreai-torch (Python >= 3.11)")
 
 import torch
+from conftest import make_model
 from coreai_support import convert, make_probe, onnx_probe, run_asset
 from tied_lm import TiedLM
 
@@ -72,18 +73,62 @@ def test_statistics_are_the_activations_own(tower):
     for h in hooks:
         h.remove()
     for module, shape, axis in (("fc1", (48, 32), -1), ("fc2", (40, 48), -1), ("conv", (8, 3, 3, 3), 1)):
-        x = np.concatenate([np.moveaxis(a, axis, -1).reshape(-1, a.shape[axis]) for a in seen[module]]).astype(
-            np.float64
-        )
+        if module == "conv":  # the rows a convolution multiplies its weight by: its input's 3 x 3 windows (torch's)
+            rows = [torch.nn.functional.unfold(torch.from_numpy(a), 3).transpose(1, 2).numpy() for a in seen[module]]
+            x = np.concatenate([r.reshape(-1, 27) for r in rows]).astype(np.float64)
+        else:
+            x = np.concatenate([np.moveaxis(a, axis, -1).reshape(-1, a.shape[axis]) for a in seen[module]])
+            x = x.astype(np.float64)
         stats = moments[names[shape]]
         assert stats.rows == len(x)
         np.testing.assert_allclose(stats.squares, (x**2).sum(0), rtol=1e-5)
-        if module != "conv":  # a 2-D weight keeps the whole X^T X for its error feedback
-            np.testing.assert_allclose(stats.gram, x.T @ x, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(stats.gram, x.T @ x, rtol=1e-4, atol=1e-4)  # the whole X^T X: error feedback
     lookups = moments[names[(50, 32)]]
     expected = np.bincount(np.concatenate([f["ids"].ravel() for f in feeds]), minlength=50)
     np.testing.assert_array_equal(lookups.squares, expected)
     assert lookups.rows == 30
+
+
+class Convs(torch.nn.Module):
+    """Convolutions whose padding the converter writes as a ``coreai.pad`` before each (zeros, reflection), one
+    strided and dilated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = torch.nn.Conv2d(3, 8, (3, 2), stride=(2, 1), dilation=(1, 2), padding=(1, 2))
+        self.second = torch.nn.Conv2d(8, 4, 3, padding="same", padding_mode="reflect")
+
+    def forward(self, image):
+        return self.second(torch.relu(self.first(image)))
+
+
+def test_a_convolutions_windows_are_those_onnx_runtime_sees():
+    """A padded, strided, dilated convolution's statistics on the Core AI door (its input padded by the program,
+    strides and dilations read from the op) are the graph door's for the same weights and images (ONNX's Conv
+    attributes): the same rows, sums and X^T X; the reflection padding's too (a Pad before the ONNX Conv)."""
+    torch.manual_seed(3)
+    model = Convs().eval()
+    rng = np.random.default_rng(4)
+    images = [rng.standard_normal((2, 3, 11, 10)).astype(np.float32) for _ in range(2)]
+    program = lc.Program.of(convert(model, (torch.from_numpy(images[0]),)))
+    core = collect_input_moments(program, [{"image": x} for x in images])
+    first, second = (getattr(model, n).weight.detach().numpy() for n in ("first", "second"))
+    with torch.no_grad():
+        relu = [torch.relu(model.first(torch.from_numpy(x))).numpy() for x in images]
+    reflected = [np.pad(r, [(0, 0), (0, 0), (1, 1), (1, 1)], mode="reflect") for r in relu]
+    graph = lowbit.Program(
+        make_model(
+            {"first": first, "second": second},
+            [("Conv", "first", {"strides": [2, 1], "dilations": [1, 2], "pads": [1, 2, 1, 2]}), ("Conv", "second", {})],
+        )
+    )
+    onnx = onnx_moments(graph, [{"x0": x, "x1": r} for x, r in zip(images, reflected, strict=True)])
+    by_shape = {w.shape: w.name for w in program.weights()}
+    for name, weight in (("first", first), ("second", second)):
+        ours, theirs = onnx[name], core[by_shape[weight.shape]]
+        assert ours.kernel == theirs.kernel == weight.shape[2:] and ours.rows == theirs.rows
+        np.testing.assert_allclose(theirs.squares, ours.squares, rtol=1e-5)
+        np.testing.assert_allclose(theirs.gram, ours.gram, rtol=1e-4, atol=1e-3)
 
 
 def test_calibration_leaves_the_program_alone_and_the_result_has_no_extra_output(tower, tmp_path):

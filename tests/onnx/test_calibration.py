@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import make_model
+from conftest import make_model, ort_session
 
 import lowbit
 from lowbit.onnx.calibration import collect_input_moments
@@ -61,11 +61,41 @@ def test_input_moments_are_the_activations_sum_of_squares_per_input_channel():
     moments = collect_input_moments(program, iter(feeds))
     expected_m = sum((f["x0"].astype(np.float64) ** 2).sum(0) for f in feeds)
     expected_g = sum((f["x1"].astype(np.float64) ** 2).sum(0) for f in feeds)
-    expected_c = sum((f["x2"].astype(np.float64) ** 2).sum(axis=(0, 2, 3)) for f in feeds)
+    # a convolution's rows: its input's 3 x 3 windows (4 x 4 of them in a 6 x 6 image), channel-major
+    windows = [f["x2"][:, :, i : i + 3, j : j + 3].reshape(2, 27) for f in feeds for i in range(4) for j in range(4)]
+    expected_c = (np.concatenate(windows).astype(np.float64) ** 2).sum(0)
     np.testing.assert_allclose(moments["m"].squares, expected_m, rtol=1e-12)
     np.testing.assert_allclose(moments["g"].squares, expected_g, rtol=1e-12)
     np.testing.assert_allclose(moments["c"].squares, expected_c, rtol=1e-12)
-    assert (moments["m"].rows, moments["g"].rows, moments["c"].rows) == (30, 21, 216)
+    assert (moments["m"].rows, moments["g"].rows, moments["c"].rows) == (30, 21, 96)
+    assert moments["c"].kernel == (3, 3) and moments["c"].gram.shape == (27, 27)
+
+
+CONV_ATTRIBUTES = [
+    {"pads": [1, 1, 1, 1]},
+    {"strides": [2, 1], "dilations": [1, 2], "pads": [0, 2, 1, 0]},
+    {"auto_pad": "SAME_UPPER", "strides": [2, 2]},
+    {"auto_pad": "SAME_LOWER"},  # the kernel of 2 pads one column, before
+    {"auto_pad": "VALID", "strides": [1, 3]},
+]
+
+
+@pytest.mark.parametrize("attributes", CONV_ATTRIBUTES)
+def test_a_convolutions_moments_are_those_of_the_rows_its_weight_multiplies(attributes):
+    """Whatever its strides, dilations and padding, a Conv's X^T X is over the rows its weight multiplies: the
+    weight (flattened [out, in * kernel]) times it times the weight's transpose is Y^T Y of the Conv's output, as
+    ONNX Runtime computes it."""
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((5, 3, 3, 2)).astype(np.float32)
+    program = lowbit.Program(make_model({"c": weight}, [("Conv", "c", attributes)]))
+    feeds = [{"x0": rng.standard_normal((2, 3, 9, 8)).astype(np.float32)} for _ in range(2)]
+    stats = collect_input_moments(program, feeds)["c"]
+    session = ort_session(program.model)
+    outputs = [session.run(None, f)[0] for f in feeds]
+    y = np.concatenate([np.moveaxis(o, 1, -1).reshape(-1, 5) for o in outputs]).astype(np.float64)
+    flat = weight.reshape(5, -1).astype(np.float64)
+    assert stats.rows == len(y)
+    np.testing.assert_allclose(flat @ stats.gram.astype(np.float64) @ flat.T, y.T @ y, rtol=1e-4, atol=1e-3)
 
 
 def test_the_capture_session_reads_the_weights_in_place_and_computes_the_same_moments():

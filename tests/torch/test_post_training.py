@@ -637,3 +637,32 @@ def test_calibration_skips_embeddings_it_cannot_read_as_row_indices():
     PostTrainingPalettizer(convs).compress(
         calibration_data=items, bits_per_weight=3.0, loss_fn=lambda m, x: m(x).square().mean()
     )
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+def test_a_convolutions_moments_are_over_the_windows_its_weight_multiplies(padding_mode):
+    """The torch door's hooks read a convolution's stride, dilation, padding and padding mode: its X^T X is over
+    the rows torch's own unfold of the padded input gives, which times the weight are the convolution's output."""
+    from lowbit.torch.calibration import collect_module_moments
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 5, (3, 2), stride=(1, 2), dilation=(2, 1), padding=(2, 1), padding_mode=padding_mode)
+    model = torch.nn.Sequential(conv).eval()
+    items = [torch.randn(2, 3, 9, 8) for _ in range(2)]
+    moments = collect_module_moments(model, {"0.weight": conv}, items)["0.weight"]
+    mode = "constant" if padding_mode == "zeros" else padding_mode
+    rows = [
+        torch.nn.functional.unfold(
+            torch.nn.functional.pad(x, [1, 1, 2, 2], mode=mode), (3, 2), dilation=(2, 1), stride=(1, 2)
+        )
+        .transpose(1, 2)
+        .reshape(-1, 18)
+        for x in items
+    ]
+    x = torch.cat(rows).double().numpy()
+    assert moments.kernel == (3, 2) and moments.rows == len(x)
+    np.testing.assert_allclose(moments.gram, x.T @ x, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        y = torch.cat([conv(i) - conv.bias[:, None, None] for i in items]).permute(0, 2, 3, 1).reshape(-1, 5)
+    flat = conv.weight.detach().reshape(5, -1).double().numpy()
+    np.testing.assert_allclose(x @ flat.T, y.double().numpy(), rtol=1e-4, atol=1e-4)

@@ -26,6 +26,7 @@ from lowbit.calibration import MomentSums, Tap, check_source, checked_feed, feed
 from lowbit.coreai import _mlir
 from lowbit.coreai.discovery import OP_TABLE, TRANSPOSE, CoreAIWeight
 from lowbit.coreai.program import Program
+from lowbit.kernels.patches import Window
 from lowbit.statistics import InputMoments
 
 __all__ = ["collect_input_moments"]
@@ -48,9 +49,10 @@ def _only_reader(value: Any) -> tuple[Any, int] | None:
     return owner, index
 
 
-def _activation(weight: CoreAIWeight) -> tuple[Any, int, bool] | None:
-    """(the value read with ``weight``, its channel axis, whether it holds lookup indices) for a dense weight read
-    by one op of the main graph whose other input's channels meet the weight's input axis (None: no statistic)."""
+def _activation(weight: CoreAIWeight) -> tuple[Any, int, bool, Window | None] | None:
+    """(the value read with ``weight``, its channel axis, whether it holds lookup indices, a convolution's window)
+    for a dense weight read by one op of the main graph whose other input's channels meet the weight's input axis
+    (None: no statistic)."""
     reader = None if weight.compression is not None else _only_reader(weight.value)
     if reader is None or _mlir.graph_name(reader[0]) != "main":
         return None
@@ -62,10 +64,29 @@ def _activation(weight: CoreAIWeight) -> tuple[Any, int, bool] | None:
     x = owner.operands[source]
     dims = _mlir.tensor_dims(x)
     if operand.lookup:  # indices [..., 1] into the weight's rows
-        return (x, axis, True) if weight.output_axis == 0 and dims is not None and dims[-1:] == (1,) else None
+        return (x, axis, True, None) if weight.output_axis == 0 and dims is not None and dims[-1:] == (1,) else None
     if dims is None or dims[axis] != weight.shape[weight.input_axis]:  # a grouped conv's, or dynamic channels
         return None
-    return x, axis, False
+    if operand.window is None:
+        return x, axis, False, None
+    window = _window(owner, operand.window, tuple(weight.shape[2:]))
+    return None if window is None else (x, axis, False, window)
+
+
+def _window(op: Any, operands: tuple[int, int], kernel: tuple[int, ...]) -> Window | None:
+    """The window of a convolution ``op`` whose weight has ``kernel``, its input padded already (None when its
+    strides or dilations are not constants)."""
+    found = []
+    for index in operands:
+        owner = op.operands[index].owner
+        if getattr(owner, "name", None) != "coreai.constant":
+            return None
+        found.append(tuple(_mlir.attribute_ints(owner)))
+    strides, dilations = found
+    try:
+        return Window(kernel, strides, dilations, ((0, 0),) * len(kernel))
+    except ValueError:
+        return None
 
 
 def _taps(program: Program) -> tuple[list[Tap], list[Any]]:
@@ -76,13 +97,13 @@ def _taps(program: Program) -> tuple[list[Tap], list[Any]]:
         found = _activation(weight)
         if found is None:
             continue
-        value, axis, lookup = found
+        value, axis, lookup, window = found
         index = next((i for i, v in enumerate(values) if v == value), len(values))
         if index == len(values):
             values.append(value)
         channels = weight.shape[0] if lookup else weight.shape[weight.input_axis]
-        full = not lookup and len(weight.shape) == 2
-        taps.append(Tap(weight.name, f"{TAP_PREFIX}{index}", axis, channels, full, lookup))
+        full = not lookup and (len(weight.shape) == 2 or window is not None)
+        taps.append(Tap(weight.name, f"{TAP_PREFIX}{index}", axis, channels, full, lookup, window))
     return taps, values
 
 

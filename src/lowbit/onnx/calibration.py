@@ -13,6 +13,7 @@ import onnxruntime as ort
 
 from lowbit.calibration import Tap, accumulate_moments, check_source, checked_feed
 from lowbit.errors import one_line
+from lowbit.kernels.patches import Window
 from lowbit.onnx.discovery import WeightRef
 from lowbit.onnx.program import PROTO_LIMIT_BYTES, Program
 from lowbit.statistics import InputMoments
@@ -98,8 +99,30 @@ def _tap(ref: WeightRef, node: ir.Node) -> Tap | None:
         return Tap(ref.name, x.name, 0 if trans_a is not None and trans_a.as_int() else -1, channels, True)
     group = node.attributes.get("group")
     if node.op_type == "Conv" and node.inputs[1] is ref.value and (group is None or group.as_int() == 1):
-        return Tap(ref.name, x.name, 1, channels)
+        window = _window(node, tuple(ref.shape[2:]))
+        return None if window is None else Tap(ref.name, x.name, 1, channels, True, window=window)
     return None
+
+
+_SAME = {"SAME_UPPER": "upper", "SAME_LOWER": "lower"}
+
+
+def _window(node: ir.Node, kernel: tuple[int, ...]) -> Window | None:
+    """The window of a Conv ``node`` whose weight has ``kernel`` (None when its attributes do not describe one)."""
+    rank = len(kernel)
+
+    def ints(name: str, count: int, default: int) -> tuple[int, ...]:
+        attr = node.attributes.get(name)
+        return tuple(attr.as_ints()) if attr is not None else (default,) * count
+
+    auto_pad = node.attributes.get("auto_pad")
+    mode = "NOTSET" if auto_pad is None else auto_pad.as_string()
+    pads = ints("pads", 2 * rank, 0) if mode == "NOTSET" else (0,) * 2 * rank
+    pairs = tuple(zip(pads[:rank], pads[rank:], strict=False))
+    try:
+        return Window(kernel, ints("strides", rank, 1), ints("dilations", rank, 1), pairs, _SAME.get(mode, ""))
+    except ValueError:
+        return None
 
 
 def sole_consumers(program: Program) -> Iterator[tuple[WeightRef, ir.Node]]:
@@ -118,11 +141,11 @@ def _taps(program: Program) -> list[Tap]:
 
 
 def collect_input_moments(program: Program, calibration_data: Any) -> dict[str, InputMoments]:
-    """Each MatMul / Gemm / Conv (group 1) weight's :class:`InputMoments` over ``calibration_data`` (see
-    :func:`lowbit.calibration.feeds_of`), and each embedding table's (a Gather's rows: how often each was looked
-    up), by weight name. Other weights (weights shared or reached through a Cast or Transpose, inside subgraphs) get
-    none and are compressed data-free. ``ValueError`` when the data holds no feed, or a feed's activations do not
-    have the weight's input channels."""
+    """Each MatMul / Gemm / Conv (group 1: over its input's windows) weight's :class:`InputMoments` over
+    ``calibration_data`` (see :func:`lowbit.calibration.feeds_of`), and each embedding table's (a Gather's rows:
+    how often each was looked up), by weight name. Other weights (weights shared or reached through a Cast or
+    Transpose, inside subgraphs) get none and are compressed data-free. ``ValueError`` when the data holds no feed,
+    or a feed's activations do not have the weight's input channels."""
     check_source(calibration_data)
     taps = _taps(program)
     capture = Capture(program, (t.activation for t in taps))

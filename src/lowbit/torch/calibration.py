@@ -1,6 +1,6 @@
 """Calibration on the torch door: forward hooks on the modules being compressed (Linear, convolutions of one group,
 embeddings) accumulate each weight's :class:`~lowbit.statistics.InputMoments` (the whole ``X^T X`` of a Linear's
-input, a convolution's per-channel diagonal, an embedding's lookup counts), streamed item by item, into the same
+input, a convolution's over its input's windows, an embedding's lookup counts), streamed item by item, into the same
 slot the graph door fills from ONNX Runtime."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lowbit.kernels.patches import Window, patches
 from lowbit.statistics import FLOAT32_SAFE, GRAM_CHUNK, InputMoments
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "forward_of",
     "moments_of",
     "run_items",
+    "window_of",
 ]
 
 
@@ -104,27 +106,35 @@ def moments_of(activations: torch.Tensor, full: bool) -> InputMoments:
 
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
 
 
-def reads_channels_last(module: nn.Module) -> bool:
-    """Whether ``module``'s input holds its channels on the last axis (a Linear), not axis 1 (a convolution)."""
-    return not isinstance(module, CONVS)
+def window_of(module: nn.Module) -> Window | None:
+    """A convolution's :class:`~lowbit.kernels.patches.Window` (None for any other module)."""
+    if not isinstance(module, CONVS):
+        return None
+    kernel = tuple(int(k) for k in module.kernel_size)
+    padding = module.padding
+    pads = ((0, 0),) * len(kernel) if isinstance(padding, str) else tuple((int(p), int(p)) for p in padding)
+    same = "upper" if padding == "same" else ""
+    strides, dilations = (tuple(int(v) for v in values) for values in (module.stride, module.dilation))
+    return Window(kernel, strides, dilations, pads, same, _PAD_MODES[module.padding_mode])
 
 
 class ModuleMoments:
     """Forward hooks on Linear modules (and convolutions of one group, and embeddings) that accumulate each one's input
-    :class:`InputMoments` (``full``: a Linear's whole ``X^T X``, else the diagonal; a convolution's per input channel,
-    over every position, as the graph door takes it; an embedding's rows' lookup counts), by weight name. Modules that
-    read one tensor in an item (a transformer's q / k / v) share its moments, computed once. ``stop_early``: once every
-    module has seen this item's input the forward ends (:class:`Enough`; a module called twice in one forward counts its
-    first call only); call :meth:`item_done` after each item."""
+    :class:`InputMoments` (``full``: the whole ``X^T X``, else the diagonal; a convolution's over its input's
+    windows, as the graph door takes it; an embedding's rows' lookup counts), by weight name. Modules that read one
+    tensor in an item (a transformer's q / k / v) share its moments, computed once. ``stop_early``: once every
+    module has seen this item's input the forward ends (:class:`Enough`; a module called twice in one forward counts
+    its first call only); call :meth:`item_done` after each item."""
 
     def __init__(self, modules: Mapping[str, nn.Module], full: bool = True, stop_early: bool = False) -> None:
         self.modules, self.full, self.stop_early = modules, full, stop_early
         self.moments = {name: _empty_moments(module, full) for name, module in modules.items()}
         self.seen: set[str] = set()
-        # this item's inputs by (id, layout): the tensor, its version (bumped by in-place ops), its moments
-        self.parts: dict[tuple[int, bool], tuple[torch.Tensor, int, InputMoments]] = {}
+        # this item's inputs by (id, window): the tensor, its version (bumped by in-place ops), its moments
+        self.parts: dict[tuple[int, Window | None], tuple[torch.Tensor, int, InputMoments]] = {}
 
     def register(self) -> list[Any]:
         """Register the hooks; returns their handles."""
@@ -134,17 +144,23 @@ class ModuleMoments:
         self.seen.clear()
         self.parts.clear()
 
-    def _part(self, name: str, tensor: torch.Tensor, last: bool) -> InputMoments:
-        """The moments of ``tensor`` (this item's input of ``name``, its channels ``last`` or on axis 1), computed
-        once per tensor, layout and item (again when it was changed in place since)."""
-        known = self.parts.get((id(tensor), last))
+    def _part(self, name: str, tensor: torch.Tensor, window: Window | None) -> InputMoments:
+        """The moments of ``tensor`` (this item's input of ``name``, its channels last, or a convolution's on axis 1
+        read through its ``window``), computed once per tensor, window and item (again when it was changed in place
+        since)."""
+        known = self.parts.get((id(tensor), window))
         if known is not None and known[0] is tensor and known[1] == tensor._version:
             return known[2]
         if not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"the input activations of {name!r} are not finite on a calibration item")
-        activations = tensor.detach() if last else tensor.detach().movedim(1, -1)
-        part = moments_of(activations, self.full and last)
-        self.parts[(id(tensor), last)] = (tensor, tensor._version, part)
+        if window is None:
+            part = moments_of(tensor.detach(), self.full)
+        else:  # the graph door's windows, item by item (:func:`lowbit.calibration.add_activations`)
+            items = [torch.from_numpy(patches(item[None], window)) for item in tensor.detach().cpu().numpy()]
+            part = moments_of(items[0], self.full)
+            for item in items[1:]:
+                part.merge(moments_of(item, self.full))
+        self.parts[(id(tensor), window)] = (tensor, tensor._version, part)
         return part
 
     def _hook(self, name: str) -> Callable:
@@ -154,7 +170,7 @@ class ModuleMoments:
             if isinstance(module, nn.Embedding):
                 self.moments[name].add_lookups(inputs[0].detach().cpu().numpy())
             else:
-                self.moments[name].merge(self._part(name, inputs[0], reads_channels_last(module)))
+                self.moments[name].merge(self._part(name, inputs[0], window_of(module)))
             if self.stop_early:
                 self.seen.add(name)
                 if len(self.seen) == len(self.moments):
@@ -164,12 +180,13 @@ class ModuleMoments:
 
 
 def _empty_moments(module: nn.Module, full: bool) -> InputMoments:
-    """No rows yet for ``module``'s input: a Linear's (whole ``X^T X`` when ``full``), a convolution's input
-    channels, or an embedding's rows (its lookup counts, the graph door's Gather statistics)."""
+    """No rows yet for ``module``'s input: a Linear's or a convolution's (whole ``X^T X`` when ``full``), or an
+    embedding's rows (their lookup counts, the graph door's Gather statistics)."""
     if isinstance(module, nn.Embedding):
         return InputMoments.lookups(module.num_embeddings)
-    channels = module.in_channels if isinstance(module, CONVS) else module.in_features
-    return InputMoments.empty(int(channels), full=full and reads_channels_last(module))  # type: ignore[arg-type]
+    window = window_of(module)
+    channels = module.in_channels if window is not None else module.in_features
+    return InputMoments.empty(int(channels), full, () if window is None else window.kernel)  # type: ignore[arg-type]
 
 
 def collect_module_moments(

@@ -11,7 +11,16 @@ import numpy as np
 from lowbit.errors import SkipWeight
 from lowbit.types import FLOAT_WEIGHT_DTYPES
 
-__all__ = ["by_input", "check_eligible", "checked_gram", "moved_axis_perms", "relative"]
+__all__ = [
+    "by_input",
+    "check_eligible",
+    "checked_gram",
+    "columns_back",
+    "columns_first",
+    "feedback_columns",
+    "moved_axis_perms",
+    "relative",
+]
 
 
 def moved_axis_perms(rank: int, axis: int, to_front: bool = True) -> tuple[list[int], list[int]]:
@@ -45,12 +54,36 @@ def by_input(a: np.ndarray, input_axis: int) -> np.ndarray:
     return a.T if input_axis == 1 else a
 
 
-def checked_gram(gram: np.ndarray | None, channels: int) -> np.ndarray | None:
-    """``gram`` when it is a finite ``channels x channels`` matrix; ``ValueError`` naming the sizes otherwise."""
-    if gram is None:
+def checked_gram(gram: np.ndarray | None, channels: int | None) -> np.ndarray | None:
+    """``gram`` when it is a finite ``channels x channels`` matrix (None without one, or without ``channels``: a
+    layout the feedback does not read); ``ValueError`` naming the sizes otherwise."""
+    if gram is None or channels is None:
         return None
     if np.shape(gram) != (channels, channels):
         raise ValueError(f"gram must be {channels} x {channels} (the weight's input channels), got {np.shape(gram)}")
     if not np.isfinite(gram).all():
         raise ValueError("gram (X^T X of the calibration activations) is not finite")
     return gram
+
+
+def feedback_columns(shape: Sequence[int], output_axis: int, input_axis: int) -> int | None:
+    """The size of the ``X^T X`` a weight's error feedback reads: a 2-D weight's input channels, or a convolution's
+    ``[out, in, *kernel]`` (output axis 0, input axis 1) (input channel, kernel position) pairs, its input's windows
+    (:mod:`lowbit.kernels.patches`); None for any other layout (no feedback)."""
+    rank = len(shape)
+    if rank == 2 and output_axis % 2 != input_axis % 2:
+        return int(shape[input_axis])
+    if rank > 2 and output_axis % rank == 0 and input_axis % rank == 1:
+        return math.prod(shape[1:])
+    return None
+
+
+def columns_first(a: np.ndarray, input_axis: int) -> np.ndarray:
+    """A weight (or a grid of its shape) as ``[feedback columns, output channels]`` (:func:`feedback_columns`): a
+    2-D weight's :func:`by_input`, a convolution flattened and transposed."""
+    return by_input(a, input_axis) if a.ndim == 2 else a.reshape(a.shape[0], -1).T
+
+
+def columns_back(a: np.ndarray, shape: tuple[int, ...], input_axis: int) -> np.ndarray:
+    """:func:`columns_first`'s inverse, to a weight of ``shape``."""
+    return by_input(a, input_axis) if len(shape) == 2 else a.T.reshape(shape)

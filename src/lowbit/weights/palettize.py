@@ -18,7 +18,7 @@ from lowbit.kernels.packing import pack_bits
 from lowbit.kernels.palettize import Palettized, palettize, stack_palettized
 from lowbit.outliers import Outliers, choose_outliers, outliers_of, sensitivity_of
 from lowbit.types import CompressionGranularity
-from lowbit.weights.common import checked_gram, moved_axis_perms, relative
+from lowbit.weights.common import checked_gram, feedback_columns, moved_axis_perms, relative
 
 __all__ = ["PalettizedWeight", "feeds_back", "palettize_weight"]
 
@@ -147,10 +147,17 @@ def _damped(importance: np.ndarray, groups: int, damping: float) -> np.ndarray:
     return imp.reshape(importance.shape)
 
 
-def feeds_back(config: PalettizeConfig, ndim: int) -> bool:
-    """Whether :func:`palettize_weight` chooses the codes of a weight of ``ndim`` axes by error feedback when given
-    its ``X^T X``: 2-D weights with scalar LUTs."""
-    return ndim == 2 and config.cluster_dim == 1
+def feeds_back(config: PalettizeConfig, shape: tuple[int, ...], output_axis: int = 0) -> bool:
+    """Whether :func:`palettize_weight` chooses the codes of a weight of ``shape`` by error feedback when given its
+    ``X^T X``: scalar LUTs of a 2-D weight, or of a convolution's ``[out, in, *kernel]`` along its output channels
+    (``output_axis`` 0; its ``X^T X`` over its input's windows, :mod:`lowbit.kernels.patches`)."""
+    return config.cluster_dim == 1 and _columns(shape, output_axis) is not None
+
+
+def _columns(shape: tuple[int, ...], output_axis: int) -> int | None:
+    """:func:`~lowbit.weights.common.feedback_columns` of a weight palettized along ``output_axis`` (a 2-D weight's
+    input axis is the other one, a convolution's is 1)."""
+    return feedback_columns(shape, output_axis, 1 - output_axis % 2 if len(shape) == 2 else 1)
 
 
 def palettize_weight(
@@ -178,10 +185,12 @@ def palettize_weight(
         depend on it.
     damping : with ``importance``: each LUT group's mean importance times ``damping`` is added to every element's
         (default 0: none, beyond a 1e-6 floor that keeps every value in play).
-    gram : optional ``X^T X`` of a 2-D weight's input activations (input channels x input channels): the codes are
-        then chosen with error feedback across the input channels (:mod:`lowbit.kernels.feedback`), the LUTs kept,
-        so that the layer's output error is minimized. Scalar LUTs only (with or without per-channel scale);
-        ignored for vectors (``cluster_dim > 1``).
+    gram : optional ``X^T X`` of a 2-D weight's input activations (input channels x input channels), or of a
+        convolution's input windows (``[out, in, *kernel]``, ``output_axis`` 0: ``in * prod(kernel)`` square, see
+        :func:`lowbit.kernels.patches.patches`): the codes are then chosen with error feedback across the input
+        channels (:mod:`lowbit.kernels.feedback`), the LUTs kept, so that the layer's output error is minimized.
+        Scalar LUTs only (with or without per-channel scale); ignored for vectors (``cluster_dim > 1``) and other
+        layouts (:func:`feeds_back`). ``ValueError`` when its size is not those columns'.
 
     Raises :class:`~lowbit.errors.SkipWeight` when the channels do not split into the configured groups or
     vectors, the values are not finite, or ``mode="unique"`` finds too many distinct values.
@@ -199,8 +208,8 @@ def palettize_weight(
     rows = canonical.shape[0]  # the channels, or (one LUT, own layout) the weight's first axis
     full = channels // per_group * per_group  # the channels of whole groups; a ragged last group is solved alone
     parts = [(0, full, full // per_group), (full, channels, 1)] if full < channels else [(0, rows, groups)]
-    checked = checked_gram(gram, array.shape[1 - axis]) if array.ndim == 2 else None
-    feedback = checked is not None and feeds_back(config, array.ndim)
+    feedback = gram is not None and feeds_back(config, array.shape, axis)
+    checked = checked_gram(gram, _columns(array.shape, axis)) if feedback else None
     outputs_first = forward[0] == axis
 
     def solve(start: int, stop: int, lut_groups: int) -> Palettized:
@@ -235,7 +244,7 @@ def palettize_weight(
     weight, _ = solved()
     if not config.outlier_fraction:
         return weight
-    sensitivity = sensitivity_of(importance, checked if feedback else None, axis)
+    sensitivity = sensitivity_of(importance, checked, axis, array.shape)
     mask = choose_outliers((array.astype(np.float64) - weight.decode()) ** 2 * sensitivity, config.outlier_fraction)
     if not mask.any():  # a weight too small for one outlier at this fraction: no correction to store
         return weight
@@ -259,10 +268,11 @@ def _with_feedback(
     exact: np.ndarray | None = None,
     threads: int = 1,
 ) -> tuple[PalettizedWeight, np.ndarray]:
-    """``weight`` (2-D, scalar LUTs) with its codes re-chosen by error feedback over the input channels; LUTs
-    unchanged. ``canonical``: the kernel's 2-D view, output channels first (``outputs_first``) or, one LUT for the
-    whole weight, input channels first. ``exact``: a mask over ``canonical`` of elements kept as they are (outliers:
-    no rounding error to feed on). Also returns the values the feedback ends with (``canonical``'s layout)."""
+    """``weight`` (2-D or a convolution, scalar LUTs) with its codes re-chosen by error feedback over the input
+    channels; LUTs unchanged. ``canonical``: the kernel's 2-D view, output channels first (``outputs_first``) or,
+    one LUT for the whole weight, input channels first. ``exact``: a mask over ``canonical`` of elements kept as
+    they are (outliers: no rounding error to feed on). Also returns the values the feedback ends with
+    (``canonical``'s layout)."""
     p = weight.palettized
     by_input = swapped(canonical) if outputs_first else canonical  # [input channels, output channels], C order
     outputs = by_input.shape[1]

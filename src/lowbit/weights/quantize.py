@@ -13,7 +13,7 @@ from lowbit.kernels.feedback import linear_grid, ordered_feedback
 from lowbit.kernels.packing import packed_nbytes
 from lowbit.kernels.quantize import LinearQuantized, element_range, quantize_linear
 from lowbit.types import CompressionGranularity, DType, QScheme
-from lowbit.weights.common import by_input, checked_gram, relative
+from lowbit.weights.common import checked_gram, columns_back, columns_first, feedback_columns, relative
 
 __all__ = ["QuantizedWeight", "quantize_weight"]
 
@@ -79,11 +79,13 @@ def quantize_weight(
 ) -> QuantizedWeight:
     """Quantize one weight as ``config`` says: one scale per tensor, per ``output_axis`` channel, or per channel
     and ``block_size`` elements along ``input_axis`` (the last block may be shorter). ``gram``: optional ``X^T X``
-    of a 2-D weight's input activations: the integer codes are then chosen with error feedback across the input
-    channels (GPTQ's), the scales kept (integer dtypes; otherwise ignored), its output channels on ``threads``
-    threads (default 1; the result does not depend on it).
+    of a 2-D weight's input activations, or of a convolution's input windows (``[out, in, *kernel]``, output axis
+    0, input axis 1; see :func:`~lowbit.weights.common.feedback_columns`): the integer codes are then chosen with
+    error feedback across the input channels (GPTQ's), the scales kept (integer dtypes; otherwise, and for other
+    layouts, ignored), its output channels on ``threads`` threads (default 1; the result does not depend on it).
 
-    Raises :class:`~lowbit.errors.SkipWeight` when the values are not finite.
+    Raises :class:`~lowbit.errors.SkipWeight` when the values are not finite; ``ValueError`` when ``gram``'s size
+    is not the feedback's columns.
     """
     padded = array
     block_size = min(config.block_size, array.shape[input_axis])  # an axis shorter than a block is one block
@@ -96,7 +98,7 @@ def quantize_weight(
         padded, config.dtype.numpy, block, symmetric=symmetric, e8m0=config.e8m0, search=config.scale_search
     )
     integer = config.dtype in (DType.INT8, DType.UINT8, DType.INT4, DType.UINT4)
-    checked = checked_gram(gram, array.shape[input_axis]) if array.ndim == 2 else None
+    checked = checked_gram(gram, feedback_columns(array.shape, output_axis, input_axis))
     if checked is not None and integer:
         quantized = _quantized_with_feedback(quantized, padded, checked, input_axis, symmetric, threads)
         diff = quantized.decode()[tuple(slice(0, n) for n in array.shape)].astype(np.float64) - array
@@ -107,20 +109,24 @@ def quantize_weight(
 def _quantized_with_feedback(
     q: LinearQuantized, padded: np.ndarray, gram: np.ndarray, input_axis: int, symmetric: bool, threads: int = 1
 ) -> LinearQuantized:
-    """``q``'s codes re-chosen by error feedback over the input channels (axis ``input_axis`` of a 2-D weight),
-    in act-order, its scales and zero points kept. (Scales found anew for each block of input channels when the
-    feedback reaches it, the channels then taken in order as GPTQ's groups are, measured far worse on SmolLM2-135M
-    int4 block 64: 1.227x / 1.197x fp32 perplexity symmetric / asymmetric, against 1.083x / 1.105x.)"""
+    """``q``'s codes re-chosen by error feedback over the input channels (axis ``input_axis`` of a 2-D weight, or
+    a convolution's (input channel, kernel position) pairs), in act-order, its scales and zero points kept. (Scales
+    found anew for each block of input channels when the feedback reaches it, the channels then taken in order as
+    GPTQ's groups are, measured far worse on SmolLM2-135M int4 block 64: 1.227x / 1.197x fp32 perplexity symmetric /
+    asymmetric, against 1.083x / 1.105x.)"""
     low, high, _ = element_range(q.q.dtype, symmetric)
 
     def per_element(grid: np.ndarray) -> np.ndarray:
-        return np.repeat(np.repeat(grid.reshape(q.grid_shape()[::2]), q.block[0], 0), q.block[1], 1)
+        spread = grid.reshape(q.grid_shape()[::2])
+        for axis, size in enumerate(q.block):
+            spread = np.repeat(spread, size, axis)
+        return spread
 
     scale = per_element(q.scale.astype(np.float64))
     zero_point = np.zeros_like(scale) if q.zero_point is None else per_element(q.zero_point.astype(np.float64))
-    channels = padded.shape[input_axis]
-    full = np.zeros((channels, channels))
-    full[: len(gram), : len(gram)] = gram  # padding channels: never active
-    grid = linear_grid(by_input(scale, input_axis), by_input(zero_point, input_axis), low, high)
-    codes = by_input(ordered_feedback(by_input(padded, input_axis), full, grid, threads=threads)[0], input_axis)
-    return dataclasses.replace(q, q=codes.astype(q.q.dtype))
+    columns = padded.size // padded.shape[1 - input_axis if padded.ndim == 2 else 0]
+    full = np.zeros((columns, columns))
+    full[: len(gram), : len(gram)] = gram  # padding channels (the last, input channels first): never active
+    grid = linear_grid(columns_first(scale, input_axis), columns_first(zero_point, input_axis), low, high)
+    codes = ordered_feedback(columns_first(padded, input_axis), full, grid, threads=threads)[0]
+    return dataclasses.replace(q, q=columns_back(codes, padded.shape, input_axis).astype(q.q.dtype))

@@ -1,0 +1,76 @@
+"""A convolution's input as the rows its weight multiplies (im2col): each output position's window of every input
+channel, one row, so that the convolution is ``patches(x) @ W.reshape(out_channels, -1).T`` for a weight laid out
+``[out, in, *kernel]`` (ONNX's and PyTorch's). Calibration takes a convolution's ``X^T X`` over these rows: the
+error feedback and the importance of each (input channel, kernel position) read it as a Linear's."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["PAD_MODES", "Window", "patches"]
+
+PAD_MODES = ("constant", "reflect", "edge", "wrap")  # numpy's names: zeros, reflection, replication, circular
+
+
+@dataclass(frozen=True)
+class Window:
+    """How a convolution slides its kernel over the spatial axes of its input (the axes after the channels): per
+    spatial axis the kernel size, stride, dilation and padding (before, after); ``same`` ("upper" / "lower") pads so
+    that the output has ``ceil(size / stride)`` positions, the odd padding element after / before (ONNX's
+    ``SAME_UPPER`` / ``SAME_LOWER``; PyTorch's ``padding="same"`` is "upper"), ``pads`` then ignored; ``pad_mode``:
+    what the padding holds (:data:`PAD_MODES`, numpy's names)."""
+
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    pads: tuple[tuple[int, int], ...]
+    same: str = ""
+    pad_mode: str = "constant"
+
+    def __post_init__(self) -> None:
+        rank = len(self.kernel)
+        if not rank or any(len(v) != rank for v in (self.strides, self.dilations, self.pads)):
+            raise ValueError(f"a window's kernel, strides, dilations and pads need one entry per spatial axis: {self}")
+        if min(*self.kernel, *self.strides, *self.dilations) < 1 or min(p for pair in self.pads for p in pair) < 0:
+            raise ValueError(f"a window's sizes must be positive and its pads non-negative: {self}")
+        if self.same not in ("", "upper", "lower") or self.pad_mode not in PAD_MODES:
+            raise ValueError(f"a window's same must be '', 'upper' or 'lower', its pad_mode one of {PAD_MODES}")
+
+    @property
+    def size(self) -> int:
+        """Kernel positions per input channel."""
+        return math.prod(self.kernel)
+
+    def padding(self, spatial: tuple[int, ...]) -> list[tuple[int, int]]:
+        """(before, after) per spatial axis for an input of ``spatial`` size."""
+        if not self.same:
+            return list(self.pads)
+        pairs = []
+        for n, k, s, d in zip(spatial, self.kernel, self.strides, self.dilations, strict=True):
+            total = max(0, (-(-n // s) - 1) * s + (k - 1) * d + 1 - n)
+            small = total // 2
+            pairs.append((small, total - small) if self.same == "upper" else (total - small, small))
+        return pairs
+
+
+def patches(x: np.ndarray, window: Window) -> np.ndarray:
+    """The rows a convolution of ``window`` multiplies its weight by, from its input ``x`` ``[batch, channels,
+    *spatial]``: ``[batch * output positions, channels * window.size]``, channel-major then kernel positions in C
+    order (a weight ``[out, channels, *kernel]`` reshaped ``[out, -1]``). ``ValueError`` when ``x`` has not the
+    window's spatial rank or is smaller than the (dilated) kernel after padding."""
+    rank = len(window.kernel)
+    if x.ndim != rank + 2:
+        raise ValueError(f"a convolution input of {rank} spatial axes must have {rank + 2} axes, got shape {x.shape}")
+    spatial = tuple(range(2, x.ndim))
+    padded = np.pad(x, [(0, 0), (0, 0), *window.padding(x.shape[2:])], mode=window.pad_mode)  # type: ignore[call-overload]
+    spans = tuple((k - 1) * d + 1 for k, d in zip(window.kernel, window.dilations, strict=True))
+    if any(n < span for n, span in zip(padded.shape[2:], spans, strict=True)):
+        raise ValueError(f"a convolution input of spatial size {x.shape[2:]} is smaller than its kernel {spans}")
+    views = np.lib.stride_tricks.sliding_window_view(padded, spans, axis=spatial)  # [b, c, *positions, *spans]
+    steps = [slice(None), slice(None), *(slice(None, None, s) for s in window.strides)]
+    views = views[tuple(steps + [slice(None, None, d) for d in window.dilations])]
+    positions_first = (0, *spatial, 1, *range(2 + rank, 2 + 2 * rank))
+    return views.transpose(positions_first).reshape(-1, x.shape[1] * window.size)
