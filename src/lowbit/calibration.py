@@ -15,7 +15,22 @@ import numpy as np
 from lowbit.kernels.patches import Window, patches
 from lowbit.statistics import InputMoments
 
-__all__ = ["MomentSums", "Run", "Tap", "accumulate_moments", "check_source", "checked_feed", "feeds_of"]
+__all__ = [
+    "CONV_GRAM_COLUMNS",
+    "MomentSums",
+    "Run",
+    "Tap",
+    "accumulate_moments",
+    "check_source",
+    "checked_feed",
+    "feeds_of",
+    "keeps_gram",
+]
+
+# a convolution keeps its whole X^T X (its error feedback) up to this many (input channel, kernel position) pairs:
+# 512 channels of 3 x 3 (ResNet's widest), 85 MB in float32 (and twice that for the feedback's factor); a wider one
+# (a diffusion UNet's 1280 x 3 x 3: 530 MB each, dozens of them held at once) keeps the diagonal only
+CONV_GRAM_COLUMNS = 4608
 
 # (a feed, its index) -> the values the taps name, by name (``ValueError`` with a one-line reason when the program
 # cannot run on the feed)
@@ -39,6 +54,12 @@ class Tap:
     def key(self) -> tuple[str, int, int, bool, bool, Window | None]:
         """Taps with the same key read the same statistics (q / k / v, gate / up share one accumulator)."""
         return (self.activation, self.channel_axis, self.channels, self.full, self.lookup, self.window)
+
+
+def keeps_gram(channels: int, window: Window | None) -> bool:
+    """Whether a weight of ``channels`` input channels (a convolution's, with its ``window``) keeps its whole
+    ``X^T X``: a Linear's always, a convolution's up to :data:`CONV_GRAM_COLUMNS` columns."""
+    return window is None or channels * window.size <= CONV_GRAM_COLUMNS
 
 
 def check_source(calibration_data: Any) -> None:

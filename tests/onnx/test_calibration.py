@@ -435,3 +435,18 @@ def test_tables_looked_up_by_the_same_indices_keep_their_own_counts_and_unseen_r
     wrecked = weights["b"].copy()
     wrecked[2:39] = 0  # every row no lookup read
     assert relative_output_error(weights["b"], wrecked, 1, moments["b"]) > 0.005
+
+
+def test_a_wide_convolution_keeps_the_diagonal_only(monkeypatch):
+    """Past CONV_GRAM_COLUMNS (input channel, kernel position) pairs a convolution's X^T X is not kept (it would
+    take hundreds of MB each on a diffusion UNet): the diagonal still weights its k-means, with no feedback."""
+    import lowbit.calibration
+
+    rng = np.random.default_rng(4)
+    weight = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
+    program = lowbit.Program(make_model({"c": weight}, [("Conv", "c", {})]))
+    feeds = [{"x0": rng.standard_normal((2, 3, 6, 6)).astype(np.float32)}]
+    assert collect_input_moments(program, feeds)["c"].gram is not None  # 27 pairs
+    monkeypatch.setattr(lowbit.calibration, "CONV_GRAM_COLUMNS", 26)
+    stats = collect_input_moments(program, feeds)["c"]
+    assert stats.gram is None and stats.squares.shape == (27,) and stats.kernel == (3, 3)

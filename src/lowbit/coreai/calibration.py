@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from lowbit.calibration import MomentSums, Tap, check_source, checked_feed, feeds_of
+from lowbit.calibration import MomentSums, Tap, check_source, checked_feed, feeds_of, keeps_gram
 from lowbit.coreai import _mlir
 from lowbit.coreai.discovery import OP_TABLE, TRANSPOSE, CoreAIWeight
 from lowbit.coreai.program import Program
@@ -102,7 +102,7 @@ def _taps(program: Program) -> tuple[list[Tap], list[Any]]:
         if index == len(values):
             values.append(value)
         channels = weight.shape[0] if lookup else weight.shape[weight.input_axis]
-        full = not lookup and (len(weight.shape) == 2 or window is not None)
+        full = not lookup and (len(weight.shape) == 2 or window is not None) and keeps_gram(channels, window)
         taps.append(Tap(weight.name, f"{TAP_PREFIX}{index}", axis, channels, full, lookup, window))
     return taps, values
 

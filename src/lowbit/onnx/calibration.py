@@ -11,7 +11,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from lowbit.calibration import Tap, accumulate_moments, check_source, checked_feed
+from lowbit.calibration import Tap, accumulate_moments, check_source, checked_feed, keeps_gram
 from lowbit.errors import one_line
 from lowbit.kernels.patches import Window
 from lowbit.onnx.discovery import WeightRef
@@ -100,7 +100,8 @@ def _tap(ref: WeightRef, node: ir.Node) -> Tap | None:
     group = node.attributes.get("group")
     if node.op_type == "Conv" and node.inputs[1] is ref.value and (group is None or group.as_int() == 1):
         window = _window(node, tuple(ref.shape[2:]))
-        return None if window is None else Tap(ref.name, x.name, 1, channels, True, window=window)
+        full = window is not None and keeps_gram(channels, window)
+        return None if window is None else Tap(ref.name, x.name, 1, channels, full, window=window)
     return None
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lowbit.calibration import keeps_gram
 from lowbit.kernels.patches import Window, patches
 from lowbit.statistics import FLOAT32_SAFE, GRAM_CHUNK, InputMoments
 
@@ -144,22 +145,22 @@ class ModuleMoments:
         self.seen.clear()
         self.parts.clear()
 
-    def _part(self, name: str, tensor: torch.Tensor, window: Window | None) -> InputMoments:
+    def _part(self, name: str, tensor: torch.Tensor, window: Window | None, full: bool) -> InputMoments:
         """The moments of ``tensor`` (this item's input of ``name``, its channels last, or a convolution's on axis 1
-        read through its ``window``), computed once per tensor, window and item (again when it was changed in place
-        since)."""
+        read through its ``window``; the whole ``X^T X`` when ``full``), computed once per tensor, window and item
+        (again when it was changed in place since)."""
         known = self.parts.get((id(tensor), window))
         if known is not None and known[0] is tensor and known[1] == tensor._version:
             return known[2]
         if not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"the input activations of {name!r} are not finite on a calibration item")
         if window is None:
-            part = moments_of(tensor.detach(), self.full)
+            part = moments_of(tensor.detach(), full)
         else:  # the graph door's windows, item by item (:func:`lowbit.calibration.add_activations`)
             items = [torch.from_numpy(patches(item[None], window)) for item in tensor.detach().cpu().numpy()]
-            part = moments_of(items[0], self.full)
+            part = moments_of(items[0], full)
             for item in items[1:]:
-                part.merge(moments_of(item, self.full))
+                part.merge(moments_of(item, full))
         self.parts[(id(tensor), window)] = (tensor, tensor._version, part)
         return part
 
@@ -170,7 +171,8 @@ class ModuleMoments:
             if isinstance(module, nn.Embedding):
                 self.moments[name].add_lookups(inputs[0].detach().cpu().numpy())
             else:
-                self.moments[name].merge(self._part(name, inputs[0], window_of(module)))
+                moments = self.moments[name]
+                moments.merge(self._part(name, inputs[0], window_of(module), moments.gram is not None))
             if self.stop_early:
                 self.seen.add(name)
                 if len(self.seen) == len(self.moments):
@@ -185,8 +187,8 @@ def _empty_moments(module: nn.Module, full: bool) -> InputMoments:
     if isinstance(module, nn.Embedding):
         return InputMoments.lookups(module.num_embeddings)
     window = window_of(module)
-    channels = module.in_channels if window is not None else module.in_features
-    return InputMoments.empty(int(channels), full, () if window is None else window.kernel)  # type: ignore[arg-type]
+    channels = int(module.in_channels if window is not None else module.in_features)  # type: ignore[arg-type]
+    return InputMoments.empty(channels, full and keeps_gram(channels, window), () if window is None else window.kernel)
 
 
 def collect_module_moments(
