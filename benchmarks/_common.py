@@ -207,3 +207,27 @@ def onnx_sentence_embeddings(model, feeds: list[dict[str, np.ndarray]]) -> np.nd
         ir.serde.serialize_model(model).SerializeToString(), options, ["CPUExecutionProvider"]
     )
     return np.concatenate([mean_pooled(session.run(None, f)[0], f["attention_mask"]) for f in feeds])
+
+
+PPOCR_MEAN, PPOCR_STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+
+
+def text_crops(image: np.ndarray, count: int, seed: int, size: int = 192) -> list[np.ndarray]:
+    """``count`` crops of ``image`` (H x W x RGB, uint8) with four random lower-case words drawn on each (dark and
+    light), normalized as PP-OCR's detector takes them: ``[1, 3, size, size]`` float32."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rng = np.random.default_rng(seed)
+    crops = []
+    for _ in range(count):
+        top, left = rng.integers(0, image.shape[0] - size), rng.integers(0, image.shape[1] - size)
+        crop = Image.fromarray(image[top : top + size, left : left + size].copy())
+        draw = ImageDraw.Draw(crop)
+        font = ImageFont.load_default(size=int(rng.integers(14, 24)))
+        for k in range(4):
+            word = "".join(chr(int(c)) for c in rng.integers(97, 123, int(rng.integers(4, 9))))
+            at = (int(rng.integers(0, size - 90)), int(rng.integers(0, size - 24)))
+            draw.text(at, word, fill=(0, 0, 0) if k % 2 else (255, 255, 255), font=font)
+        normalized = (np.asarray(crop) / 255.0 - PPOCR_MEAN) / PPOCR_STD
+        crops.append(normalized.transpose(2, 0, 1)[None].astype(np.float32))
+    return crops
