@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from lowbit.kernels.patches import Window, patches
+from lowbit.kernels.patches import Window, patch_blocks
 from lowbit.statistics import InputMoments
 
 __all__ = [
@@ -134,12 +134,13 @@ class MomentSums:
 
 def add_activations(moments: InputMoments, x: np.ndarray, axis: int, window: Window | None) -> None:
     """Add the activations ``x`` (channels on ``axis``) to ``moments``; a convolution's (``window``) as its windows,
-    one batch item at a time (a window's rows take ``window.size`` times the item's memory)."""
+    a block of rows at a time (:func:`~lowbit.kernels.patches.patch_blocks`: a window's rows take ``window.size``
+    times the input's memory)."""
     if window is None:
         moments.add(x, axis)
         return
-    for item in np.asarray(x).reshape(-1, *x.shape[1:]):
-        moments.add(patches(item[None], window), -1)
+    for rows in patch_blocks(np.asarray(x), window):
+        moments.add(rows, -1)
 
 
 def accumulate_moments(taps: list[Tap], run: Run, calibration_data: Any) -> dict[str, InputMoments]:

@@ -4,7 +4,7 @@ flattened weight are the convolution's output, for 1-D / 2-D / 3-D kernels, stri
 import numpy as np
 import pytest
 
-from lowbit.kernels.patches import Window, patches
+from lowbit.kernels.patches import Window, patch_blocks, patches
 
 torch = pytest.importorskip("torch")
 
@@ -67,3 +67,17 @@ def test_bad_windows_and_inputs_are_refused():
         patches(np.zeros((1, 2, 5), np.float32), window)
     with pytest.raises(ValueError, match="smaller than its kernel"):
         patches(np.zeros((1, 2, 2, 5), np.float32), window)
+
+
+@pytest.mark.parametrize("elements", [1, 300, 5000, 1 << 24])
+def test_blocks_of_rows_are_the_patches_in_order_and_bounded(elements):
+    """A high-resolution input's rows come a slab of output positions at a time: concatenated they are the rows,
+    each block within ``elements`` values unless one line of positions is more."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 3, 11, 9)).astype(np.float32)
+    window = Window((3, 3), (2, 1), (1, 1), ((1, 1), (1, 1)))
+    blocks = list(patch_blocks(x, window, elements))
+    np.testing.assert_array_equal(np.concatenate(blocks), patches(x, window))
+    line = 9 * 27  # one output line: 9 positions of 27 values
+    assert all(b.size <= max(elements, line) for b in blocks)
+    assert len(blocks) == (2 if elements >= 6 * line else 2 * -(-6 // max(1, elements // line)))

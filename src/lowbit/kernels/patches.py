@@ -6,11 +6,12 @@ error feedback and the importance of each (input channel, kernel position) read 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["PAD_MODES", "Window", "patches"]
+__all__ = ["BLOCK_ELEMENTS", "PAD_MODES", "Window", "patch_blocks", "patches"]
 
 PAD_MODES = ("constant", "reflect", "edge", "wrap")  # numpy's names: zeros, reflection, replication, circular
 
@@ -56,11 +57,36 @@ class Window:
         return pairs
 
 
+BLOCK_ELEMENTS = 1 << 24  # a block of rows holds at most this many values (64 MB in float32)
+
+
 def patches(x: np.ndarray, window: Window) -> np.ndarray:
     """The rows a convolution of ``window`` multiplies its weight by, from its input ``x`` ``[batch, channels,
     *spatial]``: ``[batch * output positions, channels * window.size]``, channel-major then kernel positions in C
     order (a weight ``[out, channels, *kernel]`` reshaped ``[out, -1]``). ``ValueError`` when ``x`` has not the
     window's spatial rank or is smaller than the (dilated) kernel after padding."""
+    return np.concatenate(list(patch_blocks(x, window)))
+
+
+def patch_blocks(x: np.ndarray, window: Window, elements: int = BLOCK_ELEMENTS) -> Iterator[np.ndarray]:
+    """:func:`patches`' rows in order, a slab of output positions (along the first spatial axis, batch item by
+    batch item) at a time, each block at most ``elements`` values (or one line of positions): a high-resolution
+    input's rows (a 3 x 3 conv's are 9 times its input) are never all held at once."""
+    views = _windows(x, window)  # [batch, channels, *positions, *kernel], a view
+    rank = len(window.kernel)
+    positions = views.shape[2 : 2 + rank]
+    columns = x.shape[1] * window.size
+    line = math.prod(positions[1:]) * columns  # the values of one position along the first spatial axis
+    step = max(1, elements // max(line, 1))
+    order = (0, *range(2, 2 + rank), 1, *range(2 + rank, 2 + 2 * rank))  # positions first
+    for item in range(views.shape[0]):
+        for start in range(0, positions[0], step):
+            slab = views[item : item + 1, :, start : start + step]
+            yield slab.transpose(order).reshape(-1, columns)
+
+
+def _windows(x: np.ndarray, window: Window) -> np.ndarray:
+    """``[batch, channels, *output positions, *kernel]``: each output position's window, a view of ``x`` padded."""
     rank = len(window.kernel)
     if x.ndim != rank + 2:
         raise ValueError(f"a convolution input of {rank} spatial axes must have {rank + 2} axes, got shape {x.shape}")
@@ -71,6 +97,4 @@ def patches(x: np.ndarray, window: Window) -> np.ndarray:
         raise ValueError(f"a convolution input of spatial size {x.shape[2:]} is smaller than its kernel {spans}")
     views = np.lib.stride_tricks.sliding_window_view(padded, spans, axis=spatial)  # [b, c, *positions, *spans]
     steps = [slice(None), slice(None), *(slice(None, None, s) for s in window.strides)]
-    views = views[tuple(steps + [slice(None, None, d) for d in window.dilations])]
-    positions_first = (0, *spatial, 1, *range(2 + rank, 2 + 2 * rank))
-    return views.transpose(positions_first).reshape(-1, x.shape[1] * window.size)
+    return views[tuple(steps + [slice(None, None, d) for d in window.dilations])]

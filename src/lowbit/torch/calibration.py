@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lowbit.calibration import keeps_gram
-from lowbit.kernels.patches import Window, patches
+from lowbit.kernels.patches import Window, patch_blocks
 from lowbit.statistics import FLOAT32_SAFE, GRAM_CHUNK, InputMoments
 
 __all__ = [
@@ -156,11 +156,11 @@ class ModuleMoments:
             raise ValueError(f"the input activations of {name!r} are not finite on a calibration item")
         if window is None:
             part = moments_of(tensor.detach(), full)
-        else:  # the graph door's windows, item by item (:func:`lowbit.calibration.add_activations`)
-            items = [torch.from_numpy(patches(item[None], window)) for item in tensor.detach().cpu().numpy()]
-            part = moments_of(items[0], full)
-            for item in items[1:]:
-                part.merge(moments_of(item, full))
+        else:  # the graph door's windows, block by block (:func:`lowbit.calibration.add_activations`)
+            blocks = patch_blocks(tensor.detach().cpu().numpy(), window)
+            part = moments_of(torch.from_numpy(next(blocks)), full)
+            for rows in blocks:
+                part.merge(moments_of(torch.from_numpy(rows), full))
         self.parts[(id(tensor), window)] = (tensor, tensor._version, part)
         return part
 
