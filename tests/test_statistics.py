@@ -51,3 +51,12 @@ def test_huge_activations_widen_the_gram_to_float64(how):
     assert np.isfinite(moments.gram).all()
     x = np.concatenate([small.reshape(-1, 24), huge.reshape(-1, 24)]).astype(np.float64)
     np.testing.assert_allclose(moments.gram, x.T @ x, rtol=1e-6)
+
+
+def test_a_negative_input_axis_counts_from_the_end():
+    rng = np.random.default_rng(5)
+    moments = InputMoments.empty(24, full=True)
+    moments.add(rng.standard_normal((40, 24)), -1)
+    weight = rng.standard_normal((16, 24))
+    np.testing.assert_array_equal(moments.importance(weight.shape, -1), moments.importance(weight.shape, 1))
+    np.testing.assert_array_equal(moments.channels_first(weight, -1), moments.channels_first(weight, 1))

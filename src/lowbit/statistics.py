@@ -110,7 +110,7 @@ class InputMoments:
         """Each element's weight in the k-means, ``shape``-shaped: its channel's :meth:`channel_weights` over the
         rows seen (an input channel's mean squared activation, a convolution's per kernel position too; a table
         row's share of the lookups)."""
-        axis = self.channel_axis(input_axis)
+        axis = self.channel_axis(input_axis) % len(shape)
         mean = self.channel_weights() / max(self.rows, 1)
         spanned = self._spanned(shape, axis)
         view = [1] * axis + list(shape[axis:spanned]) + [1] * (len(shape) - spanned)
@@ -128,7 +128,7 @@ class InputMoments:
     def channels_first(self, values: np.ndarray, input_axis: int) -> np.ndarray:
         """``values`` (a weight's shape, or a change of it) as ``[these statistics' channels, the rest]``: the
         rows ``X^T X`` multiplies."""
-        axis = self.channel_axis(input_axis)
+        axis = self.channel_axis(input_axis) % values.ndim
         spanned = self._spanned(values.shape, axis)
         moved = np.moveaxis(values, tuple(range(axis, spanned)), tuple(range(spanned - axis)))
         return moved.reshape(self.squares.size, -1)

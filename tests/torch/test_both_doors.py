@@ -288,3 +288,32 @@ def test_a_calibrated_embedding_gets_the_same_lookup_weighted_palette_through_ei
     looked_up = np.unique(np.concatenate(items))
     errors = [np.abs(w - table)[looked_up].sum() for w in (decoded, data_free)]
     assert errors[0] < errors[1], errors  # the rows looked up are served better
+
+
+@pytest.mark.parametrize(
+    "config",
+    [dict(weight_dtype="int4"), dict(weight_dtype="int4", granularity="per_block", block_size=4)],
+    ids=["int4", "int4-block4"],
+)
+def test_a_calibrated_conv_gets_the_same_integer_codes_through_either_door(config):
+    """GPTQ's feedback over a convolution's (input channel, kernel position) pairs on both doors: the same codes,
+    and not the rounded ones."""
+    rng = np.random.default_rng(13)
+    weight = (rng.standard_normal((16, 6, 3, 3)) * 0.1).astype(np.float32)
+    scales = np.array([0.1, 0.3, 1.0, 3.0, 10.0, 30.0], np.float32)[None, :, None, None]
+    items = [(rng.standard_normal((2, 6, 8, 8)) * scales).astype(np.float32) for _ in range(3)]
+    conv = torch.nn.Conv2d(6, 16, 3, stride=2, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.from_numpy(weight))
+    torch_config = PostTrainingQuantizerConfig.from_dict({"global_config": config})
+    quantized = PostTrainingQuantizer(torch.nn.Sequential(conv), torch_config).compress(
+        calibration_data=[torch.from_numpy(x) for x in items]
+    )
+    program = lowbit.Program(make_model({"w": weight}, [("Conv", "w", {"strides": [2, 2], "pads": [1, 1, 1, 1]})]))
+    graph = {"dtype": "INT4", "granularity": config.get("granularity", "per_channel").upper(), "block_size": 4}
+    graph["weight_num_threshold"] = 512  # 864 elements
+    small = lowbit.quantize_weights(program, calibration_data=[{"x0": x} for x in items], **graph)
+    plain = lowbit.quantize_weights(program, **graph)
+    decoded = quantization_of(quantized[0])["weight"].decode()
+    np.testing.assert_array_equal(_initializer(lowbit.decompress_weights(small), "w"), decoded)
+    assert not np.array_equal(_initializer(lowbit.decompress_weights(plain), "w"), decoded)

@@ -666,3 +666,44 @@ def test_a_convolutions_moments_are_over_the_windows_its_weight_multiplies(paddi
         y = torch.cat([conv(i) - conv.bias[:, None, None] for i in items]).permute(0, 2, 3, 1).reshape(-1, 5)
     flat = conv.weight.detach().reshape(5, -1).double().numpy()
     np.testing.assert_allclose(x @ flat.T, y.double().numpy(), rtol=1e-4, atol=1e-4)
+
+
+class _PaddedInForward(torch.nn.Conv2d):
+    """timm's Conv2dSame's habit: the module says padding 0 and pads in its own forward."""
+
+    def forward(self, x):
+        return super().forward(torch.nn.functional.pad(x, [1, 1, 1, 1]))
+
+
+def test_a_conv_that_pads_in_its_own_forward_gets_no_statistics():
+    """Its windows are not those its attributes describe, so it is palettized data-free, as the graph door does a
+    weight it cannot read: the same codes as without calibration, while a stock conv's change."""
+    from lowbit.torch.calibration import feeds_back
+    from lowbit.torch.palettization import PostTrainingPalettizer, PostTrainingPalettizerConfig, palettization_of
+
+    torch.manual_seed(1)
+    config = PostTrainingPalettizerConfig.from_dict({"global_config": {"n_bits": 3}})
+    items = [torch.randn(2, 4, 8, 8) * torch.logspace(-1, 1, 4)[None, :, None, None] for _ in range(2)]
+    for conv, calibrated in ((_PaddedInForward(4, 32, 3), False), (torch.nn.Conv2d(4, 32, 3, padding=1), True)):
+        assert feeds_back(conv) is calibrated
+        model = torch.nn.Sequential(conv)
+        plain = PostTrainingPalettizer(model, config).compress()
+        fed = PostTrainingPalettizer(model, config).compress(calibration_data=items)
+        decoded = [palettization_of(m[0])["weight"].decode() for m in (plain, fed)]
+        assert np.array_equal(*decoded) is not calibrated
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_conv_is_calibrated_as_its_float32_values(dtype):
+    """bf16 / fp16 activations are read in float32 (exactly) before their windows are taken; an unbatched input
+    ([C, H, W], which torch accepts) is one item."""
+    from lowbit.torch.calibration import collect_module_moments
+
+    torch.manual_seed(2)
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1).to(dtype)
+    items = [torch.randn(3, 7, 7).to(dtype) for _ in range(2)]
+    moments = collect_module_moments(torch.nn.Sequential(conv), {"0.weight": conv}, items)["0.weight"]
+    wide = torch.nn.Conv2d(3, 8, 3, padding=1)
+    widened = collect_module_moments(torch.nn.Sequential(wide), {"0.weight": wide}, [i.float()[None] for i in items])
+    assert moments.rows == 2 * 49
+    np.testing.assert_array_equal(moments.gram, widened["0.weight"].gram)

@@ -24,6 +24,7 @@ __all__ = [
     "collect_output_gradients",
     "default_forward",
     "evaluating",
+    "feeds_back",
     "forward_of",
     "moments_of",
     "run_items",
@@ -110,6 +111,18 @@ CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
 
 
+_STOCK_FORWARDS = {conv.forward for conv in CONVS}
+
+
+def feeds_back(module: nn.Module) -> bool:
+    """Whether calibration reads ``module``'s input as rows its weight multiplies: a Linear, or a convolution of one
+    group with the stock ``forward`` (a subclass that pads in its own ``forward``, as timm's ``Conv2dSame`` does,
+    would multiply other windows than its attributes say)."""
+    if isinstance(module, nn.Linear):
+        return True
+    return isinstance(module, CONVS) and module.groups == 1 and type(module).forward in _STOCK_FORWARDS
+
+
 def window_of(module: nn.Module) -> Window | None:
     """A convolution's :class:`~lowbit.kernels.patches.Window` (None for any other module)."""
     if not isinstance(module, CONVS):
@@ -157,7 +170,8 @@ class ModuleMoments:
         if window is None:
             part = moments_of(tensor.detach(), full)
         else:  # the graph door's windows, block by block (:func:`lowbit.calibration.add_activations`)
-            blocks = patch_blocks(tensor.detach().cpu().numpy(), window)
+            batched = tensor if tensor.ndim == len(window.kernel) + 2 else tensor.unsqueeze(0)  # torch takes [C, ...]
+            blocks = patch_blocks(batched.detach().float().cpu().numpy(), window)  # exact for fp16 / bf16
             part = moments_of(torch.from_numpy(next(blocks)), full)
             for rows in blocks:
                 part.merge(moments_of(torch.from_numpy(rows), full))

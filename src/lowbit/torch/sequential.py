@@ -28,11 +28,11 @@ from torch import nn
 from lowbit.statistics import InputMoments
 from lowbit.torch._compressor import Target
 from lowbit.torch.calibration import (
-    CONVS,
     Enough,
     ModuleMoments,
     collect_module_moments,
     evaluating,
+    feeds_back,
     forward_of,
     run_items,
 )
@@ -219,7 +219,8 @@ def calibration_items(calibration_data: Iterable[Any]) -> Sequence[Any]:
 
 def calibrated_modules(targets: Iterable[Target], model: nn.Module) -> dict[str, nn.Module]:
     """The weights among ``targets`` that calibration reaches, by target name: ``nn.Linear``'s, those of
-    convolutions of one group (their ``X^T X`` over their input's windows, as on the graph door) and plain embeddings'
+    convolutions of one group (their ``X^T X`` over their input's windows, as on the graph door; not a subclass with
+    its own ``forward``: :func:`~lowbit.torch.calibration.feeds_back`) and plain embeddings'
     (their rows' lookup counts; not a subclass with its own ``forward``, whose input may not be row indices, nor a
     table tied to another module, an LM head that reads every row, which the graph door gives no statistics)."""
     return {t.name: t.module for t in targets if t.weight.name == "weight" and _calibrated(t.module, model)}
@@ -228,7 +229,7 @@ def calibrated_modules(targets: Iterable[Target], model: nn.Module) -> dict[str,
 def _calibrated(module: nn.Module, model: nn.Module) -> bool:
     if isinstance(module, nn.Embedding):
         return type(module).forward is nn.Embedding.forward and not _shared(module.weight, model)
-    return isinstance(module, nn.Linear) or (isinstance(module, CONVS) and module.groups == 1)
+    return feeds_back(module)
 
 
 def _shared(parameter: torch.Tensor, model: nn.Module) -> bool:
