@@ -12,8 +12,9 @@ Two real ONNX CNNs, each at its own opset:
 - lowbit's digits CNN (``examples/digits``): calibration on 256 training images, evaluation on the fixed test split
   (360 images). Measured: top-1 accuracy, agreement with fp32's top-1, the logits' relative error.
 
-Bits per weight count every compressed weight's stored bytes (codes, LUTs, scales) over its elements. Each row is
-``lowbit.palettize_weights`` / ``quantize_weights`` on the fp32 file with the defaults (``weight_num_threshold``
+Bits per weight count every compressed weight's stored bytes (codes, LUTs, scales, masks) over its elements. Each
+row is ``lowbit.palettize_weights`` / ``quantize_weights`` / ``sparsify_weights`` (50 % or 2:4, non-zeros int8) on
+the fp32 file with the defaults (``weight_num_threshold``
 2048 on the detector, 1000 on the digits CNN's small convs). No peer tool here compresses an ONNX convolution's
 weights weight-only: ONNX Runtime's ``MatMulNBitsQuantizer`` reads MatMul, llmcompressor's GPTQ and HQQ torch
 Linear modules; coremltools and coreai-opt take torch or Core ML models, not ONNX files.
@@ -106,6 +107,8 @@ CONFIGS: dict[str, tuple[Callable, dict]] = {
     "int8": (lowbit.quantize_weights, {"dtype": "INT8"}),
     "int4": (lowbit.quantize_weights, {"dtype": "INT4"}),
     "int4b16": (lowbit.quantize_weights, {"dtype": "INT4", "granularity": "PER_BLOCK", "block_size": 16}),
+    "sp50i8": (lowbit.sparsify_weights, {"target_sparsity": 0.5, "quantize_dtype": "int8"}),
+    "sp24i8": (lowbit.sparsify_weights, {"target_sparsity": 0.0, "n_m_ratio": (2, 4), "quantize_dtype": "int8"}),
 }
 
 

@@ -5,10 +5,10 @@ position) as for a Linear of the flattened weight."""
 import numpy as np
 import pytest
 
-from lowbit.config import PalettizeConfig, QuantizeConfig
+from lowbit.config import PalettizeConfig, QuantizeConfig, SparsifyConfig
 from lowbit.kernels.patches import Window, patches
 from lowbit.statistics import InputMoments
-from lowbit.weights import palettize_weight
+from lowbit.weights import palettize_weight, sparsify_weight
 from lowbit.weights.quantize import quantize_weight
 
 CONFIGS = [
@@ -19,16 +19,17 @@ CONFIGS = [
 ]
 
 
-def _conv_layer(seed: int, window: Window) -> tuple[np.ndarray, np.ndarray, InputMoments]:
-    """(a weight [16, 6, *kernel], the rows it multiplies, their moments): inputs whose channels differ in scale by
-    30x and are correlated with each other and along the spatial axes (a smoothed image), as a network's are."""
+def _conv_layer(seed: int, window: Window, channels: int = 6) -> tuple[np.ndarray, np.ndarray, InputMoments]:
+    """(a weight [16, channels, *kernel], the rows it multiplies, their moments): inputs whose channels differ in
+    scale by 30x and are correlated with each other and along the spatial axes (a smoothed image), as a network's
+    are."""
     rng = np.random.default_rng(seed)
-    weight = (rng.standard_normal((16, 6, *window.kernel)) * 0.1).astype(np.float32)
-    scales = np.logspace(-1, 1.5, 6).astype(np.float32)[None, :, None, None]
-    noise = rng.standard_normal((4, 6, 13, 13)).astype(np.float32)
-    mixed = np.einsum("ij,bjhw->bihw", rng.standard_normal((6, 6)) + 2 * np.eye(6), noise)
+    weight = (rng.standard_normal((16, channels, *window.kernel)) * 0.1).astype(np.float32)
+    scales = np.logspace(-1, 1.5, channels).astype(np.float32)[None, :, None, None]
+    noise = rng.standard_normal((4, channels, 13, 13)).astype(np.float32)
+    mixed = np.einsum("ij,bjhw->bihw", rng.standard_normal((channels, channels)) + 2 * np.eye(channels), noise)
     x = ((mixed[:, :, 1:, 1:] + mixed[:, :, :-1, :-1] + mixed[:, :, 1:, :-1]) * scales).astype(np.float32)
-    moments = InputMoments.empty(6, full=True, kernel=window.kernel)
+    moments = InputMoments.empty(channels, full=True, kernel=window.kernel)
     rows = patches(x, window)
     moments.add(rows, -1)
     return weight, rows.astype(np.float64), moments
@@ -109,3 +110,32 @@ def test_feedback_lowers_a_quantized_convolutions_output_error_below_rounding(wi
         fed = quantize_weight(weight, 0, 1, config, moments.gram)
         np.testing.assert_array_equal(fed.quantized.scale, rounded.quantized.scale)
         assert _output_error(rows, weight, fed.decode()) < _output_error(rows, weight, rounded.decode())
+
+
+SPARSIFY_CONFIGS = [
+    SparsifyConfig(target_sparsity=0.5),
+    SparsifyConfig(target_sparsity=0.5, n_m_ratio=(2, 4)),
+    SparsifyConfig(target_sparsity=0.5, block_size=4),
+]
+
+
+@pytest.mark.parametrize("config", SPARSIFY_CONFIGS, ids=["50%", "2:4", "blocks"])
+@pytest.mark.parametrize("window", WINDOWS, ids=["3x3", "strided", "1x1"])
+def test_pruning_a_convolution_for_its_output_beats_wandas_mask(window, config):
+    """ADMM over a convolution's (input channel, kernel position) pairs: a smaller output error than Wanda's mask
+    of the same structure (each output channel's half for unstructured pruning, as ADMM keeps; the same per-pair
+    importance; no update) on every test layer, and n:m along the input channels at each kernel position, as
+    without calibration."""
+    for seed in range(3):
+        weight, rows, moments = _conv_layer(seed, window, channels=8)
+        importance = moments.importance(weight.shape, 1)
+        wanda = sparsify_weight(weight, 0, 1, config, importance).decode()
+        if config.n_m_ratio is None and config.block_size == 1:  # Wanda's mask is per output channel
+            scores = (np.abs(weight) * np.sqrt(importance)).reshape(16, -1)
+            kept = scores >= np.median(scores, axis=1, keepdims=True)
+            wanda = np.where(kept.reshape(weight.shape), weight, 0)
+        fed = sparsify_weight(weight, 0, 1, config, importance, moments.gram).decode()
+        assert (fed != 0).sum() == (wanda != 0).sum()
+        if config.n_m_ratio is not None:  # at most 2 of every 4 input channels, per output channel and position
+            assert (np.moveaxis(fed != 0, 1, -1).reshape(-1, 4).sum(1) <= 2).all()
+        assert _output_error(rows, weight, fed) < _output_error(rows, weight, wanda)

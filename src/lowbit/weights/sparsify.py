@@ -4,6 +4,7 @@ layer's output (ADMM), n:m and blocks, the kept values compressed jointly."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,7 +14,14 @@ from lowbit.kernels import check_finite
 from lowbit.kernels.packing import packed_nbytes
 from lowbit.kernels.prune import Sparsified, block_mask, magnitude_mask, n_m_mask, row_mask, sparsify
 from lowbit.kernels.reconstruct import ADMM_ITERATIONS, Select, admm_prune
-from lowbit.weights.common import by_input, checked_gram, moved_axis_perms, relative
+from lowbit.weights.common import (
+    checked_gram,
+    columns_back,
+    columns_first,
+    feedback_columns,
+    moved_axis_perms,
+    relative,
+)
 
 __all__ = ["SparsifiedWeight", "sparsify_weight"]
 
@@ -64,9 +72,10 @@ def sparsify_weight(
     channels), its non-zeros optionally palettized or quantized. ``importance`` (``array``'s shape, e.g. each input
     channel's mean squared activation) ranks the elements by ``|w| * sqrt(importance)`` instead of ``|w|``: the
     activation-aware pruning of Wanda, which keeps the weights whose removal moves the layer's output most.
-    ``gram``: optional ``X^T X`` of a 2-D weight's input activations: then, before any joint quantization, the
-    kept weights (unstructured, blocks, n:m) are chosen and updated together for the smallest output error ``||X W - X
-    W_s||``, the pruned ones made up for by the kept (see :func:`_pruned_for_output`).
+    ``gram``: optional ``X^T X`` of a 2-D weight's input activations (or of a convolution's input windows, see
+    :func:`~lowbit.weights.common.feedback_columns`): then, before any joint quantization, the kept weights
+    (unstructured, blocks, n:m) are chosen and updated together for the smallest output error ``||X W - X W_s||``,
+    the pruned ones made up for by the kept (see :func:`_pruned_for_output`).
 
     Raises :class:`~lowbit.errors.SkipWeight` when the channels do not divide into the blocks or the n:m groups,
     or the values are not finite.
@@ -84,7 +93,7 @@ def sparsify_weight(
     else:
         mask = magnitude_mask(scores, config.target_sparsity)
     dtype = None if config.quantize_dtype is None else config.quantize_dtype.numpy
-    checked = checked_gram(gram, array.shape[input_axis]) if array.ndim == 2 else None
+    checked = checked_gram(gram, feedback_columns(array.shape, output_axis, input_axis))
     updated = array
     if checked is not None:
         check_finite(array)  # before the solve, which would spread a NaN
@@ -119,9 +128,25 @@ def _selection(config: SparsifyConfig) -> Select:
 def _pruned_for_output(
     array: np.ndarray, gram: np.ndarray, input_axis: int, config: SparsifyConfig
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(kept mask, values) of ``array`` (2-D) pruned for the smallest output error under ``gram``, in ``array``'s
-    dtype: the mask and the kept values chosen together by ADMM and the kept values then re-solved
-    (:func:`~lowbit.kernels.reconstruct.admm_prune`)."""
-    keep, values = admm_prune(by_input(array, input_axis), gram, _selection(config))
-    kept = np.ascontiguousarray(by_input(keep, input_axis))
-    return kept, np.ascontiguousarray(by_input(values, input_axis)).astype(array.dtype)
+    """(kept mask, values) of ``array`` (2-D, or a convolution ``[out, in, *kernel]``) pruned for the smallest
+    output error under ``gram``, in ``array``'s dtype: the mask and the kept values chosen together by ADMM and the
+    kept values then re-solved (:func:`~lowbit.kernels.reconstruct.admm_prune`). A convolution's columns are taken
+    kernel position by kernel position, so that its n:m groups run along the input channels, as without ``gram``."""
+    columns = columns_first(array, input_axis)
+    order = _kernel_major(array.shape)
+    if order is not None:
+        columns, gram = columns[order], gram[np.ix_(order, order)]
+    keep, values = admm_prune(columns, gram, _selection(config))
+    if order is not None:
+        back = np.argsort(order)
+        keep, values = keep[back], values[back]
+    kept = np.ascontiguousarray(columns_back(keep, array.shape, input_axis))
+    return kept, np.ascontiguousarray(columns_back(values, array.shape, input_axis)).astype(array.dtype)
+
+
+def _kernel_major(shape: tuple[int, ...]) -> np.ndarray | None:
+    """A convolution's feedback columns in (kernel position, input channel) order (None for a 2-D weight: in
+    order)."""
+    if len(shape) == 2:
+        return None
+    return np.arange(math.prod(shape[1:])).reshape(shape[1], -1).T.reshape(-1)
