@@ -104,6 +104,8 @@ CONFIGS: dict[str, tuple[Callable, dict]] = {
     "pal6": (lowbit.palettize_weights, {"n_bits": 6}),
     "pal4c": (lowbit.palettize_weights, {"n_bits": 4, "granularity": "per_grouped_channel", "group_size": 1}),
     "pal3c": (lowbit.palettize_weights, {"n_bits": 3, "granularity": "per_grouped_channel", "group_size": 1}),
+    "mix6": (lowbit.palettize_weights, {"bits_per_weight": 6.0}),
+    "mix4.5": (lowbit.palettize_weights, {"bits_per_weight": 4.5}),
     "int8": (lowbit.quantize_weights, {"dtype": "INT8"}),
     "int4": (lowbit.quantize_weights, {"dtype": "INT4"}),
     "int4b16": (lowbit.quantize_weights, {"dtype": "INT4", "granularity": "PER_BLOCK", "block_size": 16}),
