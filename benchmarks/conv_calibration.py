@@ -1,12 +1,12 @@
 """Convolutional networks through the graph door, data-free and with ``calibration_data`` (error feedback over each
 convolution's (input channel, kernel position) pairs, from ``X^T X`` over the windows its weight multiplies).
 
-    .venv-bench/bin/python benchmarks/conv_calibration.py [--only KEY,KEY,...]
+    .venv-bench/bin/python benchmarks/conv_calibration.py [--only KEY,KEY,...]     (1 min on 2 cores)
 
 Two real ONNX CNNs, each at its own opset:
 
-- rapidocr's PP-OCRv4 text detector (MobileNetV3-style: 1 x 1 and 3 x 3 convolutions of one group, which get
-  statistics, and depthwise ones, which do not). Calibration: 8 crops (192 x 192) of scikit-learn's ``china.jpg``
+- rapidocr's PP-OCRv4 text detector (MobileNetV3-style: 1 x 1 and 3 x 3 convolutions of one group and depthwise
+  5 x 5 ones, whose statistics are kept per channel). Calibration: 8 crops (192 x 192) of scikit-learn's ``china.jpg``
   with random words drawn on them; evaluation: 24 crops of ``flower.jpg`` with other words. Measured: the relative
   error of the detector's probability map to fp32's, and the IoU of the two maps' text pixels (> 0.3).
 - lowbit's digits CNN (``examples/digits``): calibration on 256 training images, evaluation on the fixed test split

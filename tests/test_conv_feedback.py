@@ -139,3 +139,69 @@ def test_pruning_a_convolution_for_its_output_beats_wandas_mask(window, config):
         if config.n_m_ratio is not None:  # at most 2 of every 4 input channels, per output channel and position
             assert (np.moveaxis(fed != 0, 1, -1).reshape(-1, 4).sum(1) <= 2).all()
         assert _output_error(rows, weight, fed) < _output_error(rows, weight, wanda)
+
+
+def _grouped_layer(seed: int, groups: int) -> tuple[np.ndarray, np.ndarray, InputMoments]:
+    """(a 3 x 3 convolution's weight [16, 8 / groups, 3, 3] of ``groups`` groups, the rows of its whole input's
+    windows, their moments: X^T X kept as the groups' blocks)."""
+    window = WINDOWS[0]
+    _, rows, _ = _conv_layer(seed, window, channels=8)
+    rng = np.random.default_rng(seed + 100)
+    weight = (rng.standard_normal((16, 8 // groups, 3, 3)) * 0.1).astype(np.float32)
+    moments = InputMoments.empty(8, full=True, kernel=(3, 3), groups=groups)
+    moments.add(rows.astype(np.float32), -1)
+    return weight, rows, moments
+
+
+def _grouped_error(rows: np.ndarray, weight: np.ndarray, decoded: np.ndarray, groups: int) -> float:
+    """``||X (W - W_q)^T||`` of a grouped convolution: each group's output channels over its input's pairs."""
+    change = (decoded.astype(np.float64) - weight).reshape(groups, len(weight) // groups, -1)
+    by_group = rows.reshape(len(rows), groups, -1)
+    return float(np.sqrt(sum(np.linalg.norm(by_group[:, g] @ change[g].T) ** 2 for g in range(groups))))
+
+
+@pytest.mark.parametrize("groups", [2, 8])
+def test_a_grouped_convolutions_moments_are_its_groups_blocks(groups):
+    """X^T X of a grouped (8: depthwise) convolution is kept as the diagonal blocks of the whole input's: each
+    group's pairs against each other; each output channel's importance is its own group's pairs'."""
+    weight, rows, moments = _grouped_layer(0, groups)
+    full = InputMoments.empty(8, full=True, kernel=(3, 3))
+    full.add(rows.astype(np.float32), -1)
+    n = 72 // groups
+    assert moments.gram.shape == (groups, n, n)
+    for g in range(groups):
+        np.testing.assert_allclose(moments.gram[g], full.gram[g * n : (g + 1) * n, g * n : (g + 1) * n], rtol=1e-5)
+    importance = moments.importance(weight.shape, 1)
+    per_output = 16 // groups
+    for o in (0, 15):
+        expected = (rows**2).mean(0).reshape(groups, -1)[o // per_output].reshape(weight.shape[1:])
+        np.testing.assert_allclose(importance[o], expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("groups", [2, 8])
+def test_a_grouped_convolution_gets_each_groups_feedback(groups):
+    """Integer codes per channel: exactly each group's slice quantized with its own block; LUT codes and ADMM
+    pruning: a smaller output error than weighted k-means / Wanda's per-output-channel mask, on every test layer."""
+    for seed in range(3):
+        weight, rows, moments = _grouped_layer(seed, groups)
+        config = QuantizeConfig(dtype="int4")
+        fed = quantize_weight(weight, 0, 1, config, moments.gram).decode()
+        per = 16 // groups
+        for g in range(groups):
+            part = quantize_weight(weight[g * per : (g + 1) * per], 0, 1, config, moments.gram[g]).decode()
+            np.testing.assert_array_equal(fed[g * per : (g + 1) * per], part)
+        importance, damping = moments.weighting(weight.shape, 1)
+        palette = PalettizeConfig(n_bits=3)
+        weighted = palettize_weight(weight, 0, palette, "c", importance, damping=damping).decode()
+        lut_fed = palettize_weight(weight, 0, palette, "c", importance, damping=damping, gram=moments.gram).decode()
+        assert _grouped_error(rows, weight, lut_fed, groups) < _grouped_error(rows, weight, weighted, groups)
+        scores = (np.abs(weight) * np.sqrt(importance)).reshape(16, -1)
+        wanda = np.where((scores >= np.median(scores, axis=1, keepdims=True)).reshape(weight.shape), weight, 0)
+        pruned = sparsify_weight(weight, 0, 1, SparsifyConfig(target_sparsity=0.5), importance, moments.gram)
+        assert _grouped_error(rows, weight, pruned.decode(), groups) < _grouped_error(rows, weight, wanda, groups)
+
+
+def test_grouped_blocks_that_do_not_divide_the_output_channels_are_refused():
+    weight, _, _ = _grouped_layer(0, 2)
+    with pytest.raises(ValueError, match=r"groups dividing its 16 output channels"):
+        palettize_weight(weight, 0, PalettizeConfig(n_bits=3), gram=np.zeros((3, 36, 36), np.float32))

@@ -49,17 +49,19 @@ class Tap:
     full: bool = False  # keep the whole X^T X: a 2-D weight's error feedback needs it
     lookup: bool = False  # the indices a lookup reads the weight's rows by (one-hot X: each row's count)
     window: Window | None = None  # a convolution's: X's rows are its input's windows
+    groups: int = 1  # a grouped convolution's: X^T X kept as its groups' diagonal blocks
 
     @property
-    def key(self) -> tuple[str, int, int, bool, bool, Window | None]:
+    def key(self) -> tuple[str, int, int, bool, bool, Window | None, int]:
         """Taps with the same key read the same statistics (q / k / v, gate / up share one accumulator)."""
-        return (self.activation, self.channel_axis, self.channels, self.full, self.lookup, self.window)
+        return (self.activation, self.channel_axis, self.channels, self.full, self.lookup, self.window, self.groups)
 
 
-def keeps_gram(channels: int, window: Window | None) -> bool:
-    """Whether a weight of ``channels`` input channels (a convolution's, with its ``window``) keeps its whole
-    ``X^T X``: a Linear's always, a convolution's up to :data:`CONV_GRAM_COLUMNS` columns."""
-    return window is None or channels * window.size <= CONV_GRAM_COLUMNS
+def keeps_gram(channels: int, window: Window | None, groups: int = 1) -> bool:
+    """Whether a weight of ``channels`` input channels (a convolution's, with its ``window`` and ``groups``) keeps
+    its whole ``X^T X``: a Linear's always, a convolution's up to :data:`CONV_GRAM_COLUMNS` columns (a grouped one's
+    blocks: a group's columns)."""
+    return window is None or channels // groups * window.size <= CONV_GRAM_COLUMNS
 
 
 def check_source(calibration_data: Any) -> None:
@@ -104,16 +106,19 @@ class MomentSums:
 
     def __init__(self, taps: list[Tap]) -> None:
         self.taps, self.feeds = taps, 0
-        self.shared: dict[tuple[str, int, int, bool, bool, Window | None], InputMoments] = {}
+        self.shared: dict[tuple[str, int, int, bool, bool, Window | None, int], InputMoments] = {}
         for t in taps:
             kernel = () if t.window is None else t.window.kernel
-            moments = InputMoments.lookups(t.channels) if t.lookup else InputMoments.empty(t.channels, t.full, kernel)
+            if t.lookup:
+                moments = InputMoments.lookups(t.channels)
+            else:
+                moments = InputMoments.empty(t.channels, t.full, kernel, t.groups)
             self.shared.setdefault(t.key, moments)
 
     def add(self, values: Mapping[str, np.ndarray], index: int) -> None:
         """Add feed ``index``'s tapped values (by name). ``ValueError`` when activations do not have the weight's
         input channels or are not finite."""
-        for (activation, axis, channels, _, lookup, window), moments in self.shared.items():
+        for (activation, axis, channels, _, lookup, window, _), moments in self.shared.items():
             x = values[activation]
             if lookup:  # the runtime has checked the indices against the table (tables of one size share them)
                 moments.add_lookups(x)

@@ -66,8 +66,9 @@ def sensitivity_of(
     if importance is not None:
         return np.asarray(importance, np.float64)
     if gram is not None:
-        energy = np.diag(gram).astype(np.float64)
+        energy = np.diagonal(gram, axis1=-2, axis2=-1).astype(np.float64)  # a grouped convolution's: per group
         if len(shape) > 2:
-            return energy.reshape(1, *shape[1:])
+            blocks = energy.reshape(-1, 1, *shape[1:])
+            return np.repeat(blocks, shape[0] // len(blocks), axis=0)
         return energy[None, :] if output_axis == 0 else energy[:, None]
     return np.ones(1)

@@ -48,6 +48,9 @@ class InputMoments:
     # a convolution's kernel: the channels are (input channel, kernel position) pairs, channel-major, and index the
     # weight's input axis and the kernel axes after it
     kernel: tuple[int, ...] = ()
+    # a grouped convolution's groups: each group of output channels reads its own input channels, so X^T X is kept
+    # as its diagonal blocks, [groups, channels / groups, channels / groups] (the pairs of a depthwise 3 x 3: 9 x 9)
+    groups: int = 1
 
     @classmethod
     def lookups(cls, rows: int) -> InputMoments:
@@ -55,11 +58,14 @@ class InputMoments:
         return cls(np.zeros(rows, np.float64), 0, None, axis=0)
 
     @classmethod
-    def empty(cls, channels: int, full: bool = False, kernel: tuple[int, ...] = ()) -> InputMoments:
-        """No rows yet for ``channels`` input channels (times the positions of a convolution's ``kernel``); ``full``
-        also keeps the whole ``X^T X`` (for error feedback)."""
+    def empty(cls, channels: int, full: bool = False, kernel: tuple[int, ...] = (), groups: int = 1) -> InputMoments:
+        """No rows yet for ``channels`` input channels (times the positions of a convolution's ``kernel``; read by
+        ``groups`` groups of output channels); ``full`` also keeps the whole ``X^T X`` (for error feedback; a grouped
+        convolution's diagonal blocks)."""
         n = channels * math.prod(kernel)
-        return cls(np.zeros(n, np.float64), 0, np.zeros((n, n), np.float32) if full else None, kernel=tuple(kernel))
+        block = n // groups
+        gram = np.zeros((block, block), np.float32) if groups == 1 else np.zeros((groups, block, block), np.float32)
+        return cls(np.zeros(n, np.float64), 0, gram if full else None, kernel=tuple(kernel), groups=groups)
 
     def add(self, activations: np.ndarray, channel_axis: int) -> None:
         """Accumulate a batch of activations whose ``channel_axis`` holds the input channels. ``X^T X`` is summed
@@ -73,7 +79,11 @@ class InputMoments:
             narrow = x.astype(self.gram.dtype)
             for start in range(0, len(narrow), GRAM_CHUNK):
                 chunk = narrow[start : start + GRAM_CHUNK]
-                self.gram += np.ascontiguousarray(chunk.T) @ chunk
+                if self.groups == 1:
+                    self.gram += np.ascontiguousarray(chunk.T) @ chunk
+                else:  # each group's block: its input channels' pairs against each other
+                    blocks = chunk.reshape(len(chunk), self.groups, -1).transpose(1, 0, 2)
+                    self.gram += np.ascontiguousarray(blocks.transpose(0, 2, 1)) @ blocks
         self.rows += x.shape[0]
 
     def merge(self, other: InputMoments) -> None:
@@ -113,6 +123,8 @@ class InputMoments:
         axis = self.channel_axis(input_axis) % len(shape)
         mean = self.channel_weights() / max(self.rows, 1)
         spanned = self._spanned(shape, axis)
+        if self.groups > 1:  # output channel o reads its group's channels: [out, in / groups, *kernel]
+            return np.repeat(mean.reshape(self.groups, *shape[1:]), shape[0] // self.groups, axis=0)
         view = [1] * axis + list(shape[axis:spanned]) + [1] * (len(shape) - spanned)
         return np.broadcast_to(mean.reshape(view), shape)
 
@@ -120,16 +132,21 @@ class InputMoments:
         """The end of the weight axes (from ``axis``) these statistics' channels index; ``ValueError`` when their
         count is not those axes' size."""
         spanned = axis + 1 + len(self.kernel)
-        if tuple(shape[axis + 1 : spanned]) != self.kernel or self.squares.size != math.prod(shape[axis:spanned]):
+        size = math.prod(shape[axis:spanned]) * self.groups
+        if tuple(shape[axis + 1 : spanned]) != self.kernel or self.squares.size != size or shape[0] % self.groups:
             what = f"{shape[axis]} channels" + (f" and a {self.kernel} kernel" if self.kernel else "")
+            what += f" in {self.groups} groups" if self.groups > 1 else ""
             raise ValueError(f"statistics of {self.squares.size} channels for a weight of {what}, shape {shape}")
         return spanned
 
     def channels_first(self, values: np.ndarray, input_axis: int) -> np.ndarray:
         """``values`` (a weight's shape, or a change of it) as ``[these statistics' channels, the rest]``: the
-        rows ``X^T X`` multiplies."""
+        rows ``X^T X`` multiplies (a grouped convolution's: ``[groups, its pairs, its output channels]``, each group
+        under its block)."""
         axis = self.channel_axis(input_axis) % values.ndim
         spanned = self._spanned(values.shape, axis)
+        if self.groups > 1:
+            return values.reshape(self.groups, values.shape[0] // self.groups, -1).transpose(0, 2, 1)
         moved = np.moveaxis(values, tuple(range(axis, spanned)), tuple(range(spanned - axis)))
         return moved.reshape(self.squares.size, -1)
 

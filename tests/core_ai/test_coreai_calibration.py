@@ -91,42 +91,59 @@ def test_statistics_are_the_activations_own(tower):
 
 class Convs(torch.nn.Module):
     """Convolutions whose padding the converter writes as a ``coreai.pad`` before each (zeros, reflection), one
-    strided and dilated."""
+    strided and dilated, one of two groups and a depthwise one."""
 
     def __init__(self) -> None:
         super().__init__()
         self.first = torch.nn.Conv2d(3, 8, (3, 2), stride=(2, 1), dilation=(1, 2), padding=(1, 2))
         self.second = torch.nn.Conv2d(8, 4, 3, padding="same", padding_mode="reflect")
+        self.third = torch.nn.Conv2d(4, 6, 3, groups=2, padding=1)
+        self.fourth = torch.nn.Conv2d(6, 6, 3, groups=6)
 
     def forward(self, image):
-        return self.second(torch.relu(self.first(image)))
+        return self.fourth(self.third(self.second(torch.relu(self.first(image)))))
+
+
+# each conv's ONNX Conv attributes (the second's reflection padding is fed padded: ONNX's Conv pads with zeros)
+CONV_ATTRIBUTES = {
+    "first": {"strides": [2, 1], "dilations": [1, 2], "pads": [1, 2, 1, 2]},
+    "second": {},
+    "third": {"group": 2, "pads": [1, 1, 1, 1]},
+    "fourth": {"group": 6},
+}
 
 
 def test_a_convolutions_windows_are_those_onnx_runtime_sees():
-    """A padded, strided, dilated convolution's statistics on the Core AI door (its input padded by the program,
-    strides and dilations read from the op) are the graph door's for the same weights and images (ONNX's Conv
-    attributes): the same rows, sums and X^T X; the reflection padding's too (a Pad before the ONNX Conv)."""
+    """Padded, strided, dilated and grouped convolutions' statistics on the Core AI door (the input padded by the
+    program, strides, dilations and groups read from the op) are the graph door's for the same weights and inputs
+    (ONNX's Conv attributes): the same rows, sums and X^T X (a grouped conv's blocks); the reflection padding's
+    too (a Pad before the ONNX Conv)."""
     torch.manual_seed(3)
     model = Convs().eval()
     rng = np.random.default_rng(4)
     images = [rng.standard_normal((2, 3, 11, 10)).astype(np.float32) for _ in range(2)]
     program = lc.Program.of(convert(model, (torch.from_numpy(images[0]),)))
     core = collect_input_moments(program, [{"image": x} for x in images])
-    first, second = (getattr(model, n).weight.detach().numpy() for n in ("first", "second"))
+    inputs: dict[str, list[np.ndarray]] = {name: [] for name in CONV_ATTRIBUTES}
+    hooks = [
+        getattr(model, n).register_forward_pre_hook(lambda m, a, n=n: inputs[n].append(a[0].numpy()))
+        for n in CONV_ATTRIBUTES
+    ]
     with torch.no_grad():
-        relu = [torch.relu(model.first(torch.from_numpy(x))).numpy() for x in images]
-    reflected = [np.pad(r, [(0, 0), (0, 0), (1, 1), (1, 1)], mode="reflect") for r in relu]
-    graph = lowbit.Program(
-        make_model(
-            {"first": first, "second": second},
-            [("Conv", "first", {"strides": [2, 1], "dilations": [1, 2], "pads": [1, 2, 1, 2]}), ("Conv", "second", {})],
-        )
-    )
-    onnx = onnx_moments(graph, [{"x0": x, "x1": r} for x, r in zip(images, reflected, strict=True)])
+        for x in images:
+            model(torch.from_numpy(x))
+    for hook in hooks:
+        hook.remove()
+    inputs["second"] = [np.pad(r, [(0, 0), (0, 0), (1, 1), (1, 1)], mode="reflect") for r in inputs["second"]]
+    weights = {name: getattr(model, name).weight.detach().numpy() for name in CONV_ATTRIBUTES}
+    graph = lowbit.Program(make_model(weights, [("Conv", name, attrs) for name, attrs in CONV_ATTRIBUTES.items()]))
+    feeds = [{f"x{k}": inputs[name][i] for k, name in enumerate(CONV_ATTRIBUTES)} for i in range(len(images))]
+    onnx = onnx_moments(graph, feeds)
     by_shape = {w.shape: w.name for w in program.weights()}
-    for name, weight in (("first", first), ("second", second)):
+    for name, weight in weights.items():
         ours, theirs = onnx[name], core[by_shape[weight.shape]]
         assert ours.kernel == theirs.kernel == weight.shape[2:] and ours.rows == theirs.rows
+        assert ours.groups == theirs.groups == getattr(model, name).groups
         np.testing.assert_allclose(theirs.squares, ours.squares, rtol=1e-5)
         np.testing.assert_allclose(theirs.gram, ours.gram, rtol=1e-4, atol=1e-3)
 

@@ -450,3 +450,22 @@ def test_a_wide_convolution_keeps_the_diagonal_only(monkeypatch):
     monkeypatch.setattr(lowbit.calibration, "CONV_GRAM_COLUMNS", 26)
     stats = collect_input_moments(program, feeds)["c"]
     assert stats.gram is None and stats.squares.shape == (27,) and stats.kernel == (3, 3)
+
+
+@pytest.mark.parametrize("group", [2, 6])
+def test_a_grouped_convolutions_blocks_are_those_of_the_rows_each_group_multiplies(group):
+    """A grouped (6: depthwise) Conv keeps X^T X as its groups' blocks: each group's weight times its block times
+    the weight's transpose is Y^T Y of that group's output channels, as ONNX Runtime computes them."""
+    rng = np.random.default_rng(5)
+    weight = rng.standard_normal((12, 6 // group, 3, 3)).astype(np.float32)
+    program = lowbit.Program(make_model({"c": weight}, [("Conv", "c", {"group": group, "strides": [2, 1]})]))
+    feeds = [{"x0": rng.standard_normal((2, 6, 9, 8)).astype(np.float32)} for _ in range(2)]
+    stats = collect_input_moments(program, feeds)["c"]
+    session = ort_session(program.model)
+    y = np.concatenate([np.moveaxis(session.run(None, f)[0], 1, -1).reshape(-1, 12) for f in feeds])
+    assert stats.groups == group and stats.gram.shape == (group, 54 // group, 54 // group)
+    per = 12 // group
+    for g in range(group):
+        flat = weight[g * per : (g + 1) * per].reshape(per, -1).astype(np.float64)
+        part = y[:, g * per : (g + 1) * per].astype(np.float64)
+        np.testing.assert_allclose(flat @ stats.gram[g] @ flat.T, part.T @ part, rtol=1e-4, atol=1e-3)

@@ -241,9 +241,10 @@ def _one_weight_through_both_doors(
         calibration_data=[torch.from_numpy(x) for x in items]
     )
     program = lowbit.Program(make_model({"w": weight}, [(op, "w", attributes or {})]))
-    small = lowbit.palettize_weights(program, calibration_data=[{"x0": x} for x in items], **config)
+    graph_config = {"weight_num_threshold": min(1024, weight.size - 1), **config}  # a depthwise weight is small
+    small = lowbit.palettize_weights(program, calibration_data=[{"x0": x} for x in items], **graph_config)
     assert len(small.report.compressed) == 1
-    plain = lowbit.palettize_weights(program, **config)
+    plain = lowbit.palettize_weights(program, **graph_config)
     decoded = palettization_of(model[0])["weight"].decode()
     return (
         decoded,
@@ -256,19 +257,23 @@ CONV_GEOMETRIES = [
     ({}, {}),
     ({"stride": 2, "padding": 1}, {"strides": [2, 2], "pads": [1, 1, 1, 1]}),
     ({"dilation": (1, 2), "padding": "same"}, {"dilations": [1, 2], "pads": [1, 2, 1, 2]}),
+    ({"groups": 2, "padding": 1}, {"group": 2, "pads": [1, 1, 1, 1]}),
+    ({"groups": 6}, {"group": 6}),
 ]
 
 
-@pytest.mark.parametrize(("geometry", "attributes"), CONV_GEOMETRIES, ids=["plain", "strided", "dilated"])
+@pytest.mark.parametrize(
+    ("geometry", "attributes"), CONV_GEOMETRIES, ids=["plain", "strided", "dilated", "grouped", "depthwise"]
+)
 def test_a_calibrated_conv_gets_the_same_error_feedback_through_either_door(geometry, attributes):
     """A convolution's statistics are over the windows its weight multiplies (its strides, dilations and padding
     read from the module on one door, from the Conv's attributes on the other): the same weighted k-means and the
     same error feedback over (input channel, kernel position), the same LUTs and codes."""
     rng = np.random.default_rng(11)
-    weight = (rng.standard_normal((32, 6, 3, 3)) * 0.1).astype(np.float32)
+    weight = (rng.standard_normal((24, 6 // geometry.get("groups", 1), 3, 3)) * 0.1).astype(np.float32)
     scales = np.array([0.1, 0.3, 1.0, 3.0, 10.0, 30.0], np.float32)[None, :, None, None]
     items = [(rng.standard_normal((2, 6, 8, 8)) * scales).astype(np.float32) for _ in range(3)]
-    conv = torch.nn.Conv2d(6, 32, 3, bias=False, **geometry)
+    conv = torch.nn.Conv2d(6, 24, 3, bias=False, **geometry)
     decoded, graph, data_free = _one_weight_through_both_doors(conv, weight, "Conv", items, {"n_bits": 3}, attributes)
     np.testing.assert_array_equal(graph, decoded)
     assert not np.array_equal(data_free, decoded)

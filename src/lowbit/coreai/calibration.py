@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -49,10 +49,20 @@ def _only_reader(value: Any) -> tuple[Any, int] | None:
     return owner, index
 
 
-def _activation(weight: CoreAIWeight) -> tuple[Any, int, bool, Window | None] | None:
-    """(the value read with ``weight``, its channel axis, whether it holds lookup indices, a convolution's window)
-    for a dense weight read by one op of the main graph whose other input's channels meet the weight's input axis
-    (None: no statistic)."""
+class _Read(NamedTuple):
+    """What calibration reads for a weight: the value read with it, that value's channel axis, whether it holds
+    lookup indices, a convolution's window and groups."""
+
+    value: Any
+    axis: int
+    lookup: bool = False
+    window: Window | None = None
+    groups: int = 1
+
+
+def _activation(weight: CoreAIWeight) -> _Read | None:
+    """What calibration reads for a dense weight read by one op of the main graph whose other input's channels meet
+    the weight's input axis (a grouped convolution's: its groups' channels together; None: no statistic)."""
     reader = None if weight.compression is not None else _only_reader(weight.value)
     if reader is None or _mlir.graph_name(reader[0]) != "main":
         return None
@@ -64,27 +74,28 @@ def _activation(weight: CoreAIWeight) -> tuple[Any, int, bool, Window | None] | 
     x = owner.operands[source]
     dims = _mlir.tensor_dims(x)
     if operand.lookup:  # indices [..., 1] into the weight's rows
-        return (x, axis, True, None) if weight.output_axis == 0 and dims is not None and dims[-1:] == (1,) else None
-    if dims is None or dims[axis] != weight.shape[weight.input_axis]:  # a grouped conv's, or dynamic channels
+        return _Read(x, axis, True) if weight.output_axis == 0 and dims is not None and dims[-1:] == (1,) else None
+    found = (None, 1) if operand.window is None else _window(owner, operand.window, tuple(weight.shape[2:]))
+    if dims is None or found is None or dims[axis] != weight.shape[weight.input_axis] * found[1]:  # dynamic channels
         return None
-    if operand.window is None:
-        return x, axis, False, None
-    window = _window(owner, operand.window, tuple(weight.shape[2:]))
-    return None if window is None else (x, axis, False, window)
+    return _Read(x, axis, False, *found)
 
 
-def _window(op: Any, operands: tuple[int, int], kernel: tuple[int, ...]) -> Window | None:
-    """The window of a convolution ``op`` whose weight has ``kernel``, its input padded already (None when its
-    strides or dilations are not constants)."""
+def _window(op: Any, operands: tuple[int, int, int], kernel: tuple[int, ...]) -> tuple[Window, int] | None:
+    """(the window of a convolution ``op`` whose weight has ``kernel``, its input padded already, its groups); None
+    when its strides, dilations or groups are not constants, or its groups do not divide its output channels."""
     found = []
     for index in operands:
         owner = op.operands[index].owner
         if getattr(owner, "name", None) != "coreai.constant":
             return None
         found.append(tuple(_mlir.attribute_ints(owner)))
-    strides, dilations = found
+    strides, dilations, (groups,) = found
+    outputs = _mlir.tensor_dims(op.operands[1])
+    if groups < 1 or outputs is None or outputs[0] is None or outputs[0] % groups:
+        return None
     try:
-        return Window(kernel, strides, dilations, ((0, 0),) * len(kernel))
+        return Window(kernel, strides, dilations, ((0, 0),) * len(kernel)), groups
     except ValueError:
         return None
 
@@ -94,16 +105,17 @@ def _taps(program: Program) -> tuple[list[Tap], list[Any]]:
     taps: list[Tap] = []
     values: list[Any] = []
     for weight in program.weights():
-        found = _activation(weight)
-        if found is None:
+        read = _activation(weight)
+        if read is None:
             continue
-        value, axis, lookup, window = found
-        index = next((i for i, v in enumerate(values) if v == value), len(values))
+        index = next((i for i, v in enumerate(values) if v == read.value), len(values))
         if index == len(values):
-            values.append(value)
-        channels = weight.shape[0] if lookup else weight.shape[weight.input_axis]
-        full = not lookup and (len(weight.shape) == 2 or window is not None) and keeps_gram(channels, window)
-        taps.append(Tap(weight.name, f"{TAP_PREFIX}{index}", axis, channels, full, lookup, window))
+            values.append(read.value)
+        channels = weight.shape[0] if read.lookup else weight.shape[weight.input_axis] * read.groups
+        matrix = len(weight.shape) == 2 or read.window is not None
+        full = not read.lookup and matrix and keeps_gram(channels, read.window, read.groups)
+        name = f"{TAP_PREFIX}{index}"
+        taps.append(Tap(weight.name, name, read.axis, channels, full, read.lookup, read.window, read.groups))
     return taps, values
 
 
@@ -219,7 +231,7 @@ def _collect(path: Path, taps: list[Tap], inputs: _Inputs, calibration_data: Any
 
 
 def collect_input_moments(program: Program, calibration_data: Any) -> dict[str, InputMoments]:
-    """Each matmul / conv (group 1) weight's :class:`InputMoments` over ``calibration_data`` (see
+    """Each matmul / conv (a grouped one's blocks) weight's :class:`InputMoments` over ``calibration_data`` (see
     :func:`lowbit.calibration.feeds_of`; a feed's arrays are cast to the program's input types: float64 arrays to
     float32, int64 ids to int32 when every id fits), and each embedding table's (a ``gather_nd``'s rows: how often
     each was looked up), by weight name. Other weights (shared, already compressed, inside composite graphs, whose

@@ -31,13 +31,13 @@ class WeightOperand(NamedTuple):
     """A consumer op's weight operand: the weight's (output-channel axis, input-channel axis) as the op reads it,
     and ``activation``, the (operand, channel axis) of the value whose channels meet the input axis, what
     calibration measures (None: nothing to measure); ``lookup``: that operand holds indices into the weight's rows
-    instead (an embedding's); ``window``: a convolution's (strides, dilations) operands (its input arrives padded:
-    the converter pads it first), over which calibration takes the activation's windows."""
+    instead (an embedding's); ``window``: a convolution's (strides, dilations, groups) operands (its input arrives
+    padded: the converter pads it first), over which calibration takes the activation's windows."""
 
     axes: tuple[int, int]
     activation: tuple[int, int] | None = None
     lookup: bool = False
-    window: tuple[int, int] | None = None
+    window: tuple[int, int, int] | None = None
 
 
 # y: [..., K, N] read by x: [..., M, K] (coreai-opt's axes), or the other way round
@@ -46,8 +46,8 @@ _MATMUL = {1: WeightOperand((-1, -2), (0, -1)), 0: WeightOperand((-2, -1), (1, -
 OP_TABLE: dict[str, dict[int, WeightOperand]] = {
     "coreai.batch_matmul": _MATMUL,
     "coreai.decomposable.broadcasting_batch_matmul": _MATMUL,
-    "coreai.conv2d": {1: WeightOperand((0, 1), (0, 1), window=(2, 3))},  # x: [N, C_in, ...], strides, dilations
-    "coreai.conv3d": {1: WeightOperand((0, 1), (0, 1), window=(2, 3))},
+    "coreai.conv2d": {1: WeightOperand((0, 1), (0, 1), window=(2, 3, 4))},  # x: [N, C_in, ...], strides, dilations,
+    "coreai.conv3d": {1: WeightOperand((0, 1), (0, 1), window=(2, 3, 4))},  # groups
     "coreai.conv_transpose2d": {1: WeightOperand((1, 0))},  # [C_in, C_out / groups, k...]
     "coreai.conv_transpose3d": {1: WeightOperand((1, 0))},
     "coreai.gather_nd": {0: WeightOperand((0, 1), (1, 0), lookup=True)},  # an embedding table [vocab, dim]

@@ -15,19 +15,23 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import numba
 import numpy as np
 
 from lowbit.parallel import blas_shared_by
 
+T = TypeVar("T")
+
 __all__ = [
     "FEEDBACK_DAMPING",
     "Fed",
     "Grid",
+    "by_groups",
     "damped_gram",
     "feedback",
+    "grouped_feedback",
     "inverse_factor",
     "kept_by_gram",
     "linear_grid",
@@ -335,6 +339,25 @@ def ordered_feedback(
     del change, ordered  # before the gathers back into the weight's order
     back = np.argsort(order)
     return Fed(codes[back], values[back], squared_change)
+
+
+def by_groups(w: np.ndarray, gram: np.ndarray, solve: Callable[[np.ndarray, np.ndarray, int, int], T]) -> list[T]:
+    """``solve(columns, block, start, stop)`` for each group of a grouped convolution's ``w`` ``[K, N]`` (its ``N``
+    output channels in ``G`` groups, ``start:stop`` each, contiguous) under its block of ``gram`` ``[G, K, K]``."""
+    per = w.shape[1] // len(gram)
+    spans = [(g * per, (g + 1) * per) for g in range(len(gram))]
+    return [solve(np.ascontiguousarray(w[:, a:b]), block, a, b) for (a, b), block in zip(spans, gram, strict=True)]
+
+
+def grouped_feedback(w: np.ndarray, gram: np.ndarray, grid: Grid, threads: int = 1) -> Fed:
+    """:func:`ordered_feedback` of ``w`` ``[K, N]``, under ``gram`` ``[K, K]``, or ``[G, K, K]``: a grouped
+    convolution's, fed back group by group (:func:`by_groups`; a depthwise 3 x 3 convolution: each output channel
+    under its own 9 x 9)."""
+    if gram.ndim == 2:
+        return ordered_feedback(w, gram, grid, threads=threads)
+    parts = by_groups(w, gram, lambda part, block, a, b: ordered_feedback(part, block, grid.columns(a, b)))
+    codes, values = (np.concatenate([getattr(p, f) for p in parts], axis=1) for f in ("codes", "values"))
+    return Fed(codes, values, sum(p.squared_change for p in parts))
 
 
 @numba.njit(cache=True, nogil=True)

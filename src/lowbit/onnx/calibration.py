@@ -98,10 +98,14 @@ def _tap(ref: WeightRef, node: ir.Node) -> Tap | None:
         trans_a = node.attributes.get("transA")
         return Tap(ref.name, x.name, 0 if trans_a is not None and trans_a.as_int() else -1, channels, True)
     group = node.attributes.get("group")
-    if node.op_type == "Conv" and node.inputs[1] is ref.value and (group is None or group.as_int() == 1):
+    groups = 1 if group is None else group.as_int()
+    if node.op_type == "Conv" and node.inputs[1] is ref.value and groups >= 1 and ref.shape[0] % groups == 0:
         window = _window(node, tuple(ref.shape[2:]))
-        full = window is not None and keeps_gram(channels, window)
-        return None if window is None else Tap(ref.name, x.name, 1, channels, full, window=window)
+        if window is None:
+            return None
+        inputs = channels * groups  # the weight holds one group's input channels
+        full = keeps_gram(inputs, window, groups)
+        return Tap(ref.name, x.name, 1, inputs, full, window=window, groups=groups)
     return None
 
 
@@ -142,7 +146,7 @@ def _taps(program: Program) -> list[Tap]:
 
 
 def collect_input_moments(program: Program, calibration_data: Any) -> dict[str, InputMoments]:
-    """Each MatMul / Gemm / Conv (group 1: over its input's windows) weight's :class:`InputMoments` over
+    """Each MatMul / Gemm / Conv (over its input's windows; a grouped one's blocks) weight's :class:`InputMoments` over
     ``calibration_data`` (see :func:`lowbit.calibration.feeds_of`), and each embedding table's (a Gather's rows:
     how often each was looked up), by weight name. Other weights (weights shared or reached through a Cast or
     Transpose, inside subgraphs) get none and are compressed data-free. ``ValueError`` when the data holds no feed,

@@ -1,4 +1,4 @@
-"""Calibration on the torch door: forward hooks on the modules being compressed (Linear, convolutions of one group,
+"""Calibration on the torch door: forward hooks on the modules being compressed (Linear, convolutions,
 embeddings) accumulate each weight's :class:`~lowbit.statistics.InputMoments` (the whole ``X^T X`` of a Linear's
 input, a convolution's over its input's windows, an embedding's lookup counts), streamed item by item, into the same
 slot the graph door fills from ONNX Runtime."""
@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from lowbit.calibration import keeps_gram
-from lowbit.kernels.patches import Window, patch_blocks
+from lowbit.calibration import add_activations, keeps_gram
+from lowbit.kernels.patches import Window
 from lowbit.statistics import FLOAT32_SAFE, GRAM_CHUNK, InputMoments
 
 __all__ = [
@@ -115,12 +115,12 @@ _STOCK_FORWARDS = {conv.forward for conv in CONVS}
 
 
 def feeds_back(module: nn.Module) -> bool:
-    """Whether calibration reads ``module``'s input as rows its weight multiplies: a Linear, or a convolution of one
-    group with the stock ``forward`` (a subclass that pads in its own ``forward``, as timm's ``Conv2dSame`` does,
-    would multiply other windows than its attributes say)."""
+    """Whether calibration reads ``module``'s input as rows its weight multiplies: a Linear, or a convolution (of any
+    groups: a grouped one's ``X^T X`` kept as its groups' blocks) with the stock ``forward`` (a subclass that pads
+    in its own ``forward``, as timm's ``Conv2dSame`` does, would multiply other windows than its attributes say)."""
     if isinstance(module, nn.Linear):
         return True
-    return isinstance(module, CONVS) and module.groups == 1 and type(module).forward in _STOCK_FORWARDS
+    return isinstance(module, CONVS) and type(module).forward in _STOCK_FORWARDS
 
 
 def window_of(module: nn.Module) -> Window | None:
@@ -136,7 +136,7 @@ def window_of(module: nn.Module) -> Window | None:
 
 
 class ModuleMoments:
-    """Forward hooks on Linear modules (and convolutions of one group, and embeddings) that accumulate each one's input
+    """Forward hooks on Linear modules (and convolutions, and embeddings) that accumulate each one's input
     :class:`InputMoments` (``full``: the whole ``X^T X``, else the diagonal; a convolution's over its input's
     windows, as the graph door takes it; an embedding's rows' lookup counts), by weight name. Modules that read one
     tensor in an item (a transformer's q / k / v) share its moments, computed once. ``stop_early``: once every
@@ -147,8 +147,8 @@ class ModuleMoments:
         self.modules, self.full, self.stop_early = modules, full, stop_early
         self.moments = {name: _empty_moments(module, full) for name, module in modules.items()}
         self.seen: set[str] = set()
-        # this item's inputs by (id, window): the tensor, its version (bumped by in-place ops), its moments
-        self.parts: dict[tuple[int, Window | None], tuple[torch.Tensor, int, InputMoments]] = {}
+        # this item's inputs by (id, window, groups): the tensor, its version (bumped by in-place ops), its moments
+        self.parts: dict[tuple[int, Window | None, int], tuple[torch.Tensor, int, InputMoments]] = {}
 
     def register(self) -> list[Any]:
         """Register the hooks; returns their handles."""
@@ -158,24 +158,23 @@ class ModuleMoments:
         self.seen.clear()
         self.parts.clear()
 
-    def _part(self, name: str, tensor: torch.Tensor, window: Window | None, full: bool) -> InputMoments:
-        """The moments of ``tensor`` (this item's input of ``name``, its channels last, or a convolution's on axis 1
-        read through its ``window``; the whole ``X^T X`` when ``full``), computed once per tensor, window and item
-        (again when it was changed in place since)."""
-        known = self.parts.get((id(tensor), window))
+    def _part(self, name: str, tensor: torch.Tensor, module: nn.Module, full: bool) -> InputMoments:
+        """The moments of ``tensor`` (this item's input of ``name``: a Linear's, its channels last, or a
+        convolution's, read through its window and groups; the whole ``X^T X`` when ``full``), computed once per
+        tensor, window and item (again when it was changed in place since)."""
+        window, groups = window_of(module), getattr(module, "groups", 1)
+        known = self.parts.get((id(tensor), window, groups))
         if known is not None and known[0] is tensor and known[1] == tensor._version:
             return known[2]
         if not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"the input activations of {name!r} are not finite on a calibration item")
         if window is None:
             part = moments_of(tensor.detach(), full)
-        else:  # the graph door's windows, block by block (:func:`lowbit.calibration.add_activations`)
+        else:  # the graph door's windows and sums (numpy's: the same statistics, bit for bit)
             batched = tensor if tensor.ndim == len(window.kernel) + 2 else tensor.unsqueeze(0)  # torch takes [C, ...]
-            blocks = patch_blocks(batched.detach().float().cpu().numpy(), window)  # exact for fp16 / bf16
-            part = moments_of(torch.from_numpy(next(blocks)), full)
-            for rows in blocks:
-                part.merge(moments_of(torch.from_numpy(rows), full))
-        self.parts[(id(tensor), window)] = (tensor, tensor._version, part)
+            part = InputMoments.empty(batched.shape[1], full, window.kernel, groups)
+            add_activations(part, batched.detach().float().cpu().numpy(), 1, window)  # exact for fp16 / bf16
+        self.parts[(id(tensor), window, groups)] = (tensor, tensor._version, part)
         return part
 
     def _hook(self, name: str) -> Callable:
@@ -186,7 +185,7 @@ class ModuleMoments:
                 self.moments[name].add_lookups(inputs[0].detach().cpu().numpy())
             else:
                 moments = self.moments[name]
-                moments.merge(self._part(name, inputs[0], window_of(module), moments.gram is not None))
+                moments.merge(self._part(name, inputs[0], module, moments.gram is not None))
             if self.stop_early:
                 self.seen.add(name)
                 if len(self.seen) == len(self.moments):
@@ -200,9 +199,10 @@ def _empty_moments(module: nn.Module, full: bool) -> InputMoments:
     embedding's rows (their lookup counts, the graph door's Gather statistics)."""
     if isinstance(module, nn.Embedding):
         return InputMoments.lookups(module.num_embeddings)
-    window = window_of(module)
+    window, groups = window_of(module), int(getattr(module, "groups", 1))
     channels = int(module.in_channels if window is not None else module.in_features)  # type: ignore[arg-type]
-    return InputMoments.empty(channels, full and keeps_gram(channels, window), () if window is None else window.kernel)
+    kernel = () if window is None else window.kernel
+    return InputMoments.empty(channels, full and keeps_gram(channels, window, groups), kernel, groups)
 
 
 def collect_module_moments(
@@ -213,7 +213,7 @@ def collect_module_moments(
     full: bool = True,
     stop_early: bool = False,
 ) -> dict[str, InputMoments]:
-    """``{weight name: InputMoments}`` of the ``modules`` (Linear, convolutions of one group, embeddings) over
+    """``{weight name: InputMoments}`` of the ``modules`` (Linear, convolutions, embeddings) over
     ``calibration_data``, each item run through ``forward_fn(model, item)`` (default :func:`default_forward`) in eval
     mode without gradients; the model's mode is restored. ``full`` and ``stop_early``: see :class:`ModuleMoments`.
     ``ValueError`` when the data holds no item or an activation is not finite, ``TypeError`` for a non-callable

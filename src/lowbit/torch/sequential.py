@@ -219,8 +219,8 @@ def calibration_items(calibration_data: Iterable[Any]) -> Sequence[Any]:
 
 def calibrated_modules(targets: Iterable[Target], model: nn.Module) -> dict[str, nn.Module]:
     """The weights among ``targets`` that calibration reaches, by target name: ``nn.Linear``'s, those of
-    convolutions of one group (their ``X^T X`` over their input's windows, as on the graph door; not a subclass with
-    its own ``forward``: :func:`~lowbit.torch.calibration.feeds_back`) and plain embeddings'
+    convolutions' (their ``X^T X`` over their input's windows, a grouped one's blocks, as on the graph door; not a
+    subclass with its own ``forward``: :func:`~lowbit.torch.calibration.feeds_back`) and plain embeddings'
     (their rows' lookup counts; not a subclass with its own ``forward``, whose input may not be row indices, nor a
     table tied to another module, an LM head that reads every row, which the graph door gives no statistics)."""
     return {t.name: t.module for t in targets if t.weight.name == "weight" and _calibrated(t.module, model)}

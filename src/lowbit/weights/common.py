@@ -54,13 +54,19 @@ def by_input(a: np.ndarray, input_axis: int) -> np.ndarray:
     return a.T if input_axis == 1 else a
 
 
-def checked_gram(gram: np.ndarray | None, channels: int | None) -> np.ndarray | None:
-    """``gram`` when it is a finite ``channels x channels`` matrix (None without one, or without ``channels``: a
-    layout the feedback does not read); ``ValueError`` naming the sizes otherwise."""
+def checked_gram(gram: np.ndarray | None, channels: int | None, outputs: int = 1) -> np.ndarray | None:
+    """``gram`` when it is a finite ``channels x channels`` matrix, or a grouped convolution's ``[groups, channels,
+    channels]`` blocks with ``groups`` dividing its ``outputs`` output channels (None without one, or without
+    ``channels``: a layout the feedback does not read); ``ValueError`` naming the sizes otherwise."""
     if gram is None or channels is None:
         return None
-    if np.shape(gram) != (channels, channels):
-        raise ValueError(f"gram must be {channels} x {channels} (the weight's input channels), got {np.shape(gram)}")
+    shape = np.shape(gram)
+    grouped = len(shape) == 3 and shape[0] > 0 and outputs % shape[0] == 0
+    if shape[-2:] != (channels, channels) or not (len(shape) == 2 or grouped):
+        raise ValueError(
+            f"gram must be {channels} x {channels} (the weight's input channels), or [groups, {channels}, {channels}] "
+            f"with groups dividing its {outputs} output channels, got {shape}"
+        )
     if not np.isfinite(gram).all():
         raise ValueError("gram (X^T X of the calibration activations) is not finite")
     return gram

@@ -12,7 +12,7 @@ import numpy as np
 
 from lowbit.config import PalettizeConfig
 from lowbit.errors import SkipWeight
-from lowbit.kernels.feedback import lut_grid, ordered_feedback
+from lowbit.kernels.feedback import grouped_feedback, lut_grid
 from lowbit.kernels.layout import swapped
 from lowbit.kernels.packing import pack_bits
 from lowbit.kernels.palettize import Palettized, palettize, stack_palettized
@@ -209,7 +209,7 @@ def palettize_weight(
     full = channels // per_group * per_group  # the channels of whole groups; a ragged last group is solved alone
     parts = [(0, full, full // per_group), (full, channels, 1)] if full < channels else [(0, rows, groups)]
     feedback = gram is not None and feeds_back(config, array.shape, axis)
-    checked = checked_gram(gram, _columns(array.shape, axis)) if feedback else None
+    checked = checked_gram(gram, _columns(array.shape, axis), array.shape[axis]) if feedback else None
     outputs_first = forward[0] == axis
 
     def solve(start: int, stop: int, lut_groups: int) -> Palettized:
@@ -281,7 +281,7 @@ def _with_feedback(
     if p.scale is not None:
         luts = luts * np.asarray(p.scale[:outputs], dtype=p.lut.dtype)[:, None]
     grid = lut_grid(luts, None if exact is None else exact.T if outputs_first else exact)
-    codes, values, squared_change = ordered_feedback(by_input, gram, grid, threads=threads)
+    codes, values, squared_change = grouped_feedback(by_input, gram, grid, threads=threads)
     laid_out = codes.T if outputs_first else codes
     if laid_out.shape[0] == p.codes_shape[0]:
         all_codes = laid_out

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lowbit.config import QuantizeConfig, block_shape
-from lowbit.kernels.feedback import linear_grid, ordered_feedback
+from lowbit.kernels.feedback import grouped_feedback, linear_grid
 from lowbit.kernels.packing import packed_nbytes
 from lowbit.kernels.quantize import LinearQuantized, element_range, quantize_linear
 from lowbit.types import CompressionGranularity, DType, QScheme
@@ -98,7 +98,7 @@ def quantize_weight(
         padded, config.dtype.numpy, block, symmetric=symmetric, e8m0=config.e8m0, search=config.scale_search
     )
     integer = config.dtype in (DType.INT8, DType.UINT8, DType.INT4, DType.UINT4)
-    checked = checked_gram(gram, feedback_columns(array.shape, output_axis, input_axis))
+    checked = checked_gram(gram, feedback_columns(array.shape, output_axis, input_axis), array.shape[output_axis])
     if checked is not None and integer:
         quantized = _quantized_with_feedback(quantized, padded, checked, input_axis, symmetric, threads)
         diff = quantized.decode()[tuple(slice(0, n) for n in array.shape)].astype(np.float64) - array
@@ -125,8 +125,9 @@ def _quantized_with_feedback(
     scale = per_element(q.scale.astype(np.float64))
     zero_point = np.zeros_like(scale) if q.zero_point is None else per_element(q.zero_point.astype(np.float64))
     columns = padded.size // padded.shape[1 - input_axis if padded.ndim == 2 else 0]
-    full = np.zeros((columns, columns))
-    full[: len(gram), : len(gram)] = gram  # padding channels (the last, input channels first): never active
+    full = np.zeros((*gram.shape[:-2], columns, columns))
+    size = gram.shape[-1]
+    full[..., :size, :size] = gram  # padding channels (the last, input channels first): never active
     grid = linear_grid(columns_first(scale, input_axis), columns_first(zero_point, input_axis), low, high)
-    codes = ordered_feedback(columns_first(padded, input_axis), full, grid, threads=threads)[0]
+    codes = grouped_feedback(columns_first(padded, input_axis), full, grid, threads=threads).codes
     return dataclasses.replace(q, q=columns_back(codes, padded.shape, input_axis).astype(q.q.dtype))

@@ -11,6 +11,7 @@ import numpy as np
 
 from lowbit.config import SparsifyConfig
 from lowbit.kernels import check_finite
+from lowbit.kernels.feedback import by_groups
 from lowbit.kernels.packing import packed_nbytes
 from lowbit.kernels.prune import Sparsified, block_mask, magnitude_mask, n_m_mask, row_mask, sparsify
 from lowbit.kernels.reconstruct import ADMM_ITERATIONS, Select, admm_prune
@@ -93,7 +94,9 @@ def sparsify_weight(
     else:
         mask = magnitude_mask(scores, config.target_sparsity)
     dtype = None if config.quantize_dtype is None else config.quantize_dtype.numpy
-    checked = checked_gram(gram, feedback_columns(array.shape, output_axis, input_axis))
+    checked = checked_gram(gram, feedback_columns(array.shape, output_axis, input_axis), array.shape[output_axis])
+    if checked is not None and checked.ndim == 3 and config.block_size > 1:
+        checked = None  # blocks of output channels span a grouped convolution's groups: Wanda's block mask
     updated = array
     if checked is not None:
         check_finite(array)  # before the solve, which would spread a NaN
@@ -135,13 +138,22 @@ def _pruned_for_output(
     columns = columns_first(array, input_axis)
     order = _kernel_major(array.shape)
     if order is not None:
-        columns, gram = columns[order], gram[np.ix_(order, order)]
-    keep, values = admm_prune(columns, gram, _selection(config))
+        columns, gram = columns[order], np.take(np.take(gram, order, axis=-2), order, axis=-1)
+    keep, values = _admm_by_groups(columns, gram, _selection(config))
     if order is not None:
         back = np.argsort(order)
         keep, values = keep[back], values[back]
     kept = np.ascontiguousarray(columns_back(keep, array.shape, input_axis))
     return kept, np.ascontiguousarray(columns_back(values, array.shape, input_axis)).astype(array.dtype)
+
+
+def _admm_by_groups(columns: np.ndarray, gram: np.ndarray, select: Select) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`~lowbit.kernels.reconstruct.admm_prune` of ``columns`` ``[K, N]`` under ``gram``, or a grouped
+    convolution's ``[G, K, K]`` blocks group by group (each group's output channels under its block)."""
+    if gram.ndim == 2:
+        return admm_prune(columns, gram, select)
+    parts = by_groups(columns, gram, lambda part, block, _start, _stop: admm_prune(part, block, select))
+    return np.concatenate([p[0] for p in parts], axis=1), np.concatenate([p[1] for p in parts], axis=1)
 
 
 def _kernel_major(shape: tuple[int, ...]) -> np.ndarray | None:

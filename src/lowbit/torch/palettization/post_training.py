@@ -96,8 +96,8 @@ class PostTrainingPalettizer(PalettizerBase[PostTrainingPalettizerConfig]):
         ``forward_fn(model, item)`` (default ``model(**item)`` / ``model(*item)`` / ``model(item)``) while forward
         hooks collect each palettized ``nn.Linear`` weight's input ``X^T X``; those weights then get
         activation-weighted k-means and error feedback on their codes (see the README's "Data-aware compression").
-        Convolutions of one group get activation-weighted k-means (each input channel's mean square over every
-        position, as on the graph door). Other weights are palettized data-free.
+        Convolutions get the same over their input's windows (a grouped one's per group, as on the graph door; not a
+        subclass with its own ``forward``). Other weights are palettized data-free.
 
         ``bits_per_weight`` (lowbit's extension; default None: every weight at its ``n_bits``): mixed bits. Each
         weight is palettized at 2, 3, 4, 6 and 8 bits, its relative error measured at each (of the layer's output
