@@ -205,3 +205,15 @@ def test_grouped_blocks_that_do_not_divide_the_output_channels_are_refused():
     weight, _, _ = _grouped_layer(0, 2)
     with pytest.raises(ValueError, match=r"groups dividing its 16 output channels"):
         palettize_weight(weight, 0, PalettizeConfig(n_bits=3), gram=np.zeros((3, 36, 36), np.float32))
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_outliers_of_a_convolution_chosen_from_its_gram_alone(groups):
+    """Without an importance, the outliers' sensitivity is each pair's energy, its group's for a grouped conv: the
+    fraction's count is kept exact and the rest fed back."""
+    weight, rows, moments = _grouped_layer(1, groups)
+    config = PalettizeConfig(n_bits=3, outlier_fraction=0.02)
+    result = palettize_weight(weight, 0, config, "c", gram=moments.gram)
+    assert len(result.outliers.positions) == round(0.02 * weight.size)
+    plain = palettize_weight(weight, 0, PalettizeConfig(n_bits=3), "c", gram=moments.gram)
+    assert _grouped_error(rows, weight, result.decode(), groups) < _grouped_error(rows, weight, plain.decode(), groups)

@@ -313,7 +313,7 @@ def _kept_factors(in_order: Sequence[Measurable]) -> list[np.ndarray]:
     room = FACTORS_KEPT_BYTES
     for weight in in_order:
         gram = weight.gram if feeds_back(weight.config, weight.array.shape, weight.output_axis) else None
-        if gram is None or id(gram) in chosen:
+        if gram is None or gram.ndim != 2 or id(gram) in chosen:  # a grouped conv's blocks: factored as they come
             continue
         factor_bytes = 8 * gram.shape[0] * (gram.shape[0] + 1)  # the factor and the order
         if factor_bytes > room:

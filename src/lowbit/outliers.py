@@ -68,7 +68,7 @@ def sensitivity_of(
     if gram is not None:
         energy = np.diagonal(gram, axis1=-2, axis2=-1).astype(np.float64)  # a grouped convolution's: per group
         if len(shape) > 2:
-            blocks = energy.reshape(-1, 1, *shape[1:])
+            blocks = energy.reshape(-1, *shape[1:])  # one per group (a group-1 conv's: one)
             return np.repeat(blocks, shape[0] // len(blocks), axis=0)
         return energy[None, :] if output_axis == 0 else energy[:, None]
     return np.ones(1)

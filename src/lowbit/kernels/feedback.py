@@ -248,6 +248,7 @@ def _columns(
 # v, one weight at several widths); SmolLM2's largest is 19 MB, a 7B model's down projection's 0.97 GB (not kept)
 FACTORS_KEPT_BYTES = 256 << 20
 _factors: OrderedDict[tuple, tuple[np.ndarray, ...]] = OrderedDict()
+_factors_bytes = [0]  # what ``_factors`` holds, kept as entries come and go (a depthwise conv adds one per channel)
 _factors_lock = threading.Lock()
 _computing: dict[tuple, Future] = {}
 
@@ -289,12 +290,15 @@ def kept_by_gram(
 def _kept(key: tuple, found: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
     for array in found:
         array.setflags(write=False)  # shared by every caller of the same gram
-    if sum(array.nbytes for array in found) > FACTORS_KEPT_BYTES:
+    size = sum(array.nbytes for array in found)
+    if size > FACTORS_KEPT_BYTES:
         return found
     with _factors_lock:
         _factors[key] = found
-        while sum(array.nbytes for arrays in _factors.values() for array in arrays) > FACTORS_KEPT_BYTES:
-            _factors.popitem(last=False)
+        _factors_bytes[0] += size
+        while _factors_bytes[0] > FACTORS_KEPT_BYTES:
+            _, dropped = _factors.popitem(last=False)
+            _factors_bytes[0] -= sum(array.nbytes for array in dropped)
     return found
 
 
