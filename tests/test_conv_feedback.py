@@ -217,3 +217,13 @@ def test_outliers_of_a_convolution_chosen_from_its_gram_alone(groups):
     assert len(result.outliers.positions) == round(0.02 * weight.size)
     plain = palettize_weight(weight, 0, PalettizeConfig(n_bits=3), "c", gram=moments.gram)
     assert _grouped_error(rows, weight, result.decode(), groups) < _grouped_error(rows, weight, plain.decode(), groups)
+
+
+def test_a_grouped_convolutions_groups_give_the_same_codes_on_any_threads():
+    weight, _, moments = _grouped_layer(2, 8)
+    importance, damping = moments.weighting(weight.shape, 1)
+    config = PalettizeConfig(n_bits=3)
+    one, two = (palettize_weight(weight, 0, config, "c", importance, t, damping, moments.gram).decode() for t in (1, 2))
+    np.testing.assert_array_equal(one, two)
+    quantized = [quantize_weight(weight, 0, 1, QuantizeConfig(dtype="int4"), moments.gram, t).decode() for t in (1, 2)]
+    np.testing.assert_array_equal(*quantized)

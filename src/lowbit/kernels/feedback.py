@@ -347,7 +347,9 @@ def ordered_feedback(
 
 def by_groups(w: np.ndarray, gram: np.ndarray, solve: Callable[[np.ndarray, np.ndarray, int, int], T]) -> list[T]:
     """``solve(columns, block, start, stop)`` for each group of a grouped convolution's ``w`` ``[K, N]`` (its ``N``
-    output channels in ``G`` groups, ``start:stop`` each, contiguous) under its block of ``gram`` ``[G, K, K]``."""
+    output channels in ``G`` groups, ``start:stop`` each, contiguous) under its block of ``gram`` ``[G, K, K]``, one
+    group after another (a depthwise conv's groups are small: on two threads its feedback took 0.23 s against 0.12 s
+    for a [960, 1, 3, 3] weight)."""
     per = w.shape[1] // len(gram)
     spans = [(g * per, (g + 1) * per) for g in range(len(gram))]
     return [solve(np.ascontiguousarray(w[:, a:b]), block, a, b) for (a, b), block in zip(spans, gram, strict=True)]
@@ -355,8 +357,8 @@ def by_groups(w: np.ndarray, gram: np.ndarray, solve: Callable[[np.ndarray, np.n
 
 def grouped_feedback(w: np.ndarray, gram: np.ndarray, grid: Grid, threads: int = 1) -> Fed:
     """:func:`ordered_feedback` of ``w`` ``[K, N]``, under ``gram`` ``[K, K]``, or ``[G, K, K]``: a grouped
-    convolution's, fed back group by group (:func:`by_groups`; a depthwise 3 x 3 convolution: each output channel
-    under its own 9 x 9)."""
+    convolution's, fed back group by group (:func:`by_groups`; ``threads`` serve a 2-D ``gram`` only; a depthwise
+    3 x 3 convolution: each output channel under its own 9 x 9)."""
     if gram.ndim == 2:
         return ordered_feedback(w, gram, grid, threads=threads)
     parts = by_groups(w, gram, lambda part, block, a, b: ordered_feedback(part, block, grid.columns(a, b)))
