@@ -28,9 +28,10 @@ __all__ = [
 ]
 
 # a convolution keeps its whole X^T X (its error feedback) up to this many (input channel, kernel position) pairs:
-# 512 channels of 3 x 3 (ResNet's widest), 85 MB in float32 (and twice that for the feedback's factor); a wider one
-# (a diffusion UNet's 1280 x 3 x 3: 530 MB each, dozens of them held at once) keeps the diagonal only
-CONV_GRAM_COLUMNS = 4608
+# 256 channels of 3 x 3, 21 MB in float32; a wider one keeps the diagonal only. The feedback factors each matrix in
+# float64 with a few copies at once: ResNet-18's shapes (224 x 224, 16 images), 4-bit calibrated, took 25.7 s and
+# 3.0 GiB more memory with its 512-channel 3 x 3 convs fed back (a limit of 4608), 8.0 s and 984 MiB at 2304
+CONV_GRAM_COLUMNS = 2304
 
 # (a feed, its index) -> the values the taps name, by name (``ValueError`` with a one-line reason when the program
 # cannot run on the feed)
