@@ -23,6 +23,7 @@ __all__ = [
     "accumulate_moments",
     "check_source",
     "checked_feed",
+    "empty_moments",
     "feeds_of",
     "keeps_gram",
 ]
@@ -63,6 +64,12 @@ def keeps_gram(channels: int, window: Window | None, groups: int = 1) -> bool:
     its whole ``X^T X``: a Linear's always, a convolution's up to :data:`CONV_GRAM_COLUMNS` columns (a grouped one's
     blocks: a group's columns)."""
     return window is None or channels // groups * window.size <= CONV_GRAM_COLUMNS
+
+
+def empty_moments(channels: int, full: bool, window: Window | None = None, groups: int = 1) -> InputMoments:
+    """No rows yet for a weight of ``channels`` input channels (a convolution's: with its ``window`` and
+    ``groups``); ``full`` also keeps its whole ``X^T X`` (a grouped convolution's blocks)."""
+    return InputMoments.empty(channels, full, () if window is None else window.kernel, groups)
 
 
 def check_source(calibration_data: Any) -> None:
@@ -109,11 +116,10 @@ class MomentSums:
         self.taps, self.feeds = taps, 0
         self.shared: dict[tuple[str, int, int, bool, bool, Window | None, int], InputMoments] = {}
         for t in taps:
-            kernel = () if t.window is None else t.window.kernel
             if t.lookup:
                 moments = InputMoments.lookups(t.channels)
             else:
-                moments = InputMoments.empty(t.channels, t.full, kernel, t.groups)
+                moments = empty_moments(t.channels, t.full, t.window, t.groups)
             self.shared.setdefault(t.key, moments)
 
     def add(self, values: Mapping[str, np.ndarray], index: int) -> None:

@@ -678,14 +678,14 @@ class _PaddedInForward(torch.nn.Conv2d):
 def test_a_conv_that_pads_in_its_own_forward_gets_no_statistics():
     """Its windows are not those its attributes describe, so it is palettized data-free, as the graph door does a
     weight it cannot read: the same codes as without calibration, while a stock conv's change."""
-    from lowbit.torch.calibration import feeds_back
+    from lowbit.torch.calibration import reads_rows
     from lowbit.torch.palettization import PostTrainingPalettizer, PostTrainingPalettizerConfig, palettization_of
 
     torch.manual_seed(1)
     config = PostTrainingPalettizerConfig.from_dict({"global_config": {"n_bits": 3}})
     items = [torch.randn(2, 4, 8, 8) * torch.logspace(-1, 1, 4)[None, :, None, None] for _ in range(2)]
     for conv, calibrated in ((_PaddedInForward(4, 32, 3), False), (torch.nn.Conv2d(4, 32, 3, padding=1), True)):
-        assert feeds_back(conv) is calibrated
+        assert reads_rows(conv) is calibrated
         model = torch.nn.Sequential(conv)
         plain = PostTrainingPalettizer(model, config).compress()
         fed = PostTrainingPalettizer(model, config).compress(calibration_data=items)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lowbit.calibration import add_activations, keeps_gram
+from lowbit.calibration import add_activations, empty_moments, keeps_gram
 from lowbit.kernels.patches import Window
 from lowbit.statistics import FLOAT32_SAFE, GRAM_CHUNK, InputMoments
 
@@ -24,9 +24,9 @@ __all__ = [
     "collect_output_gradients",
     "default_forward",
     "evaluating",
-    "feeds_back",
     "forward_of",
     "moments_of",
+    "reads_rows",
     "run_items",
     "window_of",
 ]
@@ -114,7 +114,7 @@ _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "c
 _STOCK_FORWARDS = {conv.forward for conv in CONVS}
 
 
-def feeds_back(module: nn.Module) -> bool:
+def reads_rows(module: nn.Module) -> bool:
     """Whether calibration reads ``module``'s input as rows its weight multiplies: a Linear, or a convolution (of any
     groups: a grouped one's ``X^T X`` kept as its groups' blocks) with the stock ``forward`` (a subclass that pads
     in its own ``forward``, as timm's ``Conv2dSame`` does, would multiply other windows than its attributes say)."""
@@ -172,7 +172,7 @@ class ModuleMoments:
             part = moments_of(tensor.detach(), full)
         else:  # the graph door's windows and sums (numpy's: the same statistics, bit for bit)
             batched = tensor if tensor.ndim == len(window.kernel) + 2 else tensor.unsqueeze(0)  # torch takes [C, ...]
-            part = InputMoments.empty(batched.shape[1], full, window.kernel, groups)
+            part = empty_moments(batched.shape[1], full, window, groups)
             add_activations(part, batched.detach().float().cpu().numpy(), 1, window)  # exact for fp16 / bf16
         self.parts[(id(tensor), window, groups)] = (tensor, tensor._version, part)
         return part
@@ -201,8 +201,7 @@ def _empty_moments(module: nn.Module, full: bool) -> InputMoments:
         return InputMoments.lookups(module.num_embeddings)
     window, groups = window_of(module), int(getattr(module, "groups", 1))
     channels = int(module.in_channels if window is not None else module.in_features)  # type: ignore[arg-type]
-    kernel = () if window is None else window.kernel
-    return InputMoments.empty(channels, full and keeps_gram(channels, window, groups), kernel, groups)
+    return empty_moments(channels, full and keeps_gram(channels, window, groups), window, groups)
 
 
 def collect_module_moments(

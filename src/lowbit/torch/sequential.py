@@ -32,8 +32,8 @@ from lowbit.torch.calibration import (
     ModuleMoments,
     collect_module_moments,
     evaluating,
-    feeds_back,
     forward_of,
+    reads_rows,
     run_items,
 )
 
@@ -220,7 +220,7 @@ def calibration_items(calibration_data: Iterable[Any]) -> Sequence[Any]:
 def calibrated_modules(targets: Iterable[Target], model: nn.Module) -> dict[str, nn.Module]:
     """The weights among ``targets`` that calibration reaches, by target name: ``nn.Linear``'s, those of
     convolutions' (their ``X^T X`` over their input's windows, a grouped one's blocks, as on the graph door; not a
-    subclass with its own ``forward``: :func:`~lowbit.torch.calibration.feeds_back`) and plain embeddings'
+    subclass with its own ``forward``: :func:`~lowbit.torch.calibration.reads_rows`) and plain embeddings'
     (their rows' lookup counts; not a subclass with its own ``forward``, whose input may not be row indices, nor a
     table tied to another module, an LM head that reads every row, which the graph door gives no statistics)."""
     return {t.name: t.module for t in targets if t.weight.name == "weight" and _calibrated(t.module, model)}
@@ -229,7 +229,7 @@ def calibrated_modules(targets: Iterable[Target], model: nn.Module) -> dict[str,
 def _calibrated(module: nn.Module, model: nn.Module) -> bool:
     if isinstance(module, nn.Embedding):
         return type(module).forward is nn.Embedding.forward and not _shared(module.weight, model)
-    return feeds_back(module)
+    return reads_rows(module)
 
 
 def _shared(parameter: torch.Tensor, model: nn.Module) -> bool:

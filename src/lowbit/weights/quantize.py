@@ -124,10 +124,10 @@ def _quantized_with_feedback(
 
     scale = per_element(q.scale.astype(np.float64))
     zero_point = np.zeros_like(scale) if q.zero_point is None else per_element(q.zero_point.astype(np.float64))
-    columns = padded.size // padded.shape[1 - input_axis if padded.ndim == 2 else 0]
+    weight = columns_first(padded, input_axis)
+    columns, size = len(weight), gram.shape[-1]
     full = np.zeros((*gram.shape[:-2], columns, columns))
-    size = gram.shape[-1]
     full[..., :size, :size] = gram  # padding channels (the last, input channels first): never active
     grid = linear_grid(columns_first(scale, input_axis), columns_first(zero_point, input_axis), low, high)
-    codes = grouped_feedback(columns_first(padded, input_axis), full, grid, threads=threads).codes
+    codes = grouped_feedback(weight, full, grid, threads=threads).codes
     return dataclasses.replace(q, q=columns_back(codes, padded.shape, input_axis).astype(q.q.dtype))

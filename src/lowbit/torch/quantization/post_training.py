@@ -15,7 +15,7 @@ from lowbit.errors import SkipWeight
 from lowbit.kernels.quantize import INTEGER_DTYPES as INTEGER_NUMPY_DTYPES
 from lowbit.statistics import InputMoments
 from lowbit.torch._compressor import CompressorBase, Target, skip
-from lowbit.torch.calibration import feeds_back
+from lowbit.torch.calibration import reads_rows
 from lowbit.torch.config import ModelConfig, ModuleConfig
 from lowbit.torch.modules import from_numpy, to_numpy
 from lowbit.torch.records import store_quantization
@@ -141,10 +141,10 @@ class PostTrainingQuantizer(CompressorBase[PostTrainingQuantizerConfig]):
 
         ``calibration_data`` (lowbit's extension; default None: round to nearest): items run through
         ``forward_fn(model, item)`` (default ``model(**item)`` / ``model(*item)`` / ``model(item)``), block by
-        block, while forward hooks collect each quantized ``nn.Linear`` weight's input ``X^T X`` (a convolution's of
-        one group: over its input's windows); those weights' integer codes are then chosen with GPTQ's error
-        feedback (in act-order, the scales kept; on ``torch.get_num_threads()`` threads, the result the same on
-        any). Other weights, and float dtypes, are rounded to nearest.
+        block, while forward hooks collect each quantized ``nn.Linear`` weight's input ``X^T X`` (a
+        convolution's: over its input's windows, a grouped one's per group); those weights' integer codes are then
+        chosen with GPTQ's error feedback (in act-order, the scales kept; on ``torch.get_num_threads()`` threads,
+        the result the same on any). Other weights, and float dtypes, are rounded to nearest.
 
         Raises ``ValueError`` when a parameter is on the meta device or ``calibration_data`` yields nothing. A
         weight that cannot be quantized (NaN / Inf values, an integer dtype) is left as it is with a
@@ -175,9 +175,9 @@ Outcome = tuple[Target[ModulePostTrainingQuantizerConfig], QuantizedWeight]
 
 
 def _fed_back(target: Target) -> bool:
-    """Whether calibration changes ``target``'s codes: a Linear's or a convolution's (one group) integer codes
-    (error feedback)."""
-    return feeds_back(target.module) and target.config.weight_dtype in INTEGER_DTYPES
+    """Whether calibration changes ``target``'s codes: a Linear's or a convolution's integer codes (error
+    feedback)."""
+    return reads_rows(target.module) and target.config.weight_dtype in INTEGER_DTYPES
 
 
 def _quantized(targets: list[Target], statistics: Mapping[str, InputMoments]) -> Iterator[Outcome]:
