@@ -169,8 +169,10 @@ def test_a_grouped_convolutions_moments_are_its_groups_blocks(groups):
     full.add(rows.astype(np.float32), -1)
     n = 72 // groups
     assert moments.gram.shape == (groups, n, n)
+    scale = float(np.diagonal(full.gram).max())  # float32 sums of other lengths: equal to their rounding
     for g in range(groups):
-        np.testing.assert_allclose(moments.gram[g], full.gram[g * n : (g + 1) * n, g * n : (g + 1) * n], rtol=1e-5)
+        block = full.gram[g * n : (g + 1) * n, g * n : (g + 1) * n]
+        np.testing.assert_allclose(moments.gram[g], block, rtol=1e-5, atol=1e-6 * scale)
     importance = moments.importance(weight.shape, 1)
     per_output = 16 // groups
     for o in (0, 15):

@@ -62,11 +62,13 @@ def sensitivity_of(
 ) -> np.ndarray:
     """How much each element's squared error counts when outliers are chosen (broadcastable to the weight of
     ``shape``): ``importance``, or the energy of the input it multiplies (``diag(X^T X)`` of a 2-D weight, or of a
-    convolution's windows, ``output_axis`` 0, with calibration), or 1."""
+    convolution's windows, ``output_axis`` 0, or a transposed one's, 1, with calibration), or 1."""
     if importance is not None:
         return np.asarray(importance, np.float64)
     if gram is not None:
         energy = np.diagonal(gram, axis1=-2, axis2=-1).astype(np.float64)  # a grouped convolution's: per group
+        if len(shape) > 2 and output_axis % len(shape):  # a transposed convolution's [in, out, *kernel]
+            return energy.reshape(shape[0], 1, *shape[2:])
         if len(shape) > 2:
             blocks = energy.reshape(-1, *shape[1:])  # one per group (a group-1 conv's: one)
             return np.repeat(blocks, shape[0] // len(blocks), axis=0)

@@ -122,32 +122,40 @@ class InputMoments:
         row's share of the lookups)."""
         axis = self.channel_axis(input_axis) % len(shape)
         mean = self.channel_weights() / max(self.rows, 1)
-        spanned = self._spanned(shape, axis)
+        axes = self._channel_axes(shape, axis)
         if self.groups > 1:  # output channel o reads its group's channels: [out, in / groups, *kernel]
             return np.repeat(mean.reshape(self.groups, *shape[1:]), shape[0] // self.groups, axis=0)
-        view = [1] * axis + list(shape[axis:spanned]) + [1] * (len(shape) - spanned)
+        view = [n if a in axes else 1 for a, n in enumerate(shape)]
         return np.broadcast_to(mean.reshape(view), shape)
 
-    def _spanned(self, shape: tuple[int, ...], axis: int) -> int:
-        """The end of the weight axes (from ``axis``) these statistics' channels index; ``ValueError`` when their
-        count is not those axes' size."""
-        spanned = axis + 1 + len(self.kernel)
-        size = math.prod(shape[axis:spanned]) * self.groups
-        if tuple(shape[axis + 1 : spanned]) != self.kernel or self.squares.size != size or shape[0] % self.groups:
+    def _channel_axes(self, shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
+        """The weight axes these statistics' channels index, in their order: ``axis``, then a convolution's kernel
+        axes (the last ones: ``[out, in, *kernel]``, a transposed one's ``[in, out, *kernel]``); ``ValueError`` when
+        their count is not those axes' size."""
+        kernel_axes = tuple(range(len(shape) - len(self.kernel), len(shape))) if self.kernel else ()
+        axes = (axis, *kernel_axes)
+        size = math.prod(shape[a] for a in axes) * self.groups
+        fits = not kernel_axes or axis < kernel_axes[0]
+        if (
+            not fits
+            or tuple(shape[a] for a in kernel_axes) != self.kernel
+            or self.squares.size != size
+            or shape[0] % self.groups
+        ):
             what = f"{shape[axis]} channels" + (f" and a {self.kernel} kernel" if self.kernel else "")
             what += f" in {self.groups} groups" if self.groups > 1 else ""
             raise ValueError(f"statistics of {self.squares.size} channels for a weight of {what}, shape {shape}")
-        return spanned
+        return axes
 
     def channels_first(self, values: np.ndarray, input_axis: int) -> np.ndarray:
         """``values`` (a weight's shape, or a change of it) as ``[these statistics' channels, the rest]``: the
         rows ``X^T X`` multiplies (a grouped convolution's: ``[groups, its pairs, its output channels]``, each group
         under its block)."""
         axis = self.channel_axis(input_axis) % values.ndim
-        spanned = self._spanned(values.shape, axis)
+        axes = self._channel_axes(values.shape, axis)
         if self.groups > 1:
             return values.reshape(self.groups, values.shape[0] // self.groups, -1).transpose(0, 2, 1)
-        moved = np.moveaxis(values, tuple(range(axis, spanned)), tuple(range(spanned - axis)))
+        moved = np.moveaxis(values, axes, tuple(range(len(axes))))
         return moved.reshape(self.squares.size, -1)
 
     def add_lookups(self, indices: np.ndarray) -> None:

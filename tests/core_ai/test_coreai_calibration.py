@@ -148,6 +148,45 @@ def test_a_convolutions_windows_are_those_onnx_runtime_sees():
         np.testing.assert_allclose(theirs.gram, ours.gram, rtol=1e-4, atol=1e-3)
 
 
+class Deconvs(torch.nn.Module):
+    """Transposed convolutions: an upsampling one with padding and output padding, a dilated one of unequal
+    strides."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = torch.nn.ConvTranspose2d(3, 8, 3, stride=2, padding=1, output_padding=1, bias=False)
+        self.second = torch.nn.ConvTranspose2d(8, 4, (2, 3), stride=(1, 2), dilation=(2, 1), padding=(1, 0))
+
+    def forward(self, image):
+        return self.second(torch.relu(self.first(image)))
+
+
+def test_a_transposed_convolutions_windows_are_those_onnx_runtime_sees():
+    """Transposed convolutions' statistics on the Core AI door (strides, padding, dilations and output padding read
+    from the op) are the graph door's for the same weights and inputs (ONNX's ConvTranspose attributes)."""
+    torch.manual_seed(5)
+    model = Deconvs().eval()
+    rng = np.random.default_rng(6)
+    images = [rng.standard_normal((2, 3, 7, 6)).astype(np.float32) for _ in range(2)]
+    program = lc.Program.of(convert(model, (torch.from_numpy(images[0]),)))
+    core = collect_input_moments(program, [{"image": x} for x in images])
+    with torch.no_grad():
+        hidden = [torch.relu(model.first(torch.from_numpy(x))).numpy() for x in images]
+    attributes = {
+        "first": {"strides": [2, 2], "pads": [1, 1, 1, 1], "output_padding": [1, 1]},
+        "second": {"strides": [1, 2], "dilations": [2, 1], "pads": [1, 0, 1, 0]},
+    }
+    weights = {name: getattr(model, name).weight.detach().numpy() for name in attributes}
+    graph = lowbit.Program(make_model(weights, [("ConvTranspose", n, a) for n, a in attributes.items()]))
+    onnx = onnx_moments(graph, [{"x0": x, "x1": h} for x, h in zip(images, hidden, strict=True)])
+    by_shape = {w.shape: w.name for w in program.weights()}
+    for name, weight in weights.items():
+        ours, theirs = onnx[name], core[by_shape[weight.shape]]
+        assert ours.kernel == theirs.kernel == weight.shape[2:] and ours.rows == theirs.rows
+        np.testing.assert_allclose(theirs.squares, ours.squares, rtol=1e-5)
+        np.testing.assert_allclose(theirs.gram, ours.gram, rtol=1e-4, atol=1e-3)
+
+
 def test_calibration_leaves_the_program_alone_and_the_result_has_no_extra_output(tower, tmp_path):
     _, program = tower
     before = {w.name: np.asarray(evaluate(w.value)) for w in program.weights()}
@@ -231,23 +270,27 @@ CASES = [
 
 @pytest.mark.parametrize(("function", "params"), CASES, ids=[f"{f}-{i}" for i, (f, _) in enumerate(CASES)])
 def test_both_doors_calibrate_the_same_weights_to_the_same_codes(function, params):
-    """The probe's weights in an ONNX graph and in the Core AI program, fed the same inputs: the same statistics,
-    and the same decoded weights from every calibrated algorithm."""
+    """The probe's weights (a Linear, an embedding, a convolution, a transposed one) in an ONNX graph and in the Core
+    AI program, fed the same inputs: the same statistics, and the same decoded weights from every calibrated
+    algorithm."""
     program, _, dense = make_probe("fp32")
     rng = np.random.default_rng(5)
     eye = rng.standard_normal((6, 64, 64)).astype(np.float32) * np.logspace(-1, 1, 64, dtype=np.float32)
     ids = rng.integers(0, 40, (6, 40))
     conv_in = rng.standard_normal((6, 72, 8, 3, 3)).astype(np.float32)
-    deconv_in = rng.standard_normal((16, 16, 1, 1)).astype(np.float32)
-    core_feeds = [
-        {"eye": e, "ids": i, "conv_in": c, "deconv_in": deconv_in} for e, i, c in zip(eye, ids, conv_in, strict=True)
-    ]
-    onnx_feeds = [{"x0": e, "x1": i, "x2": c, "x3": deconv_in} for e, i, c in zip(eye, ids, conv_in, strict=True)]
+    deconv_in = (
+        rng.standard_normal((6, 16, 16, 1, 1)).astype(np.float32)
+        * np.logspace(-1, 1, 16, dtype=np.float32)[:, None, None]
+    )
+    inputs = list(zip(eye, ids, conv_in, deconv_in, strict=True))
+    core_feeds = [{"eye": e, "ids": i, "conv_in": c, "deconv_in": d} for e, i, c, d in inputs]
+    onnx_feeds = [{"x0": e, "x1": i, "x2": c, "x3": d} for e, i, c, d in inputs]
     onnx = onnx_probe(dense)
     core_stats = collect_input_moments(lc.Program.of(program), core_feeds)
     onnx_stats = onnx_moments(onnx, onnx_feeds)
     by_module = {w.shape: w.name for w in lc.Program.of(program).weights()}
-    for module, shape in (("linear", (48, 64)), ("embedding", (40, 32)), ("conv", (16, 8, 3, 3))):
+    shapes = (("linear", (48, 64)), ("embedding", (40, 32)), ("conv", (16, 8, 3, 3)), ("deconv", (16, 24, 2, 2)))
+    for module, shape in shapes:
         ours, theirs = onnx_stats[module], core_stats[by_module[shape]]
         np.testing.assert_array_equal(ours.squares, theirs.squares)
         assert ours.rows == theirs.rows and (ours.gram is None) == (theirs.gram is None)
@@ -259,6 +302,7 @@ def test_both_doors_calibrate_the_same_weights_to_the_same_codes(function, param
         ("linear", (48, 64), True),
         ("embedding", (40, 32), False),
         ("conv", (16, 8, 3, 3), False),
+        ("deconv", (16, 24, 2, 2), False),  # a transposed convolution: [in, out, *kernel]
     ):
         ours = onnx_dense[module].const_value.numpy()
         np.testing.assert_array_equal(ours.T if transposed else ours, evaluate(core_weights[shape].value))

@@ -81,3 +81,45 @@ def test_blocks_of_rows_are_the_patches_in_order_and_bounded(elements):
     line = 9 * 27  # one output line: 9 positions of 27 values
     assert all(b.size <= max(elements, line) for b in blocks)
     assert len(blocks) == (2 if elements >= 6 * line else 2 * -(-6 // max(1, elements // line)))
+
+
+TRANSPOSED = [  # kernel, stride, dilation, pads (before, after), output_padding
+    ((2, 2), (2, 2), (1, 1), ((0, 0), (0, 0)), (0, 0)),  # PP-OCR's upsampling
+    ((3, 3), (2, 2), (1, 1), ((1, 1), (1, 1)), (1, 1)),
+    ((4,), (2,), (1,), ((1, 1),), (0,)),
+    ((16,), (8,), (1,), ((4, 4),), (0,)),  # a vocoder's upsampler
+    ((3, 2), (1, 3), (2, 1), ((2, 2), (0, 0)), (0, 2)),
+    ((3, 3, 2), (2, 1, 2), (1, 1, 1), ((1, 1), (0, 0), (1, 1)), (1, 0, 0)),
+    ((3,), (2,), (1,), ((3, 3),), (0,)),  # pads past the kernel's reach: the output cropped
+]
+
+
+@pytest.mark.parametrize(("kernel", "stride", "dilation", "pads", "extra"), TRANSPOSED)
+def test_patches_times_the_weight_are_the_transposed_convolution(kernel, stride, dilation, pads, extra):
+    rng = np.random.default_rng(2)
+    rank = len(kernel)
+    x = rng.standard_normal((2, 3, *(5,) * rank)).astype(np.float32)
+    w = rng.standard_normal((3, 4, *kernel)).astype(np.float32)  # [in, out, *kernel]
+    conv = getattr(torch.nn.functional, f"conv_transpose{rank}d")
+    padding = [before for before, _ in pads]
+    assert all(before == after for before, after in pads)  # torch pads both sides alike
+    y = conv(
+        torch.from_numpy(x),
+        torch.from_numpy(w),
+        stride=stride,
+        padding=padding,
+        output_padding=extra,
+        dilation=dilation,
+    ).numpy()
+    rows = patches(x, Window(kernel, stride, dilation, pads, transposed=True, output_padding=extra))
+    ours = np.moveaxis((rows @ w.swapaxes(0, 1).reshape(4, -1).T).reshape(2, *y.shape[2:], 4), -1, 1)
+    np.testing.assert_allclose(ours, y, rtol=1e-5, atol=1e-5)
+
+
+def test_transposed_windows_pad_with_zeros_only():
+    with pytest.raises(ValueError, match="transposed window"):
+        Window((2,), (2,), (1,), ((0, 0),), same="upper", transposed=True)
+    with pytest.raises(ValueError, match="transposed window"):
+        Window((2,), (2,), (1,), ((0, 0),), pad_mode="reflect", transposed=True)
+    with pytest.raises(ValueError, match="output_padding"):
+        Window((2,), (2,), (1,), ((0, 0),), output_padding=(1,))

@@ -1,5 +1,7 @@
 """The same weight through the graph door and the torch door gives the same LUTs and indices, bit for bit."""
 
+import functools
+
 import numpy as np
 import pytest
 from conftest import make_model
@@ -229,15 +231,21 @@ def test_outliers_give_the_same_weights_through_either_door(calibrated):
 
 
 def _one_weight_through_both_doors(
-    module: torch.nn.Module, weight: np.ndarray, op: str, items: list[np.ndarray], config: dict, attributes=None
+    module: torch.nn.Module,
+    weight: np.ndarray,
+    op: str,
+    items: list[np.ndarray],
+    config: dict,
+    attributes=None,
+    holder: type[torch.nn.Module] = torch.nn.Sequential,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(torch door's decode, graph door's decode, graph door's data-free decode) of ``weight``, held by ``module``
-    and by a one-op graph (``op`` with ``attributes``), palettized as ``config`` says with ``items`` as calibration
-    on both doors."""
+    (in a ``holder(module)``, its child ``0``) and by a one-op graph (``op`` with ``attributes``), palettized as
+    ``config`` says with ``items`` as calibration on both doors."""
     with torch.no_grad():
         module.weight.copy_(torch.from_numpy(weight))
     torch_config = PostTrainingPalettizerConfig.from_dict({"global_config": config})
-    model = PostTrainingPalettizer(torch.nn.Sequential(module), torch_config).compress(
+    model = PostTrainingPalettizer(holder(module), torch_config).compress(
         calibration_data=[torch.from_numpy(x) for x in items]
     )
     program = lowbit.Program(make_model({"w": weight}, [(op, "w", attributes or {})]))
@@ -245,7 +253,7 @@ def _one_weight_through_both_doors(
     small = lowbit.palettize_weights(program, calibration_data=[{"x0": x} for x in items], **graph_config)
     assert len(small.report.compressed) == 1
     plain = lowbit.palettize_weights(program, **graph_config)
-    decoded = palettization_of(model[0])["weight"].decode()
+    decoded = palettization_of(model.get_submodule("0"))["weight"].decode()
     return (
         decoded,
         _initializer(lowbit.decompress_weights(small), "w"),
@@ -277,6 +285,51 @@ def test_a_calibrated_conv_gets_the_same_error_feedback_through_either_door(geom
     decoded, graph, data_free = _one_weight_through_both_doors(conv, weight, "Conv", items, {"n_bits": 3}, attributes)
     np.testing.assert_array_equal(graph, decoded)
     assert not np.array_equal(data_free, decoded)
+
+
+TRANSPOSED_GEOMETRIES = [
+    ({"stride": 2}, {"strides": [2, 2]}, {}),
+    (
+        {"stride": 2, "padding": 1, "output_padding": 1},
+        {"strides": [2, 2], "pads": [1, 1, 1, 1], "output_padding": [1, 1]},
+        {},
+    ),
+    ({"stride": 2, "padding": 1}, {"strides": [2, 2], "pads": [1, 1, 1, 1], "output_padding": [1, 1]}, {"size": 16}),
+    ({"dilation": 2, "padding": 2}, {"dilations": [2, 2], "pads": [2, 2, 2, 2]}, {}),
+]
+
+
+@pytest.mark.parametrize(
+    ("geometry", "attributes", "call"), TRANSPOSED_GEOMETRIES, ids=["upsample", "padded", "output_size", "dilated"]
+)
+def test_a_calibrated_conv_transpose_gets_the_same_error_feedback_through_either_door(geometry, attributes, call):
+    """A transposed convolution's statistics are over the windows its weight multiplies (its input with the
+    stride's zeros between values): read from the module (and, called with ``output_size``, from its output's
+    size) on one door, from the ConvTranspose's attributes on the other; the same LUTs and codes."""
+    rng = np.random.default_rng(14)
+    weight = (rng.standard_normal((6, 16, 3, 3)) * 0.1).astype(np.float32)
+    scales = np.array([0.1, 0.3, 1.0, 3.0, 10.0, 30.0], np.float32)[None, :, None, None]
+    items = [(rng.standard_normal((2, 6, 8, 8)) * scales).astype(np.float32) for _ in range(3)]
+    up = torch.nn.ConvTranspose2d(6, 16, 3, bias=False, **geometry)
+    holder = functools.partial(_Sized, size=call["size"]) if call else torch.nn.Sequential
+    decoded, graph, data_free = _one_weight_through_both_doors(
+        up, weight, "ConvTranspose", items, {"n_bits": 3}, attributes, holder
+    )
+    np.testing.assert_array_equal(graph, decoded)
+    assert not np.array_equal(data_free, decoded)
+
+
+class _Sized(torch.nn.Module):
+    """Its child ``0``, a transposed convolution, called with ``output_size`` (its output padding set by the
+    call)."""
+
+    def __init__(self, up: torch.nn.ConvTranspose2d, size: int) -> None:
+        super().__init__()
+        self.add_module("0", up)
+        self.size = size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.get_submodule("0")(x, output_size=[self.size, self.size])
 
 
 @pytest.mark.parametrize("config", [dict(n_bits=3), dict(n_bits=2, granularity="per_grouped_channel", group_size=8)])

@@ -75,29 +75,37 @@ def _activation(weight: CoreAIWeight) -> _Read | None:
     dims = _mlir.tensor_dims(x)
     if operand.lookup:  # indices [..., 1] into the weight's rows
         return _Read(x, axis, True) if weight.output_axis == 0 and dims is not None and dims[-1:] == (1,) else None
-    found = (None, 1) if operand.window is None else _window(owner, operand.window, tuple(weight.shape[2:]))
+    kernel = tuple(weight.shape[2:])
+    found = (None, 1) if operand.window is None else _window(owner, operand.window, kernel, operand.transposed)
     if dims is None or found is None or dims[axis] != weight.shape[weight.input_axis] * found[1]:  # dynamic channels
         return None
     return _Read(x, axis, False, *found)
 
 
-def _window(op: Any, operands: tuple[int, int, int], kernel: tuple[int, ...]) -> tuple[Window, int] | None:
-    """(the window of a convolution ``op`` whose weight has ``kernel``, its input padded already, its groups); None
-    when its strides, dilations or groups are not constants, or its groups do not divide its output channels."""
+def _window(
+    op: Any, operands: tuple[int, int, int], kernel: tuple[int, ...], transposed: tuple[int, int] | None = None
+) -> tuple[Window, int] | None:
+    """(the window of a convolution ``op`` whose weight has ``kernel``, its input padded already, its groups; a
+    transposed one's padded by its ``transposed`` (padding, output padding) operands); None when these are not
+    constants, its groups do not divide its output channels, or a transposed one has more than one group."""
     found = []
-    for index in operands:
+    for index in (*operands, *(transposed or ())):
         owner = op.operands[index].owner
         if getattr(owner, "name", None) != "coreai.constant":
             return None
         found.append(tuple(_mlir.attribute_ints(owner)))
-    strides, dilations, (groups,) = found
+    strides, dilations, (groups,) = found[:3]
     outputs = _mlir.tensor_dims(op.operands[1])
-    if groups < 1 or outputs is None or outputs[0] is None or outputs[0] % groups:
+    if groups < 1 or outputs is None or outputs[0] is None or outputs[0] % groups or (transposed and groups > 1):
         return None
+    pads, extra = (found[3], found[4]) if transposed else ((0,) * len(kernel), ())
     try:
-        return Window(kernel, strides, dilations, ((0, 0),) * len(kernel)), groups
+        window = Window(
+            kernel, strides, dilations, tuple((p, p) for p in pads), transposed=bool(transposed), output_padding=extra
+        )
     except ValueError:
         return None
+    return window, groups
 
 
 def _taps(program: Program) -> tuple[list[Tap], list[Any]]:

@@ -32,12 +32,14 @@ class WeightOperand(NamedTuple):
     and ``activation``, the (operand, channel axis) of the value whose channels meet the input axis, what
     calibration measures (None: nothing to measure); ``lookup``: that operand holds indices into the weight's rows
     instead (an embedding's); ``window``: a convolution's (strides, dilations, groups) operands (its input arrives
-    padded: the converter pads it first), over which calibration takes the activation's windows."""
+    padded: the converter pads it first), over which calibration takes the activation's windows; ``transposed``: a
+    transposed convolution's (padding, output padding) operands."""
 
     axes: tuple[int, int]
     activation: tuple[int, int] | None = None
     lookup: bool = False
     window: tuple[int, int, int] | None = None
+    transposed: tuple[int, int] | None = None
 
 
 # y: [..., K, N] read by x: [..., M, K] (coreai-opt's axes), or the other way round
@@ -48,8 +50,9 @@ OP_TABLE: dict[str, dict[int, WeightOperand]] = {
     "coreai.decomposable.broadcasting_batch_matmul": _MATMUL,
     "coreai.conv2d": {1: WeightOperand((0, 1), (0, 1), window=(2, 3, 4))},  # x: [N, C_in, ...], strides, dilations,
     "coreai.conv3d": {1: WeightOperand((0, 1), (0, 1), window=(2, 3, 4))},  # groups
-    "coreai.conv_transpose2d": {1: WeightOperand((1, 0))},  # [C_in, C_out / groups, k...]
-    "coreai.conv_transpose3d": {1: WeightOperand((1, 0))},
+    # [C_in, C_out / groups, k...]; x, strides, padding (each side), dilations, output padding, groups
+    "coreai.conv_transpose2d": {1: WeightOperand((1, 0), (0, 1), window=(2, 4, 6), transposed=(3, 5))},
+    "coreai.conv_transpose3d": {1: WeightOperand((1, 0), (0, 1), window=(2, 4, 6), transposed=(3, 5))},
     "coreai.gather_nd": {0: WeightOperand((0, 1), (1, 0), lookup=True)},  # an embedding table [vocab, dim]
 }
 TRANSPOSE = "coreai.transpose"

@@ -1,7 +1,12 @@
 """A convolution's input as the rows its weight multiplies (im2col): each output position's window of every input
 channel, one row, so that the convolution is ``patches(x) @ W.reshape(out_channels, -1).T`` for a weight laid out
 ``[out, in, *kernel]`` (ONNX's and PyTorch's). Calibration takes a convolution's ``X^T X`` over these rows: the
-error feedback and the importance of each (input channel, kernel position) read it as a Linear's."""
+error feedback and the importance of each (input channel, kernel position) read it as a Linear's.
+
+A transposed convolution (weight ``[in, out, *kernel]``) is the convolution of its input with the stride's zeros
+put between the values (and the padding turned around) by the kernel flipped: its rows are that input's windows,
+each window's kernel positions flipped back, so that ``patches(x) @ W.swapaxes(0, 1).reshape(out, -1).T`` is its
+output (a ``Window`` with ``transposed``)."""
 
 from __future__ import annotations
 
@@ -22,7 +27,8 @@ class Window:
     spatial axis the kernel size, stride, dilation and padding (before, after); ``same`` ("upper" / "lower") pads so
     that the output has ``ceil(size / stride)`` positions, the odd padding element after / before (ONNX's
     ``SAME_UPPER`` / ``SAME_LOWER``; PyTorch's ``padding="same"`` is "upper"), ``pads`` then ignored; ``pad_mode``:
-    what the padding holds (:data:`PAD_MODES`, numpy's names)."""
+    what the padding holds (:data:`PAD_MODES`, numpy's names). ``transposed``: a transposed convolution's window
+    (``pads`` taken off its full output, ``output_padding`` positions added after, zeros only, no ``same``)."""
 
     kernel: tuple[int, ...]
     strides: tuple[int, ...]
@@ -30,6 +36,8 @@ class Window:
     pads: tuple[tuple[int, int], ...]
     same: str = ""
     pad_mode: str = "constant"
+    transposed: bool = False
+    output_padding: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         rank = len(self.kernel)
@@ -39,6 +47,10 @@ class Window:
             raise ValueError(f"a window's sizes must be positive and its pads non-negative: {self}")
         if self.same not in ("", "upper", "lower") or self.pad_mode not in PAD_MODES:
             raise ValueError(f"a window's same must be '', 'upper' or 'lower', its pad_mode one of {PAD_MODES}")
+        if self.output_padding and (not self.transposed or len(self.output_padding) != rank):
+            raise ValueError(f"output_padding is a transposed window's, one entry per spatial axis: {self}")
+        if self.transposed and (self.same or self.pad_mode != "constant" or min(self.output_padding, default=0) < 0):
+            raise ValueError(f"a transposed window pads with zeros, by its pads and output_padding: {self}")
 
     @property
     def size(self) -> int:
@@ -90,11 +102,39 @@ def _windows(x: np.ndarray, window: Window) -> np.ndarray:
     rank = len(window.kernel)
     if x.ndim != rank + 2:
         raise ValueError(f"a convolution input of {rank} spatial axes must have {rank + 2} axes, got shape {x.shape}")
-    spatial = tuple(range(2, x.ndim))
+    if window.transposed:
+        return _transposed_windows(x, window)
     padded = np.pad(x, [(0, 0), (0, 0), *window.padding(x.shape[2:])], mode=window.pad_mode)  # type: ignore[call-overload]
+    return _strided(padded, window)
+
+
+def _strided(padded: np.ndarray, window: Window) -> np.ndarray:
+    """The windows of an input already padded: ``[batch, channels, *output positions, *kernel]``, a view."""
+    spatial = tuple(range(2, padded.ndim))
     spans = tuple((k - 1) * d + 1 for k, d in zip(window.kernel, window.dilations, strict=True))
     if any(n < span for n, span in zip(padded.shape[2:], spans, strict=True)):
-        raise ValueError(f"a convolution input of spatial size {x.shape[2:]} is smaller than its kernel {spans}")
+        raise ValueError(f"a convolution input padded to {padded.shape[2:]} is smaller than its kernel {spans}")
     views = np.lib.stride_tricks.sliding_window_view(padded, spans, axis=spatial)  # [b, c, *positions, *spans]
     steps = [slice(None), slice(None), *(slice(None, None, s) for s in window.strides)]
     return views[tuple(steps + [slice(None, None, d) for d in window.dilations])]
+
+
+def _transposed_windows(x: np.ndarray, window: Window) -> np.ndarray:
+    """A transposed convolution's windows: ``x`` with ``stride - 1`` zeros between its values, ``dilation *
+    (kernel - 1)`` zeros around less the pads (a pad past them crops), ``output_padding`` more after, windowed at
+    stride 1 with the window's dilation, each window's kernel positions flipped."""
+    rank = len(window.kernel)
+    sizes = [(n - 1) * s + 1 for n, s in zip(x.shape[2:], window.strides, strict=True)]
+    stuffed = np.zeros((*x.shape[:2], *sizes), x.dtype)
+    every = [slice(None)] * 2
+    stuffed[tuple(every + [slice(None, None, s) for s in window.strides])] = x
+    extra = window.output_padding or (0,) * rank
+    around = [
+        (d * (k - 1) - before, d * (k - 1) - after + more)
+        for k, d, (before, after), more in zip(window.kernel, window.dilations, window.pads, extra, strict=True)
+    ]
+    kept = [slice(max(0, -a), n - max(0, -b)) for (a, b), n in zip(around, sizes, strict=True)]
+    padded = np.pad(stuffed[tuple(every + kept)], [(0, 0), (0, 0)] + [(max(0, a), max(0, b)) for a, b in around])
+    forward = Window(window.kernel, (1,) * rank, window.dilations, ((0, 0),) * rank)
+    views = _strided(padded, forward)
+    return views[tuple(every + [slice(None)] * rank + [slice(None, None, -1)] * rank)]

@@ -106,26 +106,40 @@ def _tap(ref: WeightRef, node: ir.Node) -> Tap | None:
         inputs = channels * groups  # the weight holds one group's input channels
         full = keeps_gram(inputs, window, groups)
         return Tap(ref.name, x.name, 1, inputs, full, window=window, groups=groups)
+    if node.op_type == "ConvTranspose" and node.inputs[1] is ref.value and groups == 1:
+        window = _window(node, tuple(ref.shape[2:]))
+        if window is None:
+            return None
+        return Tap(ref.name, x.name, 1, channels, keeps_gram(channels, window), window=window)
     return None
 
 
 _SAME = {"SAME_UPPER": "upper", "SAME_LOWER": "lower"}
 
 
+def _ints(node: ir.Node, name: str, count: int, default: int) -> tuple[int, ...]:
+    attr = node.attributes.get(name)
+    return tuple(attr.as_ints()) if attr is not None else (default,) * count
+
+
 def _window(node: ir.Node, kernel: tuple[int, ...]) -> Window | None:
-    """The window of a Conv ``node`` whose weight has ``kernel`` (None when its attributes do not describe one)."""
+    """The window of a Conv or ConvTranspose ``node`` whose weight has ``kernel`` (None when its attributes do not
+    describe one: a ConvTranspose's ``auto_pad`` SAME_* or ``output_shape``, which set its padding from the input's
+    size)."""
     rank = len(kernel)
-
-    def ints(name: str, count: int, default: int) -> tuple[int, ...]:
-        attr = node.attributes.get(name)
-        return tuple(attr.as_ints()) if attr is not None else (default,) * count
-
+    transposed = node.op_type == "ConvTranspose"
     auto_pad = node.attributes.get("auto_pad")
     mode = "NOTSET" if auto_pad is None else auto_pad.as_string()
-    pads = ints("pads", 2 * rank, 0) if mode == "NOTSET" else (0,) * 2 * rank
+    if transposed and (mode not in ("NOTSET", "VALID") or node.attributes.get("output_shape") is not None):
+        return None
+    pads = _ints(node, "pads", 2 * rank, 0) if mode == "NOTSET" else (0,) * 2 * rank
     pairs = tuple(zip(pads[:rank], pads[rank:], strict=False))
+    strides, dilations = _ints(node, "strides", rank, 1), _ints(node, "dilations", rank, 1)
+    extra = _ints(node, "output_padding", rank, 0) if transposed else ()
     try:
-        return Window(kernel, ints("strides", rank, 1), ints("dilations", rank, 1), pairs, _SAME.get(mode, ""))
+        return Window(
+            kernel, strides, dilations, pairs, _SAME.get(mode, ""), transposed=transposed, output_padding=extra
+        )
     except ValueError:
         return None
 
@@ -146,10 +160,11 @@ def _taps(program: Program) -> list[Tap]:
 
 
 def collect_input_moments(program: Program, calibration_data: Any) -> dict[str, InputMoments]:
-    """Each MatMul / Gemm / Conv (over its input's windows; a grouped one's blocks) weight's :class:`InputMoments` over
-    ``calibration_data`` (see :func:`lowbit.calibration.feeds_of`), and each embedding table's (a Gather's rows:
-    how often each was looked up), by weight name. Other weights (weights shared or reached through a Cast or
-    Transpose, inside subgraphs) get none and are compressed data-free. ``ValueError`` when the data holds no feed,
+    """Each MatMul / Gemm / Conv / ConvTranspose (over its input's windows; a grouped Conv's blocks) weight's
+    :class:`InputMoments` over ``calibration_data`` (see :func:`lowbit.calibration.feeds_of`), and each embedding
+    table's (a Gather's rows: how often each was looked up), by weight name. Other weights (weights shared or reached
+    through a Cast or Transpose, inside subgraphs, a grouped ConvTranspose's, one sized by ``auto_pad`` SAME_* or
+    ``output_shape``) get none and are compressed data-free. ``ValueError`` when the data holds no feed,
     or a feed's activations do not have the weight's input channels."""
     check_source(calibration_data)
     taps = _taps(program)

@@ -108,31 +108,42 @@ def moments_of(activations: torch.Tensor, full: bool) -> InputMoments:
 
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+TRANSPOSED_CONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
 
 
-_STOCK_FORWARDS = {conv.forward for conv in CONVS}
+_STOCK_FORWARDS = {conv.forward for conv in CONVS + TRANSPOSED_CONVS}
 
 
 def reads_rows(module: nn.Module) -> bool:
-    """Whether calibration reads ``module``'s input as rows its weight multiplies: a Linear, or a convolution (of any
-    groups: a grouped one's ``X^T X`` kept as its groups' blocks) with the stock ``forward`` (a subclass that pads
-    in its own ``forward``, as timm's ``Conv2dSame`` does, would multiply other windows than its attributes say)."""
+    """Whether calibration reads ``module``'s input as rows its weight multiplies: a Linear, a convolution (of any
+    groups: a grouped one's ``X^T X`` kept as its groups' blocks) or a transposed convolution of one group, with
+    the stock ``forward`` (a subclass that pads in its own ``forward``, as timm's ``Conv2dSame`` does, would
+    multiply other windows than its attributes say)."""
     if isinstance(module, nn.Linear):
         return True
-    return isinstance(module, CONVS) and type(module).forward in _STOCK_FORWARDS
+    if isinstance(module, TRANSPOSED_CONVS) and module.groups > 1:
+        return False
+    return isinstance(module, CONVS + TRANSPOSED_CONVS) and type(module).forward in _STOCK_FORWARDS
 
 
-def window_of(module: nn.Module) -> Window | None:
-    """A convolution's :class:`~lowbit.kernels.patches.Window` (None for any other module)."""
-    if not isinstance(module, CONVS):
+def window_of(module: nn.Module, sizes: tuple[torch.Size, torch.Size] | None = None) -> Window | None:
+    """A convolution's :class:`~lowbit.kernels.patches.Window` (None for any other module); a transposed one's
+    output padding read off the spatial ``sizes`` (input, output) of a call when given (``output_size`` sets it)."""
+    if not isinstance(module, CONVS + TRANSPOSED_CONVS):
         return None
     kernel = tuple(int(k) for k in module.kernel_size)
     padding = module.padding
     pads = ((0, 0),) * len(kernel) if isinstance(padding, str) else tuple((int(p), int(p)) for p in padding)
-    same = "upper" if padding == "same" else ""
     strides, dilations = (tuple(int(v) for v in values) for values in (module.stride, module.dilation))
-    return Window(kernel, strides, dilations, pads, same, _PAD_MODES[module.padding_mode])
+    if isinstance(module, CONVS):
+        same = "upper" if padding == "same" else ""
+        return Window(kernel, strides, dilations, pads, same, _PAD_MODES[module.padding_mode])
+    extra = tuple(int(p) for p in module.output_padding)
+    if sizes is not None:  # the output's size less what the attributes give without output padding
+        spans = zip(*sizes, strides, pads, dilations, kernel, strict=True)
+        extra = tuple(n - (i - 1) * s + 2 * p[0] - d * (k - 1) - 1 for i, n, s, p, d, k in spans)
+    return Window(kernel, strides, dilations, pads, transposed=True, output_padding=extra)
 
 
 class ModuleMoments:
@@ -158,11 +169,14 @@ class ModuleMoments:
         self.seen.clear()
         self.parts.clear()
 
-    def _part(self, name: str, tensor: torch.Tensor, module: nn.Module, full: bool) -> InputMoments:
+    def _part(self, name: str, tensor: torch.Tensor, module: nn.Module, output: Any, full: bool) -> InputMoments:
         """The moments of ``tensor`` (this item's input of ``name``: a Linear's, its channels last, or a
-        convolution's, read through its window and groups; the whole ``X^T X`` when ``full``), computed once per
-        tensor, window and item (again when it was changed in place since)."""
-        window, groups = window_of(module), getattr(module, "groups", 1)
+        convolution's, read through its window and groups, a transposed one's to its ``output``'s size; the whole
+        ``X^T X`` when ``full``), computed once per tensor, window and item (again when it was changed in place
+        since)."""
+        rank = len(getattr(module, "kernel_size", ()))
+        sizes = (tensor.shape[-rank:], output.shape[-rank:]) if isinstance(module, TRANSPOSED_CONVS) else None
+        window, groups = window_of(module, sizes), getattr(module, "groups", 1)
         known = self.parts.get((id(tensor), window, groups))
         if known is not None and known[0] is tensor and known[1] == tensor._version:
             return known[2]
@@ -185,7 +199,7 @@ class ModuleMoments:
                 self.moments[name].add_lookups(inputs[0].detach().cpu().numpy())
             else:
                 moments = self.moments[name]
-                moments.merge(self._part(name, inputs[0], module, moments.gram is not None))
+                moments.merge(self._part(name, inputs[0], module, output, moments.gram is not None))
             if self.stop_early:
                 self.seen.add(name)
                 if len(self.seen) == len(self.moments):

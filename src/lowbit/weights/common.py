@@ -74,22 +74,30 @@ def checked_gram(gram: np.ndarray | None, channels: int | None, outputs: int = 1
 
 def feedback_columns(shape: Sequence[int], output_axis: int, input_axis: int) -> int | None:
     """The size of the ``X^T X`` a weight's error feedback reads: a 2-D weight's input channels, or a convolution's
-    ``[out, in, *kernel]`` (output axis 0, input axis 1) (input channel, kernel position) pairs, its input's windows
-    (:mod:`lowbit.kernels.patches`); None for any other layout (no feedback)."""
+    (input channel, kernel position) pairs, its input's windows (:mod:`lowbit.kernels.patches`): ``[out, in,
+    *kernel]`` (output axis 0, input axis 1), a transposed one's ``[in, out, *kernel]`` (output axis 1, input axis
+    0); None for any other layout (no feedback)."""
     rank = len(shape)
     if rank == 2 and output_axis % 2 != input_axis % 2:
         return int(shape[input_axis])
-    if rank > 2 and output_axis % rank == 0 and input_axis % rank == 1:
-        return math.prod(shape[1:])
+    if rank > 2 and {output_axis % rank, input_axis % rank} == {0, 1}:
+        return math.prod(shape) // int(shape[output_axis])
     return None
 
 
 def columns_first(a: np.ndarray, input_axis: int) -> np.ndarray:
     """A weight (or a grid of its shape) as ``[feedback columns, output channels]`` (:func:`feedback_columns`): a
-    2-D weight's :func:`by_input`, a convolution flattened and transposed."""
-    return by_input(a, input_axis) if a.ndim == 2 else a.reshape(a.shape[0], -1).T
+    2-D weight's :func:`by_input`, a convolution's output channels moved first, flattened and transposed."""
+    if a.ndim == 2:
+        return by_input(a, input_axis)
+    outputs = 1 - input_axis % a.ndim  # a convolution's 0, a transposed one's 1
+    return np.moveaxis(a, outputs, 0).reshape(a.shape[outputs], -1).T
 
 
 def columns_back(a: np.ndarray, shape: tuple[int, ...], input_axis: int) -> np.ndarray:
     """:func:`columns_first`'s inverse, to a weight of ``shape``."""
-    return by_input(a, input_axis) if len(shape) == 2 else a.T.reshape(shape)
+    if len(shape) == 2:
+        return by_input(a, input_axis)
+    outputs = 1 - input_axis % len(shape)
+    moved = (shape[outputs], *(n for axis, n in enumerate(shape) if axis != outputs))
+    return np.moveaxis(a.T.reshape(moved), 0, outputs)

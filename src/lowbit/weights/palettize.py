@@ -123,11 +123,12 @@ def lut_groups(channels: int, config: PalettizeConfig) -> tuple[int, int]:
     return -(-channels // per_group), per_group
 
 
-def _palettize_layout(rank: int, axis: int, config: PalettizeConfig) -> list[int]:
+def _palettize_layout(rank: int, axis: int, config: PalettizeConfig, feedback: bool = False) -> list[int]:
     """The perm into the kernel's channel-first layout. One scalar LUT for the whole tensor has no channel
-    structure: the weight keeps its own layout and the transpose (a copy) is saved."""
+    structure: the weight keeps its own layout and the transpose (a copy) is saved, but for a transposed
+    convolution's error ``feedback``, which reads its output channels first."""
     single_lut = config.granularity == CompressionGranularity.PER_TENSOR and config.cluster_dim == 1
-    if single_lut and not config.enable_per_channel_scale:
+    if single_lut and not config.enable_per_channel_scale and not (feedback and rank > 2 and axis):
         return list(range(rank))
     return moved_axis_perms(rank, axis)[0]
 
@@ -149,15 +150,18 @@ def _damped(importance: np.ndarray, groups: int, damping: float) -> np.ndarray:
 
 def feeds_back(config: PalettizeConfig, shape: tuple[int, ...], output_axis: int = 0) -> bool:
     """Whether :func:`palettize_weight` chooses the codes of a weight of ``shape`` by error feedback when given its
-    ``X^T X``: scalar LUTs of a 2-D weight, or of a convolution's ``[out, in, *kernel]`` along its output channels
-    (``output_axis`` 0; its ``X^T X`` over its input's windows, :mod:`lowbit.kernels.patches`)."""
+    ``X^T X``: scalar LUTs of a 2-D weight, or of a convolution's ``[out, in, *kernel]`` (a transposed one's ``[in,
+    out, *kernel]``) along its output channels (``output_axis`` 0, 1; its ``X^T X`` over its input's windows,
+    :mod:`lowbit.kernels.patches`)."""
     return config.cluster_dim == 1 and _columns(shape, output_axis) is not None
 
 
 def _columns(shape: tuple[int, ...], output_axis: int) -> int | None:
     """:func:`~lowbit.weights.common.feedback_columns` of a weight palettized along ``output_axis`` (a 2-D weight's
-    input axis is the other one, a convolution's is 1)."""
-    return feedback_columns(shape, output_axis, 1 - output_axis % 2 if len(shape) == 2 else 1)
+    input axis is the other one, and so is a convolution's: 1 for ``[out, in, *kernel]``, 0 for a transposed
+    one's ``[in, out, *kernel]``)."""
+    axis = output_axis % len(shape)
+    return feedback_columns(shape, axis, 1 - axis if axis < 2 else 1)
 
 
 def palettize_weight(
@@ -198,7 +202,8 @@ def palettize_weight(
     axis = output_axis % array.ndim
     channels = array.shape[axis]
     groups, per_group = lut_groups(channels, config)
-    forward = _palettize_layout(array.ndim, axis, config)
+    feedback = gram is not None and feeds_back(config, array.shape, axis)
+    forward = _palettize_layout(array.ndim, axis, config, feedback)
     moved = _transposed(array, forward)
     canonical = moved.reshape(moved.shape[0], -1)
     imp = None
@@ -208,7 +213,6 @@ def palettize_weight(
     rows = canonical.shape[0]  # the channels, or (one LUT, own layout) the weight's first axis
     full = channels // per_group * per_group  # the channels of whole groups; a ragged last group is solved alone
     parts = [(0, full, full // per_group), (full, channels, 1)] if full < channels else [(0, rows, groups)]
-    feedback = gram is not None and feeds_back(config, array.shape, axis)
     checked = checked_gram(gram, _columns(array.shape, axis), array.shape[axis]) if feedback else None
     outputs_first = forward[0] == axis
 

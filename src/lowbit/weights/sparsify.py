@@ -136,7 +136,7 @@ def _pruned_for_output(
     kept values then re-solved (:func:`~lowbit.kernels.reconstruct.admm_prune`). A convolution's columns are taken
     kernel position by kernel position, so that its n:m groups run along the input channels, as without ``gram``."""
     columns = columns_first(array, input_axis)
-    order = _kernel_major(array.shape)
+    order = _kernel_major(array.shape, input_axis)
     if order is not None:
         columns, gram = columns[order], np.take(np.take(gram, order, axis=-2), order, axis=-1)
     keep, values = _admm_by_groups(columns, gram, _selection(config))
@@ -156,9 +156,10 @@ def _admm_by_groups(columns: np.ndarray, gram: np.ndarray, select: Select) -> tu
     return np.concatenate([p[0] for p in parts], axis=1), np.concatenate([p[1] for p in parts], axis=1)
 
 
-def _kernel_major(shape: tuple[int, ...]) -> np.ndarray | None:
-    """A convolution's feedback columns in (kernel position, input channel) order (None for a 2-D weight: in
-    order)."""
+def _kernel_major(shape: tuple[int, ...], input_axis: int) -> np.ndarray | None:
+    """A convolution's feedback columns (:func:`~lowbit.weights.common.columns_first`: input channel, kernel
+    position) in (kernel position, input channel) order (None for a 2-D weight: in order)."""
     if len(shape) == 2:
         return None
-    return np.arange(math.prod(shape[1:])).reshape(shape[1], -1).T.reshape(-1)
+    inputs = shape[input_axis]
+    return np.arange(math.prod(shape[2:]) * inputs).reshape(inputs, -1).T.reshape(-1)

@@ -1,0 +1,187 @@
+"""Transposed convolutions with calibration: their X^T X over the rows their weight ``[in, out, *kernel]``
+multiplies (the stride's zeros between the input's values, the kernel flipped), and every data-aware algorithm of
+the weight layer on that layout, the same codes as the convolution ``[out, in, *kernel]`` it transposes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import make_model, ort_session
+
+import lowbit
+from lowbit.config import PalettizeConfig, QuantizeConfig, SparsifyConfig
+from lowbit.kernels.patches import Window, patches
+from lowbit.onnx.calibration import collect_input_moments
+from lowbit.statistics import InputMoments
+from lowbit.weights.palettize import palettize_weight
+from lowbit.weights.quantize import quantize_weight
+from lowbit.weights.sparsify import sparsify_weight
+
+UPSAMPLE = Window((3, 3), (2, 2), (1, 1), ((1, 1), (1, 1)), transposed=True, output_padding=(1, 1))
+
+
+def _layer(seed: int, window: Window = UPSAMPLE, inputs: int = 6) -> tuple[np.ndarray, np.ndarray, InputMoments]:
+    """(a transposed weight ``[inputs, 8, *kernel]``, the rows it multiplies, their moments): input channels that
+    differ in scale by 30x and are correlated with each other."""
+    rng = np.random.default_rng(seed)
+    weight = (rng.standard_normal((inputs, 8, *window.kernel)) * 0.1).astype(np.float32)
+    scales = np.logspace(-1, 1.5, inputs).astype(np.float32)[None, :, None, None]
+    noise = rng.standard_normal((3, inputs, 7, 7)).astype(np.float32)
+    mixed = np.einsum("ij,bjhw->bihw", rng.standard_normal((inputs, inputs)) + 2 * np.eye(inputs), noise)
+    x = (mixed * scales).astype(np.float32)
+    rows = patches(x, window)
+    moments = InputMoments.empty(inputs, full=True, kernel=window.kernel)
+    moments.add(rows, -1)
+    return weight, rows.astype(np.float64), moments
+
+
+def _output_error(rows: np.ndarray, weight: np.ndarray, decoded: np.ndarray) -> float:
+    change = (decoded.astype(np.float64) - weight).swapaxes(0, 1).reshape(weight.shape[1], -1)
+    return float(np.linalg.norm(rows @ change.T))
+
+
+PALETTIZE = [
+    PalettizeConfig(n_bits=3, granularity="per_grouped_channel", group_size=4),
+    PalettizeConfig(n_bits=4),  # one LUT: the feedback reads the output channels first all the same
+    PalettizeConfig(n_bits=2, granularity="per_grouped_channel", group_size=1, enable_per_channel_scale=True),
+    PalettizeConfig(n_bits=3, granularity="per_grouped_channel", group_size=4, outlier_fraction=0.02),
+]
+QUANTIZE = [
+    QuantizeConfig(dtype="int4"),
+    QuantizeConfig(dtype="uint4", qscheme="asymmetric"),
+    QuantizeConfig(dtype="int4", granularity="per_block", block_size=4),  # 6 input channels: a padded last block
+]
+SPARSIFY = [
+    SparsifyConfig(target_sparsity=0.5),
+    SparsifyConfig(target_sparsity=0.5, n_m_ratio=(2, 4)),
+    SparsifyConfig(target_sparsity=0.5, block_size=4),
+]
+
+
+@pytest.mark.parametrize("config", PALETTIZE, ids=["grouped", "tensor", "scale", "outliers"])
+def test_a_transposed_weight_gets_the_lut_codes_of_the_convolution_it_transposes(config):
+    """The same statistics, the same codes: ``[in, out, *kernel]`` along axis 1 decodes to the swapped axes of
+    ``[out, in, *kernel]`` along axis 0; and the feedback lowers the output error below weighted k-means."""
+    weight, rows, moments = _layer(0)
+    importance, damping = moments.weighting(weight.shape, 0)
+    conv = np.ascontiguousarray(weight.swapaxes(0, 1))
+    fed = palettize_weight(weight, 1, config, "t", importance, damping=damping, gram=moments.gram)
+    as_conv = palettize_weight(
+        conv, 0, config, "t", np.ascontiguousarray(importance.swapaxes(0, 1)), damping=damping, gram=moments.gram
+    )
+    np.testing.assert_array_equal(fed.decode(), as_conv.decode().swapaxes(0, 1))
+    weighted = palettize_weight(weight, 1, config, "t", importance, damping=damping)
+    assert _output_error(rows, weight, fed.decode()) < _output_error(rows, weight, weighted.decode())
+
+
+@pytest.mark.parametrize("config", QUANTIZE, ids=lambda c: f"{c.dtype.value}-{c.granularity.value}")
+def test_a_transposed_weight_gets_the_integer_codes_of_the_convolution_it_transposes(config):
+    for seed in range(3):
+        weight, rows, moments = _layer(seed)
+        fed = quantize_weight(weight, 1, 0, config, moments.gram)
+        as_conv = quantize_weight(np.ascontiguousarray(weight.swapaxes(0, 1)), 0, 1, config, moments.gram)
+        np.testing.assert_array_equal(fed.decode(), as_conv.decode().swapaxes(0, 1))
+        rounded = quantize_weight(weight, 1, 0, config)
+        assert _output_error(rows, weight, fed.decode()) < _output_error(rows, weight, rounded.decode())
+
+
+@pytest.mark.parametrize("config", SPARSIFY, ids=["50%", "2:4", "blocks"])
+def test_a_transposed_weight_is_pruned_as_the_convolution_it_transposes(config):
+    weight, rows, moments = _layer(1, inputs=8)
+    importance = moments.importance(weight.shape, 0)
+    fed = sparsify_weight(weight, 1, 0, config, importance, moments.gram).decode()
+    conv = np.ascontiguousarray(weight.swapaxes(0, 1))
+    as_conv = sparsify_weight(conv, 0, 1, config, np.ascontiguousarray(importance.swapaxes(0, 1)), moments.gram)
+    np.testing.assert_array_equal(fed, as_conv.decode().swapaxes(0, 1))
+    wanda = sparsify_weight(weight, 1, 0, config, importance).decode()
+    assert (fed != 0).sum() == (wanda != 0).sum()
+    assert _output_error(rows, weight, fed) < _output_error(rows, weight, wanda)
+    if config.n_m_ratio is not None:  # at most 2 of every 4 input channels, per output channel and position
+        assert (np.moveaxis(fed != 0, 0, -1).reshape(-1, 4).sum(1) <= 2).all()
+
+
+def test_a_transposed_weights_statistics_index_its_input_and_kernel_axes():
+    weight, rows, moments = _layer(2)
+    importance = moments.importance(weight.shape, 0)
+    assert importance.shape == weight.shape
+    np.testing.assert_allclose(importance[:, 5], (rows**2).mean(0).reshape(6, 3, 3), rtol=1e-6)
+    assert moments.channels_first(weight, 0).shape == (54, 8)
+    np.testing.assert_array_equal(moments.channels_first(weight, 0)[:, 3], weight[:, 3].reshape(-1))
+
+
+TRANSPOSED_ATTRIBUTES = [
+    {"strides": [2, 2]},
+    {"strides": [2, 3], "pads": [1, 0, 1, 2], "output_padding": [1, 2]},
+    {"dilations": [2, 1], "pads": [0, 1, 2, 0]},
+    {"auto_pad": "VALID", "strides": [3, 1]},
+]
+
+
+@pytest.mark.parametrize("attributes", TRANSPOSED_ATTRIBUTES)
+def test_a_conv_transposes_moments_are_those_of_the_rows_its_weight_multiplies(attributes):
+    """Whatever its strides, dilations, pads and output padding, a ConvTranspose's X^T X is over the rows its
+    weight multiplies: ``W' X^T X W'^T = Y^T Y`` of its output as ONNX Runtime computes it (``W'``: the weight's
+    output channels first, flattened)."""
+    rng = np.random.default_rng(4)
+    weight = rng.standard_normal((3, 5, 3, 2)).astype(np.float32)
+    program = lowbit.Program(make_model({"t": weight}, [("ConvTranspose", "t", attributes)]))
+    feeds = [{"x0": rng.standard_normal((2, 3, 6, 5)).astype(np.float32)} for _ in range(2)]
+    stats = collect_input_moments(program, feeds)["t"]
+    session = ort_session(program.model)
+    y = np.concatenate([np.moveaxis(session.run(None, f)[0], 1, -1).reshape(-1, 5) for f in feeds])
+    flat = weight.swapaxes(0, 1).reshape(5, -1).astype(np.float64)
+    assert stats.rows == len(y) and stats.kernel == (3, 2)
+    np.testing.assert_allclose(flat @ stats.gram @ flat.T, y.T.astype(np.float64) @ y, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "attributes", [{"auto_pad": "SAME_UPPER", "strides": [2, 2]}, {"output_shape": [12, 10]}, {"group": 3}]
+)
+def test_a_conv_transpose_padded_from_its_input_size_or_grouped_gets_no_statistics(attributes):
+    weight = np.random.default_rng(5).standard_normal((3, 1 if "group" in attributes else 5, 2, 2)).astype(np.float32)
+    program = lowbit.Program(make_model({"t": weight}, [("ConvTranspose", "t", {"strides": [2, 2], **attributes})]))
+    feeds = [{"x0": np.ones((1, 3, 6, 5), np.float32)}]
+    assert "t" not in collect_input_moments(program, feeds)
+
+
+@pytest.mark.parametrize(
+    ("call", "params"),
+    [
+        ("palettize_weights", {"n_bits": 3, "granularity": "per_grouped_channel", "group_size": 4}),
+        ("quantize_weights", {"dtype": "int4"}),
+        ("sparsify_weights", {"target_sparsity": 0.5, "quantize_dtype": "int8"}),
+    ],
+)
+def test_a_calibrated_conv_transpose_runs_as_decompressed_and_beats_data_free(call, params):
+    """An upsampling ConvTranspose (3 x 3, stride 2) compressed with calibration: its file runs in ONNX Runtime,
+    equals its decompressed model, and its output is closer to the dense one than the data-free result's."""
+    rng = np.random.default_rng(6)
+    weight = (rng.standard_normal((16, 8, 3, 3)) * 0.1).astype(np.float32)
+    attributes = {"strides": [2, 2], "pads": [1, 1, 1, 1], "output_padding": [1, 1]}
+    program = lowbit.Program(make_model({"t": weight}, [("ConvTranspose", "t", attributes)]))
+    mixing = rng.standard_normal((16, 16)) + 2 * np.eye(16)
+    scales = np.logspace(-1, 1.5, 16)[:, None, None]
+
+    def feed() -> dict[str, np.ndarray]:
+        x = np.einsum("ij,bjhw->bihw", mixing, rng.standard_normal((2, 16, 9, 9))) * scales
+        return {"x0": x.astype(np.float32)}
+
+    calibration, evaluation = [feed() for _ in range(4)], [feed() for _ in range(2)]
+    dense = ort_session(program.model)
+    expected = [dense.run(None, f)[0] for f in evaluation]
+
+    def error(model: lowbit.Program) -> float:
+        session = ort_session(model.model, "basic")
+        return sum(
+            float(np.linalg.norm(session.run(None, f)[0] - y)) for f, y in zip(evaluation, expected, strict=True)
+        )
+
+    compress = getattr(lowbit, call)
+    options = {"weight_num_threshold": 0}
+    data_free = compress(program, **params, **options)
+    calibrated = compress(program, **params, **options, calibration_data=calibration)
+    assert calibrated.weights()[0].compression is not None
+    decompressed = lowbit.decompress_weights(calibrated)
+    session, reference = ort_session(calibrated.model), ort_session(decompressed.model)
+    np.testing.assert_array_equal(session.run(None, evaluation[0])[0], reference.run(None, evaluation[0])[0])
+    assert error(calibrated) < 0.9 * error(data_free)
