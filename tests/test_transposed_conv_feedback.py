@@ -65,7 +65,7 @@ def test_a_transposed_weight_gets_the_lut_codes_of_the_convolution_it_transposes
     weight, rows, moments = _layer(0)
     importance, damping = moments.weighting(weight.shape, 0)
     conv = np.ascontiguousarray(weight.swapaxes(0, 1))
-    fed = palettize_weight(weight, 1, config, "t", importance, damping=damping, gram=moments.gram)
+    fed = palettize_weight(weight, 1, config, "t", importance, damping=damping, gram=moments.gram, input_axis=0)
     as_conv = palettize_weight(
         conv, 0, config, "t", np.ascontiguousarray(importance.swapaxes(0, 1)), damping=damping, gram=moments.gram
     )
@@ -185,3 +185,40 @@ def test_a_calibrated_conv_transpose_runs_as_decompressed_and_beats_data_free(ca
     session, reference = ort_session(calibrated.model), ort_session(decompressed.model)
     np.testing.assert_array_equal(session.run(None, evaluation[0])[0], reference.run(None, evaluation[0])[0])
     assert error(calibrated) < 0.9 * error(data_free)
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv", "transposed"])
+def test_luts_along_the_input_channels_get_no_feedback(transposed):
+    """A convolution (or a transposed one) palettized along its input channels (the torch door's
+    ``channel_axis=1`` of a conv, 0 of a transposed one) has no feedback layout: its codes are the weighted
+    k-means' own, not a feedback over the wrong columns (a review found it refused or worse than data-free)."""
+    weight, _, moments = _layer(3)  # [6 in, 8 out, 3, 3]
+    input_axis, along = (0, 0) if transposed else (1, 1)
+    if not transposed:
+        weight = np.ascontiguousarray(weight.swapaxes(0, 1))  # [8 out, 6 in, 3, 3]
+    config = PalettizeConfig(n_bits=3, granularity="per_grouped_channel", group_size=2)
+    importance, damping = moments.weighting(weight.shape, input_axis)
+    plain = palettize_weight(weight, along, config, "c", importance, damping=damping)
+    given = palettize_weight(
+        weight, along, config, "c", importance, damping=damping, gram=moments.gram, input_axis=input_axis
+    )
+    np.testing.assert_array_equal(given.decode(), plain.decode())
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv", "transposed"])
+def test_the_torch_door_calibrates_luts_along_a_convs_input_channels(transposed):
+    torch = pytest.importorskip("torch")
+    from lowbit.torch.palettization import PostTrainingPalettizer, PostTrainingPalettizerConfig
+
+    kind = torch.nn.ConvTranspose2d if transposed else torch.nn.Conv2d
+    module = kind(6, 16, 3, bias=False)
+    config = {"n_bits": 3, "granularity": "per_grouped_channel", "group_size": 2, "channel_axis": 1}
+    items = [torch.randn(2, 6, 8, 8) for _ in range(2)]
+    palettizer = PostTrainingPalettizer(
+        torch.nn.Sequential(module), PostTrainingPalettizerConfig.from_dict({"global_config": config})
+    )
+    model = palettizer.compress(calibration_data=items)
+    weight = model[0].weight.detach().numpy()
+    axis = 0 if transposed else 1  # the input channels: a transposed weight's axis 0
+    groups = np.moveaxis(weight, axis, 0).reshape(weight.shape[axis] // 2, -1)  # a LUT for two channels
+    assert max(len(np.unique(g)) for g in groups) <= 8

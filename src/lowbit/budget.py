@@ -243,9 +243,18 @@ class Measurable:
         def measured(bits: int) -> Choice:
             config = dataclasses.replace(self.config, n_bits=bits)
             gram = self.gram
-            deferred = bits in self.deferred and gram is not None and feeds_back(config, array.shape, self.output_axis)
+            fed = gram is not None and feeds_back(config, array.shape, self.output_axis, self.input_axis)
+            deferred = bits in self.deferred and fed
             result = palettize_weight(
-                array, self.output_axis, config, self.name, importance, threads, damping, None if deferred else gram
+                array,
+                self.output_axis,
+                config,
+                self.name,
+                importance,
+                threads,
+                damping,
+                None if deferred else gram,
+                self.input_axis,
             )
             nbytes = result.nbytes if self.stored is None else self.stored(result)
             if deferred:  # the feedback keeps the LUTs, hence the bytes
@@ -312,7 +321,8 @@ def _kept_factors(in_order: Sequence[Measurable]) -> list[np.ndarray]:
     chosen: dict[int, np.ndarray] = {}
     room = FACTORS_KEPT_BYTES
     for weight in in_order:
-        gram = weight.gram if feeds_back(weight.config, weight.array.shape, weight.output_axis) else None
+        shape, axes = weight.array.shape, (weight.output_axis, weight.input_axis)
+        gram = weight.gram if feeds_back(weight.config, shape, *axes) else None
         if gram is None or gram.ndim != 2 or id(gram) in chosen:  # a grouped conv's blocks: factored as they come
             continue
         factor_bytes = 8 * gram.shape[0] * (gram.shape[0] + 1)  # the factor and the order

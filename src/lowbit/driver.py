@@ -114,6 +114,7 @@ def _palettize_job(array: np.ndarray, weight: Weight, config: Any, threads: int,
         importance=importance,
         damping=damping,
         gram=None if stats is None else stats.gram,
+        input_axis=weight.input_axis,
     )
 
 

@@ -148,20 +148,23 @@ def _damped(importance: np.ndarray, groups: int, damping: float) -> np.ndarray:
     return imp.reshape(importance.shape)
 
 
-def feeds_back(config: PalettizeConfig, shape: tuple[int, ...], output_axis: int = 0) -> bool:
+def feeds_back(
+    config: PalettizeConfig, shape: tuple[int, ...], output_axis: int = 0, input_axis: int | None = None
+) -> bool:
     """Whether :func:`palettize_weight` chooses the codes of a weight of ``shape`` by error feedback when given its
     ``X^T X``: scalar LUTs of a 2-D weight, or of a convolution's ``[out, in, *kernel]`` (a transposed one's ``[in,
-    out, *kernel]``) along its output channels (``output_axis`` 0, 1; its ``X^T X`` over its input's windows,
-    :mod:`lowbit.kernels.patches`)."""
-    return config.cluster_dim == 1 and _columns(shape, output_axis) is not None
+    out, *kernel]``: ``input_axis`` 0) along its output channels (``output_axis``; its ``X^T X`` over its input's
+    windows, :mod:`lowbit.kernels.patches`). ``input_axis``: the weight's (default: a 2-D weight's other axis, a
+    convolution's 1)."""
+    return config.cluster_dim == 1 and _columns(shape, output_axis, input_axis) is not None
 
 
-def _columns(shape: tuple[int, ...], output_axis: int) -> int | None:
-    """:func:`~lowbit.weights.common.feedback_columns` of a weight palettized along ``output_axis`` (a 2-D weight's
-    input axis is the other one, and so is a convolution's: 1 for ``[out, in, *kernel]``, 0 for a transposed
-    one's ``[in, out, *kernel]``)."""
-    axis = output_axis % len(shape)
-    return feedback_columns(shape, axis, 1 - axis if axis < 2 else 1)
+def _columns(shape: tuple[int, ...], output_axis: int, input_axis: int | None = None) -> int | None:
+    """:func:`~lowbit.weights.common.feedback_columns` of a weight palettized along ``output_axis`` whose input
+    channels lie on ``input_axis`` (default: a 2-D weight's other axis, a convolution's 1)."""
+    if input_axis is None:
+        input_axis = 1 - output_axis % 2 if len(shape) == 2 else 1
+    return feedback_columns(shape, output_axis, input_axis)
 
 
 def palettize_weight(
@@ -173,6 +176,7 @@ def palettize_weight(
     threads: int = 1,
     damping: float = 0.0,
     gram: np.ndarray | None = None,
+    input_axis: int | None = None,
 ) -> PalettizedWeight:
     """Palettize one weight as ``config`` says.
 
@@ -195,6 +199,9 @@ def palettize_weight(
         channels (:mod:`lowbit.kernels.feedback`), the LUTs kept, so that the layer's output error is minimized.
         Scalar LUTs only (with or without per-channel scale); ignored for vectors (``cluster_dim > 1``) and other
         layouts (:func:`feeds_back`). ``ValueError`` when its size is not those columns'.
+    input_axis : the weight's input-channel axis, which ``gram``'s channels index (default None: a 2-D weight's
+        other axis, a convolution's 1; a transposed convolution ``[in, out, *kernel]``: 0). No feedback along
+        any other axis than the weight's output axis.
 
     Raises :class:`~lowbit.errors.SkipWeight` when the channels do not split into the configured groups or
     vectors, the values are not finite, or ``mode="unique"`` finds too many distinct values.
@@ -202,7 +209,7 @@ def palettize_weight(
     axis = output_axis % array.ndim
     channels = array.shape[axis]
     groups, per_group = lut_groups(channels, config)
-    feedback = gram is not None and feeds_back(config, array.shape, axis)
+    feedback = gram is not None and feeds_back(config, array.shape, axis, input_axis)
     forward = _palettize_layout(array.ndim, axis, config, feedback)
     moved = _transposed(array, forward)
     canonical = moved.reshape(moved.shape[0], -1)
@@ -213,7 +220,7 @@ def palettize_weight(
     rows = canonical.shape[0]  # the channels, or (one LUT, own layout) the weight's first axis
     full = channels // per_group * per_group  # the channels of whole groups; a ragged last group is solved alone
     parts = [(0, full, full // per_group), (full, channels, 1)] if full < channels else [(0, rows, groups)]
-    checked = checked_gram(gram, _columns(array.shape, axis), array.shape[axis]) if feedback else None
+    checked = checked_gram(gram, _columns(array.shape, axis, input_axis), array.shape[axis]) if feedback else None
     outputs_first = forward[0] == axis
 
     def solve(start: int, stop: int, lut_groups: int) -> Palettized:

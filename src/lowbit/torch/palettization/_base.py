@@ -171,6 +171,7 @@ class PalettizerBase(CompressorBase[MC]):
                     threads=threads,
                     damping=damping,
                     gram=None if stats is None else stats.gram,
+                    input_axis=target.weight.input_axis,
                 )
             except SkipWeight as skipped:
                 skip(target, skipped)
