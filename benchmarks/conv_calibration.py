@@ -6,7 +6,8 @@ convolution's (input channel, kernel position) pairs, from ``X^T X`` over the wi
 Two real ONNX CNNs, each at its own opset:
 
 - rapidocr's PP-OCRv4 text detector (MobileNetV3-style: 1 x 1 and 3 x 3 convolutions of one group and depthwise
-  5 x 5 ones, whose statistics are kept per channel; a 2 x 2 stride-2 transposed convolution in its head). Calibration: 8 crops (192 x 192) of scikit-learn's ``china.jpg``
+  5 x 5 ones, whose statistics are kept per channel; a 2 x 2 stride-2 transposed convolution in its
+  head). Calibration: 8 crops (192 x 192) of scikit-learn's ``china.jpg``
   with random words drawn on them; evaluation: 24 crops of ``flower.jpg`` with other words. Measured: the relative
   error of the detector's probability map to fp32's, and the IoU of the two maps' text pixels (> 0.3).
 - lowbit's digits CNN (``examples/digits``): calibration on 256 training images, evaluation on the fixed test split
