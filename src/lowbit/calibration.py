@@ -62,14 +62,17 @@ class Tap:
 def keeps_gram(channels: int, window: Window | None, groups: int = 1) -> bool:
     """Whether a weight of ``channels`` input channels (a convolution's, with its ``window`` and ``groups``) keeps
     its whole ``X^T X``: a Linear's always, a convolution's up to :data:`CONV_GRAM_COLUMNS` columns (a grouped one's
-    blocks: a group's columns)."""
-    return window is None or channels // groups * window.size <= CONV_GRAM_COLUMNS
+    blocks: a group's columns; a grouped transposed one's: all its columns, the other groups' blocks zero)."""
+    per_group = 1 if window is not None and window.transposed else groups
+    return window is None or channels // per_group * window.size <= CONV_GRAM_COLUMNS
 
 
 def empty_moments(channels: int, full: bool, window: Window | None = None, groups: int = 1) -> InputMoments:
     """No rows yet for a weight of ``channels`` input channels (a convolution's: with its ``window`` and
-    ``groups``); ``full`` also keeps its whole ``X^T X`` (a grouped convolution's blocks)."""
-    return InputMoments.empty(channels, full, () if window is None else window.kernel, groups)
+    ``groups``); ``full`` also keeps its whole ``X^T X`` (a grouped convolution's blocks; a grouped transposed one's
+    as one matrix, see :func:`add_activations`)."""
+    kernel = () if window is None else window.kernel
+    return InputMoments.empty(channels, full, kernel, 1 if window is not None and window.transposed else groups)
 
 
 def check_source(calibration_data: Any) -> None:
@@ -125,7 +128,7 @@ class MomentSums:
     def add(self, values: Mapping[str, np.ndarray], index: int) -> None:
         """Add feed ``index``'s tapped values (by name). ``ValueError`` when activations do not have the weight's
         input channels or are not finite."""
-        for (activation, axis, channels, _, lookup, window, _), moments in self.shared.items():
+        for (activation, axis, channels, _, lookup, window, groups), moments in self.shared.items():
             x = values[activation]
             if lookup:  # the runtime has checked the indices against the table (tables of one size share them)
                 moments.add_lookups(x)
@@ -134,7 +137,7 @@ class MomentSums:
                 tap = next(t for t in self.taps if t.activation == activation)
                 problem = "are not finite" if x.shape[axis] == channels else f"have {x.shape[axis]} channels"
                 raise ValueError(f"activations of {tap.weight!r} {problem} on calibration feed {index}")
-            add_activations(moments, x, axis, window)
+            add_activations(moments, x, axis, window, groups)
         self.feeds += 1
 
     def result(self) -> dict[str, InputMoments]:
@@ -144,15 +147,21 @@ class MomentSums:
         return {t.weight: self.shared[t.key] for t in self.taps}
 
 
-def add_activations(moments: InputMoments, x: np.ndarray, axis: int, window: Window | None) -> None:
+def add_activations(moments: InputMoments, x: np.ndarray, axis: int, window: Window | None, groups: int = 1) -> None:
     """Add the activations ``x`` (channels on ``axis``) to ``moments``; a convolution's (``window``) as its windows,
     a block of rows at a time (:func:`~lowbit.kernels.patches.patch_blocks`: a window's rows take ``window.size``
-    times the input's memory)."""
+    times the input's memory). A transposed convolution of ``groups`` groups (its weight ``[in, out / groups,
+    *kernel]`` read with its output channels first, each group's output channels under one row) keeps its groups'
+    diagonal blocks of ``X^T X``, the rest zero: its output error is then the error of those rows, exactly."""
     if window is None:
         moments.add(x, axis)
         return
     for rows in patch_blocks(np.asarray(x), window):
         moments.add(rows, -1)
+    if window.transposed and groups > 1 and moments.gram is not None:
+        block = len(moments.gram) // groups
+        group = np.arange(len(moments.gram)) // block
+        moments.gram[group[:, None] != group[None, :]] = 0
 
 
 def accumulate_moments(taps: list[Tap], run: Run, calibration_data: Any) -> dict[str, InputMoments]:

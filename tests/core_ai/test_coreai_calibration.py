@@ -150,20 +150,22 @@ def test_a_convolutions_windows_are_those_onnx_runtime_sees():
 
 class Deconvs(torch.nn.Module):
     """Transposed convolutions: an upsampling one with padding and output padding, a dilated one of unequal
-    strides."""
+    strides, one of two groups."""
 
     def __init__(self) -> None:
         super().__init__()
         self.first = torch.nn.ConvTranspose2d(3, 8, 3, stride=2, padding=1, output_padding=1, bias=False)
         self.second = torch.nn.ConvTranspose2d(8, 4, (2, 3), stride=(1, 2), dilation=(2, 1), padding=(1, 0))
+        self.third = torch.nn.ConvTranspose2d(4, 6, 2, stride=2, groups=2, bias=False)
 
     def forward(self, image):
-        return self.second(torch.relu(self.first(image)))
+        return self.third(self.second(torch.relu(self.first(image))))
 
 
 def test_a_transposed_convolutions_windows_are_those_onnx_runtime_sees():
-    """Transposed convolutions' statistics on the Core AI door (strides, padding, dilations and output padding read
-    from the op) are the graph door's for the same weights and inputs (ONNX's ConvTranspose attributes)."""
+    """Transposed convolutions' statistics on the Core AI door (strides, padding, dilations, output padding and
+    groups read from the op) are the graph door's for the same weights and inputs (ONNX's ConvTranspose
+    attributes)."""
     torch.manual_seed(5)
     model = Deconvs().eval()
     rng = np.random.default_rng(6)
@@ -171,14 +173,16 @@ def test_a_transposed_convolutions_windows_are_those_onnx_runtime_sees():
     program = lc.Program.of(convert(model, (torch.from_numpy(images[0]),)))
     core = collect_input_moments(program, [{"image": x} for x in images])
     with torch.no_grad():
-        hidden = [torch.relu(model.first(torch.from_numpy(x))).numpy() for x in images]
+        hidden = [torch.relu(model.first(torch.from_numpy(x))) for x in images]
+        feeds = [{"x0": x, "x1": h.numpy(), "x2": model.second(h).numpy()} for x, h in zip(images, hidden, strict=True)]
     attributes = {
         "first": {"strides": [2, 2], "pads": [1, 1, 1, 1], "output_padding": [1, 1]},
         "second": {"strides": [1, 2], "dilations": [2, 1], "pads": [1, 0, 1, 0]},
+        "third": {"strides": [2, 2], "group": 2},
     }
     weights = {name: getattr(model, name).weight.detach().numpy() for name in attributes}
     graph = lowbit.Program(make_model(weights, [("ConvTranspose", n, a) for n, a in attributes.items()]))
-    onnx = onnx_moments(graph, [{"x0": x, "x1": h} for x, h in zip(images, hidden, strict=True)])
+    onnx = onnx_moments(graph, feeds)
     by_shape = {w.shape: w.name for w in program.weights()}
     for name, weight in weights.items():
         ours, theirs = onnx[name], core[by_shape[weight.shape]]

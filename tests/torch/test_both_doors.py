@@ -296,18 +296,21 @@ TRANSPOSED_GEOMETRIES = [
     ),
     ({"stride": 2, "padding": 1}, {"strides": [2, 2], "pads": [1, 1, 1, 1], "output_padding": [1, 1]}, {"size": 16}),
     ({"dilation": 2, "padding": 2}, {"dilations": [2, 2], "pads": [2, 2, 2, 2]}, {}),
+    ({"stride": 2, "groups": 2}, {"strides": [2, 2], "group": 2}, {}),
 ]
 
 
 @pytest.mark.parametrize(
-    ("geometry", "attributes", "call"), TRANSPOSED_GEOMETRIES, ids=["upsample", "padded", "output_size", "dilated"]
+    ("geometry", "attributes", "call"),
+    TRANSPOSED_GEOMETRIES,
+    ids=["upsample", "padded", "output_size", "dilated", "grouped"],
 )
 def test_a_calibrated_conv_transpose_gets_the_same_error_feedback_through_either_door(geometry, attributes, call):
     """A transposed convolution's statistics are over the windows its weight multiplies (its input with the
     stride's zeros between values): read from the module (and, called with ``output_size``, from its output's
     size) on one door, from the ConvTranspose's attributes on the other; the same LUTs and codes."""
     rng = np.random.default_rng(14)
-    weight = (rng.standard_normal((6, 16, 3, 3)) * 0.1).astype(np.float32)
+    weight = (rng.standard_normal((6, 16 // geometry.get("groups", 1), 3, 3)) * 0.1).astype(np.float32)
     scales = np.array([0.1, 0.3, 1.0, 3.0, 10.0, 30.0], np.float32)[None, :, None, None]
     items = [(rng.standard_normal((2, 6, 8, 8)) * scales).astype(np.float32) for _ in range(3)]
     up = torch.nn.ConvTranspose2d(6, 16, 3, bias=False, **geometry)

@@ -77,7 +77,10 @@ def _activation(weight: CoreAIWeight) -> _Read | None:
         return _Read(x, axis, True) if weight.output_axis == 0 and dims is not None and dims[-1:] == (1,) else None
     kernel = tuple(weight.shape[2:])
     found = (None, 1) if operand.window is None else _window(owner, operand.window, kernel, operand.transposed)
-    if dims is None or found is None or dims[axis] != weight.shape[weight.input_axis] * found[1]:  # dynamic channels
+    if dims is None or found is None:
+        return None
+    per_group = 1 if operand.transposed else found[1]  # a convolution's weight holds one group's input channels
+    if dims[axis] != weight.shape[weight.input_axis] * per_group:  # dynamic channels
         return None
     return _Read(x, axis, False, *found)
 
@@ -87,7 +90,8 @@ def _window(
 ) -> tuple[Window, int] | None:
     """(the window of a convolution ``op`` whose weight has ``kernel``, its input padded already, its groups; a
     transposed one's padded by its ``transposed`` (padding, output padding) operands); None when these are not
-    constants, its groups do not divide its output channels, or a transposed one has more than one group."""
+    constants or its groups do not divide the weight's first axis (a convolution's output channels, a transposed
+    one's input channels)."""
     found = []
     for index in (*operands, *(transposed or ())):
         owner = op.operands[index].owner
@@ -96,7 +100,7 @@ def _window(
         found.append(tuple(_mlir.attribute_ints(owner)))
     strides, dilations, (groups,) = found[:3]
     outputs = _mlir.tensor_dims(op.operands[1])
-    if groups < 1 or outputs is None or outputs[0] is None or outputs[0] % groups or (transposed and groups > 1):
+    if groups < 1 or outputs is None or outputs[0] is None or outputs[0] % groups:
         return None
     pads, extra = (found[3], found[4]) if transposed else ((0,) * len(kernel), ())
     try:
@@ -119,7 +123,8 @@ def _taps(program: Program) -> tuple[list[Tap], list[Any]]:
         index = next((i for i, v in enumerate(values) if v == read.value), len(values))
         if index == len(values):
             values.append(read.value)
-        channels = weight.shape[0] if read.lookup else weight.shape[weight.input_axis] * read.groups
+        per_group = read.groups if read.window is not None and not read.window.transposed else 1
+        channels = weight.shape[0] if read.lookup else weight.shape[weight.input_axis] * per_group
         matrix = len(weight.shape) == 2 or read.window is not None
         full = not read.lookup and matrix and keeps_gram(channels, read.window, read.groups)
         name = f"{TAP_PREFIX}{index}"

@@ -106,11 +106,11 @@ def _tap(ref: WeightRef, node: ir.Node) -> Tap | None:
         inputs = channels * groups  # the weight holds one group's input channels
         full = keeps_gram(inputs, window, groups)
         return Tap(ref.name, x.name, 1, inputs, full, window=window, groups=groups)
-    if node.op_type == "ConvTranspose" and node.inputs[1] is ref.value and groups == 1:
+    if node.op_type == "ConvTranspose" and node.inputs[1] is ref.value and groups >= 1 and channels % groups == 0:
         window = _window(node, tuple(ref.shape[2:]))
         if window is None:
             return None
-        return Tap(ref.name, x.name, 1, channels, keeps_gram(channels, window), window=window)
+        return Tap(ref.name, x.name, 1, channels, keeps_gram(channels, window, groups), window=window, groups=groups)
     return None
 
 
@@ -163,7 +163,7 @@ def collect_input_moments(program: Program, calibration_data: Any) -> dict[str, 
     """Each MatMul / Gemm / Conv / ConvTranspose (over its input's windows; a grouped Conv's blocks) weight's
     :class:`InputMoments` over ``calibration_data`` (see :func:`lowbit.calibration.feeds_of`), and each embedding
     table's (a Gather's rows: how often each was looked up), by weight name. Other weights (weights shared or reached
-    through a Cast or Transpose, inside subgraphs, a grouped ConvTranspose's, one sized by ``auto_pad`` SAME_* or
+    through a Cast or Transpose, inside subgraphs, a ConvTranspose's sized by ``auto_pad`` SAME_* or
     ``output_shape``) get none and are compressed data-free. ``ValueError`` when the data holds no feed,
     or a feed's activations do not have the weight's input channels."""
     check_source(calibration_data)

@@ -116,14 +116,12 @@ _STOCK_FORWARDS = {conv.forward for conv in CONVS + TRANSPOSED_CONVS}
 
 
 def reads_rows(module: nn.Module) -> bool:
-    """Whether calibration reads ``module``'s input as rows its weight multiplies: a Linear, a convolution (of any
-    groups: a grouped one's ``X^T X`` kept as its groups' blocks) or a transposed convolution of one group, with
-    the stock ``forward`` (a subclass that pads in its own ``forward``, as timm's ``Conv2dSame`` does, would
-    multiply other windows than its attributes say)."""
+    """Whether calibration reads ``module``'s input as rows its weight multiplies: a Linear, a convolution or a
+    transposed one (of any groups: a grouped one's ``X^T X`` kept as its groups' blocks), with the stock ``forward``
+    (a subclass that pads in its own ``forward``, as timm's ``Conv2dSame`` does, would multiply other windows than
+    its attributes say)."""
     if isinstance(module, nn.Linear):
         return True
-    if isinstance(module, TRANSPOSED_CONVS) and module.groups > 1:
-        return False
     return isinstance(module, CONVS + TRANSPOSED_CONVS) and type(module).forward in _STOCK_FORWARDS
 
 
@@ -187,7 +185,7 @@ class ModuleMoments:
         else:  # the graph door's windows and sums (numpy's: the same statistics, bit for bit)
             batched = tensor if tensor.ndim == len(window.kernel) + 2 else tensor.unsqueeze(0)  # torch takes [C, ...]
             part = empty_moments(batched.shape[1], full, window, groups)
-            add_activations(part, batched.detach().float().cpu().numpy(), 1, window)  # exact for fp16 / bf16
+            add_activations(part, batched.detach().float().cpu().numpy(), 1, window, groups)  # exact for fp16 / bf16
         self.parts[(id(tensor), window, groups)] = (tensor, tensor._version, part)
         return part
 
