@@ -113,17 +113,23 @@ CONV_ATTRIBUTES = {
 }
 
 
+def _calibrated_on_core_ai(kind: type[torch.nn.Module], seed: int, size: tuple[int, int]) -> tuple:
+    """(a ``kind`` model seeded with ``seed``, two batches of 3-channel images of ``size``, its Core AI program,
+    the program's statistics on those images)."""
+    torch.manual_seed(seed)
+    model = kind().eval()
+    rng = np.random.default_rng(seed + 1)
+    images = [rng.standard_normal((2, 3, *size)).astype(np.float32) for _ in range(2)]
+    program = lc.Program.of(convert(model, (torch.from_numpy(images[0]),)))
+    return model, images, program, collect_input_moments(program, [{"image": x} for x in images])
+
+
 def test_a_convolutions_windows_are_those_onnx_runtime_sees():
     """Padded, strided, dilated and grouped convolutions' statistics on the Core AI door (the input padded by the
     program, strides, dilations and groups read from the op) are the graph door's for the same weights and inputs
     (ONNX's Conv attributes): the same rows, sums and X^T X (a grouped conv's blocks); the reflection padding's
     too (a Pad before the ONNX Conv)."""
-    torch.manual_seed(3)
-    model = Convs().eval()
-    rng = np.random.default_rng(4)
-    images = [rng.standard_normal((2, 3, 11, 10)).astype(np.float32) for _ in range(2)]
-    program = lc.Program.of(convert(model, (torch.from_numpy(images[0]),)))
-    core = collect_input_moments(program, [{"image": x} for x in images])
+    model, images, program, core = _calibrated_on_core_ai(Convs, 3, (11, 10))
     inputs: dict[str, list[np.ndarray]] = {name: [] for name in CONV_ATTRIBUTES}
     hooks = [
         getattr(model, n).register_forward_pre_hook(lambda m, a, n=n: inputs[n].append(a[0].numpy()))
@@ -166,12 +172,7 @@ def test_a_transposed_convolutions_windows_are_those_onnx_runtime_sees():
     """Transposed convolutions' statistics on the Core AI door (strides, padding, dilations, output padding and
     groups read from the op) are the graph door's for the same weights and inputs (ONNX's ConvTranspose
     attributes)."""
-    torch.manual_seed(5)
-    model = Deconvs().eval()
-    rng = np.random.default_rng(6)
-    images = [rng.standard_normal((2, 3, 7, 6)).astype(np.float32) for _ in range(2)]
-    program = lc.Program.of(convert(model, (torch.from_numpy(images[0]),)))
-    core = collect_input_moments(program, [{"image": x} for x in images])
+    model, images, program, core = _calibrated_on_core_ai(Deconvs, 5, (7, 6))
     with torch.no_grad():
         hidden = [torch.relu(model.first(torch.from_numpy(x))) for x in images]
         feeds = [{"x0": x, "x1": h.numpy(), "x2": model.second(h).numpy()} for x, h in zip(images, hidden, strict=True)]
