@@ -158,12 +158,31 @@ def test_a_grouped_conv_transposes_blocks_are_those_of_the_rows_each_group_multi
         assert not others.any()
 
 
-@pytest.mark.parametrize("attributes", [{"auto_pad": "SAME_UPPER", "strides": [2, 2]}, {"output_shape": [12, 10]}])
-def test_a_conv_transpose_padded_from_its_input_size_gets_no_statistics(attributes):
-    weight = np.random.default_rng(5).standard_normal((3, 5, 2, 2)).astype(np.float32)
-    program = lowbit.Program(make_model({"t": weight}, [("ConvTranspose", "t", {"strides": [2, 2], **attributes})]))
-    feeds = [{"x0": np.ones((1, 3, 6, 5), np.float32)}]
-    assert "t" not in collect_input_moments(program, feeds)
+TRANSPOSED_ATTRIBUTES_SIZED = [
+    {"auto_pad": "SAME_UPPER", "strides": [2, 2]},
+    {"auto_pad": "SAME_LOWER", "strides": [2, 3], "output_padding": [1, 0]},
+    {"strides": [2, 2], "output_shape": [12, 9]},  # the odd pad before
+    {"strides": [2, 2], "output_shape": [11, 9], "auto_pad": "SAME_UPPER"},  # after
+    {"strides": [2, 2], "output_shape": [14, 11]},  # larger than the full output: zeros after
+    {"strides": [2, 2], "output_shape": [14, 11], "auto_pad": "SAME_UPPER"},
+]
+
+
+@pytest.mark.parametrize("attributes", TRANSPOSED_ATTRIBUTES_SIZED)
+def test_a_conv_transpose_sized_by_its_output_gets_the_rows_onnx_runtime_multiplies(attributes):
+    """``auto_pad`` SAME_* and ``output_shape`` set a ConvTranspose's pads from its input's size: its X^T X is
+    over the rows ONNX Runtime's output is made of (``W' X^T X W'^T = Y^T Y``), for inputs of two sizes."""
+    rng = np.random.default_rng(5)
+    weight = rng.standard_normal((3, 5, 3, 2)).astype(np.float32)
+    program = lowbit.Program(make_model({"t": weight}, [("ConvTranspose", "t", attributes)]))
+    sizes = [(6, 5), (6, 5)] if "output_shape" in attributes else [(6, 5), (5, 7)]
+    feeds = [{"x0": rng.standard_normal((2, 3, *size)).astype(np.float32)} for size in sizes]
+    stats = collect_input_moments(program, feeds)["t"]
+    session = ort_session(program.model)
+    y = np.concatenate([np.moveaxis(session.run(None, f)[0], 1, -1).reshape(-1, 5) for f in feeds])
+    flat = weight.swapaxes(0, 1).reshape(5, -1).astype(np.float64)
+    assert stats.rows == len(y)
+    np.testing.assert_allclose(flat @ stats.gram @ flat.T, y.T.astype(np.float64) @ y, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("group", [1, 4], ids=["one group", "four groups"])

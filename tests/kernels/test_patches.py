@@ -117,9 +117,9 @@ def test_patches_times_the_weight_are_the_transposed_convolution(kernel, stride,
 
 
 def test_transposed_windows_pad_with_zeros_only():
-    with pytest.raises(ValueError, match="transposed window"):
-        Window((2,), (2,), (1,), ((0, 0),), same="upper", transposed=True)
-    with pytest.raises(ValueError, match="transposed window"):
+    with pytest.raises(ValueError, match="transposed window pads with zeros"):
         Window((2,), (2,), (1,), ((0, 0),), pad_mode="reflect", transposed=True)
-    with pytest.raises(ValueError, match="output_padding"):
+    with pytest.raises(ValueError, match="output_padding is a transposed window's"):
         Window((2,), (2,), (1,), ((0, 0),), output_padding=(1,))
+    with pytest.raises(ValueError, match="output_shape is a transposed window's"):
+        Window((2,), (2,), (1,), ((0, 0),), transposed=True, output_shape=(4, 4))

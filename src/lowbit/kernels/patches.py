@@ -28,7 +28,10 @@ class Window:
     that the output has ``ceil(size / stride)`` positions, the odd padding element after / before (ONNX's
     ``SAME_UPPER`` / ``SAME_LOWER``; PyTorch's ``padding="same"`` is "upper"), ``pads`` then ignored; ``pad_mode``:
     what the padding holds (:data:`PAD_MODES`, numpy's names). ``transposed``: a transposed convolution's window
-    (``pads`` taken off its full output, ``output_padding`` positions added after, zeros only, no ``same``)."""
+    (``pads`` taken off its full output, ``output_padding`` positions added after, zeros only); with ``same`` or
+    ``output_shape`` (its output's spatial size) the pads are what the output's size leaves, the odd one before
+    ("lower") or after ("upper"), as ONNX Runtime takes ``auto_pad`` and ``output_shape`` (``output_shape``
+    alone: "lower"), and an output larger than the full one has zeros added after."""
 
     kernel: tuple[int, ...]
     strides: tuple[int, ...]
@@ -38,6 +41,7 @@ class Window:
     pad_mode: str = "constant"
     transposed: bool = False
     output_padding: tuple[int, ...] = ()
+    output_shape: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         rank = len(self.kernel)
@@ -47,10 +51,12 @@ class Window:
             raise ValueError(f"a window's sizes must be positive and its pads non-negative: {self}")
         if self.same not in ("", "upper", "lower") or self.pad_mode not in PAD_MODES:
             raise ValueError(f"a window's same must be '', 'upper' or 'lower', its pad_mode one of {PAD_MODES}")
-        if self.output_padding and (not self.transposed or len(self.output_padding) != rank):
-            raise ValueError(f"output_padding is a transposed window's, one entry per spatial axis: {self}")
-        if self.transposed and (self.same or self.pad_mode != "constant" or min(self.output_padding, default=0) < 0):
-            raise ValueError(f"a transposed window pads with zeros, by its pads and output_padding: {self}")
+        for name in ("output_padding", "output_shape"):
+            values = getattr(self, name)
+            if values and (not self.transposed or len(values) != rank or min(values) < 0):
+                raise ValueError(f"{name} is a transposed window's, one entry >= 0 per spatial axis: {self}")
+        if self.transposed and self.pad_mode != "constant":
+            raise ValueError(f"a transposed window pads with zeros: {self}")
 
     @property
     def size(self) -> int:
@@ -58,12 +64,32 @@ class Window:
         return math.prod(self.kernel)
 
     def padding(self, spatial: tuple[int, ...]) -> list[tuple[int, int]]:
-        """(before, after) per spatial axis for an input of ``spatial`` size."""
+        """(before, after) per spatial axis for an input of ``spatial`` size (a transposed window's: taken off its
+        full output, negative after: zeros added)."""
+        if self.transposed and (self.same or self.output_shape):
+            return self._transposed_padding(spatial)
         if not self.same:
             return list(self.pads)
         pairs = []
         for n, k, s, d in zip(spatial, self.kernel, self.strides, self.dilations, strict=True):
             total = max(0, (-(-n // s) - 1) * s + (k - 1) * d + 1 - n)
+            small = total // 2
+            pairs.append((small, total - small) if self.same == "upper" else (total - small, small))
+        return pairs
+
+    def _transposed_padding(self, spatial: tuple[int, ...]) -> list[tuple[int, int]]:
+        """What a transposed window's output size leaves of its full output, split by :attr:`same`: the size
+        :attr:`output_shape` says (a larger one: zeros after), or ``size * stride`` (at most the full output)."""
+        outputs = self.output_shape or tuple(n * s for n, s in zip(spatial, self.strides, strict=True))
+        extra = self.output_padding or (0,) * len(spatial)
+        pairs = []
+        for n, k, s, d, more, out in zip(
+            spatial, self.kernel, self.strides, self.dilations, extra, outputs, strict=True
+        ):
+            total = (n - 1) * s + more + (k - 1) * d + 1 - out
+            if total < 0:
+                pairs.append((0, total) if self.output_shape else (0, 0))
+                continue
             small = total // 2
             pairs.append((small, total - small) if self.same == "upper" else (total - small, small))
         return pairs
@@ -129,9 +155,10 @@ def _transposed_windows(x: np.ndarray, window: Window) -> np.ndarray:
     every = [slice(None)] * 2
     stuffed[tuple(every + [slice(None, None, s) for s in window.strides])] = x
     extra = window.output_padding or (0,) * rank
+    pads = window.padding(x.shape[2:])
     around = [
         (d * (k - 1) - before, d * (k - 1) - after + more)
-        for k, d, (before, after), more in zip(window.kernel, window.dilations, window.pads, extra, strict=True)
+        for k, d, (before, after), more in zip(window.kernel, window.dilations, pads, extra, strict=True)
     ]
     kept = [slice(max(0, -a), n - max(0, -b)) for (a, b), n in zip(around, sizes, strict=True)]
     padded = np.pad(stuffed[tuple(every + kept)], [(0, 0), (0, 0)] + [(max(0, a), max(0, b)) for a, b in around])

@@ -124,22 +124,23 @@ def _ints(node: ir.Node, name: str, count: int, default: int) -> tuple[int, ...]
 
 def _window(node: ir.Node, kernel: tuple[int, ...]) -> Window | None:
     """The window of a Conv or ConvTranspose ``node`` whose weight has ``kernel`` (None when its attributes do not
-    describe one: a ConvTranspose's ``auto_pad`` SAME_* or ``output_shape``, which set its padding from the input's
-    size)."""
+    describe one)."""
     rank = len(kernel)
     transposed = node.op_type == "ConvTranspose"
     auto_pad = node.attributes.get("auto_pad")
     mode = "NOTSET" if auto_pad is None else auto_pad.as_string()
-    if transposed and (mode not in ("NOTSET", "VALID") or node.attributes.get("output_shape") is not None):
-        return None
     pads = _ints(node, "pads", 2 * rank, 0) if mode == "NOTSET" else (0,) * 2 * rank
     pairs = tuple(zip(pads[:rank], pads[rank:], strict=False))
     strides, dilations = _ints(node, "strides", rank, 1), _ints(node, "dilations", rank, 1)
-    extra = _ints(node, "output_padding", rank, 0) if transposed else ()
+    same = _SAME.get(mode, "")
+    extra: dict[str, Any] = {}
+    if transposed:
+        shape = node.attributes.get("output_shape")
+        output_shape = () if shape is None else tuple(shape.as_ints())
+        extra = {"output_padding": _ints(node, "output_padding", rank, 0), "output_shape": output_shape}
+        same = same or ("lower" if output_shape else "")  # ONNX Runtime: the odd pad before unless SAME_UPPER
     try:
-        return Window(
-            kernel, strides, dilations, pairs, _SAME.get(mode, ""), transposed=transposed, output_padding=extra
-        )
+        return Window(kernel, strides, dilations, pairs, same, transposed=transposed, **extra)
     except ValueError:
         return None
 
@@ -163,9 +164,8 @@ def collect_input_moments(program: Program, calibration_data: Any) -> dict[str, 
     """Each MatMul / Gemm / Conv / ConvTranspose (over its input's windows; a grouped Conv's blocks) weight's
     :class:`InputMoments` over ``calibration_data`` (see :func:`lowbit.calibration.feeds_of`), and each embedding
     table's (a Gather's rows: how often each was looked up), by weight name. Other weights (weights shared or reached
-    through a Cast or Transpose, inside subgraphs, a ConvTranspose's sized by ``auto_pad`` SAME_* or
-    ``output_shape``) get none and are compressed data-free. ``ValueError`` when the data holds no feed,
-    or a feed's activations do not have the weight's input channels."""
+    through a Cast or Transpose, inside subgraphs) get none and are compressed data-free. ``ValueError`` when the
+    data holds no feed, or a feed's activations do not have the weight's input channels."""
     check_source(calibration_data)
     taps = _taps(program)
     capture = Capture(program, (t.activation for t in taps))
