@@ -156,12 +156,14 @@ def add_activations(moments: InputMoments, x: np.ndarray, axis: int, window: Win
     if window is None:
         moments.add(x, axis)
         return
+    by_groups = window.transposed and groups > 1 and moments.gram is not None
+    into = (
+        InputMoments.empty(moments.squares.size // window.size, True, window.kernel, groups) if by_groups else moments
+    )
     for rows in patch_blocks(np.asarray(x), window):
-        moments.add(rows, -1)
-    if window.transposed and groups > 1 and moments.gram is not None:
-        block = len(moments.gram) // groups
-        group = np.arange(len(moments.gram)) // block
-        moments.gram[group[:, None] != group[None, :]] = 0
+        into.add(rows, -1)  # a grouped one's blocks alone (a depthwise 3 x 3's: 9 x 9 each, not the whole matrix)
+    if into is not moments:
+        moments.merge_blocks(into)
 
 
 def accumulate_moments(taps: list[Tap], run: Run, calibration_data: Any) -> dict[str, InputMoments]:

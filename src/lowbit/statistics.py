@@ -95,6 +95,17 @@ class InputMoments:
             self.gram += other.gram
         self.rows += other.rows
 
+    def merge_blocks(self, other: InputMoments) -> None:
+        """Add a grouped ``other``'s rows (the same input channels; its ``X^T X`` kept as its groups' blocks) to
+        this one's whole ``X^T X``, its blocks on the diagonal (a grouped transposed convolution's: the rest zero)."""
+        assert self.gram is not None and other.gram is not None and other.gram.ndim == 3
+        self.squares += other.squares
+        self._widen(other.gram.dtype == np.float64)
+        n = other.gram.shape[1]
+        for g, block in enumerate(other.gram):
+            self.gram[g * n : (g + 1) * n, g * n : (g + 1) * n] += block
+        self.rows += other.rows
+
     def _widen(self, needed: bool) -> None:
         """Hold ``X^T X`` in float64 from now on, when ``needed``."""
         if needed and self.gram is not None and self.gram.dtype != np.float64:
