@@ -87,6 +87,21 @@ def ort_session(source: ir.Model | Path, level: str = "disable") -> ort.Inferenc
     return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
+def conv_output_rows(program: lowbit.Program, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
+    """The one-op convolution ``program``'s outputs over ``feeds`` in ONNX Runtime as rows ``[positions, output
+    channels]``, float64: ``Y`` of ``Y^T Y``, what a convolution's ``X^T X`` under its weight must give."""
+    session = ort_session(program.model)
+    outputs = [session.run(None, feed)[0] for feed in feeds]
+    return np.concatenate([np.moveaxis(o, 1, -1).reshape(-1, o.shape[1]) for o in outputs]).astype(np.float64)
+
+
+def assert_output_gram(flat: np.ndarray, gram: np.ndarray, y: np.ndarray) -> None:
+    """``flat X^T X flat^T == Y^T Y``: the weight ``flat`` ``[output channels, pairs]`` under ``gram`` gives the
+    output energy ``y`` (:func:`conv_output_rows`) has, to float32 sums' rounding."""
+    wide = flat.astype(np.float64)
+    np.testing.assert_allclose(wide @ gram.astype(np.float64) @ wide.T, y.T @ y, rtol=1e-4, atol=1e-3)
+
+
 def ort_weights(program: lowbit.Program, feeds: dict[str, np.ndarray], level: str = "disable") -> dict:
     """ONNX Runtime's own decode of every weight of ``program`` (each exposed as a graph output), and the model's
     outputs, by name."""

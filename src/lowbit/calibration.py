@@ -59,12 +59,18 @@ class Tap:
         return (self.activation, self.channel_axis, self.channels, self.full, self.lookup, self.window, self.groups)
 
 
+def _blocks(window: Window | None, groups: int) -> int:
+    """How many diagonal blocks a weight's ``X^T X`` is kept as: a grouped convolution's groups (each group of output
+    channels reads its own input channels); one matrix for anything else, a grouped transposed convolution's too
+    (its rows each hold one output channel of every group: the blocks across groups stay zero)."""
+    return 1 if window is None or window.transposed else groups
+
+
 def keeps_gram(channels: int, window: Window | None, groups: int = 1) -> bool:
     """Whether a weight of ``channels`` input channels (a convolution's, with its ``window`` and ``groups``) keeps
     its whole ``X^T X``: a Linear's always, a convolution's up to :data:`CONV_GRAM_COLUMNS` columns (a grouped one's
-    blocks: a group's columns; a grouped transposed one's: all its columns, the other groups' blocks zero)."""
-    per_group = 1 if window is not None and window.transposed else groups
-    return window is None or channels // per_group * window.size <= CONV_GRAM_COLUMNS
+    blocks: a group's columns; a grouped transposed one's: all its columns)."""
+    return window is None or channels // _blocks(window, groups) * window.size <= CONV_GRAM_COLUMNS
 
 
 def empty_moments(channels: int, full: bool, window: Window | None = None, groups: int = 1) -> InputMoments:
@@ -72,7 +78,7 @@ def empty_moments(channels: int, full: bool, window: Window | None = None, group
     ``groups``); ``full`` also keeps its whole ``X^T X`` (a grouped convolution's blocks; a grouped transposed one's
     as one matrix, see :func:`add_activations`)."""
     kernel = () if window is None else window.kernel
-    return InputMoments.empty(channels, full, kernel, 1 if window is not None and window.transposed else groups)
+    return InputMoments.empty(channels, full, kernel, _blocks(window, groups))
 
 
 def check_source(calibration_data: Any) -> None:

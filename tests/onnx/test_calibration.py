@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import make_model, ort_session
+from conftest import assert_output_gram, conv_output_rows, make_model
 
 import lowbit
 from lowbit.onnx.calibration import collect_input_moments
@@ -90,12 +90,9 @@ def test_a_convolutions_moments_are_those_of_the_rows_its_weight_multiplies(attr
     program = lowbit.Program(make_model({"c": weight}, [("Conv", "c", attributes)]))
     feeds = [{"x0": rng.standard_normal((2, 3, 9, 8)).astype(np.float32)} for _ in range(2)]
     stats = collect_input_moments(program, feeds)["c"]
-    session = ort_session(program.model)
-    outputs = [session.run(None, f)[0] for f in feeds]
-    y = np.concatenate([np.moveaxis(o, 1, -1).reshape(-1, 5) for o in outputs]).astype(np.float64)
-    flat = weight.reshape(5, -1).astype(np.float64)
+    y = conv_output_rows(program, feeds)
     assert stats.rows == len(y)
-    np.testing.assert_allclose(flat @ stats.gram.astype(np.float64) @ flat.T, y.T @ y, rtol=1e-4, atol=1e-3)
+    assert_output_gram(weight.reshape(5, -1), stats.gram, y)
 
 
 def test_the_capture_session_reads_the_weights_in_place_and_computes_the_same_moments():
@@ -461,11 +458,10 @@ def test_a_grouped_convolutions_blocks_are_those_of_the_rows_each_group_multipli
     program = lowbit.Program(make_model({"c": weight}, [("Conv", "c", {"group": group, "strides": [2, 1]})]))
     feeds = [{"x0": rng.standard_normal((2, 6, 9, 8)).astype(np.float32)} for _ in range(2)]
     stats = collect_input_moments(program, feeds)["c"]
-    session = ort_session(program.model)
-    y = np.concatenate([np.moveaxis(session.run(None, f)[0], 1, -1).reshape(-1, 12) for f in feeds])
+    y = conv_output_rows(program, feeds)
     assert stats.groups == group and stats.gram.shape == (group, 54 // group, 54 // group)
     per = 12 // group
     for g in range(group):
-        flat = weight[g * per : (g + 1) * per].reshape(per, -1).astype(np.float64)
-        part = y[:, g * per : (g + 1) * per].astype(np.float64)
-        np.testing.assert_allclose(flat @ stats.gram[g] @ flat.T, part.T @ part, rtol=1e-4, atol=1e-3)
+        assert_output_gram(
+            weight[g * per : (g + 1) * per].reshape(per, -1), stats.gram[g], y[:, g * per : (g + 1) * per]
+        )

@@ -50,11 +50,12 @@ def _only_reader(value: Any) -> tuple[Any, int] | None:
 
 
 class _Read(NamedTuple):
-    """What calibration reads for a weight: the value read with it, that value's channel axis, whether it holds
-    lookup indices, a convolution's window and groups."""
+    """What calibration reads for a weight: the value read with it, that value's channel axis and channel count
+    (a grouped convolution's: every group's), whether it holds lookup indices, a convolution's window and groups."""
 
     value: Any
     axis: int
+    channels: int
     lookup: bool = False
     window: Window | None = None
     groups: int = 1
@@ -74,15 +75,17 @@ def _activation(weight: CoreAIWeight) -> _Read | None:
     x = owner.operands[source]
     dims = _mlir.tensor_dims(x)
     if operand.lookup:  # indices [..., 1] into the weight's rows
-        return _Read(x, axis, True) if weight.output_axis == 0 and dims is not None and dims[-1:] == (1,) else None
+        looked_up = weight.output_axis == 0 and dims is not None and dims[-1:] == (1,)
+        return _Read(x, axis, weight.shape[0], True) if looked_up else None
     kernel = tuple(weight.shape[2:])
     found = (None, 1) if operand.window is None else _window(owner, operand.window, kernel, operand.transposed)
     if dims is None or found is None:
         return None
     per_group = 1 if operand.transposed else found[1]  # a convolution's weight holds one group's input channels
-    if dims[axis] != weight.shape[weight.input_axis] * per_group:  # dynamic channels
+    channels = weight.shape[weight.input_axis] * per_group
+    if dims[axis] != channels:  # dynamic channels
         return None
-    return _Read(x, axis, False, *found)
+    return _Read(x, axis, channels, False, *found)
 
 
 def _window(
@@ -123,12 +126,10 @@ def _taps(program: Program) -> tuple[list[Tap], list[Any]]:
         index = next((i for i, v in enumerate(values) if v == read.value), len(values))
         if index == len(values):
             values.append(read.value)
-        per_group = read.groups if read.window is not None and not read.window.transposed else 1
-        channels = weight.shape[0] if read.lookup else weight.shape[weight.input_axis] * per_group
         matrix = len(weight.shape) == 2 or read.window is not None
-        full = not read.lookup and matrix and keeps_gram(channels, read.window, read.groups)
+        full = not read.lookup and matrix and keeps_gram(read.channels, read.window, read.groups)
         name = f"{TAP_PREFIX}{index}"
-        taps.append(Tap(weight.name, name, read.axis, channels, full, read.lookup, read.window, read.groups))
+        taps.append(Tap(weight.name, name, read.axis, read.channels, full, read.lookup, read.window, read.groups))
     return taps, values
 
 
